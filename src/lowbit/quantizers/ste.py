@@ -1,0 +1,94 @@
+"""Straight-through estimators as named autograd Functions.
+
+Forward rounds or takes the sign; backward passes a surrogate gradient:
+
+- ``round_ste``: round half to even forward, identity backward (Bengio et al. 2013).
+- ``sign`` with ``ste="identity"``: g_x = g_y.
+- ``sign`` with ``ste="clipped"``: g_x = g_y * 1{|x| <= 1} (hardtanh; Hubara/Courbariaux BNN 2016).
+- ``sign`` with ``ste="approx_sign"``: g_x = g_y * (2 - 2|x|) * 1{|x| <= 1}
+  (Bi-Real Net's ApproxSign, Liu et al. 2018).
+
+sign(0) = +1 everywhere in lowbit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = +1 (and sign(-0.0) = +1); NaN stays NaN."""
+    return torch.where(x >= 0, 1.0, torch.where(x < 0, -1.0, x)).to(x.dtype)
+
+
+class RoundSTE(torch.autograd.Function):
+    """round(x) (half to even) forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class SignIdentitySTE(torch.autograd.Function):
+    """sign(x) forward, g_x = g_y backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class SignClippedSTE(torch.autograd.Function):
+    """sign(x) forward, g_x = g_y * 1{|x| <= 1} backward (hardtanh STE, BNN)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+
+class SignApproxSTE(torch.autograd.Function):
+    """sign(x) forward, Bi-Real ApproxSign backward: g_x = g_y * max(0, 2 - 2|x|)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.clamp(2 - 2 * x.abs(), min=0).to(g.dtype)
+
+
+SIGN_STES = {"identity": SignIdentitySTE, "clipped": SignClippedSTE, "approx_sign": SignApproxSTE}
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even with an identity gradient."""
+    return RoundSTE.apply(x)
+
+
+def sign_ste(x: torch.Tensor, ste: str = "clipped") -> torch.Tensor:
+    """sign(x) with sign(0) = +1 and the named straight-through estimator."""
+    return SIGN_STES[check_ste(ste)].apply(x)
+
+
+def check_ste(ste: str) -> str:
+    if ste not in SIGN_STES:
+        raise ConfigError(f"unknown straight-through estimator {ste!r}; valid: {', '.join(SIGN_STES)}")
+    return ste
