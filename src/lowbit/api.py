@@ -1,0 +1,181 @@
+"""The top-level torch API: quantize a model, calibrate it, summarise it.
+
+- :func:`quantize` swaps the ``nn.Linear`` / ``nn.Conv2d`` layers of any module
+  tree for :class:`~lowbit.nn.QuantLinear` / :class:`~lowbit.nn.QuantConv2d`
+  as a config says (see :mod:`lowbit.config`) and returns the model;
+  :func:`quantize_report` does the same and also returns what it did.
+- Layers it cannot convert (modules that own parameters and are neither
+  Linear/Conv2d, nor a norm layer kept float on purpose, nor already
+  quantized: ``nn.Conv1d``, ``nn.LSTM``, ``nn.Embedding``, ...) stay float and
+  are never skipped silently: a warning lists them, ``QuantReport.unsupported``
+  holds them, and ``strict=True`` raises UnsupportedLayerError instead.
+- :func:`calibrate` runs data through the model so static quantizers observe
+  their ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analysis.summary import Summary, summary
+from .config import QuantConfig, as_config
+from .errors import CalibrationError, UnsupportedLayerError
+from .nn import QuantAct, QuantConv2d, QuantLinear, label_quantizers, named_modules_without_quantizers
+from .quantizers import Quantizer
+from .quantizers.base import check_finite
+from .quantizers.observers import check_observer
+
+__all__ = ["QuantReport", "Summary", "calibrate", "quantize", "quantize_report", "summary"]
+
+#: the float layers quantize converts, and the class each becomes (exact types: subclasses are not converted)
+CONVERTIBLE: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+#: layers with parameters that stay float on purpose (normalisation is folded or kept float at inference)
+KEPT_FLOAT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_report` did: the model, the layers converted, those left float by the
+    config (first/last policy "float" or a skip rule), and the unsupported layers as (name, type)."""
+
+    model: nn.Module
+    converted: list[str] = field(default_factory=list)
+    kept_float: list[str] = field(default_factory=list)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _unsupported(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, str]]:
+    handled = (*KEPT_FLOAT, QuantLinear, QuantConv2d, QuantAct)
+    return [
+        (name, type(m).__name__)
+        for name, m in modules
+        if type(m) not in CONVERTIBLE and not isinstance(m, handled) and next(m.parameters(recurse=False), None) is not None
+    ]
+
+
+def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
+    """Put each replacement wherever its original is registered (shared modules included)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+    return replacements.get(id(model), model)
+
+
+def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, inplace: bool, strict: bool) -> QuantReport:
+    cfg = as_config(config)
+    modules = named_modules_without_quantizers(model)
+    report = QuantReport(model=model, unsupported=_unsupported(modules))
+    if report.unsupported and strict:
+        raise UnsupportedLayerError(f"cannot quantize {_listing(report)}; lowbit converts nn.Linear and nn.Conv2d")
+    if not inplace:
+        model = copy.deepcopy(model)
+        modules = named_modules_without_quantizers(model)
+    layers = [(name, m) for name, m in modules if type(m) in CONVERTIBLE]
+    replacements: dict[int, nn.Module] = {}
+    for index, (name, layer) in enumerate(layers):
+        specs = cfg.layer_specs(name, layer, first=index == 0, last=index == len(layers) - 1)
+        if specs is None:
+            report.kept_float.append(name)
+            continue
+        quantizers = {f"{slot}_quantizer": spec for slot, spec in specs.items()}
+        replacements[id(layer)] = CONVERTIBLE[type(layer)].from_float(layer, **quantizers)
+        report.converted.append(name)
+    report.model = _replace(model, replacements)
+    label_quantizers(report.model)
+    return report
+
+
+def _listing(report: QuantReport) -> str:
+    return ", ".join(f"{name or '(model)'} ({kind})" for name, kind in report.unsupported)
+
+
+def _warn_unsupported(report: QuantReport) -> None:
+    if report.unsupported:
+        message = f"lowbit.quantize left {len(report.unsupported)} layer(s) float that it cannot convert: {_listing(report)}"
+        warnings.warn(message, UserWarning, stacklevel=3)  # points at the caller of quantize / quantize_report
+
+
+def quantize_report(
+    model: nn.Module, config: str | dict[str, Any] | QuantConfig, inplace: bool = False, strict: bool = False
+) -> QuantReport:
+    """Convert ``model``'s Linear/Conv2d layers as ``config`` (preset name, dict or QuantConfig) says.
+
+    The first and last layers are the first and last exact ``nn.Linear`` /
+    ``nn.Conv2d`` in ``model.named_modules()`` order (registration order).
+    Layers that are already QuantLinear/QuantConv2d are left as they are.
+    With ``inplace=False`` the model is deep-copied first. Quantizer labels
+    are set to the tensor names (``features.0.weight``, ``features.0.input``).
+    Unsupported layers raise UnsupportedLayerError when ``strict`` (before
+    anything is changed), else a warning lists them.
+    """
+    report = _convert(model, config, inplace, strict)
+    _warn_unsupported(report)
+    return report
+
+
+def quantize(
+    model: nn.Module, config: str | dict[str, Any] | QuantConfig, inplace: bool = False, strict: bool = False
+) -> nn.Module:
+    """:func:`quantize_report` returning the converted model alone."""
+    report = _convert(model, config, inplace, strict)
+    _warn_unsupported(report)
+    return report.model
+
+
+def _batch_inputs(batch: Any, index: int) -> torch.Tensor:
+    """A batch is a tensor, or a (inputs, targets, ...) tuple/list whose first item is fed to the model."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(inputs, torch.Tensor):
+        raise CalibrationError(
+            f"calibration batch {index} is a {type(batch).__name__}; expected a tensor or an (inputs, targets) pair"
+        )
+    check_finite(inputs, f"calibration batch {index}")
+    return inputs
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = None) -> nn.Module:
+    """Let every quantizer with a ``calibrating`` attribute observe ``batches``; returns ``model``.
+
+    Sets ``calibrating = True``, runs each batch in eval mode under
+    ``torch.no_grad``, then sets ``calibrating = False`` and restores each
+    module's train/eval mode. ``observer`` ("minmax", "percentile", "mse")
+    replaces the observer of every static quantizer (``dynamic`` False).
+    Raises CalibrationError for no batches, a batch with NaN/Inf (naming its
+    index), or a static quantizer that observed nothing (naming its tensor).
+    """
+    calibrated = [q for q in model.modules() if isinstance(q, Quantizer) and hasattr(q, "calibrating")]
+    static = [q for q in calibrated if hasattr(q, "observed") and not getattr(q, "dynamic", False)]
+    if observer is not None:
+        check_observer(observer)
+        for q in static:
+            if hasattr(q, "observer"):
+                q.observer = observer
+    modes = [(m, m.training) for m in model.modules()]
+    count = 0
+    try:
+        model.eval()
+        for q in calibrated:
+            q.calibrating = True
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                model(_batch_inputs(batch, index))
+                count += 1
+    finally:
+        for q in calibrated:
+            q.calibrating = False
+        for module, training in modes:
+            module.training = training
+    if count == 0:
+        raise CalibrationError("calibration got no batches; pass a non-empty iterable of input tensors")
+    missed = [q.where() for q in static if not q.observed]
+    if missed:
+        raise CalibrationError(f"calibration never reached {', '.join(missed)}; feed data that runs through these layers")
+    return model

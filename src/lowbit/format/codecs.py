@@ -1,0 +1,514 @@
+"""Per-tensor codecs: how one tensor is stored as named arrays plus JSON meta (numpy only).
+
+A tensor to store is a :class:`NumpyEncoded`, the numpy form of
+``lowbit.quantizers.base.Encoded`` (kind, int64 codes, bits, params, meta),
+or, for the raw kinds ``float32`` / ``float16``, the float array itself in
+``codes`` (``NumpyEncoded.from_float``). The codec is chosen by the kind::
+
+    arrays, meta = encode(enc, "features.0.weight")   # dict name -> ndarray, JSON-able dict
+    enc2 = decode(arrays, meta, "features.0.weight")  # == enc, validated
+    x = values(enc2)                                  # float32, bit for bit base.decode
+
+``meta`` always holds ``codec`` (the kind), ``shape`` (list of ints) and
+``bits``, followed by the keys of ``enc.meta`` (so those three names are
+reserved there). Stored arrays per codec (all little-endian):
+
+=========  ==========================================================  =====================
+codec      arrays                                                      meta (besides codec,
+                                                                       shape, bits)
+=========  ==========================================================  =====================
+float32    ``data`` float32 [shape]                                    (bits = 32)
+float16    ``data`` float16 [shape]                                    (bits = 16)
+affine     ``codes`` uint8 ``ceil(n*bits/8)``: ``codes - qmin``         qmin, qmax, axis
+           packed at ``bits`` (1..16); ``scale`` float32,
+           ``zero_point`` int64 (each 0-d or 1-D along axis)
+log        ``codes`` uint8 (``bits`` = 1..16 per code); ``sign``         fsr, signed
+           uint8 ``ceil(n/8)`` (bit 1 = +1) when signed
+binary     ``signs`` uint64 [rows, ceil(K/64)] (bitpack sign rows,      axis
+           bit 1 = code 1 = +1; bits = 1); ``scale`` float32
+ternary    ``codes`` uint8 ``ceil(n*2/8)``: ``code + 1`` in 2 bits       axis
+           (bits = 2); ``scale`` float32
+codebook   ``codes`` uint8 (``bits`` = 1..16 per index);                (none)
+           ``codebook`` float32 [K], K <= 2**bits
+=========  ==========================================================  =====================
+
+Values (float32, the arithmetic of ``base.decode``): affine
+``(codes - zero_point) * scale``; log ``sign * 2**(fsr - 2**bits + codes)``
+for codes > 0, else ``sign * 0``; binary ``(2 codes - 1) * scale``; ternary
+``codes * scale``; codebook ``codebook[codes]``.
+
+Every decode (and encode) validates and raises ``lowbit.errors.FormatError``
+naming the tensor, with these stable codes: ``unknown-codec``, ``bad-meta``
+(missing/ill-typed meta key, qmin/qmax/fsr out of range), ``bad-shape``
+(shape not a list of ints, more than ``MAX_ELEMENTS`` elements or
+``MAX_NDIM`` dims, an array or parameter whose shape does not fit),
+``bad-bits``, ``bad-arrays`` (missing or unexpected array names),
+``bad-dtype``, ``bad-length`` (packed length != ``ceil(n*bits/8)``),
+``bad-padding`` (non-zero unused bits), ``bad-code`` (code out of range),
+``bad-index`` (codebook index >= codebook size), ``bad-scale`` (scale NaN,
+Inf, zero or negative), ``bad-param`` (zero point too large, sign not +-1),
+``bad-value`` (NaN/Inf in a codebook). Meta values that are not JSON-able
+raise ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import ConfigError, FormatError
+from .bitpack import (
+    MAX_ELEMENTS,
+    pack_codes,
+    pack_rows,
+    from_reduction_rows,
+    reduction_shape,
+    to_reduction_rows,
+    unpack_codes,
+    unpack_rows,
+)
+
+#: most dimensions one tensor may have
+MAX_NDIM = 32
+#: largest |fsr| of a log tensor (keeps every exponent within float32's reach of 0 / inf)
+MAX_FSR = 1024
+#: largest |zero_point| of an affine tensor
+MAX_ZERO_POINT = 2**31
+#: meta keys the codecs own; an Encoded's meta must not use them
+RESERVED_META = ("codec", "shape", "bits")
+#: dtype each known parameter is stored in
+_PARAM_DTYPES = {"scale": np.float32, "zero_point": np.int64, "sign": np.int8, "codebook": np.float32}
+
+
+@dataclass
+class NumpyEncoded:
+    """The numpy form of ``lowbit.quantizers.base.Encoded``.
+
+    ``kind`` is one of :func:`codec_names`; ``codes`` is int64 (for the raw
+    kinds ``float32`` / ``float16`` the float array itself); ``params`` maps
+    names to ndarrays; ``meta`` is JSON-able. Convert an ``Encoded`` with
+    ``NumpyEncoded(e.kind, e.codes.numpy(), e.bits, {k: v.numpy() for k, v in
+    e.params.items()}, dict(e.meta))``.
+    """
+
+    kind: str
+    codes: np.ndarray
+    bits: int
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_float(cls, x: np.ndarray) -> NumpyEncoded:
+        """A raw float32 or float16 tensor (kept bit for bit)."""
+        x = np.asarray(x)
+        if x.dtype not in (np.float32, np.float16):
+            raise ConfigError(f"raw tensors are float32 or float16, got {x.dtype}")
+        return cls(x.dtype.name, x, 8 * x.dtype.itemsize)
+
+
+def _where(name: str) -> str:
+    return f"tensor {name!r}" if name else "unnamed tensor"
+
+
+def _fail(code: str, where: str, message: str) -> FormatError:
+    return FormatError(code, f"{where}: {message}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _along(p: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """Reshape a per-channel parameter so it broadcasts along ``axis`` (as base._along)."""
+    if axis is None or p.ndim == 0:
+        return p
+    shape = [1] * ndim
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def values(enc: NumpyEncoded) -> np.ndarray:
+    """The float32 values ``enc`` stands for, bit for bit as ``lowbit.quantizers.base.decode``.
+
+    Products past float32's range become +-inf, as in torch.
+    """
+    with np.errstate(over="ignore"):
+        return _values(enc)
+
+
+def _values(enc: NumpyEncoded) -> np.ndarray:
+    codes, p, axis = enc.codes, enc.params, enc.meta.get("axis")
+    if enc.kind in ("float32", "float16"):
+        return codes.astype(np.float32)
+    if enc.kind == "affine":
+        scale = _along(p["scale"].astype(np.float32), axis, codes.ndim)
+        zero = _along(p["zero_point"].astype(np.int64), axis, codes.ndim)
+        return (codes.astype(np.int64) - zero).astype(np.float32) * scale
+    if enc.kind == "log":
+        exponent = (enc.meta["fsr"] - 2**enc.bits) + codes.astype(np.int64)
+        mag = np.where(codes > 0, np.ldexp(np.float32(1.0), exponent), np.float32(0.0))
+        return mag * p["sign"].astype(np.float32) if enc.meta.get("signed") else mag
+    if enc.kind == "binary":
+        scale = _along(p["scale"].astype(np.float32), axis, codes.ndim)
+        return (2 * codes.astype(np.int64) - 1).astype(np.float32) * scale
+    if enc.kind == "ternary":
+        scale = _along(p["scale"].astype(np.float32), axis, codes.ndim)
+        return codes.astype(np.float32) * scale
+    if enc.kind == "codebook":
+        return p["codebook"].astype(np.float32)[codes.astype(np.int64)]
+    raise _unknown(enc.kind, "")
+
+
+# ---------------------------------------------------------------------------- checks shared by codecs
+
+
+def _check_shape(shape: object, where: str) -> tuple[tuple[int, ...], int]:
+    """A shape list from meta as a tuple, and its element count (Python ints, capped)."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _fail("bad-shape", where, f"shape must be a list of at most {MAX_NDIM} non-negative ints, got {shape!r}")
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape)
+    if n > MAX_ELEMENTS:
+        raise _fail("bad-shape", where, f"shape {list(shape)} holds {n} elements, more than the cap {MAX_ELEMENTS}")
+    return shape, n
+
+
+def _check_meta_int(meta: dict[str, Any], key: str, where: str, low: int, high: int) -> int:
+    value = meta.get(key)
+    if not _is_int(value) or not low <= value <= high:
+        raise _fail("bad-meta", where, f"meta {key!r} must be an int from {low} to {high}, got {value!r}")
+    return int(value)
+
+
+def _check_axis(meta: dict[str, Any], ndim: int, where: str) -> int | None:
+    axis = meta.get("axis")
+    if axis is not None and not (_is_int(axis) and 0 <= axis < ndim):
+        raise _fail("bad-meta", where, f"meta 'axis' must be None or an int in [0, {ndim}), got {axis!r}")
+    return None if axis is None else int(axis)
+
+
+def _describe(x: object) -> str:
+    return f"{x.dtype} array" if isinstance(x, np.ndarray) else type(x).__name__
+
+
+def _check_array(x: object, dtype: np.dtype | type, where: str, what: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.dtype(dtype):
+        raise _fail("bad-dtype", where, f"{what} must be a {np.dtype(dtype).name} array, got {_describe(x)}")
+    return x
+
+
+def _check_channel_param(p: np.ndarray, axis: int | None, shape: tuple[int, ...], where: str, what: str) -> None:
+    """A per-tensor (0-d) or per-channel (1-D, length 1 or shape[axis]) parameter."""
+    lengths = {1} if axis is None else {1, shape[axis]}
+    if not (p.ndim == 0 or (p.ndim == 1 and p.shape[0] in lengths)):
+        valid = "a 0-d array" + ("" if axis is None else f" or 1-D of length {shape[axis]} (axis {axis})")
+        raise _fail("bad-shape", where, f"{what} of shape {p.shape} does not fit shape {list(shape)}; valid: {valid}")
+
+
+def _check_scale(scale: np.ndarray, axis: int | None, shape: tuple[int, ...], where: str) -> None:
+    _check_array(scale, np.float32, where, "scale")
+    _check_channel_param(scale, axis, shape, where, "scale")
+    bad = ~(np.isfinite(scale) & (scale > 0))
+    if bad.any():
+        raise _fail("bad-scale", where, f"scale must be finite and > 0, got {scale[bad].reshape(-1)[:4].tolist()}")
+
+
+def _check_codes_range(codes: np.ndarray, low: int, high: int, where: str, code: str = "bad-code") -> None:
+    if codes.size and (int(codes.min()) < low or int(codes.max()) > high):
+        raise _fail(code, where, f"codes span [{int(codes.min())}, {int(codes.max())}], valid is [{low}, {high}]")
+
+
+def _unknown(kind: object, where: str) -> FormatError:
+    prefix = f"{where}: " if where else ""
+    return FormatError("unknown-codec", f"{prefix}unknown codec {kind!r}; valid codecs: {', '.join(codec_names())}")
+
+
+# ---------------------------------------------------------------------------- codecs
+
+
+class Codec:
+    """One stored representation. ``encode`` / ``decode`` are bit-exact inverses.
+
+    Subclasses set ``name``, ``arrays`` (the stored array names), the range
+    of ``bits``, and implement ``check`` (validate a NumpyEncoded), ``pack``
+    (NumpyEncoded -> arrays) and ``unpack`` (arrays -> NumpyEncoded).
+    """
+
+    name: ClassVar[str]
+    arrays: ClassVar[tuple[str, ...]]
+    min_bits: ClassVar[int] = 1
+    max_bits: ClassVar[int] = 16
+
+    def encode(self, enc: NumpyEncoded, name: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Validate ``enc`` and return its stored arrays and JSON-able meta."""
+        where = _where(name)
+        bad = [k for k in RESERVED_META if k in enc.meta]
+        if bad:
+            raise ConfigError(f"{where}: meta keys {bad} are reserved for the stored form")
+        if not _is_int(enc.bits) or not self.min_bits <= enc.bits <= self.max_bits:
+            raise _fail("bad-bits", where, f"{self.name} bits must be {self.min_bits}..{self.max_bits}, got {enc.bits!r}")
+        enc = self.normalize(enc, where)
+        self.check(enc, where)
+        arrays = self.pack(enc)
+        meta = {"codec": self.name, "shape": list(enc.codes.shape), "bits": enc.bits, **enc.meta}
+        try:
+            json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: meta must be JSON-able (ints, floats, str, lists, dicts): {exc}") from None
+        return arrays, meta
+
+    def decode(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], name: str = "") -> NumpyEncoded:
+        """Validate stored ``arrays`` / ``meta`` and rebuild the NumpyEncoded."""
+        where = _where(name)
+        shape, n = _check_shape(meta.get("shape"), where)
+        bits = _check_meta_int(meta, "bits", where, self.min_bits, self.max_bits)
+        if set(arrays) != set(self.arrays) - self.optional_arrays(meta):
+            expected = sorted(set(self.arrays) - self.optional_arrays(meta))
+            raise _fail("bad-arrays", where, f"codec {self.name!r} stores arrays {expected}, got {sorted(arrays)}")
+        enc_meta = {k: v for k, v in meta.items() if k not in RESERVED_META}
+        enc = self.unpack(arrays, shape, n, bits, enc_meta, where)
+        self.check(enc, where)
+        return enc
+
+    def optional_arrays(self, meta: dict[str, Any]) -> set[str]:
+        """Arrays of ``self.arrays`` that this ``meta`` does not store."""
+        return set()
+
+    def normalize(self, enc: NumpyEncoded, where: str) -> NumpyEncoded:
+        """Coerce codes to int64 and params to their dtypes (as base.decode's ``.long()`` / ``.float()``)."""
+        if not isinstance(enc.codes, np.ndarray) or enc.codes.dtype.kind not in "iu":
+            raise _fail("bad-dtype", where, f"codes must be an integer ndarray, got {_describe(enc.codes)}")
+        params = {k: np.asarray(v, dtype=_PARAM_DTYPES.get(k)) for k, v in enc.params.items()}
+        return NumpyEncoded(enc.kind, enc.codes.astype(np.int64), int(enc.bits), params, dict(enc.meta))
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        raise NotImplementedError
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def unpack(
+        self, arrays: dict[str, np.ndarray], shape: tuple[int, ...], n: int, bits: int, meta: dict[str, Any], where: str
+    ) -> NumpyEncoded:
+        raise NotImplementedError
+
+    def _check_params(self, enc: NumpyEncoded, names: set[str], where: str) -> None:
+        if set(enc.params) != names:
+            raise _fail("bad-param", where, f"{self.name} params must be {sorted(names)}, got {sorted(enc.params)}")
+
+    def _unpack_codes(self, arrays: dict[str, np.ndarray], n: int, bits: int, where: str) -> np.ndarray:
+        return unpack_codes(_check_array(arrays["codes"], np.uint8, where, "codes"), n, bits, where)
+
+
+class FloatCodec(Codec):
+    """Raw IEEE floats, kept bit for bit (NaN payloads and -0.0 included)."""
+
+    arrays = ("data",)
+
+    def __init__(self, dtype: type) -> None:
+        self.dtype = np.dtype(dtype)
+        self.name = self.dtype.name
+        self.min_bits = self.max_bits = 8 * self.dtype.itemsize
+
+    def normalize(self, enc: NumpyEncoded, where: str) -> NumpyEncoded:
+        return enc
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        _check_array(enc.codes, self.dtype, where, "data")
+        _check_shape(list(enc.codes.shape), where)
+        if enc.params:
+            raise _fail("bad-param", where, f"raw {self.name} tensors take no params, got {sorted(enc.params)}")
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        return {"data": np.asarray(enc.codes, order="C")}
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        data = _check_array(arrays["data"], self.dtype, where, "data")
+        if data.shape != shape:
+            raise _fail("bad-shape", where, f"data has shape {list(data.shape)}, meta says {list(shape)}")
+        return NumpyEncoded(self.name, data.copy(), bits, {}, meta)
+
+
+class AffineCodec(Codec):
+    """k-bit affine codes: value ``(code - zero_point) * scale``, stored as ``code - qmin``."""
+
+    name = "affine"
+    arrays = ("codes", "scale", "zero_point")
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        self._check_params(enc, {"scale", "zero_point"}, where)
+        shape = enc.codes.shape
+        axis = _check_axis(enc.meta, len(shape), where)
+        qmin = _check_meta_int(enc.meta, "qmin", where, -(2**31), 2**31)
+        qmax = _check_meta_int(enc.meta, "qmax", where, qmin, qmin + 2**enc.bits - 1)
+        _check_codes_range(enc.codes, qmin, qmax, where)
+        _check_scale(enc.params["scale"], axis, shape, where)
+        zero = _check_array(enc.params["zero_point"], np.int64, where, "zero_point")
+        _check_channel_param(zero, axis, shape, where, "zero_point")
+        if zero.size and int(np.abs(zero).max()) > MAX_ZERO_POINT:
+            raise _fail("bad-param", where, f"|zero_point| must be at most {MAX_ZERO_POINT}")
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        return {
+            "codes": pack_codes(enc.codes - enc.meta["qmin"], enc.bits),
+            "scale": enc.params["scale"],
+            "zero_point": enc.params["zero_point"],
+        }
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        qmin = _check_meta_int(meta, "qmin", where, -(2**31), 2**31)
+        codes = self._unpack_codes(arrays, n, bits, where) + qmin
+        params = {"scale": arrays["scale"], "zero_point": arrays["zero_point"]}
+        return NumpyEncoded(self.name, codes.reshape(shape), bits, params, meta)
+
+
+class LogCodec(Codec):
+    """Power-of-two codes: value ``sign * 2**(fsr - 2**bits + code)``, code 0 = zero; sign as 1 bit."""
+
+    name = "log"
+    arrays = ("codes", "sign")
+
+    def optional_arrays(self, meta: dict[str, Any]) -> set[str]:
+        return set() if meta.get("signed") else {"sign"}
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        signed = enc.meta.get("signed", False)
+        if not isinstance(signed, bool):
+            raise _fail("bad-meta", where, f"meta 'signed' must be a bool, got {signed!r}")
+        self._check_params(enc, {"sign"} if signed else set(), where)
+        _check_meta_int(enc.meta, "fsr", where, -MAX_FSR, MAX_FSR)
+        _check_codes_range(enc.codes, 0, 2**enc.bits - 1, where)
+        if signed:
+            sign = _check_array(enc.params["sign"], np.int8, where, "sign")
+            if sign.shape != enc.codes.shape:
+                raise _fail("bad-shape", where, f"sign has shape {list(sign.shape)}, codes {list(enc.codes.shape)}")
+            if not np.isin(sign, (-1, 1)).all():
+                raise _fail("bad-param", where, "sign values must be -1 or +1")
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        arrays = {"codes": pack_codes(enc.codes, enc.bits)}
+        if enc.meta.get("signed"):
+            arrays["sign"] = pack_codes((enc.params["sign"] > 0).astype(np.uint8), 1)
+        return arrays
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        codes = self._unpack_codes(arrays, n, bits, where).reshape(shape)
+        params = {}
+        if meta.get("signed"):
+            bit = unpack_codes(_check_array(arrays["sign"], np.uint8, where, "sign"), n, 1, where)
+            params["sign"] = np.where(bit == 1, 1, -1).astype(np.int8).reshape(shape)
+        return NumpyEncoded(self.name, codes, bits, params, meta)
+
+
+class ScaledCodec(Codec):
+    """Codes in ``[low, high]`` times a float32 scale (per tensor or along ``meta["axis"]``)."""
+
+    arrays = ("codes", "scale")
+    low: ClassVar[int]
+    high: ClassVar[int]
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        self._check_params(enc, {"scale"}, where)
+        axis = _check_axis(enc.meta, enc.codes.ndim, where)
+        _check_codes_range(enc.codes, self.low, self.high, where)
+        _check_scale(enc.params["scale"], axis, enc.codes.shape, where)
+
+
+class BinaryCodec(ScaledCodec):
+    """+-1 codes (1 = +1) as sign rows along the reduction axis (see bitpack), value ``(2 code - 1) * scale``."""
+
+    name = "binary"
+    arrays = ("signs", "scale")
+    min_bits = max_bits = 1
+    low, high = 0, 1
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        return {"signs": pack_rows(to_reduction_rows(enc.codes) == 1), "scale": enc.params["scale"]}
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        rows, k = reduction_shape(shape)
+        signs = _check_array(arrays["signs"], np.uint64, where, "signs")
+        if signs.ndim != 2 or signs.shape[0] != rows:
+            raise _fail("bad-shape", where, f"signs of shape {list(signs.shape)} do not hold {rows} rows")
+        codes = from_reduction_rows(unpack_rows(signs, k, where).astype(np.int64), shape)
+        return NumpyEncoded(self.name, codes, bits, {"scale": arrays["scale"]}, meta)
+
+
+class TernaryCodec(ScaledCodec):
+    """Codes in {-1, 0, +1} stored as ``code + 1`` in 2 bits, value ``code * scale``."""
+
+    name = "ternary"
+    min_bits = max_bits = 2
+    low, high = -1, 1
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        return {"codes": pack_codes(enc.codes + 1, 2), "scale": enc.params["scale"]}
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        codes = self._unpack_codes(arrays, n, 2, where) - 1
+        return NumpyEncoded(self.name, codes.reshape(shape), bits, {"scale": arrays["scale"]}, meta)
+
+
+class CodebookCodec(Codec):
+    """k-bit indices into a float32 codebook of K <= 2**bits entries, value ``codebook[code]``."""
+
+    name = "codebook"
+    arrays = ("codes", "codebook")
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        self._check_params(enc, {"codebook"}, where)
+        book = _check_array(enc.params["codebook"], np.float32, where, "codebook")
+        if book.ndim != 1 or not 1 <= book.size <= 2**enc.bits:
+            raise _fail("bad-shape", where, f"codebook must be 1-D with 1..{2**enc.bits} entries, got {book.shape}")
+        if not np.isfinite(book).all():
+            raise _fail("bad-value", where, "codebook holds NaN or Inf")
+        _check_codes_range(enc.codes, 0, book.size - 1, where, code="bad-index")
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        return {"codes": pack_codes(enc.codes, enc.bits), "codebook": enc.params["codebook"]}
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        codes = self._unpack_codes(arrays, n, bits, where).reshape(shape)
+        return NumpyEncoded(self.name, codes, bits, {"codebook": arrays["codebook"]}, meta)
+
+
+_CODECS: dict[str, Codec] = {
+    codec.name: codec
+    for codec in (
+        FloatCodec(np.float32),
+        FloatCodec(np.float16),
+        AffineCodec(),
+        LogCodec(),
+        BinaryCodec(),
+        TernaryCodec(),
+        CodebookCodec(),
+    )
+}
+
+
+def codec_names() -> list[str]:
+    """The codec names, sorted."""
+    return sorted(_CODECS)
+
+
+def get_codec(name: str, tensor: str = "") -> Codec:
+    """The codec called ``name``; ``FormatError("unknown-codec")`` lists the valid ones."""
+    if not isinstance(name, str) or name not in _CODECS:
+        raise _unknown(name, _where(tensor) if tensor else "")
+    return _CODECS[name]
+
+
+def encode(enc: NumpyEncoded, name: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Store ``enc`` (tensor ``name``) with the codec of its kind: ``(arrays, meta)``."""
+    return get_codec(enc.kind, name).encode(enc, name)
+
+
+def decode(arrays: dict[str, np.ndarray], meta: dict[str, Any], name: str = "") -> NumpyEncoded:
+    """Rebuild the NumpyEncoded of tensor ``name`` from its stored arrays and meta (validated)."""
+    if not isinstance(meta, dict):
+        raise _fail("bad-meta", _where(name), f"meta must be a dict, got {type(meta).__name__}")
+    return get_codec(meta.get("codec"), name).decode(arrays, meta, name)  # type: ignore[arg-type]

@@ -1,0 +1,188 @@
+"""Quantized drop-in layers: QuantLinear, QuantConv2d and QuantAct.
+
+``QuantLinear`` and ``QuantConv2d`` subclass the torch layers and keep their
+constructor signatures; the quantizers come as keyword-only arguments (each a
+spec accepted by :func:`lowbit.quantizers.get`, a Quantizer or None)::
+
+    y = Q_out( layer(Q_in(x), Q_w(W), b) )
+
+A quantizer that is None is the identity, so with all three None a layer
+computes exactly what its torch layer computes (same operation, bit for bit)
+and has the same parameters and state_dict keys. Quantizer state (observed
+ranges, step sizes, codebooks) appears under ``weight_quantizer.*``,
+``input_quantizer.*`` and ``output_quantizer.*``. Biases stay float.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..quantizers import Quantizer, get
+
+QuantizerSpec = str | dict[str, Any] | Quantizer | None
+
+#: the quantizer slots of a quantized layer, and the suffix of each one's label
+QUANTIZER_SLOTS = {"weight_quantizer": "weight", "input_quantizer": "input", "output_quantizer": "output"}
+
+
+def _quantize(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
+    return x if quantizer is None else quantizer(x)
+
+
+def _attach(layer: nn.Module, **specs: QuantizerSpec) -> None:
+    """Build each spec and register it as a (possibly None) child of ``layer``, on the layer's device."""
+    device = layer.weight.device
+    for slot, spec in specs.items():
+        quantizer = get(spec)
+        layer.register_module(slot, None if quantizer is None else quantizer.to(device))
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with optional weight, input and output quantizers.
+
+    ``y = Q_out(Q_in(x) Q_w(W)^T + b)``.
+    """
+
+    weight_quantizer: Quantizer | None
+    input_quantizer: Quantizer | None
+    output_quantizer: Quantizer | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        weight_quantizer: QuantizerSpec = None,
+        input_quantizer: QuantizerSpec = None,
+        output_quantizer: QuantizerSpec = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        _attach(self, weight_quantizer=weight_quantizer, input_quantizer=input_quantizer, output_quantizer=output_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _quantize(self.weight_quantizer, self.weight)
+        return _quantize(self.output_quantizer, F.linear(_quantize(self.input_quantizer, x), weight, self.bias))
+
+    @classmethod
+    def from_float(
+        cls,
+        layer: nn.Linear,
+        *,
+        weight_quantizer: QuantizerSpec = None,
+        input_quantizer: QuantizerSpec = None,
+        output_quantizer: QuantizerSpec = None,
+    ) -> QuantLinear:
+        """A QuantLinear with a copy of ``layer``'s weight and bias, its device, dtype and train/eval mode."""
+        new = nn.utils.skip_init(
+            cls, layer.in_features, layer.out_features, layer.bias is not None,
+            device=layer.weight.device, dtype=layer.weight.dtype,
+        )
+        return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with optional weight, input and output quantizers.
+
+    ``y = Q_out(conv2d(Q_in(x), Q_w(W)) + b)``; padding (any ``padding_mode``)
+    is applied to the quantized input, as torch pads the float input.
+    """
+
+    weight_quantizer: Quantizer | None
+    input_quantizer: Quantizer | None
+    output_quantizer: Quantizer | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        weight_quantizer: QuantizerSpec = None,
+        input_quantizer: QuantizerSpec = None,
+        output_quantizer: QuantizerSpec = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        _attach(self, weight_quantizer=weight_quantizer, input_quantizer=input_quantizer, output_quantizer=output_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _quantize(self.weight_quantizer, self.weight)
+        return _quantize(self.output_quantizer, self._conv_forward(_quantize(self.input_quantizer, x), weight, self.bias))
+
+    @classmethod
+    def from_float(
+        cls,
+        layer: nn.Conv2d,
+        *,
+        weight_quantizer: QuantizerSpec = None,
+        input_quantizer: QuantizerSpec = None,
+        output_quantizer: QuantizerSpec = None,
+    ) -> QuantConv2d:
+        """A QuantConv2d with a copy of ``layer``'s weight and bias, its geometry, device, dtype and mode."""
+        new = nn.utils.skip_init(
+            cls, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+            device=layer.weight.device, dtype=layer.weight.dtype,
+        )
+        return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
+
+
+def _finish_from_float(new, layer: nn.Module, *specs: QuantizerSpec):
+    """Copy weight and bias (values and requires_grad) into ``new``, attach the quantizers, copy the mode."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            source = getattr(layer, name)
+            if source is not None:
+                target = getattr(new, name)
+                target.copy_(source)
+                target.requires_grad_(source.requires_grad)
+    _attach(new, **dict(zip(QUANTIZER_SLOTS, specs)))
+    return new.train(layer.training)
+
+
+class QuantAct(nn.Module):
+    """Quantizes a tensor on its own (an activation between layers): ``y = Q(x)``; the identity if None."""
+
+    quantizer: Quantizer | None
+
+    def __init__(self, quantizer: QuantizerSpec = None) -> None:
+        super().__init__()
+        self.register_module("quantizer", get(quantizer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _quantize(self.quantizer, x)
+
+
+def label_quantizers(model: nn.Module) -> None:
+    """Set every quantizer's ``label`` to the tensor it serves: ``<layer>.weight``, ``<layer>.input``,
+    ``<layer>.output`` for QuantLinear/QuantConv2d, and the module's own name for QuantAct."""
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            for slot, suffix in QUANTIZER_SLOTS.items():
+                quantizer = getattr(module, slot)
+                if quantizer is not None:
+                    quantizer.label = f"{name}.{suffix}" if name else suffix
+        elif isinstance(module, QuantAct) and module.quantizer is not None:
+            module.quantizer.label = name or "input"
+
+
+def named_modules_without_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` (registration order) without the quantizers and the modules inside them."""
+    inside = {id(m) for q in model.modules() if isinstance(q, Quantizer) for m in q.modules()}
+    return [(name, m) for name, m in model.named_modules() if id(m) not in inside]
