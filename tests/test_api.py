@@ -140,7 +140,10 @@ def test_rules_by_name_and_type():
         weight="binary",
         first="same",
         last="same",
-        rules=[LayerRule(pattern="head.*", weight="ternary", input="binary"), LayerRule(layer_type="Conv2d", skip=True)],
+        rules=[
+            LayerRule(pattern="head.*", weight="ternary", input="binary"),
+            LayerRule(layer_type="Conv2d", skip=True),
+        ],
     )
     model = quantize(net(), cfg)
     assert type(model.stem.conv) is nn.Conv2d and type(model.body.a.conv) is nn.Conv2d
@@ -222,7 +225,9 @@ class Recorder(Quantizer):
 
 
 def recorded_model():
-    model = nn.Sequential(QuantLinear(3, 3, input_quantizer=Recorder()), nn.ReLU(), QuantLinear(3, 2, input_quantizer=Recorder()))
+    model = nn.Sequential(
+        QuantLinear(3, 3, input_quantizer=Recorder()), nn.ReLU(), QuantLinear(3, 2, input_quantizer=Recorder())
+    )
     label_quantizers(model)
     return model
 

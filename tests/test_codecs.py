@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -327,3 +329,15 @@ def test_params_are_coerced_like_torch_float_and_long():
     back = decode(*stored(enc))
     assert back.params["scale"].dtype == np.float32 and back.params["zero_point"].dtype == np.int64
     assert np.array_equal(values(back), values(enc))
+
+
+def test_format_package_never_imports_torch():
+    code = (
+        "import sys, numpy as np, lowbit.format as f\n"
+        "enc = f.NumpyEncoded('ternary', np.array([1, 0, -1]), 2, {'scale': np.array(0.5, np.float32)})\n"
+        "f.values(f.decode(*f.encode(enc)))\n"
+        "f.huffman_decode(f.huffman_encode(np.array([1, 2, 2])))\n"
+        "f.ans_decode(f.ans_encode(np.array([1, 2, 2])))\n"
+        "assert 'torch' not in sys.modules, 'lowbit.format imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

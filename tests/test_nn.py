@@ -124,7 +124,9 @@ def test_real_binary_quantizer_by_name_matches_sign_oracle():
     ref = nn.Conv2d(3, 2, 3, bias=False)
     with torch.no_grad():
         ref.weight[0, 0, 0, 0] = 0.0  # sign(0) = +1
-    layer = QuantConv2d.from_float(ref, weight_quantizer="binary", input_quantizer={"name": "binary", "ste": "identity"})
+    layer = QuantConv2d.from_float(
+        ref, weight_quantizer="binary", input_quantizer={"name": "binary", "ste": "identity"}
+    )
     x = torch.randn(1, 3, 6, 6)
     x[0, 0, 0, 0] = 0.0
     plus_minus = lambda t: torch.where(t >= 0, 1.0, -1.0)  # noqa: E731

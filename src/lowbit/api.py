@@ -53,10 +53,13 @@ class QuantReport:
 
 def _unsupported(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, str]]:
     handled = (*KEPT_FLOAT, QuantLinear, QuantConv2d, QuantAct)
+    def owns_parameters(m: nn.Module) -> bool:
+        return next(m.parameters(recurse=False), None) is not None
+
     return [
         (name, type(m).__name__)
         for name, m in modules
-        if type(m) not in CONVERTIBLE and not isinstance(m, handled) and next(m.parameters(recurse=False), None) is not None
+        if type(m) not in CONVERTIBLE and not isinstance(m, handled) and owns_parameters(m)
     ]
 
 
@@ -99,7 +102,8 @@ def _listing(report: QuantReport) -> str:
 
 def _warn_unsupported(report: QuantReport) -> None:
     if report.unsupported:
-        message = f"lowbit.quantize left {len(report.unsupported)} layer(s) float that it cannot convert: {_listing(report)}"
+        count = len(report.unsupported)
+        message = f"lowbit.quantize left {count} layer(s) float that it cannot convert: {_listing(report)}"
         warnings.warn(message, UserWarning, stacklevel=3)  # points at the caller of quantize / quantize_report
 
 
@@ -177,5 +181,6 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
         raise CalibrationError("calibration got no batches; pass a non-empty iterable of input tensors")
     missed = [q.where() for q in static if not q.observed]
     if missed:
-        raise CalibrationError(f"calibration never reached {', '.join(missed)}; feed data that runs through these layers")
+        listed = ", ".join(missed)
+        raise CalibrationError(f"calibration never reached {listed}; feed data that runs through these layers")
     return model

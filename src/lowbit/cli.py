@@ -74,7 +74,8 @@ def _run_demo(args: argparse.Namespace) -> Output:
     api.calibrate(model, batches)
     table = api.summary(model, example_input=(1, 1, 28, 28))
     text = f"{table}\n\npreset {args.preset}, calibrated on {args.batches} random batch(es) of {args.batch_size}"
-    return Output(text=text, data={"preset": args.preset, "calibration_batches": args.batches, "summary": table.to_dict()})
+    data = {"preset": args.preset, "calibration_batches": args.batches, "summary": table.to_dict()}
+    return Output(text=text, data=data)
 
 
 COMMANDS: dict[str, Command] = {

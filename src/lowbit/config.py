@@ -110,17 +110,24 @@ def _check_keys(data: Any, allowed: tuple[str, ...], where: str) -> None:
         raise ConfigError(f"{where} must be a dict, got {type(data).__name__}")
     unknown = sorted(set(data) - set(allowed), key=str)
     if unknown:
-        raise ConfigError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(allowed)}")
+        listed = ", ".join(map(repr, unknown))
+        raise ConfigError(f"{where} has unknown key(s) {listed}; valid keys: {', '.join(allowed)}")
 
 
 def _check_policy(policy: Any, where: str) -> None:
     if isinstance(policy, str):
         if policy not in POLICIES:
-            raise ConfigError(f"{where} policy {policy!r} is not valid; valid: {', '.join(POLICIES)} or a dict of specs")
+            valid = ", ".join(POLICIES)
+            raise ConfigError(f"{where} policy {policy!r} is not valid; valid: {valid} or a dict of specs")
         return
     _check_keys(policy, SLOTS, where)
     for slot, spec in policy.items():
         _check_spec(spec, f"{where}.{slot}")
+
+
+def _field_default(cls: type, name: str) -> Any:
+    """The default value of dataclass field ``name``."""
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 @dataclass
@@ -153,7 +160,9 @@ class LayerRule:
             raise ConfigError(f"LayerRule.skip must be true or false, got {self.skip!r}")
         overrides = self.overrides()
         if self.skip and overrides:
-            raise ConfigError(f"LayerRule {self.pattern or self.layer_type!r} has skip=True and specs {sorted(overrides)}; use one")
+            raise ConfigError(
+                f"LayerRule {self.pattern or self.layer_type!r} has skip=True and specs {sorted(overrides)}; use one"
+            )
         for slot, spec in overrides.items():
             _check_spec(spec, f"rule {self.pattern or self.layer_type!r} {slot}")
 
@@ -174,11 +183,6 @@ class LayerRule:
     def from_dict(cls, data: dict[str, Any]) -> LayerRule:
         _check_keys(data, tuple(f.name for f in fields(cls)), "a rule")
         return cls(**copy.deepcopy(data))
-
-
-def _field_default(cls: type, name: str) -> Any:
-    """The default value of dataclass field ``name``."""
-    return next(f.default for f in fields(cls) if f.name == name)
 
 
 @dataclass
@@ -209,7 +213,9 @@ class QuantConfig:
         for rule in self.rules:
             rule.validate()
 
-    def layer_specs(self, name: str, module: nn.Module, first: bool = False, last: bool = False) -> dict[str, Spec] | None:
+    def layer_specs(
+        self, name: str, module: nn.Module, first: bool = False, last: bool = False
+    ) -> dict[str, Spec] | None:
         """The weight/input/output specs for layer ``name``, or None to leave it float."""
         specs = {slot: getattr(self, slot) for slot in SLOTS}
         policy = self.first if first else self.last if last else "same"
@@ -225,8 +231,8 @@ class QuantConfig:
         return copy.deepcopy(specs) if convert else None
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("rules", "version")}
-        return {"version": self.version, **data, "rules": [r.to_dict() for r in self.rules]}
+        specs = {slot: copy.deepcopy(getattr(self, slot)) for slot in (*SLOTS, "first", "last")}
+        return {"version": self.version, **specs, "rules": [r.to_dict() for r in self.rules]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:

@@ -97,7 +97,8 @@ class Summary:
     def __str__(self) -> str:
         header = ("layer", "type", "w bits", "a bits", "params", "bytes", "MACs")
         rows = [
-            (r.name or "(model)", r.type, str(r.weight_bits), str(r.input_bits), f"{r.params:,}", f"{r.bytes:,}", _count(r.macs))
+            (r.name or "(model)", r.type, str(r.weight_bits), str(r.input_bits), f"{r.params:,}", f"{r.bytes:,}",
+             _count(r.macs))
             for r in self.layers
         ]
         if self.other_params:
@@ -107,11 +108,14 @@ class Summary:
         left = 2  # name and type columns are left-aligned, numbers right-aligned
 
         def fmt(line: Sequence[str]) -> str:
-            return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+            cells = (c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            return "  ".join(cells).rstrip()
 
         rule = "-" * len(fmt(["x" * w for w in widths]))
         lines = [fmt(header), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1])]
-        lines.append(f"float32 {self.float_bytes:,} bytes -> {self.total_bytes:,} bytes, compression {self.compression:.2f}x")
+        lines.append(
+            f"float32 {self.float_bytes:,} bytes -> {self.total_bytes:,} bytes, compression {self.compression:.2f}x"
+        )
         return "\n".join(lines)
 
 

@@ -168,8 +168,10 @@ def _values(enc: NumpyEncoded) -> np.ndarray:
 
 def _check_shape(shape: object, where: str) -> tuple[tuple[int, ...], int]:
     """A shape list from meta as a tuple, and its element count (Python ints, capped)."""
-    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _fail("bad-shape", where, f"shape must be a list of at most {MAX_NDIM} non-negative ints, got {shape!r}")
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
+        raise _fail("bad-shape", where, f"shape must be a list of at most {MAX_NDIM} ints, got {shape!r}")
+    if not all(_is_int(d) and 0 <= d <= MAX_ELEMENTS for d in shape):
+        raise _fail("bad-shape", where, f"shape dims must be ints from 0 to {MAX_ELEMENTS}, got {shape!r}")
     shape = tuple(int(d) for d in shape)
     n = math.prod(shape)
     if n > MAX_ELEMENTS:
@@ -250,9 +252,11 @@ class Codec:
         if bad:
             raise ConfigError(f"{where}: meta keys {bad} are reserved for the stored form")
         if not _is_int(enc.bits) or not self.min_bits <= enc.bits <= self.max_bits:
-            raise _fail("bad-bits", where, f"{self.name} bits must be {self.min_bits}..{self.max_bits}, got {enc.bits!r}")
+            valid = f"{self.min_bits}..{self.max_bits}"
+            raise _fail("bad-bits", where, f"{self.name} bits must be {valid}, got {enc.bits!r}")
         enc = self.normalize(enc, where)
         self.check(enc, where)
+        _check_shape(list(enc.codes.shape), where)
         arrays = self.pack(enc)
         meta = {"codec": self.name, "shape": list(enc.codes.shape), "bits": enc.bits, **enc.meta}
         try:
@@ -264,6 +268,8 @@ class Codec:
     def decode(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], name: str = "") -> NumpyEncoded:
         """Validate stored ``arrays`` / ``meta`` and rebuild the NumpyEncoded."""
         where = _where(name)
+        if not isinstance(meta, dict) or not isinstance(arrays, dict):
+            raise _fail("bad-meta", where, f"arrays and meta must be dicts, got {type(arrays).__name__}, {type(meta).__name__}")
         shape, n = _check_shape(meta.get("shape"), where)
         bits = _check_meta_int(meta, "bits", where, self.min_bits, self.max_bits)
         if set(arrays) != set(self.arrays) - self.optional_arrays(meta):
@@ -319,7 +325,6 @@ class FloatCodec(Codec):
 
     def check(self, enc: NumpyEncoded, where: str) -> None:
         _check_array(enc.codes, self.dtype, where, "data")
-        _check_shape(list(enc.codes.shape), where)
         if enc.params:
             raise _fail("bad-param", where, f"raw {self.name} tensors take no params, got {sorted(enc.params)}")
 
@@ -511,4 +516,4 @@ def decode(arrays: dict[str, np.ndarray], meta: dict[str, Any], name: str = "") 
     """Rebuild the NumpyEncoded of tensor ``name`` from its stored arrays and meta (validated)."""
     if not isinstance(meta, dict):
         raise _fail("bad-meta", _where(name), f"meta must be a dict, got {type(meta).__name__}")
-    return get_codec(meta.get("codec"), name).decode(arrays, meta, name)  # type: ignore[arg-type]
+    return get_codec(meta.get("codec"), name).decode(arrays, meta, name)

@@ -9,4 +9,11 @@ from .layers import (
     named_modules_without_quantizers,
 )
 
-__all__ = ["QUANTIZER_SLOTS", "QuantAct", "QuantConv2d", "QuantLinear", "label_quantizers", "named_modules_without_quantizers"]
+__all__ = [
+    "QUANTIZER_SLOTS",
+    "QuantAct",
+    "QuantConv2d",
+    "QuantLinear",
+    "label_quantizers",
+    "named_modules_without_quantizers",
+]

@@ -33,10 +33,11 @@ def _quantize(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
     return x if quantizer is None else quantizer(x)
 
 
-def _attach(layer: nn.Module, **specs: QuantizerSpec) -> None:
-    """Build each spec and register it as a (possibly None) child of ``layer``, on the layer's device."""
+def _attach(layer: nn.Module, *specs: QuantizerSpec) -> None:
+    """Build the weight, input and output specs and register each as a (possibly None) child of
+    ``layer``, on the layer's device."""
     device = layer.weight.device
-    for slot, spec in specs.items():
+    for slot, spec in zip(QUANTIZER_SLOTS, specs):
         quantizer = get(spec)
         layer.register_module(slot, None if quantizer is None else quantizer.to(device))
 
@@ -64,11 +65,12 @@ class QuantLinear(nn.Linear):
         output_quantizer: QuantizerSpec = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        _attach(self, weight_quantizer=weight_quantizer, input_quantizer=input_quantizer, output_quantizer=output_quantizer)
+        _attach(self, weight_quantizer, input_quantizer, output_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = _quantize(self.weight_quantizer, self.weight)
-        return _quantize(self.output_quantizer, F.linear(_quantize(self.input_quantizer, x), weight, self.bias))
+        y = F.linear(_quantize(self.input_quantizer, x), weight, self.bias)
+        return _quantize(self.output_quantizer, y)
 
     @classmethod
     def from_float(
@@ -119,11 +121,12 @@ class QuantConv2d(nn.Conv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        _attach(self, weight_quantizer=weight_quantizer, input_quantizer=input_quantizer, output_quantizer=output_quantizer)
+        _attach(self, weight_quantizer, input_quantizer, output_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = _quantize(self.weight_quantizer, self.weight)
-        return _quantize(self.output_quantizer, self._conv_forward(_quantize(self.input_quantizer, x), weight, self.bias))
+        y = self._conv_forward(_quantize(self.input_quantizer, x), weight, self.bias)
+        return _quantize(self.output_quantizer, y)
 
     @classmethod
     def from_float(
@@ -152,7 +155,7 @@ def _finish_from_float(new, layer: nn.Module, *specs: QuantizerSpec):
                 target = getattr(new, name)
                 target.copy_(source)
                 target.requires_grad_(source.requires_grad)
-    _attach(new, **dict(zip(QUANTIZER_SLOTS, specs)))
+    _attach(new, *specs)
     return new.train(layer.training)
 
 
