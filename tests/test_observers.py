@@ -53,9 +53,10 @@ def test_percentile_by_hand():
 def test_percentile_matches_numpy(xs, p):
     x = torch.tensor(xs, dtype=torch.float32)
     lo, hi = percentile_range(x, percentile=p)
-    ref = np.percentile(np.array(xs, dtype=np.float64), [100 - p, p])
-    scale = max(abs(float(ref[0])), abs(float(ref[1])), 1e-30)
-    assert abs(lo.item() - ref[0]) <= 1e-6 * scale and abs(hi.item() - ref[1]) <= 1e-6 * scale
+    ref = np.percentile(x.double().numpy(), [100 - p, p])
+    # float32 interpolation errs by a few ulps of the values it mixes (at least the smallest subnormal)
+    tolerance = 1e-6 * float(x.abs().max()) + 2 * 2.0**-149
+    assert abs(lo.item() - ref[0]) <= tolerance and abs(hi.item() - ref[1]) <= tolerance
 
 
 def test_percentile_per_channel_matches_numpy():

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _API = {
     "quantize": "lowbit.api",
+    "quantize_report": "lowbit.api",
     "calibrate": "lowbit.api",
     "summary": "lowbit.api",
     "save": "lowbit.api",

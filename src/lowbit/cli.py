@@ -14,10 +14,11 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import LowbitError
+from .errors import ConfigError, LowbitError
 
 EXIT_ERROR = 2
 
@@ -37,49 +38,214 @@ class Command:
     run: Callable[[argparse.Namespace], Output]
 
 
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None, help="directory holding the dataset's IDX files")
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: when stderr is a terminal)")
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.2f}%"
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user set (argparse default None), so the library's defaults apply to the rest."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _existing_file(path: str, what: str) -> Path:
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} {path!r} does not exist")
+    return Path(path)
+
+
+# ----------------------------------------------------------------------- demo
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="w8a8", help="quantization preset (default: w8a8)")
-    parser.add_argument("--batches", type=int, default=4, help="random calibration batches (default: 4)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per calibration batch (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model and the random data (default: 0)")
-
-
-def _demo_model() -> Any:
-    """A small LeNet-style float net for 1x28x28 inputs (feature extractor + classifier)."""
-    from torch import nn
-
-    class DemoNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = nn.Sequential(
-                nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(6, 16, 5), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            )
-            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
-
-        def forward(self, x):
-            return self.classifier(self.features(x))
-
-    return DemoNet()
+    parser.add_argument("--out", default="lowbit-demo", help="output directory (default: ./lowbit-demo)")
+    parser.add_argument("--data", default=None, help="mnist or digits (default: mnist, digits when MNIST is missing)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: 2 on mnist, 15 on digits)")
+    parser.add_argument("--bits", type=int, nargs="+", default=None,
+                        help="bit widths of the linear and log sweeps (default: 8 6 4 3 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and calibration (default: 0)")
+    parser.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 64 images (default: 8)")
+    parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # quick runs: first N images
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)  # default: the lowbit cache
+    _add_data_dir(parser)
+    _add_progress(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> Output:
-    import torch
+    from . import workflow
 
-    from . import api
+    result = workflow.demo(
+        args.out, data=args.data, epochs=args.epochs, seed=args.seed, limit=args.limit,
+        calib_batches=args.calib_batches, cache=args.cache_dir, data_dir=args.data_dir, progress=args.progress,
+        log=lambda message: print(message, file=sys.stderr), **_given(bits=args.bits),
+    )
+    text = "\n".join([
+        *result.notes,
+        f"{result.model} on {result.data}, trained {result.epochs} epoch(s)"
+        f"{' (cached checkpoint)' if result.reused_checkpoint else ''}; every row is a saved and reloaded file",
+        "",
+        workflow.format_table(result.rows),
+        "",
+        "file size: the .lowbit file; of float: file size / float32 parameter bytes;"
+        " log b-bit codes carry a sign bit too",
+        f"wrote {result.table_path} and {result.plot_path} in {result.wall_time:.0f} s",
+    ])
+    return Output(text=text, data=result.to_dict())
 
-    torch.manual_seed(args.seed)
-    model = api.quantize(_demo_model(), args.preset)
-    batches = [torch.rand(args.batch_size, 1, 28, 28) for _ in range(args.batches)]
-    api.calibrate(model, batches)
-    table = api.summary(model, example_input=(1, 1, 28, 28))
-    text = f"{table}\n\npreset {args.preset}, calibrated on {args.batches} random batch(es) of {args.batch_size}"
-    data = {"preset": args.preset, "calibration_batches": args.batches, "summary": table.to_dict()}
+
+# ---------------------------------------------------------------------- train
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="reference model (lenet300, lenet5, bnn-mlp, vgg-small, ...)")
+    parser.add_argument("--data", required=True, help="dataset (mnist, fashion-mnist, digits)")
+    parser.add_argument("--epochs", type=int, required=True, help="epochs in total")
+    parser.add_argument("--out", required=True, help="directory for checkpoints, logs and run.json")
+    parser.add_argument("--quant", default=None, help="train quantization-aware with this preset (default: float)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    parser.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.05)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    _add_data_dir(parser)
+    _add_progress(parser)
+
+
+def _run_train(args: argparse.Namespace) -> Output:
+    from . import workflow
+
+    result = workflow.train(
+        args.model, args.data, epochs=args.epochs, out_dir=args.out, quant=args.quant, seed=args.seed,
+        limit=args.limit, resume=args.resume, data_dir=args.data_dir, progress=args.progress,
+        **_given(lr=args.lr, batch_size=args.batch_size),
+    )
+    kind = f"quantization-aware ({args.quant})" if args.quant else "float"
+    text = (f"trained {args.model} on {args.data}, {kind}, {len(result.history)} epoch(s): "
+            f"test accuracy {_percent(result.final_acc)}\ncheckpoint {result.checkpoint}")
+    data = {"checkpoint": str(result.checkpoint), "final_acc": result.final_acc,
+            "epochs": len(result.history), "run": result.run, "history": result.history}
     return Output(text=text, data=data)
 
 
+# ------------------------------------------------------------------- quantize
+
+
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="MODEL_OR_CHECKPOINT",
+                        help="a training checkpoint (or its directory), or a reference model name (untrained)")
+    parser.add_argument("--out", required=True, help="the .lowbit file to write")
+    parser.add_argument("--preset", default=None,
+                        help="quantization preset (default: w8a8, or the preset a checkpoint was trained with)")
+    parser.add_argument("--calib-batches", type=int, default=8,
+                        help="calibration batches of 64 training images, 0 for none (default: 8)")
+    parser.add_argument("--model", default=None, help="architecture of the checkpoint (default: from run.json)")
+    parser.add_argument("--data", default=None, help="dataset for calibration (default: from run.json, else mnist)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
+    _add_data_dir(parser)
+
+
+def _quantize_source(args: argparse.Namespace) -> tuple[Any, str, str, str | None]:
+    """(float or QAT model, model name, dataset, training preset) of the quantize argument."""
+    from . import workflow
+    from .models import model_names
+    from .train import seed_everything
+
+    source = Path(args.source)
+    if source.is_dir():
+        source = source / "last.safetensors"
+    if source.is_file():
+        model, run = workflow.load_trained(source, args.model, args.data)
+        return model, run["model"], run["data"], run.get("quant")
+    if args.source in model_names() and args.model in (None, args.source):
+        seed_everything(args.seed)
+        data = args.data or "mnist"
+        return workflow.build_model(args.source, data), args.source, data, None
+    raise ConfigError(f"{args.source!r} is neither a checkpoint file nor a model name; models: {', '.join(model_names())}")
+
+
+def _run_quantize(args: argparse.Namespace) -> Output:
+    from . import workflow
+
+    model, model_name, data, trained_with = _quantize_source(args)
+    if trained_with is not None and args.preset not in (None, trained_with):
+        raise ConfigError(
+            f"the checkpoint was trained quantization-aware with {trained_with!r}; quantize it with that preset "
+            f"(--preset {trained_with}) or start from a float checkpoint to use {args.preset!r}"
+        )
+    preset = args.preset or trained_with or "w8a8"
+    if args.calib_batches < 0:
+        raise ConfigError(f"--calib-batches must be >= 0, got {args.calib_batches}")
+    batches = (workflow.calibration_batches(data, args.calib_batches, seed=args.seed, data_dir=args.data_dir)
+               if args.calib_batches else None)
+    quantized = workflow.post_training_quantize(model, preset, batches)
+    path = workflow.save_quantized(quantized, args.out, data)
+    size, reference = path.stat().st_size, workflow.float_bytes(model)
+    data_out = {"path": str(path), "model": model_name, "data": data, "preset": preset,
+                "calibration_batches": args.calib_batches, "file_bytes": size, "float_bytes": reference,
+                "ratio": size / reference}
+    text = (f"wrote {path}: {model_name} quantized with {preset}, calibrated on {args.calib_batches} batch(es) of "
+            f"{data} training images; {size:,} bytes = {100 * size / reference:.1f}% of the float32 parameters "
+            f"({reference:,} bytes)")
+    return Output(text=text, data=data_out)
+
+
+# ----------------------------------------------------------------------- eval
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a .lowbit file")
+    parser.add_argument("--data", default="mnist", help="dataset whose test split is used (default: mnist)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N test images")
+    _add_data_dir(parser)
+    _add_progress(parser)
+
+
+def _run_eval(args: argparse.Namespace) -> Output:
+    from . import workflow
+
+    path = _existing_file(args.file, "file")
+    model = workflow.load_quantized(path)
+    images, labels = workflow.test_set(args.data, args.limit, args.data_dir)
+    acc = workflow.accuracy(model, images, labels, progress=args.progress)
+    size, reference = path.stat().st_size, workflow.float_bytes(model)
+    data = {"path": str(path), "data": args.data, "examples": len(labels), "accuracy": acc, "file_bytes": size,
+            "float_bytes": reference, "ratio": size / reference, "compression": reference / size}
+    text = (f"{path}: accuracy {_percent(acc)} on {len(labels):,} {args.data} test images; file {size:,} bytes = "
+            f"{100 * size / reference:.1f}% of the float32 parameter bytes ({reference:,}), "
+            f"compression {reference / size:.2f}x")
+    return Output(text=text, data=data)
+
+
+# -------------------------------------------------------------------- inspect
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a .lowbit file")
+
+
+def _run_inspect(args: argparse.Namespace) -> Output:
+    from . import serialize
+
+    info = serialize.inspect_file(_existing_file(args.file, "file"))
+    return Output(text=serialize.format_inspect(info), data=info)
+
+
 COMMANDS: dict[str, Command] = {
-    "demo": Command("quantize a small LeNet-style net with a preset and print its summary", _demo_arguments, _run_demo),
+    "demo": Command("train LeNet-5 on MNIST, quantize it post-training (8-bit, linear and log k-bit), "
+                    "save, reload and evaluate each file, and print the table", _demo_arguments, _run_demo),
+    "train": Command("train a reference model, float or quantization-aware", _train_arguments, _run_train),
+    "quantize": Command("quantize a trained model post-training and write a .lowbit file", _quantize_arguments,
+                        _run_quantize),
+    "eval": Command("accuracy and size of a .lowbit file", _eval_arguments, _run_eval),
+    "inspect": Command("what a .lowbit file holds", _inspect_arguments, _run_inspect),
 }
 
 

@@ -10,10 +10,16 @@ shapes, and returns::
      "nodes": [{"name": "conv1", "op": "conv2d", "inputs": ["x"],
                 "attrs": {"stride": [1, 1], ...},
                 "params": {"weight": "conv1.weight", "bias": "conv1.bias"},
-                "quant": {"weight": {...spec...}, "input": null, "output": null},
-                "shape": [-1, 20, 24, 24]}, ...]}
+                "quant": {"weight": {...spec...}},
+                "shape": [-1, 20, 24, 24], "module": "conv1"}, ...]}
 
-``params`` name state_dict keys; shapes use -1 for the batch axis. Ops:
+``params`` map each local state name of the node's module to its state_dict
+key: the layer's own parameters and buffers and the state of its input /
+output quantizer (observed ranges, steps, ``input_quantizer.stats.min_val``),
+which a runtime needs; weight-quantizer state is left out (the stored weight
+codes carry it) and so is ``num_batches_tracked``. ``module`` names the
+module a node calls (``call_module`` nodes only), so a loader can rebuild the
+same state_dict keys. Shapes use -1 for the batch axis. Ops:
 linear, conv2d, batchnorm, relu, hardtanh, tanh, maxpool2d, avgpool2d,
 adaptive_avgpool2d, reshape, add, mul, concat, quant_act. Identity-like
 modules (Dropout, Identity, Flatten of a flat tensor) disappear. Anything else
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.proxy import TraceError
 
 from ..errors import UnsupportedLayerError
 
@@ -66,9 +73,8 @@ def _spec(q: nn.Module | None) -> dict[str, Any] | None:
 
 def _module_node(m: nn.Module, target: str) -> tuple[str, dict, dict, dict]:
     """(op, attrs, params, quant) of a leaf module."""
-    params = {k: f"{target}.{k}" for k, v in m.named_parameters(recurse=False) if v is not None}
-    params.update({k: f"{target}.{k}" for k, v in m.named_buffers(recurse=False)
-                   if v is not None and k != "num_batches_tracked"})
+    params = {k: f"{target}.{k}" for k in m.state_dict(keep_vars=True)
+              if not k.startswith("weight_quantizer.") and k.rsplit(".", 1)[-1] != "num_batches_tracked"}
     quant = {role: _spec(getattr(m, f"{role}_quantizer", None)) for role in ("weight", "input", "output")}
     if isinstance(m, nn.Linear):
         return "linear", {}, params, quant
@@ -115,15 +121,19 @@ def _shape(node: fx.Node) -> list[int] | None:
 
 def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
     """Trace ``model`` on ``example_input`` and return its graph IR (see the module docstring)."""
-    graph = _Tracer().trace(model)
+    try:
+        graph = _Tracer().trace(model)
+    except TraceError as exc:
+        raise UnsupportedLayerError(f"model {type(model).__name__} cannot be traced with torch.fx: {exc}") from None
     gm = fx.GraphModule(model, graph)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     modules = dict(model.named_modules())
     alias: dict[str, str] = {}
     nodes: list[dict[str, Any]] = []
@@ -172,9 +182,11 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
                                         "which the graph IR does not support")
         if op == "reshape":
             attrs = {"shape": _shape(node)}
-        nodes.append({"name": node.name, "op": op, "inputs": [ref(a) for a in args], "attrs": attrs,
-                      "params": params, "quant": {k: v for k, v in quant.items() if v is not None},
-                      "shape": _shape(node)})
+        entry = {"name": node.name, "op": op, "inputs": [ref(a) for a in args], "attrs": attrs,
+                 "params": params, "quant": {k: v for k, v in quant.items() if v is not None}, "shape": _shape(node)}
+        if node.op == "call_module":
+            entry["module"] = target
+        nodes.append(entry)
     return {"version": GRAPH_VERSION, "inputs": inputs, "outputs": outputs, "nodes": nodes}
 
 

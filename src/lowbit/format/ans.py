@@ -25,6 +25,11 @@ count), ``bad-count`` (more than ``MAX_ELEMENTS`` symbols), ``bad-length``
 none) or ``bad-stream`` (the words are not an ANS stream of this model, or
 decode to other symbol counts than stored).
 
+A very peaked model codes millions of symbols in a few words, so the word
+count does not bound the symbol count: a reader should compare
+``stream.count`` with the number of symbols it expects (for example the
+tensor's element count) before decoding.
+
 Public API: ``ans_encode(symbols) -> AnsStream``, ``ans_decode(stream, name)``.
 """
 

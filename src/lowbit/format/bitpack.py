@@ -66,7 +66,9 @@ def _check_bits(bits: object, error: type[Exception], what: str) -> int:
     return int(bits)
 
 
-def write_fields(values: np.ndarray, widths: np.ndarray | int, offsets: np.ndarray | None, total_bits: int) -> np.ndarray:
+def write_fields(
+    values: np.ndarray, widths: np.ndarray | int, offsets: np.ndarray | None, total_bits: int
+) -> np.ndarray:
     """Write unsigned ``values`` (each below ``2**width``, width <= 32) at bit ``offsets``.
 
     ``widths`` is one int or one per value; ``offsets=None`` with an int width

@@ -11,26 +11,22 @@ or, for the raw kinds ``float32`` / ``float16``, the float array itself in
 
 ``meta`` always holds ``codec`` (the kind), ``shape`` (list of ints) and
 ``bits``, followed by the keys of ``enc.meta`` (so those three names are
-reserved there). Stored arrays per codec (all little-endian):
+reserved there). Stored arrays per codec (all little-endian; packing as in
+:mod:`.bitpack`):
 
-=========  ==========================================================  =====================
-codec      arrays                                                      meta (besides codec,
-                                                                       shape, bits)
-=========  ==========================================================  =====================
-float32    ``data`` float32 [shape]                                    (bits = 32)
-float16    ``data`` float16 [shape]                                    (bits = 16)
-affine     ``codes`` uint8 ``ceil(n*bits/8)``: ``codes - qmin``         qmin, qmax, axis
-           packed at ``bits`` (1..16); ``scale`` float32,
-           ``zero_point`` int64 (each 0-d or 1-D along axis)
-log        ``codes`` uint8 (``bits`` = 1..16 per code); ``sign``         fsr, signed
-           uint8 ``ceil(n/8)`` (bit 1 = +1) when signed
-binary     ``signs`` uint64 [rows, ceil(K/64)] (bitpack sign rows,      axis
-           bit 1 = code 1 = +1; bits = 1); ``scale`` float32
-ternary    ``codes`` uint8 ``ceil(n*2/8)``: ``code + 1`` in 2 bits       axis
-           (bits = 2); ``scale`` float32
-codebook   ``codes`` uint8 (``bits`` = 1..16 per index);                (none)
-           ``codebook`` float32 [K], K <= 2**bits
-=========  ==========================================================  =====================
+- ``float32`` / ``float16``: ``data`` [shape] of that dtype; bits 32 / 16.
+- ``affine``: ``codes`` uint8, ``ceil(n*bits/8)`` bytes of ``code - qmin``
+  (bits 1..16); ``scale`` float32 and ``zero_point`` int64, each 0-d or 1-D
+  along ``axis``; meta ``qmin``, ``qmax`` (``qmax - qmin < 2**bits``), ``axis``.
+- ``log``: ``codes`` uint8 (bits 1..16 per code); when ``signed``, ``sign``
+  uint8 ``ceil(n/8)`` bytes, bit 1 = +1; meta ``fsr`` (``|fsr| <= 1024``),
+  ``signed``.
+- ``binary``: ``signs`` uint64 [rows, ceil(K/64)], sign rows along the
+  reduction axis (bit 1 = code 1 = +1); ``scale`` float32; bits 1; meta ``axis``.
+- ``ternary``: ``codes`` uint8, ``code + 1`` in 2 bits (3 is invalid);
+  ``scale`` float32; bits 2; meta ``axis``.
+- ``codebook``: ``codes`` uint8 (bits 1..16 per index); ``codebook``
+  float32 [K], finite, 1 <= K <= 2**bits.
 
 Values (float32, the arithmetic of ``base.decode``): affine
 ``(codes - zero_point) * scale``; log ``sign * 2**(fsr - 2**bits + codes)``
@@ -46,7 +42,8 @@ naming the tensor, with these stable codes: ``unknown-codec``, ``bad-meta``
 ``bad-dtype``, ``bad-length`` (packed length != ``ceil(n*bits/8)``),
 ``bad-padding`` (non-zero unused bits), ``bad-code`` (code out of range),
 ``bad-index`` (codebook index >= codebook size), ``bad-scale`` (scale NaN,
-Inf, zero or negative), ``bad-param`` (zero point too large, sign not +-1),
+Inf, zero or negative), ``bad-param`` (params missing or unexpected, zero point too large, sign
+not +-1),
 ``bad-value`` (NaN/Inf in a codebook). Meta values that are not JSON-able
 raise ``ConfigError``.
 """
@@ -63,9 +60,9 @@ import numpy as np
 from ..errors import ConfigError, FormatError
 from .bitpack import (
     MAX_ELEMENTS,
+    from_reduction_rows,
     pack_codes,
     pack_rows,
-    from_reduction_rows,
     reduction_shape,
     to_reduction_rows,
     unpack_codes,
@@ -269,9 +266,12 @@ class Codec:
         """Validate stored ``arrays`` / ``meta`` and rebuild the NumpyEncoded."""
         where = _where(name)
         if not isinstance(meta, dict) or not isinstance(arrays, dict):
-            raise _fail("bad-meta", where, f"arrays and meta must be dicts, got {type(arrays).__name__}, {type(meta).__name__}")
+            got = f"{type(arrays).__name__}, {type(meta).__name__}"
+            raise _fail("bad-meta", where, f"arrays and meta must be dicts, got {got}")
         shape, n = _check_shape(meta.get("shape"), where)
-        bits = _check_meta_int(meta, "bits", where, self.min_bits, self.max_bits)
+        bits = meta.get("bits")
+        if not _is_int(bits) or not self.min_bits <= bits <= self.max_bits:
+            raise _fail("bad-bits", where, f"{self.name} bits must be {self.min_bits}..{self.max_bits}, got {bits!r}")
         if set(arrays) != set(self.arrays) - self.optional_arrays(meta):
             expected = sorted(set(self.arrays) - self.optional_arrays(meta))
             raise _fail("bad-arrays", where, f"codec {self.name!r} stores arrays {expected}, got {sorted(arrays)}")

@@ -21,7 +21,9 @@ Stored form (:class:`HuffmanStream`):
 - ``lengths`` uint8 [alphabet]: code length of each symbol value, 0 = absent;
 - ``data`` uint8: the bit stream, zero bits after the last code;
 - ``offsets`` uint64 [ceil(count / block)]: stream bit offset of symbols
-  ``0, block, 2 block, ...`` so blocks decode side by side (vectorised);
+  ``0, block, 2 block, ...``; a Huffman stream is sequential, so these let
+  the decoder step through all blocks at once with numpy (10M symbols in
+  well under a second) at a cost of 8 bytes per ``block`` symbols;
 - ``count`` (int) and ``block`` (int, :data:`BLOCK` when encoded here).
 
 ``huffman_decode`` validates everything and raises ``FormatError`` with code
@@ -30,8 +32,10 @@ symbol of length 1, alphabet too large),
 ``bad-count`` (count or block not a valid int, offsets of the wrong length),
 ``bad-offsets`` (offsets not starting at 0, decreasing, past the stream, or a
 block not ending where the next starts: bits missing or left over inside),
-``bad-length`` (the last code runs past the data, or whole bytes are left
-over), ``bad-padding`` (bits after the last code not zero), ``bad-symbol``
+``bad-length`` (fewer data bits than symbols, the last code runs past the
+data, or whole bytes are left over: the stream does not hold exactly
+``count`` symbols), ``bad-padding`` (bits after the last code not zero),
+``bad-symbol``
 (a bit pattern that is no code), ``bad-dtype``.
 
 Public API: ``code_lengths``, ``canonical_codes``, ``huffman_encode``,
@@ -137,7 +141,9 @@ def _reverse_bits(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def huffman_encode(symbols: np.ndarray, max_length: int = MAX_CODE_LENGTH) -> HuffmanStream:
     """Huffman-code a flat array of integer symbols in ``[0, MAX_ALPHABET)``."""
     symbols = np.asarray(symbols).reshape(-1)
-    if symbols.size and (symbols.dtype.kind not in "iu" or int(symbols.min()) < 0 or int(symbols.max()) >= MAX_ALPHABET):
+    if symbols.size and not (
+        symbols.dtype.kind in "iu" and int(symbols.min()) >= 0 and int(symbols.max()) < MAX_ALPHABET
+    ):
         raise ConfigError(f"Huffman symbols must be integers in [0, {MAX_ALPHABET}), got {symbols.dtype} array")
     if symbols.size > MAX_ELEMENTS:
         raise ConfigError(f"Huffman streams hold at most {MAX_ELEMENTS} symbols, got {symbols.size}")
@@ -202,6 +208,8 @@ def huffman_decode(stream: HuffmanStream, name: str = "huffman stream") -> np.nd
     if width == 0:
         raise FormatError("bad-table", f"{name}: {count} symbols but no symbol has a code")
     total_bits = 8 * data.size
+    if count > total_bits:  # every code takes at least one bit; this also bounds the work below
+        raise FormatError("bad-length", f"{name}: {count} symbols need {count} bits or more, the data has {total_bits}")
     starts = offsets.astype(np.int64)
     if starts[0] != 0 or (np.diff(starts) < 0).any() or int(starts[-1]) > total_bits:
         raise FormatError("bad-offsets", f"{name}: block offsets must rise from 0 and stay within {total_bits} bits")

@@ -46,7 +46,7 @@ class Encoded:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _along(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
+def along(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
     """Reshape a per-channel parameter so it broadcasts along ``axis``."""
     if axis is None or t.dim() == 0:
         return t
@@ -59,18 +59,18 @@ def decode(enc: Encoded) -> torch.Tensor:
     """Turn :class:`Encoded` codes back into the float32 values they stand for."""
     codes, p, axis = enc.codes, enc.params, enc.meta.get("axis")
     if enc.kind == "affine":
-        scale = _along(p["scale"].float(), axis, codes.dim())
-        zero = _along(p["zero_point"].long(), axis, codes.dim())
+        scale = along(p["scale"].float(), axis, codes.dim())
+        zero = along(p["zero_point"].long(), axis, codes.dim())
         return (codes.long() - zero).float() * scale
     if enc.kind == "log":
         exponent = (enc.meta["fsr"] - 2**enc.bits) + codes.long()
         mag = torch.where(codes > 0, torch.ldexp(torch.ones_like(codes, dtype=torch.float32), exponent), 0.0)
         return mag * p["sign"].float() if enc.meta.get("signed") else mag
     if enc.kind == "binary":
-        scale = _along(p["scale"].float(), axis, codes.dim())
+        scale = along(p["scale"].float(), axis, codes.dim())
         return (2 * codes.long() - 1).float() * scale
     if enc.kind == "ternary":
-        scale = _along(p["scale"].float(), axis, codes.dim())
+        scale = along(p["scale"].float(), axis, codes.dim())
         return codes.float() * scale
     if enc.kind == "codebook":
         return p["codebook"].float()[codes.long()]
@@ -157,6 +157,12 @@ def check_bits(bits: int, low: int, high: int, what: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
         raise ConfigError(f"{what} must be an integer from {low} to {high}, got {bits!r}")
     return bits
+
+def check_flag(value: bool, what: str) -> bool:
+    """Return ``value`` if it is a bool, else raise ConfigError."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be True or False, got {value!r}")
+    return value
 
 
 def check_finite(x: torch.Tensor, where: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .base import EPS, Encoded, Quantizer, _along, check_axis, check_finite, register
+from .base import EPS, Encoded, Quantizer, along, check_axis, check_finite, register
 from .ste import check_ste, sign_ste
 
 XNOR_ROLES = ("weight", "activation")
@@ -58,7 +58,7 @@ def xnor_weight_scale(w: torch.Tensor) -> torch.Tensor:
 
 def xnor_weight(w: torch.Tensor, ste: str = "clipped") -> torch.Tensor:
     """BWN / XNOR-Net weights: sign(W) * alpha_c, gradient through sign (STE) and alpha."""
-    return binarize(w, ste) * _along(xnor_weight_scale(w), 0, w.dim())
+    return binarize(w, ste) * along(xnor_weight_scale(w), 0, w.dim())
 
 
 def xnor_activation_scale(x: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError, ConfigError
-from .base import Encoded, Quantizer, check_bits, check_finite, register
+from .base import Encoded, Quantizer, check_bits, check_finite, check_flag, register
 from .observers import RangeObserver, minmax_range
-from .uniform import affine_codes, affine_encoded, check_flag, fake_quantize_affine
+from .uniform import affine_codes, affine_encoded, fake_quantize_affine
 
 
 def linear_qrange(bits: int, signed: bool) -> tuple[int, int]:

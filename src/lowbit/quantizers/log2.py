@@ -30,7 +30,7 @@ import torch
 
 from .base import Encoded, decode, register
 from .linear import FullScaleRangeQuantizer
-from .uniform import straight_through
+from .ste import straight_through_in_range
 
 
 def log2_round(magnitude: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def log_quant(x: torch.Tensor, bits: int, fsr: int, signed: bool = True) -> torc
         codes, sign, inside = log_codes(v, bits, fsr, signed)
         return decode(log_encoded(codes, sign, bits, fsr, signed)), inside
 
-    return straight_through(x, quantize)
+    return straight_through_in_range(x, quantize)
 
 
 @register("log2")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import EPS, Encoded, Quantizer, _along, check_axis, check_bits, check_finite, register
+from .base import EPS, Encoded, Quantizer, along, check_axis, check_bits, check_finite, register
 
 ROLES = ("weight", "activation")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -127,7 +127,7 @@ class LSQQuantizer(Quantizer):
                 f"lsq has {self.step.numel()} per-channel steps but {self.where()} has {v.shape[0]} channels "
                 f"(shape {tuple(v.shape)})"
             )
-        return _along(self.step, 0 if self.per_channel else None, v.dim())
+        return along(self.step, 0 if self.per_channel else None, v.dim())
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         step = self._prepare(v)

@@ -143,7 +143,7 @@ class RangeObserver(nn.Module):
         elif merge == "extremes":
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
         elif merge == "mean":
-            count = float(self.batches + 1)
+            count = torch.full_like(lo, float(self.batches + 1))  # a tensor divides the same on every device
             self.min_val = self.min_val + (lo - self.min_val) / count
             self.max_val = self.max_val + (hi - self.max_val) / count
         else:
@@ -160,7 +160,7 @@ class RangeObserver(nn.Module):
             )
         return self.min_val, self.max_val
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("min_val", "max_val"):
             stored = state_dict.get(prefix + name)
             if isinstance(stored, torch.Tensor):

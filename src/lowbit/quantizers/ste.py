@@ -16,9 +16,14 @@ every window, so clipped and approx_sign give g_x = 0 there (identity passes g_y
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..errors import ConfigError
+
+#: a function returning (quantized x, mask of x inside the representable range)
+Quantize = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
@@ -118,3 +123,23 @@ def check_ste(ste: str) -> str:
     if not isinstance(ste, str) or ste not in SIGN_STES:
         raise ConfigError(f"unknown straight-through estimator {ste!r}; valid: {', '.join(SIGN_STES)}")
     return ste
+
+
+class StraightThroughInRange(torch.autograd.Function):
+    """y = quantize(x) forward; g_x = g_y * 1{x inside the representable range} backward."""
+
+    @staticmethod
+    def forward(ctx, x, quantize):
+        y, inside = quantize(x)
+        ctx.save_for_backward(inside)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside.to(grad.dtype), None
+
+
+def straight_through_in_range(x: torch.Tensor, quantize: Quantize) -> torch.Tensor:
+    """Apply ``quantize`` with the straight-through gradient masked to its representable range."""
+    return StraightThroughInRange.apply(x, quantize)

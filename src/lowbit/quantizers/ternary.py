@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .base import EPS, Encoded, Quantizer, _along, check_axis, check_finite, register
+from .base import EPS, Encoded, Quantizer, along, check_axis, check_finite, register
 from .ste import straight_through
 
 
@@ -41,7 +41,7 @@ def twn_codes_and_scale(w: torch.Tensor, threshold: float = 0.7,
 
 def twn_values(codes: torch.Tensor, alpha: torch.Tensor, axis: int | None) -> torch.Tensor:
     """W_t = codes * alpha in float32, the arithmetic of ``decode`` for kind ``ternary``."""
-    return codes.float() * _along(alpha, axis, codes.dim())
+    return codes.float() * along(alpha, axis, codes.dim())
 
 
 @register("ternary")

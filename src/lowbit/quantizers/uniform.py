@@ -23,43 +23,16 @@ qmin <= round(x/s) + z <= qmax, else 0. The scale and zero point carry no gradie
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..errors import CalibrationError, ConfigError, ShapeMismatchError
-from .base import EPS, Encoded, Quantizer, _along, check_axis, check_bits, check_finite, decode, register
+from .base import EPS, Encoded, Quantizer, along, check_axis, check_bits, check_finite, check_flag, decode, register
+from .ste import straight_through_in_range
 from .observers import RangeObserver, batch_range, check_observer, check_percentile
 
 #: quantize(x) -> (x_hat, inside): the quantized values and where the gradient passes
-Quantize = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-class StraightThroughInRange(torch.autograd.Function):
-    """y = quantize(x) forward; g_x = g_y * 1{x inside the representable range} backward."""
-
-    @staticmethod
-    def forward(ctx, x, quantize):
-        y, inside = quantize(x)
-        ctx.save_for_backward(inside)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside.to(grad.dtype), None
-
-
-def straight_through(x: torch.Tensor, quantize: Quantize) -> torch.Tensor:
-    """Apply ``quantize`` with the straight-through gradient masked to its representable range."""
-    return StraightThroughInRange.apply(x, quantize)
-
-
-def check_flag(value: bool, what: str) -> bool:
-    """Return ``value`` if it is a bool, else raise ConfigError."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{what} must be True or False, got {value!r}")
-    return value
 
 
 def affine_qrange(bits: int, symmetric: bool, narrow: bool) -> tuple[int, int]:
@@ -75,10 +48,12 @@ def affine_qparams(
     """(scale float32, zero_point int64) for the range [lo, hi] widened to include 0 (torch's rule)."""
     lo = torch.clamp(lo.float(), max=0.0)
     hi = torch.clamp(hi.float(), min=0.0)
+    # divide by a tensor, not a Python number: CUDA multiplies by the reciprocal of a Python number,
+    # which can differ from the division (CPU, torch's observers there) in the last bit
     if symmetric:
-        scale = torch.clamp(torch.maximum(-lo, hi) / (float(qmax - qmin) / 2), min=EPS)
+        scale = torch.clamp(torch.maximum(-lo, hi) / torch.full_like(lo, (qmax - qmin) / 2), min=EPS)
         return scale, torch.zeros_like(scale, dtype=torch.int64)
-    scale = torch.clamp((hi - lo) / float(qmax - qmin), min=EPS)
+    scale = torch.clamp((hi - lo) / torch.full_like(lo, qmax - qmin), min=EPS)
     zero_point = torch.clamp(qmin - torch.round(lo / scale).long(), qmin, qmax)
     return scale, zero_point
 
@@ -87,8 +62,8 @@ def affine_codes(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, inside): q = clamp(round(x * (1/s)) + z, qmin, qmax) as int64, inside = unclamped q in range."""
-    inverse = _along(torch.reciprocal(scale.float()), axis, x.dim())
-    unclamped = torch.round(x.float() * inverse) + _along(zero_point.long(), axis, x.dim())
+    inverse = along(torch.reciprocal(scale.float()), axis, x.dim())
+    unclamped = torch.round(x.float() * inverse) + along(zero_point.long(), axis, x.dim())
     inside = (unclamped >= qmin) & (unclamped <= qmax)
     return unclamped.clamp(qmin, qmax).long(), inside
 
@@ -119,7 +94,7 @@ def fake_quantize_affine(
         codes, inside = affine_codes(v, scale, zero_point, qmin, qmax, axis)
         return decode(affine_encoded(codes, scale, zero_point, qmin, qmax, axis)), inside
 
-    return straight_through(x, quantize)
+    return straight_through_in_range(x, quantize)
 
 
 @register("uniform")

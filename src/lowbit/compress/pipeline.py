@@ -1,0 +1,310 @@
+"""The Deep Compression driver (Han, Mao, Dally, ICLR 2016): prune, retrain, share, fine-tune, code.
+
+Stages, each followed by a test-set evaluation:
+
+1. ``prune``: ``rounds`` rounds of magnitude pruning towards the per-layer sparsity targets
+   (:func:`~lowbit.compress.prune.sparsity_schedule`) or the quality thresholds, each followed
+   by ``retrain_epochs`` of retraining with the masks held (:class:`~lowbit.compress.prune.Pruner`);
+2. ``share``: per-layer k-means on the survivors, ``bits`` per index, zeros on code 0;
+3. ``finetune``: ``finetune_epochs`` training the centroids (summed gradients; indices fixed);
+4. storage: relative-index entries (``index_bits`` per gap: 8 conv, 5 fc) with Huffman- and
+   ANS-coded streams; :func:`save_compressed` writes the .lowbit file.
+
+``deep_compress(model, train_loader, test_loader, config)`` returns a :class:`CompressionResult`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..train import Trainer
+from .prune import Pruner, prunable_layers, sparsity_schedule
+from .report import FLOAT_BYTES, LayerStats, layer_stats, plot_tradeoff, plot_weight_distribution
+from .share import share_weights, shared_layers
+
+#: the paper's kept fractions (Tables 1 and 2), by the layer names of lowbit's LeNets
+PAPER_KEPT: dict[str, dict[str, float]] = {
+    "lenet300": {"ip1": 0.08, "ip2": 0.09, "ip3": 0.26},
+    "lenet5": {"conv1": 0.66, "conv2": 0.12, "ip1": 0.08, "ip2": 0.19},
+}
+#: the paper's relative-index widths: conv layers, fully connected layers
+CONV_INDEX_BITS, FC_INDEX_BITS = 8, 5
+ENTROPY = ("huffman", "ans")
+
+
+def paper_sparsity(model: nn.Module) -> dict[str, float]:
+    """The paper's per-layer sparsity (1 - kept) for a model whose layers are named as lowbit's LeNets."""
+    names = set(prunable_layers(model))
+    for kept in PAPER_KEPT.values():
+        if names == set(kept):
+            return {name: 1 - fraction for name, fraction in kept.items()}
+    raise ConfigError(
+        f"no paper sparsity for layers {sorted(names)} (known: LeNet-300-100 {sorted(PAPER_KEPT['lenet300'])}, "
+        f"LeNet-5 {sorted(PAPER_KEPT['lenet5'])}); give sparsity targets or a quality"
+    )
+
+
+def paper_index_bits(model: nn.Module) -> dict[str, int]:
+    """Relative-index bits per layer as in the paper: 8 for Conv2d, 5 for Linear."""
+    return {
+        name: CONV_INDEX_BITS if isinstance(m, nn.Conv2d) else FC_INDEX_BITS
+        for name, m in prunable_layers(model).items()
+    }
+
+
+@dataclass
+class DeepCompressionConfig:
+    """Options of :func:`deep_compress`; None picks the paper's choice for lowbit's LeNets.
+
+    ``sparsity``: final fraction of zeros, one number or per layer (None: :func:`paper_sparsity`,
+    unless ``quality`` is given); ``quality``: prune at ``quality * std`` every round instead;
+    ``bits``: k-means index bits, one or per layer (None: 8 conv / 5 fc, 6 for an all-fc net);
+    ``index_bits``: relative-index bits, one or per layer (None: 8 conv / 5 fc).
+    Training uses SGD with momentum 0.9, cosine schedule, ``lr`` for retraining and ``finetune_lr``
+    (Adam) for the centroids.
+    """
+
+    sparsity: float | dict[str, float] | None = None
+    quality: float | dict[str, float] | None = None
+    rounds: int = 3
+    retrain_epochs: int = 1
+    bits: int | dict[str, int] | None = None
+    init: str = "linear"
+    kmeans_iters: int = 30
+    finetune_epochs: int = 1
+    index_bits: int | dict[str, int] | None = None
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    finetune_lr: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None and self.quality is not None:
+            raise ConfigError("give either sparsity targets or a quality, not both")
+        for name in ("rounds",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("retrain_epochs", "finetune_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`deep_compress` returns: the shared model, accuracies by stage, per-layer storage."""
+
+    model: nn.Module
+    accuracy: dict[str, float]
+    layers: list[LayerStats]
+    kept: dict[str, float]
+    before: dict[str, torch.Tensor] = field(repr=False)  # float weights before pruning, by layer
+
+    def float_bytes(self) -> int:
+        return sum(s.float_bytes for s in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "kept": self.kept,
+            "layers": [s.to_dict() for s in self.layers],
+            "float_bytes": self.float_bytes(),
+            "bytes_huffman": sum(s.bytes_huffman for s in self.layers),
+            "bytes_ans": sum(s.bytes_ans for s in self.layers),
+        }
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
+    """Top-1 accuracy of ``model`` in eval mode on ``(inputs, labels)`` batches."""
+    was_training = model.training
+    model.eval()
+    correct = count = 0
+    for inputs, labels in loader:
+        correct += int((model(inputs).argmax(1) == labels).sum())
+        count += len(labels)
+    model.train(was_training)
+    if count == 0:
+        raise ConfigError("the test loader yielded no batches")
+    return correct / count
+
+
+def _per_layer_int(value: int | Mapping[str, int] | None, default: dict[str, int], what: str) -> dict[str, int]:
+    if value is None:
+        return default
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(default))
+        if unknown:
+            raise ConfigError(f"{what} names unknown layer(s) {unknown}; layers: {', '.join(default)}")
+        return {**default, **value}
+    return {name: value for name in default}
+
+
+def _train(model: nn.Module, train_loader, test_loader, epochs: int, progress: bool, seed: int, **options) -> None:
+    Trainer(model, train_loader, test_loader, epochs=epochs, progress=progress, seed=seed, **options).fit()
+
+
+def deep_compress(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    test_loader: Iterable[Any],
+    config: DeepCompressionConfig | None = None,
+    progress: bool = False,
+    log=None,
+) -> CompressionResult:
+    """Run the Deep Compression stages on a copy of the trained float ``model``.
+
+    ``log(message)`` (optional) is called after each stage. The result's ``accuracy`` holds
+    ``float``, ``prune<r>`` (right after round r's pruning), ``retrain<r>``, ``share`` and ``finetune``.
+    """
+    config = config or DeepCompressionConfig()
+    log = log or (lambda message: None)
+    model = copy.deepcopy(model)
+    layers = prunable_layers(model)
+    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    acc = {"float": accuracy(model, test_loader)}
+    log(f"float: test accuracy {acc['float']:.4f}")
+
+    if config.quality is None:
+        final = paper_sparsity(model) if config.sparsity is None else config.sparsity
+        finals = final if isinstance(final, Mapping) else {name: final for name in layers}
+        steps = {name: sparsity_schedule(s, config.rounds) for name, s in finals.items()}
+        rounds = [{name: s[r] for name, s in steps.items()} for r in range(config.rounds)]
+    else:
+        rounds = [None] * config.rounds
+    pruner = Pruner(model, list(layers))
+    retrain = dict(optimizer="sgd", lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, schedule="cosine")
+    for r, targets in enumerate(rounds, start=1):
+        kept = pruner.prune(sparsity=targets) if targets is not None else pruner.prune(quality=config.quality)
+        acc[f"prune{r}"] = accuracy(model, test_loader)
+        if config.retrain_epochs:
+            _train(model, train_loader, None, config.retrain_epochs, progress, config.seed + r,
+                   callbacks=[pruner], **retrain)
+            acc[f"retrain{r}"] = accuracy(model, test_loader)
+        kept_text = ", ".join(f"{name} {100 * k:.1f}%" for name, k in kept.items())
+        log(f"prune round {r}/{config.rounds}: kept {kept_text}; test accuracy {acc[f'prune{r}']:.4f} "
+            f"-> {acc.get(f'retrain{r}', acc[f'prune{r}']):.4f} after retraining")
+    kept = pruner.kept()
+    pruner.remove()
+
+    shared = share_weights(model, config.bits, config.init, config.kmeans_iters, config.seed)
+    acc["share"] = accuracy(shared, test_loader)
+    log(f"weight sharing: test accuracy {acc['share']:.4f}")
+    if config.finetune_epochs:
+        _train(shared, train_loader, None, config.finetune_epochs, progress, config.seed,
+               optimizer="adam", lr=config.finetune_lr, schedule="cosine")
+        acc["finetune"] = accuracy(shared, test_loader)
+        log(f"codebook fine-tuning: test accuracy {acc['finetune']:.4f}")
+
+    index_bits = _per_layer_int(config.index_bits, paper_index_bits(model), "index_bits")
+    stats = [layer_stats(name, layer, index_bits[name]) for name, layer in shared_layers(shared).items()]
+    return CompressionResult(shared, acc, stats, kept, before)
+
+
+def save_compressed(result: CompressionResult, path: str | Path, entropy: str = "huffman") -> Path:
+    """Write the shared model as a .lowbit file with sparse relative-index storage and ``entropy`` coding."""
+    from .. import serialize
+
+    if entropy not in ENTROPY:
+        raise ConfigError(f"entropy must be one of {', '.join(ENTROPY)}, got {entropy!r}")
+    sparse = {s.name: s.index_bits for s in result.layers}
+    serialize.save(result.model, path, entropy=entropy, sparse=sparse)
+    return Path(path)
+
+
+def tradeoff_points(result: CompressionResult) -> list[dict[str, Any]]:
+    """(stage, compression ratio, test error) after each stage, for :func:`plot_tradeoff`.
+
+    Pruned: float32 survivors with their relative indices; shared: fixed-width codes (P+Q);
+    then the Huffman- and ANS-coded streams (P+Q+H), all with the codebooks and biases.
+    """
+    floats, acc = result.float_bytes(), result.accuracy
+    stages = list(acc)
+    last_prune = stages[stages.index("share") - 1]
+    final = acc.get("finetune", acc["share"])
+    pruned = sum(s.entries * (8 * FLOAT_BYTES + s.index_bits) / 8 + FLOAT_BYTES * s.biases for s in result.layers)
+    return [
+        {"stage": "float", "ratio": 1.0, "error": 1 - acc["float"]},
+        {"stage": "pruned", "ratio": floats / pruned, "error": 1 - acc[last_prune]},
+        {"stage": "shared (P+Q)", "ratio": floats / sum(s.bytes_pq for s in result.layers), "error": 1 - final},
+        {"stage": "+Huffman", "ratio": floats / sum(s.bytes_huffman for s in result.layers), "error": 1 - final},
+        {"stage": "+ANS", "ratio": floats / sum(s.bytes_ans for s in result.layers), "error": 1 - final},
+    ]
+
+
+def write_plots(result: CompressionResult, out_dir: str | Path, prefix: str = "") -> list[Path]:
+    """The two PNGs: weight distribution of the largest layer (before/after pruning, centroids marked)
+    and the compression-vs-accuracy trade-off."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = shared_layers(result.model)
+    name = max(layers, key=lambda n: layers[n].weight.numel())
+    layer = layers[name]
+    centroids = layer.weight_quantizer.shared_values()[1:]
+    return [
+        plot_weight_distribution(result.before[name], layer.weight, centroids, name,
+                                 out_dir / f"{prefix}weight_distribution.png"),
+        plot_tradeoff(tradeoff_points(result), out_dir / f"{prefix}tradeoff.png"),
+    ]
+
+
+def file_layer_bytes(path: str | Path, layers: Iterable[str]) -> tuple[dict[str, int], int]:
+    """Bytes of the arrays a .lowbit (safetensors) file holds for each layer (arrays named
+    ``<layer>.<...>``), and the bytes of its header (length word plus JSON header and document)."""
+    with open(path, "rb") as f:
+        (header_length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_length))
+    sizes = {name: 0 for name in layers}
+    for array, info in header.items():
+        if array == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        owner = next((name for name in sizes if array.startswith(name + ".")), None)
+        if owner is not None:
+            sizes[owner] += end - begin
+    return sizes, 8 + header_length
+
+
+def store_and_verify(
+    result: CompressionResult, float_model: nn.Module, out_dir: str | Path, test_loader: Iterable[Any]
+) -> dict[str, Any]:
+    """Save ``result`` as ``model-huffman.lowbit`` and ``model-ans.lowbit`` in ``out_dir``, load each
+    back into ``float_model`` with ``serialize.load_state_dict`` and evaluate it; write the plots.
+
+    Returns per entropy coder: file bytes, header bytes, bytes of the compressed layers' arrays, the
+    compression ratios (float32 bytes / layer array bytes, and / whole file) and the loaded accuracy.
+    """
+    from .. import serialize
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in result.layers]
+    floats = result.float_bytes()
+    stored: dict[str, Any] = {"plots": [str(p) for p in write_plots(result, out_dir)]}
+    for entropy in ENTROPY:
+        path = save_compressed(result, out_dir / f"model-{entropy}.lowbit", entropy)
+        per_layer, header = file_layer_bytes(path, names)
+        float_model.load_state_dict(serialize.load_state_dict(path))
+        layer_bytes = sum(per_layer.values())
+        stored[entropy] = {
+            "file_bytes": path.stat().st_size,
+            "header_bytes": header,
+            "layer_bytes": layer_bytes,
+            "ratio_layers": floats / layer_bytes,
+            "ratio_file": floats / path.stat().st_size,
+            "loaded_accuracy": accuracy(float_model, test_loader),
+        }
+        if entropy == "huffman":
+            stored["file_layer_bytes"] = per_layer
+    return stored

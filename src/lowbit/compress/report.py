@@ -1,0 +1,189 @@
+"""Per-layer storage statistics of a Deep Compression model, its table and its plots.
+
+For each shared layer the weight indices are coded as the paper stores them (Sec. 2-4):
+relative-index entries ``(gap, code)`` with filler zeros (:mod:`lowbit.format.sparse`), and
+the two streams (codes and gaps) Huffman-coded (:mod:`lowbit.format.huffman`) or ANS-coded
+(:mod:`lowbit.format.ans`). The columns follow the paper's Tables 2 and 3:
+
+- ``weights``: the layer's weight count ``n``; ``kept``: non-zero weights / ``n``;
+- ``weight bits`` / ``index bits``: fixed widths before entropy coding (P+Q);
+- ``huffman`` (and ``ans``) average bits per stored entry of each stream: coded payload bits /
+  entries (entries = non-zeros + fillers), tables not included;
+- compression ``float32 bytes / stored bytes`` where the stored bytes of a layer count the
+  coded streams with their tables and block offsets, the float32 codebook and the float32 bias.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..format.ans import ans_encode
+from ..format.huffman import HuffmanStream, huffman_encode
+from ..format.sparse import encode_relative
+
+FLOAT_BYTES = 4
+
+
+def huffman_bytes(stream: HuffmanStream) -> int:
+    """Bytes a Huffman stream stores: bit stream, code-length table and block offsets."""
+    return stream.data.nbytes + stream.lengths.nbytes + stream.offsets.nbytes
+
+
+@dataclass
+class LayerStats:
+    """Storage of one shared layer (see the module docstring for each quantity)."""
+
+    name: str
+    kind: str  # "conv" or "fc"
+    weights: int
+    nonzero: int
+    entries: int  # non-zeros plus filler zeros
+    weight_bits: int
+    index_bits: int
+    biases: int
+    codebook_size: int
+    huffman_weight_bits: float  # mean coded bits per entry
+    huffman_index_bits: float
+    ans_weight_bits: float
+    ans_index_bits: float
+    bytes_pq: int  # fixed-width entries, codebook, bias
+    bytes_huffman: int  # Huffman streams with tables, codebook, bias
+    bytes_ans: int  # ANS streams with their symbol tables, codebook, bias
+
+    @property
+    def kept(self) -> float:
+        return self.nonzero / max(self.weights, 1)
+
+    @property
+    def float_bytes(self) -> int:
+        return FLOAT_BYTES * (self.weights + self.biases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kept": self.kept, "float_bytes": self.float_bytes}
+
+
+def layer_stats(name: str, layer: nn.Module, index_bits: int) -> LayerStats:
+    """Statistics of a QuantLinear/QuantConv2d with a fitted ``keep_zero`` k-means weight quantizer."""
+    quantizer = layer.weight_quantizer
+    codes = quantizer.indices.detach().cpu().numpy().reshape(-1)
+    gaps, values = encode_relative(codes, index_bits)
+    entries = int(values.size)
+    streams = [huffman_encode(values), huffman_encode(gaps)]
+    ans_streams = [ans_encode(values), ans_encode(gaps)]
+    biases = layer.bias.numel() if layer.bias is not None else 0
+    fixed = FLOAT_BYTES * (quantizer.codebook.numel() + biases)
+
+    def mean_bits(nbytes: int) -> float:
+        return 8 * nbytes / entries if entries else 0.0
+
+    ans_sizes = [s.words.nbytes + s.symbols.nbytes + s.counts.nbytes for s in ans_streams]
+    return LayerStats(
+        name=name,
+        kind="conv" if isinstance(layer, nn.Conv2d) else "fc",
+        weights=codes.size,
+        nonzero=int(np.count_nonzero(codes)),
+        entries=entries,
+        weight_bits=quantizer.bits,
+        index_bits=index_bits,
+        biases=biases,
+        codebook_size=quantizer.codebook.numel(),
+        huffman_weight_bits=mean_bits(streams[0].data.nbytes),
+        huffman_index_bits=mean_bits(streams[1].data.nbytes),
+        ans_weight_bits=mean_bits(ans_streams[0].words.nbytes),
+        ans_index_bits=mean_bits(ans_streams[1].words.nbytes),
+        bytes_pq=math.ceil(entries * (quantizer.bits + index_bits) / 8) + fixed,
+        bytes_huffman=sum(huffman_bytes(s) for s in streams) + fixed,
+        bytes_ans=sum(ans_sizes) + fixed,
+    )
+
+
+def _ratio(num: float, den: float) -> str:
+    return f"{num / den:.1f}x" if den else "-"
+
+
+def format_table(layers: list[LayerStats], file_bytes: dict[str, int] | None = None) -> str:
+    """The paper's Table 2/3 layout: one row per layer, then the total.
+
+    ``file_bytes`` (layer -> bytes the .lowbit file holds for it) adds a column with the
+    compression the file really achieves.
+    """
+    head = (f"{'layer':<10}{'weights':>9}{'kept':>7}{'w bits':>7}{'i bits':>7}{'w huff':>7}{'i huff':>7}"
+            f"{'w ans':>7}{'i ans':>7}{'P+Q':>8}{'+Huff':>8}{'+ANS':>8}")
+    if file_bytes is not None:
+        head += f"{'file':>8}"
+    lines = [head, "-" * len(head)]
+    for s in layers:
+        row = (f"{s.name:<10}{s.weights:>9}{100 * s.kept:>6.1f}%{s.weight_bits:>7}{s.index_bits:>7}"
+               f"{s.huffman_weight_bits:>7.2f}{s.huffman_index_bits:>7.2f}{s.ans_weight_bits:>7.2f}"
+               f"{s.ans_index_bits:>7.2f}{_ratio(s.float_bytes, s.bytes_pq):>8}"
+               f"{_ratio(s.float_bytes, s.bytes_huffman):>8}{_ratio(s.float_bytes, s.bytes_ans):>8}")
+        if file_bytes is not None:
+            row += f"{_ratio(s.float_bytes, file_bytes.get(s.name, 0)):>8}"
+        lines.append(row)
+
+    def total(attr: str) -> int:
+        return sum(getattr(s, attr) for s in layers)
+
+    weights, nonzero, floats = total("weights"), total("nonzero"), total("float_bytes")
+    row = (f"{'total':<10}{weights:>9}{100 * nonzero / max(weights, 1):>6.1f}%{'':>42}"
+           f"{_ratio(floats, total('bytes_pq')):>8}{_ratio(floats, total('bytes_huffman')):>8}"
+           f"{_ratio(floats, total('bytes_ans')):>8}")
+    if file_bytes is not None:
+        row += f"{_ratio(floats, sum(file_bytes.get(s.name, 0) for s in layers)):>8}"
+    lines += ["-" * len(head), row]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_weight_distribution(
+    before: torch.Tensor, after: torch.Tensor, centroids: torch.Tensor, layer: str, path: str | Path
+) -> Path:
+    """Histogram of a layer's weights before and after pruning (zeros left out), centroids marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    kept = after[after != 0].detach().cpu().numpy()
+    values = before.detach().cpu().numpy().ravel()
+    bins = np.linspace(values.min(), values.max(), 120)
+    ax.hist(values, bins=bins, alpha=0.5, label="before pruning")
+    ax.hist(kept, bins=bins, alpha=0.7, label="after pruning and retraining")
+    for i, c in enumerate(centroids.detach().cpu().numpy()):
+        ax.axvline(c, color="red", linewidth=0.6, alpha=0.8, label="shared centroids" if i == 0 else None)
+    ax.set(title=f"{layer}: weight distribution", xlabel="weight", ylabel="count")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_tradeoff(points: list[dict[str, Any]], path: str | Path) -> Path:
+    """Test error against compression ratio, one marker per stage (``stage``, ``ratio``, ``error``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ratios = [p["ratio"] for p in points]
+    errors = [100 * p["error"] for p in points]
+    ax.plot(ratios, errors, marker="o")
+    for p, x, y in zip(points, ratios, errors):
+        ax.annotate(p["stage"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xscale="log", xlabel="compression ratio (float32 bytes / stored bytes)", ylabel="test error (%)",
+           title="compression vs accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,512 @@
+"""End-to-end workflows: train a reference model, quantize it post-training, save, reload, evaluate.
+
+The ``lowbit`` command (:mod:`lowbit.cli`) and ``bench/`` call these functions;
+they hold the logic so the command stays thin.
+
+- :func:`train` trains a reference model (float, or quantization-aware after
+  ``lowbit.quantize(model, preset)``) with :class:`~lowbit.train.Trainer` and
+  writes ``run.json`` beside the checkpoints so that later steps know the
+  architecture, the dataset and the training preset.
+- :func:`cached_train` does the same in the lowbit cache directory, keyed by
+  model, dataset, epochs, seed (and limit / model arguments), and resumes or
+  reuses what is there.
+- :func:`post_training_quantize` converts a trained float model with a config
+  and calibrates its static quantizers on real training images
+  (:func:`calibration_batches`: a seeded, hence deterministic, sample).
+- :func:`ptq_sweep` quantizes one model with several configs; each result is
+  saved with ``lowbit.save``, loaded back with ``lowbit.load`` and the reloaded
+  model is evaluated, so every accuracy is that of the file.
+- :func:`demo` is ``lowbit demo``: MNIST (or scikit-learn digits when MNIST
+  cannot be had), LeNet-5 briefly trained, min/max 8-bit, linear and log k-bit.
+
+Sizes: ``file_bytes`` is the size of the ``.lowbit`` file on disk,
+``float_bytes`` is 4 bytes per parameter of the float model (float32
+weights, biases and norm parameters; buffers such as running statistics are
+not counted). ``ratio = file_bytes / float_bytes``, ``compression = 1 / ratio``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import api
+from .config import QuantConfig, as_config
+from .data import dataset_info, load_dataset, make_loader
+from .data.sources import cache_dir
+from .errors import CalibrationError, ConfigError, DataError, TrainingError
+from .models import get_model
+from .train import Trainer, load_weights, seed_everything
+from .train.trainer import JSONL_LOG, LAST
+
+RUN_FILE = "run.json"
+RUN_KEYS = ("model", "data", "quant", "seed", "epochs", "lr", "batch_size", "limit", "model_kwargs")
+DEFAULT_LR = 0.05  # SGD, momentum 0.9, cosine schedule: LeNet-5 reaches ~99% on MNIST in one epoch
+DEFAULT_BATCH_SIZE = 64
+EVAL_BATCH_SIZE = 1000
+CALIB_BATCH_SIZE = 64
+DEMO_BITS = (8, 6, 4, 3, 2)
+#: the model and default epochs of ``lowbit demo`` per dataset (digits are 8x8: LeNet-5 needs >= 16x16)
+DEMO_SETUPS = {"mnist": ("lenet5", 2), "digits": ("vgg-small", 15)}
+
+Config = str | dict[str, Any] | QuantConfig
+
+
+# ------------------------------------------------------------------ models
+
+
+def build_model(model: str, data: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """The float reference model ``model`` shaped for dataset ``data`` (channels, input size, classes)."""
+    info = dataset_info(data)
+    shape = {"in_channels": info.in_channels, "input_size": info.input_size, "num_classes": info.num_classes}
+    return get_model(model, **shape, **(model_kwargs or {}))
+
+
+def example_input(data: str) -> torch.Tensor:
+    """A zero batch of one image of dataset ``data``, ``(1, C, H, W)`` (for graph capture)."""
+    info = dataset_info(data)
+    return torch.zeros(1, info.in_channels, info.input_size, info.input_size)
+
+
+def float_bytes(model: nn.Module) -> int:
+    """float32 bytes of the model's parameters, quantizer state excluded (see the module docstring)."""
+    return api.summary(model).float_bytes
+
+
+def _check_positive(value: int | None, what: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+
+
+# -------------------------------------------------------------------- data
+
+
+def test_set(data: str, limit: int | None = None, data_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of ``data`` (its first ``limit`` examples when given)."""
+    _check_positive(limit, "limit", allow_none=True)
+    images, labels = load_dataset(data, "test", data_dir)
+    return images[:limit], labels[:limit]
+
+
+def calibration_batches(
+    data: str,
+    count: int,
+    batch_size: int = CALIB_BATCH_SIZE,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+) -> list[torch.Tensor]:
+    """``count`` batches of ``batch_size`` training images drawn without replacement by a generator
+    seeded with ``seed`` (the same seed gives the same images)."""
+    _check_positive(count, "calibration batches")
+    _check_positive(batch_size, "calibration batch size")
+    images, _ = load_dataset(data, "train", data_dir)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    chosen = order[: count * batch_size]
+    return [images[chosen[i : i + batch_size]] for i in range(0, len(chosen), batch_size)]
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = EVAL_BATCH_SIZE,
+    progress: bool | None = None,
+    desc: str = "eval",
+) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` in eval mode on ``images``; the mode is restored."""
+    if len(labels) == 0:
+        raise ConfigError("accuracy needs at least one labelled example")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    show = _show_progress(progress)
+    for inputs, targets in tqdm(make_loader(images, labels, batch_size), desc=desc, disable=not show, leave=False):
+        correct += int((model(inputs).argmax(1) == targets).sum())
+    model.train(was_training)
+    return correct / len(labels)
+
+
+def _show_progress(progress: bool | None) -> bool:
+    """Progress bars: as asked, or (None) when stderr is a terminal, like the Trainer."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    """A trained model, its last checkpoint, the final test accuracy (fraction) and the run settings."""
+
+    model: nn.Module
+    checkpoint: Path
+    final_acc: float | None
+    history: list[dict[str, Any]]
+    run: dict[str, Any]
+    wall_time: float
+
+
+def read_run(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings :func:`train` recorded in ``directory/run.json``, or None when there is none."""
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}; delete it or name --model and --data") from None
+    if not isinstance(run, dict):
+        raise ConfigError(f"{path} does not hold a JSON object; delete it or name --model and --data")
+    return run
+
+
+def train(
+    model: str,
+    data: str,
+    *,
+    epochs: int,
+    out_dir: str | os.PathLike,
+    quant: Config | None = None,
+    seed: int = 0,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: int | None = None,
+    resume: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train reference model ``model`` on dataset ``data`` with SGD (momentum 0.9, cosine schedule).
+
+    ``quant`` (a preset name or config) makes it quantization-aware:
+    ``lowbit.quantize(model, quant)`` before training. ``limit`` keeps the
+    first ``limit`` images of each split. Checkpoints and logs go to
+    ``out_dir`` (see :class:`~lowbit.train.Trainer`) with ``run.json``. An
+    ``out_dir`` that already holds ``last.safetensors`` needs ``resume=True``
+    (training then continues up to ``epochs``). The test accuracy is measured
+    with batches of :data:`EVAL_BATCH_SIZE`.
+    """
+    _check_positive(epochs, "epochs")
+    _check_positive(batch_size, "batch_size")
+    _check_positive(limit, "limit", allow_none=True)
+    out = Path(out_dir)
+    last = out / LAST
+    if last.exists() and not resume:
+        raise ConfigError(f"{out} already holds {LAST}; pass resume (--resume) to continue it, or another out dir")
+    quant_name = _config_label(quant)
+    run = {"model": model, "data": data, "quant": quant_name, "seed": seed, "epochs": epochs, "lr": lr,
+           "batch_size": batch_size, "limit": limit, "model_kwargs": model_kwargs or {}}
+    seed_everything(seed)
+    net = build_model(model, data, model_kwargs)
+    if quant is not None:
+        net = api.quantize(net, quant)
+    train_x, train_y = load_dataset(data, "train", data_dir)
+    test_x, test_y = test_set(data, limit, data_dir)
+    train_loader = make_loader(train_x[:limit], train_y[:limit], batch_size, shuffle=True, seed=seed)
+    test_loader = make_loader(test_x, test_y, EVAL_BATCH_SIZE)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+    trainer = Trainer(net, train_loader, test_loader, epochs=epochs, optimizer="sgd", lr=lr, momentum=0.9,
+                      seed=seed, out_dir=out, resume=resume, progress=progress)
+    try:
+        fit = trainer.fit()
+    except CalibrationError as exc:  # a quantizer met NaN/Inf: the quantization-aware run diverged
+        steps = len(train_loader)
+        raise TrainingError(
+            f"training diverged at epoch {trainer.epoch + 1}, step {trainer.step - trainer.epoch * steps + 1} "
+            f"(global step {trainer.step + 1}): {exc}; lower the learning rate"
+        ) from None
+    if fit.last_checkpoint is None:
+        raise ConfigError(f"training wrote no checkpoint to {out}")
+    return TrainResult(net, fit.last_checkpoint, fit.final_acc, fit.history, run, fit.wall_time)
+
+
+def _config_label(config: Config | None) -> str | dict[str, Any] | None:
+    """A JSON-able record of a training config: the preset name, or the config dict."""
+    if config is None or isinstance(config, str):
+        if isinstance(config, str):
+            as_config(config)  # unknown presets fail before any data is read
+        return config
+    return as_config(config).to_dict()
+
+
+def cache_key(model: str, data: str, epochs: int, seed: int, limit: int | None = None,
+              model_kwargs: dict[str, Any] | None = None) -> str:
+    """The cache directory name of a training run: ``<model>-<data>-e<epochs>-s<seed>[-n<limit>][-<hash>]``."""
+    key = f"{model}-{data}-e{epochs}-s{seed}"
+    if limit is not None:
+        key += f"-n{limit}"
+    if model_kwargs:
+        key += "-" + hashlib.sha256(json.dumps(model_kwargs, sort_keys=True).encode()).hexdigest()[:10]
+    return key
+
+
+def cached_train(
+    model: str,
+    data: str,
+    *,
+    epochs: int,
+    seed: int = 0,
+    limit: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    cache: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> tuple[TrainResult, bool]:
+    """:func:`train` (float, default lr and batch size) in ``<cache>/runs/<cache_key>``; returns
+    (result, reused). ``cache`` defaults to the lowbit cache directory (``LOWBIT_CACHE``,
+    ``~/.cache/lowbit``). A finished run is loaded, an interrupted one resumed."""
+    directory = Path(cache if cache is not None else cache_dir()) / "runs"
+    directory /= cache_key(model, data, epochs, seed, limit, model_kwargs)
+    reused = (directory / LAST).exists() and _finished(directory, epochs)
+    result = train(model, data, epochs=epochs, out_dir=directory, seed=seed, limit=limit, resume=True,
+                   model_kwargs=model_kwargs, data_dir=data_dir, progress=progress)
+    return result, reused
+
+
+def _finished(directory: Path, epochs: int) -> bool:
+    """True when the metric log of ``directory`` holds ``epochs`` epochs (training is complete)."""
+    log = directory / JSONL_LOG
+    if not log.is_file():
+        return False
+    return sum(1 for line in log.read_text().splitlines() if line.strip()) >= epochs
+
+
+def load_trained(
+    checkpoint: str | os.PathLike, model: str | None = None, data: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a training checkpoint, with its run settings (``model``, ``data``, ``quant``, ...).
+
+    ``model`` / ``data`` default to those recorded in ``run.json`` beside the
+    checkpoint. A checkpoint trained with a preset is rebuilt with it. A
+    checkpoint of another architecture raises ShapeMismatchError naming the
+    tensors that do not fit.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    run = dict(read_run(path.parent) or {})
+    if model is not None and model != run.get("model"):
+        run = {"model": model, "quant": None, "model_kwargs": {}}  # the recorded settings describe another model
+    run["model"] = model or run.get("model")
+    run["data"] = data or run.get("data")
+    missing = [name for name in ("model", "data") if not run.get(name)]
+    if missing:
+        raise ConfigError(f"{path.parent / RUN_FILE} is missing, so name the {' and the '.join(missing)} "
+                          f"(--{' and --'.join(missing)}) the checkpoint was trained with")
+    net = build_model(run["model"], run["data"], run.get("model_kwargs"))
+    if run.get("quant") is not None:
+        net = api.quantize(net, run["quant"])
+    load_weights(net, path)
+    return net.eval(), run
+
+
+# -------------------------------------------------------------- quantizing
+
+
+def post_training_quantize(model: nn.Module, config: Config, batches: Iterable[torch.Tensor] | None) -> nn.Module:
+    """A quantized copy of ``model`` (``lowbit.quantize``), calibrated on ``batches`` (None: not calibrated)."""
+    quantized = api.quantize(model, config)
+    if batches is not None:
+        api.calibrate(quantized, batches)
+    return quantized.eval()
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, data: str) -> Path:
+    """``lowbit.save(model, path)`` with an example input of ``data`` so the graph is captured."""
+    from . import serialize
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    serialize.save(model, path, example_input=example_input(data))
+    return path
+
+
+def load_quantized(path: str | os.PathLike) -> nn.Module:
+    """``lowbit.load(path)``: the model stored in a ``.lowbit`` file, in eval mode."""
+    from . import serialize
+
+    return serialize.load(path).eval()
+
+
+@dataclass
+class Method:
+    """One quantization of a sweep: a ``method`` label (``minmax``, ``linear``, ``log``), its ``bits``
+    (the bits per weight code; a log code adds a sign bit) and the config (None: the float model)."""
+
+    method: str
+    bits: int
+    config: Config | None
+
+
+@dataclass
+class SweepRow:
+    """One line of a sweep table (accuracy a fraction, sizes in bytes; see the module docstring)."""
+
+    method: str
+    bits: int
+    accuracy: float
+    file_bytes: int
+    float_bytes: int
+    ratio: float
+    compression: float
+    path: str
+
+
+def demo_methods(bits: Sequence[int] = DEMO_BITS) -> list[Method]:
+    """float, min/max 8-bit (preset ``w8a8``), then ``linear{b}`` and ``log{b}`` for each b in ``bits``."""
+    methods = [Method("float", 32, None), Method("minmax", 8, "w8a8")]
+    for family in ("linear", "log"):
+        methods += [Method(family, b, f"{family}{b}") for b in bits]
+    return methods
+
+
+def ptq_sweep(
+    model: nn.Module,
+    data: str,
+    methods: Sequence[Method],
+    batches: Sequence[torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    out_dir: str | os.PathLike,
+    progress: bool | None = None,
+) -> list[SweepRow]:
+    """For each method: quantize ``model`` and calibrate it on ``batches``, ``lowbit.save`` it to
+    ``out_dir/<method><bits>.lowbit``, ``lowbit.load`` it back and evaluate the reloaded model on
+    ``test``."""
+    reference = float_bytes(model)
+    rows = []
+    for method in tqdm(methods, desc="quantize", disable=not _show_progress(progress), leave=False):
+        quantized = model if method.config is None else post_training_quantize(model, method.config, batches)
+        path = save_quantized(quantized, Path(out_dir) / f"{method.method}{method.bits}.lowbit", data)
+        reloaded = load_quantized(path)
+        acc = accuracy(reloaded, *test, progress=progress, desc=f"eval {method.method}{method.bits}")
+        size = path.stat().st_size
+        rows.append(SweepRow(method.method, method.bits, acc, size, reference, size / reference,
+                             reference / size, str(path)))
+    return rows
+
+
+def format_table(rows: Sequence[SweepRow]) -> str:
+    """The sweep as an aligned text table: method, bits, accuracy (%), file size, % of float, compression."""
+    header = ("method", "bits", "accuracy", "file size", "of float", "compression")
+    lines = [
+        (r.method, str(r.bits), f"{100 * r.accuracy:.2f}%", f"{r.file_bytes / 1024:,.1f} KiB",
+         f"{100 * r.ratio:.1f}%", f"{r.compression:.2f}x")
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in (header, *lines)) for i in range(len(header))]
+
+    def fmt(line: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+
+    return "\n".join([fmt(header), "-" * len(fmt(header)), *map(fmt, lines)])
+
+
+# -------------------------------------------------------------------- demo
+
+
+@dataclass
+class DemoResult:
+    """What :func:`demo` did: the table rows, the files it wrote and the notes it printed."""
+
+    data: str
+    model: str
+    epochs: int
+    rows: list[SweepRow]
+    table_path: Path
+    plot_path: Path
+    notes: list[str] = field(default_factory=list)
+    train_acc: float | None = None
+    reused_checkpoint: bool = False
+    checkpoint: Path | None = None
+    wall_time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": self.data,
+            "model": self.model,
+            "epochs": self.epochs,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "reused_checkpoint": self.reused_checkpoint,
+            "sizes": "file_bytes: the .lowbit file; float_bytes: 4 bytes per float32 parameter",
+            "rows": [asdict(r) for r in self.rows],
+            "table": str(self.table_path),
+            "plot": str(self.plot_path),
+            "notes": self.notes,
+            "wall_time": self.wall_time,
+        }
+
+
+def demo_data(data: str | None, data_dir: str | os.PathLike | None = None) -> tuple[str, list[str]]:
+    """The dataset of the demo: ``data`` when named, else MNIST when it loads, else digits (with a note why)."""
+    if data is not None:
+        if data not in DEMO_SETUPS:
+            raise ConfigError(f"lowbit demo runs on {' or '.join(DEMO_SETUPS)}, not {data!r}")
+        return data, []
+    try:
+        load_dataset("mnist", "test", data_dir)
+    except DataError as exc:
+        return "digits", [f"MNIST is not available, so the demo uses scikit-learn's 8x8 digits: {exc}"]
+    return "mnist", []
+
+
+def demo(
+    out_dir: str | os.PathLike = "lowbit-demo",
+    *,
+    data: str | None = None,
+    epochs: int | None = None,
+    bits: Sequence[int] = DEMO_BITS,
+    seed: int = 0,
+    limit: int | None = None,
+    calib_batches: int = 8,
+    cache: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> DemoResult:
+    """Train (or reuse from the cache) the demo model, quantize it post-training with every
+    :func:`demo_methods` entry, save / reload / evaluate each file, and write ``table.json`` and
+    ``accuracy_vs_bits.png`` into ``out_dir``. ``limit`` keeps the first images of each split
+    (quick runs); ``log`` receives progress notes."""
+    from .analysis.plots import plot_accuracy_vs_bits
+
+    start = time.perf_counter()
+    say = log or (lambda message: None)
+    data, notes = demo_data(data, data_dir)
+    for note in notes:
+        say(note)
+    model_name, default_epochs = DEMO_SETUPS[data]
+    epochs = default_epochs if epochs is None else epochs
+    say(f"training {model_name} on {data} for {epochs} epoch(s) (or reusing the cached checkpoint)")
+    trained, reused = cached_train(model_name, data, epochs=epochs, seed=seed, limit=limit, cache=cache,
+                                   data_dir=data_dir, progress=progress)
+    if reused:
+        say(f"reused {trained.checkpoint}")
+    batches = calibration_batches(data, calib_batches, seed=seed, data_dir=data_dir)
+    test = test_set(data, limit, data_dir)
+    out = Path(out_dir)
+    rows = ptq_sweep(trained.model, data, demo_methods(bits), batches, test, out / "files", progress)
+    table_path = out / "table.json"
+    result = DemoResult(data, model_name, epochs, rows, table_path, out / "accuracy_vs_bits.png", notes,
+                        trained.final_acc, reused, trained.checkpoint)
+    title = f"{model_name} on {data} ({len(test[1]):,} test images): post-training quantization"
+    plot_rows = [asdict(r) for r in rows if r.method in ("linear", "log", "minmax")]
+    baseline = next((r.accuracy for r in rows if r.method == "float"), None)
+    plot_accuracy_vs_bits({title: plot_rows}, result.plot_path, baselines={title: baseline})
+    result.wall_time = time.perf_counter() - start
+    table_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
