@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from lowbit.compress.pipeline import DeepCompressionConfig, deep_compress, store_and_verify, write_plots
+from lowbit.compress.pipeline import DeepCompressionConfig, deep_compress, store_and_verify
 from lowbit.compress.report import format_table
 from lowbit.data import loaders
 from lowbit.models import LeNet5, LeNet300
-from lowbit.train import Trainer, save_checkpoint, seed_everything
+from lowbit.train import Trainer, load_weights, seed_everything
 
 #: per net: float training, then the runs (name -> DeepCompressionConfig options)
 SETUPS = {
@@ -51,30 +51,32 @@ SETUPS = {
 }
 
 
-def run_net(name: str, setup: dict, out: Path, seed: int, quick: bool) -> dict:
+def run_net(name: str, setup: dict, out: Path, seed: int, quick: bool, reuse: bool, runs: list[str] | None) -> dict:
     limit = 2000 if quick else None
     train_loader, test_loader = loaders("mnist", 128, seed=seed, limit=limit, test_batch_size=1000)
     seed_everything(seed)
     model = setup["model"]()
     float_opts = dict(setup["float"], epochs=1) if quick else setup["float"]
+    float_path = out / f"{name}-float.safetensors"
     start = time.perf_counter()
-    Trainer(model, train_loader, None, optimizer="sgd", momentum=0.9, weight_decay=5e-4, schedule="cosine",
-            seed=seed, progress=False, **float_opts).fit()
+    if reuse and float_path.is_file():
+        load_weights(model, float_path)
+    else:
+        trainer = Trainer(model, train_loader, None, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+                          schedule="cosine", seed=seed, progress=False, **float_opts)
+        trainer.fit()
+        trainer.save_checkpoint(float_path)
     results = {"float_train_s": time.perf_counter() - start, "float_options": float_opts, "runs": {}}
     for run, options in setup["runs"].items():
+        if runs and run not in runs:
+            continue
         if quick:
             options = {**options, "rounds": 1, "retrain_epochs": 1, "finetune_epochs": 1}
         start = time.perf_counter()
         config = DeepCompressionConfig(seed=seed, **options)
         result = deep_compress(model, train_loader, test_loader, config, log=lambda m: print(f"  [{name}/{run}] {m}"))
         run_dir = out / f"{name}-{run}"
-        save_checkpoint(run_dir / "shared.safetensors",
-                        {**result.model.state_dict(), **{f"before.{k}": v for k, v in result.before.items()}},
-                        {"result": result.to_dict()})
-        try:
-            stored = store_and_verify(result, type(model)(), run_dir, test_loader)
-        except ImportError as exc:  # lowbit.serialize not installed yet: stream sizes only, said in the output
-            stored = {"plots": [str(p) for p in write_plots(result, run_dir)], "file": f"not written ({exc})"}
+        stored = store_and_verify(result, type(model)(), run_dir, test_loader)
         results["runs"][run] = {
             "options": options,
             "seconds": time.perf_counter() - start,
@@ -93,11 +95,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reuse-float", action="store_true", help="load OUT/<net>-float.safetensors if present")
+    parser.add_argument("--runs", nargs="+", default=None, help="only these runs (paper, goal)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = {name: run_net(name, SETUPS[name], args.out, args.seed, args.quick) for name in args.nets}
+    results = {name: run_net(name, SETUPS[name], args.out, args.seed, args.quick, args.reuse_float, args.runs) for name in args.nets}
     results["total_s"] = time.perf_counter() - start
     results["seed"], results["threads"] = args.seed, args.threads
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -87,3 +87,9 @@ def test_unknown_parameter_is_config_error():
 
 def test_none_stays_none():
     assert get(None) is None
+
+
+@pytest.mark.parametrize("bad_name", [{"name": "uniform"}, ["uniform"], 3, None])
+def test_non_string_name_is_config_error(bad_name):
+    with pytest.raises(ConfigError, match="known quantizers"):
+        get({"name": bad_name})

@@ -11,6 +11,8 @@
   holds them, and ``strict=True`` raises UnsupportedLayerError instead.
 - :func:`calibrate` runs data through the model so static quantizers observe
   their ranges.
+- :func:`save`, :func:`load` and :func:`load_state_dict` write and read
+  ``.lowbit`` files (defined in :mod:`lowbit.serialize`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,19 @@ from .nn import QuantAct, QuantConv2d, QuantLinear, label_quantizers, named_modu
 from .quantizers import Quantizer
 from .quantizers.base import check_finite
 from .quantizers.observers import check_observer
+from .serialize import load, load_state_dict, save
 
-__all__ = ["QuantReport", "Summary", "calibrate", "quantize", "quantize_report", "summary"]
+__all__ = [
+    "QuantReport",
+    "Summary",
+    "calibrate",
+    "load",
+    "load_state_dict",
+    "quantize",
+    "quantize_report",
+    "save",
+    "summary",
+]
 
 #: the float layers quantize converts, and the class each becomes (exact types: subclasses are not converted)
 CONVERTIBLE: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}

@@ -42,6 +42,10 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="directory holding the dataset's IDX files")
 
 
+def _add_entropy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--entropy", default=None, help="entropy-code the weight codes: huffman or ans (lossless)")
+
+
 def _add_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars on stderr (default: when stderr is a terminal)")
@@ -68,13 +72,14 @@ def _existing_file(path: str, what: str) -> Path:
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="lowbit-demo", help="output directory (default: ./lowbit-demo)")
     parser.add_argument("--data", default=None, help="mnist or digits (default: mnist, digits when MNIST is missing)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: 2 on mnist, 15 on digits)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: 1 on mnist, 15 on digits)")
     parser.add_argument("--bits", type=int, nargs="+", default=None,
                         help="bit widths of the linear and log sweeps (default: 8 6 4 3 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and calibration (default: 0)")
     parser.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 64 images (default: 8)")
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # quick runs: first N images
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)  # default: the lowbit cache
+    _add_entropy(parser)
     _add_data_dir(parser)
     _add_progress(parser)
 
@@ -84,7 +89,7 @@ def _run_demo(args: argparse.Namespace) -> Output:
 
     result = workflow.demo(
         args.out, data=args.data, epochs=args.epochs, seed=args.seed, limit=args.limit,
-        calib_batches=args.calib_batches, cache=args.cache_dir, data_dir=args.data_dir, progress=args.progress,
+        calib_batches=args.calib_batches, entropy=args.entropy, cache=args.cache_dir, data_dir=args.data_dir, progress=args.progress,
         log=lambda message: print(message, file=sys.stderr), **_given(bits=args.bits),
     )
     text = "\n".join([
@@ -149,6 +154,7 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="architecture of the checkpoint (default: from run.json)")
     parser.add_argument("--data", default=None, help="dataset for calibration (default: from run.json, else mnist)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
+    _add_entropy(parser)
     _add_data_dir(parser)
 
 
@@ -173,6 +179,7 @@ def _quantize_source(args: argparse.Namespace) -> tuple[Any, str, str, str | Non
 
 def _run_quantize(args: argparse.Namespace) -> Output:
     from . import workflow
+    from .config import as_config
 
     model, model_name, data, trained_with = _quantize_source(args)
     if trained_with is not None and args.preset not in (None, trained_with):
@@ -181,15 +188,16 @@ def _run_quantize(args: argparse.Namespace) -> Output:
             f"(--preset {trained_with}) or start from a float checkpoint to use {args.preset!r}"
         )
     preset = args.preset or trained_with or "w8a8"
+    as_config(preset)  # an unknown preset fails before any data is read
     if args.calib_batches < 0:
         raise ConfigError(f"--calib-batches must be >= 0, got {args.calib_batches}")
     batches = (workflow.calibration_batches(data, args.calib_batches, seed=args.seed, data_dir=args.data_dir)
                if args.calib_batches else None)
     quantized = workflow.post_training_quantize(model, preset, batches)
-    path = workflow.save_quantized(quantized, args.out, data)
+    path = workflow.save_quantized(quantized, args.out, data, args.entropy)
     size, reference = path.stat().st_size, workflow.float_bytes(model)
     data_out = {"path": str(path), "model": model_name, "data": data, "preset": preset,
-                "calibration_batches": args.calib_batches, "file_bytes": size, "float_bytes": reference,
+                "calibration_batches": args.calib_batches, "entropy": args.entropy, "file_bytes": size, "float_bytes": reference,
                 "ratio": size / reference}
     text = (f"wrote {path}: {model_name} quantized with {preset}, calibrated on {args.calib_batches} batch(es) of "
             f"{data} training images; {size:,} bytes = {100 * size / reference:.1f}% of the float32 parameters "

@@ -45,9 +45,12 @@ from . import api
 from .config import QuantConfig, as_config
 from .data import dataset_info, load_dataset, make_loader
 from .data.sources import cache_dir
+from .format.container import ENTROPY_CODERS
 from .errors import CalibrationError, ConfigError, DataError, TrainingError
 from .models import get_model
-from .train import Trainer, load_weights, seed_everything
+from .quantizers import Quantizer
+from .train import Trainer, load_checkpoint, load_weights, seed_everything
+from .train.checkpoint import with_prefix
 from .train.trainer import JSONL_LOG, LAST
 
 RUN_FILE = "run.json"
@@ -58,7 +61,7 @@ EVAL_BATCH_SIZE = 1000
 CALIB_BATCH_SIZE = 64
 DEMO_BITS = (8, 6, 4, 3, 2)
 #: the model and default epochs of ``lowbit demo`` per dataset (digits are 8x8: LeNet-5 needs >= 16x16)
-DEMO_SETUPS = {"mnist": ("lenet5", 2), "digits": ("vgg-small", 15)}
+DEMO_SETUPS = {"mnist": ("lenet5", 1), "digits": ("vgg-small", 15)}
 
 Config = str | dict[str, Any] | QuantConfig
 
@@ -218,6 +221,8 @@ def train(
     test_x, test_y = test_set(data, limit, data_dir)
     train_loader = make_loader(train_x[:limit], train_y[:limit], batch_size, shuffle=True, seed=seed)
     test_loader = make_loader(test_x, test_y, EVAL_BATCH_SIZE)
+    if resume and last.exists():
+        size_quantizer_state(net, last)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
     trainer = Trainer(net, train_loader, test_loader, epochs=epochs, optimizer="sgd", lr=lr, momentum=0.9,
@@ -286,6 +291,26 @@ def _finished(directory: Path, epochs: int) -> bool:
     return sum(1 for line in log.read_text().splitlines() if line.strip()) >= epochs
 
 
+def size_quantizer_state(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Give every quantizer of ``model`` the state of ``checkpoint`` (tensor shapes included).
+
+    Some quantizer buffers take their shape from the data (observed ranges are
+    empty until the first batch, LSQ steps and k-means indices follow the
+    first tensor), so a freshly quantized model differs in shape from a
+    trained one; the checkpoint's exact shape check then compares like with
+    like. Quantizer state that does not load is left to that check, which
+    names the tensors.
+    """
+    tensors, _ = load_checkpoint(checkpoint)
+    for name, module in model.named_modules():
+        state = with_prefix(tensors, f"model.{name}")
+        if isinstance(module, Quantizer) and state:
+            try:
+                module.load_state_dict(state, strict=False)
+            except RuntimeError:  # reported by load_weights with the tensor names
+                pass
+
+
 def load_trained(
     checkpoint: str | os.PathLike, model: str | None = None, data: str | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -301,16 +326,17 @@ def load_trained(
         raise ConfigError(f"checkpoint {str(path)!r} does not exist")
     run = dict(read_run(path.parent) or {})
     if model is not None and model != run.get("model"):
-        run = {"model": model, "quant": None, "model_kwargs": {}}  # the recorded settings describe another model
+        run = {"data": run.get("data")}  # the other recorded settings describe another model
     run["model"] = model or run.get("model")
     run["data"] = data or run.get("data")
     missing = [name for name in ("model", "data") if not run.get(name)]
     if missing:
-        raise ConfigError(f"{path.parent / RUN_FILE} is missing, so name the {' and the '.join(missing)} "
+        raise ConfigError(f"{path.parent / RUN_FILE} does not say, so name the {' and the '.join(missing)} "
                           f"(--{' and --'.join(missing)}) the checkpoint was trained with")
     net = build_model(run["model"], run["data"], run.get("model_kwargs"))
     if run.get("quant") is not None:
         net = api.quantize(net, run["quant"])
+        size_quantizer_state(net, path)
     load_weights(net, path)
     return net.eval(), run
 
@@ -326,21 +352,18 @@ def post_training_quantize(model: nn.Module, config: Config, batches: Iterable[t
     return quantized.eval()
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, data: str) -> Path:
-    """``lowbit.save(model, path)`` with an example input of ``data`` so the graph is captured."""
-    from . import serialize
-
+def save_quantized(model: nn.Module, path: str | os.PathLike, data: str, entropy: str | None = None) -> Path:
+    """``lowbit.save(model, path)`` with an example input of ``data`` so the graph is captured;
+    ``entropy`` ("huffman" or "ans") entropy-codes the weight codes (lossless)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    serialize.save(model, path, example_input=example_input(data))
+    api.save(model, path, example_input=example_input(data), entropy=entropy)
     return path
 
 
 def load_quantized(path: str | os.PathLike) -> nn.Module:
     """``lowbit.load(path)``: the model stored in a ``.lowbit`` file, in eval mode."""
-    from . import serialize
-
-    return serialize.load(path).eval()
+    return api.load(path).eval()
 
 
 @dataclass
@@ -382,16 +405,17 @@ def ptq_sweep(
     batches: Sequence[torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
     out_dir: str | os.PathLike,
+    entropy: str | None = None,
     progress: bool | None = None,
 ) -> list[SweepRow]:
     """For each method: quantize ``model`` and calibrate it on ``batches``, ``lowbit.save`` it to
-    ``out_dir/<method><bits>.lowbit``, ``lowbit.load`` it back and evaluate the reloaded model on
-    ``test``."""
+    ``out_dir/<method><bits>.lowbit`` (``entropy`` as in :func:`save_quantized`), ``lowbit.load`` it
+    back and evaluate the reloaded model on ``test``."""
     reference = float_bytes(model)
     rows = []
     for method in tqdm(methods, desc="quantize", disable=not _show_progress(progress), leave=False):
         quantized = model if method.config is None else post_training_quantize(model, method.config, batches)
-        path = save_quantized(quantized, Path(out_dir) / f"{method.method}{method.bits}.lowbit", data)
+        path = save_quantized(quantized, Path(out_dir) / f"{method.method}{method.bits}.lowbit", data, entropy)
         reloaded = load_quantized(path)
         acc = accuracy(reloaded, *test, progress=progress, desc=f"eval {method.method}{method.bits}")
         size = path.stat().st_size
@@ -426,6 +450,7 @@ class DemoResult:
     data: str
     model: str
     epochs: int
+    entropy: str | None
     rows: list[SweepRow]
     table_path: Path
     plot_path: Path
@@ -440,6 +465,7 @@ class DemoResult:
             "data": self.data,
             "model": self.model,
             "epochs": self.epochs,
+            "entropy": self.entropy,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "reused_checkpoint": self.reused_checkpoint,
             "sizes": "file_bytes: the .lowbit file; float_bytes: 4 bytes per float32 parameter",
@@ -473,6 +499,7 @@ def demo(
     seed: int = 0,
     limit: int | None = None,
     calib_batches: int = 8,
+    entropy: str | None = None,
     cache: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
     progress: bool | None = None,
@@ -480,11 +507,13 @@ def demo(
 ) -> DemoResult:
     """Train (or reuse from the cache) the demo model, quantize it post-training with every
     :func:`demo_methods` entry, save / reload / evaluate each file, and write ``table.json`` and
-    ``accuracy_vs_bits.png`` into ``out_dir``. ``limit`` keeps the first images of each split
+    ``accuracy_vs_bits.png`` into ``out_dir``. ``entropy`` entropy-codes the files. ``limit`` keeps the first images of each split
     (quick runs); ``log`` receives progress notes."""
     from .analysis.plots import plot_accuracy_vs_bits
 
     start = time.perf_counter()
+    if entropy not in (None, *ENTROPY_CODERS):
+        raise ConfigError(f"entropy must be None or one of {', '.join(ENTROPY_CODERS)}, got {entropy!r}")
     say = log or (lambda message: None)
     data, notes = demo_data(data, data_dir)
     for note in notes:
@@ -499,9 +528,9 @@ def demo(
     batches = calibration_batches(data, calib_batches, seed=seed, data_dir=data_dir)
     test = test_set(data, limit, data_dir)
     out = Path(out_dir)
-    rows = ptq_sweep(trained.model, data, demo_methods(bits), batches, test, out / "files", progress)
+    rows = ptq_sweep(trained.model, data, demo_methods(bits), batches, test, out / "files", entropy, progress)
     table_path = out / "table.json"
-    result = DemoResult(data, model_name, epochs, rows, table_path, out / "accuracy_vs_bits.png", notes,
+    result = DemoResult(data, model_name, epochs, entropy, rows, table_path, out / "accuracy_vs_bits.png", notes,
                         trained.final_acc, reused, trained.checkpoint)
     title = f"{model_name} on {data} ({len(test[1]):,} test images): post-training quantization"
     plot_rows = [asdict(r) for r in rows if r.method in ("linear", "log", "minmax")]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import serialize
 from ..errors import ConfigError
 from ..train import Trainer
 from .prune import Pruner, prunable_layers, sparsity_schedule
@@ -109,6 +111,7 @@ class CompressionResult:
     accuracy: dict[str, float]
     layers: list[LayerStats]
     kept: dict[str, float]
+    rounds: list[dict[str, float]]  # kept fraction per layer after each prune round
     before: dict[str, torch.Tensor] = field(repr=False)  # float weights before pruning, by layer
 
     def float_bytes(self) -> int:
@@ -118,6 +121,7 @@ class CompressionResult:
         return {
             "accuracy": self.accuracy,
             "kept": self.kept,
+            "rounds": self.rounds,
             "layers": [s.to_dict() for s in self.layers],
             "float_bytes": self.float_bytes(),
             "bytes_huffman": sum(s.bytes_huffman for s in self.layers),
@@ -130,9 +134,10 @@ def accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
     """Top-1 accuracy of ``model`` in eval mode on ``(inputs, labels)`` batches."""
     was_training = model.training
     model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     correct = count = 0
     for inputs, labels in loader:
-        correct += int((model(inputs).argmax(1) == labels).sum())
+        correct += int((model(inputs.to(device)).argmax(1) == labels.to(device)).sum())
         count += len(labels)
     model.train(was_training)
     if count == 0:
@@ -184,9 +189,11 @@ def deep_compress(
     else:
         rounds = [None] * config.rounds
     pruner = Pruner(model, list(layers))
+    history = []
     retrain = dict(optimizer="sgd", lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, schedule="cosine")
     for r, targets in enumerate(rounds, start=1):
         kept = pruner.prune(sparsity=targets) if targets is not None else pruner.prune(quality=config.quality)
+        history.append(kept)
         acc[f"prune{r}"] = accuracy(model, test_loader)
         if config.retrain_epochs:
             _train(model, train_loader, None, config.retrain_epochs, progress, config.seed + r,
@@ -209,16 +216,14 @@ def deep_compress(
 
     index_bits = _per_layer_int(config.index_bits, paper_index_bits(model), "index_bits")
     stats = [layer_stats(name, layer, index_bits[name]) for name, layer in shared_layers(shared).items()]
-    return CompressionResult(shared, acc, stats, kept, before)
+    return CompressionResult(shared, acc, stats, kept, history, before)
 
 
 def save_compressed(result: CompressionResult, path: str | Path, entropy: str = "huffman") -> Path:
     """Write the shared model as a .lowbit file with sparse relative-index storage and ``entropy`` coding."""
-    from .. import serialize
-
     if entropy not in ENTROPY:
         raise ConfigError(f"entropy must be one of {', '.join(ENTROPY)}, got {entropy!r}")
-    sparse = {s.name: s.index_bits for s in result.layers}
+    sparse = {f"{s.name}.weight": s.index_bits for s in result.layers}
     serialize.save(result.model, path, entropy=entropy, sparse=sparse)
     return Path(path)
 
@@ -226,17 +231,19 @@ def save_compressed(result: CompressionResult, path: str | Path, entropy: str = 
 def tradeoff_points(result: CompressionResult) -> list[dict[str, Any]]:
     """(stage, compression ratio, test error) after each stage, for :func:`plot_tradeoff`.
 
-    Pruned: float32 survivors with their relative indices; shared: fixed-width codes (P+Q);
+    Pruned (after each round's retraining): float32 survivors with their relative indices, fillers
+    not counted; shared: fixed-width codes (P+Q);
     then the Huffman- and ANS-coded streams (P+Q+H), all with the codebooks and biases.
     """
     floats, acc = result.float_bytes(), result.accuracy
-    stages = list(acc)
-    last_prune = stages[stages.index("share") - 1]
     final = acc.get("finetune", acc["share"])
-    pruned = sum(s.entries * (8 * FLOAT_BYTES + s.index_bits) / 8 + FLOAT_BYTES * s.biases for s in result.layers)
-    return [
-        {"stage": "float", "ratio": 1.0, "error": 1 - acc["float"]},
-        {"stage": "pruned", "ratio": floats / pruned, "error": 1 - acc[last_prune]},
+    points = [{"stage": "float", "ratio": 1.0, "error": 1 - acc["float"]}]
+    for r, kept in enumerate(result.rounds, start=1):
+        pruned = sum(kept[s.name] * s.weights * (8 * FLOAT_BYTES + s.index_bits) / 8 + FLOAT_BYTES * s.biases
+                     for s in result.layers)
+        points.append({"stage": f"pruned, round {r}", "ratio": floats / pruned,
+                       "error": 1 - acc.get(f"retrain{r}", acc[f"prune{r}"])})
+    return points + [
         {"stage": "shared (P+Q)", "ratio": floats / sum(s.bytes_pq for s in result.layers), "error": 1 - final},
         {"stage": "+Huffman", "ratio": floats / sum(s.bytes_huffman for s in result.layers), "error": 1 - final},
         {"stage": "+ANS", "ratio": floats / sum(s.bytes_ans for s in result.layers), "error": 1 - final},
@@ -285,8 +292,6 @@ def store_and_verify(
     Returns per entropy coder: file bytes, header bytes, bytes of the compressed layers' arrays, the
     compression ratios (float32 bytes / layer array bytes, and / whole file) and the loaded accuracy.
     """
-    from .. import serialize
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in result.layers]
@@ -308,3 +313,126 @@ def store_and_verify(
         if entropy == "huffman":
             stored["file_layer_bytes"] = per_layer
     return stored
+
+
+# ------------------------------------------------------------------------------------ command line
+
+RECIPES = ("deep-compression",)
+
+
+def _add_arguments(parser: Any) -> None:
+    parser.add_argument("checkpoint", help="trained float model: a Trainer checkpoint (.safetensors) or a .lowbit file")
+    parser.add_argument("--data", required=True, help="dataset to retrain and evaluate on (mnist, fashion-mnist, digits)")
+    parser.add_argument("--recipe", default="deep-compression", choices=RECIPES, help="compression recipe")
+    parser.add_argument("--model", default=None, help="architecture name (default: the one whose tensors match)")
+    parser.add_argument("--out", required=True, help="the .lowbit file to write")
+    parser.add_argument("--sparsity", default=None,
+                        help="final fraction of zeros: one number or NAME=S,... (default: the paper's per layer)")
+    parser.add_argument("--quality", type=float, default=None, help="prune at quality * std instead of --sparsity")
+    parser.add_argument("--bits", default=None, help="k-means index bits: one number or NAME=B,... "
+                        "(default: 8 conv, 5 fc; 6 for a net without conv)")
+    parser.add_argument("--index-bits", default=None, help="relative-index bits: one or NAME=B,... (default 8 conv, 5 fc)")
+    parser.add_argument("--init", default="linear", choices=["linear", "density", "random"], help="k-means init")
+    parser.add_argument("--rounds", type=int, default=3, help="prune-retrain rounds (default 3)")
+    parser.add_argument("--retrain-epochs", type=int, default=1, help="epochs of retraining per round (default 1)")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of codebook fine-tuning (default 1)")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the retraining (default 0.01)")
+    parser.add_argument("--entropy", default="huffman", choices=list(ENTROPY), help="entropy coder of the file")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plots", default=None, help="directory for the two PNG plots (default: beside --out)")
+
+
+def _int_values(text: str | None, what: str) -> int | dict[str, int] | None:
+    from .prune import parse_layer_values
+
+    if text is None:
+        return None
+    parsed = parse_layer_values(text, what)
+    numbers = parsed.values() if isinstance(parsed, dict) else [parsed]
+    if not all(float(n).is_integer() for n in numbers):
+        raise ConfigError(f"{what} must be whole numbers, got {text!r}")
+    return {k: int(v) for k, v in parsed.items()} if isinstance(parsed, dict) else int(parsed)
+
+
+def _float_model(checkpoint: str, data: str, model_name: str | None) -> nn.Module:
+    """The float architecture (named, or found by its tensor names and shapes) with the checkpoint's weights."""
+    from ..data import dataset_info
+    from ..models import get_model, model_names
+    from ..train import checkpoint as ckpt
+
+    if not Path(checkpoint).is_file():
+        raise ConfigError(f"checkpoint {checkpoint!r} does not exist")
+    if checkpoint.endswith(".lowbit"):
+        state = serialize.load_state_dict(checkpoint)
+    else:
+        state = ckpt.with_prefix(ckpt.load_checkpoint(checkpoint)[0], "model")
+    info = dataset_info(data)
+    shape = dict(in_channels=info.in_channels, num_classes=info.num_classes, input_size=info.input_size)
+    for name in [model_name] if model_name else model_names():
+        try:
+            model = get_model(name, **shape)
+        except ConfigError:
+            if model_name:
+                raise
+            continue
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if expected == {k: tuple(v.shape) for k, v in state.items()}:
+            model.load_state_dict(state)
+            return model
+    raise ConfigError(f"no model {'named ' + model_name if model_name else 'of ' + ', '.join(model_names())} "
+                      f"matches the tensors of {checkpoint!r}; pass --model")
+
+
+def _run(args: Any) -> tuple[str, dict[str, Any]]:
+    from ..data import loaders
+    from .prune import parse_layer_values
+    from .report import format_table
+
+    model = _float_model(args.checkpoint, args.data, args.model)
+    train_loader, test_loader = loaders(args.data, args.batch_size, seed=args.seed, limit=args.limit)
+    config = DeepCompressionConfig(
+        sparsity=parse_layer_values(args.sparsity, "--sparsity") if args.sparsity else None,
+        quality=args.quality, rounds=args.rounds, retrain_epochs=args.retrain_epochs,
+        bits=_int_values(args.bits, "--bits"), init=args.init, finetune_epochs=args.finetune_epochs,
+        index_bits=_int_values(args.index_bits, "--index-bits"), lr=args.lr, seed=args.seed,
+    )
+    log: list[str] = []
+
+    def say(message: str) -> None:
+        log.append(message)
+        print(message, file=sys.stderr)
+
+    result = deep_compress(model, train_loader, test_loader, config, progress=True, log=say)
+    out = save_compressed(result, args.out, args.entropy)
+    model.load_state_dict(serialize.load_state_dict(out))
+    result.accuracy["loaded"] = accuracy(model, test_loader)
+    per_layer, header = file_layer_bytes(out, [s.name for s in result.layers])
+    plots = write_plots(result, args.plots or Path(out).parent, prefix=Path(out).stem + "-")
+    floats, layer_bytes, file_bytes = result.float_bytes(), sum(per_layer.values()), out.stat().st_size
+    stages = ", ".join(f"{stage} {100 * (1 - a):.2f}%" for stage, a in result.accuracy.items())
+    text = "\n".join([
+        *log, "", format_table(result.layers, per_layer), "",
+        f"test error by stage: {stages}",
+        f"{out}: {file_bytes} bytes ({header} header, {layer_bytes} in the compressed layers); float32 {floats} bytes",
+        f"compression: {floats / layer_bytes:.1f}x (layer arrays), {floats / file_bytes:.1f}x (whole file)",
+        f"plots: {', '.join(map(str, plots))}",
+    ])
+    data = {**result.to_dict(), "out": str(out), "entropy": args.entropy, "file_bytes": file_bytes,
+            "header_bytes": header, "file_layer_bytes": per_layer, "ratio_layers": floats / layer_bytes,
+            "ratio_file": floats / file_bytes, "plots": [str(p) for p in plots]}
+    return text, data
+
+
+@dataclass(frozen=True)
+class CliCommand:
+    """A ``lowbit`` subcommand: ``add_arguments(parser)``, ``run(args) -> (text, json_dict)``."""
+
+    help: str
+    add_arguments: Any
+    run: Any
+
+
+#: ``lowbit compress CHECKPOINT --data mnist --recipe deep-compression --out model.lowbit``
+cli_command = CliCommand("prune, share and entropy-code a trained float model (Deep Compression)", _add_arguments, _run)

@@ -153,18 +153,20 @@ def _pyplot():
 def plot_weight_distribution(
     before: torch.Tensor, after: torch.Tensor, centroids: torch.Tensor, layer: str, path: str | Path
 ) -> Path:
-    """Histogram of a layer's weights before and after pruning (zeros left out), centroids marked."""
+    """Two histograms of a layer's weights: before pruning, and the survivors after pruning and
+    retraining (zeros left out) with the shared centroids marked."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    kept = after[after != 0].detach().cpu().numpy()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     values = before.detach().cpu().numpy().ravel()
+    kept = after[after != 0].detach().cpu().numpy()
     bins = np.linspace(values.min(), values.max(), 120)
-    ax.hist(values, bins=bins, alpha=0.5, label="before pruning")
-    ax.hist(kept, bins=bins, alpha=0.7, label="after pruning and retraining")
+    left.hist(values, bins=bins, color="tab:blue")
+    left.set(title=f"{layer}: before pruning ({values.size} weights)", xlabel="weight", ylabel="count")
+    right.hist(kept, bins=bins, color="tab:orange")
     for i, c in enumerate(centroids.detach().cpu().numpy()):
-        ax.axvline(c, color="red", linewidth=0.6, alpha=0.8, label="shared centroids" if i == 0 else None)
-    ax.set(title=f"{layer}: weight distribution", xlabel="weight", ylabel="count")
-    ax.legend()
+        right.axvline(c, color="red", linewidth=0.6, alpha=0.8, label="shared centroids" if i == 0 else None)
+    right.set(title=f"after pruning and retraining ({kept.size} kept)", xlabel="weight")
+    right.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -174,15 +176,16 @@ def plot_weight_distribution(
 def plot_tradeoff(points: list[dict[str, Any]], path: str | Path) -> Path:
     """Test error against compression ratio, one marker per stage (``stage``, ``ratio``, ``error``)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ratios = [p["ratio"] for p in points]
-    errors = [100 * p["error"] for p in points]
-    ax.plot(ratios, errors, marker="o")
-    for p, x, y in zip(points, ratios, errors):
-        ax.annotate(p["stage"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p["ratio"] for p in points], [100 * p["error"] for p in points], color="gray", linewidth=0.8)
+    markers = "osD^v<>ph*"
+    for i, p in enumerate(points):
+        ax.plot(p["ratio"], 100 * p["error"], marker=markers[i % len(markers)], linestyle="none",
+                label=f"{p['stage']}: {p['ratio']:.1f}x, {100 * p['error']:.2f}%")
     ax.set(xscale="log", xlabel="compression ratio (float32 bytes / stored bytes)", ylabel="test error (%)",
            title="compression vs accuracy")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

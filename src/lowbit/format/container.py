@@ -23,7 +23,10 @@ Document (``__metadata__["lowbit"]``, JSON, version :data:`FORMAT_VERSION`)::
 An entry is the codec meta of :mod:`lowbit.format.codecs` (``codec``,
 ``shape``, ``bits`` and the codec's own keys) plus, when the integer code
 stream is coded further, ``"stream": {"sparse": {"index_bits": b, "zero":
-z, "count": m} | null, "entropy": null | "huffman" | "ans"}``. The raw codecs
+z, "count": m} | null, "entropy": null | "huffman" | "ans"}``, with
+``"huffman_bits": {"<stream>": bits}`` (each Huffman stream's exact length in
+bits, so a count that disagrees with the stream is always caught) when
+``entropy`` is ``"huffman"``. The raw codecs
 are ``float32``, ``float16`` and, for integer and boolean buffers,
 ``float64``, ``int64``, ``int32``, ``int16``, ``int8``, ``uint8``, ``bool``.
 
@@ -52,7 +55,8 @@ naming the tensor; codes besides those of the codecs: ``truncated``,
 entry), ``bad-json``, ``duplicate-name``, ``bad-dtype``, ``bad-shape``,
 ``bad-length`` (bytes != shape x item size), ``bad-offsets`` (overlapping,
 backwards or gap-leaving), ``trailing-bytes``, ``not-lowbit``,
-``unknown-version``, ``bad-document``, ``bad-stream``, ``bad-count``,
+``unknown-version``, ``bad-document``, ``bad-arrays`` (arrays missing or
+belonging to no tensor), ``bad-stream``, ``bad-count``,
 ``too-large`` (the tensors would decode to more than
 :data:`MAX_EXPANSION` elements per file byte). Writes are atomic: a
 temporary file in the target directory, renamed into place.
@@ -71,7 +75,7 @@ import numpy as np
 
 from ..errors import ConfigError, FormatError
 from .ans import AnsStream, ans_decode, ans_encode
-from .bitpack import pack_codes, packed_size, unpack_codes
+from .bitpack import pack_codes, unpack_codes
 from .codecs import MAX_NDIM, Codec, FloatCodec, NumpyEncoded, get_codec
 from .codecs import _check_shape as check_shape
 from .huffman import BLOCK, HuffmanStream, huffman_decode, huffman_encode
@@ -267,6 +271,11 @@ def _encode_stream(symbols: np.ndarray, width: int, entropy: str | None, prefix:
     return {f"{prefix}.symbols": s.symbols, f"{prefix}.counts": s.counts, f"{prefix}.words": s.words}
 
 
+def _huffman_bits(arrays: dict[str, np.ndarray], prefix: str, symbols: np.ndarray) -> int:
+    """Bits the Huffman codes of ``symbols`` take in stream ``prefix``."""
+    return int(np.sum(arrays[f"{prefix}.lengths"].astype(np.int64)[symbols]))
+
+
 def encode_tensor(
     name: str, enc: NumpyEncoded, entropy: str | None = None, index_bits: int | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -293,9 +302,11 @@ def encode_tensor(
             gaps, values = _sparse_encode(_swap(symbols, zero), index_bits)
             sparse = {"index_bits": index_bits, "zero": zero, "count": int(gaps.size)}
             streams = {"gaps": (gaps, index_bits), "values": (values, width)}
+        entry["stream"] = {"sparse": sparse, "entropy": entropy}
         for stream, (stream_symbols, stream_width) in streams.items():
             arrays.update(_encode_stream(stream_symbols, stream_width, entropy, stream))
-        entry["stream"] = {"sparse": sparse, "entropy": entropy}
+        if entropy == "huffman":
+            entry["stream"]["huffman_bits"] = {s: _huffman_bits(arrays, s, streams[s][0]) for s in streams}
     return {f"{name}:{k}": v for k, v in arrays.items()}, entry
 
 
@@ -322,9 +333,11 @@ def _array(arrays: dict[str, np.ndarray], key: str, dtype: str, tensor: str) -> 
 
 
 def _decode_stream(
-    arrays: dict[str, np.ndarray], prefix: str, count: int, width: int, entropy: str | None, tensor: str
+    arrays: dict[str, np.ndarray], prefix: str, count: int, width: int, stream_meta: dict[str, Any], tensor: str
 ) -> np.ndarray:
-    where = f"tensor {tensor!r} stream {prefix.rsplit(':', 1)[-1]!r}"
+    name = prefix.rsplit(":", 1)[-1]
+    where = f"tensor {tensor!r} stream {name!r}"
+    entropy = stream_meta["entropy"]
     if entropy is None:
         return unpack_codes(_array(arrays, prefix, "uint8", tensor), count, width, where)
     if entropy == "huffman":
@@ -336,6 +349,9 @@ def _decode_stream(
             raise _fail("bad-count", f"{where}: {offsets.size} block offsets for {count} symbols in blocks of {BLOCK}")
         lengths = _array(arrays, f"{prefix}.lengths", "uint8", tensor)
         symbols = huffman_decode(HuffmanStream(lengths, data, offsets, count, BLOCK), where)
+        used, stored = _huffman_bits(arrays, prefix, symbols), stream_meta["huffman_bits"][name]
+        if used != stored:
+            raise _fail("bad-count", f"{where}: {count} symbols take {used} bits, the stream holds {stored}")
     else:
         stream = AnsStream(_array(arrays, f"{prefix}.symbols", "int64", tensor),
                            _array(arrays, f"{prefix}.counts", "uint32", tensor),
@@ -350,11 +366,19 @@ def _decode_stream(
 
 def _check_stream_meta(stream: object, tensor: str) -> tuple[dict[str, int] | None, str | None]:
     where = f"tensor {tensor!r}"
-    if not isinstance(stream, dict) or set(stream) != {"sparse", "entropy"}:
-        raise _fail("bad-stream", f"{where}: 'stream' must be an object with keys sparse and entropy, got {stream!r}")
-    entropy, sparse = stream["entropy"], stream["sparse"]
+    entropy = stream.get("entropy") if isinstance(stream, dict) else None
     if entropy not in (None, *ENTROPY_CODERS):
         raise _fail("bad-stream", f"{where}: unknown entropy coder {entropy!r}; valid: null, {', '.join(ENTROPY_CODERS)}")
+    keys = {"sparse", "entropy", "huffman_bits"} if entropy == "huffman" else {"sparse", "entropy"}
+    if not isinstance(stream, dict) or set(stream) != keys:
+        raise _fail("bad-stream", f"{where}: 'stream' must be an object with keys {sorted(keys)}, got {stream!r}")
+    sparse = stream["sparse"]
+    streams = ("codes",) if sparse is None else ("gaps", "values")
+    if entropy == "huffman":
+        bits = stream["huffman_bits"]
+        if not isinstance(bits, dict) or set(bits) != set(streams) or not all(
+                _is_int(b) and 0 <= b <= 2**40 for b in bits.values()):
+            raise _fail("bad-stream", f"{where}: huffman_bits must give the bit length of {list(streams)}")
     if sparse is not None:
         limits = {"index_bits": (1, MAX_INDEX_BITS), "zero": (0, 2**16 - 1), "count": (0, 2**31)}
         if not isinstance(sparse, dict) or set(sparse) != set(limits):
@@ -387,18 +411,18 @@ def decode_tensor(tensor: str, arrays: dict[str, np.ndarray], entry: dict[str, A
     local = {k[len(tensor) + 1 :]: v for k, v in arrays.items()}
     meta = {k: v for k, v in entry.items() if k != "stream"}
     if "stream" in entry:
-        sparse, entropy = _check_stream_meta(entry["stream"], tensor)
+        sparse, _ = _check_stream_meta(entry["stream"], tensor)
         _, n = check_shape(meta.get("shape"), f"tensor {tensor!r}")
         width = meta.get("bits")
         if not _is_int(width) or not 1 <= width <= 16:
             raise _fail("bad-bits", f"tensor {tensor!r}: a coded stream needs bits from 1 to 16, got {width!r}")
         prefix = f"{tensor}:"
         if sparse is None:
-            symbols = _decode_stream(arrays, prefix + "codes", n, width, entropy, tensor)
+            symbols = _decode_stream(arrays, prefix + "codes", n, width, entry["stream"], tensor)
         else:
             ib, m = sparse["index_bits"], sparse["count"]
-            gaps = _decode_stream(arrays, prefix + "gaps", m, ib, entropy, tensor)
-            values = _decode_stream(arrays, prefix + "values", m, width, entropy, tensor)
+            gaps = _decode_stream(arrays, prefix + "gaps", m, ib, entry["stream"], tensor)
+            values = _decode_stream(arrays, prefix + "values", m, width, entry["stream"], tensor)
             covered = int(np.sum(gaps + 1))
             if not covered <= n < covered + (1 << ib):
                 raise _fail("bad-length", f"tensor {tensor!r}: sparse entries cover {covered} of {n} codes; "
@@ -568,5 +592,5 @@ def format_inspect(info: dict[str, Any]) -> str:
     lines.append(f"{info['path']}: format v{info['version']}, {info['file_bytes']} bytes "
                  f"(header {info['header_bytes']}), graph: {'yes' if info['has_graph'] else 'no'}")
     lines.append(f"tensors: {info['stored_bytes']} bytes vs {info['float32_bytes']} as float32 "
-                 f"({info['ratio']:.2f}x smaller)")
+                 f"(ratio {info['ratio']:.2f})")
     return "\n".join(lines)

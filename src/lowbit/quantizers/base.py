@@ -144,7 +144,7 @@ def get(spec: str | dict[str, Any] | Quantizer | None) -> Quantizer | None:
         raise ConfigError(f"a quantizer spec is a name, a dict with a 'name' key, a Quantizer or None, not {spec!r}")
     params = dict(spec)
     name = params.pop("name")
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ConfigError(f"unknown quantizer {name!r}; known quantizers: {', '.join(names())}")
     try:
         return _REGISTRY[name](**params)

@@ -1,0 +1,155 @@
+"""Deep Compression end to end on a few hundred digits: compress -> save -> load_state_dict -> same accuracy.
+
+Huffman and relative-index coding themselves are tested in tests/test_huffman.py (bit-exact round
+trip, mean length within 1 bit of the entropy, single-symbol streams) and tests/test_sparse.py
+(round trips, gaps that need filler zeros); here: the pipeline, the byte accounting and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lowbit.compress import (
+    DeepCompressionConfig,
+    cli_command,
+    deep_compress,
+    layer_stats,
+    paper_sparsity,
+    save_compressed,
+    share_weights,
+    shared_layers,
+)
+from lowbit.compress.pipeline import accuracy, file_layer_bytes, store_and_verify
+from lowbit.data import load_dataset, make_loader
+from lowbit.errors import ConfigError
+from lowbit.models import LeNet5, LeNet300
+from lowbit.serialize import load_state_dict
+from lowbit.train import Trainer, seed_everything
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_dataset("digits", "train")
+    tx, ty = load_dataset("digits", "test")
+    return make_loader(x[:600], y[:600], 64, shuffle=True), make_loader(tx[:300], ty[:300], 100)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    seed_everything(0)
+    model = LeNet300(input_size=8)
+    Trainer(model, digits[0], epochs=4, lr=0.05, schedule="none", progress=False).fit()
+    return model
+
+
+@pytest.fixture(scope="module")
+def compressed(trained, digits):
+    config = DeepCompressionConfig(sparsity={"ip1": 0.9, "ip2": 0.9, "ip3": 0.7}, bits=4, rounds=2,
+                                   retrain_epochs=1, finetune_epochs=1)
+    return deep_compress(trained, *digits, config)
+
+
+def test_stages_reach_the_targets(compressed, trained, digits):
+    assert list(compressed.accuracy) == ["float", "prune1", "retrain1", "prune2", "retrain2", "share", "finetune"]
+    assert compressed.accuracy["float"] == accuracy(trained, digits[1])  # the input model is left alone
+    assert compressed.kept == pytest.approx({"ip1": 0.1, "ip2": 0.1, "ip3": 0.3}, abs=1e-3)
+    assert compressed.accuracy["finetune"] > 0.5  # far above chance (0.1) on 10 classes
+    for name, layer in shared_layers(compressed.model).items():
+        q = layer.weight_quantizer
+        values = q(layer.weight)
+        assert (values != 0).float().mean().item() == pytest.approx(compressed.kept[name], abs=1e-6)
+        assert len(values[values != 0].unique()) <= 2**4 - 1
+
+
+@pytest.mark.parametrize("entropy", ["huffman", "ans"])
+def test_save_then_load_state_dict_gives_the_same_accuracy(compressed, digits, tmp_path, entropy):
+    path = save_compressed(compressed, tmp_path / f"m-{entropy}.lowbit", entropy)
+    dense = LeNet300(input_size=8)
+    dense.load_state_dict(load_state_dict(path))
+    shared = compressed.model.eval()
+    x = next(iter(digits[1]))[0]
+    torch.testing.assert_close(dense(x), shared(x), rtol=0, atol=0)
+    assert accuracy(dense, digits[1]) == compressed.accuracy["finetune"]
+    for name, layer in shared_layers(shared).items():
+        torch.testing.assert_close(dense.get_submodule(name).weight, layer.weight_quantizer(layer.weight),
+                                   rtol=0, atol=0)
+
+
+def test_file_layer_bytes_account_for_every_byte(compressed, tmp_path):
+    path = save_compressed(compressed, tmp_path / "m.lowbit")
+    per_layer, header = file_layer_bytes(path, ["ip1", "ip2", "ip3"])
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        arrays = json.loads(f.read(n))
+    everything = sum(end - begin for k, v in arrays.items() if k != "__metadata__" for begin, end in [v["data_offsets"]])
+    assert header == 8 + n
+    assert sum(per_layer.values()) == everything  # LeNet-300 has nothing besides its three layers
+    assert header + everything == path.stat().st_size
+    # the sparse, Huffman-coded file holds far fewer bytes than the float32 parameters
+    assert sum(per_layer.values()) < compressed.float_bytes() / 5
+
+
+def test_store_and_verify_writes_both_files_and_plots(compressed, digits, tmp_path):
+    stored = store_and_verify(compressed, LeNet300(input_size=8), tmp_path, digits[1])
+    for entropy in ("huffman", "ans"):
+        assert stored[entropy]["loaded_accuracy"] == compressed.accuracy["finetune"]
+        assert stored[entropy]["ratio_layers"] == pytest.approx(compressed.float_bytes() / stored[entropy]["layer_bytes"])
+    for plot in stored["plots"]:
+        assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_stats_by_hand():
+    # 1 x 40 weights, non-zeros at positions 0, 1 and 39; 2-bit gaps (at most 3): 37 zeros before
+    # position 39 need 9 fillers (every 4 positions), so 3 + 9 = 12 entries
+    layer = nn.Linear(40, 1)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, [0, 1, 39]] = torch.tensor([1.0, -1.0, 1.0])
+    shared = share_weights(nn.Sequential(layer), bits=2)
+    stats = layer_stats("0", shared_layers(shared)["0"], index_bits=2)
+    assert (stats.weights, stats.nonzero, stats.entries, stats.biases) == (40, 3, 12, 1)
+    assert stats.kept == pytest.approx(3 / 40)
+    # P+Q: 12 entries x (2 + 2) bits = 6 bytes, plus 4 float32 centroids and 1 float32 bias
+    assert stats.bytes_pq == 6 + 4 * 4 + 4
+    assert stats.float_bytes == 4 * 41
+    # values: 9 filler zeros, 1.0 twice, -1.0 once; gaps: 0, 0, nine 3s, 1. Both have counts 9, 2, 1,
+    # i.e. Huffman lengths 1, 2, 2: 9 + 4 + 2 = 15 bits, stored in 2 bytes -> 16 / 12 bits per entry
+    assert stats.huffman_weight_bits == pytest.approx(16 / 12)
+    assert stats.huffman_index_bits == pytest.approx(16 / 12)
+
+
+def test_paper_sparsity_and_unknown_layers():
+    assert paper_sparsity(LeNet5()) == pytest.approx({"conv1": 0.34, "conv2": 0.88, "ip1": 0.92, "ip2": 0.81})
+    assert paper_sparsity(LeNet300()) == pytest.approx({"ip1": 0.92, "ip2": 0.91, "ip3": 0.74})
+    with pytest.raises(ConfigError, match="sparsity"):
+        paper_sparsity(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ConfigError, match="not both"):
+        DeepCompressionConfig(sparsity=0.9, quality=1.0)
+    with pytest.raises(ConfigError, match="rounds"):
+        DeepCompressionConfig(rounds=0)
+
+
+def test_cli_command_compresses_a_checkpoint(trained, digits, tmp_path):
+    checkpoint = Trainer(trained, digits[0], epochs=1, progress=False).save_checkpoint(tmp_path / "float.safetensors")
+    parser = argparse.ArgumentParser()
+    cli_command.add_arguments(parser)
+    out = tmp_path / "model.lowbit"
+    args = parser.parse_args([str(checkpoint), "--data", "digits", "--out", str(out), "--rounds", "1",
+                              "--sparsity", "ip1=0.8,ip2=0.8,ip3=0.5", "--bits", "4", "--limit", "300",
+                              "--finetune-epochs", "0"])
+    text, data = cli_command.run(args)
+    assert out.is_file() and data["file_bytes"] == out.stat().st_size
+    assert "ip1" in text and "compression" in text
+    assert data["kept"] == pytest.approx({"ip1": 0.2, "ip2": 0.2, "ip3": 0.5}, abs=1e-3)
+    assert data["accuracy"]["loaded"] == data["accuracy"]["share"]
+    assert data["ratio_layers"] > data["ratio_file"] > 1
+    json.dumps(data)  # JSON-able
+    with pytest.raises(ConfigError, match="whole numbers"):
+        cli_command.run(parser.parse_args([str(checkpoint), "--data", "digits", "--out", str(out), "--bits", "4.5"]))
