@@ -40,12 +40,12 @@ SETUPS = {
     },
     "lenet5": {
         "model": LeNet5,
-        "float": {"epochs": 6, "lr": 0.02},
+        "float": {"epochs": 8, "lr": 0.05},
         "runs": {
-            "paper": {"rounds": 2, "retrain_epochs": 1, "finetune_epochs": 1, "lr": 0.01},
-            "goal": {"sparsity": {"conv1": 0.4, "conv2": 0.92, "ip1": 0.955, "ip2": 0.85},
+            "paper": {"rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05},
+            "goal": {"sparsity": {"conv1": 0.4, "conv2": 0.92, "ip1": 0.96, "ip2": 0.85},
                      "bits": {"conv1": 6, "conv2": 5, "ip1": 4, "ip2": 5},
-                     "rounds": 2, "retrain_epochs": 1, "finetune_epochs": 1, "lr": 0.01},
+                     "rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05},
         },
     },
 }

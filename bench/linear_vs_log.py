@@ -51,7 +51,7 @@ def run_setup(name: str, setup: dict, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     trained, reused = workflow.cached_train(setup["model"], setup["data"], epochs=setup["epochs"], seed=args.seed,
                                             model_kwargs=setup["model_kwargs"], progress=args.progress)
-    test = workflow.test_set(setup["data"], args.limit)
+    test = workflow.eval_set(setup["data"], args.limit)
     batches = workflow.calibration_batches(setup["data"], args.calib_batches, seed=args.seed)
     float_acc = workflow.accuracy(trained.model, *test, progress=args.progress)
     rows = []

@@ -63,7 +63,7 @@ def test_train_quantize_eval_inspect(tmp_path, capsys):
     # the file's accuracy is that of the in-memory quantized model, computed independently
     model, _ = workflow.load_trained(tmp_path / "run" / "last.safetensors")
     in_memory = workflow.post_training_quantize(model, "w8a8", workflow.calibration_batches("digits", 2))
-    images, labels = workflow.test_set("digits", 120)
+    images, labels = workflow.eval_set("digits", 120)
     predicted = torch.cat([in_memory(images[i : i + 50]).argmax(1) for i in range(0, 120, 50)])
     assert evaluated["accuracy"] == pytest.approx(float((predicted == labels).float().mean()))
 
@@ -139,8 +139,8 @@ def test_missing_mnist_gives_the_install_hint(tmp_path, capsys, monkeypatch):
 
 
 def test_nan_in_training_names_the_epoch_and_step(tmp_path, capsys):
-    line = run_error(capsys, ["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--lr", "1e30", "--batch-size", "16",
-                              "--out", str(tmp_path / "o"), *TINY])
+    line = run_error(capsys, ["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--lr", "1e30",
+                              "--batch-size", "16", "--out", str(tmp_path / "o"), *TINY])
     assert "epoch 1, step" in line
 
 

@@ -26,7 +26,9 @@ from lowbit.compress import (
     share_weights,
     shared_layers,
 )
+from lowbit.compress import pipeline, report
 from lowbit.compress.pipeline import accuracy, file_layer_bytes, store_and_verify
+from lowbit.compress.report import best_index_bits, coded_bytes, format_table
 from lowbit.data import load_dataset, make_loader
 from lowbit.errors import ConfigError
 from lowbit.models import LeNet5, LeNet300
@@ -153,3 +155,31 @@ def test_cli_command_compresses_a_checkpoint(trained, digits, tmp_path):
     json.dumps(data)  # JSON-able
     with pytest.raises(ConfigError, match="whole numbers"):
         cli_command.run(parser.parse_args([str(checkpoint), "--data", "digits", "--out", str(out), "--bits", "4.5"]))
+
+
+def test_best_index_bits_trades_fillers_against_table_size():
+    dense = np.arange(1, 50)  # no zeros: every gap is 0 whatever the width, so the narrowest wins
+    assert best_index_bits(dense) == 2
+    # rows of 64 codes whose first 48 are dead inputs: the paper's 5-bit gaps need a filler per row,
+    # 6-bit gaps none
+    rows = np.zeros((200, 64), dtype=np.int64)
+    rows[:, 48:] = np.random.default_rng(0).integers(1, 4, size=(200, 16))
+    flat = rows.reshape(-1)
+    assert best_index_bits(flat) >= 6
+    assert coded_bytes(flat, best_index_bits(flat)) < coded_bytes(flat, 5)
+    assert coded_bytes(flat, best_index_bits(flat)) == min(coded_bytes(flat, b) for b in range(2, 13))
+
+
+def test_auto_index_bits_and_no_ans_package(trained, digits, monkeypatch):
+    monkeypatch.setattr(report, "ans_available", lambda: False)
+    monkeypatch.setattr(pipeline, "ans_available", lambda: False)
+    config = DeepCompressionConfig(sparsity=0.8, bits=3, rounds=1, retrain_epochs=0, finetune_epochs=0,
+                                   index_bits="auto")
+    result = deep_compress(trained, *digits, config)
+    for s in result.layers:
+        codes = shared_layers(result.model)[s.name].weight_quantizer.indices.numpy()
+        assert s.index_bits == best_index_bits(codes)
+        assert s.bytes_ans is None and s.ans_weight_bits is None
+    assert result.to_dict()["bytes_ans"] is None
+    assert "+ANS" not in [p["stage"] for p in pipeline.tradeoff_points(result)]
+    assert "-" in format_table(result.layers)

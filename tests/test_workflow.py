@@ -107,7 +107,7 @@ def test_train_records_the_run_and_resumes_from_the_last_checkpoint(tmp_path):
     assert loaded_run["quant"] == "w8a8" and isinstance(model.ip1, QuantLinear)
     for key, value in resumed.model.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
-    images, labels = workflow.test_set("digits", 120)
+    images, labels = workflow.eval_set("digits", 120)
     assert workflow.accuracy(model, images, labels) == resumed.final_acc
 
 

@@ -89,8 +89,8 @@ def _run_demo(args: argparse.Namespace) -> Output:
 
     result = workflow.demo(
         args.out, data=args.data, epochs=args.epochs, seed=args.seed, limit=args.limit,
-        calib_batches=args.calib_batches, entropy=args.entropy, cache=args.cache_dir, data_dir=args.data_dir, progress=args.progress,
-        log=lambda message: print(message, file=sys.stderr), **_given(bits=args.bits),
+        calib_batches=args.calib_batches, entropy=args.entropy, cache=args.cache_dir, data_dir=args.data_dir,
+        progress=args.progress, log=lambda message: print(message, file=sys.stderr), **_given(bits=args.bits),
     )
     text = "\n".join([
         *result.notes,
@@ -99,8 +99,8 @@ def _run_demo(args: argparse.Namespace) -> Output:
         "",
         workflow.format_table(result.rows),
         "",
-        "file size: the .lowbit file; of float: file size / float32 parameter bytes;"
-        " log b-bit codes carry a sign bit too",
+        "file size: the .lowbit file; of float: file size / float32 parameter bytes; first and last layers"
+        " keep 8-bit weights (the presets' policy); log b-bit codes carry a sign bit too",
         f"wrote {result.table_path} and {result.plot_path} in {result.wall_time:.0f} s",
     ])
     return Output(text=text, data=result.to_dict())
@@ -174,7 +174,9 @@ def _quantize_source(args: argparse.Namespace) -> tuple[Any, str, str, str | Non
         seed_everything(args.seed)
         data = args.data or "mnist"
         return workflow.build_model(args.source, data), args.source, data, None
-    raise ConfigError(f"{args.source!r} is neither a checkpoint file nor a model name; models: {', '.join(model_names())}")
+    raise ConfigError(
+        f"{args.source!r} is neither a checkpoint file nor a model name; models: {', '.join(model_names())}"
+    )
 
 
 def _run_quantize(args: argparse.Namespace) -> Output:
@@ -197,7 +199,8 @@ def _run_quantize(args: argparse.Namespace) -> Output:
     path = workflow.save_quantized(quantized, args.out, data, args.entropy)
     size, reference = path.stat().st_size, workflow.float_bytes(model)
     data_out = {"path": str(path), "model": model_name, "data": data, "preset": preset,
-                "calibration_batches": args.calib_batches, "entropy": args.entropy, "file_bytes": size, "float_bytes": reference,
+                "calibration_batches": args.calib_batches, "entropy": args.entropy, "file_bytes": size,
+                "float_bytes": reference,
                 "ratio": size / reference}
     text = (f"wrote {path}: {model_name} quantized with {preset}, calibrated on {args.calib_batches} batch(es) of "
             f"{data} training images; {size:,} bytes = {100 * size / reference:.1f}% of the float32 parameters "
@@ -221,7 +224,7 @@ def _run_eval(args: argparse.Namespace) -> Output:
 
     path = _existing_file(args.file, "file")
     model = workflow.load_quantized(path)
-    images, labels = workflow.test_set(args.data, args.limit, args.data_dir)
+    images, labels = workflow.eval_set(args.data, args.limit, args.data_dir)
     acc = workflow.accuracy(model, images, labels, progress=args.progress)
     size, reference = path.stat().st_size, workflow.float_bytes(model)
     data = {"path": str(path), "data": args.data, "examples": len(labels), "accuracy": acc, "file_bytes": size,

@@ -43,10 +43,12 @@ from tqdm.auto import tqdm
 
 from . import api
 from .config import QuantConfig, as_config
+from .analysis.plots import plot_accuracy_vs_bits
 from .data import dataset_info, load_dataset, make_loader
+from .data.loaders import _check_positive as check_positive
 from .data.sources import cache_dir
-from .format.container import ENTROPY_CODERS
 from .errors import CalibrationError, ConfigError, DataError, TrainingError
+from .format.container import ENTROPY_CODERS
 from .models import get_model
 from .quantizers import Quantizer
 from .train import Trainer, load_checkpoint, load_weights, seed_everything
@@ -54,7 +56,6 @@ from .train.checkpoint import with_prefix
 from .train.trainer import JSONL_LOG, LAST
 
 RUN_FILE = "run.json"
-RUN_KEYS = ("model", "data", "quant", "seed", "epochs", "lr", "batch_size", "limit", "model_kwargs")
 DEFAULT_LR = 0.05  # SGD, momentum 0.9, cosine schedule: LeNet-5 reaches ~99% on MNIST in one epoch
 DEFAULT_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 1000
@@ -87,19 +88,14 @@ def float_bytes(model: nn.Module) -> int:
     return api.summary(model).float_bytes
 
 
-def _check_positive(value: int | None, what: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
-
-
 # -------------------------------------------------------------------- data
 
 
-def test_set(data: str, limit: int | None = None, data_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_set(
+    data: str, limit: int | None = None, data_dir: str | os.PathLike | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split of ``data`` (its first ``limit`` examples when given)."""
-    _check_positive(limit, "limit", allow_none=True)
+    check_positive(limit, "limit", allow_none=True)
     images, labels = load_dataset(data, "test", data_dir)
     return images[:limit], labels[:limit]
 
@@ -113,8 +109,8 @@ def calibration_batches(
 ) -> list[torch.Tensor]:
     """``count`` batches of ``batch_size`` training images drawn without replacement by a generator
     seeded with ``seed`` (the same seed gives the same images)."""
-    _check_positive(count, "calibration batches")
-    _check_positive(batch_size, "calibration batch size")
+    check_positive(count, "calibration batches")
+    check_positive(batch_size, "calibration batch size")
     images, _ = load_dataset(data, "train", data_dir)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     chosen = order[: count * batch_size]
@@ -203,9 +199,9 @@ def train(
     (training then continues up to ``epochs``). The test accuracy is measured
     with batches of :data:`EVAL_BATCH_SIZE`.
     """
-    _check_positive(epochs, "epochs")
-    _check_positive(batch_size, "batch_size")
-    _check_positive(limit, "limit", allow_none=True)
+    check_positive(epochs, "epochs")
+    check_positive(batch_size, "batch_size")
+    check_positive(limit, "limit", allow_none=True)
     out = Path(out_dir)
     last = out / LAST
     if last.exists() and not resume:
@@ -218,7 +214,7 @@ def train(
     if quant is not None:
         net = api.quantize(net, quant)
     train_x, train_y = load_dataset(data, "train", data_dir)
-    test_x, test_y = test_set(data, limit, data_dir)
+    test_x, test_y = eval_set(data, limit, data_dir)
     train_loader = make_loader(train_x[:limit], train_y[:limit], batch_size, shuffle=True, seed=seed)
     test_loader = make_loader(test_x, test_y, EVAL_BATCH_SIZE)
     if resume and last.exists():
@@ -507,10 +503,8 @@ def demo(
 ) -> DemoResult:
     """Train (or reuse from the cache) the demo model, quantize it post-training with every
     :func:`demo_methods` entry, save / reload / evaluate each file, and write ``table.json`` and
-    ``accuracy_vs_bits.png`` into ``out_dir``. ``entropy`` entropy-codes the files. ``limit`` keeps the first images of each split
-    (quick runs); ``log`` receives progress notes."""
-    from .analysis.plots import plot_accuracy_vs_bits
-
+    ``accuracy_vs_bits.png`` into ``out_dir``. ``entropy`` entropy-codes the files. ``limit`` keeps
+    the first images of each split (quick runs); ``log`` receives progress notes."""
     start = time.perf_counter()
     if entropy not in (None, *ENTROPY_CODERS):
         raise ConfigError(f"entropy must be None or one of {', '.join(ENTROPY_CODERS)}, got {entropy!r}")
@@ -526,7 +520,7 @@ def demo(
     if reused:
         say(f"reused {trained.checkpoint}")
     batches = calibration_batches(data, calib_batches, seed=seed, data_dir=data_dir)
-    test = test_set(data, limit, data_dir)
+    test = eval_set(data, limit, data_dir)
     out = Path(out_dir)
     rows = ptq_sweep(trained.model, data, demo_methods(bits), batches, test, out / "files", entropy, progress)
     table_path = out / "table.json"

@@ -19,7 +19,10 @@ Compression = float32 bytes of all parameters / total bytes. MACs come from
 forward hooks during one eval-mode pass of ``example_input``:
 ``output.numel() * in_features`` for Linear and
 ``output.numel() * in_channels / groups * kh * kw`` for Conv2d (bias adds
-not counted); without an example input they are None.
+not counted); without an example input they are None. Bit operations
+(``Summary.total_bops``) are MACs x weight bits x input bits. The hardware
+cost report (MACs by precision, memory, energy) is
+:func:`lowbit.analysis.cost.cost_report`, built on :func:`measure_layers`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ class Summary:
     def total_macs(self) -> int | None:
         macs = [row.macs for row in self.layers]
         return None if any(m is None for m in macs) else sum(macs)
+
+    @property
+    def total_bops(self) -> int | None:
+        """Bit operations, sum over rows of MACs x weight bits x input bits (float counts 32 bits)."""
+        if self.total_macs is None:
+            return None
+        return sum(row.macs * row.weight_bits * row.input_bits for row in self.layers)
 
     def to_dict(self) -> dict:
         return {
@@ -178,7 +188,8 @@ def _layer_macs(layer: nn.Module, output: torch.Tensor) -> int:
     return output.numel() * layer.in_features
 
 
-def _example(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> torch.Tensor:
+def example_tensor(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """``example_input`` itself, or zeros of that shape on the model's device (ConfigError otherwise)."""
     if isinstance(example_input, torch.Tensor):
         return example_input
     if isinstance(example_input, Sequence) and all(isinstance(d, int) and d > 0 for d in example_input):
@@ -187,12 +198,27 @@ def _example(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> t
     raise ConfigError(f"example_input must be a tensor or an input shape of positive ints, got {example_input!r}")
 
 
-def _measure_macs(model: nn.Module, layers: list[nn.Module], example: torch.Tensor) -> dict[int, int]:
-    """MACs per layer (by id) for one eval-mode forward pass; modes are restored afterwards."""
-    macs = {id(layer): 0 for layer in layers}
+@dataclass(frozen=True)
+class LayerShapes:
+    """What one layer did in a forward pass: MACs, and the elements of its input and output (all calls summed)."""
+
+    macs: int
+    input_numel: int
+    output_numel: int
+
+
+def measure_layers(model: nn.Module, layers: list[nn.Module], example: torch.Tensor) -> dict[int, LayerShapes]:
+    """MACs and input/output sizes per layer (by id) for one eval-mode forward pass of ``example``.
+
+    Train/eval modes are restored and the hooks removed afterwards.
+    """
+    counts = {id(layer): [0, 0, 0] for layer in layers}
 
     def hook(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        macs[id(layer)] += _layer_macs(layer, output)
+        count = counts[id(layer)]
+        count[0] += _layer_macs(layer, output)
+        count[1] += inputs[0].numel()
+        count[2] += output.numel()
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
     modes = [(m, m.training) for m in model.modules()]
@@ -205,7 +231,12 @@ def _measure_macs(model: nn.Module, layers: list[nn.Module], example: torch.Tens
             handle.remove()
         for module, training in modes:
             module.training = training
-    return macs
+    return {key: LayerShapes(*count) for key, count in counts.items()}
+
+
+def convertible_layers(model: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
+    """(name, layer) of every Linear/Conv2d (quantized or not) in registration order: the summary's rows."""
+    return [(n, m) for n, m in named_modules_without_quantizers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 def summary(model: nn.Module, example_input: torch.Tensor | Sequence[int] | None = None) -> Summary:
@@ -216,9 +247,9 @@ def summary(model: nn.Module, example_input: torch.Tensor | Sequence[int] | None
     activation quantizers must be calibrated before MACs can be measured.
     """
     named = named_modules_without_quantizers(model)
-    rows = [(n, m) for n, m in named if isinstance(m, (nn.Linear, nn.Conv2d))]
-    macs = None if example_input is None else _measure_macs(model, [m for _, m in rows], _example(model, example_input))
-    layers = [_layer_row(n, m, None if macs is None else macs[id(m)]) for n, m in rows]
+    rows = convertible_layers(model)
+    shapes = None if example_input is None else measure_layers(model, [m for _, m in rows], example_tensor(model, example_input))
+    layers = [_layer_row(n, m, None if shapes is None else shapes[id(m)].macs) for n, m in rows]
     other = _other_params([m for _, m in named], {id(m) for _, m in rows})
     return Summary(layers=layers, other_params=other, other_bytes=FLOAT_BYTES * other)
 

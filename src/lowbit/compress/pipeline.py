@@ -31,7 +31,15 @@ from .. import serialize
 from ..errors import ConfigError
 from ..train import Trainer
 from .prune import Pruner, prunable_layers, sparsity_schedule
-from .report import FLOAT_BYTES, LayerStats, layer_stats, plot_tradeoff, plot_weight_distribution
+from .report import (
+    FLOAT_BYTES,
+    LayerStats,
+    ans_available,
+    best_index_bits,
+    layer_stats,
+    plot_tradeoff,
+    plot_weight_distribution,
+)
 from .share import share_weights, shared_layers
 
 #: the paper's kept fractions (Tables 1 and 2), by the layer names of lowbit's LeNets
@@ -71,7 +79,8 @@ class DeepCompressionConfig:
     ``sparsity``: final fraction of zeros, one number or per layer (None: :func:`paper_sparsity`,
     unless ``quality`` is given); ``quality``: prune at ``quality * std`` every round instead;
     ``bits``: k-means index bits, one or per layer (None: 8 conv / 5 fc, 6 for an all-fc net);
-    ``index_bits``: relative-index bits, one or per layer (None: 8 conv / 5 fc).
+    ``index_bits``: relative-index bits, one or per layer (None: 8 conv / 5 fc; ``"auto"``: per layer
+    the width with the smallest Huffman-coded streams, :func:`~lowbit.compress.report.best_index_bits`).
     Training uses SGD with momentum 0.9, cosine schedule, ``lr`` for retraining and ``finetune_lr``
     (Adam) for the centroids.
     """
@@ -84,7 +93,7 @@ class DeepCompressionConfig:
     init: str = "linear"
     kmeans_iters: int = 30
     finetune_epochs: int = 1
-    index_bits: int | dict[str, int] | None = None
+    index_bits: int | dict[str, int] | str | None = None
     lr: float = 0.01
     weight_decay: float = 1e-4
     finetune_lr: float = 1e-4
@@ -93,10 +102,10 @@ class DeepCompressionConfig:
     def __post_init__(self) -> None:
         if self.sparsity is not None and self.quality is not None:
             raise ConfigError("give either sparsity targets or a quality, not both")
-        for name in ("rounds",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        if isinstance(self.index_bits, str) and self.index_bits != "auto":
+            raise ConfigError(f"index_bits must be an int, a dict of layer -> int, 'auto' or None; got {self.index_bits!r}")
         for name in ("retrain_epochs", "finetune_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -125,7 +134,7 @@ class CompressionResult:
             "layers": [s.to_dict() for s in self.layers],
             "float_bytes": self.float_bytes(),
             "bytes_huffman": sum(s.bytes_huffman for s in self.layers),
-            "bytes_ans": sum(s.bytes_ans for s in self.layers),
+            "bytes_ans": None if not ans_available() else sum(s.bytes_ans for s in self.layers),
         }
 
 
@@ -214,8 +223,12 @@ def deep_compress(
         acc["finetune"] = accuracy(shared, test_loader)
         log(f"codebook fine-tuning: test accuracy {acc['finetune']:.4f}")
 
-    index_bits = _per_layer_int(config.index_bits, paper_index_bits(model), "index_bits")
-    stats = [layer_stats(name, layer, index_bits[name]) for name, layer in shared_layers(shared).items()]
+    layers = shared_layers(shared)
+    if config.index_bits == "auto":
+        index_bits = {name: best_index_bits(m.weight_quantizer.indices.cpu().numpy()) for name, m in layers.items()}
+    else:
+        index_bits = _per_layer_int(config.index_bits, paper_index_bits(model), "index_bits")
+    stats = [layer_stats(name, layer, index_bits[name]) for name, layer in layers.items()]
     return CompressionResult(shared, acc, stats, kept, history, before)
 
 
@@ -243,11 +256,13 @@ def tradeoff_points(result: CompressionResult) -> list[dict[str, Any]]:
                      for s in result.layers)
         points.append({"stage": f"pruned, round {r}", "ratio": floats / pruned,
                        "error": 1 - acc.get(f"retrain{r}", acc[f"prune{r}"])})
-    return points + [
+    points += [
         {"stage": "shared (P+Q)", "ratio": floats / sum(s.bytes_pq for s in result.layers), "error": 1 - final},
         {"stage": "+Huffman", "ratio": floats / sum(s.bytes_huffman for s in result.layers), "error": 1 - final},
-        {"stage": "+ANS", "ratio": floats / sum(s.bytes_ans for s in result.layers), "error": 1 - final},
     ]
+    if ans_available():
+        points.append({"stage": "+ANS", "ratio": floats / sum(s.bytes_ans for s in result.layers), "error": 1 - final})
+    return points
 
 
 def write_plots(result: CompressionResult, out_dir: str | Path, prefix: str = "") -> list[Path]:
@@ -297,7 +312,7 @@ def store_and_verify(
     names = [s.name for s in result.layers]
     floats = result.float_bytes()
     stored: dict[str, Any] = {"plots": [str(p) for p in write_plots(result, out_dir)]}
-    for entropy in ENTROPY:
+    for entropy in ENTROPY if ans_available() else ENTROPY[:1]:
         path = save_compressed(result, out_dir / f"model-{entropy}.lowbit", entropy)
         per_layer, header = file_layer_bytes(path, names)
         float_model.load_state_dict(serialize.load_state_dict(path))
@@ -331,7 +346,7 @@ def _add_arguments(parser: Any) -> None:
     parser.add_argument("--quality", type=float, default=None, help="prune at quality * std instead of --sparsity")
     parser.add_argument("--bits", default=None, help="k-means index bits: one number or NAME=B,... "
                         "(default: 8 conv, 5 fc; 6 for a net without conv)")
-    parser.add_argument("--index-bits", default=None, help="relative-index bits: one or NAME=B,... (default 8 conv, 5 fc)")
+    parser.add_argument("--index-bits", default=None, help="relative-index bits: one, NAME=B,... or auto (smallest coded size; default 8 conv, 5 fc)")
     parser.add_argument("--init", default="linear", choices=["linear", "density", "random"], help="k-means init")
     parser.add_argument("--rounds", type=int, default=3, help="prune-retrain rounds (default 3)")
     parser.add_argument("--retrain-epochs", type=int, default=1, help="epochs of retraining per round (default 1)")
@@ -396,7 +411,8 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
         sparsity=parse_layer_values(args.sparsity, "--sparsity") if args.sparsity else None,
         quality=args.quality, rounds=args.rounds, retrain_epochs=args.retrain_epochs,
         bits=_int_values(args.bits, "--bits"), init=args.init, finetune_epochs=args.finetune_epochs,
-        index_bits=_int_values(args.index_bits, "--index-bits"), lr=args.lr, seed=args.seed,
+        index_bits="auto" if args.index_bits == "auto" else _int_values(args.index_bits, "--index-bits"),
+        lr=args.lr, seed=args.seed,
     )
     log: list[str] = []
 

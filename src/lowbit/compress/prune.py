@@ -87,7 +87,8 @@ def sparsity_schedule(final: float, rounds: int) -> list[float]:
 class Pruner(Callback):
     """Masks for the prunable layers of ``model`` (default: all Linear/Conv2d; ``layers`` picks some).
 
-    ``prune(sparsity=..., quality=...)`` lowers the masks; pass the Pruner to a
+    A layer without a ``weight_mask`` buffer gets one that keeps its non-zero weights; one that has
+    it (a resumed or reloaded model) keeps it. ``prune(sparsity=..., quality=...)`` lowers the masks; pass the Pruner to a
     :class:`~lowbit.train.Trainer` as a callback while retraining. ``remove()`` detaches the hooks
     and the ``weight_mask`` buffers (the zeros stay in the weights).
     """

@@ -15,6 +15,7 @@ the two streams (codes and gaps) Huffman-coded (:mod:`lowbit.format.huffman`) or
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,11 @@ from ..format.huffman import HuffmanStream, huffman_encode
 from ..format.sparse import encode_relative
 
 FLOAT_BYTES = 4
+
+
+def ans_available() -> bool:
+    """Whether the optional ANS coder (the package constriction) is installed."""
+    return importlib.util.find_spec("constriction") is not None
 
 
 def huffman_bytes(stream: HuffmanStream) -> int:
@@ -51,11 +57,11 @@ class LayerStats:
     codebook_size: int
     huffman_weight_bits: float  # mean coded bits per entry
     huffman_index_bits: float
-    ans_weight_bits: float
-    ans_index_bits: float
+    ans_weight_bits: float | None  # None without the optional package constriction
+    ans_index_bits: float | None
     bytes_pq: int  # fixed-width entries, codebook, bias
     bytes_huffman: int  # Huffman streams with tables, codebook, bias
-    bytes_ans: int  # ANS streams with their symbol tables, codebook, bias
+    bytes_ans: int | None  # ANS streams with their symbol tables, codebook, bias
 
     @property
     def kept(self) -> float:
@@ -69,6 +75,27 @@ class LayerStats:
         return {**asdict(self), "kept": self.kept, "float_bytes": self.float_bytes}
 
 
+#: relative-index widths tried by :func:`best_index_bits`
+INDEX_BITS_SEARCH = range(2, 13)
+
+
+def coded_bytes(codes: np.ndarray, index_bits: int) -> int:
+    """Bytes of the two Huffman-coded relative-index streams (values and gaps) of flat ``codes``."""
+    gaps, values = encode_relative(codes, index_bits)
+    return huffman_bytes(huffman_encode(values)) + huffman_bytes(huffman_encode(gaps))
+
+
+def best_index_bits(codes: np.ndarray, candidates: range = INDEX_BITS_SEARCH) -> int:
+    """The relative-index width with the fewest Huffman-coded bytes (ties: the narrower).
+
+    Wider gaps need fewer filler entries, and Huffman coding makes the unused width nearly free,
+    so pruned layers whose zeros come in long runs (dead input pixels) gain from more than the
+    paper's 5 bits.
+    """
+    codes = np.asarray(codes).reshape(-1)
+    return min(candidates, key=lambda bits: (coded_bytes(codes, bits), bits))
+
+
 def layer_stats(name: str, layer: nn.Module, index_bits: int) -> LayerStats:
     """Statistics of a QuantLinear/QuantConv2d with a fitted ``keep_zero`` k-means weight quantizer."""
     quantizer = layer.weight_quantizer
@@ -76,14 +103,14 @@ def layer_stats(name: str, layer: nn.Module, index_bits: int) -> LayerStats:
     gaps, values = encode_relative(codes, index_bits)
     entries = int(values.size)
     streams = [huffman_encode(values), huffman_encode(gaps)]
-    ans_streams = [ans_encode(values), ans_encode(gaps)]
+    ans_streams = [ans_encode(values), ans_encode(gaps)] if ans_available() else None
     biases = layer.bias.numel() if layer.bias is not None else 0
     fixed = FLOAT_BYTES * (quantizer.codebook.numel() + biases)
 
     def mean_bits(nbytes: int) -> float:
         return 8 * nbytes / entries if entries else 0.0
 
-    ans_sizes = [s.words.nbytes + s.symbols.nbytes + s.counts.nbytes for s in ans_streams]
+    ans_sizes = [s.words.nbytes + s.symbols.nbytes + s.counts.nbytes for s in ans_streams or ()]
     return LayerStats(
         name=name,
         kind="conv" if isinstance(layer, nn.Conv2d) else "fc",
@@ -96,16 +123,20 @@ def layer_stats(name: str, layer: nn.Module, index_bits: int) -> LayerStats:
         codebook_size=quantizer.codebook.numel(),
         huffman_weight_bits=mean_bits(streams[0].data.nbytes),
         huffman_index_bits=mean_bits(streams[1].data.nbytes),
-        ans_weight_bits=mean_bits(ans_streams[0].words.nbytes),
-        ans_index_bits=mean_bits(ans_streams[1].words.nbytes),
+        ans_weight_bits=mean_bits(ans_streams[0].words.nbytes) if ans_streams else None,
+        ans_index_bits=mean_bits(ans_streams[1].words.nbytes) if ans_streams else None,
         bytes_pq=math.ceil(entries * (quantizer.bits + index_bits) / 8) + fixed,
         bytes_huffman=sum(huffman_bytes(s) for s in streams) + fixed,
-        bytes_ans=sum(ans_sizes) + fixed,
+        bytes_ans=sum(ans_sizes) + fixed if ans_streams else None,
     )
 
 
-def _ratio(num: float, den: float) -> str:
+def _ratio(num: float, den: float | None) -> str:
     return f"{num / den:.1f}x" if den else "-"
+
+
+def _bits(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
 
 
 def format_table(layers: list[LayerStats], file_bytes: dict[str, int] | None = None) -> str:
@@ -121,15 +152,16 @@ def format_table(layers: list[LayerStats], file_bytes: dict[str, int] | None = N
     lines = [head, "-" * len(head)]
     for s in layers:
         row = (f"{s.name:<10}{s.weights:>9}{100 * s.kept:>6.1f}%{s.weight_bits:>7}{s.index_bits:>7}"
-               f"{s.huffman_weight_bits:>7.2f}{s.huffman_index_bits:>7.2f}{s.ans_weight_bits:>7.2f}"
-               f"{s.ans_index_bits:>7.2f}{_ratio(s.float_bytes, s.bytes_pq):>8}"
+               f"{s.huffman_weight_bits:>7.2f}{s.huffman_index_bits:>7.2f}{_bits(s.ans_weight_bits):>7}"
+               f"{_bits(s.ans_index_bits):>7}{_ratio(s.float_bytes, s.bytes_pq):>8}"
                f"{_ratio(s.float_bytes, s.bytes_huffman):>8}{_ratio(s.float_bytes, s.bytes_ans):>8}")
         if file_bytes is not None:
             row += f"{_ratio(s.float_bytes, file_bytes.get(s.name, 0)):>8}"
         lines.append(row)
 
-    def total(attr: str) -> int:
-        return sum(getattr(s, attr) for s in layers)
+    def total(attr: str) -> int | None:
+        values = [getattr(s, attr) for s in layers]
+        return None if None in values else sum(values)
 
     weights, nonzero, floats = total("weights"), total("nonzero"), total("float_bytes")
     row = (f"{'total':<10}{weights:>9}{100 * nonzero / max(weights, 1):>6.1f}%{'':>42}"

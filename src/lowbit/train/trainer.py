@@ -15,6 +15,10 @@ Reproducibility: a fresh ``fit`` seeds Python, NumPy and torch with ``seed``;
 a checkpoint stores the RNG states (and the state of the train loader's own
 ``generator``, if it has one), so a resumed run draws the same shuffles and
 dropout masks as an uninterrupted one and ends with the same weights bit for bit.
+
+Under DistributedDataParallel (:mod:`lowbit.train.ddp`) the train loss and
+accuracy are summed over the ranks, and only rank 0 shows progress and writes
+logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, TrainingError
 from . import checkpoint as ckpt
+from .ddp import all_reduce_sums, is_main, unwrap
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
@@ -143,12 +148,6 @@ def lr_factor(
     return 1.0
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module itself when ``model`` is a (Distributed)DataParallel wrapper."""
-    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    return model.module if isinstance(model, parallel) else model
-
-
 def _model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
@@ -234,7 +233,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume = resume
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and is_main()
 
         self.epoch = 0
         self.step = 0
@@ -331,7 +330,7 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the train loader; returns mean ``train_loss`` and ``train_acc``."""
-        model, module = self.model, _unwrap(self.model)
+        model, module = self.model, unwrap(self.model)
         model.train()
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler shuffles by seed + epoch
@@ -369,6 +368,7 @@ class Trainer:
             correct += int((outputs.detach().argmax(1) == labels).sum())
             count += size
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        loss_sum, correct, count = all_reduce_sums((loss_sum, correct, count))  # over DDP ranks
         if count == 0:
             raise ConfigError("train_loader yielded no batches")
         return {"train_loss": loss_sum / count, "train_acc": correct / count}
@@ -456,7 +456,7 @@ class Trainer:
         Rewriting (atomically) rather than appending keeps the logs equal to the
         history after a resume, with no duplicated epochs.
         """
-        if self.out_dir is None:
+        if self.out_dir is None or not is_main():  # under DDP rank 0 writes
             return
         jsonl = "".join(json.dumps(row) + "\n" for row in self.history)
         ckpt.atomic_write(self.out_dir / JSONL_LOG, lambda tmp: tmp.write_text(jsonl))
@@ -475,7 +475,7 @@ class Trainer:
         optimizer_meta, optimizer_tensors = ckpt.split_tensors(self.optimizer.state_dict(), "optimizer")
         scheduler_meta, scheduler_tensors = ckpt.split_tensors(self.scheduler.state_dict(), "scheduler")
         rng_tensors, rng_meta = ckpt.rng_state(self._generators())
-        model = {f"model.{key}": value for key, value in ckpt.model_tensors(_unwrap(self.model)).items()}
+        model = {f"model.{key}": value for key, value in ckpt.model_tensors(unwrap(self.model)).items()}
         meta = {
             "epoch": self.epoch,
             "step": self.step,
@@ -494,7 +494,7 @@ class Trainer:
         Raises ShapeMismatchError naming each tensor that does not fit the model.
         """
         tensors, meta = ckpt.load_checkpoint(path)
-        ckpt.load_model_tensors(_unwrap(self.model), ckpt.with_prefix(tensors, "model"), path)
+        ckpt.load_model_tensors(unwrap(self.model), ckpt.with_prefix(tensors, "model"), path)
         ckpt.load_optimizer_state(self.optimizer, meta["optimizer"], tensors)
         self.scheduler.load_state_dict(ckpt.join_tensors(meta["scheduler"], tensors))
         ckpt.set_rng_state(tensors, meta["rng"], self._generators())

@@ -1,0 +1,201 @@
+"""Per-layer bit widths under a size budget (or the smallest size under a loss budget).
+
+The model of Zhou, Moosavi-Dezfooli, Cheung & Frossard, "Adaptive
+Quantization for Deep Neural Network" (AAAI 2018): the damage of quantizing
+several layers is the sum of the damages measured one layer at a time
+(:mod:`lowbit.analysis.sensitivity`). Choosing one bit width b_i per layer is
+then a multiple-choice knapsack,
+
+    minimise  sum_i loss_i(b_i)   subject to   other_bytes + sum_i bytes_i(b_i) <= budget,
+
+solved exactly by dynamic programming over sizes (not by the paper's closed
+form, which assumes a continuous bit width): ``best_c`` = the least total
+loss of the layers so far with at most ``c`` size units,
+``best'_c = min_b best_{c - u_i(b)} + loss_i(b)``. A size unit is
+``granularity`` bytes, 1 by default, so the optimum is exact; when the
+budget would need more than ``max_states`` units the granularity grows to
+``ceil(budget / max_states)``. Each layer's bytes are rounded *up* to whole
+units, so the chosen widths always fit the budget (the optimum is then exact
+for the rounded sizes). ``bytes_i(b)`` is the layer's size by the summary
+byte rule, so the predicted size equals ``lowbit.summary(quantized).total_bytes``.
+
+The dual, :func:`allocate_for_loss`, reads the same table of least losses:
+the smallest size whose least loss is at most ``max_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import QuantConfig
+from ..errors import ConfigError
+from .sensitivity import OBJECTIVES, SensitivityTable, layer_config
+
+#: the most size units the dynamic programme keeps before coarsening its granularity
+MAX_STATES = 1 << 22
+
+
+@dataclass
+class Allocation:
+    """Chosen weight bits per layer, with the predicted loss (in the objective's units) and size."""
+
+    bits: dict[str, int]
+    act_bits: int | None
+    objective: str
+    predicted_loss: float
+    predicted_bytes: int
+    granularity: int
+    budget_bytes: int | None = None
+    max_loss: float | None = None
+
+    def config(self) -> QuantConfig:
+        """The QuantConfig that quantizes each layer to its chosen bits (one rule per layer name)."""
+        return layer_config(self.bits, self.act_bits)
+
+    def to_dict(self) -> dict:
+        return {"bits": dict(self.bits), "act_bits": self.act_bits, "objective": self.objective,
+                "predicted_loss": self.predicted_loss, "predicted_bytes": self.predicted_bytes,
+                "granularity": self.granularity, "budget_bytes": self.budget_bytes, "max_loss": self.max_loss}
+
+    def __str__(self) -> str:
+        width = max(len(name) for name in self.bits)
+        lines = [f"{name:<{width}}  {b:>2} bits" for name, b in self.bits.items()]
+        lines.append(f"predicted size {self.predicted_bytes:,} bytes, predicted {self.objective} "
+                     f"{self.predicted_loss:.6g}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Problem:
+    """The table as arrays: per layer the candidate bits (by ascending size), their bytes and losses."""
+
+    names: list[str]
+    bits: list[list[int]]
+    sizes: list[np.ndarray]
+    losses: list[np.ndarray]
+
+
+def _problem(table: SensitivityTable, objective: str) -> _Problem:
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if not table.layers or not table.bits:
+        raise ConfigError("the sensitivity table is empty; measure at least one layer and one bit width")
+    problem = _Problem(table.layers, [], [], [])
+    for name in table.layers:
+        order = sorted(table.bits, key=lambda b: (table.row(name, b).bytes, b))
+        loss = np.array([table.cost(name, b, objective) for b in order], dtype=np.float64)
+        problem.bits.append(order)
+        problem.sizes.append(np.array([table.row(name, b).bytes for b in order], dtype=np.int64))
+        problem.losses.append(loss)
+    return problem
+
+
+def _least_losses(problem: _Problem, capacity: int, unit: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``best[c]``: least total loss within ``c`` units, and per layer the choice index reaching it."""
+    best = np.zeros(capacity + 1)
+    choices = []
+    for sizes, losses in zip(problem.sizes, problem.losses):
+        units = -(-sizes // unit)  # ceil: rounded up, so a fit in units is a fit in bytes
+        new = np.full(capacity + 1, np.inf)
+        choice = np.full(capacity + 1, -1, dtype=np.int16)
+        for j, (u, loss) in enumerate(zip(units.tolist(), losses.tolist())):
+            if u > capacity:
+                continue
+            candidate = best[: capacity + 1 - u] + loss
+            better = candidate < new[u:]  # strict: among equal losses the smaller size (earlier j) stays
+            new[u:][better] = candidate[better]
+            choice[u:][better] = j
+        best = new
+        choices.append(choice)
+    return best, choices
+
+
+def _backtrack(problem: _Problem, choices: list[np.ndarray], c: int, unit: int) -> dict[str, int]:
+    picked: dict[str, int] = {}
+    for index in reversed(range(len(problem.names))):
+        j = int(choices[index][c])
+        picked[problem.names[index]] = problem.bits[index][j]
+        c -= int(-(-problem.sizes[index][j] // unit))
+    return {name: picked[name] for name in problem.names}
+
+
+def _granularity(capacity_bytes: int, granularity: int | None, max_states: int) -> int:
+    if granularity is not None:
+        if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
+            raise ConfigError(f"granularity must be a positive number of bytes, got {granularity!r}")
+        return granularity
+    return max(1, math.ceil(capacity_bytes / max_states))
+
+
+def _result(table: SensitivityTable, bits: dict[str, int], objective: str, unit: int,
+            **budget: float | int | None) -> Allocation:
+    size = table.other_bytes + sum(table.row(name, b).bytes for name, b in bits.items())
+    loss = sum(table.cost(name, b, objective) for name, b in bits.items())
+    return Allocation(bits=bits, act_bits=table.act_bits, objective=objective, predicted_loss=loss,
+                      predicted_bytes=size, granularity=unit, **budget)
+
+
+def smallest_bytes(table: SensitivityTable) -> int:
+    """The size of the smallest choice for every layer (the least budget that can be met)."""
+    return table.other_bytes + sum(min(table.row(n, b).bytes for b in table.bits) for n in table.layers)
+
+
+def allocate_bits(
+    table: SensitivityTable,
+    budget_bytes: int,
+    objective: str = "logit_mse",
+    granularity: int | None = None,
+    max_states: int = MAX_STATES,
+) -> Allocation:
+    """Per-layer bits of least predicted ``objective`` whose total size is at most ``budget_bytes``.
+
+    Exact multiple-choice knapsack by dynamic programming over sizes; see the
+    module docstring for the units and their rounding. Raises ConfigError
+    when even the smallest bit widths exceed the budget.
+    """
+    problem = _problem(table, objective)
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int):
+        raise ConfigError(f"budget_bytes must be an integer number of bytes, got {budget_bytes!r}")
+    least = smallest_bytes(table)
+    if budget_bytes < least:
+        raise ConfigError(f"a budget of {budget_bytes:,} bytes is below the smallest model these bit widths "
+                          f"give ({least:,} bytes, every layer at its smallest width)")
+    available = budget_bytes - table.other_bytes
+    unit = _granularity(available, granularity, max_states)
+    best, choices = _least_losses(problem, available // unit, unit)
+    if not np.isfinite(best[-1]):
+        raise ConfigError(f"no choice fits {budget_bytes:,} bytes at a granularity of {unit} bytes "
+                          f"(sizes are rounded up to whole units); pass granularity=1")
+    bits = _backtrack(problem, choices, available // unit, unit)
+    return _result(table, bits, objective, unit, budget_bytes=budget_bytes)
+
+
+def allocate_for_loss(
+    table: SensitivityTable,
+    max_loss: float,
+    objective: str = "accuracy",
+    granularity: int | None = None,
+    max_states: int = MAX_STATES,
+) -> Allocation:
+    """The smallest per-layer bits whose predicted ``objective`` (summed over layers) is at most ``max_loss``.
+
+    With ``objective="accuracy"`` the loss is the predicted accuracy drop as
+    a fraction (0.01 = one percentage point). Same dynamic programme as
+    :func:`allocate_bits`, up to the size of the largest choices.
+    """
+    problem = _problem(table, objective)
+    if not isinstance(max_loss, (int, float)) or isinstance(max_loss, bool) or not math.isfinite(max_loss) \
+            or max_loss < 0:
+        raise ConfigError(f"max_loss must be a finite number >= 0, got {max_loss!r}")
+    largest = sum(int(sizes[-1]) for sizes in problem.sizes)
+    unit = _granularity(largest, granularity, max_states)
+    best, choices = _least_losses(problem, -(-largest // unit), unit)
+    fits = np.flatnonzero(best <= max_loss)
+    if len(fits) == 0:
+        raise ConfigError(f"no choice of bit widths keeps the predicted {objective} within {max_loss}; "
+                          f"the least possible is {float(np.min(best)):.6g}")
+    bits = _backtrack(problem, choices, int(fits[0]), unit)
+    return _result(table, bits, objective, unit, max_loss=float(max_loss))

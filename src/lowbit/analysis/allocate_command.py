@@ -1,0 +1,85 @@
+"""``lowbit allocate CHECKPOINT --data mnist --budget-kb 20 --out config.json``: per-layer bit widths.
+
+Measures each layer's sensitivity on a seeded sample of training images
+(:func:`~lowbit.analysis.sensitivity.measure_sensitivity`), chooses the bits
+(:func:`~lowbit.analysis.allocate.allocate_bits` under ``--budget-kb``, or
+:func:`~lowbit.analysis.allocate.allocate_for_loss` under ``--max-drop``)
+and writes the :class:`~lowbit.config.QuantConfig` JSON. The command table
+entry is ``Command(HELP, add_arguments, run)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .allocate import allocate_bits, allocate_for_loss
+from .sensitivity import DEFAULT_BITS, OBJECTIVES, measure_sensitivity
+
+HELP = "choose per-layer weight bit widths under a size (or accuracy-drop) budget and write the config JSON"
+#: bytes per kB of --budget-kb
+KB = 1000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a float training checkpoint (or its directory)")
+    parser.add_argument("--out", required=True, help="the config JSON to write")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-kb", type=float, help="size budget in kB (1 kB = 1000 bytes, summary byte rule)")
+    budget.add_argument("--max-drop", type=float,
+                        help="smallest model whose predicted accuracy drop is at most this many percentage points")
+    parser.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_BITS),
+                        help="candidate weight bit widths (default: 1 2 3 4 6 8; 32 = float)")
+    parser.add_argument("--act-bits", type=int, default=None, help="uniform input bits for every layer (default: float)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="logit_mse",
+                        help="what --budget-kb minimises: summed logit MSE (default), loss increase or accuracy drop")
+    parser.add_argument("--calib-size", type=int, default=1000, help="training images measured (default: 1000)")
+    parser.add_argument("--model", default=None, help="architecture of the checkpoint (default: from run.json)")
+    parser.add_argument("--data", default=None, help="dataset (default: from run.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample (default: 0)")
+    parser.add_argument("--table", default=None, help="also write the sensitivity table JSON here")
+    parser.add_argument("--data-dir", default=None, help="directory holding the dataset's IDX files")
+
+
+def _sample(data: str, count: int, seed: int, data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..data import load_dataset
+    from ..data.loaders import _check_positive
+
+    _check_positive(count, "--calib-size")
+    images, labels = load_dataset(data, "train", data_dir)
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return images[chosen], labels[chosen]
+
+
+def run(args: argparse.Namespace) -> Any:
+    """Returns the ``lowbit.cli.Output`` of the command (text table and JSON data)."""
+    from .. import workflow
+    from ..cli import Output
+
+    source = Path(args.checkpoint)
+    model, info = workflow.load_trained(source / "last.safetensors" if source.is_dir() else source,
+                                        args.model, args.data)
+    if info.get("quant") is not None:
+        raise ConfigError(f"{args.checkpoint} was trained quantization-aware ({info['quant']!r}); "
+                          "allocate bits from a float checkpoint")
+    images, labels = _sample(info["data"], args.calib_size, args.seed, args.data_dir)
+    table = measure_sensitivity(model, images, labels, bits=args.bits, act_bits=args.act_bits)
+    if args.budget_kb is not None:
+        allocation = allocate_bits(table, int(args.budget_kb * KB), objective=args.objective)
+    else:
+        allocation = allocate_for_loss(table, args.max_drop / 100, objective="accuracy")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(allocation.config().to_json() + "\n")
+    if args.table:
+        Path(args.table).write_text(json.dumps(table.to_dict(), indent=2) + "\n")
+    text = (f"{allocation}\nfloat accuracy {100 * table.float_accuracy:.2f}% on {table.examples} {info['data']} "
+            f"training images; wrote {out}")
+    data = {"path": str(out), "model": info["model"], "data": info["data"], "allocation": allocation.to_dict(),
+            "config": allocation.config().to_dict(), "float_accuracy": table.float_accuracy}
+    return Output(text=text, data=data)

@@ -1,0 +1,202 @@
+"""Per-layer sensitivity to quantization: one layer at a time, each candidate bit width.
+
+After Zhou, Moosavi-Dezfooli, Cheung & Frossard, "Adaptive Quantization for
+Deep Neural Network" (AAAI 2018): the effect of quantizing layer i to b bits
+is measured with every other layer left float, on a calibration set run as
+one batch. For each (layer, bits) the table holds
+
+- ``accuracy_drop`` = float accuracy - accuracy (a fraction),
+- ``loss_increase`` = cross-entropy - float cross-entropy (mean over examples),
+- ``logit_mse`` = mean over examples and classes of (z_q - z)^2, the noise
+  power on the logits (the paper's measure: noise from several layers adds),
+- ``sqnr_db`` = 10 log10(sum z^2 / sum (z_q - z)^2) (None when the logits are
+  unchanged),
+- ``bytes``: the layer's storage under the summary byte rule
+  (:mod:`lowbit.analysis.summary`), so allocations predict sizes exactly.
+
+Weight quantizers by bit width (:func:`weight_spec`): 1 bit is XNOR-Net
+binary weights with a per-output-channel scale; 2-16 bits uniform symmetric
+per-output-channel (``config.uniform_weight``); 32 leaves the weight float.
+With ``act_bits`` each measured layer also gets an ``act_bits`` uniform input
+quantizer (``config.uniform_act``), calibrated on the same images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..api import calibrate, quantize
+from ..config import QuantConfig, LayerRule, Spec, uniform_act, uniform_weight
+from ..errors import ConfigError
+from ..quantizers import Quantizer
+from .summary import FLOAT_BITS, convertible_layers, summary
+
+#: the candidate weight bit widths of the paper's search (and of ``lowbit allocate``)
+DEFAULT_BITS = (1, 2, 3, 4, 6, 8)
+#: the measures a table holds per (layer, bits); allocation minimises the sum of one of them
+OBJECTIVES = ("logit_mse", "loss", "accuracy")
+
+
+def weight_spec(bits: int) -> Spec:
+    """The weight quantizer spec of a bit width: 1 -> XNOR binary, 2-16 -> uniform per-channel, 32 -> float."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= 16 or bits == FLOAT_BITS):
+        raise ConfigError(f"a candidate weight bit width must be 1, 2-16 or 32 (float), got {bits!r}")
+    if bits == 1:
+        return {"name": "xnor", "role": "weight"}
+    return None if bits == FLOAT_BITS else uniform_weight(bits)
+
+
+def act_spec(act_bits: int | None) -> Spec:
+    """The input quantizer spec: None keeps inputs float, else ``act_bits`` uniform affine (calibrated)."""
+    if act_bits is None:
+        return None
+    if isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 2 <= act_bits <= 16:
+        raise ConfigError(f"act_bits must be None (float inputs) or an integer from 2 to 16, got {act_bits!r}")
+    return uniform_act(act_bits)
+
+
+def layer_config(bits: dict[str, int], act_bits: int | None = None) -> QuantConfig:
+    """A config giving each named layer its weight bits (one rule per layer name) and every layer the
+    ``act_bits`` input quantizer; first/last policy "same", so the rules alone decide. Layers not named
+    are left float (a final skip rule)."""
+    rules = [LayerRule(pattern=name, weight=weight_spec(b)) for name, b in bits.items()]
+    rules.append(LayerRule(pattern="*", skip=True))
+    return QuantConfig(input=act_spec(act_bits), first="same", last="same", rules=rules)
+
+
+@dataclass
+class Sensitivity:
+    """The measures of quantizing one layer to ``bits`` with every other layer float."""
+
+    layer: str
+    bits: int
+    accuracy_drop: float
+    loss_increase: float
+    logit_mse: float
+    sqnr_db: float | None
+    bytes: int
+
+
+@dataclass
+class SensitivityTable:
+    """Sensitivities of every (layer, bits) pair, with the float reference and the bytes outside the layers."""
+
+    layers: list[str]
+    bits: list[int]
+    act_bits: int | None
+    examples: int
+    float_accuracy: float
+    float_loss: float
+    other_bytes: int
+    rows: list[Sensitivity] = field(default_factory=list)
+
+    def row(self, layer: str, bits: int) -> Sensitivity:
+        found = next((r for r in self.rows if r.layer == layer and r.bits == bits), None)
+        if found is None:
+            raise ConfigError(f"the sensitivity table has no entry for layer {layer!r} at {bits} bits; "
+                              f"layers: {self.layers}, bits: {self.bits}")
+        return found
+
+    def cost(self, layer: str, bits: int, objective: str = "logit_mse") -> float:
+        """The predicted loss of ``layer`` at ``bits``: the objective's measure, never below 0
+        (a quantized layer that happens to help on the calibration set counts as harmless)."""
+        row = self.row(layer, bits)
+        value = {"logit_mse": row.logit_mse, "loss": row.loss_increase, "accuracy": row.accuracy_drop}
+        if objective not in value:
+            raise ConfigError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if not math.isfinite(value[objective]):
+            raise ConfigError(f"layer {layer!r} at {bits} bits has a non-finite {objective} ({value[objective]}) "
+                              "in the sensitivity table")
+        return max(0.0, value[objective])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SensitivityTable:
+        data = dict(data)
+        rows = [Sensitivity(**r) for r in data.pop("rows", [])]
+        return cls(**data, rows=rows)
+
+    def __str__(self) -> str:
+        header = f"{'layer':<16} {'bits':>4} {'acc drop':>9} {'loss +':>9} {'logit MSE':>10} {'SQNR dB':>8} {'bytes':>9}"
+        lines = [header, "-" * len(header)]
+        for r in self.rows:
+            sqnr = "inf" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
+            lines.append(f"{r.layer:<16} {r.bits:>4} {100 * r.accuracy_drop:>8.2f}% {r.loss_increase:>9.4f} "
+                         f"{r.logit_mse:>10.4g} {sqnr:>8} {r.bytes:>9,}")
+        lines.append(f"float: accuracy {100 * self.float_accuracy:.2f}%, loss {self.float_loss:.4f} "
+                     f"on {self.examples} calibration examples")
+        return "\n".join(lines)
+
+
+def _check_inputs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    if any(isinstance(m, Quantizer) for m in model.modules()):
+        raise ConfigError("sensitivity needs the float model; this one already holds quantizers "
+                          "(measure the float checkpoint it came from)")
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise ConfigError("sensitivity needs calibration images and labels as tensors")
+    if len(images) == 0 or len(images) != len(labels):
+        raise ConfigError(f"sensitivity needs as many labels as images (at least one), got {len(images)} images "
+                          f"and {len(labels)} labels")
+
+
+def _measures(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float, float]:
+    """(accuracy, cross-entropy, logit MSE, SQNR dB or NaN when noiseless) of ``logits`` against ``reference``."""
+    noise = (logits.double() - reference.double()).pow(2)
+    signal = float(reference.double().pow(2).sum())
+    sqnr = 10 * math.log10(signal / float(noise.sum())) if float(noise.sum()) > 0 and signal > 0 else math.nan
+    accuracy = float((logits.argmax(1) == labels).double().mean())
+    return accuracy, float(F.cross_entropy(logits.double(), labels)), float(noise.mean()), sqnr
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    bits: tuple[int, ...] | list[int] = DEFAULT_BITS,
+    act_bits: int | None = None,
+) -> SensitivityTable:
+    """Quantize each Linear/Conv2d layer of the float ``model`` alone at each of ``bits`` and measure
+    accuracy, loss and logit noise on ``images`` (one batch) against the float model.
+
+    See the module docstring for the measures and the quantizers. The model is
+    not changed (each measurement quantizes a copy).
+    """
+    _check_inputs(model, images, labels)
+    candidates = list(bits)
+    for b in candidates:
+        weight_spec(b)
+    act_spec(act_bits)
+    if not candidates or len(set(candidates)) != len(candidates):
+        raise ConfigError(f"candidate bit widths must be distinct and at least one, got {list(bits)}")
+    names = [name for name, _ in convertible_layers(model)]
+    if not names:
+        raise ConfigError("the model has no Linear/Conv2d layer to quantize")
+    was_training = model.training
+    model.eval()
+    reference = model(images)
+    float_acc, float_loss, _, _ = _measures(reference, reference, labels)
+    base = summary(model)
+    table = SensitivityTable(layers=names, bits=candidates, act_bits=act_bits, examples=len(labels),
+                             float_accuracy=float_acc, float_loss=float_loss, other_bytes=base.other_bytes)
+    for name in names:
+        for b in candidates:
+            quantized = quantize(model, layer_config({name: b}, act_bits))
+            if act_bits is not None:
+                calibrate(quantized, [images])
+            logits = quantized.eval()(images)
+            acc, loss, mse, sqnr = _measures(logits, reference, labels)
+            size = next(row.bytes for row in summary(quantized).layers if row.name == name)
+            table.rows.append(Sensitivity(layer=name, bits=b, accuracy_drop=float_acc - acc,
+                                          loss_increase=loss - float_loss, logit_mse=mse,
+                                          sqnr_db=None if math.isnan(sqnr) else sqnr, bytes=size))
+    model.train(was_training)
+    return table

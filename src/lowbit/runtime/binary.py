@@ -1,0 +1,148 @@
+"""Binary layers on packed bits: linear and conv2d with binary weights and binary (sign) inputs.
+
+Both compute, exactly as lowbit's QuantLinear / QuantConv2d with a
+``binary`` input quantizer and a binary weight (``binary`` or ``xnor``)::
+
+    y = (sign(x) (*) sign(W)) * scale[o] + bias[o]
+
+where (*) is the matmul or the convolution of +-1 tensors, done as XNOR +
+popcount (:func:`lowbit.runtime.kernels.gemm`), ``scale`` the weight's
+per-output-channel factor (XNOR-Net's alpha; 1 for plain ``binary``) and
+sign(0) = +1.
+
+Convolution layout: NCHW in and out (as torch). Inside, the input's sign
+bits are packed per pixel along the channels (NHWC words), then a
+bit-packed im2col gathers each output position's kernel window and one
+binary GEMM against the packed weight rows gives every output channel.
+
+Padding equals training: QuantConv2d binarizes the input and then zero-pads
+the +-1 tensor, so a padded position contributes 0. A padded pixel packs as
+all-zero words, i.e. as -1 values, which contribute ``-S[o, p]`` with
+``S[o, p] = sum_c W[o, c, p]`` the weight sum at kernel position ``p``; the
+kernel adds back ``S[o, p]`` for every padded position of an output pixel
+(a per-position correction table, computed once per input size).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError
+from .kernels import WORD_BITS, check_array, check_threads, gemm, im2col, pack_signs, pack_weight_rows, select_kernel
+
+
+def _pair(value: int | tuple[int, int] | list[int], name: str, low: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low for v in pair)):
+        raise ConfigError(f"{name} must be an int >= {low} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _channel_vector(values: np.ndarray | float | None, channels: int, name: str) -> np.ndarray | None:
+    """A per-output-channel float32 vector (a scalar is broadcast), or None."""
+    if values is None:
+        return None
+    array = np.asarray(values, dtype=np.float32)
+    if array.size == 1:
+        return np.full(channels, array.reshape(()), dtype=np.float32)
+    if array.shape != (channels,):
+        raise ConfigError(f"{name} must be a scalar or hold one value per output channel ({channels}), "
+                          f"got shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def _weight_bits(weight: np.ndarray, ndim: int, name: str) -> np.ndarray:
+    if not isinstance(weight, np.ndarray) or weight.ndim != ndim or weight.dtype.kind not in "fiub":
+        raise ConfigError(f"{name} must be a real {ndim}-D numpy array (its signs are used), got "
+                          f"{getattr(weight, 'dtype', type(weight).__name__)} {getattr(weight, 'shape', '')}")
+    return weight >= 0
+
+
+class BinaryLinear:
+    """``y = (sign(x) sign(W)^T) * scale + bias`` for ``x [N, in]`` float32, ``W [out, in]`` (signs used)."""
+
+    def __init__(self, weight: np.ndarray, scale: np.ndarray | float | None = None, bias: np.ndarray | None = None):
+        bits = _weight_bits(weight, 2, "linear weight")
+        self.out_features, self.in_features = bits.shape
+        if self.in_features < 1:
+            raise ConfigError("a binary linear layer needs at least one input feature")
+        self.rows = pack_weight_rows(bits[:, :, None])
+        self.scale = _channel_vector(scale, self.out_features, "scale")
+        self.bias = _channel_vector(bias, self.out_features, "bias")
+
+    def __call__(self, x: np.ndarray, *, kernel: str | None = None, threads: int | None = None) -> np.ndarray:
+        x = check_array(x, "binary linear input", 2, (np.float32,))
+        if x.shape[1] != self.in_features:
+            raise ConfigError(f"binary linear input has {x.shape[1]} features, the layer takes {self.in_features}")
+        name, threads = select_kernel(kernel), check_threads(threads)
+        out = np.empty((x.shape[0], self.out_features), dtype=np.float32)
+        gemm(pack_signs(x, kernel=name, threads=threads), self.rows, self.in_features, out, name, threads,
+             self.scale, self.bias)
+        return out
+
+
+class BinaryConv2d:
+    """``y = conv2d(zero_pad(sign(x)), sign(W), stride) * scale + bias``, NCHW; ``W [out, in, kh, kw]``."""
+
+    def __init__(self, weight: np.ndarray, stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                 scale: np.ndarray | float | None = None, bias: np.ndarray | None = None):
+        bits = _weight_bits(weight, 4, "conv weight")
+        self.out_channels, self.in_channels, kh, kw = bits.shape
+        if min(bits.shape) < 1:
+            raise ConfigError(f"conv weight shape {bits.shape} has an empty axis")
+        self.kernel_size = (kh, kw)
+        self.stride = _pair(stride, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+        self.rows = pack_weight_rows(bits)
+        #: S[o, y, x]: the sum of the +-1 weights over the input channels at each kernel position
+        self.position_sums = (2 * bits.sum(axis=1, dtype=np.int64) - self.in_channels).astype(np.int32)
+        self.scale = _channel_vector(scale, self.out_channels, "scale")
+        self.bias = _channel_vector(bias, self.out_channels, "bias")
+        self._corrections: dict[tuple[int, int], np.ndarray | None] = {}
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if h + 2 * ph < kh or w + 2 * pw < kw:
+            raise ConfigError(f"binary conv input {h}x{w} with padding {self.padding} is smaller than the "
+                              f"kernel {self.kernel_size}")
+        return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+    def correction(self, h: int, w: int) -> np.ndarray | None:
+        """int32 ``[Ho Wo, out]``: sum of ``S[o, p]`` over the kernel positions ``p`` that fall in the padding."""
+        if (h, w) not in self._corrections:
+            (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+            ho, wo = self.output_size(h, w)
+            rows = np.arange(ho)[:, None] * sh - ph + np.arange(kh)[None, :]  # [Ho, kh] input row of each tap
+            cols = np.arange(wo)[:, None] * sw - pw + np.arange(kw)[None, :]
+            outside = ((rows < 0) | (rows >= h))[:, None, :, None] | ((cols < 0) | (cols >= w))[None, :, None, :]
+            table = None
+            if outside.any():
+                table = np.einsum("yxab,oab->yxo", outside.astype(np.int64), self.position_sums.astype(np.int64))
+                table = np.ascontiguousarray(table.reshape(ho * wo, self.out_channels), dtype=np.int32)
+            self._corrections[(h, w)] = table
+        return self._corrections[(h, w)]
+
+    def __call__(self, x: np.ndarray, *, kernel: str | None = None, threads: int | None = None) -> np.ndarray:
+        x = check_array(x, "binary conv input", 4, (np.float32,))
+        n, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ConfigError(f"binary conv input has {c} channels, the layer takes {self.in_channels}")
+        ho, wo = self.output_size(h, w)
+        name, threads = select_kernel(kernel), check_threads(threads)
+        pixels = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
+        words = (c + WORD_BITS - 1) // WORD_BITS
+        bits = pack_signs(pixels, kernel=name, threads=threads).reshape(n, h, w, words)
+        cols = im2col(bits, self.kernel_size, self.stride, self.padding, name, threads)
+        out = np.empty((n * ho * wo, self.out_channels), dtype=np.float32)
+        k = self.kernel_size[0] * self.kernel_size[1] * c
+        gemm(cols, self.rows, k, out, name, threads, self.scale, self.bias, self.correction(h, w))
+        return np.ascontiguousarray(out.reshape(n, ho, wo, self.out_channels).transpose(0, 3, 1, 2))
+
+
+def binary_conv2d(x: np.ndarray, weight: np.ndarray, stride: int | tuple[int, int] = 1,
+                  padding: int | tuple[int, int] = 0, scale: np.ndarray | float | None = None,
+                  bias: np.ndarray | None = None, *, kernel: str | None = None,
+                  threads: int | None = None) -> np.ndarray:
+    """One-shot :class:`BinaryConv2d`: ``conv2d(zero_pad(sign(x)), sign(W)) * scale + bias`` (NCHW, float32)."""
+    return BinaryConv2d(weight, stride, padding, scale, bias)(x, kernel=kernel, threads=threads)

@@ -1,0 +1,194 @@
+"""XNOR + popcount primitives: sign packing and the binary GEMM, native with a numpy fallback.
+
+A binary dot product of two rows of K values in {-1, +1}, packed as bits
+(bit 1 = +1, LSB first in uint64 words, zero tail; see
+:mod:`lowbit.format.bitpack`), is ``K - 2 * popcount(a XOR b)``: XNOR-Net's
+replacement of K multiply-accumulates (Rastegari et al., ECCV 2016,
+section 3.2), accumulated in int32.
+
+Kernels (the native module ``lowbit._native._kernels``, chosen at run time):
+``avx512`` (AVX-512 VPOPCNTDQ), ``avx2`` (nibble-table popcount), ``scalar``
+(POPCNT), ``neon`` (aarch64), and ``numpy`` (always there: the float64
+matmul of the unpacked +-1 matrices, exact for K < 2**53).
+Every function takes ``kernel`` (a name, default: the environment
+variable ``LOWBIT_KERNEL``, else the fastest this CPU runs) and ``threads``
+(None or 0: all cores).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, FormatError
+from ..format.bitpack import WORD_BITS, pack_rows, pack_signs as pack_signs_numpy, unpack_rows
+
+try:
+    from .._native import _kernels as native
+except ImportError:  # the extension did not build: the numpy kernels stay usable
+    native = None
+
+#: environment variable that forces a kernel
+KERNEL_ENV = "LOWBIT_KERNEL"
+KERNEL_NAMES = ("avx512", "avx2", "neon", "scalar", "numpy")
+_NATIVE_IDS: dict[str, int] = dict(native.kernels()) if native is not None else {}
+
+
+def available_kernels() -> list[str]:
+    """Kernels this CPU runs, fastest first; the first is used unless one is forced. ``"numpy"`` is always last."""
+    return [*_NATIVE_IDS, "numpy"]
+
+
+def native_available() -> bool:
+    """Whether the native module was built and loaded."""
+    return native is not None
+
+
+def select_kernel(kernel: str | None = None) -> str:
+    """The kernel to run: ``kernel``, else ``$LOWBIT_KERNEL``, else the fastest available."""
+    name = kernel if kernel is not None else os.environ.get(KERNEL_ENV) or available_kernels()[0]
+    if name not in KERNEL_NAMES:
+        raise ConfigError(f"unknown kernel {name!r} (argument or ${KERNEL_ENV}); valid: {', '.join(KERNEL_NAMES)}")
+    if name not in available_kernels():
+        raise ConfigError(f"kernel {name!r} does not run on this machine; available: {', '.join(available_kernels())}")
+    return name
+
+
+def check_threads(threads: int | None) -> int:
+    """``threads`` as the native modules take it: 0 means all cores."""
+    if threads is None:
+        return 0
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise ConfigError(f"threads must be None or an int >= 0 (0: all cores), got {threads!r}")
+    return int(threads)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} array of shape {x.shape}{'' if x.flags.c_contiguous else ' (not C-contiguous)'}"
+    return type(x).__name__
+
+
+def check_array(x: object, name: str, ndim: int, dtypes: tuple[np.dtype | type, ...] | None = None) -> np.ndarray:
+    """Raise ConfigError unless ``x`` is a C-contiguous ndarray of ``ndim`` dimensions (and one of ``dtypes``)."""
+    ok = isinstance(x, np.ndarray) and x.ndim == ndim and x.flags.c_contiguous
+    if ok and dtypes is not None:
+        ok = any(x.dtype == d for d in dtypes)
+    if not ok:
+        kinds = "" if dtypes is None else " of " + " or ".join(np.dtype(d).name for d in dtypes)
+        raise ConfigError(f"{name} must be a C-contiguous {ndim}-D numpy array{kinds}, got {_describe(x)}")
+    return x  # type: ignore[return-value]
+
+
+def pack_signs(x: np.ndarray, *, kernel: str | None = None, threads: int | None = None) -> np.ndarray:
+    """Sign-pack rows ``x [rows, K]`` into uint64 words ``[rows, ceil(K / 64)]``: bit 1 where ``x >= 0``.
+
+    Same bits as :func:`lowbit.format.bitpack.pack_signs` (sign(0) = +1, NaN
+    packs as -1, zero tail); float32 rows use the native kernel.
+    """
+    x = check_array(x, "rows to pack", 2)
+    if x.dtype.kind not in "fiub":
+        raise ConfigError(f"rows to pack must hold real numbers (float, int or bool), got dtype {x.dtype}")
+    name = select_kernel(kernel)
+    if name == "numpy" or x.dtype != np.float32:
+        return pack_signs_numpy(x)
+    out = np.empty((x.shape[0], (x.shape[1] + WORD_BITS - 1) // WORD_BITS), dtype=np.uint64)
+    native.pack_signs(x, out, _NATIVE_IDS[name], check_threads(threads))
+    return out
+
+
+def unpack_signs(words: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_signs`: float32 rows of +-1 ``[rows, k]`` (FormatError on a set tail bit)."""
+    return np.where(unpack_rows(words, k), np.float32(1), np.float32(-1))
+
+
+def check_packed(a: object, b: object, k: object) -> int:
+    """Validate two packed operands of a binary GEMM over ``k`` bits; return ``k``."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k (the bits per row) must be an int >= 1, got {k!r}")
+    k = int(k)
+    words = (k + WORD_BITS - 1) // WORD_BITS
+    for name, x in (("a_packed", a), ("b_packed", b)):
+        x = check_array(x, name, 2, (np.uint64,))
+        if x.shape[1] != words:
+            raise ConfigError(f"{name} holds {x.shape[1]} words per row; k={k} needs ceil(k / 64) = {words}")
+        if k % WORD_BITS and x.shape[0] and np.any(x[:, -1] >> np.uint64(k % WORD_BITS)):
+            raise FormatError("bad-padding", f"{name}: bits past k={k} in the last word of a row are not zero")
+    return k
+
+
+def binary_gemm(a_packed: np.ndarray, b_packed: np.ndarray, k: int, *, kernel: str | None = None,
+                threads: int | None = None) -> np.ndarray:
+    """``C[m, n] = k - 2 popcount(A[m] XOR B[n])``, int32 ``[M, N]``: the +-1 product ``A B^T`` of packed rows.
+
+    ``a_packed [M, ceil(k/64)]`` and ``b_packed [N, ceil(k/64)]`` are uint64
+    sign rows with zero tails (:func:`pack_signs`).
+    """
+    k = check_packed(a_packed, b_packed, k)
+    out = np.empty((a_packed.shape[0], b_packed.shape[0]), dtype=np.int32)
+    gemm(a_packed, b_packed, k, out, select_kernel(kernel), check_threads(threads))
+    return out
+
+
+def gemm(a: np.ndarray, b: np.ndarray, k: int, out: np.ndarray, kernel: str, threads: int,
+         scale: np.ndarray | None = None, bias: np.ndarray | None = None,
+         correction: np.ndarray | None = None) -> None:
+    """Binary GEMM of validated operands into ``out`` (int32, or float32 through the epilogue).
+
+    ``k`` counts the meaningful bits of a row (at most 64 x its words; the
+    others are zero in both operands). With a float32 ``out``:
+    ``out[m, n] = (dot + correction[m % R, n]) * scale[n] + bias[n]``.
+    """
+    if kernel != "numpy":
+        native.gemm(a, b, k, out, _NATIVE_IDS[kernel], threads, scale, bias, correction)
+        return
+    if a.shape[0] and b.shape[0]:
+        bits = a.shape[1] * WORD_BITS
+        dot = np.rint(unpack_signs(a, bits).astype(np.float64) @ unpack_signs(b, bits).astype(np.float64).T)
+        dot = dot.astype(np.int64) - (bits - k)  # the zero bits beyond k each counted +1
+    else:
+        dot = np.zeros(out.shape, dtype=np.int64)
+    if correction is not None:
+        dot += correction[np.arange(out.shape[0]) % correction.shape[0]]
+    if out.dtype == np.int32:
+        out[...] = dot
+        return
+    values = dot.astype(np.float32)
+    if scale is not None:
+        values *= scale
+    if bias is not None:
+        values += bias
+    out[...] = values
+
+
+def im2col(bits: np.ndarray, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+           kernel: str, threads: int) -> np.ndarray:
+    """Bit-packed im2col: pixel words ``[N, H, W, words]`` -> rows ``[N Ho Wo, kh kw words]`` (padding: zero words)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    n, h, w, words = bits.shape
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if kernel != "numpy":
+        out = np.empty((n * ho * wo, kh * kw * words), dtype=np.uint64)
+        native.im2col(bits, (kh, kw), (sh, sw), (ph, pw), out, threads)
+        return out
+    padded = np.zeros((n, h + 2 * ph, w + 2 * pw, words), dtype=np.uint64)
+    padded[:, ph : ph + h, pw : pw + w] = bits
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw][:, :ho, :wo]
+    return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3)).reshape(n * ho * wo, kh * kw * words)
+
+
+def pack_weight_rows(bits: np.ndarray) -> np.ndarray:
+    """Sign bits of a weight ``[O, C, *kernel]`` as rows ``[O, positions * ceil(C / 64)]``: each kernel
+    position's input channels in whole words (the file's order, input channel fastest, with every position
+    padded to a word boundary so that it lines up with :func:`im2col`'s rows)."""
+    o, c = bits.shape[:2]
+    per_position = np.moveaxis(bits.reshape(o, c, -1), 1, -1).reshape(-1, c)
+    return pack_rows(per_position).reshape(o, -1)
+
+
+def describe() -> dict[str, Any]:
+    """The runtime's build: native module loaded, OpenMP, kernels available."""
+    return {"native": native is not None, "openmp": bool(native.openmp()) if native else False,
+            "kernels": available_kernels()}

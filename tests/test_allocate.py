@@ -1,0 +1,181 @@
+"""Bit allocation: exact knapsack optimum against brute force, budgets respected, configs that round-trip."""
+
+import argparse
+import itertools
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lowbit
+from lowbit.analysis.allocate import Allocation, allocate_bits, allocate_for_loss, smallest_bytes
+from lowbit.analysis.sensitivity import Sensitivity, SensitivityTable, measure_sensitivity
+from lowbit.config import QuantConfig
+from lowbit.errors import ConfigError
+
+
+def synthetic(sizes: dict[str, dict[int, int]], losses: dict[str, dict[int, float]], other: int = 0):
+    """A sensitivity table with the given bytes and logit MSE (= accuracy drop = loss increase) per entry."""
+    layers = list(sizes)
+    bits = sorted(next(iter(sizes.values())))
+    rows = [Sensitivity(layer=n, bits=b, accuracy_drop=losses[n][b], loss_increase=losses[n][b],
+                        logit_mse=losses[n][b], sqnr_db=None, bytes=sizes[n][b]) for n in layers for b in bits]
+    return SensitivityTable(layers=layers, bits=bits, act_bits=None, examples=1, float_accuracy=1.0,
+                            float_loss=0.0, other_bytes=other, rows=rows)
+
+
+def two_layers(sensitive: str) -> SensitivityTable:
+    # two layers of 1000 weights: 2 bits -> 250 bytes, 8 bits -> 1000 bytes; one is 100x more sensitive
+    sizes = {name: {2: 250, 8: 1000} for name in ("a", "b")}
+    losses = {name: {2: 10.0 if name == sensitive else 0.1, 8: 0.0} for name in ("a", "b")}
+    return synthetic(sizes, losses, other=16)
+
+
+@pytest.mark.parametrize("sensitive, dull", [("a", "b"), ("b", "a")])
+def test_the_sensitive_layer_gets_the_bits(sensitive, dull):
+    # budget 16 + 1250: exactly one layer can have 8 bits; giving them to the sensitive layer costs 0.1, not 10
+    allocation = allocate_bits(two_layers(sensitive), 1266)
+    assert allocation.bits == {sensitive: 8, dull: 2}
+    assert allocation.predicted_bytes == 1266
+    assert allocation.predicted_loss == pytest.approx(0.1)
+    assert allocate_bits(two_layers(sensitive), 1265).bits == {"a": 2, "b": 2}  # one byte short: no room for 8 bits
+    assert allocate_bits(two_layers(sensitive), 2016).bits == {"a": 8, "b": 8}
+
+
+def brute_force(table: SensitivityTable, fits) -> list[tuple[float, int, dict[str, int]]]:
+    """Every combination (loss, size, bits) that ``fits(loss, size)``."""
+    out = []
+    for combo in itertools.product(table.bits, repeat=len(table.layers)):
+        bits = dict(zip(table.layers, combo))
+        size = table.other_bytes + sum(table.row(n, b).bytes for n, b in bits.items())
+        loss = sum(table.cost(n, b) for n, b in bits.items())
+        if fits(loss, size):
+            out.append((loss, size, bits))
+    return out
+
+
+tables = st.integers(1, 3).flatmap(lambda layers: st.tuples(
+    st.lists(st.integers(0, 300), min_size=3 * layers, max_size=3 * layers),
+    st.lists(st.one_of(st.just(0.0), st.floats(0, 50), st.floats(-1, 0)), min_size=3 * layers,
+             max_size=3 * layers),
+    st.integers(0, 20),
+))
+
+
+def table_of(draw) -> SensitivityTable:
+    sizes, losses, other = draw
+    names = [f"l{i}" for i in range(len(sizes) // 3)]
+    bits = (2, 4, 8)
+    return synthetic({n: {b: sizes[3 * i + j] for j, b in enumerate(bits)} for i, n in enumerate(names)},
+                     {n: {b: losses[3 * i + j] for j, b in enumerate(bits)} for i, n in enumerate(names)}, other)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tables, st.integers(0, 1000))
+def test_budget_allocation_is_the_brute_force_optimum_and_fits_exactly(drawn, budget):
+    table = table_of(drawn)
+    feasible = brute_force(table, lambda loss, size: size <= budget)
+    if budget < smallest_bytes(table):
+        assert not feasible
+        with pytest.raises(ConfigError, match="below the smallest model"):
+            allocate_bits(table, budget)
+        return
+    allocation = allocate_bits(table, budget)
+    size = table.other_bytes + sum(table.row(n, b).bytes for n, b in allocation.bits.items())
+    assert allocation.predicted_bytes == size <= budget
+    assert allocation.granularity == 1
+    assert allocation.predicted_loss == pytest.approx(min(loss for loss, _, _ in feasible), abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tables, st.floats(0, 100))
+def test_loss_budget_gives_the_smallest_size(drawn, max_loss):
+    table = table_of(drawn)
+    feasible = brute_force(table, lambda loss, size: loss <= max_loss)
+    if not feasible:
+        with pytest.raises(ConfigError, match="least possible"):
+            allocate_for_loss(table, max_loss, objective="logit_mse")
+        return
+    allocation = allocate_for_loss(table, max_loss, objective="logit_mse")
+    assert allocation.predicted_loss <= max_loss + 1e-9
+    assert allocation.predicted_bytes == min(size for _, size, _ in feasible)
+
+
+def test_coarse_granularity_still_fits_the_budget():
+    sizes = {n: {2: 251 + i, 4: 503 + i, 8: 1001 + i} for i, n in enumerate("abc")}
+    losses = {n: {2: 3.0 * (i + 1), 4: 1.0 * (i + 1), 8: 0.0} for i, n in enumerate("abc")}
+    table = synthetic(sizes, losses)
+    for budget in range(1000, 3100, 97):
+        coarse = allocate_bits(table, budget, max_states=10)
+        assert coarse.granularity == -(-budget // 10)
+        assert coarse.predicted_bytes <= budget
+        assert coarse.predicted_loss >= allocate_bits(table, budget).predicted_loss
+    # 760 >= 756 bytes (all 2-bit) fits, but not once each size is rounded up to 76-byte units
+    assert allocate_bits(table, 760).bits == {"a": 2, "b": 2, "c": 2}
+    with pytest.raises(ConfigError, match="granularity=1"):
+        allocate_bits(table, 760, max_states=10)
+
+
+def test_bad_arguments_are_config_errors():
+    table = two_layers("a")
+    with pytest.raises(ConfigError, match="objective"):
+        allocate_bits(table, 5000, objective="speed")
+    with pytest.raises(ConfigError, match="budget_bytes"):
+        allocate_bits(table, 1500.5)
+    with pytest.raises(ConfigError, match="granularity"):
+        allocate_bits(table, 1500, granularity=0)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="max_loss"):
+            allocate_for_loss(table, bad)
+    nan_table = synthetic({"a": {2: 1, 8: 4}}, {"a": {2: float("nan"), 8: 0.0}})
+    with pytest.raises(ConfigError, match="'a'.*non-finite"):
+        allocate_bits(nan_table, 10)
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16),
+                         nn.ReLU(), nn.Linear(16, 3)).eval()
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_written_config_round_trips_through_quantize_at_the_predicted_size(tmp_path, act_bits):
+    model = small_net()
+    images = torch.randn(64, 1, 8, 8)
+    labels = model(images).argmax(1)
+    table = measure_sensitivity(model, images, labels, bits=(1, 2, 4, 8), act_bits=act_bits)
+    budget = (smallest_bytes(table) + sum(table.row(n, 8).bytes for n in table.layers) + table.other_bytes) // 2
+    allocation = allocate_bits(table, budget, objective="loss")
+    path = tmp_path / "config.json"
+    path.write_text(allocation.config().to_json())
+    config = QuantConfig.from_json(path.read_text())
+    assert config == allocation.config()
+    quantized = lowbit.quantize(model, config)
+    if act_bits is not None:
+        lowbit.calibrate(quantized, [images])
+    rows = lowbit.summary(quantized).layers
+    assert {r.name: r.weight_bits for r in rows} == allocation.bits
+    assert {r.input_bits for r in rows} == {act_bits or 32}
+    assert lowbit.summary(quantized).total_bytes == allocation.predicted_bytes <= budget
+    assert isinstance(allocation, Allocation) and json.loads(json.dumps(allocation.to_dict()))["bits"] == allocation.bits
+
+
+def test_allocate_command_writes_a_config_quantize_accepts(tmp_path):
+    from lowbit import workflow
+    from lowbit.analysis import allocate_command
+
+    trained = workflow.train("lenet300", "digits", epochs=1, out_dir=tmp_path / "run", limit=200, progress=False)
+    parser = argparse.ArgumentParser()
+    allocate_command.add_arguments(parser)
+    out = tmp_path / "config.json"
+    args = parser.parse_args([str(tmp_path / "run"), "--budget-kb", "40", "--out", str(out), "--calib-size", "100",
+                              "--bits", "2", "4", "8"])
+    result = allocate_command.run(args)
+    assert result.data["allocation"]["predicted_bytes"] <= 40_000
+    quantized = lowbit.quantize(trained.model, QuantConfig.from_json(out.read_text()))
+    assert lowbit.summary(quantized).total_bytes == result.data["allocation"]["predicted_bytes"]
+    args = parser.parse_args([str(tmp_path / "run"), "--max-drop", "1", "--out", str(out), "--calib-size", "100"])
+    assert allocate_command.run(args).data["allocation"]["max_loss"] == pytest.approx(0.01)
