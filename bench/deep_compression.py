@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from lowbit.compress.pipeline import DeepCompressionConfig, deep_compress, store_and_verify
-from lowbit.compress.report import format_table
+from lowbit.compress.report import best_index_bits, format_table, layer_stats
+from lowbit.compress.share import shared_layers
 from lowbit.data import loaders
 from lowbit.models import LeNet5, LeNet300
 from lowbit.train import Trainer, load_weights, seed_everything
@@ -33,22 +34,33 @@ SETUPS = {
         "model": LeNet300,
         "float": {"epochs": 10, "lr": 0.05},
         "runs": {
-            "paper": {"rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.02},
-            "goal": {"sparsity": {"ip1": 0.955, "ip2": 0.93, "ip3": 0.76}, "bits": {"ip1": 5, "ip2": 5, "ip3": 6},
-                     "rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.02},
+            "paper": {"rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05},
+            "goal": {"sparsity": {"ip1": 0.95, "ip2": 0.92, "ip3": 0.75}, "bits": {"ip1": 5, "ip2": 5, "ip3": 6},
+                     "index_bits": "auto", "rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05},
         },
     },
     "lenet5": {
         "model": LeNet5,
         "float": {"epochs": 8, "lr": 0.05},
         "runs": {
-            "paper": {"rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05},
+            "paper": {"rounds": 2, "retrain_epochs": 1, "finetune_epochs": 1, "lr": 0.05},
             "goal": {"sparsity": {"conv1": 0.4, "conv2": 0.92, "ip1": 0.96, "ip2": 0.85},
-                     "bits": {"conv1": 6, "conv2": 5, "ip1": 4, "ip2": 5},
-                     "rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05},
+                     "bits": {"conv1": 6, "conv2": 5, "ip1": 4, "ip2": 5}, "index_bits": "auto",
+                     "rounds": 2, "retrain_epochs": 1, "finetune_epochs": 1, "lr": 0.05},
         },
     },
 }
+
+
+class EpochLog:
+    """Prints each float training epoch (the Trainer's progress bars are off)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        m = trainer.metrics
+        print(f"  [{self.name}/float] epoch {m['epoch']}: loss {m['train_loss']:.4f} ({m['epoch_time']:.0f} s)", flush=True)
 
 
 def run_net(name: str, setup: dict, out: Path, seed: int, quick: bool, reuse: bool, runs: list[str] | None) -> dict:
@@ -63,7 +75,7 @@ def run_net(name: str, setup: dict, out: Path, seed: int, quick: bool, reuse: bo
         load_weights(model, float_path)
     else:
         trainer = Trainer(model, train_loader, None, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-                          schedule="cosine", seed=seed, progress=False, **float_opts)
+                          schedule="cosine", seed=seed, progress=False, callbacks=[EpochLog(name)], **float_opts)
         trainer.fit()
         trainer.save_checkpoint(float_path)
     results = {"float_train_s": time.perf_counter() - start, "float_options": float_opts, "runs": {}}
@@ -72,9 +84,10 @@ def run_net(name: str, setup: dict, out: Path, seed: int, quick: bool, reuse: bo
             continue
         if quick:
             options = {**options, "rounds": 1, "retrain_epochs": 1, "finetune_epochs": 1}
+        print(f"  [{name}/{run}] options {options}", flush=True)
         start = time.perf_counter()
         config = DeepCompressionConfig(seed=seed, **options)
-        result = deep_compress(model, train_loader, test_loader, config, log=lambda m: print(f"  [{name}/{run}] {m}"))
+        result = deep_compress(model, train_loader, test_loader, config, log=lambda m: print(f"  [{name}/{run}] {m}", flush=True))
         run_dir = out / f"{name}-{run}"
         stored = store_and_verify(result, type(model)(), run_dir, test_loader)
         results["runs"][run] = {
@@ -83,8 +96,16 @@ def run_net(name: str, setup: dict, out: Path, seed: int, quick: bool, reuse: bo
             **result.to_dict(),
             **stored,
         }
+        if options.get("index_bits") != "auto":  # the same model with the widths chosen per layer
+            auto = [layer_stats(n, m, best_index_bits(m.weight_quantizer.indices.numpy()))
+                    for n, m in shared_layers(result.model).items()]
+            results["runs"][run]["auto_index"] = {
+                "index_bits": {s.name: s.index_bits for s in auto},
+                "bytes_huffman": sum(s.bytes_huffman for s in auto),
+                "ratio_huffman": result.float_bytes() / sum(s.bytes_huffman for s in auto),
+            }
         print(f"\n{name} / {run}\n{format_table(result.layers, stored.get('file_layer_bytes'))}")
-        print(json.dumps({k: v for k, v in stored.items() if k != "file_layer_bytes"}, indent=1))
+        print(json.dumps({k: v for k, v in results["runs"][run].items() if k not in ("layers", "file_layer_bytes")}))
     return results
 
 

@@ -160,7 +160,8 @@ def test_written_config_round_trips_through_quantize_at_the_predicted_size(tmp_p
     assert {r.name: r.weight_bits for r in rows} == allocation.bits
     assert {r.input_bits for r in rows} == {act_bits or 32}
     assert lowbit.summary(quantized).total_bytes == allocation.predicted_bytes <= budget
-    assert isinstance(allocation, Allocation) and json.loads(json.dumps(allocation.to_dict()))["bits"] == allocation.bits
+    assert isinstance(allocation, Allocation)
+    assert json.loads(json.dumps(allocation.to_dict()))["bits"] == allocation.bits
 
 
 def test_allocate_command_writes_a_config_quantize_accepts(tmp_path):
@@ -171,11 +172,12 @@ def test_allocate_command_writes_a_config_quantize_accepts(tmp_path):
     parser = argparse.ArgumentParser()
     allocate_command.add_arguments(parser)
     out = tmp_path / "config.json"
-    args = parser.parse_args([str(tmp_path / "run"), "--budget-kb", "40", "--out", str(out), "--calib-size", "100",
-                              "--bits", "2", "4", "8"])
+    args = parser.parse_args([str(tmp_path / "run"), "--budget-kb", "40", "--out", str(out),
+                              "--calib-size", "100", "--bits", "2", "4", "8"])
     result = allocate_command.run(args)
     assert result.data["allocation"]["predicted_bytes"] <= 40_000
     quantized = lowbit.quantize(trained.model, QuantConfig.from_json(out.read_text()))
     assert lowbit.summary(quantized).total_bytes == result.data["allocation"]["predicted_bytes"]
-    args = parser.parse_args([str(tmp_path / "run"), "--max-drop", "1", "--out", str(out), "--calib-size", "100"])
+    args = parser.parse_args([str(tmp_path / "run"), "--max-drop", "1", "--out", str(out),
+                              "--calib-size", "100"])
     assert allocate_command.run(args).data["allocation"]["max_loss"] == pytest.approx(0.01)

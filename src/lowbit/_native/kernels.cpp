@@ -186,7 +186,7 @@ struct Neon {
 
 template <class Isa>
 void gemm_blocked(const uint64_t* a, int64_t m_rows, const uint64_t* b, int64_t n_rows, int64_t words, int64_t k,
-                  int32_t* out_i, float* out_f, const Epilogue& ep, int threads) {
+                  int32_t* out_i, float* out_f, uint64_t* out_bits, const Epilogue& ep, int threads) {
     constexpr int MR = Isa::MR, NR = Isa::NR;
     const int64_t m_blocks = (m_rows + MB - 1) / MB, n_blocks = (n_rows + NB - 1) / NB;
     const int64_t jobs = m_blocks * n_blocks;
@@ -219,20 +219,27 @@ void gemm_blocked(const uint64_t* a, int64_t m_rows, const uint64_t* b, int64_t 
                 }
             }
         }
+        static_assert(NB == 64, "a block's columns fill exactly one word of packed output");
+        const int64_t out_words = (n_rows + 63) / 64;
         for (int64_t i = m0; i < m1; ++i) {
             const int32_t* corr = ep.correction ? ep.correction + (i % ep.correction_rows) * n_rows : nullptr;
+            uint64_t bits = 0;
             for (int64_t j = n0; j < n1; ++j) {
                 int32_t dot = static_cast<int32_t>(k - 2 * acc[(i - m0) * NB + (j - n0)]);
                 if (corr) dot += corr[j];
-                if (out_f) {
+                if (out_bits) {
+                    bits |= static_cast<uint64_t>(ep.direction[j] * dot >= ep.threshold[j]) << (j - n0);
+                } else if (out_f) {
                     float value = static_cast<float>(dot);
                     if (ep.scale) value *= ep.scale[j];
                     if (ep.bias) value += ep.bias[j];
-                    out_f[i * n_rows + j] = value;
+                    const int64_t p = ep.nchw_pixels;
+                    out_f[p > 0 ? ((i / p) * n_rows + j) * p + i % p : i * n_rows + j] = value;
                 } else {
                     out_i[i * n_rows + j] = dot;
                 }
             }
+            if (out_bits) out_bits[i * out_words + n0 / 64] = bits;
         }
     }
 }
@@ -331,26 +338,26 @@ void pack_signs_f32(const float* x, int64_t rows, int64_t k, uint64_t* out, int 
 }
 
 void binary_gemm(const uint64_t* a, int64_t m_rows, const uint64_t* b, int64_t n_rows, int64_t words, int64_t k,
-                 int32_t* out_i, float* out_f, const Epilogue& epilogue, int kernel, int threads) {
+                 int32_t* out_i, float* out_f, uint64_t* out_bits, const Epilogue& epilogue, int kernel, int threads) {
     threads = resolve_threads(threads);
     switch (kernel) {
 #ifdef LOWBIT_X86
         case KERNEL_AVX512:
-            return gemm_blocked<Avx512>(a, m_rows, b, n_rows, words, k, out_i, out_f, epilogue, threads);
+            return gemm_blocked<Avx512>(a, m_rows, b, n_rows, words, k, out_i, out_f, out_bits, epilogue, threads);
         case KERNEL_AVX2:
-            return gemm_blocked<Avx2>(a, m_rows, b, n_rows, words, k, out_i, out_f, epilogue, threads);
+            return gemm_blocked<Avx2>(a, m_rows, b, n_rows, words, k, out_i, out_f, out_bits, epilogue, threads);
         default:
             if (__builtin_cpu_supports("popcnt"))
-                return gemm_blocked<ScalarPopcnt>(a, m_rows, b, n_rows, words, k, out_i, out_f, epilogue, threads);
-            return gemm_blocked<Portable>(a, m_rows, b, n_rows, words, k, out_i, out_f, epilogue, threads);
+                return gemm_blocked<ScalarPopcnt>(a, m_rows, b, n_rows, words, k, out_i, out_f, out_bits, epilogue, threads);
+            return gemm_blocked<Portable>(a, m_rows, b, n_rows, words, k, out_i, out_f, out_bits, epilogue, threads);
 #elif defined(LOWBIT_AARCH64)
         case KERNEL_NEON:
-            return gemm_blocked<Neon>(a, m_rows, b, n_rows, words, k, out_i, out_f, epilogue, threads);
+            return gemm_blocked<Neon>(a, m_rows, b, n_rows, words, k, out_i, out_f, out_bits, epilogue, threads);
         default:
-            return gemm_blocked<Portable>(a, m_rows, b, n_rows, words, k, out_i, out_f, epilogue, threads);
+            return gemm_blocked<Portable>(a, m_rows, b, n_rows, words, k, out_i, out_f, out_bits, epilogue, threads);
 #else
         default:
-            return gemm_blocked<Portable>(a, m_rows, b, n_rows, words, k, out_i, out_f, epilogue, threads);
+            return gemm_blocked<Portable>(a, m_rows, b, n_rows, words, k, out_i, out_f, out_bits, epilogue, threads);
 #endif
     }
 }
@@ -375,6 +382,57 @@ void im2col_packed(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64
                 else
                     std::memcpy(dst, x + ((n * h + iy) * w + ix) * words, static_cast<size_t>(words) * sizeof(uint64_t));
             }
+        }
+    }
+}
+
+void pack_signs_nchw(const float* x, int64_t batch, int64_t channels, int64_t pixels, uint64_t* out, int threads) {
+    const int64_t words = (channels + 63) / 64;
+    constexpr int64_t PB = 256;  // pixels per task: the task's words stay in L1 while its channels stream by
+    const int64_t pixel_blocks = (pixels + PB - 1) / PB, tasks = batch * words * pixel_blocks;
+    threads = resolve_threads(threads);
+    const bool parallel = threads > 1 && tasks > 1 && batch * channels * pixels >= (int64_t{1} << 16);
+    (void)parallel;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t n = task / (words * pixel_blocks), word = (task / pixel_blocks) % words;
+        const int64_t p0 = (task % pixel_blocks) * PB, count = std::min(PB, pixels - p0);
+        uint64_t bits[PB] = {};
+        const int64_t c_end = std::min(channels, (word + 1) * 64);
+        for (int64_t c = word * 64; c < c_end; ++c) {
+            const float* row = x + (n * channels + c) * pixels + p0;
+            const int shift = static_cast<int>(c % 64);
+            for (int64_t p = 0; p < count; ++p) bits[p] |= static_cast<uint64_t>(row[p] >= 0.0f) << shift;
+        }
+        uint64_t* dst = out + (n * pixels + p0) * words + word;
+        for (int64_t p = 0; p < count; ++p) dst[p * words] = bits[p];
+    }
+}
+
+void max_pool_packed(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t words, int kh, int kw, int sh,
+                     int sw, int ph, int pw, int64_t ho, int64_t wo, const uint64_t* and_mask, uint64_t* out,
+                     int threads) {
+    const int64_t rows = batch * ho * wo;
+    threads = resolve_threads(threads);
+    const bool parallel = threads > 1 && rows * words * kh * kw >= (int64_t{1} << 16);
+    (void)parallel;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = r / (ho * wo), oy = (r / wo) % ho, ox = r % wo;
+        for (int64_t word = 0; word < words; ++word) {
+            uint64_t any = 0, all = ~uint64_t{0};
+            for (int ky = 0; ky < kh; ++ky) {
+                const int64_t iy = oy * sh - ph + ky;
+                if (iy < 0 || iy >= h) continue;
+                for (int kx = 0; kx < kw; ++kx) {
+                    const int64_t ix = ox * sw - pw + kx;
+                    if (ix < 0 || ix >= w) continue;
+                    const uint64_t v = x[((n * h + iy) * w + ix) * words + word];
+                    any |= v;
+                    all &= v;
+                }
+            }
+            out[r * words + word] = (any & ~and_mask[word]) | (all & and_mask[word]);
         }
     }
 }

@@ -16,23 +16,40 @@ const char* kernel_name(int kernel);
 bool kernel_supported(int kernel);  // compiled in and supported by this CPU
 int best_kernel();
 
-// Per-output-column epilogue of a binary GEMM: with `out_f` set,
-// out_f[m, n] = float(dot + correction[m % correction_rows, n]) * scale[n] + bias[n]
-// (each pointer may be null: no correction, scale 1, bias 0); else out_i[m, n] = dot + correction.
+// Per-output-column epilogue of a binary GEMM, on d = dot + correction[m % correction_rows, n]:
+// - out_bits set: bit n of row m (words [m, ceil(N / 64)], zero tail) is 1 iff direction[n] * d >= threshold[n]
+//   (batch norm + sign of the next binary layer folded into one integer comparison per channel);
+// - out_f set: float(d) * scale[n] + bias[n] (each pointer may be null: scale 1, bias 0), stored row-major
+//   [M, N], or, with nchw_pixels = P > 0, as NCHW: row m = image m / P, pixel m % P, at [m / P, n, m % P];
+// - else out_i[m, n] = d.
 struct Epilogue {
     const float* scale = nullptr;
     const float* bias = nullptr;
     const int32_t* correction = nullptr;
     int64_t correction_rows = 0;
+    int64_t nchw_pixels = 0;
+    const int32_t* threshold = nullptr;
+    const int32_t* direction = nullptr;
 };
 
 // Sign-pack float rows x[rows, k] (C order) into out[rows, ceil(k / 64)].
 void pack_signs_f32(const float* x, int64_t rows, int64_t k, uint64_t* out, int kernel, int threads);
 
 // C[m, n] = k - 2 * popcount(A[m, :] XOR B[n, :]) for A[m_rows, words], B[n_rows, words],
-// written through the epilogue to out_i (int32) or out_f (float32), both [m_rows, n_rows].
+// written through the epilogue to out_i (int32), out_f (float32) or out_bits (packed signs).
 void binary_gemm(const uint64_t* a, int64_t m_rows, const uint64_t* b, int64_t n_rows, int64_t words, int64_t k,
-                 int32_t* out_i, float* out_f, const Epilogue& epilogue, int kernel, int threads);
+                 int32_t* out_i, float* out_f, uint64_t* out_bits, const Epilogue& epilogue, int kernel, int threads);
+
+// Sign-pack an NCHW float tensor x[batch, channels, pixels] into pixel words out[batch, pixels, ceil(channels / 64)]
+// (channel c is bit c % 64 of word c / 64, zero tail): the layout im2col_packed reads.
+void pack_signs_nchw(const float* x, int64_t batch, int64_t channels, int64_t pixels, uint64_t* out, int threads);
+
+// Max pooling of packed +-1 pixels x[batch, h, w, words] -> out[batch, ho, wo, words]: the max of +-1 values is
+// the OR of their bits; channels whose bit is a decreasing function of the pooled value take the AND
+// (and_mask bit set). Window positions in the padding are skipped (torch pads max pooling with -inf).
+void max_pool_packed(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t words, int kh, int kw, int sh,
+                     int sw, int ph, int pw, int64_t ho, int64_t wo, const uint64_t* and_mask, uint64_t* out,
+                     int threads);
 
 // Bit-packed im2col: x[batch, h, w, words] (channel words per pixel) -> out[batch * ho * wo, kh * kw * words],
 // kernel position (y, x) at words [(y * kw + x) * words, ...); pixels in the padding are zero words.

@@ -100,14 +100,42 @@ PyObject* py_pack_signs(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
+// The element kind of a writable C-contiguous buffer: 'f' float32, 'i' int32, 'u' uint64, 0 otherwise.
+char out_kind(PyObject* obj) {
+    Py_buffer view{};
+    if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) != 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    const char* format = view.format ? view.format : "B";
+    while (*format == '@' || *format == '=' || *format == '<') ++format;
+    char kind = 0;
+    if (std::strlen(format) == 1) {
+        if (format[0] == 'f') kind = 'f';
+        else if (std::strchr("ilq", format[0]) && view.itemsize == 4) kind = 'i';
+        else if (std::strchr("LQ", format[0]) && view.itemsize == 8) kind = 'u';
+    }
+    PyBuffer_Release(&view);
+    return kind;
+}
+
+bool channel_vector(PyObject* obj, View& v, char kind, Py_ssize_t n, const char* name) {
+    if (!get_view(obj, v, kind, 4, 1, false, name)) return false;
+    if (v.view.shape[0] != n) {
+        PyErr_Format(PyExc_ValueError, "%s must hold one value per b row", name);
+        return false;
+    }
+    return true;
+}
+
 PyObject* py_gemm(PyObject*, PyObject* args) {
-    PyObject *a_obj, *b_obj, *out_obj, *scale_obj, *bias_obj, *corr_obj;
-    long long k;
+    PyObject *a_obj, *b_obj, *out_obj, *scale_obj, *bias_obj, *corr_obj, *thr_obj, *dir_obj;
+    long long k, nchw_pixels;
     int kernel, threads;
-    if (!PyArg_ParseTuple(args, "OOLOiiOOO", &a_obj, &b_obj, &k, &out_obj, &kernel, &threads, &scale_obj, &bias_obj,
-                          &corr_obj))
+    if (!PyArg_ParseTuple(args, "OOLOiiOOOLOO", &a_obj, &b_obj, &k, &out_obj, &kernel, &threads, &scale_obj, &bias_obj,
+                          &corr_obj, &nchw_pixels, &thr_obj, &dir_obj))
         return nullptr;
-    View a, b, out, scale, bias, corr;
+    View a, b, out, scale, bias, corr, thr, dir;
     if (!get_view(a_obj, a, 'u', 8, 2, false, "a") || !get_view(b_obj, b, 'u', 8, 2, false, "b")) return nullptr;
     if (!check_kernel(kernel, threads)) return nullptr;
     const Py_ssize_t m = a.view.shape[0], n = b.view.shape[0], words = a.view.shape[1];
@@ -115,24 +143,34 @@ PyObject* py_gemm(PyObject*, PyObject* args) {
         PyErr_SetString(PyExc_ValueError, "a and b must have the same words per row, 1 <= k <= 64 * words");
         return nullptr;
     }
-    const bool is_float = PyObject_GetBuffer(out_obj, &out.view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) == 0 &&
-                          out.view.format && std::strcmp(out.view.format, "f") == 0;
-    if (out.view.obj) PyBuffer_Release(&out.view);
-    PyErr_Clear();
-    if (!get_view(out_obj, out, is_float ? 'f' : 'i', 4, 2, true, "out")) return nullptr;
-    if (out.view.shape[0] != m || out.view.shape[1] != n) {
-        PyErr_SetString(PyExc_ValueError, "out must have shape [a rows, b rows]");
-        return nullptr;
-    }
+    const char kind = out_kind(out_obj);
+    if (!get_view(out_obj, out, kind ? kind : 'i', kind == 'u' ? 8 : 4, 2, true, "out")) return nullptr;
     lowbit::Epilogue epilogue;
+    if (kind == 'u') {
+        if (out.view.shape[0] != m || out.view.shape[1] != (n + 63) / 64)
+            return PyErr_Format(PyExc_ValueError, "a uint64 out must have shape [a rows, ceil(b rows / 64)]");
+        if (thr_obj == Py_None || dir_obj == Py_None)
+            return PyErr_Format(PyExc_ValueError, "a uint64 out needs threshold and direction");
+        if (!channel_vector(thr_obj, thr, 'i', n, "threshold") || !channel_vector(dir_obj, dir, 'i', n, "direction"))
+            return nullptr;
+        epilogue.threshold = static_cast<const int32_t*>(thr.view.buf);
+        epilogue.direction = static_cast<const int32_t*>(dir.view.buf);
+    } else {
+        if (out.view.shape[0] * out.view.shape[1] != m * n ||
+            (nchw_pixels == 0 && (out.view.shape[0] != m || out.view.shape[1] != n)))
+            return PyErr_Format(PyExc_ValueError, "out must have shape [a rows, b rows] (or hold as many values for NCHW)");
+        if (thr_obj != Py_None || dir_obj != Py_None)
+            return PyErr_Format(PyExc_ValueError, "threshold and direction need a uint64 out");
+    }
+    if (nchw_pixels < 0 || (nchw_pixels > 0 && (kind != 'f' || m % nchw_pixels != 0)))
+        return PyErr_Format(PyExc_ValueError, "nchw_pixels must be 0 or divide a rows, with a float32 out");
+    epilogue.nchw_pixels = nchw_pixels;
     if (scale_obj != Py_None) {
-        if (!get_view(scale_obj, scale, 'f', 4, 1, false, "scale")) return nullptr;
-        if (scale.view.shape[0] != n) return PyErr_Format(PyExc_ValueError, "scale must hold one value per b row");
+        if (!channel_vector(scale_obj, scale, 'f', n, "scale")) return nullptr;
         epilogue.scale = static_cast<const float*>(scale.view.buf);
     }
     if (bias_obj != Py_None) {
-        if (!get_view(bias_obj, bias, 'f', 4, 1, false, "bias")) return nullptr;
-        if (bias.view.shape[0] != n) return PyErr_Format(PyExc_ValueError, "bias must hold one value per b row");
+        if (!channel_vector(bias_obj, bias, 'f', n, "bias")) return nullptr;
         epilogue.bias = static_cast<const float*>(bias.view.buf);
     }
     if (corr_obj != Py_None) {
@@ -142,12 +180,72 @@ PyObject* py_gemm(PyObject*, PyObject* args) {
         epilogue.correction = static_cast<const int32_t*>(corr.view.buf);
         epilogue.correction_rows = corr.view.shape[0];
     }
-    if (!is_float && (epilogue.scale || epilogue.bias))
+    if (kind != 'f' && (epilogue.scale || epilogue.bias))
         return PyErr_Format(PyExc_ValueError, "scale and bias need a float32 out");
     Py_BEGIN_ALLOW_THREADS
     lowbit::binary_gemm(static_cast<const uint64_t*>(a.view.buf), m, static_cast<const uint64_t*>(b.view.buf), n, words, k,
-                        is_float ? nullptr : static_cast<int32_t*>(out.view.buf),
-                        is_float ? static_cast<float*>(out.view.buf) : nullptr, epilogue, kernel, threads);
+                        kind == 'i' ? static_cast<int32_t*>(out.view.buf) : nullptr,
+                        kind == 'f' ? static_cast<float*>(out.view.buf) : nullptr,
+                        kind == 'u' ? static_cast<uint64_t*>(out.view.buf) : nullptr, epilogue, kernel, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyObject* py_pack_nchw(PyObject*, PyObject* args) {
+    PyObject *x_obj, *out_obj;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOi", &x_obj, &out_obj, &threads)) return nullptr;
+    View x, out;
+    if (!get_view(x_obj, x, 'f', 4, 4, false, "x") || !get_view(out_obj, out, 'u', 8, 4, true, "out")) return nullptr;
+    if (threads < 0) return PyErr_Format(PyExc_ValueError, "threads must be >= 0 (0: all cores)");
+    const Py_ssize_t batch = x.view.shape[0], c = x.view.shape[1], h = x.view.shape[2], w = x.view.shape[3];
+    if (out.view.shape[0] != batch || out.view.shape[1] != h || out.view.shape[2] != w || out.view.shape[3] != (c + 63) / 64)
+        return PyErr_Format(PyExc_ValueError, "out must have shape [N, H, W, ceil(C / 64)] for x [N, C, H, W]");
+    Py_BEGIN_ALLOW_THREADS
+    lowbit::pack_signs_nchw(static_cast<const float*>(x.view.buf), batch, c, h * w, static_cast<uint64_t*>(out.view.buf),
+                            threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+// Output size of a window op over [N, H, W, words]; false (with an exception set) on a bad geometry.
+bool window_output(const View& x, int kh, int kw, int sh, int sw, int ph, int pw, int threads, Py_ssize_t& ho,
+                   Py_ssize_t& wo) {
+    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || threads < 0) {
+        PyErr_SetString(PyExc_ValueError, "kernel and stride must be >= 1, padding and threads >= 0");
+        return false;
+    }
+    const Py_ssize_t span_h = x.view.shape[1] + 2 * static_cast<Py_ssize_t>(ph) - kh;
+    const Py_ssize_t span_w = x.view.shape[2] + 2 * static_cast<Py_ssize_t>(pw) - kw;
+    if (span_h < 0 || span_w < 0) {
+        PyErr_SetString(PyExc_ValueError, "the kernel is larger than the padded input");
+        return false;
+    }
+    ho = span_h / sh + 1;
+    wo = span_w / sw + 1;
+    return true;
+}
+
+PyObject* py_max_pool(PyObject*, PyObject* args) {
+    PyObject *x_obj, *mask_obj, *out_obj;
+    int kh, kw, sh, sw, ph, pw, threads;
+    if (!PyArg_ParseTuple(args, "O(ii)(ii)(ii)OOi", &x_obj, &kh, &kw, &sh, &sw, &ph, &pw, &mask_obj, &out_obj, &threads))
+        return nullptr;
+    View x, mask, out;
+    if (!get_view(x_obj, x, 'u', 8, 4, false, "x") || !get_view(mask_obj, mask, 'u', 8, 1, false, "and_mask") ||
+        !get_view(out_obj, out, 'u', 8, 4, true, "out"))
+        return nullptr;
+    Py_ssize_t ho, wo;
+    if (!window_output(x, kh, kw, sh, sw, ph, pw, threads, ho, wo)) return nullptr;
+    if (ph * 2 > kh || pw * 2 > kw) return PyErr_Format(PyExc_ValueError, "padding must be at most half the kernel");
+    const Py_ssize_t batch = x.view.shape[0], words = x.view.shape[3];
+    if (mask.view.shape[0] != words || out.view.shape[0] != batch || out.view.shape[1] != ho || out.view.shape[2] != wo ||
+        out.view.shape[3] != words)
+        return PyErr_Format(PyExc_ValueError, "and_mask must have [words], out [N, Ho, Wo, words]");
+    Py_BEGIN_ALLOW_THREADS
+    lowbit::max_pool_packed(static_cast<const uint64_t*>(x.view.buf), batch, x.view.shape[1], x.view.shape[2], words, kh,
+                            kw, sh, sw, ph, pw, ho, wo, static_cast<const uint64_t*>(mask.view.buf),
+                            static_cast<uint64_t*>(out.view.buf), threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -158,12 +256,9 @@ PyObject* py_im2col(PyObject*, PyObject* args) {
     if (!PyArg_ParseTuple(args, "O(ii)(ii)(ii)Oi", &x_obj, &kh, &kw, &sh, &sw, &ph, &pw, &out_obj, &threads)) return nullptr;
     View x, out;
     if (!get_view(x_obj, x, 'u', 8, 4, false, "x") || !get_view(out_obj, out, 'u', 8, 2, true, "out")) return nullptr;
-    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || threads < 0)
-        return PyErr_Format(PyExc_ValueError, "kernel and stride must be >= 1, padding and threads >= 0");
+    Py_ssize_t ho, wo;
+    if (!window_output(x, kh, kw, sh, sw, ph, pw, threads, ho, wo)) return nullptr;
     const Py_ssize_t batch = x.view.shape[0], h = x.view.shape[1], w = x.view.shape[2], words = x.view.shape[3];
-    const Py_ssize_t span_h = h + 2 * static_cast<Py_ssize_t>(ph) - kh, span_w = w + 2 * static_cast<Py_ssize_t>(pw) - kw;
-    if (span_h < 0 || span_w < 0) return PyErr_Format(PyExc_ValueError, "the kernel is larger than the padded input");
-    const Py_ssize_t ho = span_h / sh + 1, wo = span_w / sw + 1;
     if (out.view.shape[0] != batch * ho * wo || out.view.shape[1] != static_cast<Py_ssize_t>(kh) * kw * words)
         return PyErr_Format(PyExc_ValueError, "out must have shape [batch * ho * wo, kh * kw * words]");
     Py_BEGIN_ALLOW_THREADS
@@ -178,7 +273,11 @@ PyMethodDef methods[] = {
     {"openmp", py_openmp, METH_NOARGS, "Whether the module was built with OpenMP."},
     {"pack_signs", py_pack_signs, METH_VARARGS, "pack_signs(x f32[rows, K], out u64[rows, W], kernel, threads)"},
     {"gemm", py_gemm, METH_VARARGS,
-     "gemm(a u64[M, W], b u64[N, W], k, out i32|f32[M, N], kernel, threads, scale|None, bias|None, correction|None)"},
+     "gemm(a u64[M, W], b u64[N, W], k, out i32|f32[M, N]|u64[M, ceil(N/64)], kernel, threads, scale|None, "
+     "bias|None, correction|None, nchw_pixels, threshold|None, direction|None)"},
+    {"pack_nchw", py_pack_nchw, METH_VARARGS, "pack_nchw(x f32[N, C, H, W], out u64[N, H, W, ceil(C/64)], threads)"},
+    {"max_pool", py_max_pool, METH_VARARGS,
+     "max_pool(x u64[N, H, W, words], (kh, kw), (sh, sw), (ph, pw), and_mask u64[words], out, threads)"},
     {"im2col", py_im2col, METH_VARARGS, "im2col(x u64[N, H, W, words], (kh, kw), (sh, sw), (ph, pw), out, threads)"},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -31,7 +31,7 @@ int main() {
             lowbit::pack_signs_f32(a.data(), m, k, pa.data(), kernel, 2);
             lowbit::pack_signs_f32(b.data(), n, k, pb.data(), kernel, 2);
             std::vector<int32_t> got(m * n);
-            lowbit::binary_gemm(pa.data(), m, pb.data(), n, words, k, got.data(), nullptr, lowbit::Epilogue{}, kernel, 2);
+            lowbit::binary_gemm(pa.data(), m, pb.data(), n, words, k, got.data(), nullptr, nullptr, lowbit::Epilogue{}, kernel, 2);
             ++checks;
             if (got != expected) {
                 ++failures;

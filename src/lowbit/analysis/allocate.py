@@ -146,7 +146,7 @@ def smallest_bytes(table: SensitivityTable) -> int:
 def allocate_bits(
     table: SensitivityTable,
     budget_bytes: int,
-    objective: str = "logit_mse",
+    objective: str = "loss",
     granularity: int | None = None,
     max_states: int = MAX_STATES,
 ) -> Allocation:

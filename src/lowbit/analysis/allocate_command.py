@@ -35,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smallest model whose predicted accuracy drop is at most this many percentage points")
     parser.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_BITS),
                         help="candidate weight bit widths (default: 1 2 3 4 6 8; 32 = float)")
-    parser.add_argument("--act-bits", type=int, default=None, help="uniform input bits for every layer (default: float)")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="logit_mse",
-                        help="what --budget-kb minimises: summed logit MSE (default), loss increase or accuracy drop")
+    parser.add_argument("--act-bits", type=int, default=None,
+                        help="uniform input bits for every layer (default: float)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="loss",
+                        help="what --budget-kb minimises: summed loss increase (default), logit MSE or accuracy drop")
     parser.add_argument("--calib-size", type=int, default=1000, help="training images measured (default: 1000)")
     parser.add_argument("--model", default=None, help="architecture of the checkpoint (default: from run.json)")
     parser.add_argument("--data", default=None, help="dataset (default: from run.json)")

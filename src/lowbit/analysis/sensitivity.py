@@ -103,7 +103,7 @@ class SensitivityTable:
                               f"layers: {self.layers}, bits: {self.bits}")
         return found
 
-    def cost(self, layer: str, bits: int, objective: str = "logit_mse") -> float:
+    def cost(self, layer: str, bits: int, objective: str = "loss") -> float:
         """The predicted loss of ``layer`` at ``bits``: the objective's measure, never below 0
         (a quantized layer that happens to help on the calibration set counts as harmless)."""
         row = self.row(layer, bits)
@@ -125,7 +125,8 @@ class SensitivityTable:
         return cls(**data, rows=rows)
 
     def __str__(self) -> str:
-        header = f"{'layer':<16} {'bits':>4} {'acc drop':>9} {'loss +':>9} {'logit MSE':>10} {'SQNR dB':>8} {'bytes':>9}"
+        header = (f"{'layer':<16} {'bits':>4} {'acc drop':>9} {'loss +':>9} {'logit MSE':>10} {'SQNR dB':>8} "
+                  f"{'bytes':>9}")
         lines = [header, "-" * len(header)]
         for r in self.rows:
             sqnr = "inf" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"

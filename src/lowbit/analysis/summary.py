@@ -248,7 +248,9 @@ def summary(model: nn.Module, example_input: torch.Tensor | Sequence[int] | None
     """
     named = named_modules_without_quantizers(model)
     rows = convertible_layers(model)
-    shapes = None if example_input is None else measure_layers(model, [m for _, m in rows], example_tensor(model, example_input))
+    shapes = None
+    if example_input is not None:
+        shapes = measure_layers(model, [m for _, m in rows], example_tensor(model, example_input))
     layers = [_layer_row(n, m, None if shapes is None else shapes[id(m)].macs) for n, m in rows]
     other = _other_params([m for _, m in named], {id(m) for _, m in rows})
     return Summary(layers=layers, other_params=other, other_bytes=FLOAT_BYTES * other)

@@ -134,24 +134,31 @@ def binary_gemm(a_packed: np.ndarray, b_packed: np.ndarray, k: int, *, kernel: s
 
 def gemm(a: np.ndarray, b: np.ndarray, k: int, out: np.ndarray, kernel: str, threads: int,
          scale: np.ndarray | None = None, bias: np.ndarray | None = None,
-         correction: np.ndarray | None = None) -> None:
-    """Binary GEMM of validated operands into ``out`` (int32, or float32 through the epilogue).
+         correction: np.ndarray | None = None, *, nchw_pixels: int = 0,
+         threshold: np.ndarray | None = None, direction: np.ndarray | None = None) -> None:
+    """Binary GEMM of validated operands into ``out`` through the epilogue, on ``d = dot + correction[m % R, n]``.
 
     ``k`` counts the meaningful bits of a row (at most 64 x its words; the
-    others are zero in both operands). With a float32 ``out``:
-    ``out[m, n] = (dot + correction[m % R, n]) * scale[n] + bias[n]``.
+    others are zero in both operands). ``out`` int32 ``[M, N]``: ``d``;
+    float32: ``d * scale[n] + bias[n]``, row-major ``[M, N]`` or, with
+    ``nchw_pixels = P``, NCHW ``[M / P, N, P]``; uint64 ``[M, ceil(N / 64)]``:
+    packed signs, bit ``n`` set iff ``direction[n] * d >= threshold[n]`` (int32).
     """
     if kernel != "numpy":
-        native.gemm(a, b, k, out, _NATIVE_IDS[kernel], threads, scale, bias, correction)
+        native.gemm(a, b, k, out, _NATIVE_IDS[kernel], threads, scale, bias, correction, nchw_pixels, threshold,
+                    direction)
         return
     if a.shape[0] and b.shape[0]:
         bits = a.shape[1] * WORD_BITS
         dot = np.rint(unpack_signs(a, bits).astype(np.float64) @ unpack_signs(b, bits).astype(np.float64).T)
         dot = dot.astype(np.int64) - (bits - k)  # the zero bits beyond k each counted +1
     else:
-        dot = np.zeros(out.shape, dtype=np.int64)
+        dot = np.zeros((a.shape[0], b.shape[0]), dtype=np.int64)
     if correction is not None:
-        dot += correction[np.arange(out.shape[0]) % correction.shape[0]]
+        dot += correction[np.arange(dot.shape[0]) % correction.shape[0]]
+    if out.dtype == np.uint64:
+        out[...] = pack_rows(direction * dot >= threshold)
+        return
     if out.dtype == np.int32:
         out[...] = dot
         return
@@ -160,7 +167,43 @@ def gemm(a: np.ndarray, b: np.ndarray, k: int, out: np.ndarray, kernel: str, thr
         values *= scale
     if bias is not None:
         values += bias
-    out[...] = values
+    if nchw_pixels:
+        values = values.reshape(-1, nchw_pixels, values.shape[1]).transpose(0, 2, 1)
+    out[...] = values.reshape(out.shape)
+
+
+def pack_nchw(x: np.ndarray, kernel: str, threads: int) -> np.ndarray:
+    """Sign bits of a float32 NCHW tensor as pixel words ``[N, H, W, ceil(C / 64)]`` (bit 1 where ``x >= 0``)."""
+    n, c, h, w = x.shape
+    if kernel == "numpy":
+        return pack_signs_numpy(x.transpose(0, 2, 3, 1).reshape(-1, c)).reshape(n, h, w, -1)
+    out = np.empty((n, h, w, (c + WORD_BITS - 1) // WORD_BITS), dtype=np.uint64)
+    native.pack_nchw(x, out, threads)
+    return out
+
+
+def max_pool_packed(bits: np.ndarray, kernel_size: tuple[int, int], stride: tuple[int, int],
+                    padding: tuple[int, int], and_mask: np.ndarray, kernel: str, threads: int) -> np.ndarray:
+    """Max pooling of packed +-1 pixels ``[N, H, W, words]``: OR of the window's words (AND where ``and_mask``
+    is set: channels whose sign falls as the pooled value rises); padded positions are skipped (-inf padding)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    n, h, w, words = bits.shape
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if kernel != "numpy":
+        out = np.empty((n, ho, wo, words), dtype=np.uint64)
+        native.max_pool(bits, (kh, kw), (sh, sw), (ph, pw), and_mask, out, threads)
+        return out
+    any_ = np.zeros((n, ho, wo, words), dtype=np.uint64)
+    all_ = np.full((n, ho, wo, words), np.iinfo(np.uint64).max, dtype=np.uint64)
+    for ky in range(kh):
+        for kx in range(kw):
+            rows = np.arange(ho) * sh - ph + ky
+            cols = np.arange(wo) * sw - pw + kx
+            valid = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+            taps = bits[:, np.clip(rows, 0, h - 1)][:, :, np.clip(cols, 0, w - 1)]
+            any_ |= np.where(valid[None, :, :, None], taps, np.uint64(0))
+            all_ &= np.where(valid[None, :, :, None], taps, np.iinfo(np.uint64).max)
+    return (any_ & ~and_mask) | (all_ & and_mask)
 
 
 def im2col(bits: np.ndarray, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],

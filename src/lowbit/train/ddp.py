@@ -203,8 +203,8 @@ def prepare_quantizers(model: nn.Module, inputs: torch.Tensor) -> None:
     averaged across ranks (:func:`sync_state`), so all ranks start equal.
     """
     model = unwrap(model)
-    inside = {id(t) for q in model.modules() if isinstance(q, Quantizer) for t in [*q.parameters(), *q.buffers()]}
-    saved = {name: t.clone() for name, t in model.state_dict().items() if id(t) not in inside}
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))
+    saved = {key: t.clone() for key, t in model.state_dict().items() if not key.startswith(prefixes)}
     modes = [(m, m.training) for m in model.modules()]
     model.train()
     try:
