@@ -319,3 +319,16 @@ def test_calibrate_real_uniform_names_an_unreached_layer():
     model = quantize(Unreached(), QuantConfig(weight="binary", input={"name": "uniform", "dynamic": False}))
     with pytest.raises(CalibrationError, match="'unused.input'"):
         lowbit.calibrate(model, [torch.randn(2, 3)])
+
+
+def test_calibrate_records_the_input_shape_for_save(tmp_path):
+    import lowbit
+    from lowbit.models import get_model
+
+    model = lowbit.quantize(get_model("lenet300"), "w8a8")
+    lowbit.calibrate(model, [torch.randn(5, 1, 28, 28)])
+    assert model.lowbit_input_shape == (1, 1, 28, 28)
+    lowbit.save(model, tmp_path / "m.lowbit")  # no example input: the recorded shape captures the graph
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "m.lowbit")(x), model.eval()(x))

@@ -37,11 +37,10 @@ def train(config: dict, batch_norm: bool) -> dict[str, torch.Tensor]:
     """Train one epoch of STEPS global batches (this process's share under DDP); the final state."""
     x, y = data()
     net = model(config, batch_norm)
-    world, rank = ddp.world_size(), ddp.rank()
-    ddp.prepare_quantizers(net, x[:GLOBAL_BATCH].chunk(world)[rank])
+    ddp.prepare_quantizers(net, x[:GLOBAL_BATCH])  # the same first global batch on every rank
     loader = make_loader(x, y, GLOBAL_BATCH, shuffle=True, seed=3, drop_last=True)
     if ddp.is_distributed():
-        loader = ddp.ShardedLoader(loader, rank, world)
+        loader = ddp.ShardedLoader(loader, ddp.rank(), ddp.world_size())
     callbacks = [ddp.StateSync()] if ddp.is_distributed() else []
     trainer = Trainer(ddp.wrap(net), loader, None, epochs=1, optimizer="sgd", lr=0.1, schedule="none",
                       callbacks=callbacks, progress=False)

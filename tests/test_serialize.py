@@ -326,7 +326,8 @@ def test_inspect_reports_each_tensor_and_totals(tmp_path):
     rows = {r["name"]: r for r in info["tensors"]}
     assert rows["conv2.weight"]["codec"] == "affine" and rows["conv2.bias"]["codec"] == "float32"
     n = 50 * 20 * 25
-    assert rows["conv2.weight"]["bytes"] == n * 4 // 8 + 50 * (4 + 8)  # 4-bit codes, scale and zero point per channel
+    # 4-bit codes, a float32 scale per channel, and the symmetric zero point (0 everywhere) stored once
+    assert rows["conv2.weight"]["bytes"] == n * 4 // 8 + 50 * 4 + 8
     assert info["float32_bytes"] == sum(r["float32_bytes"] for r in info["tensors"])
     assert "conv2.weight" in format_inspect(info)
 

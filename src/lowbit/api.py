@@ -167,6 +167,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
     replaces the observer of every static quantizer (``dynamic`` False).
     Raises CalibrationError for no batches, a batch with NaN/Inf (naming its
     index), or a static quantizer that observed nothing (naming its tensor).
+    Records the input shape of one example as ``model.lowbit_input_shape``
+    (batch 1), which :func:`save` uses to capture the graph.
     """
     calibrated = [q for q in model.modules() if isinstance(q, Quantizer) and hasattr(q, "calibrating")]
     static = [q for q in calibrated if hasattr(q, "observed") and not getattr(q, "dynamic", False)]
@@ -183,7 +185,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
             q.calibrating = True
         with torch.no_grad():
             for index, batch in enumerate(batches):
-                model(_batch_inputs(batch, index))
+                inputs = _batch_inputs(batch, index)
+                model(inputs)
                 count += 1
     finally:
         for q in calibrated:
@@ -192,6 +195,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
             module.training = training
     if count == 0:
         raise CalibrationError("calibration got no batches; pass a non-empty iterable of input tensors")
+    model.lowbit_input_shape = (1, *inputs.shape[1:])
     missed = [q.where() for q in static if not q.observed]
     if missed:
         listed = ", ".join(missed)

@@ -149,6 +149,8 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the .lowbit file to write")
     parser.add_argument("--preset", default=None,
                         help="quantization preset (default: w8a8, or the preset a checkpoint was trained with)")
+    parser.add_argument("--config", default=None,
+                        help="a QuantConfig JSON file (for example from `lowbit allocate`) instead of a preset")
     parser.add_argument("--calib-batches", type=int, default=8,
                         help="calibration batches of 64 training images, 0 for none (default: 8)")
     parser.add_argument("--model", default=None, help="architecture of the checkpoint (default: from run.json)")
@@ -183,7 +185,15 @@ def _run_quantize(args: argparse.Namespace) -> Output:
     from . import workflow
     from .config import as_config
 
+    if args.config is not None and args.preset is not None:
+        raise ConfigError("give either --preset or --config, not both")
     model, model_name, data, trained_with = _quantize_source(args)
+    if args.config is not None:
+        if trained_with is not None:
+            raise ConfigError(f"--config needs a float checkpoint; this one was trained with {trained_with!r}")
+        from .config import QuantConfig
+
+        args.preset = QuantConfig.from_json(_existing_file(args.config, "config").read_text())
     if trained_with is not None and args.preset not in (None, trained_with):
         raise ConfigError(
             f"the checkpoint was trained quantization-aware with {trained_with!r}; quantize it with that preset "
@@ -191,6 +201,7 @@ def _run_quantize(args: argparse.Namespace) -> Output:
         )
     preset = args.preset or trained_with or "w8a8"
     as_config(preset)  # an unknown preset fails before any data is read
+    label = args.config or preset
     if args.calib_batches < 0:
         raise ConfigError(f"--calib-batches must be >= 0, got {args.calib_batches}")
     batches = (workflow.calibration_batches(data, args.calib_batches, seed=args.seed, data_dir=args.data_dir)
@@ -198,11 +209,11 @@ def _run_quantize(args: argparse.Namespace) -> Output:
     quantized = workflow.post_training_quantize(model, preset, batches)
     path = workflow.save_quantized(quantized, args.out, data, args.entropy)
     size, reference = path.stat().st_size, workflow.float_bytes(model)
-    data_out = {"path": str(path), "model": model_name, "data": data, "preset": preset,
+    data_out = {"path": str(path), "model": model_name, "data": data, "preset": label,
                 "calibration_batches": args.calib_batches, "entropy": args.entropy, "file_bytes": size,
                 "float_bytes": reference,
                 "ratio": size / reference}
-    text = (f"wrote {path}: {model_name} quantized with {preset}, calibrated on {args.calib_batches} batch(es) of "
+    text = (f"wrote {path}: {model_name} quantized with {label}, calibrated on {args.calib_batches} batch(es) of "
             f"{data} training images; {size:,} bytes = {100 * size / reference:.1f}% of the float32 parameters "
             f"({reference:,} bytes)")
     return Output(text=text, data=data_out)
@@ -249,6 +260,43 @@ def _run_inspect(args: argparse.Namespace) -> Output:
     return Output(text=serialize.format_inspect(info), data=info)
 
 
+# ----------------------------------------------------------------------- run
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a .lowbit file with a graph (saved with an example input)")
+    parser.add_argument("--data", default="mnist", help="dataset whose test split is run (default: mnist)")
+    parser.add_argument("--limit", type=int, default=None, help="run only the first N test images")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per Engine call (default: 256)")
+    parser.add_argument("--kernel", default=None, help="force a kernel: avx512, avx2, scalar, neon or numpy")
+    parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    _add_data_dir(parser)
+
+
+def _run_run(args: argparse.Namespace) -> Output:
+    from .data import load_dataset
+    from .runtime import Engine
+
+    engine = Engine(_existing_file(args.file, "file"), kernel=args.kernel, threads=args.threads)
+    images, labels = load_dataset(args.data, "test", args.data_dir)
+    images, labels = images[: args.limit].numpy(), labels[: args.limit].numpy()
+    if len(labels) == 0 or args.batch_size < 1:
+        raise ConfigError("run needs at least one test image and --batch-size >= 1")
+    correct = sum(int((engine.run(images[i:i + args.batch_size]).argmax(1) == labels[i:i + args.batch_size]).sum())
+                  for i in range(0, len(labels), args.batch_size))
+    data = {"path": args.file, "data": args.data, "images": len(labels), "accuracy": correct / len(labels),
+            "binary_layers": list(engine.binary_layers), "kernel": args.kernel or "auto"}
+    text = (f"{args.file} on {len(labels)} {args.data} test images with the lowbit runtime: "
+            f"accuracy {_percent(correct / len(labels))}, {len(engine.binary_layers)} layer(s) on XNOR-popcount")
+    return Output(text=text, data=data)
+
+
+def _allocate() -> Command:
+    from .analysis import allocate_command
+
+    return Command(allocate_command.HELP, allocate_command.add_arguments, allocate_command.run)
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command("train LeNet-5 on MNIST, quantize it post-training (8-bit, linear and log k-bit), "
                     "save, reload and evaluate each file, and print the table", _demo_arguments, _run_demo),
@@ -257,6 +305,9 @@ COMMANDS: dict[str, Command] = {
                         _run_quantize),
     "eval": Command("accuracy and size of a .lowbit file", _eval_arguments, _run_eval),
     "inspect": Command("what a .lowbit file holds", _inspect_arguments, _run_inspect),
+    "allocate": _allocate(),
+    "run": Command("run a .lowbit file with the torch-free runtime (XNOR-popcount kernels) on a test set",
+                   _run_arguments, _run_run),
 }
 
 

@@ -144,8 +144,30 @@ struct Avx512 {
                 for (int j = 0; j < C; ++j)
                     acc[i * C + j] = _mm512_add_epi64(acc[i * C + j], _mm512_popcnt_epi64(_mm512_xor_si512(av[i], bv[j])));
         }
-        for (int i = 0; i < R; ++i)
-            for (int j = 0; j < C; ++j) out[i * ldo + j] += _mm512_reduce_add_epi64(acc[i * C + j]);
+        if constexpr (C == 4 && R % 2 == 0) {
+            // two rows (8 accumulators) at a time: a transposing add tree leaves sum(acc[t]) in lane t
+            for (int i = 0; i < R; i += 2) {
+                const __m512i* v = acc + i * C;
+                __m512i pair[4];
+                for (int p = 0; p < 4; ++p)
+                    pair[p] = _mm512_add_epi64(_mm512_unpacklo_epi64(v[2 * p], v[2 * p + 1]),
+                                               _mm512_unpackhi_epi64(v[2 * p], v[2 * p + 1]));
+                __m512i quad[2];
+                for (int q = 0; q < 2; ++q)
+                    quad[q] = _mm512_add_epi64(_mm512_shuffle_i64x2(pair[2 * q], pair[2 * q + 1], 0x88),
+                                               _mm512_shuffle_i64x2(pair[2 * q], pair[2 * q + 1], 0xDD));
+                const __m512i sums = _mm512_add_epi64(_mm512_shuffle_i64x2(quad[0], quad[1], 0x88),
+                                                      _mm512_shuffle_i64x2(quad[0], quad[1], 0xDD));
+                for (int r = 0; r < 2; ++r) {
+                    __m256i* row = reinterpret_cast<__m256i*>(out + (i + r) * ldo);
+                    const __m256i half = r == 0 ? _mm512_castsi512_si256(sums) : _mm512_extracti64x4_epi64(sums, 1);
+                    _mm256_storeu_si256(row, _mm256_add_epi64(_mm256_loadu_si256(row), half));
+                }
+            }
+        } else {
+            for (int i = 0; i < R; ++i)
+                for (int j = 0; j < C; ++j) out[i * ldo + j] += _mm512_reduce_add_epi64(acc[i * C + j]);
+        }
     }
 };
 #endif  // LOWBIT_X86

@@ -358,10 +358,13 @@ class AffineCodec(Codec):
             raise _fail("bad-param", where, f"|zero_point| must be at most {MAX_ZERO_POINT}")
 
     def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        zero = enc.params["zero_point"]
+        if zero.size > 1 and bool((zero == zero.flat[0]).all()):
+            zero = zero.reshape(-1)[:1].reshape(())  # one shared zero point (symmetric: 0) is stored once
         return {
             "codes": pack_codes(enc.codes - enc.meta["qmin"], enc.bits),
             "scale": enc.params["scale"],
-            "zero_point": enc.params["zero_point"],
+            "zero_point": zero,
         }
 
     def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]

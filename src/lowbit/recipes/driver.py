@@ -219,8 +219,8 @@ def _run(recipe: Recipe, data: str, model: str | None, epochs: int | None, out: 
         stage_dir = None if out_dir is None else out_dir if last else out_dir / f"stage-{stage.name}"
         loaders = _loaders(splits, batch_size, seed + index)
         trained = stage_model(net, stage, recipe)
-        if ddp.is_distributed():  # this process's share of the first batch_size training images
-            ddp.prepare_quantizers(trained, splits[0][0][:batch_size].chunk(ddp.world_size())[ddp.rank()])
+        if stage.config is not None:  # quantizer state made from the first batch_size images, on every rank
+            ddp.prepare_quantizers(trained, splits[0][0][:batch_size])
         trainer = trainer_for(trained, recipe, loaders, stage_epochs_, lr, seed + index, stage_dir, progress)
         fit = trainer.fit()
         if not last:

@@ -10,10 +10,13 @@ popcount (:func:`lowbit.runtime.kernels.gemm`), ``scale`` the weight's
 per-output-channel factor (XNOR-Net's alpha; 1 for plain ``binary``) and
 sign(0) = +1.
 
-Convolution layout: NCHW in and out (as torch). Inside, the input's sign
-bits are packed per pixel along the channels (NHWC words), then a
-bit-packed im2col gathers each output position's kernel window and one
-binary GEMM against the packed weight rows gives every output channel.
+Convolution layout: NCHW float in and out (as torch). Inside, the input's
+sign bits are packed straight from NCHW into per-pixel channel words (NHWC
+words), a bit-packed im2col gathers each output position's kernel window,
+one binary GEMM against the packed weight rows gives every output channel,
+and its epilogue writes NCHW. ``forward_packed`` takes and (with a folded
+:class:`~lowbit.runtime.threshold.Threshold`) returns packed pixel words
+``[N, H, W, ceil(C / 64)]``, so activations stay packed between binary layers.
 
 Padding equals training: QuantConv2d binarizes the input and then zero-pads
 the +-1 tensor, so a padded position contributes 0. A padded pixel packs as
@@ -28,7 +31,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .kernels import WORD_BITS, check_array, check_threads, gemm, im2col, pack_signs, pack_weight_rows, select_kernel
+from .kernels import (WORD_BITS, check_array, check_threads, gemm, im2col, pack_nchw, pack_signs, pack_weight_rows,
+                      select_kernel, unpack_signs)
+from .threshold import Threshold
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str, low: int) -> tuple[int, int]:
@@ -76,10 +81,42 @@ class BinaryLinear:
         if x.shape[1] != self.in_features:
             raise ConfigError(f"binary linear input has {x.shape[1]} features, the layer takes {self.in_features}")
         name, threads = select_kernel(kernel), check_threads(threads)
-        out = np.empty((x.shape[0], self.out_features), dtype=np.float32)
-        gemm(pack_signs(x, kernel=name, threads=threads), self.rows, self.in_features, out, name, threads,
-             self.scale, self.bias)
+        return self.forward_packed(pack_signs(x, kernel=name, threads=threads), name, threads)
+
+    def forward_packed(self, bits: np.ndarray, kernel: str, threads: int, threshold: Threshold | None = None,
+                       rows: np.ndarray | None = None) -> np.ndarray:
+        """Packed input rows ``[N, words]`` -> float32 ``[N, out]``, or packed signs ``[N, ceil(out / 64)]``
+        through ``threshold``. ``rows``: the weight rows laid out for the input's bit order (default: its own)."""
+        rows = self.rows if rows is None else rows
+        return _gemm_out(bits, rows, self.in_features, kernel, threads, self.scale, self.bias, threshold)
+
+    def rows_for_map(self, channels: int, h: int, w: int) -> np.ndarray:
+        """Weight rows for a flattened NCHW map given as packed pixel words ``[N, h, w, ceil(channels / 64)]``."""
+        if channels * h * w != self.in_features:
+            raise ConfigError(f"a {channels}x{h}x{w} map does not flatten to the {self.in_features} inputs of the layer")
+        signs = np.where(unpack_signs(self.rows, self.in_features) > 0, True, False)
+        return pack_weight_rows(signs.reshape(self.out_features, channels, h, w))
+
+
+def _gemm_out(bits: np.ndarray, rows: np.ndarray, k: int, kernel: str, threads: int, scale: np.ndarray | None,
+              bias: np.ndarray | None, threshold: Threshold | None, correction: np.ndarray | None = None,
+              nchw: tuple[int, int, int] | None = None) -> np.ndarray:
+    """One binary GEMM of packed input rows against weight rows: float32 (``[M, O]`` or NCHW ``(N, Ho, Wo)``),
+    or packed signs ``[M, ceil(O / 64)]`` through a folded threshold."""
+    m, o = bits.shape[0], rows.shape[0]
+    if threshold is not None:
+        out = np.empty((m, (o + WORD_BITS - 1) // WORD_BITS), dtype=np.uint64)
+        gemm(bits, rows, k, out, kernel, threads, correction=correction, threshold=threshold.threshold,
+             direction=threshold.direction)
         return out
+    if nchw is None:
+        out = np.empty((m, o), dtype=np.float32)
+        gemm(bits, rows, k, out, kernel, threads, scale, bias, correction)
+        return out
+    n, ho, wo = nchw
+    out = np.empty((n, o, ho, wo), dtype=np.float32)
+    gemm(bits, rows, k, out.reshape(n * o, ho * wo), kernel, threads, scale, bias, correction, nchw_pixels=ho * wo)
+    return out
 
 
 class BinaryConv2d:
@@ -125,19 +162,26 @@ class BinaryConv2d:
 
     def __call__(self, x: np.ndarray, *, kernel: str | None = None, threads: int | None = None) -> np.ndarray:
         x = check_array(x, "binary conv input", 4, (np.float32,))
-        n, c, h, w = x.shape
-        if c != self.in_channels:
-            raise ConfigError(f"binary conv input has {c} channels, the layer takes {self.in_channels}")
-        ho, wo = self.output_size(h, w)
+        if x.shape[1] != self.in_channels:
+            raise ConfigError(f"binary conv input has {x.shape[1]} channels, the layer takes {self.in_channels}")
+        self.output_size(*x.shape[2:])
         name, threads = select_kernel(kernel), check_threads(threads)
-        pixels = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
-        words = (c + WORD_BITS - 1) // WORD_BITS
-        bits = pack_signs(pixels, kernel=name, threads=threads).reshape(n, h, w, words)
-        cols = im2col(bits, self.kernel_size, self.stride, self.padding, name, threads)
-        out = np.empty((n * ho * wo, self.out_channels), dtype=np.float32)
-        k = self.kernel_size[0] * self.kernel_size[1] * c
-        gemm(cols, self.rows, k, out, name, threads, self.scale, self.bias, self.correction(h, w))
-        return np.ascontiguousarray(out.reshape(n, ho, wo, self.out_channels).transpose(0, 3, 1, 2))
+        return self.forward_packed(pack_nchw(x, name, threads), name, threads)
+
+    def forward_packed(self, bits: np.ndarray, kernel: str, threads: int,
+                       threshold: Threshold | None = None) -> np.ndarray:
+        """Packed pixel words ``[N, H, W, ceil(in / 64)]`` -> float32 NCHW ``[N, out, Ho, Wo]``, or packed
+        pixel words ``[N, Ho, Wo, ceil(out / 64)]`` through ``threshold``."""
+        n, h, w, words = bits.shape
+        if words != (self.in_channels + WORD_BITS - 1) // WORD_BITS:
+            raise ConfigError(f"packed binary conv input has {words} words per pixel, the layer's "
+                              f"{self.in_channels} channels take {(self.in_channels + WORD_BITS - 1) // WORD_BITS}")
+        ho, wo = self.output_size(h, w)
+        cols = im2col(bits, self.kernel_size, self.stride, self.padding, kernel, threads)
+        k = self.kernel_size[0] * self.kernel_size[1] * self.in_channels
+        out = _gemm_out(cols, self.rows, k, kernel, threads, self.scale, self.bias, threshold, self.correction(h, w),
+                        (n, ho, wo))
+        return out.reshape(n, ho, wo, -1) if threshold is not None else out
 
 
 def binary_conv2d(x: np.ndarray, weight: np.ndarray, stride: int | tuple[int, int] = 1,

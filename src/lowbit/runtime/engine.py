@@ -14,6 +14,13 @@
 - batchnorm, relu, tanh, hardtanh, pools, reshape, add, mul, concat,
   quant_act: :mod:`lowbit.runtime.ops`.
 
+Between two binary layers, batch norm, hardtanh, relu and max pooling are
+folded (:mod:`lowbit.runtime.threshold`) into an integer comparison in the
+first layer's GEMM epilogue, so activations stay packed sign bits (pixel
+words ``[N, H, W, ceil(C / 64)]``, max pooling as OR / AND of words, a
+flatten into a binary linear as a relaid weight); the folded signs equal the
+unfused float32 path's bit for bit.
+
 The outputs equal those of ``lowbit.load(path)`` in eval mode: binary layers
 bit for bit up to the float32 rounding of ``dot * scale + bias``, float
 layers within float32 tolerance. Nodes the runtime cannot run (grouped or
@@ -33,7 +40,8 @@ from ..format.codecs import values
 from ..format.container import read_file
 from . import ops
 from .binary import BinaryConv2d, BinaryLinear
-from .kernels import check_threads, select_kernel
+from .kernels import check_array, check_threads, max_pool_packed, pack_nchw, pack_signs, select_kernel
+from .threshold import Threshold, fold_threshold
 
 _RAW_KINDS = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 _MODULE_OPS = ("linear", "conv2d", "batchnorm", "quant_act")
@@ -58,20 +66,37 @@ class Engine:
         self.input_name: str = inputs[0].get("name")
         self.input_shape: list[int] | None = inputs[0].get("shape")
         self.binary_layers: list[str] = []
+        self._layers: dict[str, BinaryLinear | BinaryConv2d] = {}
+        #: binary layers whose output stays packed: name -> the node names folded into their epilogue
+        self.folded: dict[str, list[str]] = {}
+        nodes = graph["nodes"]
         known = {self.input_name}
-        self._steps: list[tuple[str, list[str], Step]] = []
-        for node in graph["nodes"]:
+        for node in nodes:
             if not isinstance(node, dict) or not isinstance(node.get("name"), str):
                 raise FormatError("bad-graph", f"a graph node must be an object with a name, got {str(node)[:80]}")
             args = node.get("inputs")
             if not isinstance(args, list) or not args or not all(a in known for a in args):
                 raise FormatError("bad-graph", f"graph node {node['name']!r}: inputs {args!r} must name earlier nodes")
-            self._steps.append((node["name"], args, self._build(node)))
             known.add(node["name"])
         outputs = graph.get("outputs")
         if not isinstance(outputs, list) or len(outputs) != 1 or outputs[0] not in known:
             raise FormatError("bad-graph", f"the engine runs graphs with one output naming a node, got {outputs!r}")
         self.output_name: str = outputs[0]
+        self._steps: list[tuple[str, list[str], Step]] = []
+        skipped: set[str] = set()
+        rename: dict[str, str] = {}
+        for index, node in enumerate(nodes):
+            if node["name"] in skipped:
+                continue
+            step = self._build(node)
+            chain = self._fold_chain(nodes, index) if node["name"] in self.binary_layers else None
+            if chain is not None:
+                step, folded, target = chain
+                skipped.update(folded)
+                rename[target] = node["name"]
+                self.folded[node["name"]] = folded
+            args = [rename[node["name"]]] if node["name"] in rename else node["inputs"]
+            self._steps.append((node["name"], args, step))
 
     # ------------------------------------------------------------------ building
 
@@ -119,10 +144,10 @@ class Engine:
             signs = 2 * enc.codes.astype(np.int8) - 1  # binary codes: 1 stands for +1, 0 for -1
             if op == "linear":
                 layer: BinaryLinear | BinaryConv2d = BinaryLinear(signs, scale, bias)
-                run: Callable[[np.ndarray], np.ndarray] = _flat(layer, kernel, threads)
             else:
                 layer = BinaryConv2d(signs, attrs["stride"], attrs["padding"], scale, bias)
-                run = lambda x: layer(np.ascontiguousarray(x, dtype=np.float32), kernel=kernel, threads=threads)
+            self._layers[node["name"]] = layer
+            run = self._binary_run(layer, None, None)
             return _unary(lambda x: output(run(x)))
         quantize = ops.activation_quantizer(input_spec, where)
         weight = self._tensor(node, "weight")
@@ -130,6 +155,106 @@ class Engine:
             return _unary(lambda x: output(ops.linear(quantize(x), weight, bias)))
         stride, padding, dilation, groups = attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"]
         return _unary(lambda x: output(ops.conv2d(quantize(x), weight, bias, stride, padding, dilation, groups)))
+
+    def _binary_run(self, layer: BinaryLinear | BinaryConv2d, threshold: Threshold | None,
+                    pool: dict | None) -> Callable[[np.ndarray], np.ndarray]:
+        """A binary layer on float input or packed signs (uint64: pixel words, or rows of a linear); float
+        output, or packed signs through ``threshold`` (then max pooled on the bits with ``pool``'s attrs)."""
+        kernel, threads = self.kernel, self.threads
+        map_rows: dict[tuple[int, int, int], np.ndarray] = {}
+
+        def run(x: np.ndarray) -> np.ndarray:
+            if isinstance(layer, BinaryConv2d):
+                if x.dtype != np.uint64:
+                    x = np.ascontiguousarray(x, dtype=np.float32)
+                    check_array(x, f"binary conv input", 4)
+                    if x.shape[1] != layer.in_channels:
+                        raise ConfigError(f"binary conv input has {x.shape[1]} channels, the layer takes "
+                                          f"{layer.in_channels}")
+                    x = pack_nchw(x, kernel, threads)
+                y = layer.forward_packed(x, kernel, threads, threshold)
+                if pool is not None:
+                    y = max_pool_packed(y, tuple(pool["kernel"]), tuple(pool["stride"]), tuple(pool["padding"]),
+                                        threshold.and_mask, kernel, threads)
+                return y
+            if x.dtype != np.uint64:
+                if threshold is None:
+                    return _flat(layer, kernel, threads)(x)
+                flat = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+                x = pack_signs(check_array(flat, "binary linear input", 2), kernel=kernel, threads=threads)
+            rows = None
+            if x.ndim == 4:  # packed pixel words of a map flattened in NCHW order
+                n, h, w, _ = x.shape
+                channels = layer.in_features // (h * w)
+                if (channels, h, w) not in map_rows:
+                    map_rows[(channels, h, w)] = layer.rows_for_map(channels, h, w)
+                rows, x = map_rows[(channels, h, w)], x.reshape(n, -1)
+            return layer.forward_packed(x, kernel, threads, threshold, rows)
+
+        return run
+
+    def _fold_chain(self, nodes: list[dict[str, Any]], index: int) -> tuple[Step, list[str], str] | None:
+        """For the binary layer ``nodes[index]``: if it feeds only per-channel ops (batchnorm, hardtanh, relu), at
+        most one max pool and (for a conv) a flatten that end in another binary layer, the step that emits the
+        next layer's packed signs, the folded node names and the next layer's name; else None."""
+        node = nodes[index]
+        if node.get("quant", {}).get("output") is not None:
+            return None
+        consumers: dict[str, list[str]] = {}
+        for other in nodes:
+            for a in other["inputs"]:
+                consumers.setdefault(a, []).append(other["name"])
+        by_name = {n["name"]: n for n in nodes}
+        layer = self._layers[node["name"]]
+        conv = isinstance(layer, BinaryConv2d)
+        before: list[ops.ChannelOp] = []
+        after: list[ops.ChannelOp] = []
+        pool: dict | None = None
+        folded: list[str] = []
+        current, flattened = node, False
+        while True:
+            users = consumers.get(current["name"], [])
+            if current["name"] == self.output_name or len(users) != 1:
+                return None
+            nxt = by_name[users[0]]
+            op, attrs = nxt.get("op"), nxt.get("attrs", {})
+            if nxt["name"] in self._layers:
+                break
+            channel_op = self._channel_op(nxt) if not flattened else None
+            if channel_op is not None:
+                (after if pool is not None else before).append(channel_op)
+            elif op == "maxpool2d" and conv and pool is None and not flattened and not attrs.get("ceil_mode"):
+                pool = attrs
+            elif op == "reshape" and conv and not flattened and len(attrs.get("shape", [])) == 2:
+                flattened = True
+            else:
+                return None
+            folded.append(nxt["name"])
+            current = nxt
+        target = self._layers[nxt["name"]]
+        if conv:
+            if isinstance(target, BinaryLinear) != flattened:
+                return None
+        elif not isinstance(target, BinaryLinear) or len(node.get("shape") or []) != 2:
+            return None
+        k = layer.in_features if not conv else layer.kernel_size[0] * layer.kernel_size[1] * layer.in_channels
+        channels = layer.out_features if not conv else layer.out_channels
+        threshold = fold_threshold(k, layer.scale, layer.bias, channels, before, after, pool is not None)
+        if threshold is None:
+            return None
+        return _unary(self._binary_run(layer, threshold, pool)), folded, nxt["name"]
+
+    def _channel_op(self, node: dict[str, Any]) -> ops.ChannelOp | None:
+        """The per-channel float32 op of a batchnorm / hardtanh / relu node, or None for any other node."""
+        op, attrs = node.get("op"), node.get("attrs", {})
+        if op == "batchnorm":
+            mean, var = self._tensor(node, "running_mean"), self._tensor(node, "running_var")
+            weight, bias = self._tensor(node, "weight", False), self._tensor(node, "bias", False)
+            return lambda x: ops.batchnorm(x, mean, var, weight, bias, float(attrs["eps"]))
+        if op in ("hardtanh", "relu"):
+            function = ops.FUNCTIONAL[op]
+            return lambda x: function([x], attrs)
+        return None
 
     # ------------------------------------------------------------------ running
 

@@ -8,11 +8,14 @@ quantizers that have no stored codes (``binary`` sign, ``xnor`` activation).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import UnsupportedLayerError
+
+#: a per-channel float32 op on arrays with channels on axis 1 (NCHW maps, [N, features] rows)
+ChannelOp = Callable[[np.ndarray], np.ndarray]
 
 #: floor of XNOR-Net activation scales: lowbit.quantizers.base.EPS, float32's machine epsilon
 EPS = np.finfo(np.float32).eps

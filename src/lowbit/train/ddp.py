@@ -23,6 +23,7 @@ CPU, nccl on GPUs) with a free TCP port and a timeout; under ``torchrun``,
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import time
@@ -149,7 +150,11 @@ def wrap(model: nn.Module) -> nn.Module:
     if not is_distributed():
         return model
     device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    ddp_class = nn.parallel.DistributedDataParallel
+    # no buffer broadcast before each forward (torch >= 2.13 names the option forward_sync_buffers)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_class).parameters \
+        else "broadcast_buffers"
+    return ddp_class(model, device_ids=device_ids, **{no_sync: False})
 
 
 def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -198,9 +203,12 @@ class StateSync:
 def prepare_quantizers(model: nn.Module, inputs: torch.Tensor) -> None:
     """Create lazily initialised quantizer state (LSQ steps, observed ranges) with one forward of ``inputs``.
 
-    The forward runs in training mode without gradients; every state that is not a quantizer's
-    (batch-norm running statistics) is restored afterwards, and the quantizer state is then
-    averaged across ranks (:func:`sync_state`), so all ranks start equal.
+    Under DDP pass every rank the same ``inputs`` (for example the first global batch): each
+    layer's initial state depends on the quantized outputs of the layers before it, so only the
+    same data gives every rank, and a single process, the same start. The forward runs in
+    training mode without gradients; all state that is not a quantizer's (batch-norm running
+    statistics) is restored afterwards, and the quantizer state is checked equal across ranks by
+    averaging it (:func:`sync_state`).
     """
     model = unwrap(model)
     prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))

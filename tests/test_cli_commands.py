@@ -1,0 +1,51 @@
+"""`lowbit run` (torch-free runtime) and `lowbit quantize --config` (a config written by `lowbit allocate`)."""
+
+import json
+
+import torch
+
+import lowbit
+from lowbit.cli import main
+from lowbit.data import load_dataset
+from lowbit.models import get_model
+
+
+def test_run_matches_the_torch_model_on_real_images(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = {"weight": {"name": "xnor"}, "input": {"name": "binary"}, "first": "float", "last": "float"}
+    model = lowbit.quantize(get_model("lenet5"), config).eval()
+    images, labels = load_dataset("mnist", "test")
+    images, labels = images[:96], labels[:96]
+    path = tmp_path / "binary.lowbit"
+    lowbit.save(model, path, example_input=images[:1])
+    assert main(["run", str(path), "--limit", "96", "--batch-size", "40", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        expected = (lowbit.load(path)(images).argmax(1) == labels).float().mean().item()
+    assert out["images"] == 96 and out["binary_layers"]
+    assert abs(out["accuracy"] - expected) <= 1 / 96  # at most one image on a float tie
+
+
+def test_run_of_a_missing_file_is_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "none.lowbit")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_quantize_takes_a_config_file(tmp_path, capsys):
+    config = lowbit.QuantConfig(weight={"name": "uniform", "bits": 4, "symmetric": True}, input=None,
+                                first="float", last="float")
+    (tmp_path / "config.json").write_text(config.to_json())
+    out_file = tmp_path / "m.lowbit"
+    argv = ["quantize", "lenet300", "--config", str(tmp_path / "config.json"), "--calib-batches", "0",
+            "--out", str(out_file), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["preset"].endswith("config.json") and out_file.is_file()
+    rows = {r["name"]: r for r in lowbit.serialize.inspect_file(out_file)["tensors"]}
+    assert rows["ip2.weight"]["codec"] == "affine" and rows["ip1.weight"]["codec"] == "float32"
+
+
+def test_quantize_refuses_preset_and_config_together(tmp_path, capsys):
+    argv = ["quantize", "lenet300", "--config", "c.json", "--preset", "w8a8", "--out", str(tmp_path / "m")]
+    assert main(argv) == 2
+    assert "either --preset or --config" in capsys.readouterr().err
