@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lowbit.analysis.plots import plot_accuracy_vs_bits
-from lowbit.recipes import float_recipe, get_recipe, train_recipe
+from lowbit.recipes import Recipe, float_recipe, get_recipe, train_recipe
 
 KEY_RECIPES = ("bnn", "bnn-cnn", "xnor", "bwn", "dorefa-w1a2g6", "abc-3-3", "bireal", "lsq-w2a2")
 #: published reference points quoted beside the MNIST table (accuracy, %)
@@ -44,9 +44,9 @@ def network_key(result: dict) -> str:
     return json.dumps([result["model"], result["model_kwargs"]], sort_keys=True)
 
 
-def run(name: str, args: argparse.Namespace, data: str, recipe=None) -> dict:
-    recipe = recipe if recipe is not None else get_recipe(name)
-    epochs = len(recipe.stages) if args.smoke else max(args.epochs or recipe.epochs, len(recipe.stages))
+def run(recipe: Recipe, args: argparse.Namespace, data: str, epochs: int | None = None) -> dict:
+    if epochs is None:
+        epochs = len(recipe.stages) if args.smoke else max(args.epochs or recipe.epochs, len(recipe.stages))
     start = time.perf_counter()
     result = train_recipe(recipe, data, epochs=epochs, seed=args.seed, limit=500 if args.smoke else args.limit,
                           progress=args.progress)
@@ -57,8 +57,8 @@ def run(name: str, args: argparse.Namespace, data: str, recipe=None) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| data | recipe | net | W/A bits | epochs | seed | accuracy | float (same net) | gap | s/epoch | "
-             "time vs float | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | recipe | net | W/A bits | train images | epochs | seed | accuracy % | float, same net % | gap pp "
+             "| s/epoch | time vs float | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ref = row.get("float")
         acc = 100 * row["final_acc"]
@@ -66,7 +66,9 @@ def table(rows: list[dict]) -> str:
         gap = f"{acc - 100 * ref['final_acc']:+.2f}" if ref else "-"
         ratio = f"{row['train_time_per_epoch'] / ref['train_time_per_epoch']:.2f}x" if ref else "-"
         bits = f"{row['weight_bits']}/{row['act_bits']}"
-        lines.append(f"| {row['data']} | {row['recipe']} | {row['model']} | {bits} | {row['epochs']} | {row['seed']} "
+        images = row["limit"] or "all"
+        lines.append(f"| {row['data']} | {row['recipe']} | {row['model']} | {bits} | {images} | {row['epochs']} "
+                     f"| {row['seed']} "
                      f"| {acc:.2f} | {float_acc} | {gap} | {row['train_time_per_epoch']:.1f} | {ratio} | "
                      f"{row['row_wall_time']:.0f} |")
     return "\n".join(lines)
@@ -95,15 +97,15 @@ def main() -> None:
     if args.append and out.is_file():
         previous = json.loads(out.read_text())
         rows, commands = previous["rows"], previous["commands"]
-        floats = {(f["data"], network_key(f) + f"-{i}"): f for i, f in enumerate(previous["floats"])}
+        floats = {(f["data"], network_key(f) + f"-{i}", f["epochs"]): f for i, f in enumerate(previous["floats"])}
     commands.append("python bench/qat.py " + " ".join(sys.argv[1:]))
     for data in args.data:
         for name in args.recipes:
             recipe = get_recipe(name)
-            row = run(name, args, data, recipe)
-            key = (data, network_key(row))
-            if key not in floats:
-                floats[key] = run("float", args, data, float_recipe(recipe))
+            row = run(recipe, args, data)
+            key = (data, network_key(row), row["epochs"])
+            if key not in floats:  # trained as long as the first recipe on this network
+                floats[key] = run(float_recipe(recipe), args, data, row["epochs"])
             row["float"] = {k: floats[key][k] for k in ("final_acc", "train_time_per_epoch", "epochs", "row_wall_time")}
             rows.append(row)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,14 +113,14 @@ def main() -> None:
     out.write_text(json.dumps(record, indent=1))
     print(table(rows))
     for data in dict.fromkeys(r["data"] for r in rows):
-        for ref in (f for (d, _), f in floats.items() if d == data):
+        for ref in (f for (d, *_), f in floats.items() if d == data):
             print(f"float {data} {ref['model']} {json.dumps(ref['model_kwargs'])}: {100 * ref['final_acc']:.2f}% "
                   f"{ref['train_time_per_epoch']:.1f} s/epoch")
     if args.plot:
         datasets = list(dict.fromkeys(r["data"] for r in rows))
         panels = {data: [{"method": method(r["recipe"]), "bits": r["weight_bits"], "accuracy": r["final_acc"]}
                          for r in rows if r["data"] == data] for data in datasets}
-        baselines = {data: next((f["final_acc"] for (d, _), f in floats.items() if d == data and f["model"] ==
+        baselines = {data: next((f["final_acc"] for (d, *_), f in floats.items() if d == data and f["model"] ==
                                  "small-cnn" and not f["model_kwargs"]), None) for data in datasets}
         print("wrote", plot_accuracy_vs_bits(panels, args.plot, baselines))
 

@@ -176,3 +176,111 @@ def test_malformed_pack_and_conv_inputs_raise():
         binary_conv2d(x, w, scale=np.ones(3))
     with pytest.raises(ConfigError, match="C-contiguous"):
         binary_conv2d(np.ones((1, 5, 5, 3), np.float32).transpose(0, 3, 1, 2), w)
+
+
+# ---------------------------------------------------------------- NCHW packing, packed pooling, folded thresholds
+
+from lowbit.runtime import ops  # noqa: E402
+from lowbit.runtime.binary import BinaryConv2d  # noqa: E402
+from lowbit.runtime.kernels import max_pool_packed, pack_nchw  # noqa: E402
+from lowbit.runtime.threshold import fold_threshold  # noqa: E402
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("c", [1, 64, 70, 130])
+def test_pack_nchw_equals_packing_the_nhwc_rows(kernel, c):
+    rng = np.random.default_rng(c)
+    x = rng.standard_normal((2, c, 5, 3)).astype(np.float32)
+    x[0, 0, 0, 0], x[1, -1, 1, 1] = 0.0, -0.0  # sign(+-0) = +1
+    got = pack_nchw(x, kernel, 2)
+    expected = pack_signs_numpy(x.transpose(0, 2, 3, 1).reshape(-1, c)).reshape(2, 5, 3, -1)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_max_pool_is_or_and_where_masked_and(kernel):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 70, 7, 6)).astype(np.float32)
+    falling = rng.random(70) < 0.5
+    and_mask = pack_signs_numpy(np.where(falling, 1.0, -1.0)[None, :])[0]
+    got = max_pool_packed(pack_nchw(x, kernel, 2), (3, 2), (2, 2), (1, 1), and_mask, kernel, 2)
+    # oracle: torch's max pool of +-1 values; for "falling" channels the pool of -x (a min pool of the signs)
+    s = torch.from_numpy(signs(x)).float()
+    pooled_max = F.max_pool2d(s, (3, 2), (2, 2), (1, 1))
+    pooled_min = -F.max_pool2d(-s, (3, 2), (2, 2), (1, 1))
+    expected = torch.where(torch.from_numpy(falling)[None, :, None, None], pooled_min, pooled_max).numpy()
+    np.testing.assert_array_equal(got, pack_nchw(np.ascontiguousarray(expected), "numpy", 1))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_conv_epilogue_writes_nchw(kernel):
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((2, 70, 6, 5)).astype(np.float32), rng.standard_normal((9, 70, 3, 3))
+    got = binary_conv2d(x, w, 1, 1, scale=np.arange(1, 10), bias=np.arange(9), kernel=kernel, threads=2)
+    expected = F.conv2d(torch.from_numpy(signs(x)).float(), torch.from_numpy(signs(w)).float(), padding=1)
+    expected = expected * torch.arange(1, 10).view(1, -1, 1, 1) + torch.arange(9).view(1, -1, 1, 1)
+    np.testing.assert_array_equal(got, expected.numpy())
+
+
+def bn_parameters(rng: np.random.Generator, channels: int, values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Random eval-mode BN with gamma < 0, gamma == 0 and gamma > 0 channels, and means that make ties: the
+    mean of every third channel is a value the layer really outputs, with a zero BN bias, so BN gives exactly 0."""
+    gamma = rng.choice([-1.5, -0.3, 0.0, 0.4, 2.0], channels).astype(np.float32)
+    beta = rng.uniform(-0.5, 0.5, channels).astype(np.float32)
+    mean = rng.uniform(-5, 5, channels).astype(np.float32)
+    var = rng.uniform(0.1, 3, channels).astype(np.float32)
+    tie = np.arange(channels) % 3 == 0
+    mean[tie] = values[rng.integers(0, values.shape[0], tie.sum()), np.flatnonzero(tie)]
+    beta[tie] = 0.0
+    beta[1] = 0.0
+    gamma[1] = 0.0  # gamma == 0 and beta == 0: BN is 0 everywhere, sign +1
+    return mean, var, gamma, beta
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folded_threshold_equals_the_float_path_bit_for_bit(kernel, pool, seed):
+    """conv -> (max pool) -> BN -> hardtanh -> sign, folded into the GEMM epilogue, equals the float32 path."""
+    rng = np.random.default_rng(seed)
+    c_in, c_out = 3, 70
+    x = rng.standard_normal((2, c_in, 8, 8)).astype(np.float32)
+    scale = np.where(rng.random(c_out) < 0.2, 1.0, rng.uniform(0.01, 2, c_out)).astype(np.float32)
+    bias = np.where(rng.random(c_out) < 0.5, 0.0, rng.uniform(-3, 3, c_out)).astype(np.float32)
+    layer = BinaryConv2d(rng.standard_normal((c_out, c_in, 3, 3)), 1, 1, scale, bias)
+    y = layer(x, kernel=kernel, threads=2)
+    if pool:
+        y = ops.maxpool2d(y, [2, 2], [2, 2], [0, 0])
+    mean, var, gamma, beta = bn_parameters(rng, c_out, y.transpose(0, 2, 3, 1).reshape(-1, c_out))
+    bn = lambda v: ops.batchnorm(v, mean, var, gamma, beta, 1e-5)  # noqa: E731
+    hardtanh = lambda v: np.clip(v, np.float32(-1), np.float32(1))  # noqa: E731
+    z = hardtanh(bn(y))
+    assert (z == 0).any() and (z > 0).any() and (z < 0).any()  # ties happen
+    expected = pack_nchw(np.ascontiguousarray(z), "numpy", 1)
+
+    threshold = fold_threshold(27, scale, bias, c_out, [] if pool else [bn, hardtanh],
+                               [bn, hardtanh] if pool else [], pool)
+    assert threshold is not None
+    assert (threshold.direction[gamma >= 0] == 1).all() and (threshold.direction[gamma < 0] == -1).any()
+    got = layer.forward_packed(pack_nchw(x, kernel, 2), kernel, 2, threshold)
+    if pool:
+        got = max_pool_packed(got, (2, 2), (2, 2), (0, 0), threshold.and_mask, kernel, 2)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_fold_threshold_hand_worked():
+    """K = 4, so d is in {-4..4}; v = d * 0.5 + 0.25; BN with mean 0.75, var 1 - eps (factor 1), bias 0:
+    v - 0.75 >= 0 iff d >= 1 (tie at d = 1); gamma = -1 flips to d <= 1; gamma = 0, beta = -1: never."""
+    eps = np.float32(0.0)
+    mean, var = np.full(3, 0.75, np.float32), np.ones(3, np.float32)
+    gamma, beta = np.array([1, -1, 0], np.float32), np.array([0, 0, -1], np.float32)
+    bn = lambda v: ops.batchnorm(v, mean, var, gamma, beta, float(eps))  # noqa: E731
+    t = fold_threshold(4, np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32), 3, [bn], [], False)
+    d = np.arange(-4, 5)[:, None]
+    assert (t.direction * d >= t.threshold).T.tolist() == [[v >= 1 for v in range(-4, 5)],
+                                                           [v <= 1 for v in range(-4, 5)], [False] * 9]
+
+
+def test_fold_threshold_refuses_nan():
+    nan_bn = lambda v: v * np.float32(np.nan)  # noqa: E731
+    assert fold_threshold(8, None, None, 2, [nan_bn], [], True) is None

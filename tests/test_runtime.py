@@ -145,3 +145,32 @@ def test_runtime_and_format_never_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "numpy" in result.stdout
+
+
+def test_folded_batchnorm_sign_and_packed_pool_match_torch(tmp_path):
+    """Bench-style order (binary conv -> max pool -> BN -> hardtanh -> binary conv, flatten -> binary linear),
+    BN with gamma < 0 and gamma == 0 channels: the folded engine keeps activations packed and matches torch."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Hardtanh(),
+        nn.Conv2d(16, 70, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(70), nn.Hardtanh(),
+        nn.Conv2d(70, 32, 3, padding=1), nn.BatchNorm2d(32), nn.Hardtanh(),
+        nn.Conv2d(32, 24, 3, stride=2, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(24), nn.Hardtanh(),
+        nn.Flatten(), nn.Linear(24 * 2 * 2, 80), nn.BatchNorm1d(80), nn.Hardtanh(),
+        nn.Linear(80, 40), nn.BatchNorm1d(40), nn.Hardtanh(), nn.Linear(40, 10),
+    )
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-3, 3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(-1.5, 1.5)
+            m.weight.data[::5] = 0.0
+            m.bias.data.uniform_(-0.3, 0.3)
+    path = tmp_path / "folded.lowbit"
+    x = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    loaded = saved(model, binary_config(BINARY), path, x[:1])
+    for kernel in (available_kernels()[0], "numpy"):
+        engine = Engine(path, kernel=kernel)
+        assert len(engine.binary_layers) == 5 and len(engine.folded) == 4  # all but the last binary layer
+        assert_engine_matches(engine, loaded, x)
+        assert_engine_matches(engine, loaded, x[:1])

@@ -82,14 +82,14 @@ class Engine:
         if not isinstance(outputs, list) or len(outputs) != 1 or outputs[0] not in known:
             raise FormatError("bad-graph", f"the engine runs graphs with one output naming a node, got {outputs!r}")
         self.output_name: str = outputs[0]
+        steps = [self._build(node) for node in nodes]
         self._steps: list[tuple[str, list[str], Step]] = []
         skipped: set[str] = set()
         rename: dict[str, str] = {}
-        for index, node in enumerate(nodes):
+        for index, (node, step) in enumerate(zip(nodes, steps)):
             if node["name"] in skipped:
                 continue
-            step = self._build(node)
-            chain = self._fold_chain(nodes, index) if node["name"] in self.binary_layers else None
+            chain = self._fold_chain(nodes, index) if node["name"] in self._layers else None
             if chain is not None:
                 step, folded, target = chain
                 skipped.update(folded)
@@ -167,7 +167,7 @@ class Engine:
             if isinstance(layer, BinaryConv2d):
                 if x.dtype != np.uint64:
                     x = np.ascontiguousarray(x, dtype=np.float32)
-                    check_array(x, f"binary conv input", 4)
+                    check_array(x, "binary conv input", 4)
                     if x.shape[1] != layer.in_channels:
                         raise ConfigError(f"binary conv input has {x.shape[1]} channels, the layer takes "
                                           f"{layer.in_channels}")
@@ -200,11 +200,10 @@ class Engine:
         node = nodes[index]
         if node.get("quant", {}).get("output") is not None:
             return None
-        consumers: dict[str, list[str]] = {}
-        for other in nodes:
+        consumers: dict[str, list[dict[str, Any]]] = {}
+        for other in nodes[index + 1 :]:
             for a in other["inputs"]:
-                consumers.setdefault(a, []).append(other["name"])
-        by_name = {n["name"]: n for n in nodes}
+                consumers.setdefault(a, []).append(other)
         layer = self._layers[node["name"]]
         conv = isinstance(layer, BinaryConv2d)
         before: list[ops.ChannelOp] = []
@@ -216,7 +215,7 @@ class Engine:
             users = consumers.get(current["name"], [])
             if current["name"] == self.output_name or len(users) != 1:
                 return None
-            nxt = by_name[users[0]]
+            nxt = users[0]
             op, attrs = nxt.get("op"), nxt.get("attrs", {})
             if nxt["name"] in self._layers:
                 break

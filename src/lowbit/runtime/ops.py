@@ -66,19 +66,19 @@ def _pad(x: np.ndarray, padding: list[int], value: float = 0.0) -> np.ndarray:
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: list[int], padding: list[int],
            dilation: list[int], groups: int) -> np.ndarray:
-    """torch.nn.functional.conv2d (zero padding), NCHW, by im2col and matmul per group."""
+    """torch.nn.functional.conv2d (zero padding), NCHW, by im2col and one matmul per group and image batch:
+    ``W_g [O/g, C/g kh kw] @ cols [N, C/g kh kw, Ho Wo]`` lands in NCHW order directly."""
     o, cg, kh, kw = weight.shape
     windows = _windows(_pad(x, padding), (kh, kw), stride, dilation)  # [N, C, Ho, Wo, kh, kw]
     n, _, ho, wo = windows.shape[:4]
-    outs = []
+    y = np.empty((n, o, ho * wo), dtype=np.float32)
     og = o // groups
     for g in range(groups):
-        cols = windows[:, g * cg : (g + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, cg * kh * kw)
-        outs.append(cols @ weight[g * og : (g + 1) * og].reshape(og, -1).T)
-    y = np.concatenate(outs, axis=1).reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
+        cols = windows[:, g * cg : (g + 1) * cg].transpose(0, 1, 4, 5, 2, 3).reshape(n, cg * kh * kw, ho * wo)
+        np.matmul(weight[g * og : (g + 1) * og].reshape(og, -1), cols, out=y[:, g * og : (g + 1) * og])
     if bias is not None:
-        y = y + bias.reshape(1, -1, 1, 1)
-    return np.ascontiguousarray(y, dtype=np.float32)
+        y += bias.reshape(1, -1, 1)
+    return y.reshape(n, o, ho, wo)
 
 
 def batchnorm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, weight: np.ndarray | None,
@@ -89,7 +89,9 @@ def batchnorm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, weight: np.ndarr
     if weight is not None:
         factor = factor * weight
     shift = -mean * factor + (bias if bias is not None else np.float32(0))
-    return (x * factor.reshape(shape) + shift.reshape(shape)).astype(np.float32, copy=False)
+    y = (x * factor.reshape(shape)).astype(np.float32, copy=False)
+    y += shift.reshape(shape)
+    return y
 
 
 def maxpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list[int]) -> np.ndarray:
