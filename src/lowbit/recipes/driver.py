@@ -206,27 +206,27 @@ def _run(recipe: Recipe, data: str, model: str | None, epochs: int | None, out: 
     epochs = recipe.epochs if epochs is None else epochs
     batch_size = recipe.batch_size if batch_size is None else batch_size
     lr = recipe.lr if lr is None else lr
-    split = stage_epochs(recipe, epochs)
+    epochs_per_stage = stage_epochs(recipe, epochs)
     model_name = model or recipe.model
     model_kwargs = dict(recipe.model_kwargs) if model is None or model == recipe.model else {}
     seed_everything(seed)
     net = build_model(model_name, data, model_kwargs)
     out_dir = Path(out) if out is not None else None
-    splits = tuple((x[:limit], y[:limit]) for x, y in (load_dataset(data, split, data_dir) for split in ("train", "test")))
+    splits = tuple((x[:limit], y[:limit]) for x, y in (load_dataset(data, part, data_dir) for part in ("train", "test")))
     stages, trained = [], net
-    for index, (stage, stage_epochs_) in enumerate(zip(recipe.stages, split)):
+    for index, (stage, stage_length) in enumerate(zip(recipe.stages, epochs_per_stage)):
         last = index == len(recipe.stages) - 1
         stage_dir = None if out_dir is None else out_dir if last else out_dir / f"stage-{stage.name}"
         loaders = _loaders(splits, batch_size, seed + index)
         trained = stage_model(net, stage, recipe)
         if stage.config is not None:  # quantizer state made from the first batch_size images, on every rank
             ddp.prepare_quantizers(trained, splits[0][0][:batch_size])
-        trainer = trainer_for(trained, recipe, loaders, stage_epochs_, lr, seed + index, stage_dir, progress)
+        trainer = trainer_for(trained, recipe, loaders, stage_length, lr, seed + index, stage_dir, progress)
         fit = trainer.fit()
         if not last:
             carry_weights(trained, net)
         times = [row["train_time"] for row in fit.history]
-        stages.append({"name": stage.name, "epochs": stage_epochs_, "final_acc": fit.final_acc,
+        stages.append({"name": stage.name, "epochs": stage_length, "final_acc": fit.final_acc,
                        "best_acc": fit.best_acc, "train_time_per_epoch": sum(times) / len(times),
                        "history": fit.history})
     result = {
@@ -272,7 +272,8 @@ def train_recipe(
 ) -> dict[str, Any]:
     """Train recipe ``name`` (or a Recipe) on dataset ``data``; returns a JSON-able result dict.
 
-    ``model`` replaces the recipe's default network (its ``model_kwargs`` then do not apply);
+    ``model`` replaces the recipe's default network (the recipe's ``model_kwargs`` apply only to
+    its own network);
     ``epochs``, ``batch_size`` and ``lr`` replace the recipe's. ``limit`` keeps the first
     ``limit`` images of each split. ``out``: checkpoints and logs of the last stage (earlier
     stages in ``out/stage-<name>``) and ``run.json`` (readable by ``lowbit quantize`` / ``eval``).
