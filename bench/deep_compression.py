@@ -37,6 +37,8 @@ SETUPS = {
             "paper": {"rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05},
             "goal": {"sparsity": {"ip1": 0.95, "ip2": 0.92, "ip3": 0.75}, "bits": {"ip1": 5, "ip2": 5, "ip3": 6},
                      "index_bits": "auto", "rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05},
+            "mid": {"sparsity": {"ip1": 0.935, "ip2": 0.88, "ip3": 0.6}, "bits": {"ip1": 5, "ip2": 5, "ip3": 6},
+                    "index_bits": "auto", "rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05},
         },
     },
     "lenet5": {

@@ -84,13 +84,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny run: 500 images, fewest epochs")
     parser.add_argument("--progress", action="store_true")
-    parser.add_argument("--out", default="bench/results/qat.json")
+    parser.add_argument("--out", default=None, help="JSON results (default bench/results/qat.json, "
+                        "qat-smoke.json with --smoke)")
     parser.add_argument("--plot", default=None, help="PNG of accuracy against weight bits")
     parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    out = Path(args.out)
+    out = Path(args.out or f"bench/results/qat{'-smoke' if args.smoke else ''}.json")
     rows: list[dict] = []
     floats: dict[tuple[str, str], dict] = {}
     commands = []

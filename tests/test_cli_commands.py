@@ -49,3 +49,20 @@ def test_quantize_refuses_preset_and_config_together(tmp_path, capsys):
     argv = ["quantize", "lenet300", "--config", "c.json", "--preset", "w8a8", "--out", str(tmp_path / "m")]
     assert main(argv) == 2
     assert "either --preset or --config" in capsys.readouterr().err
+
+
+def test_train_with_a_recipe_on_digits(tmp_path, capsys):
+    argv = ["train", "--recipe", "bwn", "--data", "digits", "--model", "vgg-small", "--epochs", "1",
+            "--limit", "256", "--out", str(tmp_path / "run"), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["recipe"] == "bwn" and 0.0 <= out["final_acc"] <= 1.0
+    assert (tmp_path / "run" / "last.safetensors").is_file()
+
+
+def test_recipe_refuses_quant_and_train_needs_model_or_recipe(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--recipe", "bnn", "--quant", "w8a8", "--data", "digits", "--out", out]) == 2
+    assert "drop --quant" in capsys.readouterr().err
+    assert main(["train", "--data", "digits", "--out", out]) == 2
+    assert "--model and --epochs" in capsys.readouterr().err

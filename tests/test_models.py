@@ -9,7 +9,7 @@ from torch import nn
 from lowbit.errors import ConfigError
 from lowbit.models import BasicBlock, get_model, model_names
 
-ALL = ["bnn-mlp", "lenet300", "lenet5", "resnet-small", "vgg-small"]
+ALL = ["bnn-mlp", "lenet300", "lenet5", "resnet-small", "small-cnn", "vgg-small"]
 
 
 def n_params(model: nn.Module) -> int:
@@ -84,7 +84,7 @@ def test_resnet_small_count():
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("size", [28, 8])
 def test_output_shapes(name, size):
-    if name == "lenet5" and size == 8:
+    if name in ("lenet5", "small-cnn") and size == 8:
         with pytest.raises(ConfigError, match="input_size >= 16"):
             get_model(name, input_size=size)
         return
@@ -162,7 +162,7 @@ def test_odd_sizes_keep_shortcut_and_conv_shapes_equal():
 
 
 def test_unknown_name_and_bad_arguments():
-    with pytest.raises(ConfigError, match="known models: bnn-mlp, lenet300, lenet5, resnet-small, vgg-small"):
+    with pytest.raises(ConfigError, match="known models: bnn-mlp, lenet300, lenet5, resnet-small, small-cnn, vgg-small"):
         get_model("alexnet")
     with pytest.raises(ConfigError, match="bad arguments for model 'lenet300'.*valid: in_channels"):
         get_model("lenet300", width=10)

@@ -283,3 +283,14 @@ def test_recipe_table_is_data():
         for stage in recipe.stages:
             if stage.config is not None:
                 QuantConfig.from_dict(stage.config)
+
+
+def test_out_dir_holds_a_checkpoint_that_lowbit_can_reload(tmp_path, mnist_available):
+    from lowbit.data import load_dataset
+    from lowbit.workflow import accuracy, load_trained
+
+    result = train_recipe("ternary", "mnist", epochs=1, limit=200, batch_size=50, out=tmp_path, progress=False)
+    model, run = load_trained(tmp_path / "last.safetensors")
+    assert run["recipe"] == "ternary" and run["quant"]["weight"] == {"name": "ternary"}
+    images, labels = load_dataset("mnist", "test")
+    assert accuracy(model, images[:200], labels[:200], progress=False) == pytest.approx(result["final_acc"])

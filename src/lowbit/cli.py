@@ -110,13 +110,17 @@ def _run_demo(args: argparse.Namespace) -> Output:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="reference model (lenet300, lenet5, bnn-mlp, vgg-small, ...)")
+    parser.add_argument("--model", default=None,
+                        help="reference model (lenet300, lenet5, bnn-mlp, vgg-small, ...; default: the recipe's)")
     parser.add_argument("--data", required=True, help="dataset (mnist, fashion-mnist, digits)")
-    parser.add_argument("--epochs", type=int, required=True, help="epochs in total")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs in total (default: the recipe's)")
     parser.add_argument("--out", required=True, help="directory for checkpoints, logs and run.json")
     parser.add_argument("--quant", default=None, help="train quantization-aware with this preset (default: float)")
+    parser.add_argument("--recipe", default=None,
+                        help="train with a named recipe: bnn, xnor, bwn, dorefa-w1a2g6, abc-3-3, bireal, lsq-w2a2, ...")
+    parser.add_argument("--ddp", type=int, default=None, help="with --recipe: data-parallel over N processes (gloo)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    parser.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.05)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.05 SGD, or the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
@@ -125,6 +129,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> Output:
+    if args.recipe is not None:
+        return _run_recipe(args)
+    if args.model is None or args.epochs is None:
+        raise ConfigError("train needs --model and --epochs (or --recipe NAME)")
+    if args.ddp is not None:
+        raise ConfigError("--ddp goes with --recipe")
     from . import workflow
 
     result = workflow.train(
@@ -138,6 +148,23 @@ def _run_train(args: argparse.Namespace) -> Output:
     data = {"checkpoint": str(result.checkpoint), "final_acc": result.final_acc,
             "epochs": len(result.history), "run": result.run, "history": result.history}
     return Output(text=text, data=data)
+
+
+def _run_recipe(args: argparse.Namespace) -> Output:
+    if args.quant is not None or args.resume:
+        raise ConfigError("--recipe fixes the quantizers and the schedule; drop --quant and --resume")
+    from . import recipes
+    from .train import ddp
+
+    ddp.init_from_env()  # under torchrun; a no-op otherwise
+    result = recipes.train_recipe(
+        args.recipe, args.data, model=args.model, epochs=args.epochs, out=args.out, seed=args.seed,
+        limit=args.limit, progress=args.progress, batch_size=args.batch_size, lr=args.lr,
+        data_dir=args.data_dir, ddp_processes=args.ddp,
+    )
+    text = (f"trained recipe {result['recipe']} ({result['model']}) on {args.data}, {result['epochs']} epoch(s): "
+            f"test accuracy {_percent(result['final_acc'])}\ncheckpoint {result['checkpoint']}")
+    return Output(text=text, data=result)
 
 
 # ------------------------------------------------------------------- quantize

@@ -27,7 +27,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from .common import check_int
-from .registry import MODELS
 
 
 class SmallCNN(nn.Sequential):
@@ -67,6 +66,3 @@ class SmallCNN(nn.Sequential):
                 ip2=nn.Linear(hidden, check_int(num_classes, "small-cnn num_classes")),
             )
         )
-
-
-MODELS.setdefault("small-cnn", SmallCNN)

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from .binary_nets import SmallCNN
 from .bnn_mlp import BNNMLP
 from .lenet import LeNet5, LeNet300
 from .resnet import ResNetSmall
@@ -19,6 +20,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "bnn-mlp": BNNMLP,
     "vgg-small": VGGSmall,
     "resnet-small": ResNetSmall,
+    "small-cnn": SmallCNN,
 }
 
 
