@@ -9,8 +9,10 @@
   :class:`~lowbit.runtime.binary.BinaryConv2d` (XNOR + popcount, the
   weight's per-channel scale and the bias fused into the GEMM's epilogue);
 - every other linear / conv2d (float first and last layers, 8-bit or k-bit
-  weights): numpy float32 on the decoded weight values, with the input
-  quantizer applied in numpy (``binary``, ``xnor`` activations);
+  weights): numpy float32 on the decoded weight values, with the input and
+  output quantizers applied in numpy (:mod:`lowbit.runtime.activations`:
+  binary, xnor, uniform, linear, log2, dorefa_act, pact, lsq, with their
+  observed ranges, clipping levels and steps read from the file);
 - batchnorm, relu, tanh, hardtanh, pools, reshape, add, mul, concat,
   quant_act: :mod:`lowbit.runtime.ops`.
 
@@ -23,9 +25,12 @@ unfused float32 path's bit for bit.
 
 The outputs equal those of ``lowbit.load(path)`` in eval mode: binary layers
 bit for bit up to the float32 rounding of ``dot * scale + bias``, float
-layers within float32 tolerance. Nodes the runtime cannot run (grouped or
-dilated binary convs, activation quantizers with observed state) raise
-:class:`~lowbit.errors.UnsupportedLayerError` when the engine is built.
+layers within float32 tolerance (the activation quantizers give torch's bits
+on the same input; a float32 matmul summed in another order can move a value
+across a rounding boundary). Nodes the runtime cannot run (grouped or
+dilated binary convs, activation quantizers without a numpy version) raise
+:class:`~lowbit.errors.UnsupportedLayerError` naming the node and the
+quantizer when the engine is built.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from ..errors import ConfigError, FormatError, UnsupportedLayerError
 from ..format.codecs import values
 from ..format.container import read_file
 from . import ops
+from .activations import Activation, activation_quantizer
 from .binary import BinaryConv2d, BinaryLinear
 from .kernels import check_array, check_threads, max_pool_packed, pack_nchw, pack_signs, select_kernel
 from .threshold import Threshold, fold_threshold
@@ -121,7 +127,7 @@ class Engine:
             weight, bias = self._tensor(node, "weight", False), self._tensor(node, "bias", False)
             return lambda xs: ops.batchnorm(xs[0], mean, var, weight, bias, float(attrs["eps"]))
         if op == "quant_act":
-            return _unary(ops.activation_quantizer(quant.get("output"), where))
+            return _unary(self._quantizer(node, "output", "quantizer"))
         if op in ops.FUNCTIONAL:
             function = ops.FUNCTIONAL[op]
             return lambda xs: function(xs, attrs)
@@ -133,11 +139,10 @@ class Engine:
         if enc is None:
             raise FormatError("bad-graph", f"{where}: its weight is not stored")
         bias = self._tensor(node, "bias", False)
-        output = ops.activation_quantizer(quant.get("output"), where)
+        output = self._quantizer(node, "output")
         input_spec = quant.get("input")
         binary_input = isinstance(input_spec, dict) and input_spec.get("name") == "binary"
         geometry_ok = op == "linear" or (attrs.get("groups") == 1 and attrs.get("dilation") == [1, 1])
-        kernel, threads = self.kernel, self.threads
         if enc.kind == "binary" and binary_input and geometry_ok:
             self.binary_layers.append(node["name"])
             scale = enc.params["scale"].astype(np.float32)
@@ -149,12 +154,23 @@ class Engine:
             self._layers[node["name"]] = layer
             run = self._binary_run(layer, None, None)
             return _unary(lambda x: output(run(x)))
-        quantize = ops.activation_quantizer(input_spec, where)
+        quantize = self._quantizer(node, "input")
         weight = self._tensor(node, "weight")
         if op == "linear":
             return _unary(lambda x: output(ops.linear(quantize(x), weight, bias)))
         stride, padding, dilation, groups = attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"]
         return _unary(lambda x: output(ops.conv2d(quantize(x), weight, bias, stride, padding, dilation, groups)))
+
+    def _quantizer(self, node: dict[str, Any], slot: str, module: str | None = None) -> Activation:
+        """The numpy activation quantizer in ``slot`` ("input" / "output") of ``node`` with its stored state: the
+        params under ``<module>.`` (the quantizer's attribute, by default ``<slot>_quantizer``)."""
+        module = module or f"{slot}_quantizer"
+        state = {}
+        for local, key in node.get("params", {}).items():
+            enc = self._encoded.get(key) if isinstance(key, str) else None
+            if local.startswith(f"{module}.") and enc is not None:
+                state[local[len(module) + 1 :]] = np.asarray(enc.codes if enc.kind in _RAW_KINDS else values(enc))
+        return activation_quantizer(node.get("quant", {}).get(slot), state, f"graph node {node['name']!r} {module}")
 
     def _binary_run(self, layer: BinaryLinear | BinaryConv2d, threshold: Threshold | None,
                     pool: dict | None) -> Callable[[np.ndarray], np.ndarray]:

@@ -2,8 +2,8 @@
 
 Used by :class:`lowbit.runtime.Engine` for every node that is not a binary
 layer: float or decoded (8-bit, k-bit) linear and conv2d, batch norm,
-activations, pooling, reshape, add, mul, concat, and the activation
-quantizers that have no stored codes (``binary`` sign, ``xnor`` activation).
+activations, pooling, reshape, add, mul, concat (the activation quantizers
+are in :mod:`lowbit.runtime.activations`).
 """
 
 from __future__ import annotations
@@ -12,36 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import UnsupportedLayerError
-
 #: a per-channel float32 op on arrays with channels on axis 1 (NCHW maps, [N, features] rows)
 ChannelOp = Callable[[np.ndarray], np.ndarray]
-
-#: floor of XNOR-Net activation scales: lowbit.quantizers.base.EPS, float32's machine epsilon
-EPS = np.finfo(np.float32).eps
-
-
-def sign(x: np.ndarray) -> np.ndarray:
-    """+1 where ``x >= 0``, else -1 (float32; sign(0) = +1)."""
-    return np.where(x >= 0, np.float32(1), np.float32(-1))
-
-
-def xnor_activation(x: np.ndarray) -> np.ndarray:
-    """XNOR-Net input ``sign(I) * A``, A the mean of |I| over channels (axis 1), floored at EPS."""
-    return sign(x) * np.maximum(np.abs(x).mean(axis=1, keepdims=True, dtype=np.float32), EPS)
-
-
-def activation_quantizer(spec: dict[str, Any] | None, where: str):
-    """The numpy function of an activation quantizer spec without stored state (None: the identity)."""
-    if spec is None:
-        return lambda x: x
-    if spec.get("name") == "binary":
-        return sign
-    if spec.get("name") == "xnor" and spec.get("role") == "activation":
-        return xnor_activation
-    raise UnsupportedLayerError(f"{where}: the runtime has no numpy version of quantizer {spec!r}; "
-                                "supported: binary, xnor (activation)")
-
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """torch.nn.functional.linear: ``x W^T + b``."""
