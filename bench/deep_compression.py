@@ -45,10 +45,10 @@ SETUPS = {
         "model": LeNet5,
         "float": {"epochs": 8, "lr": 0.05},
         "runs": {
-            "paper": {"rounds": 2, "retrain_epochs": 1, "finetune_epochs": 1, "lr": 0.05},
+            "paper": {"rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05},
             "goal": {"sparsity": {"conv1": 0.4, "conv2": 0.92, "ip1": 0.96, "ip2": 0.85},
                      "bits": {"conv1": 6, "conv2": 5, "ip1": 4, "ip2": 5}, "index_bits": "auto",
-                     "rounds": 2, "retrain_epochs": 1, "finetune_epochs": 1, "lr": 0.05},
+                     "rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05},
         },
     },
 }

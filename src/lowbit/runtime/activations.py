@@ -22,6 +22,8 @@ input it gives the same bits:
 
 A quantizer's learned or observed state comes as ``state``: its local state
 names (``stats.min_val``, ``alpha``, ``step``, ``initialized``) -> arrays.
+As in torch, all but ``binary`` and ``xnor`` reject NaN / Inf input with
+:class:`~lowbit.errors.CalibrationError`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import CalibrationError, UnsupportedLayerError
+from ..errors import CalibrationError, FormatError, UnsupportedLayerError
 
 #: an activation quantizer: float32 array -> float32 array of the same shape
 Activation = Callable[[np.ndarray], np.ndarray]
@@ -85,7 +87,7 @@ def fake_quantize_affine(x: np.ndarray, scale: np.float32, zero_point: int, qmin
     inverse = np.float32(1) / np.float32(scale)
     with np.errstate(over="ignore", invalid="ignore"):
         codes = np.clip(np.rint(x * inverse) + np.float32(zero_point), np.float32(qmin), np.float32(qmax))
-    return (codes - np.float32(zero_point)) * np.float32(scale)
+        return (codes - np.float32(zero_point)) * np.float32(scale)
 
 
 def uniform(spec: dict[str, Any], state: State, where: str) -> Activation:
@@ -175,7 +177,8 @@ def pact(x: np.ndarray, alpha: np.float32, bits: int) -> np.ndarray:
     """PACT ``round(min(max(x, 0), a) / s) * s`` with a = max(alpha, EPS), s = a / (2^k - 1)."""
     level = np.maximum(np.float32(alpha), EPS)
     scale = level / np.float32(2**bits - 1)
-    return np.rint(np.minimum(np.maximum(x, np.float32(0)), level) / scale) * scale
+    with np.errstate(over="ignore"):
+        return np.rint(np.minimum(np.maximum(x, np.float32(0)), level) / scale) * scale
 
 
 def lsq(x: np.ndarray, step: np.float32, bits: int, signed: bool) -> np.ndarray:
@@ -183,7 +186,8 @@ def lsq(x: np.ndarray, step: np.float32, bits: int, signed: bool) -> np.ndarray:
     0, 2^b - 1 unsigned."""
     q_n, q_p = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     step = np.maximum(np.float32(step), EPS)
-    return np.rint(np.clip(x / step, np.float32(-q_n), np.float32(q_p))) * step
+    with np.errstate(over="ignore"):
+        return np.rint(np.clip(x / step, np.float32(-q_n), np.float32(q_p))) * step
 
 
 def _scalar(state: State, name: str, spec: dict[str, Any], where: str) -> np.float32:
@@ -215,7 +219,6 @@ def _unsupported(spec: dict[str, Any], where: str, what: str | None = None) -> U
 
 
 _FACTORIES: dict[str, Callable[[dict[str, Any], State, str], Activation]] = {
-    "binary": lambda spec, state, where: sign,
     "dorefa_act": lambda spec, state, where: lambda x: dorefa_act(x, spec["bits"]),
     "dorefa_grad": lambda spec, state, where: lambda x: x,
     "linear": full_scale_range,
@@ -239,9 +242,22 @@ def activation_quantizer(spec: dict[str, Any] | None, state: State, where: str) 
         if spec.get("role") != "activation":
             raise _unsupported(spec, where, "an xnor weight quantizer on an activation")
         return xnor_activation
+    if name == "binary":
+        return sign
     if name not in _FACTORIES:
         raise _unsupported(spec, where)
     try:
-        return _FACTORIES[name](spec, state, where)
+        quantize = _FACTORIES[name](spec, state, where)
     except KeyError as exc:
-        raise UnsupportedLayerError(f"{where}: quantizer spec {spec!r} lacks {exc}") from None
+        raise FormatError("bad-graph", f"{where}: quantizer spec {spec!r} lacks {exc}") from None
+    return _checked(quantize, where)
+
+
+def _checked(quantize: Activation, where: str) -> Activation:
+    """``quantize`` behind torch's input check: NaN or Inf in x raises CalibrationError naming ``where``."""
+    def run(x: np.ndarray) -> np.ndarray:
+        if not np.isfinite(x).all():
+            bad = int(np.count_nonzero(~np.isfinite(x)))
+            raise CalibrationError(f"{where} holds {bad} NaN/Inf value(s); quantization needs finite values")
+        return quantize(x)
+    return run
