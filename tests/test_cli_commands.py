@@ -66,3 +66,21 @@ def test_recipe_refuses_quant_and_train_needs_model_or_recipe(tmp_path, capsys):
     assert "drop --quant" in capsys.readouterr().err
     assert main(["train", "--data", "digits", "--out", out]) == 2
     assert "--model and --epochs" in capsys.readouterr().err
+
+
+def test_compress_runs_deep_compression_end_to_end(tmp_path, capsys):
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "float.safetensors"
+    from lowbit.train.checkpoint import save_checkpoint
+
+    model = get_model("lenet300")
+    save_checkpoint(checkpoint, {f"model.{k}": v for k, v in model.state_dict().items()}, {})
+    argv = ["compress", str(checkpoint), "--data", "mnist", "--model", "lenet300", "--limit", "256",
+            "--rounds", "1", "--retrain-epochs", "1", "--finetune-epochs", "1", "--sparsity", "0.9",
+            "--out", str(tmp_path / "dc.lowbit"), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "dc.lowbit").is_file()
+    state = lowbit.load_state_dict(tmp_path / "dc.lowbit")
+    assert float((state["ip1.weight"] == 0).float().mean()) >= 0.85
+    assert json.dumps(out)  # one JSON object

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from lowbit.errors import ConfigError, DataError
 from lowbit.nn import QuantConv2d, QuantLinear
 from lowbit.recipes import get_recipe, recipe_names, square_hinge, stage_epochs, train_recipe
-from lowbit.recipes.driver import glorot_lr_scale, make_optimizer, stage_model, trainer_for
+from lowbit.recipes.driver import (RefreshBatchNorm, glorot_lr_scale, make_optimizer, refresh_batch_norm, stage_model,
+                                   trainer_for)
 from lowbit.recipes.table import RECIPES
+from lowbit.train import Trainer
 from lowbit.workflow import build_model
 
 SMOKE = ("bnn", "bnn-cnn", "xnor", "bwn", "dorefa-w1a2g6", "abc-3-3", "bireal", "lsq-w2a2", "pact-w2a2",
@@ -294,3 +296,50 @@ def test_out_dir_holds_a_checkpoint_that_lowbit_can_reload(tmp_path, mnist_avail
     assert run["recipe"] == "ternary" and run["quant"]["weight"] == {"name": "ternary"}
     images, labels = load_dataset("mnist", "test")
     assert accuracy(model, images[:200], labels[:200], progress=False) == pytest.approx(result["final_acc"])
+
+
+def _bn_net() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+def test_refresh_batch_norm_takes_the_plain_average_of_batch_statistics():
+    net = _bn_net()
+    net[1].running_mean.fill_(5.0)  # stale statistics, as after training with moving weights
+    net[1].running_var.fill_(9.0)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 4, generator=generator) * (i + 1) + i, torch.zeros(8, dtype=torch.long)) for i in range(3)]
+    refresh_batch_norm(net, batches, max_batches=2)
+    with torch.no_grad():  # oracle: torch's mean / unbiased variance of the BN inputs, averaged over 2 batches
+        hidden = [net[0](x) for x, _ in batches[:2]]
+    expected_mean = torch.stack([h.mean(0) for h in hidden]).mean(0)
+    expected_var = torch.stack([h.var(0, unbiased=True) for h in hidden]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, expected_mean)
+    torch.testing.assert_close(net[1].running_var, expected_var)
+    assert net[1].momentum == 0.1 and net.training
+
+
+def test_refresh_callback_replaces_the_test_accuracy_of_stale_statistics():
+    net = _bn_net()
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(2))
+    y = (x[:, 0] > 0).long()
+    loader = [(x[:32], y[:32]), (x[32:], y[32:])]
+    trainer = Trainer(net, loader, loader, epochs=1, optimizer="adam", lr=1e-2, schedule="none",
+                      callbacks=[RefreshBatchNorm()], progress=False)
+    trainer.fit()
+    fresh = {k: v.clone() for k, v in net.state_dict().items()}
+    refresh_batch_norm(net, loader, max_batches=100)  # stats of the final weights: a second refresh changes nothing
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, fresh[key])
+    assert trainer.history[-1]["test_acc"] == trainer.evaluate()["acc"]
+
+
+def test_bireal_refreshes_batch_norm_after_every_epoch():
+    recipe = get_recipe("bireal")
+    assert recipe.bn_refresh
+    net = build_model(recipe.model, "mnist", dict(recipe.model_kwargs))
+    model = stage_model(net, recipe.stages[-1], recipe)
+    batch = [(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))]
+    trainer = trainer_for(model, recipe, (batch, batch), 1, recipe.lr, 0, None, False)
+    assert any(isinstance(c, RefreshBatchNorm) for c in trainer.callbacks)
+    assert not get_recipe("xnor").bn_refresh

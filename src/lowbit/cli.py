@@ -318,6 +318,12 @@ def _run_run(args: argparse.Namespace) -> Output:
     return Output(text=text, data=data)
 
 
+def _compress() -> Command:
+    from .compress import cli_command
+
+    return Command(cli_command.help, cli_command.add_arguments, lambda args: Output(*cli_command.run(args)))
+
+
 def _allocate() -> Command:
     from .analysis import allocate_command
 
@@ -332,6 +338,7 @@ COMMANDS: dict[str, Command] = {
                         _run_quantize),
     "eval": Command("accuracy and size of a .lowbit file", _eval_arguments, _run_eval),
     "inspect": Command("what a .lowbit file holds", _inspect_arguments, _run_inspect),
+    "compress": _compress(),
     "allocate": _allocate(),
     "run": Command("run a .lowbit file with the torch-free runtime (XNOR-popcount kernels) on a test set",
                    _run_arguments, _run_run),

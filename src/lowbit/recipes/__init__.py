@@ -5,7 +5,8 @@ optimizer, schedule, epochs, tricks, the paper's reference); ``train_recipe(name
 trains it and returns a JSON-able result dict; ``recipe_names()`` lists them.
 """
 
-from .driver import AlphaDecay, ClipLatentWeights, TrainTime, square_hinge, stage_epochs, train_recipe
+from .driver import (AlphaDecay, ClipLatentWeights, RefreshBatchNorm, TrainTime, square_hinge, stage_epochs,
+                     train_recipe)
 from .table import RECIPES, Recipe, Stage, float_recipe, get_recipe, recipe_names
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "AlphaDecay",
     "ClipLatentWeights",
     "Recipe",
+    "RefreshBatchNorm",
     "Stage",
     "TrainTime",
     "float_recipe",

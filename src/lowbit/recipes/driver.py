@@ -10,7 +10,9 @@ and carry the trained weights into the float network for the next stage. The tri
   Lasagne's fans: a convolution's include the kernel size);
 - BNN's exponential decay: ``lr * gamma^epoch`` with ``gamma = (final_lr / lr)^(1 / epochs)``;
 - BNN's square hinge loss mean(max(0, 1 - t y)^2), t = +1 for the label and -1 elsewhere;
-- PACT's L2 penalty (lambda / 2) alpha^2 on every clipping level (:class:`AlphaDecay`).
+- PACT's L2 penalty (lambda / 2) alpha^2 on every clipping level (:class:`AlphaDecay`);
+- batch-norm running statistics re-estimated after every epoch, before the test accuracy is
+  taken (``bn_refresh``, :class:`RefreshBatchNorm`).
 
 Weight decay applies to the weights of Linear/Conv2d layers only (not to biases, batch norm or
 quantizer parameters). Under DDP (``ddp=N`` or torchrun) each process trains on its share of
@@ -94,6 +96,50 @@ class AlphaDecay:
         return torch.stack(terms).sum() if terms else None
 
 
+class RefreshBatchNorm:
+    """Trainer callback: after each epoch, re-estimate every batch norm's running mean and variance.
+
+    The running statistics are a moving average (momentum 0.1) of batch statistics taken while the
+    weights moved; in a sign-activation network a small offset flips many signs downstream, so the
+    lagging averages can cost tens of points of test accuracy (Bi-Real on MNIST: 41% against 80% with
+    fresh statistics). The refresh resets them and takes the plain average (``momentum=None``) over
+    up to ``max_batches`` training batches with the weights fixed (no gradients), then evaluates the
+    model again, replacing ``test_loss`` and ``test_acc``.
+    """
+
+    def __init__(self, max_batches: int = 100):
+        self.max_batches = max_batches
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        refresh_batch_norm(ddp.unwrap(trainer.model), trainer.train_loader, self.max_batches)
+        if trainer.test_loader is not None:
+            test = trainer.evaluate()
+            trainer.metrics.update(test_loss=test["loss"], test_acc=test["acc"])
+
+
+@torch.no_grad()
+def refresh_batch_norm(model: nn.Module, loader: Any, max_batches: int) -> None:
+    """Reset the running statistics of every batch norm in ``model`` and re-estimate them as the
+    plain average of the batch statistics of the first ``max_batches`` batches of ``loader``."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    for index, (inputs, _) in enumerate(loader):
+        if index == max_batches:
+            break
+        model(inputs.to(device))
+    model.train(was_training)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+
+
 class TrainTime:
     """Trainer callback: ``train_time``, the seconds of each epoch's training steps (evaluation excluded)."""
 
@@ -174,6 +220,8 @@ def trainer_for(model: nn.Module, recipe: Recipe, loaders: tuple[Any, Any], epoc
         callbacks.append(ClipLatentWeights(recipe.latent_clip))
     if recipe.alpha_decay:
         callbacks.append(AlphaDecay(recipe.alpha_decay))
+    if recipe.bn_refresh:
+        callbacks.append(RefreshBatchNorm())
     if ddp.is_distributed():
         callbacks.append(ddp.StateSync())
         model = ddp.wrap(model)

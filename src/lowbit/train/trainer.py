@@ -420,7 +420,8 @@ class Trainer:
                 self.best_acc, self.best_epoch = self.metrics["test_acc"], self.epoch
             self._write_epoch(improved)
             if self.progress:
-                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()))
+                line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items())
+                tqdm.write(line, file=sys.stderr)  # stdout is kept for results (--json)
         self._call("on_fit_end")
         return FitResult(
             final_acc=self.history[-1].get("test_acc") if self.history else None,

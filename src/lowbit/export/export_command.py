@@ -1,0 +1,63 @@
+"""``lowbit export FILE_OR_CHECKPOINT --format onnx --out model.onnx``: write an ONNX QDQ graph.
+
+The source is a ``.lowbit`` file (rebuilt with ``lowbit.load``; its recorded
+input shape gives the example input) or a training checkpoint (or its
+directory; model and data from ``run.json``, a quantization-aware one rebuilt
+with its preset). The command table entry is ``Command(HELP, add_arguments, run)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+HELP = "export a .lowbit file or a training checkpoint to ONNX (QDQ graph for onnxruntime's int8 kernels)"
+FORMATS = ("onnx",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .onnx import DEFAULT_OPSET
+
+    parser.add_argument("source", metavar="FILE_OR_CHECKPOINT",
+                        help="a .lowbit file, or a training checkpoint (or its directory)")
+    parser.add_argument("--format", default="onnx", choices=FORMATS, help="output format (default: onnx)")
+    parser.add_argument("--out", required=True, help="the file to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    parser.add_argument("--int4", action="store_true",
+                        help="store codes of at most 4 bits as int4/uint4 (opset >= 21; default: int8 containers)")
+    parser.add_argument("--model", default=None, help="architecture of a checkpoint (default: from run.json)")
+    parser.add_argument("--data", default=None, help="dataset of a checkpoint (default: from run.json)")
+
+
+def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(model, example input) of the source argument."""
+    from .. import workflow
+
+    source = Path(args.source)
+    if source.is_dir():
+        source = source / "last.safetensors"
+    if not source.is_file():
+        raise ConfigError(f"{args.source!r} is neither a .lowbit file nor a training checkpoint")
+    if source.suffix == ".lowbit":
+        model = workflow.load_quantized(source)  # rebuilt from the file's graph IR, which records the input shape
+        return model, torch.zeros([1, *model.ir["inputs"][0]["shape"][1:]])
+    model, run = workflow.load_trained(source, args.model, args.data)
+    return model, workflow.example_input(run["data"])
+
+
+def run(args: argparse.Namespace) -> Any:
+    """Returns the ``lowbit.cli.Output`` of the command."""
+    from ..cli import Output
+    from .onnx import export_onnx
+
+    model, example = _source(args)
+    path = export_onnx(model, args.out, example, opset=args.opset, int4=args.int4)
+    data = {"path": str(path), "source": args.source, "format": args.format, "opset": args.opset,
+            "input_shape": [-1, *example.shape[1:]], "bytes": path.stat().st_size}
+    text = f"wrote {path} ({data['bytes']:,} bytes, ONNX opset {args.opset}) from {args.source}"
+    return Output(text=text, data=data)

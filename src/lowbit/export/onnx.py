@@ -1,0 +1,467 @@
+"""Export a lowbit model to ONNX: standard QDQ graphs that onnxruntime runs on its int8 kernels.
+
+``export_onnx(model, path, example_input)`` captures the model's graph IR
+(:func:`lowbit.export.graph.capture`) and writes one ONNX node group per IR node:
+
+- Affine weights (uniform, LSQ, linear; any bit width that fits) are stored as
+  their integer codes (int8 / uint8 initializers, int4 / uint4 with ``int4=True``
+  at opset >= 21) followed by ``DequantizeLinear`` with the quantizer's scale and
+  zero point (per channel: ``axis=0``, opset >= 13).
+- Static affine activations (calibrated uniform, LSQ, PACT, DoReFa) become a
+  ``QuantizeLinear -> DequantizeLinear`` pair with a per-tensor scale; a code range
+  narrower than the container (for example 4 bits in uint8) adds a ``Clip`` to
+  ``[(qmin - z) s, (qmax - z) s]`` before the pair, which gives the same codes.
+- When a layer's input and weight are both QDQ, its bias is stored as int32 codes
+  with scale ``s_x s_w`` (per channel), the form onnxruntime's QDQ fusion needs to
+  turn ``DQ -> Conv/Gemm -> Q`` into QLinearConv / QGemm / QLinearMatMul.
+- A batch norm right after a conv / linear whose weight is float or affine is
+  folded into it: with a = gamma / sqrt(var + eps) the weight scale becomes
+  ``s |a|`` (codes negated where a < 0) and the bias ``a (b - mean) + beta``, so the
+  codes are unchanged.
+- Binary, ternary, log, codebook (k-means, DoReFa, ABC) and XNOR weights are
+  stored as their dequantized float values (always runnable); binary and XNOR
+  activations become ``Where(x < 0, -1, 1)`` (times ``max(mean_c |x|, EPS)`` for
+  XNOR), sign(0) = +1 as in :mod:`lowbit.quantizers.binary`.
+
+Rounding: ONNX ``QuantizeLinear`` computes ``saturate(round(x / s) + z)`` (half to
+even); lowbit multiplies by the float32 reciprocal ``x * (1/s)``. The two differ
+only where ``x / s`` lies within a float32 rounding of a tie, by one code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedLayerError
+from ..quantizers import Encoded, Quantizer, decode
+from ..quantizers.base import EPS
+from .graph import capture
+
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "export_onnx", "to_onnx"]
+
+#: opset written by default: the first with int4 / int16 QuantizeLinear types
+DEFAULT_OPSET = 21
+#: Clip with min / max inputs (opset 11) is the oldest form written
+MIN_OPSET = 11
+#: the newest opset written (the newest onnxruntime's QDQ fusion is checked against)
+MAX_OPSET = 21
+#: DequantizeLinear's per-channel ``axis`` attribute
+PER_CHANNEL_OPSET = 13
+#: int4 / uint4 / int16 / uint16 quantized types
+WIDE_TYPES_OPSET = 21
+
+#: quantizers whose forward is the identity (they act on gradients only)
+_IDENTITY = {"dorefa_grad"}
+#: quantizers whose scale and zero point never depend on the input
+_STATIC_AFFINE = {"lsq", "pact", "dorefa_act"}
+#: affine quantizers whose range is observed (static with ``dynamic=False``)
+_RANGE_AFFINE = {"uniform", "linear"}
+
+
+@dataclass(frozen=True)
+class _Container:
+    """An ONNX quantized element type with its code range and the first opset that has it."""
+
+    onnx_type: int
+    numpy_type: Any
+    low: int
+    high: int
+    opset: int
+    int4: bool = False
+
+
+_CONTAINERS = (
+    _Container(TensorProto.INT4, np.int8, -8, 7, WIDE_TYPES_OPSET, int4=True),
+    _Container(TensorProto.UINT4, np.uint8, 0, 15, WIDE_TYPES_OPSET, int4=True),
+    _Container(TensorProto.INT8, np.int8, -128, 127, 10),
+    _Container(TensorProto.UINT8, np.uint8, 0, 255, 10),
+    _Container(TensorProto.INT16, np.int16, -(2**15), 2**15 - 1, WIDE_TYPES_OPSET),
+    _Container(TensorProto.UINT16, np.uint16, 0, 2**16 - 1, WIDE_TYPES_OPSET),
+)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _container(qmin: int, qmax: int, zero_point: np.ndarray, opset: int, int4: bool, where: str) -> _Container:
+    """The narrowest container holding codes and zero points in [qmin, qmax] (int4 only when asked)."""
+    low, high = min(qmin, int(zero_point.min())), max(qmax, int(zero_point.max()))
+    fitting = [c for c in _CONTAINERS if c.low <= low and high <= c.high and (int4 or not c.int4)]
+    if not fitting:
+        raise UnsupportedLayerError(f"{where}: codes in [{qmin}, {qmax}] fit no ONNX quantized type (at most 16 bits)")
+    for container in fitting:
+        if container.opset <= opset:
+            return container
+    raise ConfigError(f"{where}: codes in [{qmin}, {qmax}] need {TensorProto.DataType.Name(fitting[0].onnx_type)}, "
+                      f"which needs opset >= {fitting[0].opset}; got opset {opset}")
+
+
+@dataclass
+class _Affine:
+    """Codes (weights only), float32 scale, integer zero point (scalars or 1-D along axis 0)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    qmin: int
+    qmax: int
+    per_channel: bool
+    codes: np.ndarray | None = None
+
+
+@dataclass
+class _Value:
+    """An ONNX value and, when it is the output of an 8-bit DequantizeLinear, its per-tensor scale."""
+
+    name: str
+    scale: float | None = None
+
+
+class _Builder:
+    def __init__(self, opset: int, int4: bool) -> None:
+        self.opset, self.int4 = opset, int4
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.names: set[str] = set()
+
+    def fresh(self, base: str) -> str:
+        name, count = base, 1
+        while name in self.names:
+            name, count = f"{base}_{count}", count + 1
+        self.names.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray, container: _Container | None = None) -> str:
+        name = self.fresh(base)
+        if container is not None and container.int4:
+            values = array.astype(np.int64).ravel().tolist()
+            self.initializers.append(helper.make_tensor(name, container.onnx_type, array.shape, values))
+        else:
+            target = container.numpy_type if container is not None else array.dtype
+            self.initializers.append(numpy_helper.from_array(np.array(array, dtype=target, order="C"), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], base: str, **attrs: Any) -> str:
+        out = self.fresh(base)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    # ------------------------------------------------------------ quantization
+
+    def dequantize(self, base: str, affine: _Affine, container: _Container) -> str:
+        """DequantizeLinear of an integer initializer (``affine.codes``)."""
+        axis = {"axis": 0} if affine.per_channel else {}
+        inputs = [self.const(f"{base}.codes", affine.codes, container),
+                  self.const(f"{base}.scale", affine.scale.astype(np.float32)),
+                  self.const(f"{base}.zero_point", affine.zero_point, container)]
+        return self.node("DequantizeLinear", inputs, f"{base}.dequantized", **axis)
+
+    def qdq(self, x: str, affine: _Affine, base: str) -> _Value:
+        """Clip (where the code range is narrower than the container), QuantizeLinear, DequantizeLinear."""
+        container = _container(affine.qmin, affine.qmax, affine.zero_point, self.opset, self.int4, base)
+        scale, zero = np.float32(affine.scale), int(affine.zero_point)
+        if (affine.qmin, affine.qmax) != (container.low, container.high):
+            bounds = [np.float32((q - zero) * scale) for q in (affine.qmin, affine.qmax)]
+            x = self.node("Clip", [x, self.const(f"{base}.min", np.array(bounds[0])),
+                                   self.const(f"{base}.max", np.array(bounds[1]))], f"{base}.clipped")
+        scale_name = self.const(f"{base}.scale", np.array(scale))
+        zero_name = self.const(f"{base}.zero_point", np.array(zero), container)
+        q = self.node("QuantizeLinear", [x, scale_name, zero_name], f"{base}.quantized")
+        out = self.node("DequantizeLinear", [q, scale_name, zero_name], f"{base}.dequantized")
+        eight_bit = container.onnx_type in (TensorProto.INT8, TensorProto.UINT8)
+        return _Value(out, float(scale) if eight_bit else None)
+
+    def sign(self, x: str, base: str) -> str:
+        """sign(x) with sign(0) = +1: Where(x < 0, -1, 1)."""
+        negative = self.node("Less", [x, self.const(f"{base}.zero", np.array(0.0, np.float32))], f"{base}.negative")
+        return self.node("Where", [negative, self.const(f"{base}.minus_one", np.array(-1.0, np.float32)),
+                                   self.const(f"{base}.one", np.array(1.0, np.float32))], f"{base}.sign")
+
+    def activation(self, x: _Value, q: Quantizer | None, base: str) -> _Value:
+        """The ONNX form of activation quantizer ``q`` applied to ``x``."""
+        if q is None or q.name in _IDENTITY:
+            return x
+        where = f"activation quantizer {q.name!r} of {base!r}"
+        if q.name == "binary":
+            return _Value(self.sign(x.name, base))
+        if q.name == "xnor" and q.spec()["role"] == "activation":
+            magnitude = self.node("Abs", [x.name], f"{base}.abs")
+            if self.opset >= 18:
+                mean = self.node("ReduceMean", [magnitude, self.const(f"{base}.axes", np.array([1]))], f"{base}.mean")
+            else:
+                mean = self.node("ReduceMean", [magnitude], f"{base}.mean", axes=[1])
+            floor = self.node("Max", [mean, self.const(f"{base}.eps", np.array(EPS, np.float32))], f"{base}.a")
+            return _Value(self.node("Mul", [self.sign(x.name, base), floor], f"{base}.xnor"))
+        return self.qdq(x.name, _static_affine(q, where), base)
+
+
+def _affine_of(enc: Encoded, where: str) -> _Affine:
+    scale = enc.params["scale"].detach().float().cpu().numpy()
+    zero = enc.params["zero_point"].detach().long().cpu().numpy()
+    axis = enc.meta.get("axis")
+    if axis not in (None, 0) and scale.size > 1:
+        raise UnsupportedLayerError(f"{where}: per-channel axis {axis} cannot be exported; ONNX weights use axis 0")
+    per_channel = axis == 0 and scale.ndim == 1
+    if per_channel:  # a zero point shared by every channel may be stored once
+        zero = np.broadcast_to(zero, scale.shape).copy()
+    return _Affine(scale, zero, int(enc.meta["qmin"]), int(enc.meta["qmax"]), per_channel,
+                   enc.codes.detach().long().cpu().numpy())
+
+
+def _static_affine(q: Quantizer, where: str) -> _Affine:
+    """Per-tensor scale and zero point of a static affine activation quantizer."""
+    spec = q.spec()
+    if not (q.name in _STATIC_AFFINE or q.name in _RANGE_AFFINE and spec.get("dynamic") is False):
+        raise UnsupportedLayerError(
+            f"{where} has no ONNX form: activations export as static affine QDQ (calibrated uniform / linear, "
+            f"lsq, pact, dorefa_act), binary or xnor; dynamic (per-batch) ranges and log / codebook activations "
+            f"cannot be exported")
+    if spec.get("per_channel"):
+        raise UnsupportedLayerError(f"{where}: per-channel activation scales cannot be exported; use per-tensor")
+    training = q.training
+    q.eval()
+    try:
+        with torch.no_grad():
+            enc = q.encode(torch.zeros(1))
+    finally:
+        q.train(training)
+    if enc.kind != "affine":
+        raise UnsupportedLayerError(f"{where} encodes as {enc.kind!r}, not affine; it has no QDQ form")
+    affine = _affine_of(enc, where)
+    if affine.scale.size != 1:
+        raise UnsupportedLayerError(f"{where}: per-channel activation scales cannot be exported; use per-tensor")
+    affine.scale, affine.zero_point = affine.scale.reshape(()), affine.zero_point.reshape(())
+    return affine
+
+
+def _weight(layer: nn.Module, where: str) -> tuple[_Affine | None, np.ndarray]:
+    """(affine codes of the weight or None, the weight's float value as the torch model uses it)."""
+    from ..serialize import _weight_encoding
+
+    weight = layer.weight.detach().float().cpu()
+    q = getattr(layer, "weight_quantizer", None)
+    if q is None:
+        return None, weight.numpy()
+    training = q.training
+    q.eval()
+    try:
+        with torch.no_grad():
+            enc = _weight_encoding(layer) if type(q).encode is not Quantizer.encode else None
+            value = decode(enc) if enc is not None else q(weight)
+    finally:
+        q.train(training)
+    affine = _affine_of(enc, where) if enc is not None and enc.kind == "affine" else None
+    return affine, value.detach().float().cpu().numpy()
+
+
+def _fold_batchnorm(affine: _Affine | None, weight: np.ndarray, bias: np.ndarray, bn: nn.Module,
+                    ) -> tuple[_Affine | None, np.ndarray, np.ndarray] | None:
+    """(affine, float weight, bias) with batch norm ``bn`` folded in, or None where the codes cannot absorb it."""
+    invstd = 1.0 / np.sqrt(bn.running_var.detach().double().numpy() + bn.eps)
+    a = bn.weight.detach().double().numpy() * invstd if bn.affine else invstd
+    beta = bn.bias.detach().double().numpy() if bn.affine else 0.0
+    new_bias = ((bias - bn.running_mean.detach().double().numpy()) * a + beta).astype(np.float32)
+    shape = (-1,) + (1,) * (weight.ndim - 1)
+    if affine is None:
+        return None, (weight * a.reshape(shape)).astype(np.float32), new_bias
+    codes = affine.codes
+    scale = (np.broadcast_to(affine.scale, a.shape) * a).astype(np.float32)
+    zero = np.broadcast_to(affine.zero_point, a.shape).copy()
+    qmin, qmax = affine.qmin, affine.qmax
+    folded = _Affine(scale, zero, qmin, qmax, True, codes)
+    value = ((codes - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+    return folded, value, new_bias
+
+
+def _pair(values: list[int]) -> list[int]:
+    return [int(v) for v in values]
+
+
+class _Exporter:
+    def __init__(self, model: nn.Module, ir: dict[str, Any], opset: int, int4: bool) -> None:
+        self.model, self.ir = model, ir
+        self.modules = dict(model.named_modules())
+        self.b = _Builder(opset, int4)
+        self.values: dict[str, _Value] = {}
+        consumers: dict[str, int] = {}
+        for node in ir["nodes"]:
+            for name in node["inputs"]:
+                consumers[name] = consumers.get(name, 0) + 1
+        for name in ir["outputs"]:
+            consumers[name] = consumers.get(name, 0) + 1
+        # batch norm node -> the conv / linear node it follows (the folding candidates)
+        by_name = {n["name"]: n for n in ir["nodes"]}
+        self.fold: dict[str, dict[str, Any]] = {}
+        for node in ir["nodes"]:
+            if node["op"] == "batchnorm":
+                source = by_name.get(node["inputs"][0])
+                if source is not None and source["op"] in ("linear", "conv2d") and consumers[source["name"]] == 1 \
+                        and "output" not in source["quant"]:
+                    self.fold[source["name"]] = node
+        self.folded: set[str] = set()
+
+    def run(self) -> onnx.GraphProto:
+        inputs = []
+        for entry in self.ir["inputs"]:
+            shape = ["batch", *entry["shape"][1:]]
+            inputs.append(helper.make_tensor_value_info(entry["name"], TensorProto.FLOAT, shape))
+            self.values[entry["name"]] = _Value(self.b.fresh(entry["name"]))
+        for node in self.ir["nodes"]:
+            if node["name"] in self.folded:
+                self.values[node["name"]] = self.values[node["inputs"][0]]
+                continue
+            self.values[node["name"]] = self.emit(node)
+        shapes = {n["name"]: n["shape"] for n in [*self.ir["inputs"], *self.ir["nodes"]]}
+        outputs = [helper.make_tensor_value_info(self.values[name].name, TensorProto.FLOAT,
+                                                 ["batch", *shapes[name][1:]]) for name in self.ir["outputs"]]
+        return helper.make_graph(self.b.nodes, "lowbit", inputs, outputs, self.b.initializers)
+
+    def emit(self, node: dict[str, Any]) -> _Value:
+        op, name, attrs = node["op"], node["name"], node["attrs"]
+        args = [self.values[a] for a in node["inputs"]]
+        b = self.b
+        if op in ("linear", "conv2d"):
+            return self.layer(node, args[0])
+        if op == "quant_act":
+            return b.activation(args[0], self.modules[node["module"]].quantizer, node["module"])
+        if op == "batchnorm":
+            bn = self.modules[node["module"]]
+            params = [bn.weight if bn.affine else torch.ones_like(bn.running_var),
+                      bn.bias if bn.affine else torch.zeros_like(bn.running_mean), bn.running_mean, bn.running_var]
+            names = [b.const(f"{name}.{k}", p.detach().float().cpu().numpy())
+                     for k, p in zip(("scale", "bias", "mean", "var"), params)]
+            x = args[0].name
+            if len(node["shape"]) == 2:  # BatchNorm1d on (N, C): the ONNX op wants (N, C, ...)
+                x = b.node("Unsqueeze", [x, b.const(f"{name}.axes", np.array([2]))], f"{name}.nc1")
+            y = b.node("BatchNormalization", [x, *names], name, epsilon=float(attrs["eps"]))
+            if len(node["shape"]) == 2:
+                y = b.node("Squeeze", [y, b.const(f"{name}.axes", np.array([2]))], f"{name}.nc")
+            return _Value(y)
+        if op == "relu":
+            return _Value(b.node("Relu", [args[0].name], name))
+        if op == "tanh":
+            return _Value(b.node("Tanh", [args[0].name], name))
+        if op == "hardtanh":
+            bounds = [b.const(f"{name}.{k}", np.array(attrs[k], np.float32)) for k in ("min", "max")]
+            return _Value(b.node("Clip", [args[0].name, *bounds], name))
+        if op in ("maxpool2d", "avgpool2d"):
+            pads = _pair(attrs["padding"]) * 2
+            extra = {"count_include_pad": int(attrs.get("count_include_pad", True))} if op == "avgpool2d" else {}
+            return _Value(b.node("MaxPool" if op == "maxpool2d" else "AveragePool", [args[0].name], name,
+                                 kernel_shape=_pair(attrs["kernel"]), strides=_pair(attrs["stride"]), pads=pads,
+                                 **extra))
+        if op == "adaptive_avgpool2d":
+            if attrs["output_size"] != [1, 1]:
+                raise UnsupportedLayerError(f"node {name!r}: adaptive average pooling to {attrs['output_size']} "
+                                            "cannot be exported; only output size 1x1 (GlobalAveragePool)")
+            return _Value(b.node("GlobalAveragePool", [args[0].name], name))
+        if op == "reshape":
+            shape = b.const(f"{name}.shape", np.array([-1, *attrs["shape"][1:]], np.int64))
+            return _Value(b.node("Reshape", [args[0].name, shape], name))
+        if op in ("add", "mul"):
+            return _Value(b.node(op.capitalize(), [a.name for a in args], name))
+        if op == "concat":
+            return _Value(b.node("Concat", [a.name for a in args], name, axis=int(attrs["axis"])))
+        raise UnsupportedLayerError(f"node {name!r}: op {op!r} has no ONNX export")
+
+    def layer(self, node: dict[str, Any], x: _Value) -> _Value:
+        name, module = node["name"], self.modules[node["module"]]
+        b, where = self.b, f"layer {node['module']!r}"
+        x = b.activation(x, getattr(module, "input_quantizer", None), f"{node['module']}.input")
+        affine, weight = _weight(module, f"{where} weight")
+        bias = (module.bias.detach().float().cpu().numpy() if module.bias is not None
+                else np.zeros(weight.shape[0], np.float32))
+        has_bias = module.bias is not None
+        bn_node = self.fold.get(name)
+        # dequantized binary / codebook weights keep their exact values: batch norm then stays a separate op
+        if bn_node is not None and (affine is not None or getattr(module, "weight_quantizer", None) is None):
+            folded = _fold_batchnorm(affine, weight, bias, self.modules[bn_node["module"]])
+            if folded is not None and (folded[0] is None or not folded[0].per_channel
+                                       or b.opset >= PER_CHANNEL_OPSET):
+                affine, weight, bias = folded
+                has_bias = True
+                self.folded.add(bn_node["name"])
+        if affine is not None:
+            if affine.per_channel and b.opset < PER_CHANNEL_OPSET:
+                raise ConfigError(f"{where}: per-channel weight scales need opset >= {PER_CHANNEL_OPSET} "
+                                  f"(DequantizeLinear axis); got opset {b.opset}")
+            container = _container(affine.qmin, affine.qmax, affine.zero_point, b.opset, b.int4, f"{where} weight")
+            w = b.dequantize(f"{node['module']}.weight", affine, container)
+        else:
+            w = b.const(f"{node['module']}.weight", weight.astype(np.float32))
+        inputs = [x.name, w]
+        if has_bias:
+            inputs.append(self.bias(node["module"], bias, x, affine))
+        if node["op"] == "conv2d":
+            attrs = node["attrs"]
+            y = b.node("Conv", inputs, name, kernel_shape=list(weight.shape[2:]), strides=_pair(attrs["stride"]),
+                       pads=_pair(attrs["padding"]) * 2, dilations=_pair(attrs["dilation"]), group=attrs["groups"])
+        elif len(node["shape"]) == 2:
+            y = b.node("Gemm", inputs, name, transB=1)
+        else:
+            t = b.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
+            y = b.node("MatMul", [x.name, t], f"{name}.matmul")
+            if has_bias:
+                y = b.node("Add", [y, inputs[2]], name)
+        return b.activation(_Value(y), getattr(module, "output_quantizer", None), f"{node['module']}.output")
+
+    def bias(self, module: str, bias: np.ndarray, x: _Value, affine: _Affine | None) -> str:
+        """int32 codes with scale s_x s_w where input and weight are 8-bit QDQ (and the codes fit), else float."""
+        if x.scale is None or affine is None or affine.zero_point.any():
+            return self.b.const(f"{module}.bias", bias.astype(np.float32))
+        scale = (np.float32(x.scale) * affine.scale).astype(np.float32)
+        codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
+        if codes.min() < _INT32[0] or codes.max() > _INT32[1]:
+            return self.b.const(f"{module}.bias", bias.astype(np.float32))
+        int32 = _Container(TensorProto.INT32, np.int32, *_INT32, 10)
+        coded = _Affine(scale, np.zeros(scale.shape, np.int64), *_INT32, affine.per_channel, codes.astype(np.int64))
+        return self.b.dequantize(f"{module}.bias", coded, int32)
+
+
+def _check_opset(opset: int) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
+    return opset
+
+
+def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAULT_OPSET,
+            int4: bool = False) -> onnx.ModelProto:
+    """The ONNX model of ``model`` (see the module docstring), its graph traced on ``example_input``.
+
+    ``int4=True`` stores codes of at most 4 bits as int4 / uint4 (opset >= 21); by default they
+    travel in int8 / uint8, which onnxruntime's int8 kernels run. The model is checked with
+    ``onnx.checker.check_model(full_check=True)``.
+    """
+    _check_opset(opset)
+    if int4 and opset < WIDE_TYPES_OPSET:
+        raise ConfigError(f"int4=True needs opset >= {WIDE_TYPES_OPSET} (int4 QuantizeLinear); got opset {opset}")
+    from ..serialize import GraphModel
+
+    # a model loaded from a .lowbit file runs its stored graph IR, which is the graph to export
+    ir = model.ir if isinstance(model, GraphModel) else capture(model, example_input)
+    graph = _Exporter(model, ir, opset, int4).run()
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lowbit")
+    proto.ir_version = helper.find_min_ir_version_for(proto.opset_import)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *,
+                opset: int = DEFAULT_OPSET, int4: bool = False) -> Path:
+    """Write :func:`to_onnx` of ``model`` to ``path`` (through a temporary file, renamed into place)."""
+    proto = to_onnx(model, example_input, opset=opset, int4=int4)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(proto.SerializeToString())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return path

@@ -1,0 +1,237 @@
+"""ONNX export: checker, onnxruntime parity (QDQ w8a8 per tensor / per channel, binary as float), int8 kernels
+after onnxruntime's QDQ fusion, rounding against QuantizeLinear, and the errors for what cannot export."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+from torch import nn
+
+import lowbit
+from lowbit.config import uniform_act
+from lowbit.errors import ConfigError, UnsupportedLayerError
+from lowbit.export import export_command, export_onnx, to_onnx
+from lowbit.models import get_model
+from lowbit.nn import QuantAct
+
+#: stated parity tolerance, as a fraction of the batch's largest |logit|: every logit within 2% at 8 bits (5% at
+#: 4-5 bits), the mean within 0.5%, argmax equal wherever the top two logits differ by more than twice the bound.
+#: Codes differ by one where a value lies within a float32 rounding of a tie (x / s vs x * (1/s)) or within
+#: half a bias step s_x s_w / 2 of a rounding boundary (int32 bias codes), moving downstream values by one step.
+LOGIT_TOLERANCE = 0.02
+LOW_BIT_TOLERANCE = 0.05
+MEAN_TOLERANCE = 0.005
+
+
+def _session(proto: onnx.ModelProto, optimized: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if optimized:
+        options.optimized_model_filepath = optimized
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    session = _session(proto)
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _check_parity(model: nn.Module, proto: onnx.ModelProto, x: torch.Tensor, bound: float = LOGIT_TOLERANCE) -> None:
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = _run(proto, x)
+    tolerance = bound * np.abs(ref).max()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tolerance)
+    assert np.abs(got - ref).mean() <= MEAN_TOLERANCE * np.abs(ref).max()
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * tolerance
+    assert (got.argmax(1) == ref.argmax(1))[clear].all()
+
+
+def _calibrated(model: nn.Module, config, seed: int = 0, shape=(1, 28, 28)) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    quantized = lowbit.quantize(model.eval(), config)
+    lowbit.calibrate(quantized, [torch.randn(32, *shape)])
+    return quantized.eval(), torch.randn(16, *shape)
+
+
+def _small_cnn() -> nn.Module:
+    model = get_model("vgg-small", layers=(8, "M", 16, "M"), hidden=32)
+    with torch.no_grad():  # batch-norm statistics and a negative gamma, so folding is exercised
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(-1.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+PER_TENSOR = {"weight": {"name": "uniform", "bits": 8, "symmetric": True, "per_channel": False},
+              "input": uniform_act(8), "first": "same", "last": "same"}
+
+
+def _weight_dequantizers(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight.codes")]
+
+
+def _op_types(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_checker_passes_on_written_file(tmp_path):
+    model, x = _calibrated(_small_cnn(), "w8a8")
+    path = export_onnx(model, tmp_path / "m.onnx", x[:1])
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def test_w8a8_per_channel_parity_and_int8_kernels(tmp_path):
+    model, x = _calibrated(_small_cnn(), "w8a8")
+    proto = to_onnx(model, x[:1])
+    _check_parity(model, proto, x)
+    weights = _weight_dequantizers(proto)
+    assert weights and all(any(a.name == "axis" for a in n.attribute) for n in weights)
+    _session(proto, str(tmp_path / "opt.onnx"))
+    ops = _op_types(tmp_path / "opt.onnx")
+    assert "QLinearConv" in ops and "QGemm" in ops and "Conv" not in ops
+
+
+def test_w8a8_per_tensor_parity_and_int8_kernels(tmp_path):
+    model, x = _calibrated(_mlp(), PER_TENSOR)
+    proto = to_onnx(model, x[:1])
+    _check_parity(model, proto, x)
+    weights = _weight_dequantizers(proto)
+    assert len(weights) == 2 and not any(a.name == "axis" for n in weights for a in n.attribute)
+    _session(proto, str(tmp_path / "opt.onnx"))
+    assert "QGemm" in _op_types(tmp_path / "opt.onnx")
+
+
+def test_weight_initializers_are_the_quantizer_codes():
+    model, x = _calibrated(_mlp(), "w8a8")
+    proto = to_onnx(model, x[:1])
+    stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    layer = model[1]
+    enc = layer.weight_quantizer.encode(layer.weight.detach())
+    assert stored["1.weight.codes"].dtype == np.int8
+    np.testing.assert_array_equal(stored["1.weight.codes"], enc.codes.numpy())
+    np.testing.assert_array_equal(stored["1.weight.scale"], enc.params["scale"].numpy())
+    # int32 bias codes with scale s_x s_w, as onnxruntime's QDQ fusion needs
+    s_x = float(stored["1.input.scale"])
+    np.testing.assert_array_equal(stored["1.bias.scale"], np.float32(s_x) * enc.params["scale"].numpy())
+    np.testing.assert_array_equal(stored["1.bias.codes"],
+                                  np.round(layer.bias.detach().double().numpy() / stored["1.bias.scale"]))
+
+
+def test_binary_model_exports_as_float_and_matches():
+    model = get_model("bnn-mlp", width=32, depth=2).eval()
+    model, x = _calibrated(model, "bnn", seed=2)
+    proto = to_onnx(model, x[:1])
+    assert "Where" in {n.op_type for n in proto.graph.node}  # sign activations
+    binary = [numpy_helper.to_array(t) for t in proto.graph.initializer
+              if t.name.endswith(".weight") and t.data_type == onnx.TensorProto.FLOAT and t.dims[0] == 32]
+    assert binary and all(set(np.unique(w)) <= {-1.0, 1.0} for w in binary)  # dequantized float weights
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = _run(proto, x)
+    # the same float32 values enter every sign; only a pre-activation within float32 rounding of 0 could flip
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_int4_weights_at_opset_21_match():
+    model, x = _calibrated(_mlp(), {"weight": {"name": "uniform", "bits": 4, "symmetric": True, "per_channel": True},
+                                    "input": uniform_act(4), "first": "same", "last": "same"})
+    proto = to_onnx(model, x[:1], int4=True)
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    assert types["1.weight.codes"] == onnx.TensorProto.INT4 and types["1.input.zero_point"] == onnx.TensorProto.UINT4
+    _check_parity(model, proto, x, LOW_BIT_TOLERANCE)
+    _check_parity(model, to_onnx(model, x[:1]), x, LOW_BIT_TOLERANCE)  # the same codes in int8 containers
+
+
+def test_narrow_activation_range_is_clipped_before_quantize():
+    model, x = _calibrated(_mlp(), {**PER_TENSOR, "weight": "uniform", "input": uniform_act(5)})
+    proto = to_onnx(model, x[:1])
+    assert "Clip" in {n.op_type for n in proto.graph.node}
+    _check_parity(model, proto, x, LOW_BIT_TOLERANCE)
+
+
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_subnormal=True, width=32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=64), st.floats(min_value=-4, max_value=4), st.floats(0.01, 4))
+def test_quantize_linear_matches_lowbit_within_one_code(values, lo, width):
+    """ONNX QuantizeLinear computes round(x / s), lowbit round(x * (1/s)): at most one code apart, at ties only."""
+    act = nn.Sequential(QuantAct({"name": "uniform", "bits": 8, "dynamic": False}))
+    act.train()
+    act(torch.tensor([lo, lo + width]))
+    act.eval()
+    x = torch.tensor([0.0, *values], dtype=torch.float32).reshape(1, -1)
+    proto = to_onnx(act, x)
+    scale = float(act[0].quantizer.qparams(x)[0])
+    with torch.no_grad():
+        ref = act(x).numpy()
+    got = _run(proto, x)
+    steps = np.abs(got - ref) / scale
+    assert steps.max() <= 1 + 1e-3
+    off = steps > 0.5
+    quotient = x.numpy() / np.float32(scale)
+    assert np.all(np.abs(np.abs(quotient - np.floor(quotient)) - 0.5)[off] < 1e-3)  # only at ties
+
+
+def test_export_command_writes_a_runnable_file(tmp_path):
+    model, x = _calibrated(get_model("lenet5"), "w8a8")
+    lowbit.save(model, tmp_path / "m.lowbit", example_input=x[:1])
+    parser = argparse.ArgumentParser()
+    export_command.add_arguments(parser)
+    output = export_command.run(parser.parse_args([str(tmp_path / "m.lowbit"), "--out", str(tmp_path / "m.onnx")]))
+    assert output.data["path"] == str(tmp_path / "m.onnx")
+    _check_parity(model, onnx.load(str(tmp_path / "m.onnx")), x)
+
+
+class _Gelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+def test_unsupported_layer_raises_named_error():
+    with pytest.raises(UnsupportedLayerError, match="'act'.*GELU"):
+        to_onnx(_Gelu(), torch.zeros(1, 4))
+
+
+def test_log_activation_and_dynamic_range_raise_named_error():
+    log = nn.Sequential(QuantAct({"name": "log2", "bits": 4}))
+    with pytest.raises(UnsupportedLayerError, match="log2.*'0'"):
+        to_onnx(log.eval(), torch.zeros(1, 4))
+    dynamic = nn.Sequential(QuantAct({"name": "uniform", "bits": 8, "dynamic": True}))
+    with pytest.raises(UnsupportedLayerError, match="dynamic"):
+        to_onnx(dynamic.eval(), torch.zeros(1, 4))
+
+
+def test_old_opsets_raise_config_error():
+    model, x = _calibrated(_mlp(), "w8a8")
+    with pytest.raises(ConfigError, match="int4.*opset >= 21"):
+        to_onnx(model, x[:1], opset=20, int4=True)
+    with pytest.raises(ConfigError, match="per-channel.*opset >= 13"):
+        to_onnx(model, x[:1], opset=12)
+    with pytest.raises(ConfigError, match="opset must be"):
+        to_onnx(model, x[:1], opset=9)
+    per_tensor, _ = _calibrated(_mlp(), PER_TENSOR)
+    _check_parity(per_tensor, to_onnx(per_tensor, x[:1], opset=12), x)
