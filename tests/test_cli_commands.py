@@ -84,3 +84,23 @@ def test_compress_runs_deep_compression_end_to_end(tmp_path, capsys):
     state = lowbit.load_state_dict(tmp_path / "dc.lowbit")
     assert float((state["ip1.weight"] == 0).float().mean()) >= 0.85
     assert json.dumps(out)  # one JSON object
+
+
+def test_export_writes_an_onnx_file_that_onnxruntime_runs(tmp_path, capsys):
+    import numpy as np
+    import onnxruntime
+
+    model = lowbit.quantize(get_model("lenet5"), "w8a8")
+    images, _ = load_dataset("mnist", "test")
+    lowbit.calibrate(model, [images[:64]])
+    lowbit.save(model, tmp_path / "m.lowbit", example_input=images[:1])
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.lowbit"), "--format", "onnx", "--out", str(onnx_path), "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = images[:32].numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = lowbit.load(tmp_path / "m.lowbit")(images[:32]).numpy()
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    assert callable(lowbit.export_onnx)

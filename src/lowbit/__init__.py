@@ -19,6 +19,7 @@ _API = {
     "save": "lowbit.api",
     "load": "lowbit.api",
     "load_state_dict": "lowbit.api",
+    "export_onnx": "lowbit.export.onnx",
     "QuantConfig": "lowbit.config",
     "LayerRule": "lowbit.config",
 }

@@ -324,6 +324,12 @@ def _compress() -> Command:
     return Command(cli_command.help, cli_command.add_arguments, lambda args: Output(*cli_command.run(args)))
 
 
+def _export() -> Command:
+    from .export import export_command
+
+    return Command(export_command.HELP, export_command.add_arguments, export_command.run)
+
+
 def _allocate() -> Command:
     from .analysis import allocate_command
 
@@ -340,6 +346,7 @@ COMMANDS: dict[str, Command] = {
     "inspect": Command("what a .lowbit file holds", _inspect_arguments, _run_inspect),
     "compress": _compress(),
     "allocate": _allocate(),
+    "export": _export(),
     "run": Command("run a .lowbit file with the torch-free runtime (XNOR-popcount kernels) on a test set",
                    _run_arguments, _run_run),
 }
