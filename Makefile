@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/lowbit demo
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -n 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
