@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 import lowbit
 from lowbit.runtime import Engine
+from timing import best  # bench/timing.py
 
 BINARY = {"name": "binary", "ste": "clipped"}
 
@@ -36,16 +36,6 @@ def model() -> nn.Module:
         layers += [nn.BatchNorm2d(c_out), nn.Hardtanh()]
     layers += [nn.Flatten(), nn.Linear(512 * 3 * 3, 1024), nn.BatchNorm1d(1024), nn.Hardtanh(), nn.Linear(1024, 10)]
     return nn.Sequential(*layers).eval()
-
-
-def best(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lowbit.runtime import BinaryConv2d, available_kernels, binary_gemm, pack_signs
+from timing import best  # bench/timing.py
 
 PEAK_BIT_MACS_PER_CYCLE = 340
-
-
-def best(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def clock_ghz() -> float:
