@@ -48,17 +48,21 @@ def quality_threshold(weight: torch.Tensor, quality: float) -> float:
     return float(quality * alive.std()) if alive.numel() > 1 else -1.0
 
 
-def _per_layer(value: float | Mapping[str, float] | None, names: list[str], what: str, high: float) -> dict[str, float]:
-    """A per-layer dict from one number for all layers or a dict naming some of them."""
-    if value is None:
-        return {}
+def layer_table(value: Any, names: list[str], what: str) -> dict[str, Any]:
+    """``{layer: value}`` from one value for every layer in ``names`` or a dict naming some of them."""
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - set(names))
         if unknown:
-            raise ConfigError(f"{what} names unknown layer(s) {unknown}; prunable layers: {', '.join(names)}")
-        table = dict(value)
-    else:
-        table = {name: value for name in names}
+            raise ConfigError(f"{what} names unknown layer(s) {unknown}; layers: {', '.join(names)}")
+        return dict(value)
+    return {name: value for name in names}
+
+
+def _per_layer(value: float | Mapping[str, float] | None, names: list[str], what: str, high: float) -> dict[str, float]:
+    """A per-layer dict of numbers in [0, high] from one number for all layers or a dict naming some of them."""
+    if value is None:
+        return {}
+    table = layer_table(value, names, what)
     for name, number in table.items():
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= high:
             raise ConfigError(f"{what} of layer {name!r} must be a number in [0, {high}], got {number!r}")

@@ -21,7 +21,7 @@ from ..config import LayerRule, QuantConfig
 from ..errors import ConfigError
 from ..nn import QuantConv2d, QuantLinear
 from ..quantizers.kmeans import INITS, KMeansQuantizer
-from .prune import prunable_layers
+from .prune import layer_table, prunable_layers
 
 #: the paper's bits per shared weight index: conv layers, fully connected layers
 CONV_BITS, FC_BITS = 8, 5
@@ -52,15 +52,7 @@ def share_weights(
     if init not in INITS:
         raise ConfigError(f"unknown k-means init {init!r}; valid: {', '.join(INITS)}")
     layers = prunable_layers(model)
-    if bits is None:
-        table = paper_bits(model)
-    elif isinstance(bits, Mapping):
-        unknown = sorted(set(bits) - set(layers))
-        if unknown:
-            raise ConfigError(f"bits name unknown layer(s) {unknown}; layers: {', '.join(layers)}")
-        table = dict(bits)
-    else:
-        table = {name: bits for name in layers}
+    table = paper_bits(model) if bits is None else layer_table(bits, layers, "bits")
     rules = [
         LayerRule(
             pattern=name,
