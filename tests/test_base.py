@@ -66,3 +66,20 @@ def test_check_axis():
         check_axis(torch.zeros(2, 3), 2, "w")
     with pytest.raises(ConfigError):
         check_axis(torch.tensor(1.0), 0, "w")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("position", [0, 500, 999])
+def test_check_finite_finds_one_bad_value_anywhere(bad, position):
+    x = torch.randn(1000)
+    x[position] = bad
+    with pytest.raises(CalibrationError, match="1 NaN/Inf"):
+        check_finite(x, "x")
+
+
+def test_check_finite_accepts_huge_finite_values_and_empty_tensors():
+    big = torch.full((1000,), torch.finfo(torch.float32).max)  # their sum overflows; each value is finite
+    check_finite(big, "x")
+    check_finite(-big, "x")
+    check_finite(torch.empty(0), "x")
+    check_finite(torch.tensor([3, 4]), "integers")

@@ -27,8 +27,20 @@ Quantize = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
-    """sign with sign(0) = +1 (and sign(-0.0) = +1); NaN stays NaN."""
-    return torch.where(x >= 0, 1.0, torch.where(x < 0, -1.0, x)).to(x.dtype)
+    """sign with sign(0) = +1 (and sign(-0.0) = +1); NaN stays NaN.
+
+    Computed as sign(sign(x) + 1/2) + clamp(x, 0, 0): torch.sign maps +-0 (and NaN) to 0, which the
+    outer sign sends to +1; the clamp is 0 except at NaN, which it propagates. Only arithmetic passes,
+    several times faster than ``torch.where`` on large weight tensors.
+    """
+    if not x.is_floating_point():
+        return torch.where(x >= 0, 1, -1).to(x.dtype)
+    return torch.sign(x).add_(0.5).sign_().add_(x.clamp(0.0, 0.0))
+
+
+def inside_unit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1{|x| <= 1} as ``dtype`` (0 at NaN): the window of the clipped and ApproxSign STEs."""
+    return torch.le(x.abs(), 1, out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
 
 class RoundSTE(torch.autograd.Function):
@@ -78,7 +90,7 @@ class SignClippedSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return g * (x.abs() <= 1).to(g.dtype)
+        return inside_unit(x, g.dtype).mul_(g)
 
 
 class SignApproxSTE(torch.autograd.Function):
@@ -96,8 +108,8 @@ class SignApproxSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        inside = x.abs() <= 1
-        return g * torch.where(inside, 2 - 2 * x.abs(), 0.0).to(g.dtype)
+        slope = x.abs().nan_to_num_(nan=2.0).mul_(-2).add_(2).clamp_(min=0)  # 2 - 2|x| inside, 0 outside and at NaN
+        return slope.to(g.dtype).mul_(g)
 
 
 SIGN_STES = {"identity": SignIdentitySTE, "clipped": SignClippedSTE, "approx_sign": SignApproxSTE}
