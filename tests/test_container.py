@@ -339,17 +339,40 @@ def test_huffman_count_or_leftover_bits():
     rejects(with_document(_huffman_file(), extra_byte), "bad-length", "'w'")
 
 
-def test_ans_counts_must_match_numel():
+def test_ans_words_must_end_after_numel_symbols():
     blob = pack_file({"w": affine([1, 2, 2, 3] * 8, 2)}, entropy="ans")
-    rejects(with_document(blob, lambda d, a: d["tensors"]["w"].update(shape=[31])), "bad-count", "'w'")
+    for n in (31, 33, 64):
+        rejects(with_document(blob, lambda d, a: d["tensors"]["w"].update(shape=[n])), "bad-length", "'w'")
+
+
+def test_ans_model_entry_and_table_are_validated():
+    blob = pack_file({"w": affine([1, 2, 2, 3] * 8, 2)}, entropy="ans", index_bits={"w": 2})
+    stream = json.loads(parse_safetensors(blob)[1]["lowbit"])["tensors"]["w"]["stream"]
+    assert set(stream["ans_model"]) == {"gaps", "values"}
+    fine = {"low": 0, "precision": 3}
+    for bad in ({"gaps": fine}, {"gaps": fine, "values": {"low": -1, "precision": 3}},
+                {"gaps": fine, "values": {"low": 0, "precision": 25}}, {"gaps": fine, "values": {"low": 0}},
+                {"gaps": fine, "values": {"low": 2**16, "precision": 3}}, [0, 3]):
+        rejects(with_document(blob, lambda d, a: d["tensors"]["w"]["stream"].update(ans_model=bad)),
+                "bad-stream", "'w'")
+    rejects(with_document(blob, lambda d, a: d["tensors"]["w"]["stream"].pop("ans_model")), "bad-stream", "'w'")
+
+    def shift_precision(document, arrays):
+        document["tensors"]["w"]["stream"]["ans_model"]["values"]["precision"] += 1
+
+    rejects(with_document(blob, shift_precision), "bad-table", "'w'", "values")
+
+    def widen_table(document, arrays):
+        arrays["w:values.freqs"] = arrays["w:values.freqs"].astype(np.int16)
+
+    rejects(with_document(blob, widen_table), "bad-dtype", "'w'", "values")
 
 
 def test_claims_that_would_allocate_huge_arrays_are_rejected_first():
     constant = pack_file({"w": affine(np.ones(8, np.int64), 2)}, entropy="ans")  # one symbol: no ANS words
 
     def huge(document, arrays):
-        document["tensors"]["w"]["shape"] = [2**31]
-        arrays["w:codes.counts"] = np.array([2**31 - 1], np.uint32)
+        document["tensors"]["w"]["shape"] = [2**31]  # a one-symbol ANS stream: its table does not bound the count
 
     rejects(with_document(constant, huge), "too-large")
 

@@ -61,7 +61,7 @@ class LayerStats:
     ans_index_bits: float | None
     bytes_pq: int  # fixed-width entries, codebook, bias
     bytes_huffman: int  # Huffman streams with tables, codebook, bias
-    bytes_ans: int | None  # ANS streams with their symbol tables, codebook, bias
+    bytes_ans: int | None  # ANS streams with their frequency tables, codebook, bias
 
     @property
     def kept(self) -> float:
@@ -110,7 +110,7 @@ def layer_stats(name: str, layer: nn.Module, index_bits: int) -> LayerStats:
     def mean_bits(nbytes: int) -> float:
         return 8 * nbytes / entries if entries else 0.0
 
-    ans_sizes = [s.words.nbytes + s.symbols.nbytes + s.counts.nbytes for s in ans_streams or ()]
+    ans_sizes = [s.words.nbytes + s.freqs.nbytes for s in ans_streams or ()]
     return LayerStats(
         name=name,
         kind="conv" if isinstance(layer, nn.Conv2d) else "fc",

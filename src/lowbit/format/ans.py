@@ -1,41 +1,58 @@
 """Asymmetric numeral systems (ANS) entropy coding of integer symbols with ``constriction``.
 
-ANS (Duda 2009, arXiv:0902.0271) spends ``-log2 p(s)`` bits per symbol up
-to a fixed-point rounding of ``p`` (24-bit probabilities), so a stream of
-``n`` symbols takes about ``n * H`` bits plus one or two 32-bit words, where
-Huffman needs at least one whole bit per symbol. The coder is the stack
-coder ``constriction.stream.stack.AnsCoder`` (Bamler 2022), an optional
-dependency imported on first use: ``pip install constriction``.
+ANS (Duda 2009, arXiv:0902.0271) spends ``-log2 p(s)`` bits per symbol, so a
+stream of ``n`` symbols takes about ``n * H`` bits plus one or two 32-bit
+words, where Huffman needs at least one whole bit per symbol. The coder is
+the stack coder ``constriction.stream.stack.AnsCoder`` (Bamler 2022: 32-bit
+words, 24-bit probabilities), an optional dependency imported on first use:
+``pip install constriction``.
 
-The model is a categorical distribution over the symbols that occur, with
-``p_i = counts_i / sum(counts)``, quantized by
-``constriction.stream.model.Categorical(p, perfect=False)``. That
-quantization is a deterministic function of the stored counts, so decoding
-rebuilds exactly the encoder's model. A stream with one distinct symbol
-stores no words (its model is certain); an empty stream has no symbols.
+Model: the symbol counts ``c_s`` quantized to frequencies ``f_s`` with
+``sum f = 2**precision`` and ``f_s >= 1`` exactly where ``c_s > 0``
+(:func:`quantize_counts`: least ``sum c_s log2(2**precision / f_s)``, the
+coded bits). The coder uses ``p_s = f_s / 2**precision`` exactly: its
+24-bit cumulative table is ``f * 2**(24 - precision)``, so the stored table
+is the model and decoding rebuilds what the encoder used. The encoder tries
+every precision from ``ceil(log2 m)`` (``m`` distinct symbols) to
+:data:`MAX_PRECISION` and keeps the one with the fewest table + word bytes
+(ties: the lower precision), estimating the words from the bits above.
 
-Stored form (:class:`AnsStream`): ``symbols`` int64 [m] (the distinct symbol
-values, increasing), ``counts`` uint32 [m] (how often each occurs, all > 0;
-their sum is the symbol count) and ``words`` uint32 (the compressed data).
+The coder starts from the state ``f_lo * 2**(24 - precision)`` (the scaled
+frequency of the lowest symbol ``lo``) rather than 0, so every symbol moves the
+state and decoding must end exactly in that start state: a stream decoded with
+more or fewer symbols than were coded is caught. A stream with one distinct
+symbol stores no words (its model is certain); an empty stream has no symbols.
+
+Stored form (:class:`AnsStream`): ``freqs`` [hi - lo + 1] (the frequency of
+every value from ``lo`` to ``hi``, zeros for absent ones, in the narrowest of
+uint8 / uint16 / uint32 that holds the largest), ``words`` uint32 (the
+compressed data), and the ints ``count`` (symbols), ``low`` (``lo``) and
+``precision``. An empty stream has an empty table, ``low`` 0 and precision 0;
+a one-symbol stream has ``freqs == [1]`` and precision 0.
 
 ``ans_decode`` raises ``FormatError`` with code ``bad-dtype``,
-``bad-table`` (symbols not increasing or negative, lengths differ, a zero
-count), ``bad-count`` (more than ``MAX_ELEMENTS`` symbols), ``bad-length``
-(words left over after the last symbol, or words for a stream that needs
-none) or ``bad-stream`` (the words are not an ANS stream of this model, or
-decode to other symbol counts than stored).
+``bad-table`` (precision or ``low`` out of range, more than
+:data:`MAX_ALPHABET` values, the table not starting and ending with a present
+symbol, frequencies not adding up to ``2**precision``, a table for an empty
+stream), ``bad-count`` (``count`` not an int from 0 to ``MAX_ELEMENTS``),
+``bad-length`` (the words do not end after ``count`` symbols, or words for a
+stream that needs none) or ``bad-stream`` (the words are not an ANS stream
+of this model, or never hold a symbol the table lists).
 
 A very peaked model codes millions of symbols in a few words, so the word
 count does not bound the symbol count: a reader should compare
 ``stream.count`` with the number of symbols it expects (for example the
 tensor's element count) before decoding.
 
-Public API: ``ans_encode(symbols) -> AnsStream``, ``ans_decode(stream, name)``.
+Public API: ``quantize_counts(counts, precision)``, ``ans_encode(symbols) ->
+AnsStream``, ``ans_decode(stream, name)``.
 """
 
 from __future__ import annotations
 
+import heapq
 import importlib
+import math
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -44,22 +61,25 @@ import numpy as np
 from ..errors import ConfigError, FormatError
 from .bitpack import MAX_ELEMENTS
 
-#: symbol values below this are counted with a table rather than sorted
-_DENSE_LIMIT = 1 << 24
+#: probability bits of the coder (constriction's default ANS coder); the highest precision
+MAX_PRECISION = 24
+#: most values a table spans (hi - lo + 1)
+MAX_ALPHABET = 1 << 16
+#: largest ``low``: the table's values stay within int64
+MAX_LOW = (1 << 63) - MAX_ALPHABET
+_WORD_BITS = 32
+_TABLE_DTYPES = (np.uint8, np.uint16, np.uint32)
 
 
 @dataclass
 class AnsStream:
     """An ANS-coded symbol stream; see the module docstring for each field."""
 
-    symbols: np.ndarray
-    counts: np.ndarray
+    freqs: np.ndarray
     words: np.ndarray
-
-    @property
-    def count(self) -> int:
-        """Number of symbols in the stream."""
-        return int(self.counts.sum(dtype=np.int64))
+    count: int
+    low: int = 0
+    precision: int = 0
 
 
 def _constriction() -> ModuleType:
@@ -71,67 +91,157 @@ def _constriction() -> ModuleType:
         ) from None
 
 
-def _model(counts: np.ndarray) -> object:
-    return _constriction().stream.model.Categorical(counts.astype(np.float64), perfect=False)
+def _model(present: np.ndarray, precision: int) -> object:
+    """The coder's model with probabilities exactly ``present / 2**precision`` (``present`` all >= 1).
+
+    constriction's fast quantization gives symbol ``i`` the left cumulative
+    ``floor(Q_i * (2**24 - m) / sum(q)) + i`` for weights ``q`` with prefix sums
+    ``Q``; the weights ``f * 2**(24 - precision) - 1`` sum to ``2**24 - m``, so
+    the scale is 1, every product is an exact integer and the table is
+    ``f * 2**(24 - precision)``.
+    """
+    weights = present.astype(np.float64) * float(1 << (MAX_PRECISION - precision)) - 1.0
+    return _constriction().stream.model.Categorical(weights, perfect=False)
+
+
+def _start_state(freqs: np.ndarray, precision: int) -> int:
+    """The coder's state before the first symbol: the lowest symbol's 24-bit probability (module docstring)."""
+    return int(freqs[0]) << (MAX_PRECISION - precision)
+
+
+def quantize_counts(counts: np.ndarray, precision: int) -> np.ndarray:
+    """Frequencies (int64) summing to ``2**precision``, >= 1 exactly where ``counts > 0``.
+
+    They minimise the coded bits ``sum c_s log2(2**precision / f_s)``: start
+    from ``max(1, floor(c_s 2**precision / n))``, move single units greedily
+    (largest gain ``c_s log2((f_s + 1) / f_s)`` first, or smallest loss
+    ``c_s log2(f_s / (f_s - 1))`` first) to reach the total, then swap units
+    while a gain exceeds a loss; the objective is separable and convex, so
+    no swap left to make means optimal.
+    """
+    if isinstance(precision, bool) or not isinstance(precision, int) or not 0 <= precision <= MAX_PRECISION:
+        raise ConfigError(f"precision must be an int from 0 to {MAX_PRECISION}, got {precision!r}")
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    present = np.flatnonzero(counts)
+    total = 1 << precision
+    if present.size == 0 or (counts < 0).any():
+        raise ConfigError("symbol counts must be >= 0 with at least one > 0")
+    if present.size > total:
+        raise ConfigError(f"{present.size} distinct symbols need a precision of at least "
+                          f"{(present.size - 1).bit_length()} bits, got {precision}")
+    c = counts[present]
+    f = np.maximum(1, c * total // int(c.sum()))
+    c_list, f_list = c.tolist(), f.tolist()
+    step = 1 if sum(f_list) < total else -1
+
+    def priority(i: int) -> float:  # the heap pops the smallest: the largest gain or the smallest loss
+        if step == 1:
+            return -c_list[i] * math.log2((f_list[i] + 1) / f_list[i])
+        return c_list[i] * math.log2(f_list[i] / (f_list[i] - 1)) if f_list[i] > 1 else math.inf
+
+    heap = [(priority(i), i) for i in range(len(f_list))]
+    heapq.heapify(heap)
+    for _ in range(abs(total - sum(f_list))):
+        _, i = heapq.heappop(heap)
+        f_list[i] += step
+        heapq.heappush(heap, (priority(i), i))
+    f = np.array(f_list, dtype=np.int64)
+    while f.size > 1:
+        gains = c * np.log2((f + 1) / f)
+        losses = np.where(f > 1, c * np.log2(f / np.maximum(f - 1, 1)), np.inf)
+        buyer, seller = int(np.argmax(gains)), int(np.argmin(losses))
+        if buyer == seller or gains[buyer] <= losses[seller] * (1 + 1e-12):
+            break
+        f[buyer] += 1
+        f[seller] -= 1
+    freqs = np.zeros(counts.size, dtype=np.int64)
+    freqs[present] = f
+    return freqs
+
+
+def _table_dtype(largest: int) -> type:
+    return next(d for d in _TABLE_DTYPES if largest <= np.iinfo(d).max)
+
+
+def _stored_bytes(counts: np.ndarray, precision: int) -> tuple[int, np.ndarray]:
+    """Estimated table + word bytes at ``precision`` (one word for the start state and the tail) and the frequencies."""
+    freqs = quantize_counts(counts, precision)
+    present = counts > 0
+    bits = float(np.sum(counts[present] * (precision - np.log2(freqs[present]))))
+    words = int(np.ceil(bits / _WORD_BITS)) + 1
+    return freqs.size * np.dtype(_table_dtype(int(freqs.max()))).itemsize + 4 * words, freqs
 
 
 def ans_encode(symbols: np.ndarray) -> AnsStream:
-    """ANS-code a flat array of non-negative integer symbols."""
+    """ANS-code a flat array of non-negative integer symbols spanning at most ``MAX_ALPHABET`` values."""
     symbols = np.asarray(symbols).reshape(-1)
-    if symbols.size and (symbols.dtype.kind not in "iu" or int(symbols.min()) < 0):
-        raise ConfigError(f"ANS symbols must be non-negative integers, got a {symbols.dtype} array")
+    if symbols.size and (symbols.dtype.kind not in "iu" or int(symbols.min()) < 0 or int(symbols.max()) > MAX_LOW):
+        raise ConfigError(f"ANS symbols must be integers from 0 to {MAX_LOW}, got a {symbols.dtype} array")
     if symbols.size > MAX_ELEMENTS:
         raise ConfigError(f"ANS streams hold at most {MAX_ELEMENTS} symbols, got {symbols.size}")
-    symbols = symbols.astype(np.int64)
-    if symbols.size == 0 or int(symbols.max()) < _DENSE_LIMIT:  # counting beats sorting
-        full = np.bincount(symbols)
-        values = np.flatnonzero(full)
-        index = (np.cumsum(full > 0) - 1)[symbols]
-        counts = full[values].astype(np.uint32)
-    else:
-        values, index, counts = np.unique(symbols, return_inverse=True, return_counts=True)
-        counts = counts.astype(np.uint32)
-    words = np.zeros(0, dtype=np.uint32)
-    if values.size > 1:
-        coder = _constriction().stream.stack.AnsCoder()
-        coder.encode_reverse(index.astype(np.int32), _model(counts))
-        words = np.asarray(coder.get_compressed(), dtype=np.uint32)
-    return AnsStream(values, counts, words)
+    if symbols.size == 0:
+        return AnsStream(np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint32), 0)
+    low, high = int(symbols.min()), int(symbols.max())
+    if high - low >= MAX_ALPHABET:
+        raise ConfigError(f"ANS symbols must span at most {MAX_ALPHABET} values, got {low} to {high}")
+    offsets = (symbols - low).astype(np.int64)
+    counts = np.bincount(offsets)
+    present = np.flatnonzero(counts)
+    if present.size == 1:
+        return AnsStream(np.ones(1, dtype=np.uint8), np.zeros(0, dtype=np.uint32), int(symbols.size), low, 0)
+    lowest = (present.size - 1).bit_length()
+    sizes = [_stored_bytes(counts, p) for p in range(lowest, MAX_PRECISION + 1)]
+    best = min(range(len(sizes)), key=lambda i: sizes[i][0])
+    precision, freqs = lowest + best, sizes[best][1]
+    index = (np.cumsum(counts > 0) - 1)[offsets]
+    coder = _constriction().stream.stack.AnsCoder(np.array([_start_state(freqs, precision)], dtype=np.uint32))
+    coder.encode_reverse(index.astype(np.int32), _model(freqs[present], precision))
+    words = np.asarray(coder.get_compressed(), dtype=np.uint32)
+    return AnsStream(freqs.astype(_table_dtype(int(freqs.max()))), words, int(symbols.size), low, precision)
 
 
-def _check_array(x: object, dtype: type, where: str, what: str) -> np.ndarray:
-    if not isinstance(x, np.ndarray) or x.dtype != np.dtype(dtype) or x.ndim != 1:
-        raise FormatError("bad-dtype", f"{where}: {what} must be a 1-D {np.dtype(dtype).name} array")
-    return x
+def _check_int(value: object, low: int, high: int, code: str, where: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise FormatError(code, f"{where}: {what} must be an int from {low} to {high}, got {value!r}")
+    return int(value)
 
 
 def ans_decode(stream: AnsStream, name: str = "ans stream") -> np.ndarray:
     """Decode ``stream`` into its int64 symbols, validating it (see the module docstring)."""
-    values = _check_array(stream.symbols, np.int64, name, "symbols")
-    counts = _check_array(stream.counts, np.uint32, name, "counts")
-    words = _check_array(stream.words, np.uint32, name, "words")
-    if values.size != counts.size:
-        raise FormatError("bad-table", f"{name}: {values.size} symbols but {counts.size} counts")
-    if values.size and (int(values[0]) < 0 or (np.diff(values) <= 0).any()):
-        raise FormatError("bad-table", f"{name}: symbol values must be non-negative and strictly increasing")
-    if (counts == 0).any():
-        raise FormatError("bad-table", f"{name}: every listed symbol must occur (count > 0)")
-    count = stream.count
-    if count > MAX_ELEMENTS:
-        raise FormatError("bad-count", f"{name}: {count} symbols, more than the cap {MAX_ELEMENTS}")
-    if values.size <= 1:
+    freqs, words = stream.freqs, stream.words
+    if not isinstance(freqs, np.ndarray) or freqs.dtype not in _TABLE_DTYPES or freqs.ndim != 1:
+        raise FormatError("bad-dtype", f"{name}: freqs must be a 1-D uint8, uint16 or uint32 array")
+    if not isinstance(words, np.ndarray) or words.dtype != np.uint32 or words.ndim != 1:
+        raise FormatError("bad-dtype", f"{name}: words must be a 1-D uint32 array")
+    count = _check_int(stream.count, 0, MAX_ELEMENTS, "bad-count", name, "the symbol count")
+    low = _check_int(stream.low, 0, MAX_LOW, "bad-table", name, "low")
+    precision = _check_int(stream.precision, 0, MAX_PRECISION, "bad-table", name, "precision")
+    if freqs.size > MAX_ALPHABET:
+        raise FormatError("bad-table", f"{name}: the table spans {freqs.size} values, more than {MAX_ALPHABET}")
+    if count == 0:
+        if freqs.size or words.size:
+            raise FormatError("bad-table", f"{name}: an empty stream stores no table and no words")
+        return np.zeros(0, dtype=np.int64)
+    if freqs.size == 0 or freqs[0] == 0 or freqs[-1] == 0:
+        raise FormatError("bad-table", f"{name}: the table must start and end with a present symbol")
+    if int(freqs.sum(dtype=np.int64)) != 1 << precision:
+        raise FormatError("bad-table", f"{name}: the frequencies add up to {int(freqs.sum(dtype=np.int64))}, "
+                                       f"not 2**{precision}")
+    present = np.flatnonzero(freqs)
+    if present.size == 1:
         if words.size:
             raise FormatError("bad-length", f"{name}: a stream of one distinct symbol stores no words")
-        return np.full(count, values[0] if values.size else 0, dtype=np.int64)
+        return np.full(count, low + int(present[0]), dtype=np.int64)
     try:
         coder = _constriction().stream.stack.AnsCoder(words)
-        index = np.asarray(coder.decode(_model(counts), count), dtype=np.int64)
+        index = np.asarray(coder.decode(_model(freqs[present], precision), count), dtype=np.int64)
+        rest = np.asarray(coder.get_compressed(), dtype=np.uint32)
     except ConfigError:
         raise
     except Exception as exc:  # constriction reports corrupt data with its own exception types
         raise FormatError("bad-stream", f"{name}: the words are not a valid ANS stream ({exc})") from exc
-    if not coder.is_empty():
-        raise FormatError("bad-length", f"{name}: words are left over after {count} symbols")
-    if not np.array_equal(np.bincount(index, minlength=values.size), counts):
-        raise FormatError("bad-stream", f"{name}: the decoded symbols do not match the stored counts")
-    return values[index]
+    if rest.tolist() != [_start_state(freqs, precision)]:
+        raise FormatError("bad-length", f"{name}: the words do not end after {count} symbols")
+    if (np.bincount(index, minlength=present.size) == 0).any():
+        raise FormatError("bad-stream", f"{name}: the stream never holds a symbol its table lists")
+    return low + present[index]

@@ -26,7 +26,11 @@ stream is coded further, ``"stream": {"sparse": {"index_bits": b, "zero":
 z, "count": m} | null, "entropy": null | "huffman" | "ans"}``, with
 ``"huffman_bits": {"<stream>": bits}`` (each Huffman stream's exact length in
 bits, so a count that disagrees with the stream is always caught) when
-``entropy`` is ``"huffman"``. The raw codecs
+``entropy`` is ``"huffman"``, and ``"ans_model": {"<stream>": {"low": lo,
+"precision": p}}`` (the lowest symbol of each ANS stream's table and the
+precision its frequencies sum to, as ``2**p``) when it is ``"ans"`` (ANS words
+end exactly after their symbols, so there too a count that disagrees is caught,
+unless the stream holds one distinct value and stores no words). The raw codecs
 are ``float32``, ``float16`` and, for integer and boolean buffers,
 ``float64``, ``int64``, ``int32``, ``int16``, ``int8``, ``uint8``, ``bool``.
 
@@ -45,7 +49,7 @@ values the codec bit-packs, ``bits`` wide) and replaces that array:
    none: ``S`` bit-packed at its width; ``huffman`` (:mod:`.huffman`, blocks
    of :data:`~.huffman.BLOCK` symbols): ``S.lengths``, ``S.data``,
    ``S.offsets``; ``ans`` (:mod:`.ans`):
-   ``S.symbols``, ``S.counts``, ``S.words``.
+   ``S.freqs`` (uint8, uint16 or uint32) and ``S.words``.
 
 Decoding inverts the chain exactly and hands the packed codes to the codec.
 
@@ -74,7 +78,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, FormatError
-from .ans import AnsStream, ans_decode, ans_encode
+from .ans import MAX_PRECISION, AnsStream, ans_decode, ans_encode
 from .bitpack import pack_codes, unpack_codes
 from .codecs import MAX_NDIM, Codec, FloatCodec, NumpyEncoded, get_codec
 from .codecs import _check_shape as check_shape
@@ -101,7 +105,8 @@ _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 _HEADER_ALIGN = 8
 #: raw codecs for integer, boolean and float64 buffers (float32 / float16 are codecs of their own)
 _RAW_EXTRA = {name: FloatCodec(np.dtype(name)) for name in ("float64", "int64", "int32", "int16", "int8", "uint8", "bool")}
-_STREAM_ARRAYS = {None: ("",), "huffman": (".lengths", ".data", ".offsets"), "ans": (".symbols", ".counts", ".words")}
+_STREAM_ARRAYS = {None: ("",), "huffman": (".lengths", ".data", ".offsets"), "ans": (".freqs", ".words")}
+_STREAM_META = {None: (), "huffman": ("huffman_bits",), "ans": ("ans_model",)}
 
 
 def _fail(code: str, message: str) -> FormatError:
@@ -261,14 +266,18 @@ def raw(array: np.ndarray) -> NumpyEncoded:
     return NumpyEncoded(array.dtype.name, array, 8 * array.dtype.itemsize)
 
 
-def _encode_stream(symbols: np.ndarray, width: int, entropy: str | None, prefix: str) -> dict[str, np.ndarray]:
+def _encode_stream(
+    symbols: np.ndarray, width: int, entropy: str | None, prefix: str, models: dict[str, dict[str, int]]
+) -> dict[str, np.ndarray]:
+    """The arrays of stream ``prefix``; an ANS stream's model scalars go to ``models[prefix]``."""
     if entropy is None:
         return {prefix: pack_codes(symbols, width, prefix)}
     if entropy == "huffman":
         s = huffman_encode(symbols)
         return {f"{prefix}.lengths": s.lengths, f"{prefix}.data": s.data, f"{prefix}.offsets": s.offsets}
     s = ans_encode(symbols)
-    return {f"{prefix}.symbols": s.symbols, f"{prefix}.counts": s.counts, f"{prefix}.words": s.words}
+    models[prefix] = {"low": s.low, "precision": s.precision}
+    return {f"{prefix}.freqs": s.freqs, f"{prefix}.words": s.words}
 
 
 def _huffman_bits(arrays: dict[str, np.ndarray], prefix: str, symbols: np.ndarray) -> int:
@@ -303,8 +312,11 @@ def encode_tensor(
             sparse = {"index_bits": index_bits, "zero": zero, "count": int(gaps.size)}
             streams = {"gaps": (gaps, index_bits), "values": (values, width)}
         entry["stream"] = {"sparse": sparse, "entropy": entropy}
+        models: dict[str, dict[str, int]] = {}
         for stream, (stream_symbols, stream_width) in streams.items():
-            arrays.update(_encode_stream(stream_symbols, stream_width, entropy, stream))
+            arrays.update(_encode_stream(stream_symbols, stream_width, entropy, stream, models))
+        if entropy == "ans":
+            entry["stream"]["ans_model"] = models
         if entropy == "huffman":
             entry["stream"]["huffman_bits"] = {s: _huffman_bits(arrays, s, streams[s][0]) for s in streams}
     return {f"{name}:{k}": v for k, v in arrays.items()}, entry
@@ -353,12 +365,9 @@ def _decode_stream(
         if used != stored:
             raise _fail("bad-count", f"{where}: {count} symbols take {used} bits, the stream holds {stored}")
     else:
-        stream = AnsStream(_array(arrays, f"{prefix}.symbols", "int64", tensor),
-                           _array(arrays, f"{prefix}.counts", "uint32", tensor),
-                           _array(arrays, f"{prefix}.words", "uint32", tensor))
-        if stream.count != count:
-            raise _fail("bad-count", f"{where}: the ANS counts add up to {stream.count}, expected {count}")
-        symbols = ans_decode(stream, where)
+        model = stream_meta["ans_model"][name]
+        symbols = ans_decode(AnsStream(arrays[f"{prefix}.freqs"], arrays[f"{prefix}.words"], count, model["low"],
+                                       model["precision"]), where)
     if symbols.size and int(symbols.max()) >= 1 << width:
         raise _fail("bad-code", f"{where}: symbol {int(symbols.max())} does not fit {width} bits")
     return symbols
@@ -369,7 +378,7 @@ def _check_stream_meta(stream: object, tensor: str) -> tuple[dict[str, int] | No
     entropy = stream.get("entropy") if isinstance(stream, dict) else None
     if entropy not in (None, *ENTROPY_CODERS):
         raise _fail("bad-stream", f"{where}: unknown entropy coder {entropy!r}; valid: null, {', '.join(ENTROPY_CODERS)}")
-    keys = {"sparse", "entropy", "huffman_bits"} if entropy == "huffman" else {"sparse", "entropy"}
+    keys = {"sparse", "entropy", *_STREAM_META[entropy]}
     if not isinstance(stream, dict) or set(stream) != keys:
         raise _fail("bad-stream", f"{where}: 'stream' must be an object with keys {sorted(keys)}, got {stream!r}")
     sparse = stream["sparse"]
@@ -379,6 +388,13 @@ def _check_stream_meta(stream: object, tensor: str) -> tuple[dict[str, int] | No
         if not isinstance(bits, dict) or set(bits) != set(streams) or not all(
                 _is_int(b) and 0 <= b <= 2**40 for b in bits.values()):
             raise _fail("bad-stream", f"{where}: huffman_bits must give the bit length of {list(streams)}")
+    if entropy == "ans":
+        models = stream["ans_model"]
+        if not isinstance(models, dict) or set(models) != set(streams) or not all(
+                isinstance(m, dict) and set(m) == {"low", "precision"} and _is_int(m["low"]) and 0 <= m["low"] < 2**16
+                and _is_int(m["precision"]) and 0 <= m["precision"] <= MAX_PRECISION for m in models.values()):
+            raise _fail("bad-stream", f"{where}: ans_model must give low (0 to 65535) and precision (0 to "
+                                      f"{MAX_PRECISION}) of {list(streams)}")
     if sparse is not None:
         limits = {"index_bits": (1, MAX_INDEX_BITS), "zero": (0, 2**16 - 1), "count": (0, 2**31)}
         if not isinstance(sparse, dict) or set(sparse) != set(limits):
