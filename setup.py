@@ -15,7 +15,7 @@ kernels = Extension(
     "lowbit._native._kernels",
     sources=["src/lowbit/_native/kernels.cpp", "src/lowbit/_native/module.cpp"],
     depends=["src/lowbit/_native/kernels.h"],
-    extra_compile_args=["-std=c++17", "-O3", "-fopenmp"] if _UNIX else ["/std:c++17", "/O2", "/openmp"],
+    extra_compile_args=["-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off"] if _UNIX else ["/std:c++17", "/O2", "/openmp"],
     extra_link_args=["-fopenmp"] if _UNIX else [],
     language="c++",
     optional=True,

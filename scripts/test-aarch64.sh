@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 src=src/lowbit/_native
-aarch64-linux-gnu-g++ -std=c++17 -O2 -fopenmp -static -I"$src" "$src/kernels.cpp" "$src/selftest.cpp" -o "$out/selftest"
+aarch64-linux-gnu-g++ -std=c++17 -O2 -fopenmp -ffp-contract=off -static -I"$src" "$src/kernels.cpp" "$src/selftest.cpp" -o "$out/selftest"
 qemu-aarch64 "$out/selftest"
 # the same driver natively, as a control
-g++ -std=c++17 -O2 -fopenmp -I"$src" "$src/kernels.cpp" "$src/selftest.cpp" -o "$out/selftest-host"
+g++ -std=c++17 -O2 -fopenmp -ffp-contract=off -I"$src" "$src/kernels.cpp" "$src/selftest.cpp" -o "$out/selftest-host"
 "$out/selftest-host"

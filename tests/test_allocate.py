@@ -45,6 +45,44 @@ def test_the_sensitive_layer_gets_the_bits(sensitive, dull):
     assert allocate_bits(two_layers(sensitive), 2016).bits == {"a": 8, "b": 8}
 
 
+def test_ties_of_predicted_loss_spend_the_budget():
+    # 4 and 8 bits both cost 0: (4, 4) at 1000 B, (4, 8) / (8, 4) at 1500 B and (8, 8) at 2000 B tie at loss 0
+    sizes = {name: {2: 250, 4: 500, 8: 1000} for name in ("a", "b")}
+    losses = {name: {2: 1.0, 4: 0.0, 8: 0.0} for name in ("a", "b")}
+    table = synthetic(sizes, losses, other=16)
+    assert allocate_bits(table, 1016).bits == {"a": 4, "b": 4}
+    for budget in (1516, 1700, 2015):
+        allocation = allocate_bits(table, budget)
+        assert sorted(allocation.bits.values()) == [4, 8]
+        assert allocation.predicted_bytes == 1516 and allocation.predicted_loss == 0
+    assert allocate_bits(table, 2016).bits == {"a": 8, "b": 8}
+    # bytes never buy loss: at 1515 B, (2, 8) would spend 1266 B for loss 1; (4, 4) spends 1016 B for 0
+    assert allocate_bits(table, 1515).bits == {"a": 4, "b": 4}
+
+
+@pytest.mark.parametrize("noisy", [{2: 1.0, 4: 0.001, 8: 0.002}, {2: 1.0, 4: -0.001, 8: 0.0}])
+def test_noise_at_high_bits_does_not_keep_the_layer_at_fewer_bits(noisy):
+    # measured 8 bits worse than 4 (or 4 better than float) is noise: the isotonic fit pools 4 and 8 bits,
+    # so they tie and the budget buys 8 bits; minimising the raw measures would stop at 4 bits
+    table = synthetic({"a": {2: 250, 4: 500, 8: 1000}}, {"a": noisy})
+    assert table.cost("a", 4) == table.cost("a", 8) == max(0.0, (noisy[4] + noisy[8]) / 2)
+    assert allocate_bits(table, 1000).bits == {"a": 8}
+    assert allocate_bits(table, 999).bits == {"a": 4}
+
+
+def test_a_far_more_sensitive_layer_still_gets_the_bits_under_noise():
+    # b's measures are noise around 0 (negative at 8 bits, rising at 4), a's fall 1000-fold: room for one
+    # layer at 8 bits goes to a (predicted 0.01 + 0.02 against 10 + 0)
+    sizes = {name: {2: 250, 4: 500, 8: 1000} for name in ("a", "b")}
+    losses = {"a": {2: 10.0, 4: 1.0, 8: 0.01}, "b": {2: 0.01, 4: 0.03, 8: -0.02}}
+    table = synthetic(sizes, losses)
+    assert [table.cost("b", b) for b in (2, 4, 8)] == [pytest.approx(0.02), pytest.approx(0.02), 0.0]
+    allocation = allocate_bits(table, 1500)
+    assert allocation.bits == {"a": 8, "b": 4}  # b at 4 rather than 2: same predicted loss, budget spent
+    assert allocation.predicted_loss == pytest.approx(0.03)
+    assert allocate_bits(table, 1250).bits == {"a": 8, "b": 2}
+
+
 def brute_force(table: SensitivityTable, fits) -> list[tuple[float, int, dict[str, int]]]:
     """Every combination (loss, size, bits) that ``fits(loss, size)``."""
     out = []
@@ -87,7 +125,10 @@ def test_budget_allocation_is_the_brute_force_optimum_and_fits_exactly(drawn, bu
     size = table.other_bytes + sum(table.row(n, b).bytes for n, b in allocation.bits.items())
     assert allocation.predicted_bytes == size <= budget
     assert allocation.granularity == 1
-    assert allocation.predicted_loss == pytest.approx(min(loss for loss, _, _ in feasible), abs=1e-9)
+    least = min(loss for loss, _, _ in feasible)
+    assert allocation.predicted_loss == pytest.approx(least, abs=1e-9)
+    # tie-break: of the least-loss choices, the one that spends the most bytes
+    assert allocation.predicted_bytes == max(size for loss, size, _ in feasible if loss <= least * (1 + 1e-9))
 
 
 @settings(max_examples=60, deadline=None)

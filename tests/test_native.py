@@ -284,3 +284,72 @@ def test_fold_threshold_hand_worked():
 def test_fold_threshold_refuses_nan():
     nan_bn = lambda v: v * np.float32(np.nan)  # noqa: E731
     assert fold_threshold(8, None, None, 2, [nan_bn], [], True) is None
+
+
+# ---------------------------------------------------------------- direct convolution (every dispatch path)
+
+from lowbit.runtime.kernels import conv as conv_packed, conv_panel, native  # noqa: E402
+
+
+def test_conv_panel_puts_eight_channels_side_by_side():
+    rows = np.arange(1, 19, dtype=np.uint64).reshape(9, 2)  # 9 channels of 2 words
+    panel = conv_panel(rows)
+    assert panel.shape == (2, 2, 8)
+    assert panel[0].tolist() == [[1, 3, 5, 7, 9, 11, 13, 15], [2, 4, 6, 8, 10, 12, 14, 16]]
+    assert panel[1].tolist() == [[17, 0, 0, 0, 0, 0, 0, 0], [18, 0, 0, 0, 0, 0, 0, 0]]  # channels 9..15: zero
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("batch,c,o,h,w,size,stride,padding", [
+    (3, 70, 70, 9, 11, 3, 1, 1),        # 297 pixels: several blocks of 64 and a partial pixel tile; O % 8 != 0
+    (1, 256, 130, 6, 6, 3, 1, 1),      # 36 words per window: past the 31-word byte counters of AVX2 / NEON
+    (2, 130, 9, 7, 5, 3, (2, 1), (2, 0)),
+    (1, 2050, 3, 3, 3, 1, 1, 0),        # 33 words at one kernel position
+    (2, 5, 66, 5, 4, (2, 3), 3, 2),
+])
+def test_direct_conv_equals_torch_conv_of_signs(kernel, batch, c, o, h, w, size, stride, padding):
+    g = torch.Generator().manual_seed(c + o)
+    kh, kw = size if isinstance(size, tuple) else (size, size)
+    x, wt = torch.randn(batch, c, h, w, generator=g), torch.randn(o, c, kh, kw, generator=g)
+    x[0, 0, 0, 0] = 0.0  # sign(0) = +1
+    layer = BinaryConv2d(wt.numpy(), stride, padding)
+    expected = torch_conv_of_signs(x, wt, stride, padding).numpy()
+    for threads in (1, 2):
+        np.testing.assert_array_equal(layer(x.numpy(), kernel=kernel, threads=threads), expected)
+    # int32 output [N Ho Wo, O] through the correction: the same dot products, pixel-major
+    bits = pack_nchw(x.numpy(), kernel, 2)
+    dots = np.empty((expected.shape[0] * expected.shape[2] * expected.shape[3], o), dtype=np.int32)
+    conv_packed(bits, layer.rows, layer.panel, c * kh * kw, layer.kernel_size, layer.stride, layer.padding, dots,
+                kernel, 2, correction=layer.correction(h, w))
+    np.testing.assert_array_equal(dots, expected.transpose(0, 2, 3, 1).reshape(-1, o))
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 2), c=st.integers(1, 140), o=st.integers(1, 72), h=st.integers(1, 8),
+       w=st.integers(1, 8), kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 3),
+       padding=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_direct_conv_property_every_kernel(batch, c, o, h, w, kh, kw, stride, padding, seed):
+    if h + 2 * padding < kh or w + 2 * padding < kw:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x, wt = torch.randn(batch, c, h, w, generator=g), torch.randn(o, c, kh, kw, generator=g)
+    scale, bias = torch.rand(o, generator=g) + 0.5, torch.randn(o, generator=g)
+    expected = torch_conv_of_signs(x, wt, stride, padding) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    layer = BinaryConv2d(wt.numpy(), stride, padding, scale.numpy(), bias.numpy())
+    for kernel in KERNELS:
+        np.testing.assert_array_equal(layer(x.numpy(), kernel=kernel, threads=2), expected.numpy())
+
+
+@pytest.mark.skipif(native is None, reason="the native module did not build")
+def test_native_conv_rejects_a_panel_of_the_wrong_shape():
+    bits = np.zeros((1, 4, 4, 1), np.uint64)
+    out = np.empty((16, 9), np.int32)
+    kernel_id = dict(native.kernels())["scalar"]
+    args = ((3, 3), (1, 1), (1, 1), 9, 27, out, kernel_id, 1, None, None, None, None, None)
+    native.conv(bits, np.zeros((2, 9, 8), np.uint64), *args)  # ceil(9 / 8) groups of 9 words: accepted
+    for panel in (np.zeros((1, 9, 8), np.uint64), np.zeros((2, 8, 8), np.uint64), np.zeros((2, 9, 4), np.uint64)):
+        with pytest.raises(ValueError, match="panel"):
+            native.conv(bits, panel, *args)
+    with pytest.raises(ValueError, match="k must"):
+        native.conv(bits, np.zeros((2, 9, 8), np.uint64), (3, 3), (1, 1), (1, 1), 9, 9 * 64 + 1, out, kernel_id, 1,
+                    None, None, None, None, None)

@@ -3,13 +3,18 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.isotonic import IsotonicRegression
 from torch import nn
 
 import lowbit
-from lowbit.analysis.sensitivity import SensitivityTable, measure_sensitivity, weight_spec
+from lowbit.analysis.sensitivity import (Sensitivity, SensitivityTable, measure_sensitivity, nonincreasing_fit,
+                                         weight_spec)
 from lowbit.errors import ConfigError
 
 
@@ -99,3 +104,51 @@ def test_bad_input_is_config_error():
     with pytest.raises(ConfigError, match="no entry for layer 'nope'"):
         measure_sensitivity(model, x, y, bits=(8,)).row("nope", 8)
     assert weight_spec(32) is None and weight_spec(1)["name"] == "xnor"
+
+
+def test_nonincreasing_fit_by_hand():
+    assert nonincreasing_fit([3.0, 1.0, 2.0]) == [3.0, 1.5, 1.5]
+    assert nonincreasing_fit([1.0, 2.0, 3.0]) == [2.0, 2.0, 2.0]
+    assert nonincreasing_fit([5.0, 2.0, 2.0, -1.0]) == [5.0, 2.0, 2.0, -1.0]  # already non-increasing: unchanged
+    # pooling cascades: 0.2 pools with -0.3, then 0.1 rises above that mean and joins: (-0.3 + 0.2 + 0.1) / 3 = 0
+    assert nonincreasing_fit([0.5, -0.3, 0.2, 0.1]) == pytest.approx([0.5, 0.0, 0.0, 0.0], abs=1e-15)
+    assert nonincreasing_fit([]) == []
+
+
+finite = st.one_of(st.just(0.0), st.floats(-1e6, 1e6), st.floats(-1e-300, 1e-300, allow_subnormal=True))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.one_of(st.lists(finite, min_size=1, max_size=8),
+                 st.tuples(finite, st.integers(1, 6)).map(lambda vc: [vc[0]] * vc[1])))
+def test_nonincreasing_fit_is_scikit_learns_isotonic_regression(values):
+    fitted = nonincreasing_fit(values)
+    assert all(a >= b for a, b in zip(fitted, fitted[1:]))
+    oracle = IsotonicRegression(increasing=False).fit_transform(np.arange(len(values)), np.array(values))
+    assert fitted == pytest.approx(oracle.tolist(), rel=1e-9, abs=1e-9)
+
+
+def table_with_losses(losses: dict[int, float]) -> SensitivityTable:
+    rows = [Sensitivity(layer="a", bits=b, accuracy_drop=0.0, loss_increase=v, logit_mse=0.0, sqnr_db=None, bytes=b)
+            for b, v in losses.items()]
+    return SensitivityTable(layers=["a"], bits=list(losses), act_bits=None, examples=1, float_accuracy=1.0,
+                            float_loss=0.0, other_bytes=0, rows=rows)
+
+
+def test_costs_are_the_isotonic_fit_over_ascending_bits_clipped_at_zero():
+    # measured loss increases of a LeNet-5 conv layer at 1, 2, 3, 4, 6, 8 bits, listed in a shuffled order:
+    # 4, 6 and 8 bits pool to (-0.00033 + 0.00020 + 0.00001) / 3 = -0.00004, clipped to 0
+    raw = {8: 0.00001, 1: 0.06157, 4: -0.00033, 2: 0.00682, 6: 0.00020, 3: 0.00068}
+    table = table_with_losses(raw)
+    assert table.costs("a") == pytest.approx({1: 0.06157, 2: 0.00682, 3: 0.00068, 4: 0.0, 6: 0.0, 8: 0.0})
+    assert table.cost("a", 3) == 0.00068 and table.measure("a", 4) == -0.00033  # rows keep the raw measure
+    # a noisy rise in the middle pools: 0.1 at 4 bits and 0.3 at 6 bits become 0.2 each
+    assert table_with_losses({2: 0.5, 4: 0.1, 6: 0.3, 8: 0.05}).costs("a") == pytest.approx(
+        {2: 0.5, 4: 0.2, 6: 0.2, 8: 0.05})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ConfigError, match="'a' at 6 bits has a non-finite loss"):
+            table_with_losses({2: 0.5, 6: bad}).cost("a", 2)
+    with pytest.raises(ConfigError, match="no entry for layer 'a' at 5 bits"):
+        table.cost("a", 5)
+    with pytest.raises(ConfigError, match="unknown objective"):
+        table.costs("a", "speed")

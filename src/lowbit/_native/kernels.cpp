@@ -8,11 +8,21 @@
 // the reduction per pass) and register-tiled (MR x NR rows of A and B per
 // micro-kernel, every loaded vector reused NR or MR times); OpenMP spreads the
 // output blocks over cores.
+//
+// The convolution is direct: no im2col rows are formed. Its micro-kernel
+// takes R output pixels (a pointer per pixel and kernel position, padding
+// pointing at zero words) and G groups of 8 output channels from a weight
+// panel (word t of the 8 channels' rows side by side), broadcasts each pixel
+// word against the panel's vector and keeps one accumulator per (pixel,
+// group) whose lanes are the 8 channels' popcounts: no horizontal reduction,
+// no tail wasted in the short K of a 3x3 window, every loaded vector reused R
+// or G times.
 #include "kernels.h"
 
 #include <algorithm>
 #include <cstring>
 #include <initializer_list>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -66,21 +76,48 @@ int resolve_threads(int threads) {
 #define LOWBIT_TILE_ARGS \
     const uint64_t *a, int64_t lda, const uint64_t *b, int64_t ldb, int64_t words, int64_t *out, int64_t ldo
 
+// conv_tile<R, G>(px, taps, words, panel, group_stride, rows, out, ldo): for pixel r < rows and channel
+// j = 8 g + l, out[r * ldo + j] = sum over kernel positions t and words w of
+// popcount(px[t * R + r][w] XOR panel[g * group_stride + (t * words + w) * 8 + l]).
+#define LOWBIT_CONV_ARGS                                                                                      \
+    const uint64_t *const *px, int taps, int64_t words, const uint64_t *panel, int64_t group_stride, int rows, \
+        int64_t *out, int64_t ldo
+
+#define LOWBIT_SCALAR_CONV_BODY                                                                  \
+    int64_t sum[R * G * CONV_PANEL] = {};                                                        \
+    for (int t = 0; t < taps; ++t) {                                                             \
+        const uint64_t* wt = panel + t * words * CONV_PANEL;                                     \
+        for (int64_t w = 0; w < words; ++w)                                                      \
+            for (int r = 0; r < R; ++r) {                                                        \
+                const uint64_t v = px[t * R + r][w];                                             \
+                for (int g = 0; g < G; ++g)                                                      \
+                    for (int l = 0; l < CONV_PANEL; ++l)                                         \
+                        sum[(r * G + g) * CONV_PANEL + l] +=                                     \
+                            __builtin_popcountll(v ^ wt[g * group_stride + w * CONV_PANEL + l]); \
+            }                                                                                    \
+    }                                                                                            \
+    for (int r = 0; r < rows; ++r)                                                               \
+        for (int j = 0; j < G * CONV_PANEL; ++j) out[r * ldo + j] = sum[r * G * CONV_PANEL + j];
+
 struct Portable {
-    static constexpr int MR = 2, NR = 4;
+    static constexpr int MR = 2, NR = 4, CONV_R = 1, CONV_G = 1;
     template <int R, int C>
     static void tile(LOWBIT_TILE_ARGS) { LOWBIT_SCALAR_TILE_BODY }
+    template <int R, int G>
+    static void conv_tile(LOWBIT_CONV_ARGS) { LOWBIT_SCALAR_CONV_BODY }
 };
 
 #ifdef LOWBIT_X86
 struct ScalarPopcnt {
-    static constexpr int MR = 2, NR = 4;
+    static constexpr int MR = 2, NR = 4, CONV_R = 1, CONV_G = 1;
     template <int R, int C>
     TARGET_POPCNT static void tile(LOWBIT_TILE_ARGS) { LOWBIT_SCALAR_TILE_BODY }
+    template <int R, int G>
+    TARGET_POPCNT static void conv_tile(LOWBIT_CONV_ARGS) { LOWBIT_SCALAR_CONV_BODY }
 };
 
 struct Avx2 {
-    static constexpr int MR = 2, NR = 4;
+    static constexpr int MR = 2, NR = 4, CONV_R = 3, CONV_G = 1;
     template <int R, int C>
     TARGET_AVX2 static void tile(LOWBIT_TILE_ARGS) {
         const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
@@ -118,10 +155,53 @@ struct Avx2 {
                 out[i * ldo + j] += sum;
             }
     }
+
+    // lanes: 4 channels per vector, 2 vectors per group; byte counters summed into 64-bit lanes every 31 words
+    template <int R, int G>
+    TARGET_AVX2 static void conv_tile(LOWBIT_CONV_ARGS) {
+        constexpr int V = G * 2;
+        const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                               0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+        const __m256i low = _mm256_set1_epi8(0x0f);
+        const __m256i zero = _mm256_setzero_si256();
+        __m256i total[R * V], bytes[R * V];
+        for (int i = 0; i < R * V; ++i) total[i] = bytes[i] = zero;
+        int pending = 0;
+        for (int t = 0; t < taps; ++t) {
+            const uint64_t* wt = panel + t * words * CONV_PANEL;
+            for (int64_t w = 0; w < words; ++w) {
+                __m256i wv[V];
+                for (int j = 0; j < V; ++j)
+                    wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + (j / 2) * group_stride +
+                                                                                w * CONV_PANEL + (j % 2) * 4));
+                for (int r = 0; r < R; ++r) {
+                    const __m256i v = _mm256_set1_epi64x(static_cast<long long>(px[t * R + r][w]));
+                    for (int j = 0; j < V; ++j) {
+                        const __m256i x = _mm256_xor_si256(v, wv[j]);
+                        const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low));
+                        const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low));
+                        bytes[r * V + j] = _mm256_add_epi8(bytes[r * V + j], _mm256_add_epi8(lo, hi));
+                    }
+                }
+                if (++pending == 31) {  // byte counters hold at most 8 per word
+                    for (int i = 0; i < R * V; ++i) {
+                        total[i] = _mm256_add_epi64(total[i], _mm256_sad_epu8(bytes[i], zero));
+                        bytes[i] = zero;
+                    }
+                    pending = 0;
+                }
+            }
+        }
+        for (int i = 0; i < R * V; ++i) total[i] = _mm256_add_epi64(total[i], _mm256_sad_epu8(bytes[i], zero));
+        for (int r = 0; r < R; ++r)
+            if (r < rows)
+                for (int j = 0; j < V; ++j)
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 4 * j), total[r * V + j]);
+    }
 };
 
 struct Avx512 {
-    static constexpr int MR = 4, NR = 4;
+    static constexpr int MR = 4, NR = 4, CONV_R = 6, CONV_G = 4;
     template <int R, int C>
     TARGET_AVX512 static void tile(LOWBIT_TILE_ARGS) {
         __m512i acc[R * C];
@@ -169,12 +249,35 @@ struct Avx512 {
                 for (int j = 0; j < C; ++j) out[i * ldo + j] += _mm512_reduce_add_epi64(acc[i * C + j]);
         }
     }
+
+    // lanes: the 8 channels of a panel group; R * G accumulators stay in registers across the whole window
+    template <int R, int G>
+    TARGET_AVX512 static void conv_tile(LOWBIT_CONV_ARGS) {
+        __m512i acc[R * G];
+        for (int i = 0; i < R * G; ++i) acc[i] = _mm512_setzero_si512();
+        for (int t = 0; t < taps; ++t) {
+            const uint64_t* wt = panel + t * words * CONV_PANEL;
+            const uint64_t* const* p = px + t * R;
+            for (int64_t w = 0; w < words; ++w) {
+                __m512i wv[G];
+                for (int g = 0; g < G; ++g) wv[g] = _mm512_loadu_si512(wt + g * group_stride + w * CONV_PANEL);
+                for (int r = 0; r < R; ++r) {
+                    const __m512i v = _mm512_set1_epi64(static_cast<long long>(p[r][w]));
+                    for (int g = 0; g < G; ++g)
+                        acc[r * G + g] = _mm512_add_epi64(acc[r * G + g], _mm512_popcnt_epi64(_mm512_xor_si512(v, wv[g])));
+                }
+            }
+        }
+        for (int r = 0; r < R; ++r)
+            if (r < rows)
+                for (int g = 0; g < G; ++g) _mm512_storeu_si512(out + r * ldo + g * CONV_PANEL, acc[r * G + g]);
+    }
 };
 #endif  // LOWBIT_X86
 
 #ifdef LOWBIT_AARCH64
 struct Neon {
-    static constexpr int MR = 2, NR = 4;
+    static constexpr int MR = 2, NR = 4, CONV_R = 2, CONV_G = 1;
     template <int R, int C>
     static void tile(LOWBIT_TILE_ARGS) {
         uint64x2_t total[R * C];
@@ -201,10 +304,97 @@ struct Neon {
                 out[i * ldo + j] += sum;
             }
     }
+
+    // lanes: 2 channels per vector, 4 vectors per group; byte counters widened into 64-bit lanes every 31 words
+    template <int R, int G>
+    static void conv_tile(LOWBIT_CONV_ARGS) {
+        constexpr int V = G * 4;
+        uint64x2_t total[R * V];
+        uint8x16_t bytes[R * V];
+        for (int i = 0; i < R * V; ++i) {
+            total[i] = vdupq_n_u64(0);
+            bytes[i] = vdupq_n_u8(0);
+        }
+        int pending = 0;
+        for (int t = 0; t < taps; ++t) {
+            const uint64_t* wt = panel + t * words * CONV_PANEL;
+            for (int64_t w = 0; w < words; ++w) {
+                uint64x2_t wv[V];
+                for (int j = 0; j < V; ++j) wv[j] = vld1q_u64(wt + (j / 4) * group_stride + w * CONV_PANEL + (j % 4) * 2);
+                for (int r = 0; r < R; ++r) {
+                    const uint64x2_t v = vdupq_n_u64(px[t * R + r][w]);
+                    for (int j = 0; j < V; ++j)
+                        bytes[r * V + j] = vaddq_u8(bytes[r * V + j], vcntq_u8(vreinterpretq_u8_u64(veorq_u64(v, wv[j]))));
+                }
+                if (++pending == 31) {  // byte counters: 31 * 8 <= 255
+                    for (int i = 0; i < R * V; ++i) {
+                        total[i] = vpadalq_u32(total[i], vpaddlq_u16(vpaddlq_u8(bytes[i])));
+                        bytes[i] = vdupq_n_u8(0);
+                    }
+                    pending = 0;
+                }
+            }
+        }
+        for (int i = 0; i < R * V; ++i) total[i] = vpadalq_u32(total[i], vpaddlq_u16(vpaddlq_u8(bytes[i])));
+        for (int r = 0; r < R; ++r)
+            if (r < rows)
+                for (int j = 0; j < V; ++j) vst1q_u64(reinterpret_cast<uint64_t*>(out + r * ldo + 2 * j), total[r * V + j]);
+    }
 };
 #endif  // LOWBIT_AARCH64
 
-// ---------------------------------------------------------------- blocked GEMM driver
+// ---------------------------------------------------------------- blocked drivers
+
+static_assert(NB == 64, "a block's columns fill exactly one word of packed output");
+
+// The epilogue of one output block: rows [m0, m1) x columns [n0, n1) of popcounts acc[(i - m0) * NB + j - n0].
+// Float NCHW output goes through a transposed block so that each channel's pixels are stored contiguously.
+void store_block(const int64_t* acc, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t n_rows, int64_t k,
+                 int32_t* out_i, float* out_f, uint64_t* out_bits, const Epilogue& ep) {
+    const int64_t cols = n1 - n0, p = ep.nchw_pixels;
+    const auto value = [&](int64_t j, int32_t dot) {
+        float v = static_cast<float>(dot);
+        if (ep.scale) v *= ep.scale[n0 + j];
+        if (ep.bias) v += ep.bias[n0 + j];
+        return v;
+    };
+    float values[NB * MB];
+    for (int64_t i = m0; i < m1; ++i) {
+        const int64_t* row = acc + (i - m0) * NB;
+        int32_t dot[NB];
+        for (int64_t j = 0; j < cols; ++j) dot[j] = static_cast<int32_t>(k - 2 * row[j]);
+        if (ep.correction) {
+            const int32_t* corr = ep.correction + (i % ep.correction_rows) * n_rows + n0;
+            for (int64_t j = 0; j < cols; ++j) dot[j] += corr[j];
+        }
+        if (out_bits) {
+            uint8_t set[NB] = {};
+            for (int64_t j = 0; j < cols; ++j) set[j] = ep.direction[n0 + j] * dot[j] >= ep.threshold[n0 + j];
+            uint64_t bits = 0;
+            static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "flag j is byte j % 8 of a loaded word");
+            for (int byte = 0; byte < NB / 8; ++byte) {  // 8 flags of 0/1 -> 8 bits: flag b is bit b of the top byte
+                uint64_t flags;
+                std::memcpy(&flags, set + 8 * byte, sizeof(flags));
+                bits |= ((flags * 0x0102040810204080ull) >> 56) << (8 * byte);
+            }
+            out_bits[i * ((n_rows + 63) / 64) + n0 / 64] = bits;
+        } else if (out_f && p > 0) {
+            for (int64_t j = 0; j < cols; ++j) values[j * MB + (i - m0)] = value(j, dot[j]);
+        } else if (out_f) {
+            for (int64_t j = 0; j < cols; ++j) out_f[i * n_rows + n0 + j] = value(j, dot[j]);
+        } else {
+            std::memcpy(out_i + i * n_rows + n0, dot, static_cast<size_t>(cols) * sizeof(int32_t));
+        }
+    }
+    if (!out_f || p == 0) return;
+    for (int64_t i = m0; i < m1;) {  // runs of pixels within one image
+        const int64_t image = i / p, run = std::min(m1, (image + 1) * p) - i;
+        for (int64_t j = 0; j < cols; ++j)
+            std::memcpy(out_f + (image * n_rows + n0 + j) * p + i % p, values + j * MB + (i - m0),
+                        static_cast<size_t>(run) * sizeof(float));
+        i += run;
+    }
+}
 
 template <class Isa>
 void gemm_blocked(const uint64_t* a, int64_t m_rows, const uint64_t* b, int64_t n_rows, int64_t words, int64_t k,
@@ -241,27 +431,56 @@ void gemm_blocked(const uint64_t* a, int64_t m_rows, const uint64_t* b, int64_t 
                 }
             }
         }
-        static_assert(NB == 64, "a block's columns fill exactly one word of packed output");
-        const int64_t out_words = (n_rows + 63) / 64;
-        for (int64_t i = m0; i < m1; ++i) {
-            const int32_t* corr = ep.correction ? ep.correction + (i % ep.correction_rows) * n_rows : nullptr;
-            uint64_t bits = 0;
-            for (int64_t j = n0; j < n1; ++j) {
-                int32_t dot = static_cast<int32_t>(k - 2 * acc[(i - m0) * NB + (j - n0)]);
-                if (corr) dot += corr[j];
-                if (out_bits) {
-                    bits |= static_cast<uint64_t>(ep.direction[j] * dot >= ep.threshold[j]) << (j - n0);
-                } else if (out_f) {
-                    float value = static_cast<float>(dot);
-                    if (ep.scale) value *= ep.scale[j];
-                    if (ep.bias) value += ep.bias[j];
-                    const int64_t p = ep.nchw_pixels;
-                    out_f[p > 0 ? ((i / p) * n_rows + j) * p + i % p : i * n_rows + j] = value;
-                } else {
-                    out_i[i * n_rows + j] = dot;
+        store_block(acc, m0, m1, n0, n1, n_rows, k, out_i, out_f, out_bits, ep);
+    }
+}
+
+// Direct convolution: output blocks of MB pixels x NB channels as in the GEMM; inside a block, tiles of CONV_R
+// pixels (the last tile of a block repeats its last pixel, computed but not stored) x CONV_G panel groups.
+template <class Isa>
+void conv_blocked(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t words, int kh, int kw, int sh,
+                  int sw, int ph, int pw, int64_t ho, int64_t wo, const uint64_t* panel, int64_t n_rows, int64_t k,
+                  int32_t* out_i, float* out_f, uint64_t* out_bits, const Epilogue& ep, int threads) {
+    constexpr int R = Isa::CONV_R, G = Isa::CONV_G;
+    const int taps = kh * kw;
+    const int64_t m_rows = batch * ho * wo, group_stride = taps * words * CONV_PANEL;
+    const int64_t m_blocks = (m_rows + MB - 1) / MB, n_blocks = (n_rows + NB - 1) / NB;
+    const int64_t jobs = m_blocks * n_blocks;
+    const std::vector<uint64_t> zeros(static_cast<size_t>(words), 0);  // a pixel in the padding
+    const bool parallel = threads > 1 && jobs > 1 && m_rows * n_rows * taps * words >= (int64_t{1} << 15);
+    (void)parallel;
+#pragma omp parallel num_threads(threads) if (parallel)
+    {
+        std::vector<const uint64_t*> px(static_cast<size_t>(taps) * R);
+        int64_t acc[MB * NB];
+#pragma omp for schedule(dynamic)
+        for (int64_t job = 0; job < jobs; ++job) {
+            const int64_t m0 = (job % m_blocks) * MB, n0 = (job / m_blocks) * NB;
+            const int64_t m1 = std::min(m_rows, m0 + MB), n1 = std::min(n_rows, n0 + NB);
+            const int64_t g0 = n0 / CONV_PANEL, g1 = (n1 + CONV_PANEL - 1) / CONV_PANEL;
+            for (int64_t i = m0; i < m1; i += R) {
+                const int rows = static_cast<int>(std::min<int64_t>(R, m1 - i));
+                for (int r = 0; r < R; ++r) {
+                    const int64_t m = i + std::min(r, rows - 1);
+                    const int64_t n = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+                    for (int ky = 0; ky < kh; ++ky) {
+                        const int64_t iy = oy * sh - ph + ky;
+                        for (int kx = 0; kx < kw; ++kx) {
+                            const int64_t ix = ox * sw - pw + kx;
+                            const bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
+                            px[(ky * kw + kx) * R + r] = inside ? x + ((n * h + iy) * w + ix) * words : zeros.data();
+                        }
+                    }
                 }
+                int64_t g = g0;
+                for (; g + G <= g1; g += G)
+                    Isa::template conv_tile<R, G>(px.data(), taps, words, panel + g * group_stride, group_stride, rows,
+                                                  acc + (i - m0) * NB + (g * CONV_PANEL - n0), NB);
+                for (; g < g1; ++g)
+                    Isa::template conv_tile<R, 1>(px.data(), taps, words, panel + g * group_stride, group_stride, rows,
+                                                  acc + (i - m0) * NB + (g * CONV_PANEL - n0), NB);
             }
-            if (out_bits) out_bits[i * out_words + n0 / 64] = bits;
+            store_block(acc, m0, m1, n0, n1, n_rows, k, out_i, out_f, out_bits, ep);
         }
     }
 }
@@ -384,28 +603,34 @@ void binary_gemm(const uint64_t* a, int64_t m_rows, const uint64_t* b, int64_t n
     }
 }
 
-void im2col_packed(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t words, int kh, int kw, int sh,
-                   int sw, int ph, int pw, int64_t ho, int64_t wo, uint64_t* out, int threads) {
-    const int64_t row_words = int64_t{kh} * kw * words;
-    const int64_t rows = batch * ho * wo;
+void binary_conv(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t words, int kh, int kw, int sh,
+                 int sw, int ph, int pw, int64_t ho, int64_t wo, const uint64_t* panel, int64_t out_channels,
+                 int64_t k, int32_t* out_i, float* out_f, uint64_t* out_bits, const Epilogue& epilogue, int kernel,
+                 int threads) {
     threads = resolve_threads(threads);
-    const bool parallel = threads > 1 && rows * row_words >= (int64_t{1} << 16);
-    (void)parallel;
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = r / (ho * wo), oy = (r / wo) % ho, ox = r % wo;
-        uint64_t* dst = out + r * row_words;
-        for (int ky = 0; ky < kh; ++ky) {
-            const int64_t iy = oy * sh - ph + ky;
-            for (int kx = 0; kx < kw; ++kx, dst += words) {
-                const int64_t ix = ox * sw - pw + kx;
-                if (iy < 0 || iy >= h || ix < 0 || ix >= w)
-                    std::memset(dst, 0, static_cast<size_t>(words) * sizeof(uint64_t));
-                else
-                    std::memcpy(dst, x + ((n * h + iy) * w + ix) * words, static_cast<size_t>(words) * sizeof(uint64_t));
-            }
-        }
+#define LOWBIT_CONV(ISA)                                                                                            \
+    conv_blocked<ISA>(x, batch, h, w, words, kh, kw, sh, sw, ph, pw, ho, wo, panel, out_channels, k, out_i, out_f, \
+                      out_bits, epilogue, threads)
+    switch (kernel) {
+#ifdef LOWBIT_X86
+        case KERNEL_AVX512:
+            return LOWBIT_CONV(Avx512);
+        case KERNEL_AVX2:
+            return LOWBIT_CONV(Avx2);
+        default:
+            if (__builtin_cpu_supports("popcnt")) return LOWBIT_CONV(ScalarPopcnt);
+            return LOWBIT_CONV(Portable);
+#elif defined(LOWBIT_AARCH64)
+        case KERNEL_NEON:
+            return LOWBIT_CONV(Neon);
+        default:
+            return LOWBIT_CONV(Portable);
+#else
+        default:
+            return LOWBIT_CONV(Portable);
+#endif
     }
+#undef LOWBIT_CONV
 }
 
 void pack_signs_nchw(const float* x, int64_t batch, int64_t channels, int64_t pixels, uint64_t* out, int threads) {

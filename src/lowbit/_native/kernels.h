@@ -51,9 +51,18 @@ void max_pool_packed(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int
                      int sw, int ph, int pw, int64_t ho, int64_t wo, const uint64_t* and_mask, uint64_t* out,
                      int threads);
 
-// Bit-packed im2col: x[batch, h, w, words] (channel words per pixel) -> out[batch * ho * wo, kh * kw * words],
-// kernel position (y, x) at words [(y * kw + x) * words, ...); pixels in the padding are zero words.
-void im2col_packed(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t words, int kh, int kw, int sh,
-                   int sw, int ph, int pw, int64_t ho, int64_t wo, uint64_t* out, int threads);
+// Output channels per group of a conv weight panel: panel[g, t, l] is word t of the packed weight row of output
+// channel 8 g + l (rows as binary_gemm's B: kernel position (y, x) at words [(y * kw + x) * words, ...)), the
+// channels past the last one all-zero words.
+constexpr int64_t CONV_PANEL = 8;
+
+// Direct binary convolution of pixel words x[batch, h, w, words] (channel c is bit c % 64 of word c / 64, zero
+// tail) with a weight panel[ceil(out_channels / 8), kh * kw * words, 8]: the binary GEMM of the bit-packed im2col
+// rows (pixels in the padding are zero words) against the weight rows, computed without forming those rows, with
+// the output pixels (n, oy, ox) as GEMM rows, written through binary_gemm's epilogue (k = kh * kw * channels).
+void binary_conv(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t words, int kh, int kw, int sh,
+                 int sw, int ph, int pw, int64_t ho, int64_t wo, const uint64_t* panel, int64_t out_channels,
+                 int64_t k, int32_t* out_i, float* out_f, uint64_t* out_bits, const Epilogue& epilogue, int kernel,
+                 int threads);
 
 }  // namespace lowbit

@@ -128,6 +128,65 @@ bool channel_vector(PyObject* obj, View& v, char kind, Py_ssize_t n, const char*
     return true;
 }
 
+bool fail(const char* message) {
+    PyErr_SetString(PyExc_ValueError, message);
+    return false;
+}
+
+// The output and epilogue buffers of a GEMM with m rows and n columns, held for the kernel call.
+struct Output {
+    View out, scale, bias, corr, thr, dir;
+    char kind = 0;  // 'i' int32, 'f' float32, 'u' packed signs
+    lowbit::Epilogue epilogue;
+
+    int32_t* ints() const { return kind == 'i' ? static_cast<int32_t*>(out.view.buf) : nullptr; }
+    float* floats() const { return kind == 'f' ? static_cast<float*>(out.view.buf) : nullptr; }
+    uint64_t* bits() const { return kind == 'u' ? static_cast<uint64_t*>(out.view.buf) : nullptr; }
+};
+
+// Validate out (int32 [m, n], float32 [m, n] or as many values for NCHW, uint64 [m, ceil(n / 64)]) and the
+// epilogue's vectors, as lowbit::Epilogue describes them; false with an exception set when one is wrong.
+bool parse_output(Output& o, Py_ssize_t m, Py_ssize_t n, long long nchw_pixels, PyObject* out_obj, PyObject* scale_obj,
+                  PyObject* bias_obj, PyObject* corr_obj, PyObject* thr_obj, PyObject* dir_obj) {
+    o.kind = out_kind(out_obj);
+    if (!get_view(out_obj, o.out, o.kind ? o.kind : 'i', o.kind == 'u' ? 8 : 4, 2, true, "out")) return false;
+    lowbit::Epilogue& ep = o.epilogue;
+    if (o.kind == 'u') {
+        if (o.out.view.shape[0] != m || o.out.view.shape[1] != (n + 63) / 64)
+            return fail("a uint64 out must have shape [a rows, ceil(b rows / 64)]");
+        if (thr_obj == Py_None || dir_obj == Py_None) return fail("a uint64 out needs threshold and direction");
+        if (!channel_vector(thr_obj, o.thr, 'i', n, "threshold") || !channel_vector(dir_obj, o.dir, 'i', n, "direction"))
+            return false;
+        ep.threshold = static_cast<const int32_t*>(o.thr.view.buf);
+        ep.direction = static_cast<const int32_t*>(o.dir.view.buf);
+    } else {
+        if (o.out.view.shape[0] * o.out.view.shape[1] != m * n ||
+            (nchw_pixels == 0 && (o.out.view.shape[0] != m || o.out.view.shape[1] != n)))
+            return fail("out must have shape [a rows, b rows] (or hold as many values for NCHW)");
+        if (thr_obj != Py_None || dir_obj != Py_None) return fail("threshold and direction need a uint64 out");
+    }
+    if (nchw_pixels < 0 || (nchw_pixels > 0 && (o.kind != 'f' || m % nchw_pixels != 0)))
+        return fail("nchw_pixels must be 0 or divide a rows, with a float32 out");
+    ep.nchw_pixels = nchw_pixels;
+    if (scale_obj != Py_None) {
+        if (!channel_vector(scale_obj, o.scale, 'f', n, "scale")) return false;
+        ep.scale = static_cast<const float*>(o.scale.view.buf);
+    }
+    if (bias_obj != Py_None) {
+        if (!channel_vector(bias_obj, o.bias, 'f', n, "bias")) return false;
+        ep.bias = static_cast<const float*>(o.bias.view.buf);
+    }
+    if (corr_obj != Py_None) {
+        if (!get_view(corr_obj, o.corr, 'i', 4, 2, false, "correction")) return false;
+        if (o.corr.view.shape[0] < 1 || o.corr.view.shape[1] != n)
+            return fail("correction must have shape [rows >= 1, b rows]");
+        ep.correction = static_cast<const int32_t*>(o.corr.view.buf);
+        ep.correction_rows = o.corr.view.shape[0];
+    }
+    if (o.kind != 'f' && (ep.scale || ep.bias)) return fail("scale and bias need a float32 out");
+    return true;
+}
+
 PyObject* py_gemm(PyObject*, PyObject* args) {
     PyObject *a_obj, *b_obj, *out_obj, *scale_obj, *bias_obj, *corr_obj, *thr_obj, *dir_obj;
     long long k, nchw_pixels;
@@ -135,7 +194,7 @@ PyObject* py_gemm(PyObject*, PyObject* args) {
     if (!PyArg_ParseTuple(args, "OOLOiiOOOLOO", &a_obj, &b_obj, &k, &out_obj, &kernel, &threads, &scale_obj, &bias_obj,
                           &corr_obj, &nchw_pixels, &thr_obj, &dir_obj))
         return nullptr;
-    View a, b, out, scale, bias, corr, thr, dir;
+    View a, b;
     if (!get_view(a_obj, a, 'u', 8, 2, false, "a") || !get_view(b_obj, b, 'u', 8, 2, false, "b")) return nullptr;
     if (!check_kernel(kernel, threads)) return nullptr;
     const Py_ssize_t m = a.view.shape[0], n = b.view.shape[0], words = a.view.shape[1];
@@ -143,50 +202,11 @@ PyObject* py_gemm(PyObject*, PyObject* args) {
         PyErr_SetString(PyExc_ValueError, "a and b must have the same words per row, 1 <= k <= 64 * words");
         return nullptr;
     }
-    const char kind = out_kind(out_obj);
-    if (!get_view(out_obj, out, kind ? kind : 'i', kind == 'u' ? 8 : 4, 2, true, "out")) return nullptr;
-    lowbit::Epilogue epilogue;
-    if (kind == 'u') {
-        if (out.view.shape[0] != m || out.view.shape[1] != (n + 63) / 64)
-            return PyErr_Format(PyExc_ValueError, "a uint64 out must have shape [a rows, ceil(b rows / 64)]");
-        if (thr_obj == Py_None || dir_obj == Py_None)
-            return PyErr_Format(PyExc_ValueError, "a uint64 out needs threshold and direction");
-        if (!channel_vector(thr_obj, thr, 'i', n, "threshold") || !channel_vector(dir_obj, dir, 'i', n, "direction"))
-            return nullptr;
-        epilogue.threshold = static_cast<const int32_t*>(thr.view.buf);
-        epilogue.direction = static_cast<const int32_t*>(dir.view.buf);
-    } else {
-        if (out.view.shape[0] * out.view.shape[1] != m * n ||
-            (nchw_pixels == 0 && (out.view.shape[0] != m || out.view.shape[1] != n)))
-            return PyErr_Format(PyExc_ValueError, "out must have shape [a rows, b rows] (or hold as many values for NCHW)");
-        if (thr_obj != Py_None || dir_obj != Py_None)
-            return PyErr_Format(PyExc_ValueError, "threshold and direction need a uint64 out");
-    }
-    if (nchw_pixels < 0 || (nchw_pixels > 0 && (kind != 'f' || m % nchw_pixels != 0)))
-        return PyErr_Format(PyExc_ValueError, "nchw_pixels must be 0 or divide a rows, with a float32 out");
-    epilogue.nchw_pixels = nchw_pixels;
-    if (scale_obj != Py_None) {
-        if (!channel_vector(scale_obj, scale, 'f', n, "scale")) return nullptr;
-        epilogue.scale = static_cast<const float*>(scale.view.buf);
-    }
-    if (bias_obj != Py_None) {
-        if (!channel_vector(bias_obj, bias, 'f', n, "bias")) return nullptr;
-        epilogue.bias = static_cast<const float*>(bias.view.buf);
-    }
-    if (corr_obj != Py_None) {
-        if (!get_view(corr_obj, corr, 'i', 4, 2, false, "correction")) return nullptr;
-        if (corr.view.shape[0] < 1 || corr.view.shape[1] != n)
-            return PyErr_Format(PyExc_ValueError, "correction must have shape [rows >= 1, b rows]");
-        epilogue.correction = static_cast<const int32_t*>(corr.view.buf);
-        epilogue.correction_rows = corr.view.shape[0];
-    }
-    if (kind != 'f' && (epilogue.scale || epilogue.bias))
-        return PyErr_Format(PyExc_ValueError, "scale and bias need a float32 out");
+    Output o;
+    if (!parse_output(o, m, n, nchw_pixels, out_obj, scale_obj, bias_obj, corr_obj, thr_obj, dir_obj)) return nullptr;
     Py_BEGIN_ALLOW_THREADS
     lowbit::binary_gemm(static_cast<const uint64_t*>(a.view.buf), m, static_cast<const uint64_t*>(b.view.buf), n, words, k,
-                        kind == 'i' ? static_cast<int32_t*>(out.view.buf) : nullptr,
-                        kind == 'f' ? static_cast<float*>(out.view.buf) : nullptr,
-                        kind == 'u' ? static_cast<uint64_t*>(out.view.buf) : nullptr, epilogue, kernel, threads);
+                        o.ints(), o.floats(), o.bits(), o.epilogue, kernel, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -250,20 +270,35 @@ PyObject* py_max_pool(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
-PyObject* py_im2col(PyObject*, PyObject* args) {
-    PyObject *x_obj, *out_obj;
-    int kh, kw, sh, sw, ph, pw, threads;
-    if (!PyArg_ParseTuple(args, "O(ii)(ii)(ii)Oi", &x_obj, &kh, &kw, &sh, &sw, &ph, &pw, &out_obj, &threads)) return nullptr;
-    View x, out;
-    if (!get_view(x_obj, x, 'u', 8, 4, false, "x") || !get_view(out_obj, out, 'u', 8, 2, true, "out")) return nullptr;
+PyObject* py_conv(PyObject*, PyObject* args) {
+    PyObject *x_obj, *panel_obj, *out_obj, *scale_obj, *bias_obj, *corr_obj, *thr_obj, *dir_obj;
+    int kh, kw, sh, sw, ph, pw, kernel, threads;
+    long long out_channels, k;
+    if (!PyArg_ParseTuple(args, "OO(ii)(ii)(ii)LLOiiOOOOO", &x_obj, &panel_obj, &kh, &kw, &sh, &sw, &ph, &pw,
+                          &out_channels, &k, &out_obj, &kernel, &threads, &scale_obj, &bias_obj, &corr_obj, &thr_obj,
+                          &dir_obj))
+        return nullptr;
+    View x, panel;
+    if (!get_view(x_obj, x, 'u', 8, 4, false, "x") || !get_view(panel_obj, panel, 'u', 8, 3, false, "panel"))
+        return nullptr;
+    if (!check_kernel(kernel, threads)) return nullptr;
     Py_ssize_t ho, wo;
     if (!window_output(x, kh, kw, sh, sw, ph, pw, threads, ho, wo)) return nullptr;
     const Py_ssize_t batch = x.view.shape[0], h = x.view.shape[1], w = x.view.shape[2], words = x.view.shape[3];
-    if (out.view.shape[0] != batch * ho * wo || out.view.shape[1] != static_cast<Py_ssize_t>(kh) * kw * words)
-        return PyErr_Format(PyExc_ValueError, "out must have shape [batch * ho * wo, kh * kw * words]");
+    const long long row_words = static_cast<long long>(kh) * kw * words;
+    if (out_channels < 1 || panel.view.shape[0] != (out_channels + lowbit::CONV_PANEL - 1) / lowbit::CONV_PANEL ||
+        panel.view.shape[1] != row_words || panel.view.shape[2] != lowbit::CONV_PANEL)
+        return PyErr_Format(PyExc_ValueError, "panel must have shape [ceil(out_channels / 8), kh * kw * words, 8]");
+    if (k < 1 || k > 64 * row_words) return PyErr_Format(PyExc_ValueError, "k must be in 1 .. 64 * kh * kw * words");
+    Output o;
+    const Py_ssize_t m = batch * ho * wo;
+    if (!parse_output(o, m, out_channels, out_kind(out_obj) == 'f' ? ho * wo : 0, out_obj, scale_obj, bias_obj, corr_obj,
+                      thr_obj, dir_obj))
+        return nullptr;
     Py_BEGIN_ALLOW_THREADS
-    lowbit::im2col_packed(static_cast<const uint64_t*>(x.view.buf), batch, h, w, words, kh, kw, sh, sw, ph, pw, ho, wo,
-                          static_cast<uint64_t*>(out.view.buf), threads);
+    lowbit::binary_conv(static_cast<const uint64_t*>(x.view.buf), batch, h, w, words, kh, kw, sh, sw, ph, pw, ho, wo,
+                        static_cast<const uint64_t*>(panel.view.buf), out_channels, k, o.ints(), o.floats(), o.bits(),
+                        o.epilogue, kernel, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -278,7 +313,10 @@ PyMethodDef methods[] = {
     {"pack_nchw", py_pack_nchw, METH_VARARGS, "pack_nchw(x f32[N, C, H, W], out u64[N, H, W, ceil(C/64)], threads)"},
     {"max_pool", py_max_pool, METH_VARARGS,
      "max_pool(x u64[N, H, W, words], (kh, kw), (sh, sw), (ph, pw), and_mask u64[words], out, threads)"},
-    {"im2col", py_im2col, METH_VARARGS, "im2col(x u64[N, H, W, words], (kh, kw), (sh, sw), (ph, pw), out, threads)"},
+    {"conv", py_conv, METH_VARARGS,
+     "conv(x u64[N, H, W, words], panel u64[ceil(O/8), kh*kw*words, 8], (kh, kw), (sh, sw), (ph, pw), O, k, "
+     "out i32[N*Ho*Wo, O]|f32 NCHW [N*O, Ho*Wo]|u64[N*Ho*Wo, ceil(O/64)], kernel, threads, scale|None, bias|None, "
+     "correction|None, threshold|None, direction|None)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

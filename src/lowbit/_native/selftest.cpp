@@ -1,5 +1,5 @@
-// Standalone check of the kernels against a naive +-1 reference (no Python); scripts/test-aarch64.sh runs it
-// under qemu-user. Exit status 0 when every supported kernel agrees on every shape.
+// Standalone check of the GEMM and direct conv kernels against a naive +-1 reference (no Python);
+// scripts/test-aarch64.sh runs it under qemu-user. Exit status 0 when every supported kernel agrees on every shape.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -37,6 +37,51 @@ int main() {
                 ++failures;
                 std::printf("FAIL %s m=%lld n=%lld k=%lld\n", lowbit::kernel_name(kernel), (long long)m, (long long)n,
                             (long long)k);
+            }
+        }
+    }
+    // direct conv: {batch, channels, h, w, out channels, kh, kw, stride, padding}; a pixel in the padding is a zero
+    // word (-1 values: the Python layer adds its correction), channels past C are zero bits in x and weights
+    const int conv_shapes[][9] = {{2, 70, 7, 9, 13, 3, 3, 1, 1}, {1, 130, 5, 6, 70, 3, 3, 2, 2}, {3, 5, 4, 4, 8, 2, 3, 1, 0},
+                                  {1, 2050, 3, 3, 9, 1, 1, 1, 0}, {1, 256, 6, 6, 66, 3, 3, 1, 1}};
+    for (const auto& c : conv_shapes) {
+        const int64_t batch = c[0], ch = c[1], h = c[2], w = c[3], out_ch = c[4];
+        const int kh = c[5], kw = c[6], stride = c[7], pad = c[8];
+        const int64_t words = (ch + 63) / 64, ho = (h + 2 * pad - kh) / stride + 1, wo = (w + 2 * pad - kw) / stride + 1;
+        const int64_t row_words = kh * kw * words, groups = (out_ch + lowbit::CONV_PANEL - 1) / lowbit::CONV_PANEL;
+        std::vector<float> x(batch * h * w * ch), wt(out_ch * kh * kw * ch);  // NHWC input, weight [o][y][x][c]
+        for (float& v : x) v = normal(rng);
+        for (float& v : wt) v = normal(rng);
+        std::vector<uint64_t> px(batch * h * w * words), rows(out_ch * row_words), panel(groups * row_words * lowbit::CONV_PANEL, 0);
+        lowbit::pack_signs_f32(x.data(), batch * h * w, ch, px.data(), lowbit::KERNEL_SCALAR, 1);
+        lowbit::pack_signs_f32(wt.data(), out_ch * kh * kw, ch, rows.data(), lowbit::KERNEL_SCALAR, 1);
+        for (int64_t o = 0; o < out_ch; ++o)
+            for (int64_t t = 0; t < row_words; ++t)
+                panel[((o / lowbit::CONV_PANEL) * row_words + t) * lowbit::CONV_PANEL + o % lowbit::CONV_PANEL] = rows[o * row_words + t];
+        std::vector<int32_t> expected(batch * ho * wo * out_ch);
+        for (int64_t m = 0; m < batch * ho * wo; ++m)
+            for (int64_t o = 0; o < out_ch; ++o) {
+                const int64_t n = m / (ho * wo), oy = (m / wo) % ho, ox = m % wo;
+                int32_t dot = 0;
+                for (int ky = 0; ky < kh; ++ky)
+                    for (int kx = 0; kx < kw; ++kx)
+                        for (int64_t i = 0; i < ch; ++i) {
+                            const int64_t iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
+                            const bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
+                            const int xs = inside && x[((n * h + iy) * w + ix) * ch + i] >= 0 ? 1 : -1;
+                            dot += xs * (wt[((o * kh + ky) * kw + kx) * ch + i] >= 0 ? 1 : -1);
+                        }
+                expected[m * out_ch + o] = dot;
+            }
+        for (int kernel = 0; kernel < lowbit::KERNEL_COUNT; ++kernel) {
+            if (!lowbit::kernel_supported(kernel)) continue;
+            std::vector<int32_t> got(expected.size());
+            lowbit::binary_conv(px.data(), batch, h, w, words, kh, kw, stride, stride, pad, pad, ho, wo, panel.data(),
+                                out_ch, kh * kw * ch, got.data(), nullptr, nullptr, lowbit::Epilogue{}, kernel, 2);
+            ++checks;
+            if (got != expected) {
+                ++failures;
+                std::printf("FAIL conv %s c=%lld o=%lld\n", lowbit::kernel_name(kernel), (long long)ch, (long long)out_ch);
             }
         }
     }

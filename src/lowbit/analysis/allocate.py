@@ -8,16 +8,26 @@ then a multiple-choice knapsack,
 
     minimise  sum_i loss_i(b_i)   subject to   other_bytes + sum_i bytes_i(b_i) <= budget,
 
-solved exactly by dynamic programming over sizes (not by the paper's closed
+where ``loss_i`` is :meth:`SensitivityTable.cost`: the layer's measure made
+non-increasing in bits (isotonic fit) and clipped at 0. Among the choices of
+least total loss the one of *largest* total size is returned, so the budget is
+spent: measures near float accuracy are flat or zero, and the cheapest of
+several equal predictions leaves bytes that more bits would use at no
+predicted cost. Total losses within a relative ``TIE_RTOL`` of the least (the
+rounding of float sums) count as equal.
+
+Solved exactly by dynamic programming over sizes (not by the paper's closed
 form, which assumes a continuous bit width): ``best_c`` = the least total
-loss of the layers so far with at most ``c`` size units,
-``best'_c = min_b best_{c - u_i(b)} + loss_i(b)``. A size unit is
-``granularity`` bytes, 1 by default, so the optimum is exact; when the
-budget would need more than ``max_states`` units the granularity grows to
-``ceil(budget / max_states)``. Each layer's bytes are rounded *up* to whole
-units, so the chosen widths always fit the budget (the optimum is then exact
-for the rounded sizes). ``bytes_i(b)`` is the layer's size by the summary
-byte rule, so the predicted size equals ``lowbit.summary(quantized).total_bytes``.
+loss of the layers so far taking exactly ``c`` size units (infinite when no
+choice does), ``best'_c = min_b best_{c - u_i(b)} + loss_i(b)``; the answer
+is the largest ``c`` within the capacity whose ``best_c`` ties the least.
+A size unit is ``granularity`` bytes, 1 by default, so the optimum is exact;
+when the budget would need more than ``max_states`` units the granularity
+grows to ``ceil(budget / max_states)``. Each layer's bytes are rounded *up*
+to whole units, so the chosen widths always fit the budget (the optimum and
+the tie-break are then exact for the rounded sizes). ``bytes_i(b)`` is the
+layer's size by the summary byte rule, so the predicted size equals
+``lowbit.summary(quantized).total_bytes``.
 
 The dual, :func:`allocate_for_loss`, reads the same table of least losses:
 the smallest size whose least loss is at most ``max_loss``.
@@ -36,6 +46,8 @@ from .sensitivity import OBJECTIVES, SensitivityTable, layer_config
 
 #: the most size units the dynamic programme keeps before coarsening its granularity
 MAX_STATES = 1 << 22
+#: total predicted losses within this relative distance of the least are ties (broken toward more bytes)
+TIE_RTOL = 1e-9
 
 
 @dataclass
@@ -85,17 +97,19 @@ def _problem(table: SensitivityTable, objective: str) -> _Problem:
         raise ConfigError("the sensitivity table is empty; measure at least one layer and one bit width")
     problem = _Problem(table.layers, [], [], [])
     for name in table.layers:
+        costs = table.costs(name, objective)
         order = sorted(table.bits, key=lambda b: (table.row(name, b).bytes, b))
-        loss = np.array([table.cost(name, b, objective) for b in order], dtype=np.float64)
         problem.bits.append(order)
         problem.sizes.append(np.array([table.row(name, b).bytes for b in order], dtype=np.int64))
-        problem.losses.append(loss)
+        problem.losses.append(np.array([costs[b] for b in order], dtype=np.float64))
     return problem
 
 
 def _least_losses(problem: _Problem, capacity: int, unit: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """``best[c]``: least total loss within ``c`` units, and per layer the choice index reaching it."""
-    best = np.zeros(capacity + 1)
+    """``best[c]``: least total loss of choices taking exactly ``c`` units (inf if none), and per layer
+    the choice index reaching it."""
+    best = np.full(capacity + 1, np.inf)
+    best[0] = 0.0
     choices = []
     for sizes, losses in zip(problem.sizes, problem.losses):
         units = -(-sizes // unit)  # ceil: rounded up, so a fit in units is a fit in bytes
@@ -105,12 +119,18 @@ def _least_losses(problem: _Problem, capacity: int, unit: int) -> tuple[np.ndarr
             if u > capacity:
                 continue
             candidate = best[: capacity + 1 - u] + loss
-            better = candidate < new[u:]  # strict: among equal losses the smaller size (earlier j) stays
+            better = candidate < new[u:]
             new[u:][better] = candidate[better]
             choice[u:][better] = j
         best = new
         choices.append(choice)
     return best, choices
+
+
+def _fullest_of_least(best: np.ndarray) -> int:
+    """The largest number of units whose least loss ties the overall least (within ``TIE_RTOL``)."""
+    least = float(np.min(best))
+    return int(np.flatnonzero(best <= least + TIE_RTOL * abs(least))[-1])
 
 
 def _backtrack(problem: _Problem, choices: list[np.ndarray], c: int, unit: int) -> dict[str, int]:
@@ -150,11 +170,12 @@ def allocate_bits(
     granularity: int | None = None,
     max_states: int = MAX_STATES,
 ) -> Allocation:
-    """Per-layer bits of least predicted ``objective`` whose total size is at most ``budget_bytes``.
+    """Per-layer bits of least predicted ``objective`` whose total size is at most ``budget_bytes``;
+    of several with the least, the largest.
 
     Exact multiple-choice knapsack by dynamic programming over sizes; see the
-    module docstring for the units and their rounding. Raises ConfigError
-    when even the smallest bit widths exceed the budget.
+    module docstring for the costs, the tie-break, the units and their
+    rounding. Raises ConfigError when even the smallest bit widths exceed the budget.
     """
     problem = _problem(table, objective)
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int):
@@ -166,10 +187,10 @@ def allocate_bits(
     available = budget_bytes - table.other_bytes
     unit = _granularity(available, granularity, max_states)
     best, choices = _least_losses(problem, available // unit, unit)
-    if not np.isfinite(best[-1]):
+    if not np.isfinite(best).any():
         raise ConfigError(f"no choice fits {budget_bytes:,} bytes at a granularity of {unit} bytes "
                           f"(sizes are rounded up to whole units); pass granularity=1")
-    bits = _backtrack(problem, choices, available // unit, unit)
+    bits = _backtrack(problem, choices, _fullest_of_least(best), unit)
     return _result(table, bits, objective, unit, budget_bytes=budget_bytes)
 
 
@@ -192,7 +213,7 @@ def allocate_for_loss(
         raise ConfigError(f"max_loss must be a finite number >= 0, got {max_loss!r}")
     largest = sum(int(sizes[-1]) for sizes in problem.sizes)
     unit = _granularity(largest, granularity, max_states)
-    best, choices = _least_losses(problem, -(-largest // unit), unit)
+    best, choices = _least_losses(problem, sum(-(-int(sizes[-1]) // unit) for sizes in problem.sizes), unit)
     fits = np.flatnonzero(best <= max_loss)
     if len(fits) == 0:
         raise ConfigError(f"no choice of bit widths keeps the predicted {objective} within {max_loss}; "

@@ -12,9 +12,11 @@ sign(0) = +1.
 
 Convolution layout: NCHW float in and out (as torch). Inside, the input's
 sign bits are packed straight from NCHW into per-pixel channel words (NHWC
-words), a bit-packed im2col gathers each output position's kernel window,
-one binary GEMM against the packed weight rows gives every output channel,
-and its epilogue writes NCHW. ``forward_packed`` takes and (with a folded
+words) and a direct convolution (:func:`lowbit.runtime.kernels.conv`: the
+binary GEMM of the bit-packed im2col rows against the packed weight rows,
+without forming those rows; the weights laid out once as a panel of 8
+output channels side by side) gives every output channel through the GEMM
+epilogue, which writes NCHW. ``forward_packed`` takes and (with a folded
 :class:`~lowbit.runtime.threshold.Threshold`) returns packed pixel words
 ``[N, H, W, ceil(C / 64)]``, so activations stay packed between binary layers.
 
@@ -31,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .kernels import (WORD_BITS, check_array, check_threads, gemm, im2col, pack_nchw, pack_signs, pack_weight_rows,
-                      select_kernel, unpack_signs)
+from .kernels import (WORD_BITS, check_array, check_threads, conv, conv_panel, gemm, pack_nchw, pack_signs,
+                      pack_weight_rows, select_kernel, unpack_signs)
 from .threshold import Threshold
 
 
@@ -99,23 +101,16 @@ class BinaryLinear:
 
 
 def _gemm_out(bits: np.ndarray, rows: np.ndarray, k: int, kernel: str, threads: int, scale: np.ndarray | None,
-              bias: np.ndarray | None, threshold: Threshold | None, correction: np.ndarray | None = None,
-              nchw: tuple[int, int, int] | None = None) -> np.ndarray:
-    """One binary GEMM of packed input rows against weight rows: float32 (``[M, O]`` or NCHW ``(N, Ho, Wo)``),
-    or packed signs ``[M, ceil(O / 64)]`` through a folded threshold."""
+              bias: np.ndarray | None, threshold: Threshold | None) -> np.ndarray:
+    """One binary GEMM of packed input rows against weight rows: float32 ``[M, O]``, or packed signs
+    ``[M, ceil(O / 64)]`` through a folded threshold."""
     m, o = bits.shape[0], rows.shape[0]
     if threshold is not None:
         out = np.empty((m, (o + WORD_BITS - 1) // WORD_BITS), dtype=np.uint64)
-        gemm(bits, rows, k, out, kernel, threads, correction=correction, threshold=threshold.threshold,
-             direction=threshold.direction)
+        gemm(bits, rows, k, out, kernel, threads, threshold=threshold.threshold, direction=threshold.direction)
         return out
-    if nchw is None:
-        out = np.empty((m, o), dtype=np.float32)
-        gemm(bits, rows, k, out, kernel, threads, scale, bias, correction)
-        return out
-    n, ho, wo = nchw
-    out = np.empty((n, o, ho, wo), dtype=np.float32)
-    gemm(bits, rows, k, out.reshape(n * o, ho * wo), kernel, threads, scale, bias, correction, nchw_pixels=ho * wo)
+    out = np.empty((m, o), dtype=np.float32)
+    gemm(bits, rows, k, out, kernel, threads, scale, bias)
     return out
 
 
@@ -132,6 +127,7 @@ class BinaryConv2d:
         self.stride = _pair(stride, "stride", 1)
         self.padding = _pair(padding, "padding", 0)
         self.rows = pack_weight_rows(bits)
+        self.panel = conv_panel(self.rows)
         #: S[o, y, x]: the sum of the +-1 weights over the input channels at each kernel position
         self.position_sums = (2 * bits.sum(axis=1, dtype=np.int64) - self.in_channels).astype(np.int32)
         self.scale = _channel_vector(scale, self.out_channels, "scale")
@@ -177,11 +173,18 @@ class BinaryConv2d:
             raise ConfigError(f"packed binary conv input has {words} words per pixel, the layer's "
                               f"{self.in_channels} channels take {(self.in_channels + WORD_BITS - 1) // WORD_BITS}")
         ho, wo = self.output_size(h, w)
-        cols = im2col(bits, self.kernel_size, self.stride, self.padding, kernel, threads)
         k = self.kernel_size[0] * self.kernel_size[1] * self.in_channels
-        out = _gemm_out(cols, self.rows, k, kernel, threads, self.scale, self.bias, threshold, self.correction(h, w),
-                        (n, ho, wo))
-        return out.reshape(n, ho, wo, -1) if threshold is not None else out
+        o, correction = self.out_channels, self.correction(h, w)
+        geometry = (self.kernel_size, self.stride, self.padding)
+        if threshold is not None:
+            out = np.empty((n, ho, wo, (o + WORD_BITS - 1) // WORD_BITS), dtype=np.uint64)
+            conv(bits, self.rows, self.panel, k, *geometry, out.reshape(n * ho * wo, -1), kernel, threads,
+                 correction=correction, threshold=threshold.threshold, direction=threshold.direction)
+            return out
+        out = np.empty((n, o, ho, wo), dtype=np.float32)
+        conv(bits, self.rows, self.panel, k, *geometry, out.reshape(n * o, ho * wo), kernel, threads, self.scale,
+             self.bias, correction)
+        return out
 
 
 def binary_conv2d(x: np.ndarray, weight: np.ndarray, stride: int | tuple[int, int] = 1,

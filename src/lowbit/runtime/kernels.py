@@ -206,20 +206,51 @@ def max_pool_packed(bits: np.ndarray, kernel_size: tuple[int, int], stride: tupl
     return (any_ & ~and_mask) | (all_ & and_mask)
 
 
-def im2col(bits: np.ndarray, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-           kernel: str, threads: int) -> np.ndarray:
-    """Bit-packed im2col: pixel words ``[N, H, W, words]`` -> rows ``[N Ho Wo, kh kw words]`` (padding: zero words)."""
+def im2col(bits: np.ndarray, kernel_size: tuple[int, int], stride: tuple[int, int],
+           padding: tuple[int, int]) -> np.ndarray:
+    """Bit-packed im2col (numpy): pixel words ``[N, H, W, words]`` -> rows ``[N Ho Wo, kh kw words]``, kernel
+    position ``(y, x)`` at words ``[(y kw + x) words, ...)``; pixels in the padding are zero words."""
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     n, h, w, words = bits.shape
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    if kernel != "numpy":
-        out = np.empty((n * ho * wo, kh * kw * words), dtype=np.uint64)
-        native.im2col(bits, (kh, kw), (sh, sw), (ph, pw), out, threads)
-        return out
     padded = np.zeros((n, h + 2 * ph, w + 2 * pw, words), dtype=np.uint64)
     padded[:, ph : ph + h, pw : pw + w] = bits
     windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw][:, :ho, :wo]
     return np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3)).reshape(n * ho * wo, kh * kw * words)
+
+
+#: output channels per group of a conv weight panel (the native module's CONV_PANEL)
+PANEL_CHANNELS = 8
+
+
+def conv_panel(rows: np.ndarray) -> np.ndarray:
+    """Weight rows ``[O, words]`` as the panel the direct conv reads, ``[ceil(O / 8), words, 8]``: word ``t`` of
+    output channel ``8 g + l`` at ``[g, t, l]``, zero words for the channels past ``O``."""
+    o, words = rows.shape
+    groups = -(-o // PANEL_CHANNELS)
+    padded = np.zeros((groups * PANEL_CHANNELS, words), dtype=np.uint64)
+    padded[:o] = rows
+    return np.ascontiguousarray(padded.reshape(groups, PANEL_CHANNELS, words).transpose(0, 2, 1))
+
+
+def conv(bits: np.ndarray, rows: np.ndarray, panel: np.ndarray, k: int, kernel_size: tuple[int, int],
+         stride: tuple[int, int], padding: tuple[int, int], out: np.ndarray, kernel: str, threads: int,
+         scale: np.ndarray | None = None, bias: np.ndarray | None = None, correction: np.ndarray | None = None, *,
+         threshold: np.ndarray | None = None, direction: np.ndarray | None = None) -> None:
+    """Binary convolution of pixel words ``[N, H, W, words]`` with weight ``rows [O, kh kw words]`` (``panel``:
+    the same as :func:`conv_panel`), as :func:`gemm` of the :func:`im2col` rows against ``rows``, through its
+    epilogue with ``k = kh kw C`` and the output pixels as GEMM rows: ``out`` int32 ``[N Ho Wo, O]``, float32 NCHW
+    ``[N O, Ho Wo]``, or uint64 packed signs ``[N Ho Wo, ceil(O / 64)]``. Native kernels compute it directly,
+    without forming the im2col rows."""
+    _, h, w, _ = bits.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    pixels = ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+    if kernel != "numpy":
+        native.conv(bits, panel, kernel_size, stride, padding, rows.shape[0], k, out, _NATIVE_IDS[kernel], threads,
+                    scale, bias, correction, threshold, direction)
+        return
+    gemm(im2col(bits, kernel_size, stride, padding), rows, k, out, kernel, threads, scale, bias, correction,
+         nchw_pixels=pixels if out.dtype == np.float32 else 0, threshold=threshold, direction=direction)
 
 
 def pack_weight_rows(bits: np.ndarray) -> np.ndarray:
