@@ -1,12 +1,14 @@
 """ONNX export in onnxruntime: lowbit's w8a8 QDQ export against float32 and onnxruntime's own quantize_static.
 
-    .venv/bin/python bench/onnx.py [--rounds 7] [--models mlp-wide vgg-small lenet5]
+    .venv/bin/python bench/onnx.py [--rounds 7] [--models mlp-wide vgg-small vgg-wide lenet5]
 
 Models (trained float, seed 0, then quantized post-training with preset w8a8 on
 8 calibration batches of 64 training images):
 
 - ``mlp-wide``: 784-2048-2048-10 MLP (ReLU), 1 epoch on MNIST (compute dominates);
-- ``vgg-small``: the Fashion-MNIST CNN (``lowbit.models``, default layers), 1 epoch;
+- ``vgg-small``: the Fashion-MNIST CNN (``lowbit.models``, default layers
+  32, 32, M, 64, 64, M, 128, M), 1 epoch;
+- ``vgg-wide``: the same CNN twice as wide (64, 64, M, 128, 128, M, 256, M), 1 epoch;
 - ``lenet5``: LeNet-5 on MNIST, 2 epochs (the MNIST parity check).
 
 Variants, each an onnxruntime session on the CPU provider: ``float32`` (the
@@ -17,7 +19,8 @@ the same calibration images). Accuracy on the full 10,000-image test set;
 parity: argmax agreement and largest |logit| difference between the lowbit
 torch model and its export. Timing: per (threads, batch) the variants run
 interleaved for ``--rounds`` rounds of about 0.2 s each (after a warm-up); the
-figure is the median time per call.
+figure is the median time per call. Profile: onnxruntime's per-node times
+(``SessionOptions.enable_profiling``) at one thread, batch 64, summed per operator type.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -45,7 +49,12 @@ from lowbit.data import load_dataset  # noqa: E402
 from lowbit.export import export_onnx  # noqa: E402
 
 VARIANTS = ("float32", "lowbit", "ort-qdq")
-DATA = {"mlp-wide": "mnist", "vgg-small": "fashion-mnist", "lenet5": "mnist"}
+#: benchmark name -> (lowbit model, dataset, epochs, model arguments)
+MODELS = {"mlp-wide": ("mlp-wide", "mnist", 1, None),
+          "vgg-small": ("vgg-small", "fashion-mnist", 1, None),
+          "vgg-wide": ("vgg-small", "fashion-mnist", 1, {"layers": [64, 64, "M", 128, 128, "M", 256, "M"]}),
+          "lenet5": ("lenet5", "mnist", 2, None)}
+PROFILE_WARMUP, PROFILE_RUNS = 3, 20
 
 
 def wide_mlp() -> nn.Module:
@@ -67,10 +76,10 @@ def wide_mlp() -> nn.Module:
 def float_model(name: str) -> nn.Module:
     if name == "mlp-wide":
         return wide_mlp()
-    epochs = 2 if name == "lenet5" else 1
-    result, _ = workflow.cached_train(name, DATA[name], epochs=epochs)
-    model, _ = workflow.load_trained(result.checkpoint)
-    return model.eval()
+    model, data, epochs, kwargs = MODELS[name]
+    result, _ = workflow.cached_train(model, data, epochs=epochs, model_kwargs=kwargs)
+    trained, _ = workflow.load_trained(result.checkpoint)
+    return trained.eval()
 
 
 class _Reader(CalibrationDataReader):
@@ -81,12 +90,33 @@ class _Reader(CalibrationDataReader):
         return next(self.items, None)
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
+def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(path.with_suffix(""))
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def profile(path: Path, x: np.ndarray) -> dict[str, float]:
+    """Milliseconds per call spent in each operator type (onnxruntime's profiler, one thread, after a warm-up)."""
+    s = session(path, 1, profile=True)
+    feed = {s.get_inputs()[0].name: x}
+    for _ in range(PROFILE_WARMUP + PROFILE_RUNS):
+        s.run(None, feed)
+    trace = Path(s.end_profiling())
+    events = json.loads(trace.read_text())
+    os.remove(trace)
+    runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= runs[PROFILE_WARMUP]:
+            op = e["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + e["dur"] / 1e3 / PROFILE_RUNS
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def logits(s: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
@@ -104,7 +134,7 @@ def per_call(s: ort.InferenceSession, x: np.ndarray, seconds: float = 0.2) -> fl
 
 
 def bench_model(name: str, rounds: int, work: Path) -> dict:
-    data = DATA[name]
+    data = MODELS[name][1]
     model = float_model(name)
     example = workflow.example_input(data)
     batches = workflow.calibration_batches(data, 8, seed=0)
@@ -128,6 +158,7 @@ def bench_model(name: str, rounds: int, work: Path) -> dict:
     out["parity"] = {"argmax_agreement": float((ref.argmax(1) == results["lowbit"].argmax(1)).mean()),
                      "max_abs_logit_diff": float(np.abs(ref - results["lowbit"]).max()),
                      "max_abs_logit": float(np.abs(ref).max())}
+    out["profile_ms"] = {v: profile(paths[v], x[:64]) for v in VARIANTS}
     for threads in (1, 2):
         sessions = {v: session(paths[v], threads) for v in VARIANTS}
         for batch in (1, 64):
@@ -163,13 +194,19 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['data']} | {100 * a['float32']:.2f}% | {100 * a['lowbit-torch']:.2f}% | "
                      f"{100 * a['lowbit']:.2f}% | {100 * a['ort-qdq']:.2f}% | {100 * p['argmax_agreement']:.2f}% | "
                      f"{p['max_abs_logit_diff']:.4f} ({p['max_abs_logit']:.2f}) |")
+    lines += ["", "| model | variant | ms per batch of 64 by operator type (one thread, onnxruntime profiler) |",
+              "|---|---|---|"]
+    for r in results:
+        for v, ops in r["profile_ms"].items():
+            lines.append(f"| {r['model']} | {v} | " + ", ".join(f"{op} {ms:.2f}" for op, ms in ops.items()
+                                                               if ms >= 0.01) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median; default 7)")
-    parser.add_argument("--models", nargs="+", default=list(DATA), choices=list(DATA))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "onnx.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:

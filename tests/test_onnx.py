@@ -1,5 +1,6 @@
 """ONNX export: checker, onnxruntime parity (QDQ w8a8 per tensor / per channel, binary as float), int8 kernels
-after onnxruntime's QDQ fusion, rounding against QuantizeLinear, and the errors for what cannot export."""
+after onnxruntime's QDQ fusion, input-channel padding of int8 convs, rounding against QuantizeLinear, and the
+errors for what cannot export."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import lowbit
-from lowbit.config import uniform_act
+from lowbit.config import uniform_act, uniform_weight
 from lowbit.errors import ConfigError, UnsupportedLayerError
 from lowbit.export import export_command, export_onnx, to_onnx
 from lowbit.models import get_model
@@ -31,16 +32,18 @@ LOW_BIT_TOLERANCE = 0.05
 MEAN_TOLERANCE = 0.005
 
 
-def _session(proto: onnx.ModelProto, optimized: str | None = None) -> ort.InferenceSession:
+def _session(proto: onnx.ModelProto, optimized: str | None = None, fuse: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     if optimized:
         options.optimized_model_filepath = optimized
+    if not fuse:  # the graph as written: QDQ pairs and float ops, no int8 kernels
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _run(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
-    session = _session(proto)
+def _run(proto: onnx.ModelProto, x: torch.Tensor, fuse: bool = True) -> np.ndarray:
+    session = _session(proto, fuse=fuse)
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
@@ -63,8 +66,8 @@ def _calibrated(model: nn.Module, config, seed: int = 0, shape=(1, 28, 28)) -> t
     return quantized.eval(), torch.randn(16, *shape)
 
 
-def _small_cnn() -> nn.Module:
-    model = get_model("vgg-small", layers=(8, "M", 16, "M"), hidden=32)
+def _small_cnn(in_channels: int = 1) -> nn.Module:
+    model = get_model("vgg-small", in_channels=in_channels, layers=(8, "M", 16, "M"), hidden=32)
     with torch.no_grad():  # batch-norm statistics and a negative gamma, so folding is exercised
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -106,7 +109,59 @@ def test_w8a8_per_channel_parity_and_int8_kernels(tmp_path):
     assert weights and all(any(a.name == "axis" for a in n.attribute) for n in weights)
     _session(proto, str(tmp_path / "opt.onnx"))
     ops = _op_types(tmp_path / "opt.onnx")
-    assert "QLinearConv" in ops and "QGemm" in ops and "Conv" not in ops
+    assert "QLinearConv" in ops and "QGemm" in ops
+    # batch norm folded, ReLU dropped into the int8 kernels, max pool on the int8 tensor, logits straight from QGemm
+    assert not ops & {"Conv", "Gemm", "BatchNormalization", "Relu", "MaxPool", "DequantizeLinear"}
+
+
+def _first_conv_codes(proto: onnx.ModelProto) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "features.0.weight.codes")
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_int8_conv_input_is_padded_to_four_zero_channels(in_channels):
+    model, x = _calibrated(_small_cnn(in_channels), "w8a8", shape=(in_channels, 28, 28))
+    padded, plain = to_onnx(model, x[:1]), to_onnx(model, x[:1], channel_multiple=1)
+    pads = [n for n in padded.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 1 and not any(n.op_type == "Pad" for n in plain.graph.node)  # the 8-channel conv is not
+    quantize = next(n for n in padded.graph.node if n.op_type == "QuantizeLinear")
+    assert quantize.input[0] == pads[0].output[0]  # padded before quantization, so onnxruntime still fuses it
+    codes, plain_codes = _first_conv_codes(padded), _first_conv_codes(plain)
+    assert codes.shape == (8, 4, 3, 3) and plain_codes.shape == (8, in_channels, 3, 3)
+    np.testing.assert_array_equal(codes[:, :in_channels], plain_codes)
+    assert not codes[:, in_channels:].any()  # zero codes of zero-point-0 weights: the extra channels add 0
+    _check_parity(model, padded, x)
+    # the graphs as written compute the same sums (up to float32 summation order)
+    np.testing.assert_allclose(_run(padded, x, fuse=False), _run(plain, x, fuse=False), rtol=1e-5, atol=1e-5)
+
+
+ASYMMETRIC = {"weight": {"name": "uniform", "bits": 8, "symmetric": False, "per_channel": True},
+              "input": uniform_act(8), "first": "same", "last": "same"}
+
+
+@pytest.mark.parametrize("conv, shape, config", [
+    (nn.Conv2d(6, 6, 3, groups=2), (6, 8, 8), "w8a8"),  # grouped
+    (nn.Conv2d(1, 4, 5), (1, 8, 8), "w8a8"),  # more than 3x3 taps
+    (nn.Conv2d(1, 4, 3), (1, 8, 8), ASYMMETRIC),  # uint8 weights with zero points: not the symmetric kernel
+    (nn.Conv2d(1, 4, 3), (1, 8, 8), {"weight": uniform_weight(8), "first": "same", "last": "same"}),  # float input
+])
+def test_convs_off_the_symmetric_int8_kernel_are_not_padded(conv, shape, config):
+    model, x = _calibrated(nn.Sequential(conv), config, shape=shape)
+    proto = to_onnx(model, x[:1])
+    assert not any(n.op_type == "Pad" for n in proto.graph.node)
+    _check_parity(model, proto, x)
+
+
+def test_float_model_is_not_padded():
+    model = _small_cnn().eval()
+    assert not any(n.op_type == "Pad" for n in to_onnx(model, torch.zeros(1, 1, 28, 28)).graph.node)
+
+
+@pytest.mark.parametrize("bad", [0, -4, True, 2.0, "4"])
+def test_bad_channel_multiple_raises_config_error(bad):
+    model, x = _calibrated(_mlp(), "w8a8")
+    with pytest.raises(ConfigError, match="channel_multiple must be a positive integer"):
+        to_onnx(model, x[:1], channel_multiple=bad)
 
 
 def test_w8a8_per_tensor_parity_and_int8_kernels(tmp_path):
