@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import lowbit
@@ -104,3 +105,17 @@ def test_export_writes_an_onnx_file_that_onnxruntime_runs(tmp_path, capsys):
         want = lowbit.load(tmp_path / "m.lowbit")(images[:32]).numpy()
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
     assert callable(lowbit.export_onnx)
+
+
+@pytest.mark.parametrize("multiple, pads", [(1, 0), (4, 1)])
+def test_export_channel_multiple_pads_the_one_channel_int8_conv(tmp_path, multiple, pads):
+    import onnx
+
+    model = lowbit.quantize(get_model("vgg-small", layers=(8, "M"), hidden=16), "w8a8")
+    images, _ = load_dataset("mnist", "test")
+    lowbit.calibrate(model, [images[:64]])
+    lowbit.save(model, tmp_path / "m.lowbit", example_input=images[:1])
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.lowbit"), "--out", str(onnx_path),
+                 "--channel-multiple", str(multiple)]) == 0
+    assert [node.op_type for node in onnx.load(onnx_path).graph.node].count("Pad") == pads

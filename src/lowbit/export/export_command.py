@@ -21,7 +21,7 @@ FORMATS = ("onnx",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .onnx import DEFAULT_OPSET
+    from .onnx import DEFAULT_CHANNEL_MULTIPLE, DEFAULT_OPSET
 
     parser.add_argument("source", metavar="FILE_OR_CHECKPOINT",
                         help="a .lowbit file, or a training checkpoint (or its directory)")
@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     parser.add_argument("--int4", action="store_true",
                         help="store codes of at most 4 bits as int4/uint4 (opset >= 21; default: int8 containers)")
+    parser.add_argument("--channel-multiple", type=int, default=DEFAULT_CHANNEL_MULTIPLE,
+                        help="pad the input channels of small int8 convs to a multiple of this, for onnxruntime's "
+                             f"fast x86 int8 conv (default: {DEFAULT_CHANNEL_MULTIPLE}; 1: no padding)")
     parser.add_argument("--model", default=None, help="architecture of a checkpoint (default: from run.json)")
     parser.add_argument("--data", default=None, help="dataset of a checkpoint (default: from run.json)")
 
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> Any:
     from .onnx import export_onnx
 
     model, example = _source(args)
-    path = export_onnx(model, args.out, example, opset=args.opset, int4=args.int4)
+    path = export_onnx(model, args.out, example, opset=args.opset, int4=args.int4,
+                       channel_multiple=args.channel_multiple)
     data = {"path": str(path), "source": args.source, "format": args.format, "opset": args.opset,
             "input_shape": [-1, *example.shape[1:]], "bytes": path.stat().st_size}
     text = f"wrote {path} ({data['bytes']:,} bytes, ONNX opset {args.opset}) from {args.source}"
