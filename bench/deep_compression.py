@@ -32,13 +32,11 @@ from lowbit.train import Trainer, load_weights, seed_everything
 SETUPS = {
     "lenet300": {
         "model": LeNet300,
-        "float": {"epochs": 10, "lr": 0.05},
+        "float": {"epochs": 20, "lr": 0.05},
         "runs": {
             "paper": {"rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05},
-            "goal": {"sparsity": {"ip1": 0.95, "ip2": 0.92, "ip3": 0.75}, "bits": {"ip1": 5, "ip2": 5, "ip3": 6},
-                     "index_bits": "auto", "rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05},
-            "mid": {"sparsity": {"ip1": 0.935, "ip2": 0.88, "ip3": 0.6}, "bits": {"ip1": 5, "ip2": 5, "ip3": 6},
-                    "index_bits": "auto", "rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05},
+            "goal": {"sparsity": {"ip1": 0.945, "ip2": 0.88, "ip3": 0.6}, "bits": {"ip1": 4, "ip2": 5, "ip3": 6},
+                     "index_bits": "auto", "rounds": 5, "retrain_epochs": 4, "finetune_epochs": 2, "lr": 0.05},
         },
     },
     "lenet5": {
