@@ -34,9 +34,10 @@ SETUPS = {
         "model": LeNet300,
         "float": {"epochs": 20, "lr": 0.05},
         "runs": {
-            "paper": {"rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05},
+            "paper": {"rounds": 4, "retrain_epochs": 3, "finetune_epochs": 1, "lr": 0.05, "weight_decay": 5e-4},
             "goal": {"sparsity": {"ip1": 0.945, "ip2": 0.88, "ip3": 0.6}, "bits": {"ip1": 4, "ip2": 5, "ip3": 6},
-                     "index_bits": "auto", "rounds": 5, "retrain_epochs": 4, "finetune_epochs": 2, "lr": 0.05},
+                     "index_bits": "auto", "rounds": 5, "retrain_epochs": 4, "finetune_epochs": 2, "lr": 0.05,
+                     "weight_decay": 5e-4},
         },
     },
     "lenet5": {
@@ -87,6 +88,8 @@ def run_net(name: str, setup: dict, out: Path, seed: int, quick: bool, reuse: bo
         print(f"  [{name}/{run}] options {options}", flush=True)
         start = time.perf_counter()
         config = DeepCompressionConfig(seed=seed, **options)
+        # fresh loaders: each run sees the same data order whatever ran before it
+        train_loader, test_loader = loaders("mnist", 128, seed=seed, limit=limit, test_batch_size=1000)
         result = deep_compress(model, train_loader, test_loader, config, log=lambda m: print(f"  [{name}/{run}] {m}", flush=True))
         run_dir = out / f"{name}-{run}"
         stored = store_and_verify(result, type(model)(), run_dir, test_loader)
