@@ -69,7 +69,7 @@ from .format.container import LowbitFile, format_inspect, inspect_file, raw, rea
 from .nn import QuantAct, QuantConv2d, QuantLinear, named_modules_without_quantizers
 from .quantizers import Encoded, Quantizer, get, names
 
-__all__ = ["GraphModel", "format_inspect", "inspect_file", "load", "load_state_dict", "save"]
+__all__ = ["GraphModel", "format_inspect", "inspect_file", "load", "load_state_dict", "save", "weight_encoding"]
 
 #: model attribute read when no example input is given: the shape of one input batch
 INPUT_SHAPE_ATTR = "lowbit_input_shape"
@@ -119,7 +119,7 @@ def _has_codes(q: Quantizer | None) -> bool:
     return q is not None and type(q).encode is not Quantizer.encode
 
 
-def _weight_encoding(layer: nn.Module) -> Encoded:
+def weight_encoding(layer: nn.Module) -> Encoded:
     """The weight's codes: the stored ones of a frozen (loaded) quantizer, else a fresh encode."""
     q = layer.weight_quantizer
     stored = getattr(q, STORED_ATTR, None)
@@ -190,7 +190,7 @@ def save(
         layer = model.get_submodule(name) if name else model
         if entry["type"] == "QuantAct" or not _has_codes(layer.weight_quantizer):
             continue
-        tensors[_key(name, "weight")] = _numpy(_weight_encoding(layer))
+        tensors[_key(name, "weight")] = _numpy(weight_encoding(layer))
         derived |= {_key(name, f"weight_quantizer.{s}") for s in DERIVED_STATE.get(entry["weight"]["name"], ())}
     for name, t in model.state_dict().items():
         if name not in tensors and name not in derived:

@@ -272,7 +272,7 @@ def _static_affine(q: Quantizer, where: str) -> _Affine:
 
 def _weight(layer: nn.Module, where: str) -> tuple[_Affine | None, np.ndarray]:
     """(affine codes of the weight or None, the weight's float value as the torch model uses it)."""
-    from ..serialize import _weight_encoding
+    from ..serialize import weight_encoding
 
     weight = layer.weight.detach().float().cpu()
     q = getattr(layer, "weight_quantizer", None)
@@ -282,7 +282,7 @@ def _weight(layer: nn.Module, where: str) -> tuple[_Affine | None, np.ndarray]:
     q.eval()
     try:
         with torch.no_grad():
-            enc = _weight_encoding(layer) if type(q).encode is not Quantizer.encode else None
+            enc = weight_encoding(layer) if type(q).encode is not Quantizer.encode else None
             value = decode(enc) if enc is not None else q(weight)
     finally:
         q.train(training)
