@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
-from lowbit.analysis.allocate import Allocation, allocate_bits, allocate_for_loss, smallest_bytes
+from lowbit.analysis.allocate import Allocation, allocate_bits, allocate_for_loss, combine, smallest_bytes
 from lowbit.analysis.sensitivity import Sensitivity, SensitivityTable, measure_sensitivity
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
@@ -222,3 +222,80 @@ def test_allocate_command_writes_a_config_quantize_accepts(tmp_path):
     args = parser.parse_args([str(tmp_path / "run"), "--max-drop", "1", "--out", str(out),
                               "--calib-size", "100"])
     assert allocate_command.run(args).data["allocation"]["max_loss"] == pytest.approx(0.01)
+
+
+def test_input_table_bytes_are_the_layer_inputs_at_batch_one():
+    """Hand count for small_net on 8x8 images: conv input 1x8x8 = 64 values, first linear 4*6*6 = 144, last 16."""
+    model = small_net()
+    images = torch.randn(64, 1, 8, 8)
+    table = measure_sensitivity(model, images, model(images).argmax(1), bits=(2, 3, 8), role="input")
+    numel = {"0": 64, "4": 144, "6": 16}
+    assert table.role == "input" and table.other_bytes == 0 and table.act_bits is None
+    for name, n in numel.items():
+        for b in (2, 3, 8):
+            assert table.row(name, b).bytes == -(-n * b // 8)
+    # a quantized input changes the logits (8-bit noise is small but not zero)
+    assert all(table.row(name, 2).logit_mse > table.row(name, 8).logit_mse > 0 for name in numel)
+
+
+def test_input_allocation_spends_its_budget_on_the_sensitive_layer_and_combines_with_weights(tmp_path):
+    model = small_net()
+    images = torch.randn(64, 1, 8, 8)
+    labels = model(images).argmax(1)
+    inputs = synthetic({"a": {2: 100, 8: 400}, "b": {2: 100, 8: 400}}, {"a": {2: 1.0, 8: 0.0}, "b": {2: 0.1, 8: 0.0}})
+    inputs.role, inputs.other_bytes = "input", 0
+    chosen = allocate_bits(inputs, 500)
+    assert chosen.bits == {"a": 8, "b": 2} and chosen.role == "input" and chosen.predicted_bytes == 500
+    assert "input bits" in str(chosen) and chosen.to_dict()["role"] == "input"
+
+    weight_table = measure_sensitivity(model, images, labels, bits=(2, 8))
+    input_table = measure_sensitivity(model, images, labels, bits=(2, 4, 8), role="input")
+    weights = allocate_bits(weight_table, smallest_bytes(weight_table) + 100)
+    budget = sum(input_table.row(n, 4).bytes for n in input_table.layers)
+    activations = allocate_bits(input_table, budget)
+    assert activations.predicted_bytes <= budget
+    config = QuantConfig.from_json(combine(weights, activations).to_json())
+    quantized = lowbit.quantize(model, config)
+    lowbit.calibrate(quantized, [images])
+    rows = lowbit.summary(quantized).layers
+    assert {r.name: r.weight_bits for r in rows} == weights.bits
+    assert {r.name: r.input_bits for r in rows} == activations.bits
+    only_inputs = lowbit.quantize(model, activations.config())
+    assert {r.name: r.weight_bits for r in lowbit.summary(only_inputs).layers} == {"0": 32, "4": 32, "6": 32}
+    with pytest.raises(ConfigError, match="roles"):
+        combine(activations, weights)
+
+
+def test_input_role_arguments_are_checked():
+    model = small_net()
+    images = torch.randn(8, 1, 8, 8)
+    labels = torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ConfigError, match="role"):
+        measure_sensitivity(model, images, labels, role="output")
+    with pytest.raises(ConfigError, match="act_bits"):
+        measure_sensitivity(model, images, labels, role="input", act_bits=8)
+    with pytest.raises(ConfigError, match="act_bits"):  # 1 bit is not a uniform input width
+        measure_sensitivity(model, images, labels, bits=(1, 4), role="input")
+
+
+def test_allocate_command_chooses_input_bits_under_an_input_budget(tmp_path):
+    from lowbit import workflow
+    from lowbit.analysis import allocate_command
+
+    trained = workflow.train("lenet300", "digits", epochs=1, out_dir=tmp_path / "run", limit=200, progress=False)
+    parser = argparse.ArgumentParser()
+    allocate_command.add_arguments(parser)
+    out, tables = tmp_path / "config.json", tmp_path / "tables.json"
+    args = parser.parse_args([str(tmp_path / "run"), "--budget-kb", "40", "--act-budget-kb", "1", "--out", str(out),
+                              "--calib-size", "100", "--bits", "2", "4", "8", "--table", str(tables)])
+    result = allocate_command.run(args)
+    inputs = result.data["input_allocation"]
+    assert inputs["role"] == "input" and inputs["predicted_bytes"] <= 1000  # inputs: 784 + 300 + 100 values
+    assert [t["role"] for t in json.loads(tables.read_text())] == ["weight", "input"]
+    quantized = lowbit.quantize(trained.model, QuantConfig.from_json(out.read_text()))
+    rows = lowbit.summary(quantized).layers
+    assert {r.name: r.input_bits for r in rows} == inputs["bits"]
+    assert {r.name: r.weight_bits for r in rows} == result.data["allocation"]["bits"]
+    with pytest.raises(SystemExit):  # one input width for all, or a per-layer budget: not both
+        parser.parse_args([str(tmp_path / "run"), "--budget-kb", "40", "--act-bits", "8", "--act-budget-kb", "1",
+                           "--out", str(out)])

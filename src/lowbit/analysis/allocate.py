@@ -31,6 +31,12 @@ layer's size by the summary byte rule, so the predicted size equals
 
 The dual, :func:`allocate_for_loss`, reads the same table of least losses:
 the smallest size whose least loss is at most ``max_loss``.
+
+A table of ``role="input"`` (per-layer activation bits) is solved the same
+way, its sizes being the layers' inputs at batch 1 (no other bytes); the
+budget is then one of input bytes. Weights and inputs are allocated apart,
+each under its own budget (the additive model makes the two sums
+independent), and :func:`combine` merges both into one config.
 """
 
 from __future__ import annotations
@@ -62,22 +68,33 @@ class Allocation:
     granularity: int
     budget_bytes: int | None = None
     max_loss: float | None = None
+    role: str = "weight"
 
     def config(self) -> QuantConfig:
-        """The QuantConfig that quantizes each layer to its chosen bits (one rule per layer name)."""
-        return layer_config(self.bits, self.act_bits)
+        """The QuantConfig that quantizes each layer's weight (or input, for ``role="input"``) to its chosen
+        bits (one rule per layer name)."""
+        return layer_config(self.bits, self.act_bits) if self.role == "weight" else layer_config({}, None, self.bits)
 
     def to_dict(self) -> dict:
-        return {"bits": dict(self.bits), "act_bits": self.act_bits, "objective": self.objective,
+        return {"role": self.role, "bits": dict(self.bits), "act_bits": self.act_bits, "objective": self.objective,
                 "predicted_loss": self.predicted_loss, "predicted_bytes": self.predicted_bytes,
                 "granularity": self.granularity, "budget_bytes": self.budget_bytes, "max_loss": self.max_loss}
 
     def __str__(self) -> str:
         width = max(len(name) for name in self.bits)
-        lines = [f"{name:<{width}}  {b:>2} bits" for name, b in self.bits.items()]
-        lines.append(f"predicted size {self.predicted_bytes:,} bytes, predicted {self.objective} "
+        lines = [f"{name:<{width}}  {b:>2} {self.role} bits" for name, b in self.bits.items()]
+        what = "size" if self.role == "weight" else "input bytes at batch 1"
+        lines.append(f"predicted {what} {self.predicted_bytes:,} bytes, predicted {self.objective} "
                      f"{self.predicted_loss:.6g}")
         return "\n".join(lines)
+
+
+def combine(weights: Allocation, inputs: Allocation) -> QuantConfig:
+    """One config with the weight bits of ``weights`` and the per-layer input bits of ``inputs``."""
+    if weights.role != "weight" or inputs.role != "input":
+        raise ConfigError(f"combine takes a weight allocation and an input allocation, got roles "
+                          f"{weights.role!r} and {inputs.role!r}")
+    return layer_config(weights.bits, None, inputs.bits)
 
 
 @dataclass
@@ -155,7 +172,7 @@ def _result(table: SensitivityTable, bits: dict[str, int], objective: str, unit:
     size = table.other_bytes + sum(table.row(name, b).bytes for name, b in bits.items())
     loss = sum(table.cost(name, b, objective) for name, b in bits.items())
     return Allocation(bits=bits, act_bits=table.act_bits, objective=objective, predicted_loss=loss,
-                      predicted_bytes=size, granularity=unit, **budget)
+                      predicted_bytes=size, granularity=unit, role=table.role, **budget)
 
 
 def smallest_bytes(table: SensitivityTable) -> int:

@@ -4,7 +4,9 @@ Measures each layer's sensitivity on a seeded sample of training images
 (:func:`~lowbit.analysis.sensitivity.measure_sensitivity`), chooses the bits
 (:func:`~lowbit.analysis.allocate.allocate_bits` under ``--budget-kb``, or
 :func:`~lowbit.analysis.allocate.allocate_for_loss` under ``--max-drop``)
-and writes the :class:`~lowbit.config.QuantConfig` JSON. The command table
+and writes the :class:`~lowbit.config.QuantConfig` JSON. With
+``--act-budget-kb`` each layer's input bits are chosen too, from their own
+sensitivities, under a budget of input bytes at batch 1. The command table
 entry is ``Command(HELP, add_arguments, run)``.
 """
 
@@ -18,8 +20,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .allocate import allocate_bits, allocate_for_loss
-from .sensitivity import DEFAULT_BITS, OBJECTIVES, measure_sensitivity
+from .allocate import allocate_bits, allocate_for_loss, combine
+from .sensitivity import DEFAULT_BITS, DEFAULT_INPUT_BITS, OBJECTIVES, measure_sensitivity
 
 HELP = "choose per-layer weight bit widths under a size (or accuracy-drop) budget and write the config JSON"
 #: bytes per kB of --budget-kb
@@ -35,15 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smallest model whose predicted accuracy drop is at most this many percentage points")
     parser.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_BITS),
                         help="candidate weight bit widths (default: 1 2 3 4 6 8; 32 = float)")
-    parser.add_argument("--act-bits", type=int, default=None,
+    inputs = parser.add_mutually_exclusive_group()
+    inputs.add_argument("--act-bits", type=int, default=None,
                         help="uniform input bits for every layer (default: float)")
+    inputs.add_argument("--act-budget-kb", type=float, default=None,
+                        help="also choose per-layer input bits under this budget of input bytes at batch 1, in kB")
+    parser.add_argument("--input-bits", type=int, nargs="+", default=list(DEFAULT_INPUT_BITS),
+                        help="candidate input bit widths for --act-budget-kb (default: 2 3 4 6 8)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="loss",
                         help="what --budget-kb minimises: summed loss increase (default), logit MSE or accuracy drop")
     parser.add_argument("--calib-size", type=int, default=1000, help="training images measured (default: 1000)")
     parser.add_argument("--model", default=None, help="architecture of the checkpoint (default: from run.json)")
     parser.add_argument("--data", default=None, help="dataset (default: from run.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample (default: 0)")
-    parser.add_argument("--table", default=None, help="also write the sensitivity table JSON here")
+    parser.add_argument("--table", default=None,
+                        help="also write the sensitivity tables here (a JSON list: weights, then inputs)")
     parser.add_argument("--data-dir", default=None, help="directory holding the dataset's IDX files")
 
 
@@ -74,13 +82,22 @@ def run(args: argparse.Namespace) -> Any:
         allocation = allocate_bits(table, int(args.budget_kb * KB), objective=args.objective)
     else:
         allocation = allocate_for_loss(table, args.max_drop / 100, objective="accuracy")
+    tables, allocations, config = [table], [allocation], allocation.config()
+    if args.act_budget_kb is not None:
+        input_table = measure_sensitivity(model, images, labels, bits=args.input_bits, role="input")
+        inputs = allocate_bits(input_table, int(args.act_budget_kb * KB), objective=args.objective)
+        tables.append(input_table)
+        allocations.append(inputs)
+        config = combine(allocation, inputs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(allocation.config().to_json() + "\n")
+    out.write_text(config.to_json() + "\n")
     if args.table:
-        Path(args.table).write_text(json.dumps(table.to_dict(), indent=2) + "\n")
-    text = (f"{allocation}\nfloat accuracy {100 * table.float_accuracy:.2f}% on {table.examples} {info['data']} "
-            f"training images; wrote {out}")
+        Path(args.table).write_text(json.dumps([t.to_dict() for t in tables], indent=2) + "\n")
+    text = "\n".join(map(str, allocations)) + (f"\nfloat accuracy {100 * table.float_accuracy:.2f}% on "
+                                               f"{table.examples} {info['data']} training images; wrote {out}")
     data = {"path": str(out), "model": info["model"], "data": info["data"], "allocation": allocation.to_dict(),
-            "config": allocation.config().to_dict(), "float_accuracy": table.float_accuracy}
+            "config": config.to_dict(), "float_accuracy": table.float_accuracy}
+    if len(allocations) > 1:
+        data["input_allocation"] = allocations[1].to_dict()
     return Output(text=text, data=data)

@@ -33,6 +33,15 @@ binary weights with a per-output-channel scale; 2-16 bits uniform symmetric
 per-output-channel (``config.uniform_weight``); 32 leaves the weight float.
 With ``act_bits`` each measured layer also gets an ``act_bits`` uniform input
 quantizer (``config.uniform_act``), calibrated on the same images.
+
+Per-layer activation bits (``role="input"``): the same measures with each
+layer's *input* quantized alone (uniform affine, ``config.uniform_act``,
+calibrated on the images; weights and every other input float), at 2-16 bits.
+Their ``bytes`` are the layer's input at batch 1 at that width,
+``ceil(numel * bits / 8)``: summed over layers, the activations the layers read
+for one example, to which the cost report's activation energy is proportional.
+The allocator then spends an input-bytes budget exactly as it spends a weight
+budget, and :func:`layer_config` combines both choices in one config.
 """
 
 from __future__ import annotations
@@ -49,12 +58,16 @@ from ..api import calibrate, quantize
 from ..config import QuantConfig, LayerRule, Spec, uniform_act, uniform_weight
 from ..errors import ConfigError
 from ..quantizers import Quantizer
-from .summary import FLOAT_BITS, convertible_layers, summary
+from .summary import FLOAT_BITS, convertible_layers, measure_layers, summary
 
 #: the candidate weight bit widths of the paper's search (and of ``lowbit allocate``)
 DEFAULT_BITS = (1, 2, 3, 4, 6, 8)
+#: the candidate input (activation) bit widths of ``role="input"`` tables
+DEFAULT_INPUT_BITS = (2, 3, 4, 6, 8)
 #: the measures a table holds per (layer, bits); allocation minimises the sum of one of them
 OBJECTIVES = ("logit_mse", "loss", "accuracy")
+#: what a table's bit widths quantize: each layer's weight, or its input
+ROLES = ("weight", "input")
 
 
 def weight_spec(bits: int) -> Spec:
@@ -75,11 +88,19 @@ def act_spec(act_bits: int | None) -> Spec:
     return uniform_act(act_bits)
 
 
-def layer_config(bits: dict[str, int], act_bits: int | None = None) -> QuantConfig:
+def layer_config(bits: dict[str, int], act_bits: int | None = None,
+                 input_bits: dict[str, int] | None = None) -> QuantConfig:
     """A config giving each named layer its weight bits (one rule per layer name) and every layer the
-    ``act_bits`` input quantizer; first/last policy "same", so the rules alone decide. Layers not named
-    are left float (a final skip rule)."""
-    rules = [LayerRule(pattern=name, weight=weight_spec(b)) for name, b in bits.items()]
+    ``act_bits`` input quantizer, or its own ``input_bits``; a layer named only in ``input_bits`` keeps a
+    float weight. First/last policy "same", so the rules alone decide. Layers named in neither are left
+    float (a final skip rule)."""
+    input_bits = input_bits or {}
+    rules = []
+    for name in dict.fromkeys([*bits, *input_bits]):
+        specs = {"weight": weight_spec(bits[name]) if name in bits else None}
+        if name in input_bits:
+            specs["input"] = act_spec(input_bits[name])
+        rules.append(LayerRule(pattern=name, **specs))
     rules.append(LayerRule(pattern="*", skip=True))
     return QuantConfig(input=act_spec(act_bits), first="same", last="same", rules=rules)
 
@@ -123,6 +144,7 @@ class SensitivityTable:
     float_loss: float
     other_bytes: int
     rows: list[Sensitivity] = field(default_factory=list)
+    role: str = "weight"
 
     def row(self, layer: str, bits: int) -> Sensitivity:
         found = next((r for r in self.rows if r.layer == layer and r.bits == bits), None)
@@ -201,40 +223,54 @@ def measure_sensitivity(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    bits: tuple[int, ...] | list[int] = DEFAULT_BITS,
+    bits: tuple[int, ...] | list[int] | None = None,
     act_bits: int | None = None,
+    role: str = "weight",
 ) -> SensitivityTable:
-    """Quantize each Linear/Conv2d layer of the float ``model`` alone at each of ``bits`` and measure
-    accuracy, loss and logit noise on ``images`` (one batch) against the float model.
+    """Quantize the weight (``role="weight"``) or the input (``role="input"``) of each Linear/Conv2d
+    layer of the float ``model`` alone at each of ``bits`` (default :data:`DEFAULT_BITS`, or
+    :data:`DEFAULT_INPUT_BITS` for inputs) and measure accuracy, loss and logit noise on ``images``
+    (one batch) against the float model.
 
-    See the module docstring for the measures and the quantizers. The model is
-    not changed (each measurement quantizes a copy).
+    See the module docstring for the measures, the quantizers and the bytes. The
+    model is not changed (each measurement quantizes a copy).
     """
     _check_inputs(model, images, labels)
-    candidates = list(bits)
+    if role not in ROLES:
+        raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if role == "input" and act_bits is not None:
+        raise ConfigError("act_bits (one input width for every layer) does not apply to role='input', "
+                          "which measures each layer's input widths itself")
+    candidates = list(bits if bits is not None else DEFAULT_BITS if role == "weight" else DEFAULT_INPUT_BITS)
+    check = weight_spec if role == "weight" else act_spec
     for b in candidates:
-        weight_spec(b)
+        check(b)
     act_spec(act_bits)
     if not candidates or len(set(candidates)) != len(candidates):
-        raise ConfigError(f"candidate bit widths must be distinct and at least one, got {list(bits)}")
-    names = [name for name, _ in convertible_layers(model)]
-    if not names:
+        raise ConfigError(f"candidate bit widths must be distinct and at least one, got {candidates}")
+    layers = convertible_layers(model)
+    if not layers:
         raise ConfigError("the model has no Linear/Conv2d layer to quantize")
+    names = [name for name, _ in layers]
     was_training = model.training
     model.eval()
     reference = model(images)
     float_acc, float_loss, _, _ = _measures(reference, reference, labels)
-    base = summary(model)
+    inputs = measure_layers(model, [m for _, m in layers], images[:1])
+    input_numel = {name: inputs[id(m)].input_numel for name, m in layers}
     table = SensitivityTable(layers=names, bits=candidates, act_bits=act_bits, examples=len(labels),
-                             float_accuracy=float_acc, float_loss=float_loss, other_bytes=base.other_bytes)
+                             float_accuracy=float_acc, float_loss=float_loss, role=role,
+                             other_bytes=summary(model).other_bytes if role == "weight" else 0)
     for name in names:
         for b in candidates:
-            quantized = quantize(model, layer_config({name: b}, act_bits))
-            if act_bits is not None:
+            config = layer_config({name: b}, act_bits) if role == "weight" else layer_config({}, None, {name: b})
+            quantized = quantize(model, config)
+            if act_bits is not None or role == "input":
                 calibrate(quantized, [images])
             logits = quantized.eval()(images)
             acc, loss, mse, sqnr = _measures(logits, reference, labels)
-            size = next(row.bytes for row in summary(quantized).layers if row.name == name)
+            size = (next(row.bytes for row in summary(quantized).layers if row.name == name) if role == "weight"
+                    else math.ceil(input_numel[name] * b / 8))
             table.rows.append(Sensitivity(layer=name, bits=b, accuracy_drop=float_acc - acc,
                                           loss_increase=loss - float_loss, logit_mse=mse,
                                           sqnr_db=None if math.isnan(sqnr) else sqnr, bytes=size))
