@@ -119,3 +119,17 @@ def test_export_channel_multiple_pads_the_one_channel_int8_conv(tmp_path, multip
     assert main(["export", str(tmp_path / "m.lowbit"), "--out", str(onnx_path),
                  "--channel-multiple", str(multiple)]) == 0
     assert [node.op_type for node in onnx.load(onnx_path).graph.node].count("Pad") == pads
+
+
+@pytest.mark.parametrize("binary_ops, custom", [("float", 0), ("custom", 1)])  # first and last layers 8-bit
+def test_export_binary_ops_writes_sign_bit_ops_for_binary_weights(tmp_path, binary_ops, custom):
+    import onnx
+
+    model = lowbit.quantize(get_model("vgg-small", layers=(8, "M"), hidden=16), "bwn")
+    images, _ = load_dataset("mnist", "test")
+    lowbit.calibrate(model, [images[:64]])
+    lowbit.save(model, tmp_path / "m.lowbit", example_input=images[:1])
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.lowbit"), "--out", str(onnx_path), "--binary-ops", binary_ops]) == 0
+    nodes = onnx.load(onnx_path).graph.node
+    assert sum(node.domain == "ai.lowbit" for node in nodes) == custom

@@ -290,3 +290,53 @@ def test_old_opsets_raise_config_error():
         to_onnx(model, x[:1], opset=9)
     per_tensor, _ = _calibrated(_mlp(), PER_TENSOR)
     _check_parity(per_tensor, to_onnx(per_tensor, x[:1], opset=12), x)
+
+
+def _binary_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardtanh(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.Hardtanh(),
+                         nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=2), nn.Hardtanh(), nn.Flatten(),
+                         nn.Linear(16 * 4 * 4, 13), nn.BatchNorm1d(13), nn.Hardtanh(), nn.Linear(13, 10))
+
+
+@pytest.mark.parametrize("preset", ["bwn", {"weight": {"name": "binary"}, "first": "same", "last": "same"},
+                                    "bnn", "xnor"])
+def test_custom_binary_ops_store_sign_bits_and_match_the_float_export(preset):
+    from onnx.reference import ReferenceEvaluator
+
+    from lowbit.export.binary_ops import reference_ops, unpack_signs
+
+    torch.manual_seed(0)
+    model = _binary_cnn().eval()
+    x = torch.randn(16, 1, 8, 8)
+    model = lowbit.quantize(model, preset)
+    lowbit.calibrate(model, [x])
+    model.eval()
+    custom = to_onnx(model, x[:1], binary_ops="custom")
+    ops = [n for n in custom.graph.node if n.domain == "ai.lowbit"]
+    assert {n.op_type for n in ops} == {"BinaryConv", "BinaryGemm"}
+    assert {(o.domain, o.version) for o in custom.opset_import} == {("", 21), ("ai.lowbit", 1)}
+    stored = {t.name: numpy_helper.to_array(t) for t in custom.graph.initializer}
+    for node in ops:  # one bit per weight, and bits x scale are the torch layer's quantized weights
+        layer = dict(model.named_modules())[node.input[1].removesuffix(".weight.signs")]
+        with torch.no_grad():
+            weight = layer.weight_quantizer(layer.weight).reshape(layer.weight.shape[0], -1).numpy()
+        signs = stored[node.input[1]]
+        assert signs.dtype == np.uint8 and signs.shape == (weight.shape[0], -(-weight.shape[1] // 8))
+        np.testing.assert_array_equal(unpack_signs(signs, weight.shape[1]) * stored[node.input[2]][:, None], weight)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = ReferenceEvaluator(custom, new_ops=reference_ops()).run(None, {custom.graph.input[0].name: x.numpy()})[0]
+    if any(n.op_type == "Where" for n in custom.graph.node):
+        # sign activations: a pre-activation within float32 rounding of 0 may flip one sign and move its row
+        assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    else:
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+        np.testing.assert_allclose(got, _run(to_onnx(model, x[:1]), x), rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_custom_binary_ops_leave_other_layers_standard_and_check_their_argument():
+    model, x = _calibrated(_mlp(), "w8a8")
+    assert to_onnx(model, x[:1], binary_ops="custom") == to_onnx(model, x[:1])  # no binary weight: no change
+    with pytest.raises(ConfigError, match="binary_ops"):
+        to_onnx(model, x[:1], binary_ops="bits")

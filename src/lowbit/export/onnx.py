@@ -19,7 +19,9 @@
   ``s |a|`` (codes negated where a < 0) and the bias ``a (b - mean) + beta``, so the
   codes are unchanged.
 - Binary, ternary, log, codebook (k-means, DoReFa, ABC) and XNOR weights are
-  stored as their dequantized float values (always runnable); binary and XNOR
+  stored as their dequantized float values (always runnable); with
+  ``binary_ops="custom"`` binary and XNOR weights instead become the sign-bit
+  ops of domain ``ai.lowbit`` (:mod:`lowbit.export.binary_ops`). Binary and XNOR
   activations become ``Where(x < 0, -1, 1)`` (times ``max(mean_c |x|, EPS)`` for
   XNOR), sign(0) = +1 as in :mod:`lowbit.quantizers.binary`.
 - A conv (at most 3x3 taps, one group) with an 8-bit QDQ input and symmetric int8
@@ -52,9 +54,10 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedLayerError
 from ..quantizers import Encoded, Quantizer, decode
 from ..quantizers.base import EPS
+from .binary_ops import DOMAIN, VERSION, pack_signs
 from .graph import capture
 
-__all__ = ["DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "export_onnx", "to_onnx"]
+__all__ = ["BINARY_OPS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "export_onnx", "to_onnx"]
 
 #: opset written by default: the first with int4 / int16 QuantizeLinear types
 DEFAULT_OPSET = 21
@@ -70,6 +73,8 @@ WIDE_TYPES_OPSET = 21
 DEFAULT_CHANNEL_MULTIPLE = 4
 #: only kernels of at most this many taps are padded (3x3: 1.3-1.45x faster; 5x5 / 7x7 with 1-3 channels: +-5%)
 MAX_PADDED_TAPS = 9
+#: how binary / XNOR weights are written: dequantized float (standard ops) or sign bits in ai.lowbit ops
+BINARY_OPS = ("float", "custom")
 
 #: quantizers whose forward is the identity (they act on gradients only)
 _IDENTITY = {"dorefa_grad"}
@@ -321,8 +326,10 @@ def _pair(values: list[int]) -> list[int]:
 
 
 class _Exporter:
-    def __init__(self, model: nn.Module, ir: dict[str, Any], opset: int, int4: bool, channel_multiple: int) -> None:
-        self.model, self.ir, self.channel_multiple = model, ir, channel_multiple
+    def __init__(self, model: nn.Module, ir: dict[str, Any], opset: int, int4: bool, channel_multiple: int,
+                 binary_ops: str = "float") -> None:
+        self.model, self.ir, self.channel_multiple, self.binary_ops = model, ir, channel_multiple, binary_ops
+        self.custom_nodes = 0
         self.modules = dict(model.named_modules())
         self.b = _Builder(opset, int4)
         self.values: dict[str, _Value] = {}
@@ -429,6 +436,11 @@ class _Exporter:
             affine, weight = _pad_input_channels(affine, weight, padding)
             x = _Value(b.pad_channels(x.name, padding, f"{node['module']}.input"))
         x = b.activation(x, input_quantizer, f"{node['module']}.input")
+        output_quantizer = getattr(module, "output_quantizer", None)
+        if self.binary_ops == "custom" and _sign_weights(module) and (node["op"] == "conv2d"
+                                                                      or len(node["shape"]) == 2):
+            y = self.binary_layer(node, x.name, weight, bias if has_bias else None, where)
+            return b.activation(_Value(y), output_quantizer, f"{node['module']}.output")
         if affine is not None:
             if affine.per_channel and b.opset < PER_CHANNEL_OPSET:
                 raise ConfigError(f"{where}: per-channel weight scales need opset >= {PER_CHANNEL_OPSET} "
@@ -451,7 +463,29 @@ class _Exporter:
             y = b.node("MatMul", [x.name, t], f"{name}.matmul")
             if has_bias:
                 y = b.node("Add", [y, inputs[2]], name)
-        return b.activation(_Value(y), getattr(module, "output_quantizer", None), f"{node['module']}.output")
+        return b.activation(_Value(y), output_quantizer, f"{node['module']}.output")
+
+    def binary_layer(self, node: dict[str, Any], x: str, weight: np.ndarray, bias: np.ndarray | None,
+                     where: str) -> str:
+        """``BinaryConv`` / ``BinaryGemm`` of domain ai.lowbit: the weight as sign bits and a scale per channel."""
+        b, base = self.b, node["module"]
+        flat = weight.reshape(weight.shape[0], -1)
+        scale = np.abs(flat).max(axis=1).astype(np.float32)
+        positive = flat >= 0
+        if not np.array_equal(np.where(positive, scale[:, None], -scale[:, None]), flat):
+            raise ConfigError(f"{where}: the weight is not one scale times a sign per output channel, "
+                              "so it cannot be written as sign bits; export with binary_ops='float'")
+        inputs = [x, b.const(f"{base}.weight.signs", pack_signs(positive)),
+                  b.const(f"{base}.weight.scale", scale)]
+        if bias is not None:
+            inputs.append(b.const(f"{base}.bias", bias.astype(np.float32)))
+        self.custom_nodes += 1
+        if node["op"] == "linear":
+            return b.node("BinaryGemm", inputs, node["name"], domain=DOMAIN, k=flat.shape[1])
+        attrs = node["attrs"]
+        return b.node("BinaryConv", inputs, node["name"], domain=DOMAIN, k=flat.shape[1],
+                      kernel_shape=list(weight.shape[2:]), strides=_pair(attrs["stride"]),
+                      pads=_pair(attrs["padding"]) * 2, dilations=_pair(attrs["dilation"]), group=attrs["groups"])
 
     def input_padding(self, node: dict[str, Any], affine: _Affine | None, input_quantizer: Quantizer | None,
                       where: str) -> int:
@@ -479,6 +513,12 @@ class _Exporter:
         return self.b.dequantize(f"{module}.bias", coded, int32)
 
 
+def _sign_weights(module: nn.Module) -> bool:
+    """Whether the layer's weight quantizer gives one scale times a sign per channel (binary, xnor)."""
+    q = getattr(module, "weight_quantizer", None)
+    return q is not None and q.name in _SIGN
+
+
 def _check_opset(opset: int) -> int:
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
@@ -493,34 +533,44 @@ def _check_channel_multiple(channel_multiple: int) -> int:
 
 
 def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAULT_OPSET,
-            int4: bool = False, channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE) -> onnx.ModelProto:
+            int4: bool = False, channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE,
+            binary_ops: str = "float") -> onnx.ModelProto:
     """The ONNX model of ``model`` (see the module docstring), its graph traced on ``example_input``.
 
     ``int4=True`` stores codes of at most 4 bits as int4 / uint4 (opset >= 21); by default they
     travel in int8 / uint8, which onnxruntime's int8 kernels run. A conv with 8-bit input and int8
-    symmetric weights gets zero input channels up to a multiple of ``channel_multiple`` (1: none). The model
-    is checked with ``onnx.checker.check_model(full_check=True)``.
+    symmetric weights gets zero input channels up to a multiple of ``channel_multiple`` (1: none).
+    ``binary_ops="custom"`` writes binary / XNOR weight layers as the sign-bit ops of
+    :mod:`lowbit.export.binary_ops` (not runnable by onnxruntime); ``"float"`` (default) as dequantized
+    float weights. The model is checked with ``onnx.checker.check_model(full_check=True)``.
     """
     _check_opset(opset)
     _check_channel_multiple(channel_multiple)
+    if binary_ops not in BINARY_OPS:
+        raise ConfigError(f"binary_ops must be one of {', '.join(BINARY_OPS)}, got {binary_ops!r}")
     if int4 and opset < WIDE_TYPES_OPSET:
         raise ConfigError(f"int4=True needs opset >= {WIDE_TYPES_OPSET} (int4 QuantizeLinear); got opset {opset}")
     from ..serialize import GraphModel
 
     # a model loaded from a .lowbit file runs its stored graph IR, which is the graph to export
     ir = model.ir if isinstance(model, GraphModel) else capture(model, example_input)
-    graph = _Exporter(model, ir, opset, int4, channel_multiple).run()
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lowbit")
-    proto.ir_version = helper.find_min_ir_version_for(proto.opset_import)
+    exporter = _Exporter(model, ir, opset, int4, channel_multiple, binary_ops)
+    graph = exporter.run()
+    imports = [helper.make_opsetid("", opset)]
+    if exporter.custom_nodes:
+        imports.append(helper.make_opsetid(DOMAIN, VERSION))
+    proto = helper.make_model(graph, opset_imports=imports, producer_name="lowbit")
+    proto.ir_version = helper.find_min_ir_version_for(proto.opset_import, ignore_unknown=True)
     onnx.checker.check_model(proto, full_check=True)
     return proto
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *,
                 opset: int = DEFAULT_OPSET, int4: bool = False, channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE,
-                ) -> Path:
+                binary_ops: str = "float") -> Path:
     """Write :func:`to_onnx` of ``model`` to ``path`` (through a temporary file, renamed into place)."""
-    proto = to_onnx(model, example_input, opset=opset, int4=int4, channel_multiple=channel_multiple)
+    proto = to_onnx(model, example_input, opset=opset, int4=int4, channel_multiple=channel_multiple,
+                    binary_ops=binary_ops)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
