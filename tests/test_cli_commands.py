@@ -117,7 +117,7 @@ def test_export_channel_multiple_pads_the_one_channel_int8_conv(tmp_path, multip
     lowbit.save(model, tmp_path / "m.lowbit", example_input=images[:1])
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", str(tmp_path / "m.lowbit"), "--out", str(onnx_path),
-                 "--channel-multiple", str(multiple)]) == 0
+                 "--channel-multiple", str(multiple), "--weight-type", "int8"]) == 0
     assert [node.op_type for node in onnx.load(onnx_path).graph.node].count("Pad") == pads
 
 

@@ -118,21 +118,75 @@ def _first_conv_codes(proto: onnx.ModelProto) -> np.ndarray:
     return next(numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "features.0.weight.codes")
 
 
+#: 7-bit weights: codes within +-64, which the default weight_type="safe" keeps in int8 (no saturation)
+W7A8 = {"weight": uniform_weight(7), "input": uniform_act(8), "first": "same", "last": "same"}
+
+
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_int8_conv_input_is_padded_to_four_zero_channels(in_channels):
-    model, x = _calibrated(_small_cnn(in_channels), "w8a8", shape=(in_channels, 28, 28))
+    model, x = _calibrated(_small_cnn(in_channels), W7A8, shape=(in_channels, 28, 28))
     padded, plain = to_onnx(model, x[:1]), to_onnx(model, x[:1], channel_multiple=1)
     pads = [n for n in padded.graph.node if n.op_type == "Pad"]
     assert len(pads) == 1 and not any(n.op_type == "Pad" for n in plain.graph.node)  # the 8-channel conv is not
     quantize = next(n for n in padded.graph.node if n.op_type == "QuantizeLinear")
     assert quantize.input[0] == pads[0].output[0]  # padded before quantization, so onnxruntime still fuses it
     codes, plain_codes = _first_conv_codes(padded), _first_conv_codes(plain)
-    assert codes.shape == (8, 4, 3, 3) and plain_codes.shape == (8, in_channels, 3, 3)
+    assert codes.dtype == np.int8 and codes.shape == (8, 4, 3, 3) and plain_codes.shape == (8, in_channels, 3, 3)
     np.testing.assert_array_equal(codes[:, :in_channels], plain_codes)
     assert not codes[:, in_channels:].any()  # zero codes of zero-point-0 weights: the extra channels add 0
     _check_parity(model, padded, x)
     # the graphs as written compute the same sums (up to float32 summation order)
     np.testing.assert_allclose(_run(padded, x, fuse=False), _run(plain, x, fuse=False), rtol=1e-5, atol=1e-5)
+
+
+def _codes_and_zero_points(proto: onnx.ModelProto, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return stored[f"{layer}.weight.codes"], stored[f"{layer}.weight.zero_point"]
+
+
+@pytest.mark.parametrize("weight_type, config, unsigned", [
+    ("safe", "w8a8", True), ("safe", W7A8, False), ("int8", "w8a8", False), ("uint8", W7A8, True)])
+def test_weight_type_stores_the_same_values_as_int8_or_uint8(weight_type, config, unsigned):
+    model, x = _calibrated(_small_cnn(), config)
+    proto = to_onnx(model, x[:1], weight_type=weight_type)
+    reference = to_onnx(model, x[:1], weight_type="int8", channel_multiple=1)
+    layers = [t.name.removesuffix(".weight.codes") for t in reference.graph.initializer
+              if t.name.endswith(".weight.codes")]
+    assert len(layers) == 4  # two convs, two linears
+    for layer in layers:
+        codes, zero = _codes_and_zero_points(proto, layer)
+        signed, signed_zero = _codes_and_zero_points(reference, layer)
+        assert codes.dtype == (np.uint8 if unsigned else np.int8) and signed.dtype == np.int8
+        if unsigned:  # codes and zero points 128 higher: (q + 128) - (z + 128) = q - z
+            np.testing.assert_array_equal(codes.astype(np.int16) - 128, signed)
+            np.testing.assert_array_equal(zero.astype(np.int16) - 128, signed_zero)
+    assert any(n.op_type == "Pad" for n in proto.graph.node) != unsigned  # the symmetric kernel needs int8
+    np.testing.assert_allclose(_run(proto, x, fuse=False), _run(reference, x, fuse=False), rtol=1e-5, atol=1e-5)
+    if unsigned or config == W7A8:  # int8 codes past +-64 may saturate on x86 without VNNI
+        _check_parity(model, proto, x)
+
+
+def test_safe_weights_do_not_saturate_the_int8_kernels(tmp_path):
+    """Every weight code at +-127 and every input code at 255: the worst case for int16 pair sums."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 8, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.where(torch.arange(8 * 256).reshape(8, 256) % 3 == 0, -1.0, 1.0))
+    model, _ = _calibrated(model, {"weight": uniform_weight(8), "input": uniform_act(8),
+                                   "first": "same", "last": "same"}, shape=(256,))
+    x = torch.full((4, 256), 10.0)  # above the calibrated range: every input code is the largest, 255
+    proto = to_onnx(model, x[:1])
+    assert _codes_and_zero_points(proto, "1")[0].dtype == np.uint8
+    _session(proto, str(tmp_path / "opt.onnx"))
+    assert "QGemm" in _op_types(tmp_path / "opt.onnx")  # the integer kernel runs
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(_run(proto, x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_bad_weight_type_raises_config_error():
+    model, x = _calibrated(_mlp(), "w8a8")
+    with pytest.raises(ConfigError, match="weight_type must be one of safe, int8, uint8"):
+        to_onnx(model, x[:1], weight_type="int7")
 
 
 ASYMMETRIC = {"weight": {"name": "uniform", "bits": 8, "symmetric": False, "per_channel": True},
@@ -180,8 +234,9 @@ def test_weight_initializers_are_the_quantizer_codes():
     stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     layer = model[1]
     enc = layer.weight_quantizer.encode(layer.weight.detach())
-    assert stored["1.weight.codes"].dtype == np.int8
-    np.testing.assert_array_equal(stored["1.weight.codes"], enc.codes.numpy())
+    assert stored["1.weight.codes"].dtype == np.uint8  # 8-bit codes past +-64: uint8 under weight_type="safe"
+    np.testing.assert_array_equal(stored["1.weight.codes"].astype(np.int64) - 128, enc.codes.numpy())
+    np.testing.assert_array_equal(stored["1.weight.zero_point"], 128)
     np.testing.assert_array_equal(stored["1.weight.scale"], enc.params["scale"].numpy())
     # int32 bias codes with scale s_x s_w, as onnxruntime's QDQ fusion needs
     s_x = float(stored["1.input.scale"])

@@ -21,7 +21,7 @@ FORMATS = ("onnx",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .onnx import BINARY_OPS, DEFAULT_CHANNEL_MULTIPLE, DEFAULT_OPSET
+    from .onnx import BINARY_OPS, DEFAULT_CHANNEL_MULTIPLE, DEFAULT_OPSET, WEIGHT_TYPES
 
     parser.add_argument("source", metavar="FILE_OR_CHECKPOINT",
                         help="a .lowbit file, or a training checkpoint (or its directory)")
@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--binary-ops", default="float", choices=BINARY_OPS,
                         help="binary / XNOR weights as dequantized float (default, runs anywhere) or as sign bits "
                              "in the ai.lowbit custom ops (docs/onnx.md)")
+    parser.add_argument("--weight-type", default="safe", choices=WEIGHT_TYPES,
+                        help="int8 weight codes before 8-bit inputs: int8 where onnxruntime's x86 kernels without "
+                             "VNNI cannot saturate, else uint8 (default: safe, exact on every CPU); int8: always "
+                             "(fastest on VNNI CPUs and ARM); uint8: always")
     parser.add_argument("--model", default=None, help="architecture of a checkpoint (default: from run.json)")
     parser.add_argument("--data", default=None, help="dataset of a checkpoint (default: from run.json)")
 
@@ -63,7 +67,8 @@ def run(args: argparse.Namespace) -> Any:
 
     model, example = _source(args)
     path = export_onnx(model, args.out, example, opset=args.opset, int4=args.int4,
-                       channel_multiple=args.channel_multiple, binary_ops=args.binary_ops)
+                       channel_multiple=args.channel_multiple, binary_ops=args.binary_ops,
+                       weight_type=args.weight_type)
     data = {"path": str(path), "source": args.source, "format": args.format, "opset": args.opset,
             "input_shape": [-1, *example.shape[1:]], "bytes": path.stat().st_size}
     text = f"wrote {path} ({data['bytes']:,} bytes, ONNX opset {args.opset}) from {args.source}"

@@ -57,7 +57,8 @@ from ..quantizers.base import EPS
 from .binary_ops import DOMAIN, VERSION, pack_signs
 from .graph import capture
 
-__all__ = ["BINARY_OPS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "export_onnx", "to_onnx"]
+__all__ = ["BINARY_OPS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "WEIGHT_TYPES",
+           "export_onnx", "to_onnx"]
 
 #: opset written by default: the first with int4 / int16 QuantizeLinear types
 DEFAULT_OPSET = 21
@@ -75,6 +76,12 @@ DEFAULT_CHANNEL_MULTIPLE = 4
 MAX_PADDED_TAPS = 9
 #: how binary / XNOR weights are written: dequantized float (standard ops) or sign bits in ai.lowbit ops
 BINARY_OPS = ("float", "custom")
+#: how int8 weight codes before an 8-bit QDQ input are stored: int8 where they cannot saturate, always, never
+WEIGHT_TYPES = ("safe", "int8", "uint8")
+#: the largest |int8 code| whose products with uint8 inputs never saturate an int16 pair sum: 2 * 255 * 64 < 2^15
+SATURATION_FREE_CODE = 64
+#: added to int8 codes and zero points to store them as uint8
+_UINT8_SHIFT = 128
 
 #: quantizers whose forward is the identity (they act on gradients only)
 _IDENTITY = {"dorefa_grad"}
@@ -321,14 +328,21 @@ def _pad_input_channels(affine: _Affine, weight: np.ndarray, count: int) -> tupl
     return replace(affine, codes=codes), np.concatenate([weight, np.zeros(shape, weight.dtype)], axis=1)
 
 
+def _shift_to_uint8(affine: _Affine) -> _Affine:
+    """The same values with int8 codes and zero points stored as uint8: (q + 128 - (z + 128)) s = (q - z) s."""
+    return replace(affine, codes=affine.codes + _UINT8_SHIFT, zero_point=affine.zero_point + _UINT8_SHIFT,
+                   qmin=affine.qmin + _UINT8_SHIFT, qmax=affine.qmax + _UINT8_SHIFT)
+
+
 def _pair(values: list[int]) -> list[int]:
     return [int(v) for v in values]
 
 
 class _Exporter:
     def __init__(self, model: nn.Module, ir: dict[str, Any], opset: int, int4: bool, channel_multiple: int,
-                 binary_ops: str = "float") -> None:
+                 binary_ops: str = "float", weight_type: str = "safe") -> None:
         self.model, self.ir, self.channel_multiple, self.binary_ops = model, ir, channel_multiple, binary_ops
+        self.weight_type = weight_type
         self.custom_nodes = 0
         self.modules = dict(model.named_modules())
         self.b = _Builder(opset, int4)
@@ -431,7 +445,9 @@ class _Exporter:
                 affine, weight, bias = folded
                 has_bias = True
                 self.folded.add(bn_node["name"])
-        padding = self.input_padding(node, affine, input_quantizer, where)
+        eight_bit_input = b.eight_bit(input_quantizer, f"{node['module']}.input")
+        unsigned = eight_bit_input and self.unsigned_weights(affine, where)
+        padding = 0 if unsigned or not eight_bit_input else self.input_padding(node, affine, where)
         if padding:
             affine, weight = _pad_input_channels(affine, weight, padding)
             x = _Value(b.pad_channels(x.name, padding, f"{node['module']}.input"))
@@ -445,8 +461,8 @@ class _Exporter:
             if affine.per_channel and b.opset < PER_CHANNEL_OPSET:
                 raise ConfigError(f"{where}: per-channel weight scales need opset >= {PER_CHANNEL_OPSET} "
                                   f"(DequantizeLinear axis); got opset {b.opset}")
-            container = b.container(affine, f"{where} weight")
-            w = b.dequantize(f"{node['module']}.weight", affine, container)
+            stored = _shift_to_uint8(affine) if unsigned else affine
+            w = b.dequantize(f"{node['module']}.weight", stored, b.container(stored, f"{where} weight"))
         else:
             w = b.const(f"{node['module']}.weight", weight.astype(np.float32))
         inputs = [x.name, w]
@@ -487,18 +503,25 @@ class _Exporter:
                       kernel_shape=list(weight.shape[2:]), strides=_pair(attrs["stride"]),
                       pads=_pair(attrs["padding"]) * 2, dilations=_pair(attrs["dilation"]), group=attrs["groups"])
 
-    def input_padding(self, node: dict[str, Any], affine: _Affine | None, input_quantizer: Quantizer | None,
-                      where: str) -> int:
-        """Zero input channels a conv needs so its channel count is a multiple of ``channel_multiple``; 0 where
-        the conv is grouped, its kernel has more than MAX_PADDED_TAPS taps, or it will not run on onnxruntime's
-        symmetric int8 conv kernel (weights not int8 with zero point 0, no 8-bit QDQ input)."""
+    def unsigned_weights(self, affine: _Affine | None, where: str) -> bool:
+        """Whether the int8 weight codes of a layer with 8-bit QDQ input are stored as uint8 (``weight_type``)."""
+        if affine is None or self.b.container(affine, f"{where} weight").onnx_type != TensorProto.INT8:
+            return False
+        if self.weight_type == "safe":
+            return int(np.abs(affine.codes).max(initial=0)) > SATURATION_FREE_CODE
+        return self.weight_type == "uint8"
+
+    def input_padding(self, node: dict[str, Any], affine: _Affine | None, where: str) -> int:
+        """Zero input channels a conv with 8-bit QDQ input needs so its channel count is a multiple of
+        ``channel_multiple``; 0 where the conv is grouped, its kernel has more than MAX_PADDED_TAPS taps, or it
+        will not run on onnxruntime's symmetric int8 conv kernel (weights not int8 with zero point 0)."""
         if node["op"] != "conv2d" or node["attrs"]["groups"] != 1 or affine is None or affine.zero_point.any() \
                 or int(np.prod(affine.codes.shape[2:])) > MAX_PADDED_TAPS:
             return 0
         missing = -affine.codes.shape[1] % self.channel_multiple
         if not missing or self.b.container(affine, f"{where} weight").onnx_type != TensorProto.INT8:
             return 0
-        return missing if self.b.eight_bit(input_quantizer, f"{node['module']}.input") else 0
+        return missing
 
     def bias(self, module: str, bias: np.ndarray, x: _Value, affine: _Affine | None) -> str:
         """int32 codes with scale s_x s_w where input and weight are 8-bit QDQ (and the codes fit), else float."""
@@ -534,7 +557,7 @@ def _check_channel_multiple(channel_multiple: int) -> int:
 
 def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAULT_OPSET,
             int4: bool = False, channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE,
-            binary_ops: str = "float") -> onnx.ModelProto:
+            binary_ops: str = "float", weight_type: str = "safe") -> onnx.ModelProto:
     """The ONNX model of ``model`` (see the module docstring), its graph traced on ``example_input``.
 
     ``int4=True`` stores codes of at most 4 bits as int4 / uint4 (opset >= 21); by default they
@@ -542,19 +565,24 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAU
     symmetric weights gets zero input channels up to a multiple of ``channel_multiple`` (1: none).
     ``binary_ops="custom"`` writes binary / XNOR weight layers as the sign-bit ops of
     :mod:`lowbit.export.binary_ops` (not runnable by onnxruntime); ``"float"`` (default) as dequantized
-    float weights. The model is checked with ``onnx.checker.check_model(full_check=True)``.
+    float weights. ``weight_type`` says how int8 weight codes of layers with an 8-bit input are stored:
+    ``"safe"`` (default) as int8 where no int16 pair sum of onnxruntime's x86 kernels can saturate and
+    as uint8 (codes + 128) elsewhere, ``"int8"`` always (fastest on VNNI CPUs and ARM), ``"uint8"``
+    always. The model is checked with ``onnx.checker.check_model(full_check=True)``.
     """
     _check_opset(opset)
     _check_channel_multiple(channel_multiple)
     if binary_ops not in BINARY_OPS:
         raise ConfigError(f"binary_ops must be one of {', '.join(BINARY_OPS)}, got {binary_ops!r}")
+    if weight_type not in WEIGHT_TYPES:
+        raise ConfigError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
     if int4 and opset < WIDE_TYPES_OPSET:
         raise ConfigError(f"int4=True needs opset >= {WIDE_TYPES_OPSET} (int4 QuantizeLinear); got opset {opset}")
     from ..serialize import GraphModel
 
     # a model loaded from a .lowbit file runs its stored graph IR, which is the graph to export
     ir = model.ir if isinstance(model, GraphModel) else capture(model, example_input)
-    exporter = _Exporter(model, ir, opset, int4, channel_multiple, binary_ops)
+    exporter = _Exporter(model, ir, opset, int4, channel_multiple, binary_ops, weight_type)
     graph = exporter.run()
     imports = [helper.make_opsetid("", opset)]
     if exporter.custom_nodes:
@@ -567,10 +595,10 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAU
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *,
                 opset: int = DEFAULT_OPSET, int4: bool = False, channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE,
-                binary_ops: str = "float") -> Path:
+                binary_ops: str = "float", weight_type: str = "safe") -> Path:
     """Write :func:`to_onnx` of ``model`` to ``path`` (through a temporary file, renamed into place)."""
     proto = to_onnx(model, example_input, opset=opset, int4=int4, channel_multiple=channel_multiple,
-                    binary_ops=binary_ops)
+                    binary_ops=binary_ops, weight_type=weight_type)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
