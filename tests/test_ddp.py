@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -111,3 +113,12 @@ def failing_worker(rank: int, world_size: int, port: int) -> None:
 def test_a_failing_worker_raises_training_error():
     with pytest.raises(TrainingError, match="fails on purpose"):
         ddp.launch(failing_worker, 2, timeout_s=60)
+
+
+def aborting_worker(rank: int, world_size: int, port: int) -> None:
+    os.abort()
+
+
+def test_a_worker_killed_by_a_signal_is_named():
+    with pytest.raises(TrainingError, match=r"exited with code -6 \(SIGABRT\)"):
+        ddp.launch(aborting_worker, 1, timeout_s=60)

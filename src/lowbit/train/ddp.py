@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -111,8 +112,14 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
 
 
 def close() -> None:
-    """Leave the process group (a no-op outside one)."""
+    """Wait for every rank, then leave the process group (a no-op outside one).
+
+    The barrier keeps a rank from tearing down its connections while another still talks to it:
+    gloo raises a peer's "connection closed" in a background thread, which aborts that process.
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -137,12 +144,21 @@ def launch(worker: Callable[..., None], world_size: int, args: tuple[Any, ...] =
     except mp.ProcessRaisedException as exc:
         raise TrainingError(f"a DDP process failed:\n{exc}") from None
     except mp.ProcessExitedException as exc:
-        raise TrainingError(f"a DDP process exited with code {exc.exit_code}") from None
+        raise TrainingError(f"a DDP process exited with code {exc.exit_code}{_signal_name(exc.exit_code)} "
+                            "(its own error is on stderr above)") from None
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
                 process.join(5)
+
+
+def _signal_name(exit_code: int) -> str:
+    """`` (SIGABRT)`` for exit code -6: the signal that ended a process, if one did."""
+    try:
+        return f" ({signal.Signals(-exit_code).name})" if exit_code < 0 else ""
+    except ValueError:
+        return ""
 
 
 def wrap(model: nn.Module) -> nn.Module:
