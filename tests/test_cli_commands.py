@@ -133,3 +133,68 @@ def test_export_binary_ops_writes_sign_bit_ops_for_binary_weights(tmp_path, bina
     assert main(["export", str(tmp_path / "m.lowbit"), "--out", str(onnx_path), "--binary-ops", binary_ops]) == 0
     nodes = onnx.load(onnx_path).graph.node
     assert sum(node.domain == "ai.lowbit" for node in nodes) == custom
+
+
+def _lenet5_file(tmp_path, config="w8a8"):
+    torch.manual_seed(0)
+    model = lowbit.quantize(get_model("lenet5"), config)
+    lowbit.calibrate(model, [torch.randn(8, 1, 28, 28)])
+    path = tmp_path / "m.lowbit"
+    lowbit.save(model.eval(), path, example_input=torch.zeros(1, 1, 28, 28))
+    return model, path
+
+
+def test_inspect_reports_the_cost_of_one_inference(tmp_path, capsys):
+    from lowbit.analysis.cost import cost_report
+
+    model, path = _lenet5_file(tmp_path, "xnor")
+    assert main(["inspect", str(path), "--plot", str(tmp_path / "cost.png"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    expected = cost_report(model, (1, 1, 28, 28)).to_dict()
+    assert info["cost"]["total"] == pytest.approx(expected["total"])
+    assert [r["bops"] for r in info["cost"]["layers"]] == [r["bops"] for r in expected["layers"]]
+    assert info["cost"]["total"]["macs_binary"] > 0  # xnor's inner layers are binary x binary
+    assert (tmp_path / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "conv1.weight" in text and "BOPs" in text and "energy" in text
+
+
+def test_inspect_takes_an_energy_table(tmp_path, capsys):
+    _, path = _lenet5_file(tmp_path)
+    (tmp_path / "energy.json").write_text(json.dumps({"dram_read_32bit": 0, "sram_read_32bit": 0}))
+    assert main(["inspect", str(path), "--energy-table", str(tmp_path / "energy.json"), "--json"]) == 0
+    total = json.loads(capsys.readouterr().out)["cost"]["total"]
+    assert total["weight_pj"] == 0 and total["activation_pj"] == 0 and total["energy_pj"] == total["compute_pj"] > 0
+    (tmp_path / "energy.json").write_text(json.dumps({"dram": 1}))
+    assert main(["inspect", str(path), "--energy-table", str(tmp_path / "energy.json")]) == 2
+    assert "unknown key" in capsys.readouterr().err
+
+
+def test_inspect_without_a_graph_has_no_cost_report(tmp_path, capsys):
+    path = tmp_path / "m.lowbit"
+    lowbit.save(lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(16, 4)), "w8a8"), path)  # no example input
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert "cost" not in json.loads(capsys.readouterr().out)
+    assert main(["inspect", str(path), "--plot", str(tmp_path / "cost.png")]) == 2
+    assert "no cost report" in capsys.readouterr().err and not (tmp_path / "cost.png").exists()
+
+
+def test_train_takes_a_config_file_from_allocate(tmp_path, capsys):
+    assert main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--limit", "200",
+                 "--out", str(tmp_path / "float"), "--no-progress"]) == 0
+    config = tmp_path / "config.json"
+    assert main(["allocate", str(tmp_path / "float"), "--data", "digits", "--budget-kb", "40", "--calib-size", "100",
+                 "--bits", "2", "4", "8", "--out", str(config), "--json"]) == 0
+    bits = json.loads(capsys.readouterr().out.splitlines()[-1])["allocation"]["bits"]
+    assert main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--limit", "200",
+                 "--config", str(config), "--out", str(tmp_path / "qat"), "--no-progress", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["run"]["quant"] == lowbit.QuantConfig.from_json(config.read_text()).to_dict()
+    # the checkpoint is rebuilt with the config, and quantize reuses it
+    assert main(["quantize", str(tmp_path / "qat"), "--calib-batches", "0", "--out", str(tmp_path / "m.lowbit")]) == 0
+    assert "its training config" in capsys.readouterr().out
+    assert {r.name: r.weight_bits for r in lowbit.summary(lowbit.load(tmp_path / "m.lowbit")).layers} == bits
+    assert main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--config", str(config),
+                 "--quant", "w8a8", "--out", str(tmp_path / "both")]) == 2
+    assert "either --quant or --config" in capsys.readouterr().err

@@ -116,6 +116,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs in total (default: the recipe's)")
     parser.add_argument("--out", required=True, help="directory for checkpoints, logs and run.json")
     parser.add_argument("--quant", default=None, help="train quantization-aware with this preset (default: float)")
+    parser.add_argument("--config", default=None,
+                        help="train quantization-aware with a QuantConfig JSON file (for example from `lowbit "
+                             "allocate`) instead of a preset")
     parser.add_argument("--recipe", default=None,
                         help="train with a named recipe: bnn, xnor, bwn, dorefa-w1a2g6, abc-3-3, bireal, lsq-w2a2, ...")
     parser.add_argument("--ddp", type=int, default=None, help="with --recipe: data-parallel over N processes (gloo)")
@@ -137,12 +140,19 @@ def _run_train(args: argparse.Namespace) -> Output:
         raise ConfigError("--ddp goes with --recipe")
     from . import workflow
 
+    quant = args.quant
+    if args.config is not None:
+        if args.quant is not None:
+            raise ConfigError("give either --quant or --config, not both")
+        from .config import QuantConfig
+
+        quant = QuantConfig.from_json(_existing_file(args.config, "config").read_text())
     result = workflow.train(
-        args.model, args.data, epochs=args.epochs, out_dir=args.out, quant=args.quant, seed=args.seed,
+        args.model, args.data, epochs=args.epochs, out_dir=args.out, quant=quant, seed=args.seed,
         limit=args.limit, resume=args.resume, data_dir=args.data_dir, progress=args.progress,
         **_given(lr=args.lr, batch_size=args.batch_size),
     )
-    kind = f"quantization-aware ({args.quant})" if args.quant else "float"
+    kind = f"quantization-aware ({args.config or args.quant})" if quant is not None else "float"
     text = (f"trained {args.model} on {args.data}, {kind}, {len(result.history)} epoch(s): "
             f"test accuracy {_percent(result.final_acc)}\ncheckpoint {result.checkpoint}")
     data = {"checkpoint": str(result.checkpoint), "final_acc": result.final_acc,
@@ -151,8 +161,8 @@ def _run_train(args: argparse.Namespace) -> Output:
 
 
 def _run_recipe(args: argparse.Namespace) -> Output:
-    if args.quant is not None or args.resume:
-        raise ConfigError("--recipe fixes the quantizers and the schedule; drop --quant and --resume")
+    if args.quant is not None or args.config is not None or args.resume:
+        raise ConfigError("--recipe fixes the quantizers and the schedule; drop --quant, --config and --resume")
     from . import recipes
     from .train import ddp
 
@@ -228,7 +238,7 @@ def _run_quantize(args: argparse.Namespace) -> Output:
         )
     preset = args.preset or trained_with or "w8a8"
     as_config(preset)  # an unknown preset fails before any data is read
-    label = args.config or preset
+    label = args.config or (preset if isinstance(preset, str) else "its training config")
     if args.calib_batches < 0:
         raise ConfigError(f"--calib-batches must be >= 0, got {args.calib_batches}")
     batches = (workflow.calibration_batches(data, args.calib_batches, seed=args.seed, data_dir=args.data_dir)
@@ -278,13 +288,35 @@ def _run_eval(args: argparse.Namespace) -> Output:
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="a .lowbit file")
+    parser.add_argument("--energy-table", default=None, metavar="JSON",
+                        help="pJ per operation for the cost report, a JSON object such as {\"dram_read_32bit\": 100}"
+                             " (keys left out: Horowitz ISSCC 2014, 45 nm)")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="also write the cost report as a bar chart")
 
 
 def _run_inspect(args: argparse.Namespace) -> Output:
+    """The file's tensors and, where it records its input shape, the cost of one inference at batch 1."""
     from . import serialize
+    from .analysis.cost import EnergyTable, file_cost_report
 
-    info = serialize.inspect_file(_existing_file(args.file, "file"))
-    return Output(text=serialize.format_inspect(info), data=info)
+    path = _existing_file(args.file, "file")
+    info = serialize.inspect_file(path)
+    text = serialize.format_inspect(info)
+    table = EnergyTable.from_json(_existing_file(args.energy_table, "energy table").read_text()) \
+        if args.energy_table else None
+    if info["has_graph"]:
+        report = file_cost_report(path, table)
+        info["cost"] = report.to_dict()
+        text += "\n\ncost of one inference at batch 1 (MACs by precision, BOPs = MACs x w x a, energy):\n" + str(report)
+        if args.plot:
+            from .analysis.plots_cost import plot_cost
+
+            info["plot"] = str(plot_cost(report, args.plot))
+            text += f"\nwrote {info['plot']}"
+    elif args.energy_table or args.plot:
+        raise ConfigError(f"{args.file!r} records no graph and input shape, so it has no cost report; "
+                          "save it with an example input")
+    return Output(text=text, data=info)
 
 
 # ----------------------------------------------------------------------- run
