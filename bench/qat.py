@@ -12,7 +12,9 @@ run, and the wall time of the whole row.
 
 ``--smoke`` is a tiny run (500 images, the fewest epochs each recipe allows) to check the
 script. Writes the JSON and the PNG (accuracy against weight bits per method) and prints a
-Markdown table.
+Markdown table. ``--plot-only`` redraws the PNG from the rows already in ``--out``:
+
+    python bench/qat.py --plot-only --out bench/results/qat.json --plot docs/qat_accuracy_vs_bits.png
 """
 
 from __future__ import annotations
@@ -88,10 +90,17 @@ def main() -> None:
                         "qat-smoke.json with --smoke)")
     parser.add_argument("--plot", default=None, help="PNG of accuracy against weight bits")
     parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
+    parser.add_argument("--plot-only", action="store_true", help="train nothing: plot the rows already in --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     out = Path(args.out or f"bench/results/qat{'-smoke' if args.smoke else ''}.json")
+    if args.plot_only:
+        if not args.plot:
+            parser.error("--plot-only needs --plot")
+        record = json.loads(out.read_text())
+        print("wrote", plot(record["rows"], record["floats"], args.plot))
+        return
     rows: list[dict] = []
     floats: dict[tuple[str, str], dict] = {}
     commands = []
@@ -118,12 +127,17 @@ def main() -> None:
             print(f"float {data} {ref['model']} {json.dumps(ref['model_kwargs'])}: {100 * ref['final_acc']:.2f}% "
                   f"{ref['train_time_per_epoch']:.1f} s/epoch")
     if args.plot:
-        datasets = list(dict.fromkeys(r["data"] for r in rows))
-        panels = {data: [{"method": method(r["recipe"]), "bits": r["weight_bits"], "accuracy": r["final_acc"]}
-                         for r in rows if r["data"] == data] for data in datasets}
-        baselines = {data: next((f["final_acc"] for (d, *_), f in floats.items() if d == data and f["model"] ==
-                                 "small-cnn" and not f["model_kwargs"]), None) for data in datasets}
-        print("wrote", plot_accuracy_vs_bits(panels, args.plot, baselines))
+        print("wrote", plot(rows, list(floats.values()), args.plot))
+
+
+def plot(rows: list[dict], floats: list[dict], path: str) -> Path:
+    """Accuracy against weight bits per method, a panel per dataset, small-cnn's float accuracy dashed."""
+    datasets = list(dict.fromkeys(r["data"] for r in rows))
+    panels = {data: [{"method": method(r["recipe"]), "bits": r["weight_bits"], "accuracy": r["final_acc"]}
+                     for r in rows if r["data"] == data] for data in datasets}
+    baselines = {data: next((f["final_acc"] for f in floats if f["data"] == data and f["model"] == "small-cnn"
+                             and not f["model_kwargs"]), None) for data in datasets}
+    return plot_accuracy_vs_bits(panels, path, baselines)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,8 +26,10 @@ def plot_accuracy_vs_bits(
     bits; a method with one row is a single marker. ``baselines[title]`` (the
     float accuracy) is drawn as a dashed horizontal line. Returns ``path``.
     """
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if not panels:
         raise ConfigError("plot_accuracy_vs_bits needs at least one panel of rows")
@@ -41,13 +44,15 @@ def plot_accuracy_vs_bits(
             if missing:
                 raise ConfigError(f"plot row {dict(row)!r} of panel {title!r} lacks {', '.join(missing)}")
             lines.setdefault(str(row["method"]), []).append((int(row["bits"]), 100.0 * float(row["accuracy"])))
-        for label, points in lines.items():
+        colors = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"].colors
+        for (label, points), color in zip(lines.items(), itertools.cycle(colors)):
             points.sort()
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", linestyle="-" if len(points) > 1 else "none", label=label)
+            ax.plot(xs, ys, marker="o", color=color, linestyle="-" if len(points) > 1 else "none", label=label)
         if baselines.get(title) is not None:
             ax.axhline(100.0 * float(baselines[title]), color="grey", linestyle="--", label="float")
         ax.set_title(title, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("weight bits")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, alpha=0.3)
