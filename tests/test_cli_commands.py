@@ -198,3 +198,13 @@ def test_train_takes_a_config_file_from_allocate(tmp_path, capsys):
     assert main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--config", str(config),
                  "--quant", "w8a8", "--out", str(tmp_path / "both")]) == 2
     assert "either --quant or --config" in capsys.readouterr().err
+
+
+def test_train_with_a_recipe_picks_the_recipe_model(tmp_path, capsys):
+    from lowbit.recipes import get_recipe
+
+    argv = ["train", "--recipe", "ternary", "--data", "mnist", "--epochs", "1", "--limit", "128",
+            "--out", str(tmp_path / "run"), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == get_recipe("ternary").model and (tmp_path / "run" / "last.safetensors").is_file()

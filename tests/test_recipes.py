@@ -21,7 +21,9 @@ from lowbit.recipes.table import RECIPES
 from lowbit.train import Trainer
 from lowbit.workflow import build_model
 
-SMOKE = ("bnn", "bnn-cnn", "xnor", "bwn", "dorefa-w1a2g6", "abc-3-3", "bireal", "lsq-w2a2", "pact-w2a2",
+#: every recipe the issue names: the fixed ones and each listed member of the bit-width families
+SMOKE = ("bnn", "bnn-cnn", "xnor", "bwn", "dorefa-w1a2g6", "dorefa-w1a2g32", "dorefa-w2a2g32", "dorefa-w8a8g8",
+         "abc-3-3", "abc-5-5", "bireal", "lsq-w2a2", "lsq-w3a3", "lsq-w4a4", "pact-w2a2", "pact-w3a3", "pact-w4a4",
          "ternary", "log")
 
 
