@@ -83,6 +83,26 @@ def test_lenet5_bnn_matches_torch_on_mnist(tmp_path, kernel):
     assert_engine_matches(engine, model, images)
 
 
+def test_trained_lenet5_bnn_matches_torch_on_the_whole_mnist_test_set(tmp_path):
+    """A binary LeNet-5 after a short quantization-aware run: the same argmax on all 10,000 test images."""
+    from lowbit import workflow
+
+    images = mnist_images(10_000)
+    trained = workflow.train("lenet5", "mnist", epochs=1, out_dir=tmp_path / "run", quant=binary_config(BINARY),
+                             limit=2_000, lr=0.002, progress=False)
+    path = tmp_path / "lenet5.lowbit"
+    lowbit.save(trained.model.eval(), path, example_input=images[:1])
+    model, engine = lowbit.load(path).eval(), Engine(path)
+    assert engine.binary_layers == ["conv2", "ip1"]
+    with torch.no_grad():
+        expected = torch.cat([model(images[i:i + 2_000]) for i in range(0, 10_000, 2_000)]).numpy()
+    got = np.concatenate([engine.run(images[i:i + 2_000].numpy()) for i in range(0, 10_000, 2_000)])
+    labels = load_dataset("mnist", "test")[1].numpy()
+    assert (expected.argmax(1) == labels).mean() > 0.5  # trained (about 66%), not random weights (chance: 10%)
+    np.testing.assert_array_equal(got.argmax(axis=1), expected.argmax(axis=1))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("weight", [BINARY, XNOR_WEIGHT], ids=["binary", "xnor"])
 def test_binary_cnn_with_padding_stride_and_batchnorm_matches_torch(tmp_path, weight):
     path = tmp_path / "cnn.lowbit"
