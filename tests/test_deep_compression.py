@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,13 +143,19 @@ def test_cli_command_compresses_a_checkpoint(trained, digits, tmp_path):
     checkpoint = Trainer(trained, digits[0], epochs=1, progress=False).save_checkpoint(tmp_path / "float.safetensors")
     parser = argparse.ArgumentParser()
     cli_command.add_arguments(parser)
-    out = tmp_path / "model.lowbit"
+    out = tmp_path / "new" / "model.lowbit"  # a directory that does not exist yet
     args = parser.parse_args([str(checkpoint), "--data", "digits", "--out", str(out), "--rounds", "1",
                               "--sparsity", "ip1=0.8,ip2=0.8,ip3=0.5", "--bits", "4", "--limit", "300",
                               "--finetune-epochs", "0"])
     text, data = cli_command.run(args)
     assert out.is_file() and data["file_bytes"] == out.stat().st_size
     assert "ip1" in text and "compression" in text
+    header = next(line for line in text.splitlines() if line.startswith("layer"))
+    assert header.split() == ["layer", "weights", "kept", "w", "bits", "i", "bits", "w", "huff", "i", "huff", "w",
+                              "ans", "i", "ans", "P+Q", "+Huff", "+ANS", "file"]  # the paper's Tables 2-3, + ANS
+    assert sum(line.startswith(("ip1 ", "ip2 ", "ip3 ", "total ")) for line in text.splitlines()) == 4
+    assert [Path(p).name for p in data["plots"]] == ["model-weight_distribution.png", "model-tradeoff.png"]
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in data["plots"])
     assert data["kept"] == pytest.approx({"ip1": 0.2, "ip2": 0.2, "ip3": 0.5}, abs=1e-3)
     assert data["accuracy"]["loaded"] == data["accuracy"]["share"]
     assert data["ratio_layers"] > data["ratio_file"] > 1

@@ -52,6 +52,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedLayerError
+from ..format.container import write_atomic
 from ..quantizers import Encoded, Quantizer, decode
 from ..quantizers.base import EPS
 from .binary_ops import DOMAIN, VERSION, pack_signs
@@ -599,12 +600,5 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     """Write :func:`to_onnx` of ``model`` to ``path`` (through a temporary file, renamed into place)."""
     proto = to_onnx(model, example_input, opset=opset, int4=int4, channel_multiple=channel_multiple,
                     binary_ops=binary_ops, weight_type=weight_type)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(proto.SerializeToString())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    return path
+    write_atomic(path, proto.SerializeToString())
+    return Path(path)

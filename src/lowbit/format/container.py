@@ -232,10 +232,12 @@ def _check_entry(name: str, info: object) -> tuple[np.dtype, list[int], int, int
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``.
 
-    A failure at any point leaves ``path`` as it was (absent or the old file).
+    Missing parent directories are created. A failure at any point leaves ``path`` as it was (absent or the
+    old file).
     """
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
+    os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(handle, "wb") as file:
