@@ -208,3 +208,18 @@ def test_train_with_a_recipe_picks_the_recipe_model(tmp_path, capsys):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == get_recipe("ternary").model and (tmp_path / "run" / "last.safetensors").is_file()
+
+
+def test_train_recipe_with_ddp_runs_two_processes(tmp_path, capsys):
+    from lowbit import workflow
+
+    argv = ["train", "--recipe", "lsq-w2a2", "--data", "mnist", "--limit", "256", "--ddp", "2",
+            "--out", str(tmp_path / "run"), "--json"]
+    assert main([*argv, "--epochs", "1"]) == 2  # two stages need two epochs: said before any process starts
+    assert "needs epochs >= 2" in capsys.readouterr().err
+    assert main([*argv, "--epochs", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["world_size"] == 2 and 0.0 <= out["final_acc"] <= 1.0
+    model, run = workflow.load_trained(tmp_path / "run" / "last.safetensors")  # rank 0's checkpoint and run.json
+    steps = [m for m in model.modules() if getattr(m, "name", None) == "lsq"]
+    assert run["recipe"] == "lsq-w2a2" and steps and all(bool(q.initialized) for q in steps)  # learned steps kept

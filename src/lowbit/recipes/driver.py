@@ -338,6 +338,7 @@ def train_recipe(
               "limit": limit, "progress": progress, "batch_size": batch_size, "lr": lr, "data_dir": data_dir}
     if ddp_processes is None or ddp_processes == 1:
         return _run(**kwargs)
+    stage_epochs(recipe, recipe.epochs if epochs is None else epochs)  # a bad argument fails here, not in N workers
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         ddp.launch(_ddp_worker, ddp_processes, (kwargs, str(result_path)), timeout_s=DDP_TIMEOUT_S)
