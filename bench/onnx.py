@@ -1,8 +1,8 @@
 """ONNX export in onnxruntime: lowbit's w8a8 QDQ export against float32 and onnxruntime's own quantize_static.
 
-    .venv/bin/python bench/onnx.py [--rounds 7] [--models mlp-wide vgg-small vgg-wide lenet5]
+    .venv/bin/python bench/onnx.py [--rounds 7] [--models mlp-wide vgg-small vgg-wide lenet5] [--preset w7a8]
 
-Models (trained float, seed 0, then quantized post-training with preset w8a8 on
+Models (trained float, seed 0, then quantized post-training with preset w8a8, or ``--preset``, on
 8 calibration batches of 64 training images):
 
 - ``mlp-wide``: 784-2048-2048-10 MLP (ReLU), 1 epoch on MNIST (compute dominates);
@@ -135,12 +135,12 @@ def per_call(s: ort.InferenceSession, x: np.ndarray, seconds: float = 0.2) -> fl
     return elapsed / calls
 
 
-def bench_model(name: str, rounds: int, work: Path) -> dict:
+def bench_model(name: str, rounds: int, work: Path, preset: str = "w8a8") -> dict:
     data = MODELS[name][1]
     model = float_model(name)
     example = workflow.example_input(data)
     batches = workflow.calibration_batches(data, 8, seed=0)
-    quantized = workflow.post_training_quantize(model, "w8a8", batches)
+    quantized = workflow.post_training_quantize(model, preset, batches)
     paths = {v: work / f"{name}-{v}.onnx" for v in VARIANTS}
     export_onnx(model, paths["float32"], example)
     export_onnx(quantized, paths["lowbit"], example)
@@ -151,7 +151,7 @@ def bench_model(name: str, rounds: int, work: Path) -> dict:
                     weight_type=QuantType.QInt8)
     images, labels = load_dataset(data, "test")
     x, y = images.numpy(), labels.numpy()
-    out: dict = {"model": name, "data": data, "examples": len(y), "accuracy": {}, "timing": []}
+    out: dict = {"model": name, "preset": preset, "data": data, "examples": len(y), "accuracy": {}, "timing": []}
     results = {v: logits(session(paths[v], 2), x) for v in VARIANTS}
     for v in VARIANTS:
         out["accuracy"][v] = float((results[v].argmax(1) == y).mean())
@@ -218,10 +218,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median; default 7)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--preset", default="w8a8", help="lowbit preset of the quantized model (default: w8a8)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "onnx.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        results = [bench_model(name, args.rounds, Path(work)) for name in args.models]
+        results = [bench_model(name, args.rounds, Path(work), args.preset) for name in args.models]
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
     Path(args.out).write_text(json.dumps({"onnxruntime": ort.__version__, "cpu_vnni": vnni, "results": results},

@@ -72,6 +72,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     **{f"w{w}a{a}": {"weight": uniform_weight(w), "input": uniform_act(a)}
        for w, a in ((8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 2))},
     **{f"w{w}": {"weight": uniform_weight(w)} for w in (8, 4)},
+    # 7-bit weights in every layer: onnxruntime's u8 x s8 kernels cannot saturate on any x86 CPU (docs/onnx.md)
+    "w7a8": {"weight": uniform_weight(7), "input": uniform_act(8), "first": "same", "last": "same"},
     **{f"linear{b}": {"weight": {"name": "linear", "bits": b}, "input": uniform_act(8)} for b in _LOW_BITS},
     **{f"log{b}": {"weight": {"name": "log2", "bits": b}, "input": uniform_act(8)} for b in _LOW_BITS},
     "bnn": {"weight": {"name": "binary", "ste": "clipped"}, "input": {"name": "binary", "ste": "clipped"}},
