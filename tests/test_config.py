@@ -206,8 +206,17 @@ def test_presets_are_json_data():
 def test_every_preset_builds_and_round_trips(name):
     cfg = preset(name)
     assert QuantConfig.from_json(cfg.to_json()) == cfg
-    assert cfg.first == cfg.last == "8bit"
+    assert cfg.first == cfg.last == PRESETS[name].get("first", "8bit")  # only w7a8 quantizes them like the rest
     assert get(cfg.weight).name == PRESETS[name]["weight"]["name"]
+
+
+def test_w7a8_keeps_every_layer_at_seven_bits():
+    """First and last layers too: an 8-bit layer would bring back onnxruntime's saturation (docs/onnx.md)."""
+    import lowbit
+    from lowbit.models import get_model
+
+    model = lowbit.quantize(get_model("lenet5"), "w7a8")
+    assert {(r.weight_bits, r.input_bits) for r in lowbit.summary(model).layers} == {(7, 8)}
 
 
 @pytest.mark.parametrize(
