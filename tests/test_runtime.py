@@ -83,6 +83,28 @@ def test_lenet5_bnn_matches_torch_on_mnist(tmp_path, kernel):
     assert_engine_matches(engine, model, images)
 
 
+def test_float_layers_run_on_one_blas_thread_beside_the_native_kernels(tmp_path):
+    """numpy's spinning BLAS threads would compete with the kernels' threads for the cores."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    if available_kernels()[0] == "numpy" or not blas_threads():
+        pytest.skip("needs the native kernels and a BLAS behind numpy")
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "lenet5.lowbit"
+    saved(get_model("lenet5"), binary_config(BINARY), path, x[:1])
+    engine = Engine(path, threads=2)
+    seen: list[list[int]] = []
+    name, args, first = engine._steps[0]  # the float first conv, a numpy matmul
+    engine._steps[0] = (name, args, lambda xs: seen.append(blas_threads()) or first(xs))
+    before = blas_threads()
+    engine.run(x.numpy())
+    assert seen == [[1] * len(before)] and blas_threads() == before  # limited during the run, restored after
+    assert Engine(path, threads=1)._blas is None and Engine(path, kernel="numpy", threads=2)._blas is None
+
+
 def test_trained_lenet5_bnn_matches_torch_on_the_whole_mnist_test_set(tmp_path):
     """A binary LeNet-5 after a short quantization-aware run: the same argmax on all 10,000 test images."""
     from lowbit import workflow

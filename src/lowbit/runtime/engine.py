@@ -39,6 +39,7 @@ import os
 from typing import Any, Callable
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from ..errors import ConfigError, FormatError, UnsupportedLayerError
 from ..format.codecs import values
@@ -103,6 +104,10 @@ class Engine:
                 self.folded[node["name"]] = folded
             args = [rename[node["name"]]] if node["name"] in rename else node["inputs"]
             self._steps.append((node["name"], args, step))
+        # numpy's BLAS threads spin between calls; beside the native kernels' threads they oversubscribe the cores
+        # (2 cores: a batch-1 run took 3x as long), so float layers run on one BLAS thread where those kernels run
+        uses_native_threads = self.binary_layers and self.kernel != "numpy" and self.threads != 1
+        self._blas = ThreadpoolController() if uses_native_threads else None
 
     # ------------------------------------------------------------------ building
 
@@ -282,6 +287,12 @@ class Engine:
         if expected is not None and (x.ndim != len(expected) or list(x.shape[1:]) != list(expected[1:])):
             raise ConfigError(f"engine input {self.input_name!r} must have shape [batch, {', '.join(map(str, expected[1:]))}], "
                               f"got {list(x.shape)}")
+        if self._blas is None:
+            return self._execute(x)
+        with self._blas.limit(limits=1, user_api="blas"):
+            return self._execute(x)
+
+    def _execute(self, x: np.ndarray) -> np.ndarray:
         env = {self.input_name: x}
         for name, args, step in self._steps:
             env[name] = step([env[a] for a in args])
