@@ -56,6 +56,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
         save_file(train(LSQ, batch_norm=False), f"{out_dir}/lsq-{rank}.safetensors")
         save_file(train(OBSERVED, batch_norm=True), f"{out_dir}/observed-{rank}.safetensors")
+        ddp.barrier()
     finally:
         ddp.close()
 

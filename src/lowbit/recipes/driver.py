@@ -299,6 +299,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, kwargs: dict[str, Any], r
         result = _run(**kwargs)
         if rank == 0:
             Path(result_path).write_text(json.dumps(result))
+        ddp.barrier()
     finally:
         ddp.close()
 

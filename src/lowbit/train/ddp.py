@@ -111,15 +111,21 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     return True
 
 
-def close() -> None:
-    """Wait for every rank, then leave the process group (a no-op outside one).
+def barrier() -> None:
+    """Wait until every rank gets here (a no-op outside a process group).
 
-    The barrier keeps a rank from tearing down its connections while another still talks to it:
-    gloo raises a peer's "connection closed" in a background thread, which aborts that process.
+    Workers call it after their last collective, before :func:`close`: a rank that tears down its
+    connections while another still talks to it makes gloo raise "connection closed" in a background
+    thread, which aborts that process. Only on success: a failed rank must leave at once, so its
+    error reaches :func:`launch` instead of waiting out the barrier's timeout.
     """
+    if is_distributed():
+        dist.barrier()
+
+
+def close() -> None:
+    """Leave the process group (a no-op outside one)."""
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
 
 
