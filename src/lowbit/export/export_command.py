@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-type", default="safe", choices=WEIGHT_TYPES,
                         help="int8 weight codes before 8-bit inputs: int8 where onnxruntime's x86 kernels without "
                              "VNNI cannot saturate, else uint8 (default: safe, exact on every CPU); int8: always "
-                             "(fastest on VNNI CPUs and ARM); uint8: always")
+                             "(exact and fastest on x86 CPUs with VNNI); uint8: always")
     parser.add_argument("--model", default=None, help="architecture of a checkpoint (default: from run.json)")
     parser.add_argument("--data", default=None, help="dataset of a checkpoint (default: from run.json)")
 

@@ -32,6 +32,15 @@
   channels: ``Pad`` on the float input before its ``QuantizeLinear`` and zero weight
   codes for them, so every output is the same sum. Larger kernels gained nothing
   measurable.
+- 8-bit weight codes of a layer with an 8-bit QDQ input run on onnxruntime's
+  u8 x s8 kernels, which on x86 CPUs without VNNI add pairs of products in int16
+  (``VPMADDUBSW``) and saturate where ``|a1 w1 + a2 w2| > 32767``.
+  ``weight_type="safe"`` (default) keeps int8 codes only where that cannot happen
+  (every ``|code| <= 64``: ``2 * 255 * 64 = 32640``) and elsewhere stores them as
+  uint8 with 128 added to codes and zero point (the same values; onnxruntime's
+  u8 x u8 kernels widen to int16 before multiplying, exact on every CPU).
+  ``"int8"`` always keeps int8 (exact and fastest on x86 with VNNI), ``"uint8"``
+  always shifts. See docs/onnx.md, "Saturation on x86 without VNNI".
 
 Rounding: ONNX ``QuantizeLinear`` computes ``saturate(round(x / s) + z)`` (half to
 even); lowbit multiplies by the float32 reciprocal ``x * (1/s)``. The two differ
@@ -568,8 +577,8 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAU
     :mod:`lowbit.export.binary_ops` (not runnable by onnxruntime); ``"float"`` (default) as dequantized
     float weights. ``weight_type`` says how int8 weight codes of layers with an 8-bit input are stored:
     ``"safe"`` (default) as int8 where no int16 pair sum of onnxruntime's x86 kernels can saturate and
-    as uint8 (codes + 128) elsewhere, ``"int8"`` always (fastest on VNNI CPUs and ARM), ``"uint8"``
-    always. The model is checked with ``onnx.checker.check_model(full_check=True)``.
+    as uint8 (codes + 128) elsewhere, ``"int8"`` always (exact and fastest on x86 CPUs with VNNI),
+    ``"uint8"`` always. The model is checked with ``onnx.checker.check_model(full_check=True)``.
     """
     _check_opset(opset)
     _check_channel_multiple(channel_multiple)
