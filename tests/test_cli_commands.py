@@ -223,3 +223,25 @@ def test_train_recipe_with_ddp_runs_two_processes(tmp_path, capsys):
     model, run = workflow.load_trained(tmp_path / "run" / "last.safetensors")  # rank 0's checkpoint and run.json
     steps = [m for m in model.modules() if getattr(m, "name", None) == "lsq"]
     assert run["recipe"] == "lsq-w2a2" and steps and all(bool(q.initialized) for q in steps)  # learned steps kept
+
+
+def test_export_takes_a_quantization_aware_checkpoint(tmp_path, capsys):
+    import numpy as np
+    import onnxruntime
+
+    from lowbit import workflow
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--limit", "200",
+                 "--quant", "w8a8", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "m.onnx"), "--json"]) == 0  # a directory: its last
+    out = json.loads(capsys.readouterr().out)
+    assert out["input_shape"] == [-1, 1, 8, 8]
+    model, _ = workflow.load_trained(run / "last.safetensors")  # rebuilt with its preset, from run.json
+    images, _ = workflow.eval_set("digits", 64)
+    session = onnxruntime.InferenceSession(out["path"], providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    with torch.no_grad():
+        want = model(images).numpy()
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # the 8-bit tolerance of tests/test_onnx.py
