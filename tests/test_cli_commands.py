@@ -237,7 +237,10 @@ def test_export_takes_a_quantization_aware_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(tmp_path / "m.onnx"), "--json"]) == 0  # a directory: its last
     out = json.loads(capsys.readouterr().out)
-    assert out["input_shape"] == [-1, 1, 8, 8]
+    assert out["input_shape"] == [-1, 1, 8, 8] and out["weight_type"] == "safe"
+    assert out["uint8_weight_layers"] == ["ip1", "ip2", "ip3"]  # 8-bit codes past +-64 in every layer
+    assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "3 layer(s) store their 8-bit weights as uint8" in capsys.readouterr().out
     model, _ = workflow.load_trained(run / "last.safetensors")  # rebuilt with its preset, from run.json
     images, _ = workflow.eval_set("digits", 64)
     session = onnxruntime.InferenceSession(out["path"], providers=["CPUExecutionProvider"])

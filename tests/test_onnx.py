@@ -20,6 +20,7 @@ import lowbit
 from lowbit.config import uniform_act, uniform_weight
 from lowbit.errors import ConfigError, UnsupportedLayerError
 from lowbit.export import export_command, export_onnx, to_onnx
+from lowbit.export.onnx import uint8_weight_layers
 from lowbit.models import get_model
 from lowbit.nn import QuantAct
 
@@ -161,6 +162,7 @@ def test_weight_type_stores_the_same_values_as_int8_or_uint8(weight_type, config
             np.testing.assert_array_equal(codes.astype(np.int16) - 128, signed)
             np.testing.assert_array_equal(zero.astype(np.int16) - 128, signed_zero)
     assert any(n.op_type == "Pad" for n in proto.graph.node) != unsigned  # the symmetric kernel needs int8
+    assert uint8_weight_layers(proto) == (layers if unsigned else [])  # recorded in the model's metadata
     np.testing.assert_allclose(_run(proto, x, fuse=False), _run(reference, x, fuse=False), rtol=1e-5, atol=1e-5)
     if unsigned or config == W7A8:  # int8 codes past +-64 may saturate on x86 without VNNI
         _check_parity(model, proto, x)

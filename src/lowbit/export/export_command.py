@@ -63,13 +63,19 @@ def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
 def run(args: argparse.Namespace) -> Any:
     """Returns the ``lowbit.cli.Output`` of the command."""
     from ..cli import Output
-    from .onnx import export_onnx
+    from .onnx import to_onnx, uint8_weight_layers, write_onnx
 
     model, example = _source(args)
-    path = export_onnx(model, args.out, example, opset=args.opset, int4=args.int4,
-                       channel_multiple=args.channel_multiple, binary_ops=args.binary_ops,
-                       weight_type=args.weight_type)
+    proto = to_onnx(model, example, opset=args.opset, int4=args.int4, channel_multiple=args.channel_multiple,
+                    binary_ops=args.binary_ops, weight_type=args.weight_type)
+    path = write_onnx(proto, args.out)
+    uint8_layers = uint8_weight_layers(proto)
     data = {"path": str(path), "source": args.source, "format": args.format, "opset": args.opset,
-            "input_shape": [-1, *example.shape[1:]], "bytes": path.stat().st_size}
+            "input_shape": [-1, *example.shape[1:]], "bytes": path.stat().st_size, "weight_type": args.weight_type,
+            "uint8_weight_layers": uint8_layers}
     text = f"wrote {path} ({data['bytes']:,} bytes, ONNX opset {args.opset}) from {args.source}"
+    if uint8_layers:
+        text += (f"\n{len(uint8_layers)} layer(s) store their 8-bit weights as uint8, exact on every CPU "
+                 "(int8 would saturate onnxruntime's x86 kernels without VNNI) but slower there; for a VNNI "
+                 "target use --weight-type int8, for speed on any x86 the w7a8 preset (docs/onnx.md)")
     return Output(text=text, data=data)

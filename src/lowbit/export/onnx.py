@@ -67,8 +67,8 @@ from ..quantizers.base import EPS
 from .binary_ops import DOMAIN, VERSION, pack_signs
 from .graph import capture
 
-__all__ = ["BINARY_OPS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "WEIGHT_TYPES",
-           "export_onnx", "to_onnx"]
+__all__ = ["BINARY_OPS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "UINT8_WEIGHTS_PROP",
+           "WEIGHT_TYPES", "export_onnx", "to_onnx", "uint8_weight_layers", "write_onnx"]
 
 #: opset written by default: the first with int4 / int16 QuantizeLinear types
 DEFAULT_OPSET = 21
@@ -92,6 +92,8 @@ WEIGHT_TYPES = ("safe", "int8", "uint8")
 SATURATION_FREE_CODE = 64
 #: added to int8 codes and zero points to store them as uint8
 _UINT8_SHIFT = 128
+#: model metadata key listing the layers whose int8 weight codes were stored as uint8
+UINT8_WEIGHTS_PROP = "lowbit.uint8_weight_layers"
 
 #: quantizers whose forward is the identity (they act on gradients only)
 _IDENTITY = {"dorefa_grad"}
@@ -354,6 +356,8 @@ class _Exporter:
         self.model, self.ir, self.channel_multiple, self.binary_ops = model, ir, channel_multiple, binary_ops
         self.weight_type = weight_type
         self.custom_nodes = 0
+        #: layers whose int8 weight codes were stored as uint8 (weight_type)
+        self.uint8_weight_layers: list[str] = []
         self.modules = dict(model.named_modules())
         self.b = _Builder(opset, int4)
         self.values: dict[str, _Value] = {}
@@ -472,6 +476,8 @@ class _Exporter:
                 raise ConfigError(f"{where}: per-channel weight scales need opset >= {PER_CHANNEL_OPSET} "
                                   f"(DequantizeLinear axis); got opset {b.opset}")
             stored = _shift_to_uint8(affine) if unsigned else affine
+            if unsigned:
+                self.uint8_weight_layers.append(node["module"])
             w = b.dequantize(f"{node['module']}.weight", stored, b.container(stored, f"{where} weight"))
         else:
             w = b.const(f"{node['module']}.weight", weight.astype(np.float32))
@@ -598,6 +604,8 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAU
     if exporter.custom_nodes:
         imports.append(helper.make_opsetid(DOMAIN, VERSION))
     proto = helper.make_model(graph, opset_imports=imports, producer_name="lowbit")
+    if exporter.uint8_weight_layers:
+        helper.set_model_props(proto, {UINT8_WEIGHTS_PROP: ",".join(exporter.uint8_weight_layers)})
     proto.ir_version = helper.find_min_ir_version_for(proto.opset_import, ignore_unknown=True)
     onnx.checker.check_model(proto, full_check=True)
     return proto
@@ -606,8 +614,18 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAU
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *,
                 opset: int = DEFAULT_OPSET, int4: bool = False, channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE,
                 binary_ops: str = "float", weight_type: str = "safe") -> Path:
-    """Write :func:`to_onnx` of ``model`` to ``path`` (through a temporary file, renamed into place)."""
-    proto = to_onnx(model, example_input, opset=opset, int4=int4, channel_multiple=channel_multiple,
-                    binary_ops=binary_ops, weight_type=weight_type)
+    """Write :func:`to_onnx` of ``model`` to ``path`` (:func:`write_onnx`)."""
+    return write_onnx(to_onnx(model, example_input, opset=opset, int4=int4, channel_multiple=channel_multiple,
+                              binary_ops=binary_ops, weight_type=weight_type), path)
+
+
+def write_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``proto`` to ``path`` through a temporary file renamed into place (parent directories created)."""
     write_atomic(path, proto.SerializeToString())
     return Path(path)
+
+
+def uint8_weight_layers(proto: onnx.ModelProto) -> list[str]:
+    """The layers of an exported model whose int8 weight codes are stored as uint8 (see ``weight_type``)."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    return [name for name in props.get(UINT8_WEIGHTS_PROP, "").split(",") if name]
