@@ -9,19 +9,25 @@ After Zhou, Moosavi-Dezfooli, Cheung & Frossard (AAAI 2018). For each trained fl
    binary weights with per-channel scales; otherwise uniform symmetric per-channel), inputs float;
    its size S_b is the summary byte rule's total (``lowbit.summary(q).total_bytes``);
 3. allocate per-layer bits of least predicted loss within S_b (``allocate_bits``: exact knapsack on the
-   isotonic, clipped costs, ties toward the fuller model), once per objective in ``--objectives``, and
-   quantize with that config (a size where an allocation cannot be built is dropped and reported);
-4. post-training: evaluate every model on the full 10,000-image test set;
-5. short QAT: from the same float checkpoint, fine-tune the uniform model and the adaptive model of each
+   isotonic, clipped costs, ties toward the fuller model: "adaptive"), and the smallest per-layer bits whose
+   predicted loss is at most the uniform model's (``allocate_for_loss``: "smallest adaptive", the paper's
+   "smaller model at equal accuracy"), once per objective in ``--objectives`` (a method whose allocation
+   cannot be built is dropped and reported);
+4. post-training: evaluate every model on the full 10,000-image test set (accuracy and cross-entropy),
+   and each against the uniform model by the exact McNemar test (``lowbit.analysis.significance``);
+5. short QAT: from the same float checkpoint, fine-tune the uniform model and both adaptive models of each
    objective in ``--qat-objectives`` with their weight fake-quantizers for one epoch over ``--qat-images``
-   seeded training images (SGD, momentum 0.9, lr ``--qat-lr``, cosine schedule, batch 64, seed
-   ``--seed``: the same optimizer, data order and seed for every model), then evaluate on the test set.
-   An adaptive config equal to the uniform one is not trained twice (the run is deterministic).
+   seeded training images (SGD, momentum 0.9, lr ``--qat-lr``, cosine schedule, batch 64), once per seed of
+   ``--qat-seeds`` (the data order: the same optimizer, data and order for every model of a seed), then
+   evaluate and test as in 4. A config equal to one already trained is not trained again (deterministic).
+
+The verdict per size compares the mean test accuracy over the QAT seeds (one value post-training); the
+McNemar verdicts say which differences are larger than the test set's sampling noise (p < 0.05).
 
 Networks (float checkpoints shared with bench/linear_vs_log.py through the lowbit cache):
 LeNet-5 / MNIST (2 epochs) and vgg-small (16, M, 32, M, 64, M; hidden 128) / Fashion-MNIST (3 epochs).
 
-    python bench/mixed_precision.py --threads 1   # bench/results/mixed_precision.json,
+    python bench/mixed_precision.py --threads 2   # bench/results/mixed_precision.json,
                                                   # docs/mixed_precision.png, docs/mixed_precision_qat.png
 """
 
@@ -31,6 +37,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,8 +45,9 @@ from torch import nn
 
 import lowbit
 from lowbit import workflow
-from lowbit.analysis.allocate import allocate_bits
+from lowbit.analysis.allocate import allocate_bits, allocate_for_loss
 from lowbit.analysis.plots_cost import plot_accuracy_vs_size
+from lowbit.analysis.significance import PairedComparison, paired_comparison
 from lowbit.analysis.sensitivity import DEFAULT_BITS, layer_config, measure_sensitivity
 from lowbit.config import QuantConfig
 from lowbit.data import load_dataset, make_loader
@@ -62,14 +70,37 @@ def sample(data: str, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return images[chosen], labels[chosen]
 
 
-def short_qat(model: nn.Module, config: QuantConfig, train: tuple[torch.Tensor, torch.Tensor],
+def short_qat(model: nn.Module, config: QuantConfig, train: tuple[torch.Tensor, torch.Tensor], seed: int,
               args: argparse.Namespace) -> nn.Module:
     """A quantized copy of the float ``model`` fine-tuned for one epoch on ``train`` (same recipe for every config)."""
     quantized = lowbit.quantize(model, config)
-    loader = make_loader(*train, QAT_BATCH_SIZE, shuffle=True, seed=args.seed)
+    loader = make_loader(*train, QAT_BATCH_SIZE, shuffle=True, seed=seed)
     Trainer(quantized, loader, epochs=1, optimizer="sgd", lr=args.qat_lr, momentum=0.9, schedule="cosine",
-            seed=args.seed, progress=False).fit()
+            seed=seed, progress=False).fit()
     return quantized.eval()
+
+
+def configs_at(table, model: nn.Module, b: int, args: argparse.Namespace, name: str) -> tuple[int, dict]:
+    """The size of the all-``b``-bit model and the per-layer bits of every method at that size: uniform, the
+    least predicted loss within it (``adaptive``) and the smallest predicted to lose no more than uniform
+    (``smallest adaptive``), once per objective. A method whose allocation cannot be built is dropped."""
+    uniform_bits = {n: b for n in table.layers}
+    size = lowbit.summary(lowbit.quantize(model, layer_config(uniform_bits))).total_bytes
+    configs = {"uniform": uniform_bits}
+    for objective in args.objectives:
+        uniform_loss = sum(table.cost(n, b, objective) for n in table.layers)
+        for method, allocate in ((f"adaptive ({objective})", partial(allocate_bits, table, size, objective)),
+                                 (f"smallest adaptive ({objective})",
+                                  partial(allocate_for_loss, table, uniform_loss, objective))):
+            try:
+                configs[method] = allocate().bits
+            except ConfigError as exc:
+                print(f"{name}: {b}-bit size: {method} dropped: {exc}", flush=True)
+    return size, configs
+
+
+def objective_of(method: str) -> str:
+    return method.rsplit("(", 1)[1].rstrip(")") if "(" in method else ""
 
 
 def run_setup(name: str, setup: dict, args: argparse.Namespace) -> dict:
@@ -78,22 +109,16 @@ def run_setup(name: str, setup: dict, args: argparse.Namespace) -> dict:
                                             model_kwargs=setup["model_kwargs"], progress=False)
     model = trained.model.eval()
     test = workflow.eval_set(setup["data"], args.limit)
-    float_acc = workflow.accuracy(model, *test, progress=False)
+    float_correct, float_losses = workflow.outcomes(model, *test, progress=False)
     table = measure_sensitivity(model, *sample(setup["data"], args.calib_size, args.seed), bits=DEFAULT_BITS)
     train = sample(setup["data"], args.qat_images, args.seed)
-    print(f"{name}: float {100 * float_acc:.2f}%, sensitivity measured ({time.perf_counter() - start:.0f} s)",
-          flush=True)
+    print(f"{name}: float {100 * float(float_correct.double().mean()):.2f}%, sensitivity measured "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
     rows = []
     for b in args.uniform:
-        uniform_bits = {n: b for n in table.layers}
-        size = lowbit.summary(lowbit.quantize(model, layer_config(uniform_bits))).total_bytes
-        configs = {"uniform": uniform_bits}
-        for objective in args.objectives:
-            try:
-                configs[f"adaptive ({objective})"] = allocate_bits(table, size, objective=objective).bits
-            except ConfigError as exc:
-                print(f"{name}: {b}-bit size: adaptive ({objective}) dropped: {exc}", flush=True)
-        trained_qat: dict[str, tuple[str, float]] = {}  # config JSON -> (method trained, accuracy)
+        size, configs = configs_at(table, model, b, args, name)
+        trained_qat: dict[tuple[str, int], tuple[str, torch.Tensor, float]] = {}  # (config, seed) -> first result
+        uniform_correct = {}
         for method, bits in configs.items():
             config = layer_config(bits)
             quantized = lowbit.quantize(model, config)
@@ -101,73 +126,106 @@ def run_setup(name: str, setup: dict, args: argparse.Namespace) -> dict:
             if real > size:
                 raise SystemExit(f"{method} at the {b}-bit size: {real} bytes exceed the budget {size}")
             base = {"uniform_bits": b, "method": method, "size": real, "budget": size, "bits": bits}
-            rows.append({**base, "phase": "ptq", "accuracy": workflow.accuracy(quantized, *test, progress=False)})
-            if method != "uniform" and method.removeprefix("adaptive (").rstrip(")") not in args.qat_objectives:
-                continue
-            key = config.to_json()
-            qat_start = time.perf_counter()
-            if key in trained_qat:
-                same_as, acc = trained_qat[key]
-                rows.append({**base, "phase": "qat", "accuracy": acc, "same_as": same_as, "seconds": 0.0})
-            else:
-                acc = workflow.accuracy(short_qat(model, config, train, args), *test, progress=False)
-                trained_qat[key] = (method, acc)
-                rows.append({**base, "phase": "qat", "accuracy": acc, "seconds": time.perf_counter() - qat_start})
-        for row in rows:
-            if row["uniform_bits"] == b:
-                print(f"{name}: {b}-bit size {row['phase']} {row['method']:<22} {row['size']:>9,} B "
-                      f"{100 * row['accuracy']:6.2f}%  {row['bits']}", flush=True)
+            runs = [("ptq", None, lambda: quantized)]
+            if method == "uniform" or objective_of(method) in args.qat_objectives:
+                runs += [("qat", seed, lambda seed=seed: short_qat(model, config, train, seed, args))
+                         for seed in args.qat_seeds]
+            for phase, seed, build in runs:
+                key, run_start, extra = (config.to_json(), seed), time.perf_counter(), {}
+                if phase == "qat" and key in trained_qat:
+                    extra["same_as"], correct, loss = trained_qat[key]
+                else:
+                    correct, losses = workflow.outcomes(build(), *test, progress=False)
+                    loss = float(losses.mean())
+                    if phase == "qat":
+                        trained_qat[key] = (method, correct, loss)
+                if method == "uniform":
+                    uniform_correct[phase, seed] = correct
+                row = {**base, "phase": phase, "seed": seed, "accuracy": float(correct.double().mean()),
+                       "test_loss": loss, "vs_uniform": paired_comparison(correct, uniform_correct[phase, seed])
+                       .to_dict(), "seconds": time.perf_counter() - run_start, **extra}
+                rows.append(row)
+                print(f"{name}: {b}-bit size {phase} {'' if seed is None else f'seed {seed} '}{method:<30} "
+                      f"{real:>9,} B {100 * row['accuracy']:6.2f}% loss {loss:.4f} "
+                      f"p {row['vs_uniform']['p_value']:.3f}  {bits}", flush=True)
     return {"model": setup["model"], "data": setup["data"], "epochs": setup["epochs"],
-            "model_kwargs": setup["model_kwargs"], "reused_checkpoint": reused, "float_acc": float_acc,
+            "model_kwargs": setup["model_kwargs"], "reused_checkpoint": reused,
+            "float_acc": float(float_correct.double().mean()), "float_test_loss": float(float_losses.mean()),
             "test_images": len(test[1]), "sensitivity": table.to_dict(), "rows": rows,
             "seconds": time.perf_counter() - start}
 
 
-def compare(result: dict, phase: str, method: str) -> list[tuple[int, str]]:
-    """Per size: ``method`` against uniform in ``phase``, as "win", "tie" or "loss" (test accuracy)."""
-    by_key = {(r["uniform_bits"], r["method"]): r for r in result["rows"] if r["phase"] == phase}
+def mean_accuracy(result: dict, phase: str) -> dict[tuple[int, str], float]:
+    """(uniform bits, method) -> test accuracy in ``phase``, averaged over the QAT seeds."""
+    grouped: dict[tuple[int, str], list[float]] = {}
+    for row in result["rows"]:
+        if row["phase"] == phase:
+            grouped.setdefault((row["uniform_bits"], row["method"]), []).append(row["accuracy"])
+    return {key: sum(values) / len(values) for key, values in grouped.items()}
+
+
+def verdicts(result: dict, phase: str, method: str) -> list[tuple[int, str]]:
+    """Per size, ``method`` against uniform in ``phase``: the mean accuracy over seeds compared ("win",
+    "tie", "loss"), and each seed's exact McNemar verdict ("win", "loss" at p < 0.05, else "tie" or
+    "within noise")."""
+    means = mean_accuracy(result, phase)
     out = []
-    for (b, m), row in by_key.items():
-        if m == method:
-            uniform = by_key[(b, "uniform")]["accuracy"]
-            out.append((b, "win" if row["accuracy"] > uniform else "tie" if row["accuracy"] == uniform else "loss"))
+    for b in dict.fromkeys(r["uniform_bits"] for r in result["rows"]):
+        if (b, method) not in means:
+            continue
+        difference = means[(b, method)] - means[(b, "uniform")]
+        tests = [PairedComparison(**{k: r["vs_uniform"][k] for k in ("examples", "only_a", "only_b", "p_value")})
+                 .verdict() for r in result["rows"]
+                 if r["phase"] == phase and r["method"] == method and r["uniform_bits"] == b]
+        out.append((b, "win" if difference > 0 else "tie" if difference == 0 else "loss", ", ".join(tests)))
     return out
 
 
 def markdown(results: dict, args: argparse.Namespace) -> str:
+    seeds = ", ".join(map(str, args.qat_seeds))
     lines = []
     for name, result in results.items():
         lines += [f"**{name}** ({result['model']}, {result['epochs']} epochs float, float accuracy "
-                  f"{100 * result['float_acc']:.2f}%)", "",
-                  "| size (uniform bits) | method | bytes | per-layer bits | post-training | after short QAT |",
+                  f"{100 * result['float_acc']:.2f}%, test loss {result['float_test_loss']:.4f})", "",
+                  f"| size (uniform bits) | method | bytes | per-layer bits | post-training (loss; McNemar p vs "
+                  f"uniform) | after short QAT, seeds {seeds} |",
                   "|---|---|---|---|---|---|"]
-        qat = {(r["uniform_bits"], r["method"]): r for r in result["rows"] if r["phase"] == "qat"}
+        qat: dict[tuple[int, str], list[dict]] = {}
+        for r in result["rows"]:
+            if r["phase"] == "qat":
+                qat.setdefault((r["uniform_bits"], r["method"]), []).append(r)
         for row in (r for r in result["rows"] if r["phase"] == "ptq"):
             bits = ", ".join(f"{n} {b}" for n, b in row["bits"].items())
-            after = qat.get((row["uniform_bits"], row["method"]))
-            after_text = "-" if after is None else f"{100 * after['accuracy']:.2f}%"
-            if after is not None and "same_as" in after:
-                after_text += f" (= {after['same_as']})"
+            after = qat.get((row["uniform_bits"], row["method"]), [])
+            after_text = " / ".join(f"{100 * r['accuracy']:.2f}%" for r in after) or "-"
+            if any("same_as" in r for r in after):
+                after_text += f" (= {after[0]['same_as']})"
+            p_text = "" if row["method"] == "uniform" else f"; p {row['vs_uniform']['p_value']:.2f}"
             lines.append(f"| {row['uniform_bits']}-bit ({row['budget']:,} B) | {row['method']} | {row['size']:,} | "
-                         f"{bits} | {100 * row['accuracy']:.2f}% | {after_text} |")
+                         f"{bits} | {100 * row['accuracy']:.2f}% ({row['test_loss']:.4f}{p_text}) | {after_text} |")
         lines.append("")
     for phase in PHASES:
-        for objective in args.objectives if phase == "ptq" else args.qat_objectives:
-            method = f"adaptive ({objective})"
-            verdicts = [(name, b, v) for name, r in results.items() for b, v in compare(r, phase, method)]
-            counts = {v: sum(1 for *_, w in verdicts if w == v) for v in ("win", "tie", "loss")}
+        objectives = args.objectives if phase == "ptq" else args.qat_objectives
+        for method in (f"{kind} ({objective})" for objective in objectives for kind in ("adaptive", "smallest adaptive")):
+            found = [(name, b, v, tests) for name, r in results.items() for b, v, tests in verdicts(r, phase, method)]
+            counts = {v: sum(1 for _, _, w, _ in found if w == v) for v in ("win", "tie", "loss")}
+            significant = [f"{name} {b}-bit ({tests})" for name, b, _, tests in found
+                           if "win" in tests.split(", ") or "loss" in tests.split(", ")]
             lines.append(f"{PHASES[phase]}, {method} vs uniform: {counts['win']} wins, {counts['tie']} ties, "
-                         f"{counts['loss']} losses of {len(verdicts)} sizes; not wins: "
-                         + (", ".join(f"{name} {b}-bit ({v})" for name, b, v in verdicts if v != "win") or "none"))
+                         f"{counts['loss']} losses of {len(found)} sizes; not wins: "
+                         + (", ".join(f"{name} {b}-bit ({v})" for name, b, v, _ in found if v != "win") or "none")
+                         + "; significant at p < 0.05: " + (", ".join(significant) or "none"))
     return "\n".join(lines)
 
 
 def plot(results: dict, phase: str, path: str) -> None:
-    panels = {f"{name}, {PHASES[phase]} (float {100 * r['float_acc']:.2f}%)": {
-        method: [(row["size"], row["accuracy"]) for row in r["rows"] if row["method"] == method
-                 and row["phase"] == phase]
-        for method in dict.fromkeys(row["method"] for row in r["rows"] if row["phase"] == phase)}
-        for name, r in results.items()}
+    panels = {}
+    for name, r in results.items():
+        means = mean_accuracy(r, phase)
+        sizes = {(row["uniform_bits"], row["method"]): row["size"] for row in r["rows"]}
+        methods = dict.fromkeys(method for _, method in means)
+        panels[f"{name}, {PHASES[phase]} (float {100 * r['float_acc']:.2f}%)"] = {
+            method: [(sizes[key], acc) for key, acc in means.items() if key[1] == method] for method in methods}
     baselines = {title: r["float_acc"] for title, r in zip(panels, results.values())}
     plot_accuracy_vs_size(panels, path, baselines=baselines)
 
@@ -184,6 +242,8 @@ def main() -> None:
                         help="adaptive objectives also fine-tuned (default: loss)")
     parser.add_argument("--qat-images", type=int, default=20_000, help="seeded training images of the QAT epoch")
     parser.add_argument("--qat-lr", type=float, default=0.01)
+    parser.add_argument("--qat-seeds", type=int, nargs="+", default=[0, 1],
+                        help="seeds of the QAT data order (one fine-tune per seed and model)")
     parser.add_argument("--calib-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="first N test images (smoke runs)")
@@ -199,7 +259,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"seed": args.seed, "calib_size": args.calib_size, "uniform": args.uniform,
               "objectives": args.objectives, "qat": {"objectives": args.qat_objectives, "images": args.qat_images,
-                                                     "epochs": 1, "optimizer": "sgd", "momentum": 0.9,
+                                                     "epochs": 1, "seeds": args.qat_seeds, "optimizer": "sgd", "momentum": 0.9,
                                                      "lr": args.qat_lr, "schedule": "cosine",
                                                      "batch_size": QAT_BATCH_SIZE},
               "torch_threads": torch.get_num_threads(), "load_average_start": load_start,

@@ -67,6 +67,25 @@ def test_train_quantize_eval_inspect(tmp_path, capsys):
     predicted = torch.cat([in_memory(images[i : i + 50]).argmax(1) for i in range(0, 120, 50)])
     assert evaluated["accuracy"] == pytest.approx(float((predicted == labels).float().mean()))
 
+    # compared with a 2-bit file on the same images: the paired counts, recomputed from the two models
+    low = tmp_path / "w2a2.lowbit"
+    assert main(["quantize", str(tmp_path / "run"), "--preset", "w2a2", "--calib-batches", "2",
+                 "--out", str(low)]) == 0
+    capsys.readouterr()
+    status, compared, _ = run_json(capsys, ["eval", str(path), "--against", str(low), "--data", "digits", *TINY])
+    low_model = workflow.post_training_quantize(model, "w2a2", workflow.calibration_batches("digits", 2))
+    low_predicted = torch.cat([low_model(images[i : i + 50]).argmax(1) for i in range(0, 120, 50)])
+    right, low_right = predicted == labels, low_predicted == labels
+    comparison = compared["comparison"]
+    assert status == 0 and compared["accuracy"] == evaluated["accuracy"]
+    assert compared["against"]["accuracy"] == pytest.approx(float(low_right.float().mean()))
+    assert (comparison["only_a"], comparison["only_b"]) == (int((right & ~low_right).sum()),
+                                                            int((low_right & ~right).sum()))
+    assert 0 < comparison["p_value"] <= 1 and comparison["verdict"] in ("win", "loss", "tie", "within noise")
+    assert main(["eval", str(path), "--against", str(low), "--data", "digits", *TINY]) == 0
+    assert "exact McNemar p = " in capsys.readouterr().out
+    assert "--against" in run_error(capsys, ["eval", str(path), "--against", str(tmp_path / "none.lowbit")])
+
     status, info, _ = run_json(capsys, ["inspect", str(path)])
     assert status == 0 and isinstance(info, dict)
     assert main(["inspect", str(path)]) == 0

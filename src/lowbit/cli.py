@@ -261,26 +261,50 @@ def _run_quantize(args: argparse.Namespace) -> Output:
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="a .lowbit file")
+    parser.add_argument("--against", default=None, metavar="OTHER",
+                        help="another .lowbit file to compare with on the same images (exact McNemar test: is the "
+                             "accuracy difference larger than the test set's noise?)")
     parser.add_argument("--data", default="mnist", help="dataset whose test split is used (default: mnist)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N test images")
     _add_data_dir(parser)
     _add_progress(parser)
 
 
-def _run_eval(args: argparse.Namespace) -> Output:
+def _evaluate_file(path: Path, images: Any, labels: Any, args: argparse.Namespace) -> tuple[dict, Any]:
     from . import workflow
 
-    path = _existing_file(args.file, "file")
     model = workflow.load_quantized(path)
-    images, labels = workflow.eval_set(args.data, args.limit, args.data_dir)
-    acc = workflow.accuracy(model, images, labels, progress=args.progress)
+    correct, losses = workflow.outcomes(model, images, labels, progress=args.progress, desc=path.name)
+    acc = float(correct.double().mean())
     size, reference = path.stat().st_size, workflow.float_bytes(model)
-    data = {"path": str(path), "data": args.data, "examples": len(labels), "accuracy": acc, "file_bytes": size,
-            "float_bytes": reference, "ratio": size / reference, "compression": reference / size}
-    text = (f"{path}: accuracy {_percent(acc)} on {len(labels):,} {args.data} test images; file {size:,} bytes = "
-            f"{100 * size / reference:.1f}% of the float32 parameter bytes ({reference:,}), "
-            f"compression {reference / size:.2f}x")
-    return Output(text=text, data=data)
+    data = {"path": str(path), "data": args.data, "examples": len(labels), "accuracy": acc,
+            "test_loss": float(losses.mean()), "file_bytes": size, "float_bytes": reference,
+            "ratio": size / reference, "compression": reference / size}
+    return data, correct
+
+
+def _run_eval(args: argparse.Namespace) -> Output:
+    from . import workflow
+    from .analysis.significance import paired_comparison
+
+    path = _existing_file(args.file, "file")
+    other = None if args.against is None else _existing_file(args.against, "--against")
+    images, labels = workflow.eval_set(args.data, args.limit, args.data_dir)
+    data, correct = _evaluate_file(path, images, labels, args)
+    lines = [f"{path}: accuracy {_percent(data['accuracy'])} on {len(labels):,} {args.data} test images; file "
+             f"{data['file_bytes']:,} bytes = {100 * data['ratio']:.1f}% of the float32 parameter bytes "
+             f"({data['float_bytes']:,}), compression {data['compression']:.2f}x"]
+    if other is not None:
+        against, other_correct = _evaluate_file(other, images, labels, args)
+        test = paired_comparison(correct, other_correct)
+        verdict = {"win": f"{path.name} is better (p < 0.05)", "loss": f"{other.name} is better (p < 0.05)",
+                   "tie": "equal accuracy", "within noise": "the difference is within the test set's noise"}
+        lines += [f"{other}: accuracy {_percent(against['accuracy'])}; file {against['file_bytes']:,} bytes",
+                  f"difference {100 * test.difference:+.2f} points: {test.only_a} images right only in "
+                  f"{path.name}, {test.only_b} only in {other.name}; exact McNemar p = {test.p_value:.3g}: "
+                  f"{verdict[test.verdict()]}"]
+        data = {**data, "against": against, "comparison": {**test.to_dict(), "verdict": test.verdict()}}
+    return Output(text="\n".join(lines), data=data)
 
 
 # -------------------------------------------------------------------- inspect

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -118,6 +119,32 @@ def calibration_batches(
 
 
 @torch.no_grad()
+def outcomes(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = EVAL_BATCH_SIZE,
+    progress: bool | None = None,
+    desc: str = "eval",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, whether ``model`` (in eval mode) gets it right (bool) and its cross-entropy (float64);
+    the mode is restored."""
+    if len(labels) == 0:
+        raise ConfigError("evaluation needs at least one labelled example")
+    was_training = model.training
+    model.eval()
+    correct, losses = [], []
+    show = _show_progress(progress)
+    with torch.no_grad():
+        for inputs, targets in tqdm(make_loader(images, labels, batch_size), desc=desc, disable=not show,
+                                    leave=False):
+            logits = model(inputs)
+            correct.append(logits.argmax(1) == targets)
+            losses.append(F.cross_entropy(logits.double(), targets, reduction="none"))
+    model.train(was_training)
+    return torch.cat(correct), torch.cat(losses)
+
+
 def accuracy(
     model: nn.Module,
     images: torch.Tensor,
@@ -127,16 +154,8 @@ def accuracy(
     desc: str = "eval",
 ) -> float:
     """Top-1 accuracy (a fraction) of ``model`` in eval mode on ``images``; the mode is restored."""
-    if len(labels) == 0:
-        raise ConfigError("accuracy needs at least one labelled example")
-    was_training = model.training
-    model.eval()
-    correct = 0
-    show = _show_progress(progress)
-    for inputs, targets in tqdm(make_loader(images, labels, batch_size), desc=desc, disable=not show, leave=False):
-        correct += int((model(inputs).argmax(1) == targets).sum())
-    model.train(was_training)
-    return correct / len(labels)
+    correct, _ = outcomes(model, images, labels, batch_size, progress, desc)
+    return float(correct.double().mean())
 
 
 def _show_progress(progress: bool | None) -> bool:
