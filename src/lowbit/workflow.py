@@ -145,16 +145,10 @@ def outcomes(
     return torch.cat(correct), torch.cat(losses)
 
 
-def accuracy(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int = EVAL_BATCH_SIZE,
-    progress: bool | None = None,
-    desc: str = "eval",
-) -> float:
-    """Top-1 accuracy (a fraction) of ``model`` in eval mode on ``images``; the mode is restored."""
-    correct, _ = outcomes(model, images, labels, batch_size, progress, desc)
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **options: Any) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` in eval mode on ``images`` (``options``: the batch size,
+    progress and description of :func:`outcomes`); the mode is restored."""
+    correct, _ = outcomes(model, images, labels, **options)
     return float(correct.double().mean())
 
 
