@@ -164,7 +164,7 @@ def mean_accuracy(result: dict, phase: str) -> dict[tuple[int, str], float]:
     return {key: sum(values) / len(values) for key, values in grouped.items()}
 
 
-def verdicts(result: dict, phase: str, method: str) -> list[tuple[int, str]]:
+def verdicts(result: dict, phase: str, method: str) -> list[tuple[int, str, str]]:
     """Per size, ``method`` against uniform in ``phase``: the mean accuracy over seeds compared ("win",
     "tie", "loss"), and each seed's exact McNemar verdict ("win", "loss" at p < 0.05, else "tie" or
     "within noise")."""
@@ -206,7 +206,8 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
         lines.append("")
     for phase in PHASES:
         objectives = args.objectives if phase == "ptq" else args.qat_objectives
-        for method in (f"{kind} ({objective})" for objective in objectives for kind in ("adaptive", "smallest adaptive")):
+        kinds = ("adaptive", "smallest adaptive")
+        for method in (f"{kind} ({objective})" for objective in objectives for kind in kinds):
             found = [(name, b, v, tests) for name, r in results.items() for b, v, tests in verdicts(r, phase, method)]
             counts = {v: sum(1 for _, _, w, _ in found if w == v) for v in ("win", "tie", "loss")}
             significant = [f"{name} {b}-bit ({tests})" for name, b, _, tests in found
@@ -259,8 +260,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"seed": args.seed, "calib_size": args.calib_size, "uniform": args.uniform,
               "objectives": args.objectives, "qat": {"objectives": args.qat_objectives, "images": args.qat_images,
-                                                     "epochs": 1, "seeds": args.qat_seeds, "optimizer": "sgd", "momentum": 0.9,
-                                                     "lr": args.qat_lr, "schedule": "cosine",
+                                                     "epochs": 1, "seeds": args.qat_seeds, "optimizer": "sgd",
+                                                     "momentum": 0.9, "lr": args.qat_lr, "schedule": "cosine",
                                                      "batch_size": QAT_BATCH_SIZE},
               "torch_threads": torch.get_num_threads(), "load_average_start": load_start,
               "load_average_end": os.getloadavg(), "results": results, "seconds": time.perf_counter() - start}
