@@ -186,12 +186,10 @@ def test_failed_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     checkpoint.save_checkpoint(target, old, {"epoch": 1})
     before = target.read_bytes()
 
-    def broken_save_file(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def broken_fsync(descriptor):  # the new bytes are in the temporary file when the disk fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_checkpoint(target, {"w": torch.zeros(2, 3)}, {"epoch": 2})
     assert os.listdir(tmp_path) == ["last.safetensors"]  # no temporary file left behind

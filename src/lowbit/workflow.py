@@ -49,7 +49,7 @@ from .data import dataset_info, load_dataset, make_loader
 from .data.loaders import _check_positive as check_positive
 from .data.sources import cache_dir
 from .errors import CalibrationError, ConfigError, DataError, TrainingError
-from .format.container import ENTROPY_CODERS
+from .format.container import ENTROPY_CODERS, write_atomic
 from .models import get_model
 from .quantizers import Quantizer
 from .train import Trainer, load_checkpoint, load_weights, seed_everything
@@ -233,7 +233,7 @@ def train(
     if resume and last.exists():
         size_quantizer_state(net, last)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+    write_atomic(out / RUN_FILE, (json.dumps(run, indent=2) + "\n").encode())
     trainer = Trainer(net, train_loader, test_loader, epochs=epochs, optimizer="sgd", lr=lr, momentum=0.9,
                       seed=seed, out_dir=out, resume=resume, progress=progress)
     try:
@@ -544,5 +544,5 @@ def demo(
     baseline = next((r.accuracy for r in rows if r.method == "float"), None)
     plot_accuracy_vs_bits({title: plot_rows}, result.plot_path, baselines={title: baseline})
     result.wall_time = time.perf_counter() - start
-    table_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    write_atomic(table_path, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
     return result

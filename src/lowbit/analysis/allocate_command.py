@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..format.container import write_atomic
 from .allocate import allocate_bits, allocate_for_loss, combine
 from .sensitivity import DEFAULT_BITS, DEFAULT_INPUT_BITS, OBJECTIVES, measure_sensitivity
 
@@ -90,10 +91,9 @@ def run(args: argparse.Namespace) -> Any:
         allocations.append(inputs)
         config = combine(allocation, inputs)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(config.to_json() + "\n")
+    write_atomic(out, (config.to_json() + "\n").encode())
     if args.table:
-        Path(args.table).write_text(json.dumps([t.to_dict() for t in tables], indent=2) + "\n")
+        write_atomic(args.table, (json.dumps([t.to_dict() for t in tables], indent=2) + "\n").encode())
     text = "\n".join(map(str, allocations)) + (f"\nfloat accuracy {100 * table.float_accuracy:.2f}% on "
                                                f"{table.examples} {info['data']} training images; wrote {out}")
     data = {"path": str(out), "model": info["model"], "data": info["data"], "allocation": allocation.to_dict(),

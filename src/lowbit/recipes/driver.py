@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from .. import api
 from ..data import load_dataset, make_loader
 from ..errors import ConfigError
+from ..format.container import write_atomic
 from ..models import binary_nets  # noqa: F401  (registers small-cnn)
 from ..nn import QuantConv2d, QuantLinear
 from ..quantizers.pact import PACTQuantizer
@@ -289,7 +290,7 @@ def _run(recipe: Recipe, data: str, model: str | None, epochs: int | None, out: 
     if out_dir is not None and ddp.is_main():
         run = {"model": model_name, "data": data, "quant": recipe.config, "seed": seed, "epochs": epochs, "lr": lr,
                "batch_size": batch_size, "limit": limit, "model_kwargs": model_kwargs, "recipe": recipe.name}
-        (out_dir / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        write_atomic(out_dir / RUN_FILE, (json.dumps(run, indent=2) + "\n").encode())
     return result
 
 
@@ -298,7 +299,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, kwargs: dict[str, Any], r
     try:
         result = _run(**kwargs)
         if rank == 0:
-            Path(result_path).write_text(json.dumps(result))
+            write_atomic(result_path, json.dumps(result).encode())
         ddp.barrier()
     finally:
         ddp.close()

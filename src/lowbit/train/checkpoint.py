@@ -18,50 +18,29 @@ complete old file or the complete new file, never a partial one.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from ..errors import FormatError, ShapeMismatchError, UnsupportedLayerError
+from ..format.container import write_atomic
 
 FORMAT = "lowbit.checkpoint/1"
 _TENSOR_REF = "$tensor"
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    On any failure the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
     """Write ``tensors`` and JSON-able ``meta`` to a safetensors file atomically."""
     metadata = {"format": json.dumps(FORMAT), **{key: json.dumps(value) for key, value in meta.items()}}
-    return atomic_write(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=metadata))
+    write_atomic(path, save(dict(tensors), metadata=metadata))
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

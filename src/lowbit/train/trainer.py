@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, TrainingError
+from ..format.container import write_atomic
 from . import checkpoint as ckpt
 from .ddp import all_reduce_sums, is_main, unwrap
 
@@ -460,13 +461,13 @@ class Trainer:
         if self.out_dir is None or not is_main():  # under DDP rank 0 writes
             return
         jsonl = "".join(json.dumps(row) + "\n" for row in self.history)
-        ckpt.atomic_write(self.out_dir / JSONL_LOG, lambda tmp: tmp.write_text(jsonl))
+        write_atomic(self.out_dir / JSONL_LOG, jsonl.encode())
         columns = list(dict.fromkeys(key for row in self.history for key in row))
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.history)
-        ckpt.atomic_write(self.out_dir / CSV_LOG, lambda tmp: tmp.write_text(text.getvalue()))
+        write_atomic(self.out_dir / CSV_LOG, text.getvalue().encode())
         self.save_checkpoint(self.out_dir / LAST)
         if improved:
             self.save_checkpoint(self.out_dir / BEST)
