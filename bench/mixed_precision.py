@@ -10,7 +10,7 @@ After Zhou, Moosavi-Dezfooli, Cheung & Frossard (AAAI 2018). For each trained fl
    its size S_b is the summary byte rule's total (``lowbit.summary(q).total_bytes``);
 3. allocate per-layer bits of least predicted loss within S_b (``allocate_bits``: exact knapsack on the
    isotonic, clipped costs, ties toward the fuller model: "adaptive"), and the smallest per-layer bits whose
-   predicted loss is at most the uniform model's (``allocate_for_loss``: "smallest adaptive", the paper's
+   predicted loss is at most the uniform model's (``allocate_like_uniform``: "smallest adaptive", the paper's
    "smaller model at equal accuracy"), once per objective in ``--objectives`` (a method whose allocation
    cannot be built is dropped and reported);
 4. post-training: evaluate every model on the full 10,000-image test set (accuracy and cross-entropy),
@@ -45,7 +45,7 @@ from torch import nn
 
 import lowbit
 from lowbit import workflow
-from lowbit.analysis.allocate import allocate_bits, allocate_for_loss
+from lowbit.analysis.allocate import allocate_bits, allocate_like_uniform
 from lowbit.analysis.plots_cost import plot_accuracy_vs_size
 from lowbit.analysis.significance import PairedComparison, paired_comparison
 from lowbit.analysis.sensitivity import DEFAULT_BITS, layer_config, measure_sensitivity
@@ -88,10 +88,9 @@ def configs_at(table, model: nn.Module, b: int, args: argparse.Namespace, name: 
     size = lowbit.summary(lowbit.quantize(model, layer_config(uniform_bits))).total_bytes
     configs = {"uniform": uniform_bits}
     for objective in args.objectives:
-        uniform_loss = sum(table.cost(n, b, objective) for n in table.layers)
         for method, allocate in ((f"adaptive ({objective})", partial(allocate_bits, table, size, objective)),
                                  (f"smallest adaptive ({objective})",
-                                  partial(allocate_for_loss, table, uniform_loss, objective))):
+                                  partial(allocate_like_uniform, table, b, objective))):
             try:
                 configs[method] = allocate().bits
             except ConfigError as exc:

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
-from lowbit.analysis.allocate import Allocation, allocate_bits, allocate_for_loss, combine, smallest_bytes
-from lowbit.analysis.sensitivity import Sensitivity, SensitivityTable, measure_sensitivity
+from lowbit.analysis.allocate import (Allocation, allocate_bits, allocate_for_loss, allocate_like_uniform, combine,
+                                     smallest_bytes)
+from lowbit.analysis.sensitivity import Sensitivity, SensitivityTable, layer_config, measure_sensitivity
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
 
@@ -145,6 +146,39 @@ def test_loss_budget_gives_the_smallest_size(drawn, max_loss):
     assert allocation.predicted_bytes == min(size for _, size, _ in feasible)
 
 
+def test_like_uniform_is_smaller_where_a_layer_is_insensitive():
+    # a: small and sensitive, b: large and robust. Uniform 4 bits: 16 + 100 + 500 = 616 B at predicted loss
+    # 0.2 + 0.05 = 0.25. (8, 2): 16 + 200 + 250 = 466 B at 0 + 0.1 predicts less loss in fewer bytes;
+    # (4, 2) at 366 B predicts 0.3, too much; every choice with a at 2 bits predicts >= 1
+    sizes = {"a": {2: 50, 4: 100, 8: 200}, "b": {2: 250, 4: 500, 8: 1000}}
+    losses = {"a": {2: 1.0, 4: 0.2, 8: 0.0}, "b": {2: 0.1, 4: 0.05, 8: 0.0}}
+    table = synthetic(sizes, losses, other=16)
+    allocation = allocate_like_uniform(table, 4, objective="logit_mse")
+    assert allocation.bits == {"a": 8, "b": 2}
+    assert allocation.predicted_bytes == 466 and allocation.max_loss == pytest.approx(0.25)
+    assert allocation.predicted_loss == pytest.approx(0.1)
+    # equal sensitivities: nothing cheaper predicts as little loss, so the uniform model itself comes back
+    even = synthetic({n: sizes["b"] for n in "ab"}, {n: {2: 1.0, 4: 0.5, 8: 0.0} for n in "ab"}, other=16)
+    assert allocate_like_uniform(even, 4).bits == {"a": 4, "b": 4}
+    with pytest.raises(ConfigError, match="3 bits is not a candidate"):
+        allocate_like_uniform(table, 3)
+    with pytest.raises(ConfigError, match="objective"):
+        allocate_like_uniform(table, 4, objective="speed")
+
+
+@settings(max_examples=40, deadline=None)
+@given(tables, st.sampled_from([2, 4, 8]))
+def test_like_uniform_never_predicts_more_loss_or_bytes_than_uniform(drawn, bits):
+    table = table_of(drawn)
+    uniform_bytes = table.other_bytes + sum(table.row(n, bits).bytes for n in table.layers)
+    uniform_loss = sum(table.cost(n, bits, "logit_mse") for n in table.layers)
+    allocation = allocate_like_uniform(table, bits, objective="logit_mse")
+    assert allocation.predicted_bytes <= uniform_bytes
+    assert allocation.predicted_loss <= uniform_loss * (1 + 1e-9) + 1e-12
+    feasible = brute_force(table, lambda loss, size: loss <= uniform_loss * (1 + 1e-9))
+    assert allocation.predicted_bytes == min(size for _, size, _ in feasible)
+
+
 def test_coarse_granularity_still_fits_the_budget():
     sizes = {n: {2: 251 + i, 4: 503 + i, 8: 1001 + i} for i, n in enumerate("abc")}
     losses = {n: {2: 3.0 * (i + 1), 4: 1.0 * (i + 1), 8: 0.0} for i, n in enumerate("abc")}
@@ -222,6 +256,13 @@ def test_allocate_command_writes_a_config_quantize_accepts(tmp_path):
     args = parser.parse_args([str(tmp_path / "run"), "--max-drop", "1", "--out", str(out),
                               "--calib-size", "100"])
     assert allocate_command.run(args).data["allocation"]["max_loss"] == pytest.approx(0.01)
+    args = parser.parse_args([str(tmp_path / "run"), "--match-bits", "4", "--out", str(out),
+                              "--calib-size", "100", "--bits", "2", "4", "8"])
+    matched = allocate_command.run(args).data["allocation"]
+    uniform = lowbit.summary(lowbit.quantize(trained.model, layer_config({n: 4 for n in matched["bits"]})))
+    assert matched["predicted_bytes"] <= uniform.total_bytes
+    quantized = lowbit.quantize(trained.model, QuantConfig.from_json(out.read_text()))
+    assert lowbit.summary(quantized).total_bytes == matched["predicted_bytes"]
 
 
 def test_input_table_bytes_are_the_layer_inputs_at_batch_one():

@@ -30,7 +30,9 @@ layer's size by the summary byte rule, so the predicted size equals
 ``lowbit.summary(quantized).total_bytes``.
 
 The dual, :func:`allocate_for_loss`, reads the same table of least losses:
-the smallest size whose least loss is at most ``max_loss``.
+the smallest size whose least loss is at most ``max_loss`` (within
+``TIE_RTOL``); :func:`allocate_like_uniform` sets ``max_loss`` to the
+predicted loss of one bit width for every layer.
 
 A table of ``role="input"`` (per-layer activation bits) is solved the same
 way, its sizes being the layers' inputs at batch 1 (no other bytes); the
@@ -231,9 +233,26 @@ def allocate_for_loss(
     largest = sum(int(sizes[-1]) for sizes in problem.sizes)
     unit = _granularity(largest, granularity, max_states)
     best, choices = _least_losses(problem, sum(-(-int(sizes[-1]) // unit) for sizes in problem.sizes), unit)
-    fits = np.flatnonzero(best <= max_loss)
+    fits = np.flatnonzero(best <= max_loss + TIE_RTOL * max_loss)
     if len(fits) == 0:
         raise ConfigError(f"no choice of bit widths keeps the predicted {objective} within {max_loss}; "
                           f"the least possible is {float(np.min(best)):.6g}")
     bits = _backtrack(problem, choices, int(fits[0]), unit)
     return _result(table, bits, objective, unit, max_loss=float(max_loss))
+
+
+def allocate_like_uniform(
+    table: SensitivityTable,
+    bits: int,
+    objective: str = "loss",
+    granularity: int | None = None,
+    max_states: int = MAX_STATES,
+) -> Allocation:
+    """The smallest per-layer bits predicted to lose no more than every layer at ``bits``: Zhou et al.'s
+    "smaller model at equal accuracy". :func:`allocate_for_loss` with ``max_loss = sum_i loss_i(bits)``;
+    the all-``bits`` model itself qualifies, so the result is never larger."""
+    if bits not in table.bits:
+        raise ConfigError(f"{bits} bits is not a candidate of the sensitivity table; candidates: {table.bits}")
+    _problem(table, objective)  # checks the objective and the table before any cost is read
+    uniform = sum(table.cost(name, bits, objective) for name in table.layers)
+    return allocate_for_loss(table, uniform, objective, granularity, max_states)

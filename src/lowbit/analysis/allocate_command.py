@@ -2,8 +2,9 @@
 
 Measures each layer's sensitivity on a seeded sample of training images
 (:func:`~lowbit.analysis.sensitivity.measure_sensitivity`), chooses the bits
-(:func:`~lowbit.analysis.allocate.allocate_bits` under ``--budget-kb``, or
-:func:`~lowbit.analysis.allocate.allocate_for_loss` under ``--max-drop``)
+(:func:`~lowbit.analysis.allocate.allocate_bits` under ``--budget-kb``,
+:func:`~lowbit.analysis.allocate.allocate_for_loss` under ``--max-drop``, or
+:func:`~lowbit.analysis.allocate.allocate_like_uniform` for ``--match-bits``)
 and writes the :class:`~lowbit.config.QuantConfig` JSON. With
 ``--act-budget-kb`` each layer's input bits are chosen too, from their own
 sensitivities, under a budget of input bytes at batch 1. The command table
@@ -21,7 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..format.container import write_atomic
-from .allocate import allocate_bits, allocate_for_loss, combine
+from .allocate import allocate_bits, allocate_for_loss, allocate_like_uniform, combine
 from .sensitivity import DEFAULT_BITS, DEFAULT_INPUT_BITS, OBJECTIVES, measure_sensitivity
 
 HELP = "choose per-layer weight bit widths under a size (or accuracy-drop) budget and write the config JSON"
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--budget-kb", type=float, help="size budget in kB (1 kB = 1000 bytes, summary byte rule)")
     budget.add_argument("--max-drop", type=float,
                         help="smallest model whose predicted accuracy drop is at most this many percentage points")
+    budget.add_argument("--match-bits", type=int, metavar="B",
+                        help="smallest model predicted to lose no more than every layer at B bits (one of --bits)")
     parser.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_BITS),
                         help="candidate weight bit widths (default: 1 2 3 4 6 8; 32 = float)")
     inputs = parser.add_mutually_exclusive_group()
@@ -46,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-bits", type=int, nargs="+", default=list(DEFAULT_INPUT_BITS),
                         help="candidate input bit widths for --act-budget-kb (default: 2 3 4 6 8)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="loss",
-                        help="what --budget-kb minimises: summed loss increase (default), logit MSE or accuracy drop")
+                        help="what --budget-kb minimises and --match-bits compares: summed loss increase (default), "
+                             "logit MSE or accuracy drop")
     parser.add_argument("--calib-size", type=int, default=1000, help="training images measured (default: 1000)")
     parser.add_argument("--model", default=None, help="architecture of the checkpoint (default: from run.json)")
     parser.add_argument("--data", default=None, help="dataset (default: from run.json)")
@@ -81,6 +85,8 @@ def run(args: argparse.Namespace) -> Any:
     table = measure_sensitivity(model, images, labels, bits=args.bits, act_bits=args.act_bits)
     if args.budget_kb is not None:
         allocation = allocate_bits(table, int(args.budget_kb * KB), objective=args.objective)
+    elif args.match_bits is not None:
+        allocation = allocate_like_uniform(table, args.match_bits, objective=args.objective)
     else:
         allocation = allocate_for_loss(table, args.max_drop / 100, objective="accuracy")
     tables, allocations, config = [table], [allocation], allocation.config()
