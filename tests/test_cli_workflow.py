@@ -85,6 +85,9 @@ def test_train_quantize_eval_inspect(tmp_path, capsys):
     assert main(["eval", str(path), "--against", str(low), "--data", "digits", *TINY]) == 0
     assert "exact McNemar p = " in capsys.readouterr().out
     assert "--against" in run_error(capsys, ["eval", str(path), "--against", str(tmp_path / "none.lowbit")])
+    # the file records its input shape: other images are refused by name, not run into a wrong answer
+    line = run_error(capsys, ["eval", str(path), "--data", "mnist", "--limit", "10", "--no-progress"])
+    assert "takes examples of shape [1, 8, 8], these images are [1, 28, 28]" in line
 
     status, info, _ = run_json(capsys, ["inspect", str(path)])
     assert status == 0 and isinstance(info, dict)

@@ -361,6 +361,9 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         built = _convert(model, layers)
     _load_into(built, state)
     _freeze(built, frozen)
+    shape = lowbit_file.document["model"].get("input_shape")
+    if shape is not None:
+        setattr(built, INPUT_SHAPE_ATTR, tuple(shape))
     return built.eval()
 
 

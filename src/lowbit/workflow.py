@@ -52,6 +52,7 @@ from .errors import CalibrationError, ConfigError, DataError, TrainingError
 from .format.container import ENTROPY_CODERS, write_atomic
 from .models import get_model
 from .quantizers import Quantizer
+from .serialize import INPUT_SHAPE_ATTR
 from .train import Trainer, load_checkpoint, load_weights, seed_everything
 from .train.checkpoint import with_prefix
 from .train.trainer import JSONL_LOG, LAST
@@ -128,9 +129,14 @@ def outcomes(
     desc: str = "eval",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example, whether ``model`` (in eval mode) gets it right (bool) and its cross-entropy (float64);
-    the mode is restored."""
+    the mode is restored. A model that records its input shape (``lowbit_input_shape``: set by calibration
+    and by loading a file) refuses images of another shape with a ConfigError."""
     if len(labels) == 0:
         raise ConfigError("evaluation needs at least one labelled example")
+    expected = getattr(model, INPUT_SHAPE_ATTR, None)
+    if expected is not None and tuple(images.shape[1:]) != tuple(expected[1:]):
+        raise ConfigError(f"the model takes examples of shape {list(expected[1:])}, these images are "
+                          f"{list(images.shape[1:])}: evaluate it on the dataset it was trained on (--data)")
     was_training = model.training
     model.eval()
     correct, losses = [], []
