@@ -448,3 +448,11 @@ def test_inspect_counts_bits_per_weight(tmp_path):
     table = format_inspect(info)
     assert "affine" in table and "w" in table and "440" in table
     assert read_file(path).stored_bytes == {"w": 62, "b": 40}
+
+
+def test_a_malformed_file_is_named_in_the_error(tmp_path):
+    path = tmp_path / "broken.lowbit"
+    path.write_bytes(b"12345")
+    with pytest.raises(FormatError, match=r"^\[truncated\] .*broken\.lowbit: the file holds 5 bytes") as caught:
+        read_file(path)
+    assert caught.value.code == "truncated" and caught.value.message.startswith(str(path))

@@ -46,3 +46,4 @@ class FormatError(LowbitError, ValueError):
     def __init__(self, code: str, message: str):
         super().__init__(f"[{code}] {message}")
         self.code = code
+        self.message = message

@@ -560,9 +560,14 @@ def unpack_file(data: bytes) -> LowbitFile:
 
 
 def read_file(path: str | os.PathLike[str]) -> LowbitFile:
-    """Read and validate the .lowbit file at ``path`` (never executes anything from it)."""
+    """Read and validate the .lowbit file at ``path`` (never executes anything from it); a FormatError
+    names the file."""
     with open(path, "rb") as file:
-        return unpack_file(file.read())
+        data = file.read()
+    try:
+        return unpack_file(data)
+    except FormatError as exc:
+        raise FormatError(exc.code, f"{os.fspath(path)}: {exc.message}") from None
 
 
 # ---------------------------------------------------------------------------- inspection
