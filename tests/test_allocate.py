@@ -327,12 +327,15 @@ def test_allocate_command_chooses_input_bits_under_an_input_budget(tmp_path):
     parser = argparse.ArgumentParser()
     allocate_command.add_arguments(parser)
     out, tables = tmp_path / "config.json", tmp_path / "tables.json"
+    plot = tmp_path / "bits.png"
     args = parser.parse_args([str(tmp_path / "run"), "--budget-kb", "40", "--act-budget-kb", "1", "--out", str(out),
-                              "--calib-size", "100", "--bits", "2", "4", "8", "--table", str(tables)])
+                              "--calib-size", "100", "--bits", "2", "4", "8", "--table", str(tables),
+                              "--plot", str(plot)])
     result = allocate_command.run(args)
     inputs = result.data["input_allocation"]
     assert inputs["role"] == "input" and inputs["predicted_bytes"] <= 1000  # inputs: 784 + 300 + 100 values
     assert [t["role"] for t in json.loads(tables.read_text())] == ["weight", "input"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     quantized = lowbit.quantize(trained.model, QuantConfig.from_json(out.read_text()))
     rows = lowbit.summary(quantized).layers
     assert {r.name: r.input_bits for r in rows} == inputs["bits"]
@@ -340,3 +343,18 @@ def test_allocate_command_chooses_input_bits_under_an_input_budget(tmp_path):
     with pytest.raises(SystemExit):  # one input width for all, or a per-layer budget: not both
         parser.parse_args([str(tmp_path / "run"), "--budget-kb", "40", "--act-bits", "8", "--act-budget-kb", "1",
                            "--out", str(out)])
+
+
+def test_allocation_figure_draws_the_chosen_bits_and_circles_them():
+    from lowbit.analysis.plots_cost import allocation_figure, plot_allocation
+
+    table = two_layers("a")
+    allocation = allocate_bits(table, 1266)  # a 8 bits, b 2 bits
+    figure = allocation_figure([(table, allocation)])
+    bars, costs = figure.axes
+    assert [p.get_height() for p in bars.patches] == [8, 2]
+    assert [t.get_text() for t in bars.texts] == ["80%", "20%"]  # 1000 and 250 of the 1250 layer bytes
+    circled = {tuple(line.get_xdata()): tuple(line.get_ydata()) for line in costs.lines if len(line.get_xdata()) == 1}
+    assert circled == {(8,): (0.0,), (2,): (pytest.approx(0.1),)}
+    with pytest.raises(ConfigError, match="at least one"):
+        plot_allocation([], "never.png")

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample (default: 0)")
     parser.add_argument("--table", default=None,
                         help="also write the sensitivity tables here (a JSON list: weights, then inputs)")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="also plot the chosen bits per layer and each layer's predicted cost against bits")
     parser.add_argument("--data-dir", default=None, help="directory holding the dataset's IDX files")
 
 
@@ -100,6 +102,10 @@ def run(args: argparse.Namespace) -> Any:
     write_atomic(out, (config.to_json() + "\n").encode())
     if args.table:
         write_atomic(args.table, (json.dumps([t.to_dict() for t in tables], indent=2) + "\n").encode())
+    if args.plot:
+        from .plots_cost import plot_allocation
+
+        plot_allocation(list(zip(tables, allocations)), args.plot)
     text = "\n".join(map(str, allocations)) + (f"\nfloat accuracy {100 * table.float_accuracy:.2f}% on "
                                                f"{table.examples} {info['data']} training images; wrote {out}")
     data = {"path": str(out), "model": info["model"], "data": info["data"], "allocation": allocation.to_dict(),

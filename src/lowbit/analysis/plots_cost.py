@@ -1,4 +1,5 @@
-"""PNG plots of the cost report and of mixed-precision sweeps (matplotlib Agg canvas, no pyplot state)."""
+"""PNG plots of the cost report, of bit allocations and of mixed-precision sweeps (matplotlib Agg canvas, no pyplot
+state)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .allocate import Allocation
 from .cost import CostReport
+from .sensitivity import SensitivityTable
 from .plots import DPI, PANEL_SIZE
 
 
-def _figure(panels: int):  # -> (Figure, list of Axes)
+def _figure(panels: int, rows: int = 1):  # -> (Figure, list of Axes, row by row)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(PANEL_SIZE[0] * panels, PANEL_SIZE[1]), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(PANEL_SIZE[0] * panels, PANEL_SIZE[1] * rows), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    return figure, list(figure.subplots(1, panels, squeeze=False)[0])
+    return figure, [ax for row in figure.subplots(rows, panels, squeeze=False) for ax in row]
 
 
 def _save(figure: Any, path: str | os.PathLike) -> Path:
@@ -79,3 +82,40 @@ def plot_accuracy_vs_size(
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return _save(figure, path)
+
+
+def allocation_figure(chosen: Sequence[tuple[SensitivityTable, Allocation]]) -> Any:
+    """The figure of :func:`plot_allocation`: per (table, allocation) a row of two panels, the chosen bits
+    per layer (bars, labelled with the layer's share of the allocated bytes) and each layer's predicted cost
+    against bits (the allocator's isotonic, clipped costs; symlog scale), the chosen widths circled."""
+    if not chosen:
+        raise ConfigError("plot_allocation needs at least one (table, allocation) pair")
+    figure, axes = _figure(2, len(chosen))
+    for (table, allocation), bars, costs in zip(chosen, axes[0::2], axes[1::2]):
+        names = list(allocation.bits)
+        sizes = [table.row(n, b).bytes for n, b in allocation.bits.items()]
+        x = list(range(len(names)))
+        drawn = bars.bar(x, [allocation.bits[n] for n in names], color="tab:blue")
+        bars.bar_label(drawn, [f"{100 * size / max(1, sum(sizes)):.0f}%" for size in sizes], fontsize="small")
+        what = "weight" if allocation.role == "weight" else "input"
+        bars.set_title(f"{what} bits per layer ({allocation.predicted_bytes:,} B predicted)", fontsize="medium")
+        bars.set_xticks(x, names, rotation=45, ha="right", fontsize="small")
+        bars.set_ylabel("bits (label: share of the layers' bytes)")
+        bars.set_ylim(0, max(table.bits) + 1)
+        positive = [c for n in names for c in table.costs(n, allocation.objective).values() if c > 0]
+        for name in names:
+            curve = table.costs(name, allocation.objective)
+            line, = costs.plot(list(curve), list(curve.values()), marker=".", label=name)
+            b = allocation.bits[name]
+            costs.plot([b], [curve[b]], marker="o", markersize=10, fillstyle="none", color=line.get_color())
+        costs.set_yscale("symlog", linthresh=min(positive, default=1.0))
+        costs.set_title(f"predicted {allocation.objective} per layer (circled: chosen)", fontsize="medium")
+        costs.set_xlabel("bits")
+        costs.legend(fontsize="small")
+        costs.grid(alpha=0.3)
+    return figure
+
+
+def plot_allocation(chosen: Sequence[tuple[SensitivityTable, Allocation]], path: str | os.PathLike) -> Path:
+    """PNG of :func:`allocation_figure` (``lowbit allocate --plot``). Returns ``path``."""
+    return _save(allocation_figure(chosen), path)
