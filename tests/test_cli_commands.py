@@ -71,12 +71,13 @@ def test_recipe_refuses_quant_and_train_needs_model_or_recipe(tmp_path, capsys):
 
 def test_compress_runs_deep_compression_end_to_end(tmp_path, capsys):
     torch.manual_seed(0)
-    checkpoint = tmp_path / "float.safetensors"
+    checkpoint = tmp_path / "run" / "last.safetensors"
     from lowbit.train.checkpoint import save_checkpoint
 
     model = get_model("lenet300")
     save_checkpoint(checkpoint, {f"model.{k}": v for k, v in model.state_dict().items()}, {})
-    argv = ["compress", str(checkpoint), "--data", "mnist", "--model", "lenet300", "--limit", "256",
+    # the run directory stands for its last checkpoint, as for quantize, allocate and export
+    argv = ["compress", str(checkpoint.parent), "--data", "mnist", "--model", "lenet300", "--limit", "256",
             "--rounds", "1", "--retrain-epochs", "1", "--finetune-epochs", "1", "--sparsity", "0.9",
             "--out", str(tmp_path / "dc.lowbit"), "--json"]
     assert main(argv) == 0

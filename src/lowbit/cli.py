@@ -203,9 +203,7 @@ def _quantize_source(args: argparse.Namespace) -> tuple[Any, str, str, str | Non
     from .models import model_names
     from .train import seed_everything
 
-    source = Path(args.source)
-    if source.is_dir():
-        source = source / "last.safetensors"
+    source = workflow.checkpoint_file(args.source)
     if source.is_file():
         model, run = workflow.load_trained(source, args.model, args.data)
         return model, run["model"], run["data"], run.get("quant")

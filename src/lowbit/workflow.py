@@ -53,7 +53,7 @@ from .format.container import ENTROPY_CODERS, write_atomic
 from .models import get_model
 from .quantizers import Quantizer
 from .serialize import INPUT_SHAPE_ATTR
-from .train import Trainer, load_checkpoint, load_weights, seed_everything
+from .train import Trainer, checkpoint_file, load_checkpoint, load_weights, seed_everything
 from .train.checkpoint import with_prefix
 from .train.trainer import JSONL_LOG, LAST
 
@@ -329,14 +329,15 @@ def size_quantizer_state(model: nn.Module, checkpoint: str | os.PathLike) -> Non
 def load_trained(
     checkpoint: str | os.PathLike, model: str | None = None, data: str | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a training checkpoint, with its run settings (``model``, ``data``, ``quant``, ...).
+    """The model of a training checkpoint (a file, or a run directory: its last checkpoint), with its run
+    settings (``model``, ``data``, ``quant``, ...).
 
     ``model`` / ``data`` default to those recorded in ``run.json`` beside the
     checkpoint. A checkpoint trained with a preset is rebuilt with it. A
     checkpoint of another architecture raises ShapeMismatchError naming the
     tensors that do not fit.
     """
-    path = Path(checkpoint)
+    path = checkpoint_file(checkpoint)
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist")
     run = dict(read_run(path.parent) or {})

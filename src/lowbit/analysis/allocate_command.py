@@ -77,9 +77,7 @@ def run(args: argparse.Namespace) -> Any:
     from .. import workflow
     from ..cli import Output
 
-    source = Path(args.checkpoint)
-    model, info = workflow.load_trained(source / "last.safetensors" if source.is_dir() else source,
-                                        args.model, args.data)
+    model, info = workflow.load_trained(args.checkpoint, args.model, args.data)
     if info.get("quant") is not None:
         raise ConfigError(f"{args.checkpoint} was trained quantization-aware ({info['quant']!r}); "
                           "allocate bits from a float checkpoint")

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import serialize
 from ..errors import ConfigError
-from ..train import Trainer
+from ..train import Trainer, checkpoint_file
 from .prune import Pruner, prunable_layers, sparsity_schedule
 from .report import (
     FLOAT_BYTES,
@@ -377,6 +377,7 @@ def _float_model(checkpoint: str, data: str, model_name: str | None) -> nn.Modul
     from ..models import get_model, model_names
     from ..train import checkpoint as ckpt
 
+    checkpoint = str(checkpoint_file(checkpoint))
     if not Path(checkpoint).is_file():
         raise ConfigError(f"checkpoint {checkpoint!r} does not exist")
     if checkpoint.endswith(".lowbit"):

@@ -9,7 +9,6 @@ with its preset). The command table entry is ``Command(HELP, add_arguments, run)
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,9 +47,7 @@ def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
     """(model, example input) of the source argument."""
     from .. import workflow
 
-    source = Path(args.source)
-    if source.is_dir():
-        source = source / "last.safetensors"
+    source = workflow.checkpoint_file(args.source)
     if not source.is_file():
         raise ConfigError(f"{args.source!r} is neither a .lowbit file nor a training checkpoint")
     if source.suffix == ".lowbit":

@@ -52,6 +52,12 @@ LAST, BEST = "last.safetensors", "best.safetensors"
 JSONL_LOG, CSV_LOG = "metrics.jsonl", "metrics.csv"
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` itself, or for a run directory its last checkpoint (``last.safetensors``)."""
+    path = Path(path)
+    return path / LAST if path.is_dir() else path
+
+
 class Callback:
     """The hooks the loop calls; override the ones you need (all default to doing nothing).
 
