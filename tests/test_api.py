@@ -333,3 +333,17 @@ def test_calibrate_records_the_input_shape_for_save(tmp_path):
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "m.lowbit")(x), model.eval()(x))
+
+
+def test_a_rule_that_matches_no_layer_is_named_in_a_warning():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    typo = QuantConfig(rules=[LayerRule(pattern="O.*", weight={"name": "uniform", "bits": 4}),
+                              LayerRule(layer_type="Conv2d", skip=True)])
+    with pytest.warns(UserWarning, match=r"rule\(s\) \['O\.\*', 'Conv2d'\] match no Linear/Conv2d layer.*layers: 0, 2"):
+        report = quantize_report(model, typo)
+    assert report.unmatched_rules == ["O.*", "Conv2d"]
+    fitting = QuantConfig(rules=[LayerRule(pattern="0", weight={"name": "uniform", "bits": 4})])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantized = quantize(model, fitting)
+        assert quantize_report(quantized, fitting).unmatched_rules == []  # re-quantizing: the rules named those

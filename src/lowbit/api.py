@@ -56,12 +56,14 @@ KEPT_FLOAT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, 
 @dataclass
 class QuantReport:
     """What :func:`quantize_report` did: the model, the layers converted, those left float by the
-    config (first/last policy "float" or a skip rule), and the unsupported layers as (name, type)."""
+    config (first/last policy "float" or a skip rule), the unsupported layers as (name, type), and the
+    config rules (pattern or layer type) that match no layer, which a warning names."""
 
     model: nn.Module
     converted: list[str] = field(default_factory=list)
     kept_float: list[str] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
+    unmatched_rules: list[str] = field(default_factory=list)
 
 
 def _unsupported(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, str]]:
@@ -104,6 +106,9 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, inpla
         quantizers = {f"{slot}_quantizer": spec for slot, spec in specs.items()}
         replacements[id(layer)] = CONVERTIBLE[type(layer)].from_float(layer, **quantizers)
         report.converted.append(name)
+    if not any(isinstance(m, (QuantLinear, QuantConv2d)) for _, m in modules):  # re-quantizing: rules name those
+        report.unmatched_rules = [r.pattern or r.layer_type for r in cfg.rules
+                                  if not any(r.matches(name, layer) for name, layer in layers)]
     report.model = _replace(model, replacements)
     label_quantizers(report.model)
     return report
@@ -118,6 +123,11 @@ def _warn_unsupported(report: QuantReport) -> None:
         count = len(report.unsupported)
         message = f"lowbit.quantize left {count} layer(s) float that it cannot convert: {_listing(report)}"
         warnings.warn(message, UserWarning, stacklevel=3)  # points at the caller of quantize / quantize_report
+    if report.unmatched_rules:
+        layers = ", ".join([*report.converted, *report.kept_float]) or "none"
+        message = (f"lowbit.quantize: config rule(s) {report.unmatched_rules} match no Linear/Conv2d layer of the "
+                   f"model (a typo?); its layers: {layers}")
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def quantize_report(
