@@ -85,6 +85,8 @@ def test_train_quantize_eval_inspect(tmp_path, capsys):
     assert main(["eval", str(path), "--against", str(low), "--data", "digits", *TINY]) == 0
     assert "exact McNemar p = " in capsys.readouterr().out
     assert "--against" in run_error(capsys, ["eval", str(path), "--against", str(tmp_path / "none.lowbit")])
+    assert "is a .lowbit file (a quantized model)" in run_error(capsys, ["allocate", str(path), "--budget-kb", "9",
+                                                                        "--out", str(tmp_path / "c.json")])
     # the file records its input shape: other images are refused by name, not run into a wrong answer
     line = run_error(capsys, ["eval", str(path), "--data", "mnist", "--limit", "10", "--no-progress"])
     assert "takes examples of shape [1, 8, 8], these images are [1, 28, 28]" in line

@@ -340,6 +340,9 @@ def load_trained(
     path = checkpoint_file(checkpoint)
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".lowbit":
+        raise ConfigError(f"{str(path)!r} is a .lowbit file (a quantized model), not a training checkpoint; pass "
+                          "the checkpoint it came from (a .safetensors file or its run directory)")
     run = dict(read_run(path.parent) or {})
     if model is not None and model != run.get("model"):
         run = {"data": run.get("data")}  # the other recorded settings describe another model
