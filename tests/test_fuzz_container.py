@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -128,6 +128,8 @@ DOCUMENT_PATHS = list(paths(DOCUMENT))[1:]
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(DOCUMENT_PATHS), json_values)
+@example(path=("model", "input_shape"), value=False)  # once read back unchecked
+@example(path=("model", "input_shape"), value=[1, 0, 8])
 def test_edited_documents_load_or_raise_format_error(scratch, path, value):
     document = json.loads(METADATA["lowbit"])
     parent = document

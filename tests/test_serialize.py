@@ -295,7 +295,8 @@ def test_architecture_mismatch_names_each_tensor(tmp_path):
         load(tmp_path / "m.lowbit", model=get_model("lenet5", input_size=16, num_classes=7))
     assert "ip2.weight" in str(err.value) and "ip2.bias" in str(err.value)
     with pytest.raises(ShapeMismatchError, match="conv1.*conv2"):  # layers LeNet-300 lacks
-        load(tmp_path / "m.lowbit", model=get_model("lenet300", input_size=16))
+        with pytest.warns(UserWarning, match=r"rule\(s\) \['conv1', 'conv2'\] match no"):  # named first
+            load(tmp_path / "m.lowbit", model=get_model("lenet300", input_size=16))
 
 
 @pytest.mark.parametrize(

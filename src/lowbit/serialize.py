@@ -238,6 +238,11 @@ def _read_layers(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
     layers = model.get("layers", {})
     if set(model) - {"layers", "config", "input_shape"} or not isinstance(layers, dict):
         raise FormatError("bad-document", "document 'model' holds layers, config and input_shape only")
+    shape = model.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and shape
+                                  and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise FormatError("bad-document", f"document 'model' input_shape must be null or a list of positive ints, "
+                                          f"got {shape!r}")
     for name, entry in layers.items():
         where = f"layer {name!r}"
         if not isinstance(entry, dict) or entry.get("type") not in (*_LAYER_TYPES, "QuantAct"):
@@ -361,7 +366,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         built = _convert(model, layers)
     _load_into(built, state)
     _freeze(built, frozen)
-    shape = lowbit_file.document["model"].get("input_shape")
+    shape = lowbit_file.document["model"].get("input_shape")  # validated by _read_layers
     if shape is not None:
         setattr(built, INPUT_SHAPE_ATTR, tuple(shape))
     return built.eval()
