@@ -27,8 +27,9 @@ McNemar verdicts say which differences are larger than the test set's sampling n
 Networks (float checkpoints shared with bench/linear_vs_log.py through the lowbit cache):
 LeNet-5 / MNIST (2 epochs) and vgg-small (16, M, 32, M, 64, M; hidden 128) / Fashion-MNIST (3 epochs).
 
-    python bench/mixed_precision.py --threads 2   # bench/results/mixed_precision.json,
-                                                  # docs/mixed_precision.png, docs/mixed_precision_qat.png
+    python bench/mixed_precision.py --threads 2   # bench/results/mixed_precision.json, docs/mixed_precision.png,
+                                                  # docs/mixed_precision_qat.png, docs/mixed_precision_bits.png
+    python bench/mixed_precision.py --plot-only   # the plots and tables again, from the recorded results
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ from torch import nn
 import lowbit
 from lowbit import workflow
 from lowbit.analysis.allocate import allocate_bits, allocate_like_uniform
-from lowbit.analysis.plots_cost import plot_accuracy_vs_size
+from lowbit.analysis.plots_cost import plot_accuracy_vs_size, plot_allocation
 from lowbit.analysis.significance import PairedComparison, paired_comparison
-from lowbit.analysis.sensitivity import DEFAULT_BITS, layer_config, measure_sensitivity
+from lowbit.analysis.sensitivity import DEFAULT_BITS, SensitivityTable, layer_config, measure_sensitivity
 from lowbit.config import QuantConfig
 from lowbit.data import load_dataset, make_loader
 from lowbit.errors import ConfigError
@@ -230,12 +231,38 @@ def plot(results: dict, phase: str, path: str) -> None:
     plot_accuracy_vs_size(panels, path, baselines=baselines)
 
 
+def draw(results: dict, args: argparse.Namespace) -> None:
+    """The three PNGs and the Markdown tables of ``results``."""
+    plot(results, "ptq", args.plot)
+    plot(results, "qat", args.plot_qat)
+    plot_bits(results, args.bits_size, args.plot_bits)
+    print(markdown(results, args))
+    print(f"wrote {args.plot}, {args.plot_qat}, {args.plot_bits}")
+
+
+def plot_bits(results: dict, b: int, path: str) -> None:
+    """Per network, the adaptive (loss) bits per layer at the ``b``-bit size and the costs they came from
+    (re-allocated from the recorded table: the same exact, deterministic knapsack)."""
+    chosen, titles = [], []
+    for name, r in results.items():
+        table = SensitivityTable.from_dict(r["sensitivity"])
+        budget = next(row["budget"] for row in r["rows"] if row["uniform_bits"] == b)
+        chosen.append((table, allocate_bits(table, budget, "loss")))
+        titles.append(f"{name.split(' /')[0]}, {b}-bit size")
+    plot_allocation(chosen, path, titles)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results", help="directory of the JSON results")
     parser.add_argument("--plot", default="docs/mixed_precision.png", help="PNG of accuracy vs size, post-training")
     parser.add_argument("--plot-qat", default="docs/mixed_precision_qat.png",
                         help="PNG of accuracy vs size after short QAT")
+    parser.add_argument("--plot-bits", default="docs/mixed_precision_bits.png",
+                        help="PNG of the adaptive bits per layer at the --bits-size size")
+    parser.add_argument("--bits-size", type=int, default=2, help="uniform width whose size --plot-bits shows")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="measure and train nothing: redraw the plots and the tables from --out")
     parser.add_argument("--uniform", type=int, nargs="+", default=[1, 2, 3, 4, 6])
     parser.add_argument("--objectives", nargs="+", default=["loss", "logit_mse"])
     parser.add_argument("--qat-objectives", nargs="+", default=["loss"],
@@ -252,6 +279,12 @@ def main() -> None:
     unknown = set(args.qat_objectives) - set(args.objectives)
     if unknown:
         parser.error(f"--qat-objectives {sorted(unknown)} must be among --objectives")
+    if args.plot_only:
+        record = json.loads((Path(args.out) / "mixed_precision.json").read_text())
+        args.qat_seeds, args.objectives = record["qat"]["seeds"], record["objectives"]
+        args.qat_objectives = record["qat"]["objectives"]
+        draw(record["results"], args)
+        return
     torch.set_num_threads(args.threads)
     start, load_start = time.perf_counter(), os.getloadavg()
     results = {name: run_setup(name, setup, args) for name, setup in SETUPS.items()}
@@ -265,12 +298,9 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "load_average_start": load_start,
               "load_average_end": os.getloadavg(), "results": results, "seconds": time.perf_counter() - start}
     (out / "mixed_precision.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(results, "ptq", args.plot)
-    plot(results, "qat", args.plot_qat)
-    print(markdown(results, args))
+    draw(results, args)
     print(f"total {record['seconds']:.0f} s, load average {load_start[0]:.2f} at start, "
-          f"{record['load_average_end'][0]:.2f} at end; wrote {out / 'mixed_precision.json'}, {args.plot}, "
-          f"{args.plot_qat}")
+          f"{record['load_average_end'][0]:.2f} at end; wrote {out / 'mixed_precision.json'}")
 
 
 if __name__ == "__main__":

@@ -358,3 +358,8 @@ def test_allocation_figure_draws_the_chosen_bits_and_circles_them():
     assert circled == {(8,): (0.0,), (2,): (pytest.approx(0.1),)}
     with pytest.raises(ConfigError, match="at least one"):
         plot_allocation([], "never.png")
+    titled = allocation_figure([(table, allocation)], titles=["net"])
+    assert [ax.get_title() for ax in titled.axes] == ["net: weight bits per layer (1,266 B)",
+                                                        "net: predicted loss (circled: chosen)"]
+    with pytest.raises(ConfigError, match="2 titles for 1"):
+        allocation_figure([(table, allocation)], titles=["a", "b"])

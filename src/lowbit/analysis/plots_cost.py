@@ -84,21 +84,25 @@ def plot_accuracy_vs_size(
     return _save(figure, path)
 
 
-def allocation_figure(chosen: Sequence[tuple[SensitivityTable, Allocation]]) -> Any:
+def allocation_figure(chosen: Sequence[tuple[SensitivityTable, Allocation]], titles: Sequence[str] = ()) -> Any:
     """The figure of :func:`plot_allocation`: per (table, allocation) a row of two panels, the chosen bits
     per layer (bars, labelled with the layer's share of the allocated bytes) and each layer's predicted cost
-    against bits (the allocator's isotonic, clipped costs; symlog scale), the chosen widths circled."""
+    against bits (the allocator's isotonic, clipped costs; symlog scale), the chosen widths circled.
+    ``titles[i]``, when given, heads row i's panel titles."""
     if not chosen:
         raise ConfigError("plot_allocation needs at least one (table, allocation) pair")
+    if titles and len(titles) != len(chosen):
+        raise ConfigError(f"plot_allocation got {len(titles)} titles for {len(chosen)} allocations")
     figure, axes = _figure(2, len(chosen))
-    for (table, allocation), bars, costs in zip(chosen, axes[0::2], axes[1::2]):
+    heads = [f"{title}: " for title in titles] or [""] * len(chosen)
+    for (table, allocation), head, bars, costs in zip(chosen, heads, axes[0::2], axes[1::2]):
         names = list(allocation.bits)
         sizes = [table.row(n, b).bytes for n, b in allocation.bits.items()]
         x = list(range(len(names)))
         drawn = bars.bar(x, [allocation.bits[n] for n in names], color="tab:blue")
         bars.bar_label(drawn, [f"{100 * size / max(1, sum(sizes)):.0f}%" for size in sizes], fontsize="small")
         what = "weight" if allocation.role == "weight" else "input"
-        bars.set_title(f"{what} bits per layer ({allocation.predicted_bytes:,} B predicted)", fontsize="medium")
+        bars.set_title(f"{head}{what} bits per layer ({allocation.predicted_bytes:,} B)", fontsize="medium")
         bars.set_xticks(x, names, rotation=45, ha="right", fontsize="small")
         bars.set_ylabel("bits (label: share of the layers' bytes)")
         bars.set_ylim(0, max(table.bits) + 1)
@@ -109,13 +113,14 @@ def allocation_figure(chosen: Sequence[tuple[SensitivityTable, Allocation]]) -> 
             b = allocation.bits[name]
             costs.plot([b], [curve[b]], marker="o", markersize=10, fillstyle="none", color=line.get_color())
         costs.set_yscale("symlog", linthresh=min(positive, default=1.0))
-        costs.set_title(f"predicted {allocation.objective} per layer (circled: chosen)", fontsize="medium")
+        costs.set_title(f"{head}predicted {allocation.objective} (circled: chosen)", fontsize="medium")
         costs.set_xlabel("bits")
         costs.legend(fontsize="small")
         costs.grid(alpha=0.3)
     return figure
 
 
-def plot_allocation(chosen: Sequence[tuple[SensitivityTable, Allocation]], path: str | os.PathLike) -> Path:
+def plot_allocation(chosen: Sequence[tuple[SensitivityTable, Allocation]], path: str | os.PathLike,
+                    titles: Sequence[str] = ()) -> Path:
     """PNG of :func:`allocation_figure` (``lowbit allocate --plot``). Returns ``path``."""
-    return _save(allocation_figure(chosen), path)
+    return _save(allocation_figure(chosen, titles), path)
