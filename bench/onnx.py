@@ -49,6 +49,7 @@ from torch import nn  # noqa: E402
 from lowbit import workflow  # noqa: E402
 from lowbit.data import load_dataset  # noqa: E402
 from lowbit.export import export_onnx  # noqa: E402
+from lowbit.export.onnx import local_vnni  # noqa: E402
 
 VARIANTS = ("float32", "lowbit", "lowbit-int8", "ort-qdq")
 #: benchmark name -> (lowbit model, dataset, epochs, model arguments)
@@ -223,8 +224,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         results = [bench_model(name, args.rounds, Path(work), args.preset) for name in args.models]
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    vnni = local_vnni() or []
     Path(args.out).write_text(json.dumps({"onnxruntime": ort.__version__, "cpu_vnni": vnni, "results": results},
                                          indent=2) + "\n")
     print(table(results))

@@ -231,6 +231,7 @@ def test_export_takes_a_quantization_aware_checkpoint(tmp_path, capsys):
     import onnxruntime
 
     from lowbit import workflow
+    from lowbit.export.onnx import local_vnni
 
     run = tmp_path / "run"
     assert main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--limit", "200",
@@ -240,8 +241,11 @@ def test_export_takes_a_quantization_aware_checkpoint(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["input_shape"] == [-1, 1, 8, 8] and out["weight_type"] == "safe"
     assert out["uint8_weight_layers"] == ["ip1", "ip2", "ip3"]  # 8-bit codes past +-64 in every layer
+    assert out["local_vnni"] == local_vnni()
     assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
-    assert "3 layer(s) store their 8-bit weights as uint8" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "3 layer(s) store their 8-bit weights as uint8" in text
+    assert ("this CPU has none" if local_vnni() == [] else "this CPU has " if local_vnni() else "unknown here") in text
     model, _ = workflow.load_trained(run / "last.safetensors")  # rebuilt with its preset, from run.json
     images, _ = workflow.eval_set("digits", 64)
     session = onnxruntime.InferenceSession(out["path"], providers=["CPUExecutionProvider"])

@@ -20,7 +20,7 @@ import lowbit
 from lowbit.config import uniform_act, uniform_weight
 from lowbit.errors import ConfigError, UnsupportedLayerError
 from lowbit.export import export_command, export_onnx, to_onnx
-from lowbit.export.onnx import uint8_weight_layers
+from lowbit.export.onnx import local_vnni, uint8_weight_layers
 from lowbit.models import get_model
 from lowbit.nn import QuantAct
 
@@ -397,3 +397,13 @@ def test_custom_binary_ops_leave_other_layers_standard_and_check_their_argument(
     assert to_onnx(model, x[:1], binary_ops="custom") == to_onnx(model, x[:1])  # no binary weight: no change
     with pytest.raises(ConfigError, match="binary_ops"):
         to_onnx(model, x[:1], binary_ops="bits")
+
+
+def test_local_vnni_reads_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+                    "processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8\n")
+    assert local_vnni(info) == ["amx_int8", "avx512_vnni"]
+    info.write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    assert local_vnni(info) == []
+    assert local_vnni(tmp_path / "missing") is None

@@ -60,7 +60,7 @@ def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
 def run(args: argparse.Namespace) -> Any:
     """Returns the ``lowbit.cli.Output`` of the command."""
     from ..cli import Output
-    from .onnx import to_onnx, uint8_weight_layers, write_onnx
+    from .onnx import local_vnni, to_onnx, uint8_weight_layers, write_onnx
 
     model, example = _source(args)
     proto = to_onnx(model, example, opset=args.opset, int4=args.int4, channel_multiple=args.channel_multiple,
@@ -72,7 +72,12 @@ def run(args: argparse.Namespace) -> Any:
             "uint8_weight_layers": uint8_layers}
     text = f"wrote {path} ({data['bytes']:,} bytes, ONNX opset {args.opset}) from {args.source}"
     if uint8_layers:
-        text += (f"\n{len(uint8_layers)} layer(s) store their 8-bit weights as uint8, exact on every CPU "
-                 "(int8 would saturate onnxruntime's x86 kernels without VNNI) but slower there; for a VNNI "
-                 "target use --weight-type int8, for speed on any x86 the w7a8 preset (docs/onnx.md)")
+        vnni = local_vnni()
+        here = ("unknown here" if vnni is None else f"this CPU has {', '.join(vnni)}" if vnni
+                else "this CPU has none")
+        text += (f"\n{len(uint8_layers)} layer(s) store their 8-bit weights as uint8: exact on every CPU (int8 "
+                 "would saturate onnxruntime's x86 kernels without VNNI), but 1.2-2.6x slower than int8 "
+                 f"weights; for a VNNI target ({here}) use --weight-type int8, for speed on any x86 the w7a8 "
+                 "preset (docs/onnx.md)")
+        data["local_vnni"] = vnni
     return Output(text=text, data=data)

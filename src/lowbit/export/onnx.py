@@ -629,3 +629,17 @@ def uint8_weight_layers(proto: onnx.ModelProto) -> list[str]:
     """The layers of an exported model whose int8 weight codes are stored as uint8 (see ``weight_type``)."""
     props = {p.key: p.value for p in proto.metadata_props}
     return [name for name in props.get(UINT8_WEIGHTS_PROP, "").split(",") if name]
+
+
+#: the x86 CPU flags of int8 dot products that accumulate in int32 (exact for int8 weights in onnxruntime)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def local_vnni(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> list[str] | None:
+    """The :data:`VNNI_FLAGS` this machine's CPU reports (empty: none), or None where ``cpuinfo`` cannot be
+    read (not Linux): whether int8 weights are exact in onnxruntime *here*, not on the deployment target."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return None
+    return sorted(flags & set(VNNI_FLAGS))
