@@ -253,6 +253,5 @@ def allocate_like_uniform(
     the all-``bits`` model itself qualifies, so the result is never larger."""
     if bits not in table.bits:
         raise ConfigError(f"{bits} bits is not a candidate of the sensitivity table; candidates: {table.bits}")
-    _problem(table, objective)  # checks the objective and the table before any cost is read
     uniform = sum(table.cost(name, bits, objective) for name in table.layers)
     return allocate_for_loss(table, uniform, objective, granularity, max_states)
