@@ -62,12 +62,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .errors import ConfigError, FormatError, ShapeMismatchError, UnsupportedLayerError
+from .errors import CalibrationError, ConfigError, FormatError, ShapeMismatchError, UnsupportedLayerError
 from .export.graph import capture
 from .format.codecs import NumpyEncoded, values
 from .format.container import LowbitFile, format_inspect, inspect_file, raw, read_file, write_file
 from .nn import QuantAct, QuantConv2d, QuantLinear, named_modules_without_quantizers
-from .quantizers import Encoded, Quantizer, get, names
+from .ops import Graph, GraphNode, validate_document, validate_file
+from .quantizers import Encoded, Quantizer, get
 
 __all__ = ["GraphModel", "format_inspect", "inspect_file", "load", "load_state_dict", "save", "weight_encoding"]
 
@@ -79,7 +80,6 @@ STORED_ATTR = "lowbit_stored"
 SPARSE_INDEX_BITS = {"conv": 8, "other": 5}
 #: quantizer state that a weight's codebook codes already hold: quantizer name -> (state name -> source)
 DERIVED_STATE = {"kmeans": ("codebook", "indices", "fitted")}
-_LAYER_TYPES = {"QuantLinear": QuantLinear, "QuantConv2d": QuantConv2d}
 _RAW_KINDS = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
@@ -183,6 +183,10 @@ def save(
     index: True (8-bit gaps for conv weights, 5-bit for others), an int (the
     gap width for all) or a dict ``{tensor name: bits}``.
     """
+    unobserved = [q.where() for q in model.modules() if isinstance(q, Quantizer) and not getattr(q, "observed", True)]
+    if unobserved:
+        raise CalibrationError(f"the static quantizers of {', '.join(unobserved)} observed no range: run "
+                               "lowbit.calibrate(model, batches) or train before saving")
     layers = _layers(model)
     tensors: dict[str, NumpyEncoded] = {}
     derived: set[str] = set()
@@ -196,18 +200,31 @@ def save(
         if name not in tensors and name not in derived:
             tensors[name] = _raw(name, t)
     example, shape = _example(model, example_input)
+    document_model = {"layers": layers, "config": _config(layers), "input_shape": shape}
     graph = copy.deepcopy(model.ir) if isinstance(model, GraphModel) else None
     if example is not None and graph is None:
         try:
-            graph = capture(model, example)
+            graph = _captured(model, example, document_model, tensors)
         except UnsupportedLayerError as exc:
             if example_input is not None:
                 raise
             warnings.warn(f"lowbit.save stores no graph (load will need the architecture): {exc}", UserWarning,
                           stacklevel=2)
-    document_model = {"layers": layers, "config": _config(layers), "input_shape": shape}
     write_file(path, tensors, graph=graph, model=document_model, entropy=entropy,
                index_bits=_index_bits(sparse, tensors))
+
+
+def _captured(model: nn.Module, example: torch.Tensor, document_model: dict[str, Any],
+              tensors: dict[str, NumpyEncoded]) -> dict[str, Any]:
+    """The model's graph IR, held to the op schema that every reader applies (so no file is written that
+    ``load`` or the Engine would refuse)."""
+    graph = capture(model, example)
+    shapes = {name: tuple(enc.codes.shape) for name, enc in tensors.items()}
+    try:
+        validate_document({"model": document_model, "graph": graph}, shapes)
+    except FormatError as exc:
+        raise UnsupportedLayerError(f"the model's graph cannot be stored: {exc.message}") from None
+    return graph
 
 
 def _key(module: str, name: str) -> str:
@@ -217,42 +234,12 @@ def _key(module: str, name: str) -> str:
 # ---------------------------------------------------------------------------- reading the document
 
 
-def _quantizer(spec: object, where: str) -> Quantizer | None:
-    """The quantizer of a stored spec (None or a dict with a registered ``name``); FormatError otherwise."""
-    if spec is None:
-        return None
-    name = spec.get("name") if isinstance(spec, dict) else None
-    if not isinstance(name, str):
-        raise FormatError("bad-spec", f"{where}: a stored spec is null or an object with a name, got {spec!r}")
-    if name not in names():
-        raise FormatError("unknown-quantizer", f"{where}: unknown quantizer {name!r}; known: {', '.join(names())}")
+def _quantizer(spec: dict[str, Any] | None, where: str) -> Quantizer | None:
+    """The quantizer of a spec completed by :func:`lowbit.ops.check_spec` (which accepts what ``get`` builds)."""
     try:
         return get(spec)
-    except (ConfigError, TypeError, ValueError) as exc:  # constructors check their own arguments
+    except ConfigError as exc:
         raise FormatError("bad-spec", f"{where}: {exc}") from None
-
-
-def _read_layers(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The validated ``model.layers`` of a document (every spec builds a quantizer)."""
-    model = document["model"]
-    layers = model.get("layers", {})
-    if set(model) - {"layers", "config", "input_shape"} or not isinstance(layers, dict):
-        raise FormatError("bad-document", "document 'model' holds layers, config and input_shape only")
-    shape = model.get("input_shape")
-    if shape is not None and not (isinstance(shape, list) and shape
-                                  and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
-        raise FormatError("bad-document", f"document 'model' input_shape must be null or a list of positive ints, "
-                                          f"got {shape!r}")
-    for name, entry in layers.items():
-        where = f"layer {name!r}"
-        if not isinstance(entry, dict) or entry.get("type") not in (*_LAYER_TYPES, "QuantAct"):
-            raise FormatError("bad-document", f"{where}: type must be QuantLinear, QuantConv2d or QuantAct")
-        slots = ("quantizer",) if entry["type"] == "QuantAct" else ("weight", "input", "output")
-        if set(entry) != {"type", *slots}:
-            raise FormatError("bad-document", f"{where}: a {entry['type']} entry holds type and {', '.join(slots)}")
-        for slot in slots:
-            _quantizer(entry[slot], f"{where} {slot} quantizer")
-    return layers
 
 
 def _tensor(enc: NumpyEncoded) -> torch.Tensor:
@@ -300,7 +287,7 @@ def _quantizer_prefixes(layers: dict[str, dict[str, Any]]) -> tuple[str, ...]:
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The dequantized tensors of the float architecture (float32; integer buffers keep their dtype)."""
     lowbit_file = read_file(path)
-    layers = _read_layers(lowbit_file.document)
+    layers, _ = validate_file(lowbit_file)
     skip = _quantizer_prefixes(layers)
     state = {}
     for name, enc in sorted(lowbit_file.tensors.items()):
@@ -354,19 +341,18 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     the stored config. The given model itself is not changed.
     """
     lowbit_file = read_file(path)
-    layers = _read_layers(lowbit_file.document)
+    layers, graph = validate_file(lowbit_file)
     state, frozen = _state(lowbit_file, layers)
     if model is None:
-        graph = lowbit_file.document["graph"]
         if graph is None:
             raise ConfigError(f"{os.fspath(path)!r} stores no graph; load it with load(path, model=float_arch)")
         shapes = {name: tuple(t.shape) for name, t in state.items()}
-        built: nn.Module = GraphModel(graph, layers, shapes)
+        built: nn.Module = GraphModel(lowbit_file.document["graph"], graph, layers, shapes)
     else:
         built = _convert(model, layers)
     _load_into(built, state)
     _freeze(built, frozen)
-    shape = lowbit_file.document["model"].get("input_shape")  # validated by _read_layers
+    shape = lowbit_file.document["model"].get("input_shape")  # validated by validate_file
     if shape is not None:
         setattr(built, INPUT_SHAPE_ATTR, tuple(shape))
     return built.eval()
@@ -387,163 +373,35 @@ def _convert(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
 # ---------------------------------------------------------------------------- the model rebuilt from the graph IR
 
 
-def _fail(node: str, message: str) -> FormatError:
-    return FormatError("bad-graph", f"graph node {node!r}: {message}")
-
-
-#: the keys of a graph node and their JSON types (``module`` is optional, ``shape`` may be null)
-_NODE_KEYS = {"name": str, "op": str, "inputs": list, "attrs": dict, "params": dict, "quant": dict, "shape": list}
-
-
-def _check_node(node: object) -> None:
-    """Raise FormatError("bad-graph") unless ``node`` has the keys and types of a graph IR node."""
-    if not isinstance(node, dict) or not isinstance(node.get("name"), str):
-        raise FormatError("bad-graph", f"a graph node must be an object with a name, got {str(node)[:80]}")
-    name = node["name"]
-    if not set(_NODE_KEYS) <= set(node) <= {*_NODE_KEYS, "module"}:
-        raise _fail(name, f"a node holds the keys {sorted(_NODE_KEYS)} and optionally module, got {sorted(node)}")
-    for key, kind in _NODE_KEYS.items():
-        if not isinstance(node[key], kind) and not (key == "shape" and node[key] is None):
-            raise _fail(name, f"{key} must be a {kind.__name__}, got {node[key]!r}")
-    if not all(isinstance(a, str) for a in node["inputs"]):
-        raise _fail(name, f"inputs must be node names, got {node['inputs']!r}")
-
-
-def _ints(value: object, count: int, node: str, what: str) -> list[int]:
-    if (not isinstance(value, list) or len(value) != count
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise _fail(node, f"{what} must be a list of {count} ints, got {value!r}")
-    return value
-
-
 class GraphModel(nn.Module):
     """A model rebuilt from lowbit's graph IR: layers at their original module paths, run in IR order.
 
-    ``ir`` keeps the graph (``save`` stores it again). Parameter-free ops
-    (relu, pooling, reshape, add, ...) run as torch functions; linear / conv2d / batchnorm / quant_act nodes run their
-    modules, built from the node's attributes, the stored tensors' shapes
-    and the layer specs of the document.
+    ``ir`` keeps the stored graph (``save`` stores it again); ``graph`` is
+    that graph as :func:`lowbit.ops.validate_graph` checked it. Parameter-free
+    ops (relu, pooling, reshape, add, ...) run as torch functions; linear /
+    conv2d / batchnorm / quant_act nodes run their modules, built from the
+    node's attributes, the stored tensors' shapes and the document's layer specs.
     """
 
-    def __init__(self, graph: dict[str, Any], layers: dict[str, dict[str, Any]], shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, ir: dict[str, Any], graph: Graph, layers: dict[str, dict[str, Any]],
+                 shapes: dict[str, tuple[int, ...]]):
         super().__init__()
-        if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
-            raise FormatError("bad-graph", "the graph must be an object with a list of nodes")
-        inputs, outputs = graph.get("inputs"), graph.get("outputs")
-        if not isinstance(inputs, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in inputs):
-            raise FormatError("bad-graph", "graph inputs must be a list of objects with a name")
-        self.ir = copy.deepcopy(graph)
-        self._inputs = [i["name"] for i in inputs]
-        known = set(self._inputs)
-        self._steps: list[tuple[str, str, list[str], dict[str, Any], str | None]] = []
-        for node in graph["nodes"]:
-            _check_node(node)
-            name, op, args, attrs = node["name"], node["op"], node["inputs"], node["attrs"]
-            if not all(a in known for a in args):
-                raise _fail(name, f"inputs {args!r} must name earlier nodes or graph inputs")
-            path = self._module(node, op, layers, shapes)
-            self._check(name, op, attrs, args)
-            self._steps.append((name, op, args, attrs, path))
-            known.add(name)
-        if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) and o in known for o in outputs):
-            raise FormatError("bad-graph", f"graph outputs {outputs!r} must name nodes or inputs")
-        self._outputs = outputs
-
-    def _module(self, node: dict[str, Any], op: object, layers: dict, shapes: dict) -> str | None:
-        """Build (or reuse) the module of a linear / conv2d / batchnorm / quant_act node; return its path."""
-        if op not in ("linear", "conv2d", "batchnorm", "quant_act"):
-            return None
-        name, path = node["name"], node.get("module")
-        if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
-            raise _fail(name, f"a {op} node needs the dotted path of its module, got {path!r}")
-        try:
-            return path if self.get_submodule(path) is not None else None
-        except AttributeError:
-            pass
-        params = node["params"]
-        entry = layers.get(path)
-        if op == "quant_act":
-            if entry is None or entry["type"] != "QuantAct":
-                raise _fail(name, f"module {path!r} is not a QuantAct of the document's layers")
-            module: nn.Module = QuantAct(_quantizer(entry["quantizer"], f"layer {path!r}"))
-        elif op == "batchnorm":
-            module = self._batchnorm(name, path, node, params, shapes)
-        else:
-            module = self._layer(name, path, op, node, entry, shapes)
-        parent: nn.Module = self
-        *parents, last = path.split(".")
-        try:
+        self.ir = copy.deepcopy(ir)
+        self._inputs = list(graph.inputs)
+        self._outputs = graph.outputs
+        self._steps = [(node.name, node.op, node.inputs, node.attrs, node.module) for node in graph.nodes]
+        built: set[str] = set()
+        for node in graph.nodes:
+            if node.module is None or node.module in built:
+                continue
+            parent: nn.Module = self
+            *parents, last = node.module.split(".")
             for part in parents:
                 if part not in parent._modules:
                     parent.add_module(part, nn.Module())
                 parent = parent._modules[part]  # type: ignore[assignment]
-            parent.add_module(last, module)
-        except (KeyError, TypeError) as exc:
-            raise _fail(name, f"module path {path!r} cannot be used: {exc}") from None
-        return path
-
-    @staticmethod
-    def _batchnorm(name: str, path: str, node: dict, params: dict, shapes: dict) -> nn.Module:
-        mean = shapes.get(f"{path}.running_mean")
-        out_shape = node.get("shape")
-        if mean is None or len(mean) != 1 or not isinstance(out_shape, list):
-            raise _fail(name, f"batch norm {path!r} needs a stored 1-D running_mean and an output shape")
-        eps = node["attrs"].get("eps")
-        if not isinstance(eps, float) or not eps > 0:
-            raise _fail(name, f"batch norm eps must be a float > 0, got {eps!r}")
-        cls = nn.BatchNorm1d if len(out_shape) in (2, 3) else nn.BatchNorm2d
-        return cls(mean[0], eps=eps, affine="weight" in params)
-
-    @staticmethod
-    def _layer(name: str, path: str, op: str, node: dict, entry: dict | None, shapes: dict) -> nn.Module:
-        weight = shapes.get(f"{path}.weight")
-        rank = 2 if op == "linear" else 4
-        if weight is None or len(weight) != rank:
-            raise _fail(name, f"{op} {path!r} needs a stored {rank}-D weight {path}.weight")
-        quant = node["quant"]
-        if entry is not None and entry["type"] != ("QuantLinear" if op == "linear" else "QuantConv2d"):
-            raise _fail(name, f"module {path!r} is a {entry['type']} in the document's layers, not a {op}")
-        stored = {} if entry is None else {k: v for k, v in entry.items() if k != "type" and v is not None}
-        if quant != stored:
-            raise _fail(name, f"quantizers {quant!r} differ from the document's layer specs {stored!r}")
-        specs = {f"{slot}_quantizer": _quantizer(spec, f"layer {path!r} {slot} quantizer")
-                 for slot, spec in stored.items()}
-        bias = f"{path}.bias" in shapes
-        if op == "linear":
-            cls = QuantLinear if entry is not None else nn.Linear
-            return cls(weight[1], weight[0], bias, **specs)
-        attrs = node["attrs"]
-        groups = attrs.get("groups")
-        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or weight[0] % groups:
-            raise _fail(name, f"conv groups must be an int >= 1 dividing {weight[0]}, got {groups!r}")
-        geometry = {k: _ints(attrs.get(k), 2, name, k) for k in ("stride", "padding", "dilation")}
-        cls = QuantConv2d if entry is not None else nn.Conv2d
-        try:
-            return cls(weight[1] * groups, weight[0], tuple(weight[2:]), bias=bias, groups=groups, **geometry, **specs)
-        except ValueError as exc:  # torch's own geometry checks
-            raise _fail(name, str(exc)) from None
-
-    @staticmethod
-    def _check(name: str, op: object, attrs: dict[str, Any], args: list[str]) -> None:
-        """Validate a functional node's attributes (module nodes were validated when built)."""
-        arity = {"add": 2, "mul": 2}.get(op, None if op == "concat" else 1)  # type: ignore[arg-type]
-        if op not in _FUNCTIONAL and op not in ("linear", "conv2d", "batchnorm", "quant_act"):
-            raise _fail(name, f"unknown op {op!r}; valid: {', '.join(sorted([*_FUNCTIONAL, 'linear', 'conv2d']))}, "
-                              "batchnorm, quant_act")
-        if arity is not None and len(args) != arity or not args:
-            raise _fail(name, f"op {op!r} takes {arity or 'one or more'} input(s), got {len(args)}")
-        if op in ("maxpool2d", "avgpool2d"):
-            for key in ("kernel", "stride", "padding"):
-                _ints(attrs.get(key), 2, name, key)
-        elif op == "adaptive_avgpool2d":
-            _ints(attrs.get("output_size"), 2, name, "output_size")
-        elif op == "reshape":
-            shape = attrs.get("shape")
-            _ints(shape, len(shape) if isinstance(shape, list) else -1, name, "shape")
-        elif op == "concat":
-            _ints([attrs.get("axis")], 1, name, "axis")
-        elif op == "hardtanh" and not all(isinstance(attrs.get(k), (int, float)) for k in ("min", "max")):
-            raise _fail(name, f"hardtanh min and max must be numbers, got {attrs!r}")
+            parent.add_module(last, _module(node, layers.get(node.module), shapes))
+            built.add(node.module)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if len(inputs) != len(self._inputs):
@@ -558,6 +416,27 @@ class GraphModel(nn.Module):
                 env[name] = _FUNCTIONAL[op](xs, attrs)
         outs = tuple(env[o] for o in self._outputs)
         return outs[0] if len(outs) == 1 else outs
+
+
+def _module(node: GraphNode, entry: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """The torch module of a validated linear / conv2d / batchnorm / quant_act node."""
+    path = node.module
+    where = f"layer {path!r}"
+    if node.op == "quant_act":
+        return QuantAct(_quantizer(entry["quantizer"], f"{where} quantizer"))
+    if node.op == "batchnorm":
+        cls = nn.BatchNorm1d if len(node.shape) in (1, 2) else nn.BatchNorm2d
+        return cls(shapes[f"{path}.running_mean"][0], eps=node.attrs["eps"], affine="weight" in node.params)
+    weight = shapes[f"{path}.weight"]
+    specs = {} if entry is None else {f"{slot}_quantizer": _quantizer(entry[slot], f"{where} {slot} quantizer")
+                                      for slot in ("weight", "input", "output") if entry[slot] is not None}
+    bias = "bias" in node.params
+    if node.op == "linear":
+        return (QuantLinear if entry is not None else nn.Linear)(weight[1], weight[0], bias, **specs)
+    a = node.attrs
+    return (QuantConv2d if entry is not None else nn.Conv2d)(
+        weight[1] * a["groups"], weight[0], tuple(weight[2:]), bias=bias, groups=a["groups"], stride=a["stride"],
+        padding=a["padding"], dilation=a["dilation"], **specs)
 
 
 _FUNCTIONAL = {

@@ -28,6 +28,8 @@ raises :class:`UnsupportedLayerError` naming the node.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 from typing import Any
 
@@ -37,7 +39,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.fx.proxy import TraceError
 
-from ..errors import UnsupportedLayerError
+from ..errors import LowbitError, ShapeMismatchError, UnsupportedLayerError
 
 GRAPH_VERSION = 1
 
@@ -129,8 +131,14 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints what it raises
             ShapeProp(gm).propagate(example_input)
+    except RuntimeError as exc:  # ShapeProp names the node and keeps the model's own error as the cause
+        cause = exc.__cause__ or exc
+        if isinstance(cause, LowbitError):
+            raise cause from None
+        raise ShapeMismatchError(f"model {type(model).__name__} does not run on the example input of shape "
+                                 f"{list(example_input.shape)}: {str(cause).splitlines()[0][:200]}") from None
     finally:
         for module, training in modes:
             module.training = training

@@ -44,14 +44,16 @@ from threadpoolctl import ThreadpoolController
 from ..errors import ConfigError, FormatError, UnsupportedLayerError
 from ..format.codecs import values
 from ..format.container import read_file
-from . import ops
+from ..ops import GraphNode, validate_file
+from ..ops.conv import conv2d
+from ..ops.linear import linear
+from ..ops.norm import batchnorm
 from .activations import Activation, activation_quantizer
 from .binary import BinaryConv2d, BinaryLinear
 from .kernels import check_array, check_threads, max_pool_packed, pack_nchw, pack_signs, select_kernel
-from .threshold import Threshold, fold_threshold
+from .threshold import ChannelOp, Threshold, fold_threshold
 
 _RAW_KINDS = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
-_MODULE_OPS = ("linear", "conv2d", "batchnorm", "quant_act")
 
 Step = Callable[[list[np.ndarray]], np.ndarray]
 
@@ -63,47 +65,37 @@ class Engine:
         self.kernel = select_kernel(kernel)
         self.threads = check_threads(threads)
         lowbit_file = read_file(path)
-        graph = lowbit_file.document["graph"]
-        if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
+        _, graph = validate_file(lowbit_file)
+        if graph is None:
             raise FormatError("bad-graph", f"{os.fspath(path)!r} stores no graph; save it with an example input")
+        if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+            raise UnsupportedLayerError(f"the engine runs graphs with one input and one output, got inputs "
+                                        f"{list(graph.inputs)} and outputs {graph.outputs}")
         self._encoded = lowbit_file.tensors
-        inputs = graph.get("inputs")
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise FormatError("bad-graph", f"the engine runs graphs with one input, got {inputs!r}")
-        self.input_name: str = inputs[0].get("name")
-        self.input_shape: list[int] | None = inputs[0].get("shape")
+        (self.input_name, shape), = graph.inputs.items()
+        #: the input's shape, -1 for the batch axis
+        self.input_shape: list[int] = [-1, *shape]
         self.binary_layers: list[str] = []
         self._layers: dict[str, BinaryLinear | BinaryConv2d] = {}
         #: binary layers whose output stays packed: name -> the node names folded into their epilogue
         self.folded: dict[str, list[str]] = {}
-        nodes = graph["nodes"]
-        known = {self.input_name}
-        for node in nodes:
-            if not isinstance(node, dict) or not isinstance(node.get("name"), str):
-                raise FormatError("bad-graph", f"a graph node must be an object with a name, got {str(node)[:80]}")
-            args = node.get("inputs")
-            if not isinstance(args, list) or not args or not all(a in known for a in args):
-                raise FormatError("bad-graph", f"graph node {node['name']!r}: inputs {args!r} must name earlier nodes")
-            known.add(node["name"])
-        outputs = graph.get("outputs")
-        if not isinstance(outputs, list) or len(outputs) != 1 or outputs[0] not in known:
-            raise FormatError("bad-graph", f"the engine runs graphs with one output naming a node, got {outputs!r}")
-        self.output_name: str = outputs[0]
+        nodes = graph.nodes
+        self.output_name: str = graph.outputs[0]
         steps = [self._build(node) for node in nodes]
         self._steps: list[tuple[str, list[str], Step]] = []
         skipped: set[str] = set()
         rename: dict[str, str] = {}
         for index, (node, step) in enumerate(zip(nodes, steps)):
-            if node["name"] in skipped:
+            if node.name in skipped:
                 continue
-            chain = self._fold_chain(nodes, index) if node["name"] in self._layers else None
+            chain = self._fold_chain(nodes, index) if node.name in self._layers else None
             if chain is not None:
                 step, folded, target = chain
                 skipped.update(folded)
-                rename[target] = node["name"]
-                self.folded[node["name"]] = folded
-            args = [rename[node["name"]]] if node["name"] in rename else node["inputs"]
-            self._steps.append((node["name"], args, step))
+                rename[target] = node.name
+                self.folded[node.name] = folded
+            args = [rename[node.name]] if node.name in rename else node.inputs
+            self._steps.append((node.name, args, step))
         # numpy's BLAS threads spin between calls; beside the native kernels' threads they oversubscribe the cores
         # (2 cores: a batch-1 run took 3x as long), so float layers run on one BLAS thread where those kernels run
         uses_native_threads = self.binary_layers and self.kernel != "numpy" and self.threads != 1
@@ -111,71 +103,65 @@ class Engine:
 
     # ------------------------------------------------------------------ building
 
-    def _tensor(self, node: dict[str, Any], local: str, required: bool = True) -> np.ndarray | None:
-        key = node.get("params", {}).get(local)
-        enc = self._encoded.get(key) if isinstance(key, str) else None
-        if enc is None:
-            if required:
-                raise FormatError("bad-graph", f"graph node {node['name']!r}: tensor {local!r} ({key!r}) is not stored")
+    def _tensor(self, node: GraphNode, local: str) -> np.ndarray | None:
+        """The float32 values of the node's tensor ``local``, None where it has none (validated: stored)."""
+        key = node.params.get(local)
+        if key is None:
             return None
+        enc = self._encoded[key]
         array = enc.codes if enc.kind in _RAW_KINDS else values(enc)
         return np.ascontiguousarray(array, dtype=np.float32)
 
-    def _build(self, node: dict[str, Any]) -> Step:
-        op, name, attrs = node.get("op"), node["name"], node.get("attrs", {})
-        quant = node.get("quant", {})
-        where = f"graph node {name!r}"
+    def _build(self, node: GraphNode) -> Step:
+        op, attrs = node.op, node.attrs
         if op in ("linear", "conv2d"):
-            return self._layer(node, op, attrs, quant, where)
+            return self._layer(node)
         if op == "batchnorm":
-            mean, var = self._tensor(node, "running_mean"), self._tensor(node, "running_var")
-            weight, bias = self._tensor(node, "weight", False), self._tensor(node, "bias", False)
-            return lambda xs: ops.batchnorm(xs[0], mean, var, weight, bias, float(attrs["eps"]))
+            return _unary(self._batchnorm(node))
         if op == "quant_act":
             return _unary(self._quantizer(node, "output", "quantizer"))
-        if op in ops.FUNCTIONAL:
-            function = ops.FUNCTIONAL[op]
-            return lambda xs: function(xs, attrs)
-        raise UnsupportedLayerError(f"{where}: op {op!r} is not supported by the runtime; supported: "
-                                    f"{', '.join(sorted([*ops.FUNCTIONAL, *_MODULE_OPS]))}")
+        function = node.schema.numpy
+        return lambda xs: function(xs, attrs)
 
-    def _layer(self, node: dict[str, Any], op: str, attrs: dict, quant: dict, where: str) -> Step:
-        enc = self._encoded.get(node.get("params", {}).get("weight"))
-        if enc is None:
-            raise FormatError("bad-graph", f"{where}: its weight is not stored")
-        bias = self._tensor(node, "bias", False)
+    def _batchnorm(self, node: GraphNode) -> ChannelOp:
+        mean, var = self._tensor(node, "running_mean"), self._tensor(node, "running_var")
+        weight, bias, eps = self._tensor(node, "weight"), self._tensor(node, "bias"), node.attrs["eps"]
+        return lambda x: batchnorm(x, mean, var, weight, bias, eps)
+
+    def _layer(self, node: GraphNode) -> Step:
+        enc = self._encoded[node.params["weight"]]
+        attrs, bias = node.attrs, self._tensor(node, "bias")
         output = self._quantizer(node, "output")
-        input_spec = quant.get("input")
-        binary_input = isinstance(input_spec, dict) and input_spec.get("name") == "binary"
-        geometry_ok = op == "linear" or (attrs.get("groups") == 1 and attrs.get("dilation") == [1, 1])
+        binary_input = node.quant.get("input", {}).get("name") == "binary"
+        geometry_ok = node.op == "linear" or (attrs["groups"] == 1 and attrs["dilation"] == [1, 1])
         if enc.kind == "binary" and binary_input and geometry_ok:
-            self.binary_layers.append(node["name"])
+            self.binary_layers.append(node.name)
             scale = enc.params["scale"].astype(np.float32)
             signs = 2 * enc.codes.astype(np.int8) - 1  # binary codes: 1 stands for +1, 0 for -1
-            if op == "linear":
+            if node.op == "linear":
                 layer: BinaryLinear | BinaryConv2d = BinaryLinear(signs, scale, bias)
             else:
                 layer = BinaryConv2d(signs, attrs["stride"], attrs["padding"], scale, bias)
-            self._layers[node["name"]] = layer
+            self._layers[node.name] = layer
             run = self._binary_run(layer, None, None)
             return _unary(lambda x: output(run(x)))
         quantize = self._quantizer(node, "input")
         weight = self._tensor(node, "weight")
-        if op == "linear":
-            return _unary(lambda x: output(ops.linear(quantize(x), weight, bias)))
+        if node.op == "linear":
+            return _unary(lambda x: output(linear(quantize(x), weight, bias)))
         stride, padding, dilation, groups = attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"]
-        return _unary(lambda x: output(ops.conv2d(quantize(x), weight, bias, stride, padding, dilation, groups)))
+        return _unary(lambda x: output(conv2d(quantize(x), weight, bias, stride, padding, dilation, groups)))
 
-    def _quantizer(self, node: dict[str, Any], slot: str, module: str | None = None) -> Activation:
+    def _quantizer(self, node: GraphNode, slot: str, module: str | None = None) -> Activation:
         """The numpy activation quantizer in ``slot`` ("input" / "output") of ``node`` with its stored state: the
         params under ``<module>.`` (the quantizer's attribute, by default ``<slot>_quantizer``)."""
         module = module or f"{slot}_quantizer"
         state = {}
-        for local, key in node.get("params", {}).items():
-            enc = self._encoded.get(key) if isinstance(key, str) else None
-            if local.startswith(f"{module}.") and enc is not None:
+        for local, key in node.params.items():
+            if local.startswith(f"{module}."):
+                enc = self._encoded[key]
                 state[local[len(module) + 1 :]] = np.asarray(enc.codes if enc.kind in _RAW_KINDS else values(enc))
-        return activation_quantizer(node.get("quant", {}).get(slot), state, f"graph node {node['name']!r} {module}")
+        return activation_quantizer(node.quant.get(slot), state, f"graph node {node.name!r} {module}")
 
     def _binary_run(self, layer: BinaryLinear | BinaryConv2d, threshold: Threshold | None,
                     pool: dict | None) -> Callable[[np.ndarray], np.ndarray]:
@@ -214,65 +200,62 @@ class Engine:
 
         return run
 
-    def _fold_chain(self, nodes: list[dict[str, Any]], index: int) -> tuple[Step, list[str], str] | None:
+    def _fold_chain(self, nodes: list[GraphNode], index: int) -> tuple[Step, list[str], str] | None:
         """For the binary layer ``nodes[index]``: if it feeds only per-channel ops (batchnorm, hardtanh, relu), at
         most one max pool and (for a conv) a flatten that end in another binary layer, the step that emits the
         next layer's packed signs, the folded node names and the next layer's name; else None."""
         node = nodes[index]
-        if node.get("quant", {}).get("output") is not None:
+        if "output" in node.quant:
             return None
-        consumers: dict[str, list[dict[str, Any]]] = {}
+        consumers: dict[str, list[GraphNode]] = {}
         for other in nodes[index + 1 :]:
-            for a in other["inputs"]:
+            for a in other.inputs:
                 consumers.setdefault(a, []).append(other)
-        layer = self._layers[node["name"]]
+        layer = self._layers[node.name]
         conv = isinstance(layer, BinaryConv2d)
-        before: list[ops.ChannelOp] = []
-        after: list[ops.ChannelOp] = []
+        before: list[ChannelOp] = []
+        after: list[ChannelOp] = []
         pool: dict | None = None
         folded: list[str] = []
         current, flattened = node, False
         while True:
-            users = consumers.get(current["name"], [])
-            if current["name"] == self.output_name or len(users) != 1:
+            users = consumers.get(current.name, [])
+            if current.name == self.output_name or len(users) != 1:
                 return None
             nxt = users[0]
-            op, attrs = nxt.get("op"), nxt.get("attrs", {})
-            if nxt["name"] in self._layers:
+            op, attrs = nxt.op, nxt.attrs
+            if nxt.name in self._layers:
                 break
             channel_op = self._channel_op(nxt) if not flattened else None
             if channel_op is not None:
                 (after if pool is not None else before).append(channel_op)
-            elif op == "maxpool2d" and conv and pool is None and not flattened and not attrs.get("ceil_mode"):
+            elif op == "maxpool2d" and conv and pool is None and not flattened:
                 pool = attrs
-            elif op == "reshape" and conv and not flattened and len(attrs.get("shape", [])) == 2:
+            elif op == "reshape" and conv and not flattened and len(nxt.shape) == 1:
                 flattened = True
             else:
                 return None
-            folded.append(nxt["name"])
+            folded.append(nxt.name)
             current = nxt
-        target = self._layers[nxt["name"]]
+        target = self._layers[nxt.name]
         if conv:
             if isinstance(target, BinaryLinear) != flattened:
                 return None
-        elif not isinstance(target, BinaryLinear) or len(node.get("shape") or []) != 2:
+        elif not isinstance(target, BinaryLinear) or len(node.shape) != 1:
             return None
         k = layer.in_features if not conv else layer.kernel_size[0] * layer.kernel_size[1] * layer.in_channels
         channels = layer.out_features if not conv else layer.out_channels
         threshold = fold_threshold(k, layer.scale, layer.bias, channels, before, after, pool is not None)
         if threshold is None:
             return None
-        return _unary(self._binary_run(layer, threshold, pool)), folded, nxt["name"]
+        return _unary(self._binary_run(layer, threshold, pool)), folded, nxt.name
 
-    def _channel_op(self, node: dict[str, Any]) -> ops.ChannelOp | None:
+    def _channel_op(self, node: GraphNode) -> ChannelOp | None:
         """The per-channel float32 op of a batchnorm / hardtanh / relu node, or None for any other node."""
-        op, attrs = node.get("op"), node.get("attrs", {})
-        if op == "batchnorm":
-            mean, var = self._tensor(node, "running_mean"), self._tensor(node, "running_var")
-            weight, bias = self._tensor(node, "weight", False), self._tensor(node, "bias", False)
-            return lambda x: ops.batchnorm(x, mean, var, weight, bias, float(attrs["eps"]))
-        if op in ("hardtanh", "relu"):
-            function = ops.FUNCTIONAL[op]
+        if node.op == "batchnorm":
+            return self._batchnorm(node)
+        if node.op in ("hardtanh", "relu"):
+            function, attrs = node.schema.numpy, node.attrs
             return lambda x: function([x], attrs)
         return None
 

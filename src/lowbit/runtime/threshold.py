@@ -26,12 +26,14 @@ keeps the float path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ..format.bitpack import pack_rows
-from .ops import ChannelOp
+
+#: a per-channel float32 op on arrays with channels on axis 1 (NCHW maps, [N, features] rows)
+ChannelOp = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)

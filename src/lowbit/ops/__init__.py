@@ -1,0 +1,11 @@
+"""The graph IR's ops, one file per family, each declaring its schema once (:mod:`lowbit.ops.schema`), with its
+float32 numpy implementation; :func:`validate_document` checks a stored document against them. Imports no torch.
+"""
+
+from . import activation, arithmetic, conv, linear, norm, pool, shape  # noqa: F401  (register the ops)
+from .schema import MAX_ELEMENTS, MAX_NODES, MAX_RANK, MAX_SPATIAL, REGISTRY, OpSchema
+from .specs import check_spec
+from .validate import Graph, GraphNode, validate_document, validate_file, validate_graph, validate_layers
+
+__all__ = ["MAX_ELEMENTS", "MAX_NODES", "MAX_RANK", "MAX_SPATIAL", "REGISTRY", "Graph", "GraphNode", "OpSchema",
+           "check_spec", "validate_document", "validate_file", "validate_graph", "validate_layers"]

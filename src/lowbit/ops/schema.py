@@ -1,0 +1,237 @@
+"""The graph IR's op schema: what each op declares, and the caps every graph is held to.
+
+An op is one :class:`OpSchema`, registered by name with :func:`register` in
+the file of its family (``lowbit/ops/<family>.py``): its input count, the
+tensors it reads (``params``), its quantizer slots, each attribute's type,
+length and range, how its output shape follows from its inputs' shapes and
+tensors, and (for parameter-free ops) its float32 numpy implementation.
+:func:`lowbit.ops.validate.validate_graph` reads only these declarations, so
+a new op is added by declaring it, and ``lowbit.load``, the Engine,
+``lowbit inspect``, ``run``, ``eval`` and ONNX export all accept the same
+graphs.
+
+Shapes here are *example shapes*: a tensor's shape without the batch axis
+(the IR stores the batch axis as -1). Caps (each a :class:`FormatError`
+naming the node and the limit): a spatial size, padding or output size at
+most :data:`MAX_SPATIAL`; at most :data:`MAX_ELEMENTS` elements per example
+in any node's output; ranks at most :data:`MAX_RANK`; at most
+:data:`MAX_NODES` nodes.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import FormatError
+
+#: the largest spatial size, padding, kernel or stride an op may declare or produce
+MAX_SPATIAL = 2**16
+#: the most elements one example may have in any node's output (1 GiB of float32)
+MAX_ELEMENTS = 2**28
+#: the highest rank of a tensor in the graph, batch axis included
+MAX_RANK = 8
+#: the most nodes a graph may have
+MAX_NODES = 100_000
+
+Shape = tuple[int, ...]
+
+
+def fail(where: str, message: str) -> FormatError:
+    return FormatError("bad-graph", f"{where}: {message}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------- attribute (and spec parameter) types
+
+
+@dataclass(frozen=True)
+class Int:
+    """An int in [low, high] (no bound where None)."""
+
+    low: int | None = None
+    high: int | None = None
+
+    def check(self, value: object, what: str, where: str) -> int:
+        low = -math.inf if self.low is None else self.low
+        high = math.inf if self.high is None else self.high
+        if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]
+            bounds = "" if self.low is None and self.high is None else f" from {self.low} to {self.high}"
+            raise fail(where, f"{what} must be an int{bounds}, got {_short(value)}")
+        return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite number (int or float) in [low, high], or (low, high] when ``open_low``."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+
+    def check(self, value: object, what: str, where: str) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            ok = (self.low < value if self.open_low else self.low <= value) and value <= self.high  # type: ignore
+        if not ok:
+            bound = f"> {self.low}" if self.open_low else f">= {self.low}"
+            high = "" if self.high == math.inf else f" and <= {self.high}"
+            raise fail(where, f"{what} must be a finite number {bound}{high}, got {_short(value)}")
+        return float(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Bool:
+    def check(self, value: object, what: str, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise fail(where, f"{what} must be true or false, got {_short(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of ``values``."""
+
+    values: tuple[Any, ...]
+
+    def check(self, value: object, what: str, where: str) -> Any:
+        if not any(value == v and type(value) is type(v) for v in self.values):
+            raise fail(where, f"{what} must be one of {', '.join(map(repr, self.values))}, got {_short(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Ints:
+    """A list of ``count`` ints in [low, high]."""
+
+    count: int
+    low: int
+    high: int
+
+    def check(self, value: object, what: str, where: str) -> list[int]:
+        if (not isinstance(value, list) or len(value) != self.count
+                or not all(_is_int(v) and self.low <= v <= self.high for v in value)):
+            raise fail(where, f"{what} must be a list of {self.count} ints from {self.low} to {self.high}, "
+                              f"got {_short(value)}")
+        return list(value)
+
+
+@dataclass(frozen=True)
+class Nullable:
+    """None, or a value of ``kind``."""
+
+    kind: Any
+
+    def check(self, value: object, what: str, where: str) -> Any:
+        return None if value is None else self.kind.check(value, what, where)
+
+
+@dataclass(frozen=True)
+class ExampleShape:
+    """A recorded tensor shape: a list of ints, -1 (the batch axis) first, then sizes >= 1."""
+
+    def check(self, value: object, what: str, where: str) -> list[int]:
+        if (not isinstance(value, list) or not 1 <= len(value) <= MAX_RANK or value[0] != -1
+                or not all(_is_int(d) and 1 <= d <= MAX_ELEMENTS for d in value[1:])):
+            raise fail(where, f"{what} must be a list of at most {MAX_RANK} ints, -1 (the batch) first, then sizes "
+                              f"from 1 to {MAX_ELEMENTS}, got {_short(value)}")
+        return list(value)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------- the node an op's shape rule sees
+
+
+@dataclass
+class Node:
+    """A node being validated: its attributes (checked), its inputs' example shapes and its tensors' shapes."""
+
+    name: str
+    op: str
+    attrs: dict[str, Any]
+    inputs: list[Shape]
+    tensors: dict[str, Shape]
+
+    @property
+    def where(self) -> str:
+        return f"graph node {self.name!r} ({self.op})"
+
+    def fail(self, message: str) -> FormatError:
+        return fail(self.where, message)
+
+    def rank(self, *ranks: int) -> Shape:
+        """The single input's example shape, which must have one of ``ranks`` (batch axis not counted)."""
+        shape = self.inputs[0]
+        if len(shape) not in ranks:
+            raise self.fail(f"takes an input of rank {' or '.join(str(r + 1) for r in ranks)} (batch included), "
+                            f"got shape {[-1, *shape]}")
+        return shape
+
+
+# ---------------------------------------------------------------- op declarations
+
+
+@dataclass(frozen=True)
+class OpSchema:
+    """One graph op, declared once.
+
+    ``inputs``: how many inputs it takes (None: one or more). ``tensors`` /
+    ``optional``: the local names of the tensors it reads (``params``),
+    required / optional. ``quant``: its quantizer slots; ``state``: the
+    module attributes whose stored state may appear in ``params`` (for
+    example ``input_quantizer`` for ``input_quantizer.stats.min_val``).
+    ``attrs``: name -> type, ``defaults``: the optional ones' values.
+    ``module``: whether a node calls a module (and names its path).
+    ``shape(node)`` returns the output's example shape or raises through
+    ``node.fail``. ``numpy(xs, attrs)``: the float32 implementation of a
+    parameter-free op (module ops run in :mod:`lowbit.runtime.engine`).
+    """
+
+    name: str
+    shape: Callable[[Node], Shape]
+    inputs: int | None = 1
+    tensors: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    quant: tuple[str, ...] = ()
+    state: tuple[str, ...] = ()
+    attrs: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    module: bool = False
+    numpy: Callable[[list[np.ndarray], dict[str, Any]], np.ndarray] | None = None
+
+
+#: op name -> its schema
+REGISTRY: dict[str, OpSchema] = {}
+
+
+def register(schema: OpSchema) -> OpSchema:
+    if schema.name in REGISTRY:
+        raise ValueError(f"op {schema.name!r} is declared twice")
+    REGISTRY[schema.name] = schema
+    return schema
+
+
+def same_shape(node: Node) -> Shape:
+    """The output has the input's shape (element-wise ops)."""
+    return node.inputs[0]
+
+
+def window_size(size: int, kernel: int, stride: int, padding: int, dilation: int, node: Node, axis: str) -> int:
+    """Output size of a sliding window, ``floor((size + 2 p - d (k - 1) - 1) / s) + 1``, which must be >= 1."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        raise node.fail(f"the {axis} window (kernel {kernel}, dilation {dilation}) does not fit an input of size "
+                        f"{size} padded by {padding}")
+    return out

@@ -1,0 +1,291 @@
+"""One validation of a stored document: its layer specs and its graph IR, against the op schema.
+
+``validate_document(document, shapes)`` is what ``lowbit.load``, the
+torch-free Engine, ``lowbit inspect``, ``run``, ``eval`` and ONNX export of a
+loaded model all run, so a file one of them accepts is accepted by all, and
+they read the same numbers: attributes with their defaults filled in,
+quantizer specs completed by :func:`lowbit.ops.specs.check_spec`, and every
+node's output shape inferred from the recorded input shape and checked
+against the shape the node records (see :mod:`lowbit.ops.schema` for the
+caps). Everything malformed is a :class:`FormatError` (code ``bad-graph``,
+``bad-document``, ``bad-spec`` or ``unknown-quantizer``) naming the node,
+layer or tensor at fault.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import FormatError
+from ..format.container import LowbitFile
+from .schema import MAX_ELEMENTS, MAX_NODES, MAX_SPATIAL, REGISTRY, ExampleShape, Node, OpSchema, Shape, fail
+from .specs import check_spec
+
+#: the keys of a graph node and their JSON types (``module`` is optional, ``shape`` is checked on its own)
+NODE_KEYS = {"name": str, "op": str, "inputs": list, "attrs": dict, "params": dict, "quant": dict, "shape": object}
+#: a module path's parts: identifiers that start with a letter, or indices
+_PART = re.compile(r"[A-Za-z][A-Za-z0-9_]*|[0-9]+\Z")
+#: attribute names of a torch module, which a module path part cannot take (a test keeps this current)
+RESERVED_PARTS = frozenset({
+    "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu",
+    "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state",
+    "get_parameter", "get_submodule", "half", "ipu", "ir", "load_state_dict", "modules", "mtia", "named_buffers",
+    "named_children", "named_modules", "named_parameters", "parameters", "register_backward_hook",
+    "register_buffer", "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+    "register_full_backward_pre_hook", "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook",
+    "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
+    "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train",
+    "training", "type", "xpu", "zero_grad"})
+LAYER_TYPES = {"QuantLinear": "linear", "QuantConv2d": "conv2d"}
+LAYER_SLOTS = ("weight", "input", "output")
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """A validated node: attributes with defaults, complete quantizer specs, its example output shape."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any]
+    params: dict[str, str]
+    quant: dict[str, dict[str, Any]]
+    shape: Shape
+    module: str | None
+
+    @property
+    def schema(self) -> OpSchema:
+        return REGISTRY[self.op]
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A validated graph IR: named inputs with example shapes, nodes in order, output names."""
+
+    inputs: dict[str, Shape]
+    nodes: list[GraphNode]
+    outputs: list[str]
+
+
+def _document_error(message: str) -> FormatError:
+    return FormatError("bad-document", message)
+
+
+def validate_layers(model: object) -> dict[str, dict[str, Any]]:
+    """The document's ``model.layers`` with complete specs (module path -> type and specs); checks ``model``."""
+    if not isinstance(model, dict) or set(model) - {"layers", "config", "input_shape"}:
+        raise _document_error("document 'model' is an object holding layers, config and input_shape only")
+    layers = model.get("layers", {})
+    if not isinstance(layers, dict):
+        raise _document_error("document 'model' layers must be an object of module path -> layer")
+    shape = model.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and 1 <= len(shape) <= 8
+                                  and all(type(d) is int and 1 <= d <= MAX_ELEMENTS for d in shape)):
+        raise _document_error(f"document 'model' input_shape must be null or a list of at most 8 ints from 1 to "
+                              f"{MAX_ELEMENTS}, got {str(shape)[:80]}")
+    full = {}
+    for name, entry in layers.items():
+        where = f"layer {name[:80]!r}"
+        if not isinstance(entry, dict) or entry.get("type") not in (*LAYER_TYPES, "QuantAct"):
+            raise _document_error(f"{where}: type must be QuantLinear, QuantConv2d or QuantAct")
+        slots = ("quantizer",) if entry["type"] == "QuantAct" else LAYER_SLOTS
+        if set(entry) != {"type", *slots}:
+            raise _document_error(f"{where}: a {entry['type']} entry holds type and {', '.join(slots)}")
+        full[name] = {"type": entry["type"], **{s: check_spec(entry[s], f"{where} {s} quantizer") for s in slots}}
+    return full
+
+
+def validate_document(document: dict[str, Any], shapes: dict[str, Shape]) -> tuple[dict[str, dict], Graph | None]:
+    """(layers, graph or None) of a read document whose tensors have the decoded ``shapes``."""
+    layers = validate_layers(document.get("model"))
+    graph = document.get("graph")
+    if graph is None:
+        return layers, None
+    return layers, validate_graph(graph, layers, shapes, document["model"].get("input_shape"))
+
+
+def validate_file(lowbit_file: LowbitFile) -> tuple[dict[str, dict], Graph | None]:
+    """:func:`validate_document` of a file read by :func:`lowbit.format.container.read_file`."""
+    shapes = {name: tuple(enc.codes.shape) for name, enc in lowbit_file.tensors.items()}
+    return validate_document(lowbit_file.document, shapes)
+
+
+def _check_keys(node: object, index: int) -> dict[str, Any]:
+    if not isinstance(node, dict) or not isinstance(node.get("name"), str) or not node["name"]:
+        raise FormatError("bad-graph", f"graph node {index} must be an object with a non-empty name, "
+                                       f"got {str(node)[:80]}")
+    where = f"graph node {node['name'][:80]!r}"
+    if not set(NODE_KEYS) <= set(node) <= {*NODE_KEYS, "module"}:
+        raise fail(where, f"a node holds the keys {sorted(NODE_KEYS)} and optionally module, got {sorted(node)[:12]}")
+    for key, kind in NODE_KEYS.items():
+        if not isinstance(node[key], kind):
+            raise fail(where, f"{key} must be a {kind.__name__}, got {str(node[key])[:80]}")
+    if node["op"] not in REGISTRY:
+        raise fail(where, f"unknown op {node['op'][:80]!r}; valid: {', '.join(sorted(REGISTRY))}")
+    return node
+
+
+def _module(node: dict[str, Any], schema: OpSchema, where: str) -> str | None:
+    """The path of the module a module op calls; other ops may record theirs, which nothing reads."""
+    path = node.get("module")
+    if path is None and not schema.module:
+        return None
+    parts = path.split(".") if isinstance(path, str) else []
+    if not parts or not all(_PART.match(p) and p not in RESERVED_PARTS for p in parts):
+        raise fail(where, f"module must be the dotted path of a module (parts: letters, digits and _, starting with "
+                          f"a letter, or indices; no torch module attribute names), got {str(path)[:80]!r}")
+    return path if schema.module else None
+
+
+def _attrs(node: dict[str, Any], schema: OpSchema, where: str) -> dict[str, Any]:
+    attrs = node["attrs"]
+    required = set(schema.attrs) - set(schema.defaults)
+    if not required <= set(attrs) <= set(schema.attrs):
+        raise fail(where, f"a {schema.name} node has the attributes {sorted(required)}"
+                          f"{' and optionally ' + ', '.join(sorted(schema.defaults)) if schema.defaults else ''}, "
+                          f"got {sorted(attrs)[:12]}")
+    values = {**schema.defaults, **attrs}
+    return {k: kind.check(values[k], k, where) for k, kind in schema.attrs.items()}
+
+
+def _params(node: dict[str, Any], schema: OpSchema, module: str | None, shapes: dict[str, Shape],
+            where: str) -> dict[str, Shape]:
+    """Check the node's params; return local name -> stored shape of the op's own tensors."""
+    params = node["params"]
+    state = tuple(f"{s}." for s in schema.state)
+    tensors = {}
+    for local, key in params.items():
+        if local not in (*schema.tensors, *schema.optional) and not local.startswith(state):
+            raise fail(where, f"a {schema.name} node reads {', '.join([*schema.tensors, *schema.optional]) or 'no '}"
+                              f"tensors{' and the state of ' + ', '.join(schema.state) if state else ''}, "
+                              f"not {local[:80]!r}")
+        if key != f"{module}.{local}":
+            raise fail(where, f"tensor {local!r} must be stored as {module}.{local}, got {str(key)[:80]!r}")
+        if key not in shapes:
+            raise fail(where, f"tensor {key!r} is not stored in the file")
+        if local in (*schema.tensors, *schema.optional):
+            tensors[local] = tuple(shapes[key])
+    missing = [t for t in schema.tensors if t not in tensors]
+    if missing:
+        raise fail(where, f"a {schema.name} node needs the tensors {', '.join(missing)}")
+    return tensors
+
+
+def _quant(node: dict[str, Any], schema: OpSchema, module: str | None, layers: dict[str, dict],
+           where: str) -> dict[str, dict[str, Any]]:
+    quant = node["quant"]
+    if not set(quant) <= set(schema.quant):
+        raise fail(where, f"a {schema.name} node has the quantizer slots {', '.join(schema.quant) or 'none'}, "
+                          f"got {sorted(quant)[:8]}")
+    specs = {slot: check_spec(spec, f"{where} {slot} quantizer") for slot, spec in quant.items()}
+    if None in specs.values():
+        raise fail(where, "a quantizer slot left empty is left out, not null")
+    entry = layers.get(module) if module is not None else None
+    if schema.name in ("linear", "conv2d"):
+        if entry is not None and LAYER_TYPES.get(entry["type"]) != schema.name:
+            raise fail(where, f"module {module!r} is a {entry['type']} in the document's layers, not a {schema.name}")
+        stored = {} if entry is None else {s: entry[s] for s in LAYER_SLOTS if entry[s] is not None}
+    elif schema.name == "quant_act":
+        if entry is None or entry["type"] != "QuantAct":
+            raise fail(where, f"module {module!r} is not a QuantAct of the document's layers")
+        stored = {} if entry["quantizer"] is None else {"output": entry["quantizer"]}
+    else:
+        if entry is not None:
+            raise fail(where, f"module {module!r} is a {entry['type']} in the document's layers, not a "
+                              f"{schema.name}")
+        stored = {}
+    if specs != stored:
+        raise fail(where, f"quantizers {str(quant)[:160]} differ from the document's layer specs {str(stored)[:160]}")
+    return specs
+
+
+def validate_graph(graph: object, layers: dict[str, dict], shapes: dict[str, Shape],
+                   input_shape: list[int] | None = None) -> Graph:
+    """The validated graph IR (see the module docstring); ``shapes``: stored tensor name -> decoded shape."""
+    if not isinstance(graph, dict) or not set(graph) <= {"version", "inputs", "outputs", "nodes"}:
+        raise FormatError("bad-graph", "the graph is an object with version, inputs, outputs and nodes")
+    if graph.get("version") != 1:
+        raise FormatError("bad-graph", f"graph version must be 1, got {str(graph.get('version'))[:20]}")
+    inputs, outputs, nodes = graph.get("inputs"), graph.get("outputs"), graph.get("nodes")
+    if not isinstance(nodes, list) or len(nodes) > MAX_NODES:
+        raise FormatError("bad-graph", f"graph nodes must be a list of at most {MAX_NODES} nodes")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, dict) and set(i) == {"name", "shape"}
+                                                             and isinstance(i["name"], str) for i in inputs):
+        raise FormatError("bad-graph", "graph inputs must be a non-empty list of objects with a name and a shape")
+    known: dict[str, Shape] = {}
+    for entry in inputs:
+        shape = ExampleShape().check(entry["shape"], "its shape", f"graph input {entry['name'][:80]!r}")
+        if math.prod(shape[1:]) > MAX_ELEMENTS:
+            raise FormatError("bad-graph", f"graph input {entry['name'][:80]!r} exceeds {MAX_ELEMENTS} elements")
+        if entry["name"] in known:
+            raise FormatError("bad-graph", f"graph input {entry['name'][:80]!r} is named twice")
+        known[entry["name"]] = tuple(shape[1:])
+    if input_shape is not None and len(inputs) == 1 and list(known.values())[0] != tuple(input_shape[1:]):
+        raise FormatError("bad-graph", f"the graph input {inputs[0]['shape']} does not match the document's "
+                                       f"input_shape {input_shape}")
+    graph_inputs = dict(known)
+    validated: list[GraphNode] = []
+    first_use: dict[str, GraphNode] = {}
+    containers: set[str] = set()
+    for index, raw in enumerate(nodes):
+        node = _check_keys(raw, index)
+        name, schema = node["name"], REGISTRY[node["op"]]
+        where = f"graph node {name[:80]!r} ({schema.name})"
+        if name in known:
+            raise fail(where, "its name is used twice")
+        args = node["inputs"]
+        if not all(isinstance(a, str) and a in known for a in args):
+            raise fail(where, f"inputs {str(args)[:80]} must name earlier nodes or graph inputs")
+        if (len(args) != schema.inputs) if schema.inputs is not None else not args:
+            raise fail(where, f"takes {schema.inputs or 'one or more'} input(s), got {len(args)}")
+        module = _module(node, schema, where)
+        attrs = _attrs(node, schema, where)
+        tensors = _params(node, schema, module, shapes, where)
+        quant = _quant(node, schema, module, layers, where)
+        view = Node(name, schema.name, attrs, [known[a] for a in args], tensors)
+        shape = schema.shape(view)
+        _check_output(shape, node["shape"], schema.name, where)
+        checked = GraphNode(name, schema.name, list(args), attrs, dict(node["params"]), quant, shape, module)
+        if module is not None:
+            _check_module(checked, first_use, containers, where)
+        validated.append(checked)
+        known[name] = shape
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) and o in known for o in outputs):
+        raise FormatError("bad-graph", f"graph outputs {str(outputs)[:80]} must be a non-empty list of node or "
+                                       f"input names")
+    return Graph(graph_inputs, validated, list(outputs))
+
+
+def _check_output(shape: Shape, recorded: object, op: str, where: str) -> None:
+    if not all(1 <= d for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+        raise fail(where, f"its output {[-1, *shape]} exceeds {MAX_ELEMENTS} elements per example")
+    if op in ("conv2d", "maxpool2d", "avgpool2d", "adaptive_avgpool2d") and max(shape[1:]) > MAX_SPATIAL:
+        raise fail(where, f"its output {[-1, *shape]} exceeds the spatial size cap {MAX_SPATIAL}")
+    if recorded != [-1, *shape]:
+        raise fail(where, f"records the output shape {str(recorded)[:80]}, but its inputs give {[-1, *shape]}")
+
+
+def _check_module(node: GraphNode, first_use: dict[str, GraphNode], containers: set[str], where: str) -> None:
+    """A module called twice is the same layer both times; no module path lies inside another."""
+    path = node.module
+    earlier = first_use.get(path)
+    if earlier is not None:
+        same = (earlier.op, earlier.attrs, earlier.params, earlier.quant) == (node.op, node.attrs, node.params,
+                                                                              node.quant)
+        if not same:
+            raise fail(where, f"calls module {path!r} as node {earlier.name!r} does, with other op, attributes, "
+                              f"tensors or quantizers")
+        return
+    parts = path.split(".")
+    outer = [".".join(parts[:i]) for i in range(1, len(parts))]
+    inside = next((p for p in outer if p in first_use), None)
+    if inside is not None or path in containers:
+        raise fail(where, f"module {path!r} lies inside module {inside!r}" if inside is not None
+                   else f"module {path!r} holds other modules")
+    containers.update(outer)
+    first_use[path] = node
