@@ -65,7 +65,8 @@ from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, FormatError, ShapeMismatchError, UnsupportedLayerError
 from .export.graph import capture
 from .format.codecs import NumpyEncoded, values
-from .format.container import LowbitFile, format_inspect, inspect_file, raw, read_file, write_file
+from .format import container
+from .format.container import LowbitFile, format_inspect, raw, read_file, write_file
 from .nn import QuantAct, QuantConv2d, QuantLinear, named_modules_without_quantizers
 from .ops import Graph, GraphNode, validate_document, validate_file
 from .quantizers import Encoded, Quantizer, get
@@ -282,6 +283,13 @@ def _quantizer_prefixes(layers: dict[str, dict[str, Any]]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`lowbit.format.container.inspect_file` of a file whose document passes the validation that ``load``
+    and the Engine apply (``lowbit inspect`` accepts what they accept)."""
+    validate_file(read_file(path))
+    return container.inspect_file(path)
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -161,9 +161,10 @@ def _params(node: dict[str, Any], schema: OpSchema, module: str | None, shapes: 
     tensors = {}
     for local, key in params.items():
         if local not in (*schema.tensors, *schema.optional) and not local.startswith(state):
-            raise fail(where, f"a {schema.name} node reads {', '.join([*schema.tensors, *schema.optional]) or 'no '}"
-                              f"tensors{' and the state of ' + ', '.join(schema.state) if state else ''}, "
-                              f"not {local[:80]!r}")
+            own = [*schema.tensors, *schema.optional]
+            reads = f"the tensors {', '.join(own)}" if own else "no tensors"
+            reads += f" and the state of {', '.join(schema.state)}" if state else ""
+            raise fail(where, f"a {schema.name} node reads {reads}, not {local[:80]!r}")
         if key != f"{module}.{local}":
             raise fail(where, f"tensor {local!r} must be stored as {module}.{local}, got {str(key)[:80]!r}")
         if key not in shapes:

@@ -1,7 +1,10 @@
 """Engine: run a .lowbit file's graph IR with numpy and the native XNOR + popcount kernels, without torch.
 
 ``Engine(path).run(x)`` reads the file with :mod:`lowbit.format.container`
-(numpy only), then executes the nodes of the stored graph in order:
+(numpy only), validates it as ``lowbit.load`` does
+(:func:`lowbit.ops.validate_file`: the same files are accepted, with the same
+attributes and quantizer specs), then executes the nodes of the stored graph
+in order:
 
 - linear / conv2d whose weight is stored binary (``binary`` or ``xnor``
   weights, kind ``binary``) and whose input quantizer is ``binary`` (sign):
@@ -13,8 +16,9 @@
   output quantizers applied in numpy (:mod:`lowbit.runtime.activations`:
   binary, xnor, uniform, linear, log2, dorefa_act, pact, lsq, with their
   observed ranges, clipping levels and steps read from the file);
-- batchnorm, relu, tanh, hardtanh, pools, reshape, add, mul, concat,
-  quant_act: :mod:`lowbit.runtime.ops`.
+- batchnorm, quant_act and the parameter-free ops (relu, tanh, hardtanh,
+  pools, reshape, add, mul, concat): the numpy half of each op's
+  declaration in :mod:`lowbit.ops`.
 
 Between two binary layers, batch norm, hardtanh, relu and max pooling are
 folded (:mod:`lowbit.runtime.threshold`) into an integer comparison in the
@@ -27,10 +31,11 @@ The outputs equal those of ``lowbit.load(path)`` in eval mode: binary layers
 bit for bit up to the float32 rounding of ``dot * scale + bias``, float
 layers within float32 tolerance (the activation quantizers give torch's bits
 on the same input; a float32 matmul summed in another order can move a value
-across a rounding boundary). Nodes the runtime cannot run (grouped or
-dilated binary convs, activation quantizers without a numpy version) raise
-:class:`~lowbit.errors.UnsupportedLayerError` naming the node and the
-quantizer when the engine is built.
+across a rounding boundary). Graphs with more than one input or output and
+activation quantizers without a numpy version (abc_act, per-channel ranges)
+raise :class:`~lowbit.errors.UnsupportedLayerError` naming the node and the
+quantizer when the engine is built; grouped or dilated binary convs run as
+float convs on the decoded signs.
 """
 
 from __future__ import annotations

@@ -1,0 +1,301 @@
+"""The op schema: every declared op runs the same in torch, the loaded GraphModel, the Engine and onnxruntime;
+hostile attributes are FormatErrors naming the node; quantizer specs are checked as ``quantizers.get`` builds them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lowbit
+from lowbit.errors import ConfigError, FormatError
+from lowbit.export.onnx import to_onnx
+from lowbit.format.container import pack_safetensors, parse_safetensors
+from lowbit.nn import QuantAct
+from lowbit.ops import MAX_ELEMENTS, MAX_SPATIAL, REGISTRY, Graph, check_spec
+from lowbit.ops.specs import KMEANS_INITS, OBSERVERS, ROLES, SIGN_STES, SPECS
+from lowbit.ops.validate import RESERVED_PARTS
+from lowbit.quantizers import get, names
+from lowbit.runtime import Engine
+from lowbit.serialize import GraphModel
+
+
+# ---------------------------------------------------------------- one small model per op
+
+
+class Functional(nn.Module):
+    """A conv stem, then ``body`` (a function of the map and the module)."""
+
+    def __init__(self, body, channels: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = body
+
+    def forward(self, x):
+        return self.body(self.stem(x), self)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        gate = F.adaptive_avg_pool2d(y, 1)
+        return torch.cat([self.b(y) + y, y * gate], dim=1)
+
+
+def _quant_act() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), QuantAct(get({"name": "uniform", "bits": 8, "dynamic": False})))
+    lowbit.calibrate(model, [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))])
+    return model
+
+
+#: op -> a model whose graph holds it; every declared op needs one (the registry walk below)
+EXAMPLES = {
+    "linear": lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 5)),
+    "conv2d": lambda: nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=2, dilation=2), nn.Conv2d(6, 6, 3, groups=3)),
+    "batchnorm": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 6),
+                                       nn.BatchNorm1d(6)),
+    "relu": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
+    "tanh": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh()),
+    "hardtanh": lambda: Functional(lambda y, m: F.hardtanh(y, -0.5, 0.25)),
+    "maxpool2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, padding=1)),
+    "avgpool2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(3, 2, padding=1, count_include_pad=False)),
+    "adaptive_avgpool2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1)),
+    "reshape": lambda: Functional(lambda y, m: torch.flatten(y, 1)),
+    "add": Residual,
+    "mul": Residual,
+    "concat": Residual,
+    "quant_act": _quant_act,
+}
+
+
+def test_every_declared_op_has_an_example_and_every_example_op_is_declared():
+    assert set(EXAMPLES) == set(REGISTRY)
+
+
+def _saved(op: str, tmp_path: Path) -> tuple[nn.Module, torch.Tensor, Path]:
+    torch.manual_seed(0)
+    model = EXAMPLES[op]().eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    path = tmp_path / f"{op}.lowbit"
+    lowbit.save(model, path, x[:1])
+    return model, x, path
+
+
+@pytest.mark.parametrize("op", sorted(REGISTRY))
+def test_op_runs_alike_in_torch_the_loaded_model_the_engine_and_onnxruntime(op, tmp_path):
+    model, x, path = _saved(op, tmp_path)
+    loaded = lowbit.load(path)
+    assert op in {node["op"] for node in loaded.ir["nodes"]}
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(loaded(x), expected)
+    np.testing.assert_allclose(Engine(path).run(x.numpy()), expected.numpy(), rtol=1e-5, atol=1e-5)
+    session = ort.InferenceSession(to_onnx(loaded, x[:1]).SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    step = 1.0 if op == "quant_act" else 0.0  # a float32 sum in another order may cross one rounding boundary
+    tolerance = 1e-4 + step * float(expected.abs().max()) / 127
+    np.testing.assert_allclose(got, expected.numpy(), atol=tolerance)
+
+
+def test_registry_ops_are_run_by_the_graph_model_and_the_engine():
+    from lowbit.serialize import _FUNCTIONAL
+
+    module_ops = {op for op, schema in REGISTRY.items() if schema.module}
+    assert module_ops == {"linear", "conv2d", "batchnorm", "quant_act"}
+    assert set(_FUNCTIONAL) == set(REGISTRY) - module_ops
+    assert all(REGISTRY[op].numpy is not None for op in _FUNCTIONAL)
+
+
+def test_module_path_parts_cannot_shadow_torch_module_attributes():
+    model = GraphModel({}, Graph({}, [], []), {}, {})
+    assert {name for name in dir(model) if not name.startswith("_")} <= RESERVED_PARTS
+
+
+# ---------------------------------------------------------------- hostile attributes, shapes and specs
+
+
+def _document(path: Path) -> dict:
+    _, metadata, _ = parse_safetensors(path.read_bytes())
+    return json.loads(metadata["lowbit"])
+
+
+def _write(path: Path, document: dict, out: Path) -> Path:
+    arrays, _, _ = parse_safetensors(path.read_bytes())
+    out.write_bytes(pack_safetensors(dict(arrays), {"lowbit": json.dumps(document)}))
+    return out
+
+
+def _node(document: dict, op: str) -> dict:
+    return next(n for n in document["graph"]["nodes"] if n["op"] == op)
+
+
+def _both_refuse(path: Path, match: str) -> None:
+    """load and the Engine both raise a FormatError whose message contains ``match``."""
+    with pytest.raises(FormatError, match=match):
+        lowbit.load(path)
+    with pytest.raises(FormatError, match=match):
+        Engine(path)
+    with pytest.raises(FormatError, match=match):
+        lowbit.load_state_dict(path)
+
+
+HOSTILE = [
+    ("conv2d", "stride", [0, 1], "stride must be a list of 2 ints from 1"),
+    ("conv2d", "dilation", [1, -1], "dilation must be a list of 2 ints from 1"),
+    ("conv2d", "padding", [2**30, 2**30], f"padding must be a list of 2 ints from 0 to {MAX_SPATIAL}"),
+    ("conv2d", "groups", 5, "divisible by groups 5"),
+    ("conv2d", "groups", 0, "groups must be an int from 1"),
+    ("conv2d", "groups", True, "groups must be an int"),
+    ("conv2d", "stride", [1, 1.5], "stride must be a list of 2 ints"),
+    ("conv2d", "padding", [20, 20], "records the output shape"),
+    ("maxpool2d", "kernel", [2**31 - 1, 2**31 - 1], "kernel must be a list of 2 ints from 1 to"),
+    ("maxpool2d", "padding", [2, 2], "at most half the kernel"),
+    ("maxpool2d", "kernel", [64, 64], "does not fit an input"),
+    ("maxpool2d", "kernel", {"a": [[[]]]}, "kernel must be a list"),
+    ("batchnorm", "eps", 0.0, "eps must be a finite number > 0"),
+    ("batchnorm", "eps", -1, "eps must be a finite number > 0"),
+    ("batchnorm", "eps", "1e-5", "eps must be a finite number > 0"),
+    ("reshape", "shape", [-1, 7], "the sizes differ"),
+    ("reshape", "shape", [-1, 2**63], "sizes from 1 to"),
+    ("reshape", "shape", [-1, 0, 5], "sizes from 1 to"),
+    ("linear", "extra", 1, "has the attributes"),
+]
+
+
+@pytest.fixture(scope="module")
+def lenet_file(tmp_path_factory) -> Path:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 10)).eval()
+    path = tmp_path_factory.mktemp("ops") / "net.lowbit"
+    lowbit.save(model, path, torch.zeros(1, 1, 12, 12))
+    return path
+
+
+@pytest.mark.parametrize("op, key, value, match", HOSTILE)
+def test_hostile_attributes_are_refused_alike_by_load_and_engine(lenet_file, tmp_path, op, key, value, match):
+    document = _document(lenet_file)
+    _node(document, op)["attrs"][key] = value
+    _both_refuse(_write(lenet_file, document, tmp_path / "bad.lowbit"), match)
+
+
+def test_recorded_output_shapes_must_follow_from_the_input(lenet_file, tmp_path):
+    document = _document(lenet_file)
+    _node(document, "relu")["shape"] = [-1, 4, 10, 11]
+    _both_refuse(_write(lenet_file, document, tmp_path / "bad.lowbit"), "records the output shape")
+
+
+def test_a_huge_input_shape_is_refused_before_anything_is_allocated(lenet_file, tmp_path):
+    document = _document(lenet_file)
+    document["graph"]["inputs"][0]["shape"] = [-1, 1, 2**20, 2**20]
+    document["model"]["input_shape"] = [1, 1, 2**20, 2**20]
+    _both_refuse(_write(lenet_file, document, tmp_path / "bad.lowbit"), str(MAX_ELEMENTS))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: _node(d, "conv2d").update(params={"weight": "3.weight"}), "must be stored as"),
+    (lambda d: _node(d, "linear").update(params={"weight": "5.weight", "bias": "5.bias", "other": "5.other"}),
+     "reads the tensors weight, bias and the state of"),
+    (lambda d: _node(d, "linear").update(module="forward"), "dotted path"),
+    (lambda d: _node(d, "linear").update(module="0.x"), "must be stored as"),
+    (lambda d: _node(d, "linear").update(quant={"weight": {"name": "uniform", "bits": 2**62}}), "bits must be"),
+    (lambda d: _node(d, "linear").update(quant={"weight": {"name": "uniform"}}), "differ from the document"),
+    (lambda d: _node(d, "relu").update(inputs=["relu_missing"]), "must name earlier nodes"),
+    (lambda d: _node(d, "relu").update(op="gelu"), "unknown op"),
+    (lambda d: d["graph"].update(outputs=[]), "outputs"),
+    (lambda d: d["graph"]["nodes"].append(dict(_node(d, "relu"))), "used twice"),
+    (lambda d: d["model"].update(input_shape=[1, 1, 12, 13]), "does not match the document's input_shape"),
+])
+def test_hostile_graphs_are_refused_alike(lenet_file, tmp_path, edit, match):
+    document = _document(lenet_file)
+    edit(document)
+    _both_refuse(_write(lenet_file, document, tmp_path / "bad.lowbit"), match)
+
+
+def test_an_adaptive_pool_larger_than_its_input_is_not_stored(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(8))
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match="no larger than its input"):
+        lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 3, 6, 6))
+    assert not (tmp_path / "m.lowbit").exists()
+
+
+def test_an_uncalibrated_static_model_is_a_calibration_error(tmp_path):
+    model = lowbit.quantize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), "w8a8")
+    with pytest.raises(lowbit.errors.CalibrationError, match="calibrate"):
+        lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 1, 4, 4))
+    assert not (tmp_path / "m.lowbit").exists()
+
+
+# ---------------------------------------------------------------- quantizer specs: check_spec accepts what get builds
+
+
+def test_spec_tables_list_every_quantizer_and_its_parameters():
+    assert set(SPECS) == set(names())
+    for name in names():
+        spec = get(name).spec()
+        assert set(spec) - {"name"} == set(SPECS[name])
+        assert check_spec(spec, "here") == spec
+
+
+def test_spec_choices_match_the_quantizers():
+    from lowbit.quantizers import kmeans, lsq, observers, ste
+
+    assert SIGN_STES == tuple(ste.SIGN_STES)
+    assert OBSERVERS == observers.OBSERVERS
+    assert KMEANS_INITS == kmeans.INITS
+    assert ROLES == lsq.ROLES
+
+
+_VALUES = st.one_of(
+    st.integers(-3, 20), st.sampled_from([2**31 - 1, 2**62, -(2**63), 127, 128, -125, -126, 10_000, 10_001]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 50.0, 100.0, 100.5, 1e-30]),
+    st.booleans(), st.none(), st.sampled_from([*SIGN_STES, *OBSERVERS, *KMEANS_INITS, *ROLES, "", "x"]),
+    st.just([1]), st.just({"a": 1}),
+)
+
+
+@st.composite
+def specs(draw):
+    name = draw(st.sampled_from(sorted(SPECS)))
+    keys = draw(st.lists(st.sampled_from([*SPECS[name], "unknown"]), unique=True))
+    return {"name": name, **{k: draw(_VALUES) for k in keys}}
+
+
+@settings(max_examples=600, deadline=None)
+@given(specs())
+def test_check_spec_accepts_exactly_what_get_builds(spec):
+    try:
+        built = get(spec)
+    except ConfigError:
+        built = None
+    try:
+        full = check_spec(spec, "layer 'x'")
+    except FormatError as exc:
+        assert built is None, f"check_spec refused a spec get builds: {exc}"
+        assert "layer 'x'" in str(exc)
+        return
+    assert built is not None, f"check_spec accepted a spec get refuses: {spec}"
+    assert full == built.spec()
+
+
+@pytest.mark.parametrize("spec, code", [
+    ({"name": "uniform", "bits": 2**62}, "bad-spec"), ({"name": "log2", "bits": 8, "fsr": 129}, "bad-spec"),
+    ({"name": "linear", "bits": 4, "fsr": -124}, "bad-spec"), ({"name": "nope"}, "unknown-quantizer"),
+    ({"bits": 4}, "bad-spec"), ("uniform", "bad-spec"), ({"name": "pact", "alpha": math.inf}, "bad-spec"),
+])
+def test_bad_specs_are_typed_and_named(spec, code):
+    with pytest.raises(FormatError) as info:
+        check_spec(spec, "layer 'fc' weight quantizer")
+    assert info.value.code == code and "layer 'fc' weight quantizer" in str(info.value)
