@@ -161,6 +161,7 @@ HOSTILE = [
     ("conv2d", "groups", True, "groups must be an int"),
     ("conv2d", "stride", [1, 1.5], "stride must be a list of 2 ints"),
     ("conv2d", "padding", [20, 20], "records the output shape"),
+    ("conv2d", "padding", [2**15, 2**15], "padded input"),
     ("maxpool2d", "kernel", [2**31 - 1, 2**31 - 1], "kernel must be a list of 2 ints from 1 to"),
     ("maxpool2d", "padding", [2, 2], "at most half the kernel"),
     ("maxpool2d", "kernel", [64, 64], "does not fit an input"),
@@ -299,3 +300,9 @@ def test_bad_specs_are_typed_and_named(spec, code):
     with pytest.raises(FormatError) as info:
         check_spec(spec, "layer 'fc' weight quantizer")
     assert info.value.code == code and "layer 'fc' weight quantizer" in str(info.value)
+
+
+def test_an_adaptive_pool_has_a_bounded_number_of_bins(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.AdaptiveAvgPool2d((65, 64)))
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match="at most 4096 bins"):
+        lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 1, 65, 64))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .schema import MAX_SPATIAL, Int, Ints, Node, OpSchema, Shape, register, window_size
+from .schema import MAX_ELEMENTS, MAX_SPATIAL, Int, Ints, Node, OpSchema, Shape, register, window_size
 
 
 def windows(x: np.ndarray, kernel: tuple[int, int], stride: list[int], dilation: list[int] = (1, 1)) -> np.ndarray:
@@ -53,6 +53,11 @@ def _shape(node: Node) -> Shape:
         raise node.fail(f"its bias must have shape [{weight[0]}], got {list(bias)}")
     out = [window_size(size, k, s, p, d, node, axis) for size, k, s, p, d, axis
            in zip((h, w), weight[2:], a["stride"], a["padding"], a["dilation"], ("height", "width"))]
+    padded = c * (h + 2 * a["padding"][0]) * (w + 2 * a["padding"][1])
+    columns = weight[1] * weight[2] * weight[3] * out[0] * out[1]
+    if max(padded, columns) > MAX_ELEMENTS:
+        raise node.fail(f"its padded input ({padded} elements) or its windows ({columns} elements) exceed "
+                        f"{MAX_ELEMENTS} per example")
     return (weight[0], *out)
 
 

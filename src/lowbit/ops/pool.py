@@ -2,7 +2,7 @@
 adaptive_avgpool2d, whose bin i spans ``[floor(i H / oh), ceil((i + 1) H / oh))``.
 
 As torch requires, a pool's padding is at most half its kernel; an adaptive pool's output is no larger
-than its input.
+than its input, and has at most :data:`MAX_BINS` bins (its numpy half loops over them).
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import numpy as np
 
 from .conv import pad, windows
 from .schema import MAX_SPATIAL, Bool, Ints, Node, OpSchema, Shape, register, window_size
+
+#: the most output positions of an adaptive pool
+MAX_BINS = 2**12
 
 
 def maxpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list[int]) -> np.ndarray:
@@ -53,8 +56,9 @@ def _pool_shape(node: Node) -> Shape:
 def _adaptive_shape(node: Node) -> Shape:
     c, h, w = node.rank(3)
     oh, ow = node.attrs["output_size"]
-    if oh > h or ow > w:
-        raise node.fail(f"adaptive pool output {[oh, ow]} must be no larger than its input {[h, w]}")
+    if oh > h or ow > w or oh * ow > MAX_BINS:
+        raise node.fail(f"adaptive pool output {[oh, ow]} must be no larger than its input {[h, w]} and have at "
+                        f"most {MAX_BINS} bins")
     return c, oh, ow
 
 
