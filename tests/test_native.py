@@ -180,7 +180,8 @@ def test_malformed_pack_and_conv_inputs_raise():
 
 # ---------------------------------------------------------------- NCHW packing, packed pooling, folded thresholds
 
-from lowbit.runtime import ops  # noqa: E402
+from lowbit.ops.norm import batchnorm  # noqa: E402
+from lowbit.ops.pool import maxpool2d  # noqa: E402
 from lowbit.runtime.binary import BinaryConv2d  # noqa: E402
 from lowbit.runtime.kernels import max_pool_packed, pack_nchw  # noqa: E402
 from lowbit.runtime.threshold import fold_threshold  # noqa: E402
@@ -250,9 +251,9 @@ def test_folded_threshold_equals_the_float_path_bit_for_bit(kernel, pool, seed):
     layer = BinaryConv2d(rng.standard_normal((c_out, c_in, 3, 3)), 1, 1, scale, bias)
     y = layer(x, kernel=kernel, threads=2)
     if pool:
-        y = ops.maxpool2d(y, [2, 2], [2, 2], [0, 0])
+        y = maxpool2d(y, [2, 2], [2, 2], [0, 0])
     mean, var, gamma, beta = bn_parameters(rng, c_out, y.transpose(0, 2, 3, 1).reshape(-1, c_out))
-    bn = lambda v: ops.batchnorm(v, mean, var, gamma, beta, 1e-5)  # noqa: E731
+    bn = lambda v: batchnorm(v, mean, var, gamma, beta, 1e-5)  # noqa: E731
     hardtanh = lambda v: np.clip(v, np.float32(-1), np.float32(1))  # noqa: E731
     z = hardtanh(bn(y))
     assert (z == 0).any() and (z > 0).any() and (z < 0).any()  # ties happen
@@ -274,7 +275,7 @@ def test_fold_threshold_hand_worked():
     eps = np.float32(0.0)
     mean, var = np.full(3, 0.75, np.float32), np.ones(3, np.float32)
     gamma, beta = np.array([1, -1, 0], np.float32), np.array([0, 0, -1], np.float32)
-    bn = lambda v: ops.batchnorm(v, mean, var, gamma, beta, float(eps))  # noqa: E731
+    bn = lambda v: batchnorm(v, mean, var, gamma, beta, float(eps))  # noqa: E731
     t = fold_threshold(4, np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32), 3, [bn], [], False)
     d = np.arange(-4, 5)[:, None]
     assert (t.direction * d >= t.threshold).T.tolist() == [[v >= 1 for v in range(-4, 5)],
@@ -353,3 +354,316 @@ def test_native_conv_rejects_a_panel_of_the_wrong_shape():
     with pytest.raises(ValueError, match="k must"):
         native.conv(bits, np.zeros((2, 9, 8), np.uint64), (3, 3), (1, 1), (1, 1), 9, 9 * 64 + 1, out, kernel_id, 1,
                     None, None, None, None, None)
+
+
+# ---------------------------------------------------------------- hostile arguments: threads, geometry, alignment
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from lowbit.runtime.kernels import MAX_THREADS, check_threads, gemm as gemm_packed  # noqa: E402
+from lowbit.runtime.threshold import Threshold  # noqa: E402
+
+NATIVE = [k for k in KERNELS if k != "numpy"]
+needs_native = pytest.mark.skipif(native is None, reason="the native module did not build")
+past_max_threads = st.one_of(st.integers(MAX_THREADS + 1, 2**80), st.integers(-(2**80), -1))
+
+
+def isolated(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, so that a crash or a hang fails this test instead of the suite."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def misaligned(a: np.ndarray, offset: int = 1) -> np.ndarray:
+    """A C-contiguous writable copy of ``a`` whose data starts ``offset`` bytes past an aligned address."""
+    a = np.asarray(a)
+    raw = np.zeros(a.nbytes + a.itemsize, np.uint8)
+    out = np.frombuffer(raw.data, a.dtype, a.size, offset=offset).reshape(a.shape)
+    out[...] = a
+    assert out.flags.c_contiguous and out.flags.writeable and (a.size == 0 or not out.flags.aligned)
+    return out
+
+
+def native_calls(threads=1, wrap=lambda name, a: a):
+    """One call of every native entry point on small valid arguments (each array passed through ``wrap``)."""
+    kid = dict(native.kernels())["scalar"]
+    x2, bits = np.ones((2, 70), np.float32), pack_signs_numpy(np.ones((2, 70)))
+    x4, px = np.ones((1, 3, 4, 4), np.float32), np.zeros((1, 4, 4, 1), np.uint64)
+    w = wrap
+    return {
+        "pack_signs": lambda: native.pack_signs(w("x", x2), w("out", np.empty((2, 2), np.uint64)), kid, threads),
+        "gemm": lambda: native.gemm(w("a", bits), w("b", bits), 70, w("out", np.empty((2, 2), np.int32)), kid,
+                                    threads, None, None, None, 0, None, None),
+        "pack_nchw": lambda: native.pack_nchw(w("x", x4), w("out", np.empty((1, 4, 4, 1), np.uint64)), threads),
+        "max_pool": lambda: native.max_pool(w("x", px), (2, 2), (2, 2), (0, 0), w("and_mask", np.zeros(1, np.uint64)),
+                                            w("out", np.empty((1, 2, 2, 1), np.uint64)), threads),
+        "conv": lambda: native.conv(w("x", px), w("panel", np.zeros((1, 9, 8), np.uint64)), (3, 3), (1, 1), (1, 1),
+                                    2, 27, w("out", np.empty((16, 2), np.int32)), kid, threads, None, None, None,
+                                    None, None),
+    }
+
+
+@needs_native
+def test_python_and_native_agree_on_the_thread_maximum():
+    assert MAX_THREADS == native.MAX_THREADS == 1024
+    assert check_threads(MAX_THREADS) == MAX_THREADS and check_threads(None) == 0
+
+
+@needs_native
+@settings(max_examples=25, deadline=None)
+@given(threads=past_max_threads)
+def test_threads_past_the_maximum_raise_in_every_entry_point(threads):
+    with pytest.raises(ConfigError, match=f"threads must be None or an int in 0 .. {MAX_THREADS}"):
+        check_threads(threads)
+    for call in native_calls(threads).values():
+        with pytest.raises(ValueError, match=f"threads must be in 0 .. {MAX_THREADS}"):
+            call()
+    a, bits = pack_signs_numpy(np.ones((2, 70))), np.zeros((1, 4, 4, 1), np.uint64)
+    x, w = np.ones((1, 3, 4, 4), np.float32), np.ones((2, 3, 3, 3), np.float32)
+    for kernel in KERNELS:  # the numpy kernels take no threads, but the argument is checked the same
+        for call in (lambda: binary_gemm(a, a, 70, kernel=kernel, threads=threads),
+                     lambda: binary_conv2d(x, w, kernel=kernel, threads=threads),
+                     lambda: pack_signs(np.ones((2, 70), np.float32), kernel=kernel, threads=threads),
+                     lambda: BinaryLinear(np.ones((3, 70)))(np.ones((2, 70), np.float32), kernel=kernel,
+                                                            threads=threads),
+                     lambda: max_pool_packed(bits, (2, 2), (2, 2), (0, 0), np.zeros(1, np.uint64), kernel, threads)):
+            with pytest.raises(ConfigError, match=f"0 .. {MAX_THREADS}"):
+                call()
+
+
+@needs_native
+def test_the_thread_maximum_itself_runs():
+    for call in native_calls(MAX_THREADS).values():
+        call()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1100, 128)).astype(np.float32)  # enough rows for a team of MAX_THREADS
+    a, b = rng.standard_normal((130, 700)).astype(np.float32), rng.standard_normal((70, 700)).astype(np.float32)
+    for kernel in NATIVE:
+        np.testing.assert_array_equal(pack_signs(x, kernel=kernel, threads=MAX_THREADS), pack_signs_numpy(x))
+        got = binary_gemm(pack_signs_numpy(a), pack_signs_numpy(b), 700, kernel=kernel, threads=MAX_THREADS)
+        np.testing.assert_array_equal(got, (signs(a) @ signs(b).T).astype(np.int32))
+
+
+@needs_native
+def test_absurd_thread_counts_do_not_crash_the_process():
+    code = ("import numpy as np\nfrom lowbit.runtime.kernels import native\n"
+            "x, out = np.ones((4096, 64), np.float32), np.empty((4096, 1), np.uint64)\n"
+            "try:\n    native.pack_signs(x, out, 0, 100000)\nexcept ValueError as e:\n    print(e)\n"
+            "native.pack_signs(x, out, 0, 0)\nprint(int(out.all()))\n")
+    done = isolated(code, {"OMP_NUM_THREADS": "100000"})  # 0 threads: OpenMP's default, capped too
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"threads must be in 0 .. {MAX_THREADS} (0: all cores), got 100000", "1"]
+
+
+@needs_native
+def test_native_geometry_is_checked_without_int_overflow():
+    x, mask, out = np.zeros((1, 1, 1, 1), np.uint64), np.zeros(1, np.uint64), np.empty((1, 1, 1, 1), np.uint64)
+    big = 2**31 - 1
+    with pytest.raises(ValueError, match="padding must be at most half the kernel"):
+        native.max_pool(x, (big, big), (1, 1), (2**30, 2**30), mask, out, 1)  # 2 * 2**30 overflows an int
+    for geometry, message in [(((2**31, 1), (1, 1), (0, 0)), r"kernel and stride must be in 1 \.\. 2\*\*31 - 1"),
+                              (((1, 1), (2**80, 1), (0, 0)), r"kernel and stride must be in 1 \.\. 2\*\*31 - 1"),
+                              (((1, 1), (0, 1), (0, 0)), "kernel and stride"),
+                              (((3, 3), (1, 1), (2**31, 0)), r"padding must be in 0 \.\. 2\*\*31 - 1"),
+                              (((3, 3), (1, 1), (-1, 0)), "padding must be in 0"),
+                              (((2, 2), (1, 1), (0, 0)), "larger than the padded input")]:
+        with pytest.raises(ValueError, match=message):
+            native.max_pool(x, *geometry, mask, out, 1)
+    kid = dict(native.kernels())["scalar"]
+    px, conv_out = np.zeros((1, 1, 1, 4), np.uint64), np.empty((1, 1), np.int32)
+    with pytest.raises(ValueError, match="overflows"):  # (2**31 - 1)**2 * 4 words: past int64
+        native.conv(px, np.zeros((1, 4, 8), np.uint64), (big, big), (1, 1), (big, big), 1, 1, conv_out, kid, 1,
+                    None, None, None, None, None)
+    with pytest.raises(ValueError, match=r"k must be in 1 \.\. min\(64 \* kh \* kw \* words, 2\*\*31 - 1\)"):
+        native.conv(px, np.zeros((1, 4, 8), np.uint64), (1, 1), (1, 1), (0, 0), 1, 2**31, conv_out, kid, 1,
+                    None, None, None, None, None)
+    wide = np.zeros((0, 2**25), np.uint64)  # 2**31 bits per row, no rows
+    with pytest.raises(ValueError, match=r"2\*\*31 - 1"):
+        native.gemm(wide, wide, 2**31, np.empty((0, 0), np.int32), kid, 1, None, None, None, 0, None, None)
+    native.gemm(wide, wide, 2**31 - 1, np.empty((0, 0), np.int32), kid, 1, None, None, None, 0, None, None)
+    with pytest.raises(ConfigError, match=r"2\*\*31 - 1"):
+        binary_gemm(wide, wide, 2**31)
+
+
+@needs_native
+def test_huge_kernels_and_empty_giant_arrays_take_no_time():
+    """Loops bounded by the data: a kernel of 2**31 - 1 on a 1x1 input used to run 2**62 taps, a [2**59, 0]
+    array 2**59 empty rows (in a subprocess: a hang there times out instead of stopping the suite)."""
+    code = """
+import numpy as np
+from lowbit.runtime.kernels import max_pool_packed, native
+big, kid = 2**31 - 1, dict(native.kernels())["scalar"]
+x = np.arange(1, 19, dtype=np.uint64).reshape(2, 3, 3, 1)
+mask = np.zeros(1, np.uint64)
+for kernel in ["numpy", "scalar"]:
+    out = max_pool_packed(x, (big, big), (1, 1), (big // 2, big // 2), mask, kernel, 1)
+    print(out.shape, out[:, :, :, 0].max(axis=(1, 2)).tolist(), np.unique(out[0]).tolist() == [15])
+native.pack_signs(np.empty((2**59, 0), np.float32), np.empty((2**59, 0), np.uint64), kid, 1)
+native.max_pool(np.empty((2**59, 1, 1, 0), np.uint64), (1, 1), (1, 1), (0, 0), np.empty(0, np.uint64),
+                np.empty((2**59, 1, 1, 0), np.uint64), 1)
+native.pack_nchw(np.empty((2**59, 0, 1, 1), np.float32), np.empty((2**59, 1, 1, 0), np.uint64), 1)
+print("done")
+"""
+    done = isolated(code)
+    assert done.returncode == 0, done.stderr
+    # every window covers the whole 3x3 image: the OR of 1..9 is 15, of 10..18 is 31
+    assert done.stdout.splitlines() == ["(2, 3, 3, 1) [15, 31] True"] * 2 + ["done"]
+
+
+def pool_oracle(bits, kernel_size, stride, padding, and_mask):
+    """Max pool of packed signs by slicing each window's part inside the input (no padding taps at all)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    n, h, w, words = bits.shape
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    out = np.empty((n, ho, wo, words), np.uint64)
+    for oy in range(ho):
+        for ox in range(wo):
+            y0, x0 = oy * sh - ph, ox * sw - pw
+            window = bits[:, max(y0, 0):min(y0 + kh, h), max(x0, 0):min(x0 + kw, w)]
+            window = window.reshape(n, window.shape[1] * window.shape[2], words)
+            any_, all_ = np.bitwise_or.reduce(window, axis=1), np.bitwise_and.reduce(window, axis=1)
+            out[:, oy, ox] = (any_ & ~and_mask) | (all_ & and_mask)
+    return out
+
+
+sizes = st.one_of(st.integers(1, 4), st.integers(2**20, 2**31 - 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 6), w=st.integers(1, 6), kh=sizes, kw=sizes, sh=st.one_of(st.integers(1, 3), sizes),
+       sw=st.integers(1, 3), pad=st.tuples(st.floats(0, 1), st.floats(0, 1)), words=st.integers(0, 2),
+       seed=st.integers(0, 2**16))
+def test_max_pool_of_any_geometry_equals_the_window_slices(h, w, kh, kw, sh, sw, pad, words, seed):
+    ph, pw = int(pad[0] * (kh // 2)), int(pad[1] * (kw // 2))
+    if h + 2 * ph < kh or w + 2 * pw < kw:
+        for kernel in KERNELS:
+            with pytest.raises(ConfigError, match="smaller than the kernel"):
+                max_pool_packed(np.zeros((1, h, w, words), np.uint64), (kh, kw), (sh, sw), (ph, pw),
+                                np.zeros(words, np.uint64), kernel, 1)
+        return
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2**64, (2, h, w, words), dtype=np.uint64)
+    and_mask = rng.integers(0, 2**64, words, dtype=np.uint64)
+    expected = pool_oracle(bits, (kh, kw), (sh, sw), (ph, pw), and_mask)
+    for kernel in KERNELS:
+        got = max_pool_packed(bits, (kh, kw), (sh, sw), (ph, pw), and_mask, kernel, 2)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_max_pool_packed_rejects_bad_arguments():
+    bits, mask = np.zeros((1, 4, 4, 1), np.uint64), np.zeros(1, np.uint64)
+    bad = [(((3, 3), (1, 1), (2, 1), mask), "padding .* must be at most half the kernel"),
+           (((2**31, 1), (1, 1), (0, 0), mask), r"max pool kernel must be an int in 1 \.\. 2\*\*31 - 1"),
+           (((1, 1), (0, 1), (0, 0), mask), "max pool stride must be an int in 1"),
+           (((1, 1), (True, 1), (0, 0), mask), "max pool stride"),
+           (((3, 3), (1, 1), (-1, 0), mask), "max pool padding must be an int in 0"),
+           (((1, 2, 3), (1, 1), (0, 0), mask), "max pool kernel"),
+           (((5, 5), (1, 1), (0, 0), mask), "smaller than the kernel"),
+           (((2, 2), (1, 1), (0, 0), np.zeros(2, np.uint64)), "one word per pixel word"),
+           (((2, 2), (1, 1), (0, 0), mask.astype(np.int64)), "uint64")]
+    for kernel in KERNELS:
+        for (size, stride, padding, and_mask), message in bad:
+            with pytest.raises(ConfigError, match=message):
+                max_pool_packed(bits, size, stride, padding, and_mask, kernel, 1)
+        with pytest.raises(ConfigError, match="smaller than the kernel"):  # no pixel: windows all padding
+            max_pool_packed(np.zeros((1, 0, 4, 1), np.uint64), (2, 2), (1, 1), (1, 1), mask, kernel, 1)
+        with pytest.raises(ConfigError, match="uint64"):
+            max_pool_packed(bits.astype(np.int64), (2, 2), (1, 1), (0, 0), mask, kernel, 1)
+
+
+def test_binary_conv_geometry_is_bounded():
+    w = np.ones((2, 1, 1, 1), np.float32)
+    for stride, padding in [(2**31, 0), (1, 2**31), (2**80, 0), (1, -1)]:
+        with pytest.raises(ConfigError, match=r"(stride|padding) must be an int in [01] \.\. 2\*\*31 - 1"):
+            BinaryConv2d(w, stride, padding)
+    layer = BinaryConv2d(w, 1, 2**30)  # a 1x1 input would give 2**31 + 1 rows and columns of padding
+    for kernel in KERNELS:
+        with pytest.raises(ConfigError, match=r"more than 2\*\*31 - 1 pixels"):
+            layer(np.ones((1, 1, 1, 1), np.float32), kernel=kernel)
+    assert BinaryConv2d(w, 1, 2**14).output_size(1, 1) == (2**15 + 1, 2**15 + 1)  # 2**30 + 2**16 + 1 pixels
+
+
+@needs_native
+@pytest.mark.parametrize("name,target", [("pack_signs", "x"), ("pack_signs", "out"), ("gemm", "a"), ("gemm", "b"),
+                                         ("gemm", "out"), ("pack_nchw", "x"), ("pack_nchw", "out"),
+                                         ("max_pool", "x"), ("max_pool", "and_mask"), ("max_pool", "out"),
+                                         ("conv", "x"), ("conv", "panel"), ("conv", "out")])
+def test_every_native_buffer_must_be_aligned(name, target):
+    native_calls()[name]()  # aligned: accepted
+    call = native_calls(1, lambda n, a: misaligned(a) if n == target else a)[name]
+    with pytest.raises(ValueError, match=f"{target} must be aligned to (4|8) bytes"):
+        call()
+
+
+@needs_native
+def test_native_rejects_misaligned_epilogue_vectors():
+    kid = dict(native.kernels())["scalar"]
+    bits = pack_signs_numpy(np.ones((2, 70)))
+    vec = np.ones(2, np.float32)
+    out = np.empty((2, 2), np.float32)
+    for i, name in enumerate(["scale", "bias"]):
+        args = [None, None]
+        args[i] = misaligned(vec)
+        with pytest.raises(ValueError, match=f"{name} must be aligned to 4 bytes"):
+            native.gemm(bits, bits, 70, out, kid, 1, *args, None, 0, None, None)
+    thr, direction = np.zeros(2, np.int32), np.ones(2, np.int32)
+    packed = np.empty((2, 1), np.uint64)
+    with pytest.raises(ValueError, match="threshold must be aligned"):
+        native.gemm(bits, bits, 70, packed, kid, 1, None, None, None, 0, misaligned(thr), direction)
+    with pytest.raises(ValueError, match="correction must be aligned"):
+        native.gemm(bits, bits, 70, np.empty((2, 2), np.int32), kid, 1, None, None,
+                    misaligned(np.zeros((1, 2), np.int32)), 0, None, None)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@settings(max_examples=10, deadline=None)
+@given(offset=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_wrappers_copy_misaligned_arrays(kernel, offset, seed):
+    rng = np.random.default_rng(seed)
+    off4 = offset % 4 or 1  # float32 / int32 data: misaligned at 1, 2 or 3 bytes
+    x = rng.standard_normal((5, 70)).astype(np.float32)
+    np.testing.assert_array_equal(pack_signs(misaligned(x, off4), kernel=kernel), pack_signs_numpy(x))
+    a, b = pack_signs_numpy(x), pack_signs_numpy(x[:3])
+    np.testing.assert_array_equal(binary_gemm(misaligned(a, offset), misaligned(b, offset), 70, kernel=kernel),
+                                  binary_gemm(a, b, 70, kernel="numpy"))
+    w, scale, bias = rng.standard_normal((4, 70)), rng.random(4).astype(np.float32), np.ones(4, np.float32)
+    np.testing.assert_array_equal(
+        BinaryLinear(misaligned(w, offset), misaligned(scale, off4), misaligned(bias, off4))(misaligned(x, off4),
+                                                                                            kernel=kernel),
+        BinaryLinear(w, scale, bias)(x, kernel="numpy"))
+    img, wt = rng.standard_normal((2, 70, 5, 4)).astype(np.float32), rng.standard_normal((9, 70, 3, 3))
+    expected = torch_conv_of_signs(torch.from_numpy(img), torch.from_numpy(wt), 1, 1).numpy()
+    np.testing.assert_array_equal(binary_conv2d(misaligned(img, off4), wt, 1, 1, kernel=kernel), expected)
+    packed = pack_nchw(misaligned(img, off4), kernel, 1)
+    np.testing.assert_array_equal(packed, pack_nchw(img, "numpy", 1))
+    mask = rng.integers(0, 2**64, 2, dtype=np.uint64)
+    np.testing.assert_array_equal(max_pool_packed(misaligned(packed, offset), (2, 2), (1, 1), (1, 1),
+                                                  misaligned(mask, offset), kernel, 1),
+                                  pool_oracle(packed, (2, 2), (1, 1), (1, 1), mask))
+    # into a misaligned output: computed aside, then copied in
+    out = misaligned(np.zeros((5, 3), np.int32), off4)
+    gemm_packed(misaligned(a, offset), b, 70, out, kernel, 1)
+    np.testing.assert_array_equal(out, binary_gemm(a, b, 70, kernel="numpy"))
+    layer = BinaryConv2d(wt, 1, 1)
+    dots = misaligned(np.zeros((2 * 5 * 4, 9), np.int32), off4)
+    conv_packed(misaligned(packed, offset), layer.rows, misaligned(layer.panel, offset), 70 * 9, (3, 3), (1, 1),
+                (1, 1), dots, kernel, 1, correction=misaligned(layer.correction(5, 4), off4))
+    np.testing.assert_array_equal(dots, expected.transpose(0, 2, 3, 1).reshape(-1, 9))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_batch_of_zero_gives_empty_outputs_of_the_right_shape(kernel):
+    rng = np.random.default_rng(0)
+    layer = BinaryConv2d(rng.standard_normal((9, 70, 3, 3)), (2, 1), 1, np.ones(9), np.zeros(9))
+    out = layer(np.empty((0, 70, 7, 5), np.float32), kernel=kernel)
+    assert out.shape == (0, 9, 4, 5) and out.dtype == np.float32
+    threshold = Threshold(np.zeros(9, np.int32), np.ones(9, np.int32), None)
+    packed = layer.forward_packed(np.empty((0, 7, 5, 2), np.uint64), kernel, 1, threshold)
+    assert packed.shape == (0, 4, 5, 1) and packed.dtype == np.uint64
+    pooled = max_pool_packed(packed, (2, 2), (2, 2), (1, 1), np.zeros(1, np.uint64), kernel, 1)
+    assert pooled.shape == (0, 3, 3, 1)
+    assert pack_nchw(np.empty((0, 70, 7, 5), np.float32), kernel, 1).shape == (0, 7, 5, 2)
+    assert pack_signs(np.empty((0, 70), np.float32), kernel=kernel).shape == (0, 2)
+    assert BinaryLinear(np.ones((4, 70)))(np.empty((0, 70), np.float32), kernel=kernel).shape == (0, 4)

@@ -49,9 +49,10 @@ constexpr int64_t KC = 256;  // reduction words per pass: 16384 bits, 2 KiB of e
 constexpr int64_t MB = 64;   // rows of A per output block
 constexpr int64_t NB = 64;   // rows of B per output block
 
+// threads > 0 as asked, else OpenMP's default; at most MAX_THREADS either way (OMP_NUM_THREADS may say anything).
 int resolve_threads(int threads) {
 #ifdef _OPENMP
-    return threads > 0 ? threads : omp_get_max_threads();
+    return std::clamp(threads > 0 ? threads : omp_get_max_threads(), 1, MAX_THREADS);
 #else
     (void)threads;
     return 1;
@@ -79,13 +80,13 @@ int resolve_threads(int threads) {
 // conv_tile<R, G>(px, taps, words, panel, group_stride, rows, out, ldo): for pixel r < rows and channel
 // j = 8 g + l, out[r * ldo + j] = sum over kernel positions t and words w of
 // popcount(px[t * R + r][w] XOR panel[g * group_stride + (t * words + w) * 8 + l]).
-#define LOWBIT_CONV_ARGS                                                                                      \
-    const uint64_t *const *px, int taps, int64_t words, const uint64_t *panel, int64_t group_stride, int rows, \
+#define LOWBIT_CONV_ARGS                                                                                          \
+    const uint64_t *const *px, int64_t taps, int64_t words, const uint64_t *panel, int64_t group_stride, int rows, \
         int64_t *out, int64_t ldo
 
 #define LOWBIT_SCALAR_CONV_BODY                                                                  \
     int64_t sum[R * G * CONV_PANEL] = {};                                                        \
-    for (int t = 0; t < taps; ++t) {                                                             \
+    for (int64_t t = 0; t < taps; ++t) {                                                         \
         const uint64_t* wt = panel + t * words * CONV_PANEL;                                     \
         for (int64_t w = 0; w < words; ++w)                                                      \
             for (int r = 0; r < R; ++r) {                                                        \
@@ -167,7 +168,7 @@ struct Avx2 {
         __m256i total[R * V], bytes[R * V];
         for (int i = 0; i < R * V; ++i) total[i] = bytes[i] = zero;
         int pending = 0;
-        for (int t = 0; t < taps; ++t) {
+        for (int64_t t = 0; t < taps; ++t) {
             const uint64_t* wt = panel + t * words * CONV_PANEL;
             for (int64_t w = 0; w < words; ++w) {
                 __m256i wv[V];
@@ -255,7 +256,7 @@ struct Avx512 {
     TARGET_AVX512 static void conv_tile(LOWBIT_CONV_ARGS) {
         __m512i acc[R * G];
         for (int i = 0; i < R * G; ++i) acc[i] = _mm512_setzero_si512();
-        for (int t = 0; t < taps; ++t) {
+        for (int64_t t = 0; t < taps; ++t) {
             const uint64_t* wt = panel + t * words * CONV_PANEL;
             const uint64_t* const* p = px + t * R;
             for (int64_t w = 0; w < words; ++w) {
@@ -316,7 +317,7 @@ struct Neon {
             bytes[i] = vdupq_n_u8(0);
         }
         int pending = 0;
-        for (int t = 0; t < taps; ++t) {
+        for (int64_t t = 0; t < taps; ++t) {
             const uint64_t* wt = panel + t * words * CONV_PANEL;
             for (int64_t w = 0; w < words; ++w) {
                 uint64x2_t wv[V];
@@ -363,13 +364,13 @@ void store_block(const int64_t* acc, int64_t m0, int64_t m1, int64_t n0, int64_t
         const int64_t* row = acc + (i - m0) * NB;
         int32_t dot[NB];
         for (int64_t j = 0; j < cols; ++j) dot[j] = static_cast<int32_t>(k - 2 * row[j]);
-        if (ep.correction) {
+        if (ep.correction) {  // wraps as int32 (an add in int64, cast back) instead of overflowing
             const int32_t* corr = ep.correction + (i % ep.correction_rows) * n_rows + n0;
-            for (int64_t j = 0; j < cols; ++j) dot[j] += corr[j];
+            for (int64_t j = 0; j < cols; ++j) dot[j] = static_cast<int32_t>(int64_t{dot[j]} + corr[j]);
         }
         if (out_bits) {
             uint8_t set[NB] = {};
-            for (int64_t j = 0; j < cols; ++j) set[j] = ep.direction[n0 + j] * dot[j] >= ep.threshold[n0 + j];
+            for (int64_t j = 0; j < cols; ++j) set[j] = int64_t{ep.direction[n0 + j]} * dot[j] >= ep.threshold[n0 + j];
             uint64_t bits = 0;
             static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "flag j is byte j % 8 of a loaded word");
             for (int byte = 0; byte < NB / 8; ++byte) {  // 8 flags of 0/1 -> 8 bits: flag b is bit b of the top byte
@@ -402,9 +403,9 @@ void gemm_blocked(const uint64_t* a, int64_t m_rows, const uint64_t* b, int64_t 
     constexpr int MR = Isa::MR, NR = Isa::NR;
     const int64_t m_blocks = (m_rows + MB - 1) / MB, n_blocks = (n_rows + NB - 1) / NB;
     const int64_t jobs = m_blocks * n_blocks;
-    const bool parallel = threads > 1 && jobs > 1 && m_rows * n_rows * words >= (int64_t{1} << 15);
+    const bool parallel = threads > 1 && jobs > 1 && double(m_rows) * double(n_rows) * double(words) >= 32768.0;
     (void)parallel;
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (parallel)
+#pragma omp parallel for schedule(dynamic) num_threads(static_cast<int>(std::min<int64_t>(threads, jobs))) if (parallel)
     for (int64_t job = 0; job < jobs; ++job) {
         const int64_t m0 = (job % m_blocks) * MB, n0 = (job / m_blocks) * NB;
         const int64_t m1 = std::min(m_rows, m0 + MB), n1 = std::min(n_rows, n0 + NB);
@@ -442,16 +443,23 @@ void conv_blocked(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_
                   int sw, int ph, int pw, int64_t ho, int64_t wo, const uint64_t* panel, int64_t n_rows, int64_t k,
                   int32_t* out_i, float* out_f, uint64_t* out_bits, const Epilogue& ep, int threads) {
     constexpr int R = Isa::CONV_R, G = Isa::CONV_G;
-    const int taps = kh * kw;
+    const int64_t taps = int64_t{kh} * kw;
     const int64_t m_rows = batch * ho * wo, group_stride = taps * words * CONV_PANEL;
+    if (m_rows == 0 || n_rows == 0) return;
     const int64_t m_blocks = (m_rows + MB - 1) / MB, n_blocks = (n_rows + NB - 1) / NB;
     const int64_t jobs = m_blocks * n_blocks;
     const std::vector<uint64_t> zeros(static_cast<size_t>(words), 0);  // a pixel in the padding
-    const bool parallel = threads > 1 && jobs > 1 && m_rows * n_rows * taps * words >= (int64_t{1} << 15);
-    (void)parallel;
-#pragma omp parallel num_threads(threads) if (parallel)
+    const bool parallel = threads > 1 && jobs > 1 && double(m_rows) * double(n_rows) * double(taps * words) >= 32768.0;
+    const int team = parallel ? static_cast<int>(std::min<int64_t>(threads, jobs)) : 1;
+    // every thread's window pointers, allocated here so that std::bad_alloc reaches the caller, not OpenMP
+    std::vector<const uint64_t*> all_px(static_cast<size_t>(taps) * R * static_cast<size_t>(team));
+#pragma omp parallel num_threads(team) if (parallel)
     {
-        std::vector<const uint64_t*> px(static_cast<size_t>(taps) * R);
+        int thread = 0;
+#ifdef _OPENMP
+        thread = omp_get_thread_num();
+#endif
+        const uint64_t** px = all_px.data() + static_cast<size_t>(thread) * static_cast<size_t>(taps) * R;
         int64_t acc[MB * NB];
 #pragma omp for schedule(dynamic)
         for (int64_t job = 0; job < jobs; ++job) {
@@ -468,16 +476,17 @@ void conv_blocked(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_
                         for (int kx = 0; kx < kw; ++kx) {
                             const int64_t ix = ox * sw - pw + kx;
                             const bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
-                            px[(ky * kw + kx) * R + r] = inside ? x + ((n * h + iy) * w + ix) * words : zeros.data();
+                            px[(int64_t{ky} * kw + kx) * R + r] =
+                                inside ? x + ((n * h + iy) * w + ix) * words : zeros.data();
                         }
                     }
                 }
                 int64_t g = g0;
                 for (; g + G <= g1; g += G)
-                    Isa::template conv_tile<R, G>(px.data(), taps, words, panel + g * group_stride, group_stride, rows,
+                    Isa::template conv_tile<R, G>(px, taps, words, panel + g * group_stride, group_stride, rows,
                                                   acc + (i - m0) * NB + (g * CONV_PANEL - n0), NB);
                 for (; g < g1; ++g)
-                    Isa::template conv_tile<R, 1>(px.data(), taps, words, panel + g * group_stride, group_stride, rows,
+                    Isa::template conv_tile<R, 1>(px, taps, words, panel + g * group_stride, group_stride, rows,
                                                   acc + (i - m0) * NB + (g * CONV_PANEL - n0), NB);
             }
             store_block(acc, m0, m1, n0, n1, n_rows, k, out_i, out_f, out_bits, ep);
@@ -563,6 +572,7 @@ int best_kernel() {
 }
 
 void pack_signs_f32(const float* x, int64_t rows, int64_t k, uint64_t* out, int kernel, int threads) {
+    if (rows <= 0 || k <= 0) return;
     const int64_t words = (k + 63) / 64;
     void (*pack_row)(const float*, int64_t, uint64_t*) = pack_row_scalar;
 #ifdef LOWBIT_X86
@@ -574,7 +584,7 @@ void pack_signs_f32(const float* x, int64_t rows, int64_t k, uint64_t* out, int 
     threads = resolve_threads(threads);
     const bool parallel = threads > 1 && rows > 1 && rows * k >= (int64_t{1} << 16);
     (void)parallel;
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(std::min<int64_t>(threads, rows))) if (parallel)
     for (int64_t r = 0; r < rows; ++r) pack_row(x + r * k, k, out + r * words);
 }
 
@@ -634,13 +644,14 @@ void binary_conv(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t
 }
 
 void pack_signs_nchw(const float* x, int64_t batch, int64_t channels, int64_t pixels, uint64_t* out, int threads) {
+    if (batch <= 0 || channels <= 0 || pixels <= 0) return;
     const int64_t words = (channels + 63) / 64;
     constexpr int64_t PB = 256;  // pixels per task: the task's words stay in L1 while its channels stream by
     const int64_t pixel_blocks = (pixels + PB - 1) / PB, tasks = batch * words * pixel_blocks;
     threads = resolve_threads(threads);
     const bool parallel = threads > 1 && tasks > 1 && batch * channels * pixels >= (int64_t{1} << 16);
     (void)parallel;
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(std::min<int64_t>(threads, tasks))) if (parallel)
     for (int64_t task = 0; task < tasks; ++task) {
         const int64_t n = task / (words * pixel_blocks), word = (task / pixel_blocks) % words;
         const int64_t p0 = (task % pixel_blocks) * PB, count = std::min(PB, pixels - p0);
@@ -659,26 +670,26 @@ void pack_signs_nchw(const float* x, int64_t batch, int64_t channels, int64_t pi
 void max_pool_packed(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t words, int kh, int kw, int sh,
                      int sw, int ph, int pw, int64_t ho, int64_t wo, const uint64_t* and_mask, uint64_t* out,
                      int threads) {
+    if (batch <= 0 || ho <= 0 || wo <= 0 || words <= 0) return;
     const int64_t rows = batch * ho * wo;
     threads = resolve_threads(threads);
-    const bool parallel = threads > 1 && rows * words * kh * kw >= (int64_t{1} << 16);
+    const double taps = double(std::min<int64_t>(kh, h)) * double(std::min<int64_t>(kw, w));
+    const bool parallel = threads > 1 && double(rows) * double(words) * taps >= 65536.0;
     (void)parallel;
-#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(std::min<int64_t>(threads, rows))) if (parallel)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t n = r / (ho * wo), oy = (r / wo) % ho, ox = r % wo;
+        // the window's rows [y0, y1) and columns [x0, x1) inside the input
+        const int64_t y0 = std::max<int64_t>(0, oy * sh - ph), y1 = std::min<int64_t>(h, oy * sh - ph + kh);
+        const int64_t x0 = std::max<int64_t>(0, ox * sw - pw), x1 = std::min<int64_t>(w, ox * sw - pw + kw);
         for (int64_t word = 0; word < words; ++word) {
             uint64_t any = 0, all = ~uint64_t{0};
-            for (int ky = 0; ky < kh; ++ky) {
-                const int64_t iy = oy * sh - ph + ky;
-                if (iy < 0 || iy >= h) continue;
-                for (int kx = 0; kx < kw; ++kx) {
-                    const int64_t ix = ox * sw - pw + kx;
-                    if (ix < 0 || ix >= w) continue;
+            for (int64_t iy = y0; iy < y1; ++iy)
+                for (int64_t ix = x0; ix < x1; ++ix) {
                     const uint64_t v = x[((n * h + iy) * w + ix) * words + word];
                     any |= v;
                     all &= v;
                 }
-            }
             out[r * words + word] = (any & ~and_mask[word]) | (all & and_mask[word]);
         }
     }

@@ -12,6 +12,10 @@ namespace lowbit {
 
 enum Kernel : int { KERNEL_SCALAR = 0, KERNEL_AVX2 = 1, KERNEL_AVX512 = 2, KERNEL_NEON = 3, KERNEL_COUNT = 4 };
 
+// The most threads a kernel runs (OpenMP crashes on absurd team sizes): `threads` above it is rejected by the
+// Python module (lowbit.runtime.kernels.MAX_THREADS is the same), and 0 (OpenMP's default) is capped to it.
+constexpr int MAX_THREADS = 1024;
+
 const char* kernel_name(int kernel);
 bool kernel_supported(int kernel);  // compiled in and supported by this CPU
 int best_kernel();
@@ -32,6 +36,9 @@ struct Epilogue {
     const int32_t* direction = nullptr;
 };
 
+// Sizes are non-negative and the buffers hold what they describe; every function returns at once on empty work.
+// Dot products are int32: k < 2**31.
+
 // Sign-pack float rows x[rows, k] (C order) into out[rows, ceil(k / 64)].
 void pack_signs_f32(const float* x, int64_t rows, int64_t k, uint64_t* out, int kernel, int threads);
 
@@ -46,7 +53,8 @@ void pack_signs_nchw(const float* x, int64_t batch, int64_t channels, int64_t pi
 
 // Max pooling of packed +-1 pixels x[batch, h, w, words] -> out[batch, ho, wo, words]: the max of +-1 values is
 // the OR of their bits; channels whose bit is a decreasing function of the pooled value take the AND
-// (and_mask bit set). Window positions in the padding are skipped (torch pads max pooling with -inf).
+// (and_mask bit set). Window positions in the padding are skipped (torch pads max pooling with -inf); only the
+// taps inside the input are visited, so a huge kernel costs no more than the input.
 void max_pool_packed(const uint64_t* x, int64_t batch, int64_t h, int64_t w, int64_t words, int kh, int kw, int sh,
                      int sw, int ph, int pw, int64_t ho, int64_t wo, const uint64_t* and_mask, uint64_t* out,
                      int threads);

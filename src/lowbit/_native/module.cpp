@@ -1,17 +1,26 @@
 // CPython extension lowbit._native._kernels: the kernels of kernels.h over buffer-protocol arrays.
 //
 // Python callers (lowbit.runtime) validate arguments and raise lowbit's own
-// errors; the checks here only guarantee that no argument can make a kernel
-// read or write out of bounds (they raise ValueError / TypeError).
+// errors; the checks here guarantee that no argument can make a kernel read
+// or write out of bounds or misaligned, overflow its size arithmetic, crash
+// OpenMP or loop far past the size of its buffers (they raise ValueError /
+// TypeError). Sizes are computed in 64 bits; integer arguments out of range
+// (even past 64 bits) are ValueErrors.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <climits>
+#include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <new>
 
 #include "kernels.h"
 
 namespace {
+
+// Geometry values and k: the kernels take them as int, and dot products are int32.
+constexpr long long INT_LIMIT = INT_MAX;
 
 // A buffer view released on scope exit.
 struct View {
@@ -25,7 +34,7 @@ struct View {
     }
 };
 
-// kind: 'u' unsigned, 'i' signed, 'f' float; C-contiguous, of `ndim` dimensions.
+// kind: 'u' unsigned, 'i' signed, 'f' float; C-contiguous, of `ndim` dimensions, aligned for its element type.
 bool get_view(PyObject* obj, View& v, char kind, Py_ssize_t itemsize, int ndim, bool writable, const char* name) {
     const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, &v.view, flags) != 0) {
@@ -42,19 +51,62 @@ bool get_view(PyObject* obj, View& v, char kind, Py_ssize_t itemsize, int ndim, 
                      kind == 'f' ? "float" : kind == 'u' ? "uint" : "int", static_cast<int>(itemsize * 8));
         return false;
     }
+    const size_t align = itemsize == 8 ? alignof(uint64_t) : kind == 'f' ? alignof(float) : alignof(int32_t);
+    if (v.view.len > 0 && reinterpret_cast<uintptr_t>(v.view.buf) % align != 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be aligned to %d bytes (a copy of it is)", name, static_cast<int>(align));
+        return false;
+    }
     return true;
 }
 
-bool check_kernel(int kernel, int threads) {
-    if (!lowbit::kernel_supported(kernel)) {
-        PyErr_Format(PyExc_ValueError, "kernel %d is not supported on this CPU", kernel);
-        return false;
-    }
-    if (threads < 0) {
-        PyErr_SetString(PyExc_ValueError, "threads must be >= 0 (0: all cores)");
-        return false;
+// PyArg "O&" converter: an int (or __index__) as long long, saturated past its range so that range checks reject it.
+int to_integer(PyObject* obj, void* out) {
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (value == -1 && PyErr_Occurred()) return 0;
+    *static_cast<long long*>(out) = overflow > 0 ? LLONG_MAX : overflow < 0 ? LLONG_MIN : value;
+    return 1;
+}
+
+// The product of sizes >= 0 (0 if any is 0); false when it does not fit Py_ssize_t.
+bool product(std::initializer_list<Py_ssize_t> factors, Py_ssize_t& result) {
+    for (Py_ssize_t f : factors)
+        if (f == 0) {
+            result = 0;
+            return true;
+        }
+    result = 1;
+    for (Py_ssize_t f : factors) {
+        if (f < 0 || f > PY_SSIZE_T_MAX / result) return false;
+        result *= f;
     }
     return true;
+}
+
+// ceil(bits / 64) without overflow.
+Py_ssize_t words_for(Py_ssize_t bits) { return bits / 64 + (bits % 64 != 0); }
+
+bool fail(const char* message) {
+    PyErr_SetString(PyExc_ValueError, message);
+    return false;
+}
+
+bool check_threads(long long threads) {
+    if (threads >= 0 && threads <= lowbit::MAX_THREADS) return true;
+    if (threads == LLONG_MAX || threads == LLONG_MIN)  // saturated by to_integer
+        PyErr_Format(PyExc_ValueError, "threads must be in 0 .. %d (0: all cores)", lowbit::MAX_THREADS);
+    else
+        PyErr_Format(PyExc_ValueError, "threads must be in 0 .. %d (0: all cores), got %lld", lowbit::MAX_THREADS,
+                     threads);
+    return false;
+}
+
+bool check_kernel(long long kernel, long long threads) {
+    if (kernel < 0 || kernel >= lowbit::KERNEL_COUNT || !lowbit::kernel_supported(static_cast<int>(kernel))) {
+        PyErr_Format(PyExc_ValueError, "kernel %lld is not supported on this CPU", kernel);
+        return false;
+    }
+    return check_threads(threads);
 }
 
 PyObject* py_kernels(PyObject*, PyObject*) {
@@ -83,19 +135,19 @@ PyObject* py_openmp(PyObject*, PyObject*) {
 
 PyObject* py_pack_signs(PyObject*, PyObject* args) {
     PyObject *x_obj, *out_obj;
-    int kernel, threads;
-    if (!PyArg_ParseTuple(args, "OOii", &x_obj, &out_obj, &kernel, &threads)) return nullptr;
+    long long kernel, threads;
+    if (!PyArg_ParseTuple(args, "OOO&O&", &x_obj, &out_obj, to_integer, &kernel, to_integer, &threads)) return nullptr;
     View x, out;
     if (!get_view(x_obj, x, 'f', 4, 2, false, "x") || !get_view(out_obj, out, 'u', 8, 2, true, "out")) return nullptr;
     if (!check_kernel(kernel, threads)) return nullptr;
     const Py_ssize_t rows = x.view.shape[0], k = x.view.shape[1];
-    if (out.view.shape[0] != rows || out.view.shape[1] != (k + 63) / 64) {
+    if (out.view.shape[0] != rows || out.view.shape[1] != words_for(k)) {
         PyErr_SetString(PyExc_ValueError, "out must have shape [rows, ceil(K / 64)]");
         return nullptr;
     }
     Py_BEGIN_ALLOW_THREADS
-    lowbit::pack_signs_f32(static_cast<const float*>(x.view.buf), rows, k, static_cast<uint64_t*>(out.view.buf), kernel,
-                           threads);
+    lowbit::pack_signs_f32(static_cast<const float*>(x.view.buf), rows, k, static_cast<uint64_t*>(out.view.buf),
+                           static_cast<int>(kernel), static_cast<int>(threads));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -128,11 +180,6 @@ bool channel_vector(PyObject* obj, View& v, char kind, Py_ssize_t n, const char*
     return true;
 }
 
-bool fail(const char* message) {
-    PyErr_SetString(PyExc_ValueError, message);
-    return false;
-}
-
 // The output and epilogue buffers of a GEMM with m rows and n columns, held for the kernel call.
 struct Output {
     View out, scale, bias, corr, thr, dir;
@@ -152,7 +199,7 @@ bool parse_output(Output& o, Py_ssize_t m, Py_ssize_t n, long long nchw_pixels, 
     if (!get_view(out_obj, o.out, o.kind ? o.kind : 'i', o.kind == 'u' ? 8 : 4, 2, true, "out")) return false;
     lowbit::Epilogue& ep = o.epilogue;
     if (o.kind == 'u') {
-        if (o.out.view.shape[0] != m || o.out.view.shape[1] != (n + 63) / 64)
+        if (o.out.view.shape[0] != m || o.out.view.shape[1] != words_for(n))
             return fail("a uint64 out must have shape [a rows, ceil(b rows / 64)]");
         if (thr_obj == Py_None || dir_obj == Py_None) return fail("a uint64 out needs threshold and direction");
         if (!channel_vector(thr_obj, o.thr, 'i', n, "threshold") || !channel_vector(dir_obj, o.dir, 'i', n, "direction"))
@@ -160,8 +207,9 @@ bool parse_output(Output& o, Py_ssize_t m, Py_ssize_t n, long long nchw_pixels, 
         ep.threshold = static_cast<const int32_t*>(o.thr.view.buf);
         ep.direction = static_cast<const int32_t*>(o.dir.view.buf);
     } else {
-        if (o.out.view.shape[0] * o.out.view.shape[1] != m * n ||
-            (nchw_pixels == 0 && (o.out.view.shape[0] != m || o.out.view.shape[1] != n)))
+        Py_ssize_t values, expected;
+        if (!product({o.out.view.shape[0], o.out.view.shape[1]}, values) || !product({m, n}, expected) ||
+            values != expected || (nchw_pixels == 0 && (o.out.view.shape[0] != m || o.out.view.shape[1] != n)))
             return fail("out must have shape [a rows, b rows] (or hold as many values for NCHW)");
         if (thr_obj != Py_None || dir_obj != Py_None) return fail("threshold and direction need a uint64 out");
     }
@@ -189,117 +237,140 @@ bool parse_output(Output& o, Py_ssize_t m, Py_ssize_t n, long long nchw_pixels, 
 
 PyObject* py_gemm(PyObject*, PyObject* args) {
     PyObject *a_obj, *b_obj, *out_obj, *scale_obj, *bias_obj, *corr_obj, *thr_obj, *dir_obj;
-    long long k, nchw_pixels;
-    int kernel, threads;
-    if (!PyArg_ParseTuple(args, "OOLOiiOOOLOO", &a_obj, &b_obj, &k, &out_obj, &kernel, &threads, &scale_obj, &bias_obj,
-                          &corr_obj, &nchw_pixels, &thr_obj, &dir_obj))
+    long long k, nchw_pixels, kernel, threads;
+    if (!PyArg_ParseTuple(args, "OOO&OO&O&OOOO&OO", &a_obj, &b_obj, to_integer, &k, &out_obj, to_integer, &kernel,
+                          to_integer, &threads, &scale_obj, &bias_obj, &corr_obj, to_integer, &nchw_pixels, &thr_obj,
+                          &dir_obj))
         return nullptr;
     View a, b;
     if (!get_view(a_obj, a, 'u', 8, 2, false, "a") || !get_view(b_obj, b, 'u', 8, 2, false, "b")) return nullptr;
     if (!check_kernel(kernel, threads)) return nullptr;
     const Py_ssize_t m = a.view.shape[0], n = b.view.shape[0], words = a.view.shape[1];
-    if (b.view.shape[1] != words || k < 1 || k > 64 * static_cast<long long>(words)) {
-        PyErr_SetString(PyExc_ValueError, "a and b must have the same words per row, 1 <= k <= 64 * words");
+    if (b.view.shape[1] != words || k < 1 || k > INT_LIMIT || words_for(static_cast<Py_ssize_t>(k)) > words) {
+        PyErr_SetString(PyExc_ValueError,
+                        "a and b must have the same words per row, 1 <= k <= min(64 * words, 2**31 - 1)");
         return nullptr;
     }
     Output o;
     if (!parse_output(o, m, n, nchw_pixels, out_obj, scale_obj, bias_obj, corr_obj, thr_obj, dir_obj)) return nullptr;
     Py_BEGIN_ALLOW_THREADS
     lowbit::binary_gemm(static_cast<const uint64_t*>(a.view.buf), m, static_cast<const uint64_t*>(b.view.buf), n, words, k,
-                        o.ints(), o.floats(), o.bits(), o.epilogue, kernel, threads);
+                        o.ints(), o.floats(), o.bits(), o.epilogue, static_cast<int>(kernel), static_cast<int>(threads));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 PyObject* py_pack_nchw(PyObject*, PyObject* args) {
     PyObject *x_obj, *out_obj;
-    int threads;
-    if (!PyArg_ParseTuple(args, "OOi", &x_obj, &out_obj, &threads)) return nullptr;
+    long long threads;
+    if (!PyArg_ParseTuple(args, "OOO&", &x_obj, &out_obj, to_integer, &threads)) return nullptr;
     View x, out;
     if (!get_view(x_obj, x, 'f', 4, 4, false, "x") || !get_view(out_obj, out, 'u', 8, 4, true, "out")) return nullptr;
-    if (threads < 0) return PyErr_Format(PyExc_ValueError, "threads must be >= 0 (0: all cores)");
+    if (!check_threads(threads)) return nullptr;
     const Py_ssize_t batch = x.view.shape[0], c = x.view.shape[1], h = x.view.shape[2], w = x.view.shape[3];
-    if (out.view.shape[0] != batch || out.view.shape[1] != h || out.view.shape[2] != w || out.view.shape[3] != (c + 63) / 64)
+    Py_ssize_t pixels;
+    if (!product({h, w}, pixels)) return PyErr_Format(PyExc_ValueError, "x has too many pixels (H * W overflows)");
+    if (out.view.shape[0] != batch || out.view.shape[1] != h || out.view.shape[2] != w ||
+        out.view.shape[3] != words_for(c))
         return PyErr_Format(PyExc_ValueError, "out must have shape [N, H, W, ceil(C / 64)] for x [N, C, H, W]");
     Py_BEGIN_ALLOW_THREADS
-    lowbit::pack_signs_nchw(static_cast<const float*>(x.view.buf), batch, c, h * w, static_cast<uint64_t*>(out.view.buf),
-                            threads);
+    lowbit::pack_signs_nchw(static_cast<const float*>(x.view.buf), batch, c, pixels,
+                            static_cast<uint64_t*>(out.view.buf), static_cast<int>(threads));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-// Output size of a window op over [N, H, W, words]; false (with an exception set) on a bad geometry.
-bool window_output(const View& x, int kh, int kw, int sh, int sw, int ph, int pw, int threads, Py_ssize_t& ho,
-                   Py_ssize_t& wo) {
-    if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || threads < 0) {
-        PyErr_SetString(PyExc_ValueError, "kernel and stride must be >= 1, padding and threads >= 0");
-        return false;
-    }
-    const Py_ssize_t span_h = x.view.shape[1] + 2 * static_cast<Py_ssize_t>(ph) - kh;
-    const Py_ssize_t span_w = x.view.shape[2] + 2 * static_cast<Py_ssize_t>(pw) - kw;
-    if (span_h < 0 || span_w < 0) {
-        PyErr_SetString(PyExc_ValueError, "the kernel is larger than the padded input");
-        return false;
-    }
-    ho = span_h / sh + 1;
-    wo = span_w / sw + 1;
+// A window op's geometry, each value within a C int, and its output size over x [N, H, W, words].
+struct Window {
+    long long kh, kw, sh, sw, ph, pw;
+    Py_ssize_t ho = 0, wo = 0, pixels = 0, rows = 0;  // rows: N * Ho * Wo
+};
+
+// Validate the geometry against x and compute the output size in 64 bits; false (exception set) when invalid.
+bool window_output(const View& x, Window& g) {
+    if (g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.kh > INT_LIMIT || g.kw > INT_LIMIT || g.sh > INT_LIMIT ||
+        g.sw > INT_LIMIT)
+        return fail("kernel and stride must be in 1 .. 2**31 - 1");
+    if (g.ph < 0 || g.pw < 0 || g.ph > INT_LIMIT || g.pw > INT_LIMIT) return fail("padding must be in 0 .. 2**31 - 1");
+    const Py_ssize_t batch = x.view.shape[0], h = x.view.shape[1], w = x.view.shape[2];
+    if (h > PY_SSIZE_T_MAX / 4 || w > PY_SSIZE_T_MAX / 4) return fail("x is too large (H or W)");
+    const Py_ssize_t span_h = h + 2 * g.ph - g.kh, span_w = w + 2 * g.pw - g.kw;
+    if (span_h < 0 || span_w < 0) return fail("the kernel is larger than the padded input");
+    g.ho = span_h / g.sh + 1;
+    g.wo = span_w / g.sw + 1;
+    if (!product({g.ho, g.wo}, g.pixels) || !product({batch, g.ho, g.wo}, g.rows))
+        return fail("the output is too large (N * Ho * Wo overflows)");
     return true;
 }
 
 PyObject* py_max_pool(PyObject*, PyObject* args) {
     PyObject *x_obj, *mask_obj, *out_obj;
-    int kh, kw, sh, sw, ph, pw, threads;
-    if (!PyArg_ParseTuple(args, "O(ii)(ii)(ii)OOi", &x_obj, &kh, &kw, &sh, &sw, &ph, &pw, &mask_obj, &out_obj, &threads))
+    Window g;
+    long long threads;
+    if (!PyArg_ParseTuple(args, "O(O&O&)(O&O&)(O&O&)OOO&", &x_obj, to_integer, &g.kh, to_integer, &g.kw, to_integer,
+                          &g.sh, to_integer, &g.sw, to_integer, &g.ph, to_integer, &g.pw, &mask_obj, &out_obj,
+                          to_integer, &threads))
         return nullptr;
     View x, mask, out;
     if (!get_view(x_obj, x, 'u', 8, 4, false, "x") || !get_view(mask_obj, mask, 'u', 8, 1, false, "and_mask") ||
         !get_view(out_obj, out, 'u', 8, 4, true, "out"))
         return nullptr;
-    Py_ssize_t ho, wo;
-    if (!window_output(x, kh, kw, sh, sw, ph, pw, threads, ho, wo)) return nullptr;
-    if (ph * 2 > kh || pw * 2 > kw) return PyErr_Format(PyExc_ValueError, "padding must be at most half the kernel");
+    if (!check_threads(threads) || !window_output(x, g)) return nullptr;
+    if (g.ph * 2 > g.kh || g.pw * 2 > g.kw) return PyErr_Format(PyExc_ValueError, "padding must be at most half the kernel");
     const Py_ssize_t batch = x.view.shape[0], words = x.view.shape[3];
-    if (mask.view.shape[0] != words || out.view.shape[0] != batch || out.view.shape[1] != ho || out.view.shape[2] != wo ||
-        out.view.shape[3] != words)
+    if (mask.view.shape[0] != words || out.view.shape[0] != batch || out.view.shape[1] != g.ho ||
+        out.view.shape[2] != g.wo || out.view.shape[3] != words)
         return PyErr_Format(PyExc_ValueError, "and_mask must have [words], out [N, Ho, Wo, words]");
     Py_BEGIN_ALLOW_THREADS
-    lowbit::max_pool_packed(static_cast<const uint64_t*>(x.view.buf), batch, x.view.shape[1], x.view.shape[2], words, kh,
-                            kw, sh, sw, ph, pw, ho, wo, static_cast<const uint64_t*>(mask.view.buf),
-                            static_cast<uint64_t*>(out.view.buf), threads);
+    lowbit::max_pool_packed(static_cast<const uint64_t*>(x.view.buf), batch, x.view.shape[1], x.view.shape[2], words,
+                            static_cast<int>(g.kh), static_cast<int>(g.kw), static_cast<int>(g.sh),
+                            static_cast<int>(g.sw), static_cast<int>(g.ph), static_cast<int>(g.pw), g.ho, g.wo,
+                            static_cast<const uint64_t*>(mask.view.buf), static_cast<uint64_t*>(out.view.buf),
+                            static_cast<int>(threads));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 PyObject* py_conv(PyObject*, PyObject* args) {
     PyObject *x_obj, *panel_obj, *out_obj, *scale_obj, *bias_obj, *corr_obj, *thr_obj, *dir_obj;
-    int kh, kw, sh, sw, ph, pw, kernel, threads;
-    long long out_channels, k;
-    if (!PyArg_ParseTuple(args, "OO(ii)(ii)(ii)LLOiiOOOOO", &x_obj, &panel_obj, &kh, &kw, &sh, &sw, &ph, &pw,
-                          &out_channels, &k, &out_obj, &kernel, &threads, &scale_obj, &bias_obj, &corr_obj, &thr_obj,
-                          &dir_obj))
+    Window g;
+    long long out_channels, k, kernel, threads;
+    if (!PyArg_ParseTuple(args, "OO(O&O&)(O&O&)(O&O&)O&O&OO&O&OOOOO", &x_obj, &panel_obj, to_integer, &g.kh,
+                          to_integer, &g.kw, to_integer, &g.sh, to_integer, &g.sw, to_integer, &g.ph, to_integer,
+                          &g.pw, to_integer, &out_channels, to_integer, &k, &out_obj, to_integer, &kernel, to_integer,
+                          &threads, &scale_obj, &bias_obj, &corr_obj, &thr_obj, &dir_obj))
         return nullptr;
     View x, panel;
     if (!get_view(x_obj, x, 'u', 8, 4, false, "x") || !get_view(panel_obj, panel, 'u', 8, 3, false, "panel"))
         return nullptr;
-    if (!check_kernel(kernel, threads)) return nullptr;
-    Py_ssize_t ho, wo;
-    if (!window_output(x, kh, kw, sh, sw, ph, pw, threads, ho, wo)) return nullptr;
+    if (!check_kernel(kernel, threads) || !window_output(x, g)) return nullptr;
     const Py_ssize_t batch = x.view.shape[0], h = x.view.shape[1], w = x.view.shape[2], words = x.view.shape[3];
-    const long long row_words = static_cast<long long>(kh) * kw * words;
-    if (out_channels < 1 || panel.view.shape[0] != (out_channels + lowbit::CONV_PANEL - 1) / lowbit::CONV_PANEL ||
-        panel.view.shape[1] != row_words || panel.view.shape[2] != lowbit::CONV_PANEL)
+    Py_ssize_t row_words;
+    if (!product({static_cast<Py_ssize_t>(g.kh), static_cast<Py_ssize_t>(g.kw), words}, row_words))
+        return PyErr_Format(PyExc_ValueError, "kh * kw * words overflows");
+    const long long groups = out_channels / lowbit::CONV_PANEL + (out_channels % lowbit::CONV_PANEL != 0);
+    if (out_channels < 1 || panel.view.shape[0] != groups || panel.view.shape[1] != row_words ||
+        panel.view.shape[2] != lowbit::CONV_PANEL)
         return PyErr_Format(PyExc_ValueError, "panel must have shape [ceil(out_channels / 8), kh * kw * words, 8]");
-    if (k < 1 || k > 64 * row_words) return PyErr_Format(PyExc_ValueError, "k must be in 1 .. 64 * kh * kw * words");
+    if (k < 1 || k > INT_LIMIT || words_for(static_cast<Py_ssize_t>(k)) > row_words)
+        return PyErr_Format(PyExc_ValueError, "k must be in 1 .. min(64 * kh * kw * words, 2**31 - 1)");
     Output o;
-    const Py_ssize_t m = batch * ho * wo;
-    if (!parse_output(o, m, out_channels, out_kind(out_obj) == 'f' ? ho * wo : 0, out_obj, scale_obj, bias_obj, corr_obj,
-                      thr_obj, dir_obj))
+    if (!parse_output(o, g.rows, out_channels, out_kind(out_obj) == 'f' ? g.pixels : 0, out_obj, scale_obj, bias_obj,
+                      corr_obj, thr_obj, dir_obj))
         return nullptr;
+    bool no_memory = false;
     Py_BEGIN_ALLOW_THREADS
-    lowbit::binary_conv(static_cast<const uint64_t*>(x.view.buf), batch, h, w, words, kh, kw, sh, sw, ph, pw, ho, wo,
-                        static_cast<const uint64_t*>(panel.view.buf), out_channels, k, o.ints(), o.floats(), o.bits(),
-                        o.epilogue, kernel, threads);
+    try {  // the window pointers of every thread are allocated
+        lowbit::binary_conv(static_cast<const uint64_t*>(x.view.buf), batch, h, w, words, static_cast<int>(g.kh),
+                            static_cast<int>(g.kw), static_cast<int>(g.sh), static_cast<int>(g.sw),
+                            static_cast<int>(g.ph), static_cast<int>(g.pw), g.ho, g.wo,
+                            static_cast<const uint64_t*>(panel.view.buf), out_channels, k, o.ints(), o.floats(),
+                            o.bits(), o.epilogue, static_cast<int>(kernel), static_cast<int>(threads));
+    } catch (const std::bad_alloc&) {
+        no_memory = true;
+    }
     Py_END_ALLOW_THREADS
+    if (no_memory) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -325,4 +396,11 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "XNOR + popcount kernel
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__kernels() { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels() {
+    PyObject* m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "MAX_THREADS", lowbit::MAX_THREADS) != 0) {
+        Py_DECREF(m);
+        return nullptr;
+    }
+    return m;
+}

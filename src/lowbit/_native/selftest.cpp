@@ -1,5 +1,5 @@
-// Standalone check of the GEMM and direct conv kernels against a naive +-1 reference (no Python);
-// scripts/test-aarch64.sh runs it under qemu-user. Exit status 0 when every supported kernel agrees on every shape.
+// Standalone check of the GEMM, direct conv and max pool kernels against naive references (no Python);
+// scripts/test-aarch64.sh runs it under qemu-user, scripts/sanitize-native.sh under ASan and UBSan. Exit status 0 when every supported kernel agrees on every shape.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -84,6 +84,67 @@ int main() {
                 std::printf("FAIL conv %s c=%lld o=%lld\n", lowbit::kernel_name(kernel), (long long)ch, (long long)out_ch);
             }
         }
+    }
+    // max pooling (OR of the window's words inside the input) against a naive loop, and a kernel of 2**31 - 1
+    // whose taps outside a 3x3 input must not be visited (the whole input in every window)
+    {
+        const int64_t batch = 2, h = 5, w = 4, words = 2;
+        std::vector<uint64_t> x(batch * h * w * words), mask(words, 0), all_or(batch * words, 0);
+        for (uint64_t& v : x) v = rng();
+        const int pool_shapes[][6] = {{3, 2, 2, 1, 1, 1}, {2, 2, 2, 2, 0, 0}, {1, 4, 1, 3, 0, 2}};
+        for (const auto& g : pool_shapes) {
+            const int kh = g[0], kw = g[1], sh = g[2], sw = g[3], ph = g[4], pw = g[5];
+            const int64_t ho = (h + 2 * ph - kh) / sh + 1, wo = (w + 2 * pw - kw) / sw + 1;
+            std::vector<uint64_t> got(batch * ho * wo * words), expected(got.size(), 0);
+            lowbit::max_pool_packed(x.data(), batch, h, w, words, kh, kw, sh, sw, ph, pw, ho, wo, mask.data(),
+                                    got.data(), 2);
+            for (int64_t n = 0; n < batch; ++n)
+                for (int64_t oy = 0; oy < ho; ++oy)
+                    for (int64_t ox = 0; ox < wo; ++ox)
+                        for (int ky = 0; ky < kh; ++ky)
+                            for (int kx = 0; kx < kw; ++kx) {
+                                const int64_t iy = oy * sh - ph + ky, ix = ox * sw - pw + kx;
+                                if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+                                for (int64_t t = 0; t < words; ++t)
+                                    expected[((n * ho + oy) * wo + ox) * words + t] |= x[((n * h + iy) * w + ix) * words + t];
+                            }
+            ++checks;
+            if (got != expected) {
+                ++failures;
+                std::printf("FAIL max pool %dx%d\n", kh, kw);
+            }
+        }
+        const int big = 2147483647, pad = big / 2;
+        std::vector<uint64_t> got(batch * 3 * 3 * words), sub(batch * 3 * 3 * words);
+        for (int64_t n = 0; n < batch; ++n)  // the top-left 3x3 pixels of each image
+            for (int64_t i = 0; i < 9; ++i)
+                for (int64_t t = 0; t < words; ++t) {
+                    sub[(n * 9 + i) * words + t] = x[((n * h + i / 3) * w + i % 3) * words + t];
+                    all_or[n * words + t] |= sub[(n * 9 + i) * words + t];
+                }
+        lowbit::max_pool_packed(sub.data(), batch, 3, 3, words, big, big, 1, 1, pad, pad, 3, 3, mask.data(), got.data(),
+                                2);
+        ++checks;
+        for (int64_t i = 0; i < batch * 9 * words; ++i)
+            if (got[i] != all_or[(i / (9 * words)) * words + i % words]) {
+                ++failures;
+                std::printf("FAIL max pool with a kernel of 2**31 - 1\n");
+                break;
+            }
+    }
+    // an absurd thread count is capped at MAX_THREADS (OpenMP would crash on it)
+    {
+        const int64_t rows = 512, k = 512;
+        std::vector<float> x(rows * k, 1.0f);
+        std::vector<uint64_t> out(rows * k / 64, 0);
+        lowbit::pack_signs_f32(x.data(), rows, k, out.data(), lowbit::KERNEL_SCALAR, 1 << 20);
+        ++checks;
+        for (uint64_t v : out)
+            if (v != ~uint64_t{0}) {
+                ++failures;
+                std::printf("FAIL pack with 2**20 threads\n");
+                break;
+            }
     }
     std::printf("best kernel: %s; %d checks, %d failures\n", lowbit::kernel_name(lowbit::best_kernel()), checks, failures);
     return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;

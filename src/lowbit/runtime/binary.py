@@ -33,17 +33,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .kernels import (WORD_BITS, check_array, check_threads, conv, conv_panel, gemm, pack_nchw, pack_signs,
-                      pack_weight_rows, select_kernel, unpack_signs)
+from .kernels import (MAX_INT, WORD_BITS, check_array, check_threads, conv, conv_panel, gemm, int_pair, pack_nchw,
+                      pack_signs, pack_weight_rows, select_kernel, unpack_signs)
 from .threshold import Threshold
-
-
-def _pair(value: int | tuple[int, int] | list[int], name: str, low: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
-    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low for v in pair)):
-        raise ConfigError(f"{name} must be an int >= {low} or a pair of them, got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 def _channel_vector(values: np.ndarray | float | None, channels: int, name: str) -> np.ndarray | None:
@@ -56,7 +48,7 @@ def _channel_vector(values: np.ndarray | float | None, channels: int, name: str)
     if array.shape != (channels,):
         raise ConfigError(f"{name} must be a scalar or hold one value per output channel ({channels}), "
                           f"got shape {array.shape}")
-    return np.ascontiguousarray(array)
+    return np.array(array, order="C")  # an aligned copy
 
 
 def _weight_bits(weight: np.ndarray, ndim: int, name: str) -> np.ndarray:
@@ -72,8 +64,9 @@ class BinaryLinear:
     def __init__(self, weight: np.ndarray, scale: np.ndarray | float | None = None, bias: np.ndarray | None = None):
         bits = _weight_bits(weight, 2, "linear weight")
         self.out_features, self.in_features = bits.shape
-        if self.in_features < 1:
-            raise ConfigError("a binary linear layer needs at least one input feature")
+        if not 1 <= self.in_features <= MAX_INT:
+            raise ConfigError(f"a binary linear layer needs 1 .. 2**31 - 1 input features (int32 dot products), "
+                              f"got {self.in_features}")
         self.rows = pack_weight_rows(bits[:, :, None])
         self.scale = _channel_vector(scale, self.out_features, "scale")
         self.bias = _channel_vector(bias, self.out_features, "bias")
@@ -123,9 +116,12 @@ class BinaryConv2d:
         self.out_channels, self.in_channels, kh, kw = bits.shape
         if min(bits.shape) < 1:
             raise ConfigError(f"conv weight shape {bits.shape} has an empty axis")
+        if kh * kw * self.in_channels > MAX_INT:
+            raise ConfigError(f"conv weight shape {bits.shape} has more than 2**31 - 1 inputs per output "
+                              f"(int32 dot products)")
         self.kernel_size = (kh, kw)
-        self.stride = _pair(stride, "stride", 1)
-        self.padding = _pair(padding, "padding", 0)
+        self.stride = int_pair(stride, "stride", 1)
+        self.padding = int_pair(padding, "padding", 0)
         self.rows = pack_weight_rows(bits)
         self.panel = conv_panel(self.rows)
         #: S[o, y, x]: the sum of the +-1 weights over the input channels at each kernel position
@@ -135,11 +131,16 @@ class BinaryConv2d:
         self._corrections: dict[tuple[int, int], np.ndarray | None] = {}
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """``(Ho, Wo)``; ConfigError when the kernel does not fit the padded input or Ho Wo > 2**31 - 1."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         if h + 2 * ph < kh or w + 2 * pw < kw:
             raise ConfigError(f"binary conv input {h}x{w} with padding {self.padding} is smaller than the "
                               f"kernel {self.kernel_size}")
-        return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        if ho * wo > MAX_INT:
+            raise ConfigError(f"binary conv output of {ho}x{wo} pixels (input {h}x{w}, padding {self.padding}, "
+                              f"stride {self.stride}) is more than 2**31 - 1 pixels")
+        return ho, wo
 
     def correction(self, h: int, w: int) -> np.ndarray | None:
         """int32 ``[Ho Wo, out]``: sum of ``S[o, p]`` over the kernel positions ``p`` that fall in the padding."""
@@ -168,6 +169,7 @@ class BinaryConv2d:
                        threshold: Threshold | None = None) -> np.ndarray:
         """Packed pixel words ``[N, H, W, ceil(in / 64)]`` -> float32 NCHW ``[N, out, Ho, Wo]``, or packed
         pixel words ``[N, Ho, Wo, ceil(out / 64)]`` through ``threshold``."""
+        bits = check_array(bits, "packed binary conv input", 4, (np.uint64,))
         n, h, w, words = bits.shape
         if words != (self.in_channels + WORD_BITS - 1) // WORD_BITS:
             raise ConfigError(f"packed binary conv input has {words} words per pixel, the layer's "
@@ -178,7 +180,7 @@ class BinaryConv2d:
         geometry = (self.kernel_size, self.stride, self.padding)
         if threshold is not None:
             out = np.empty((n, ho, wo, (o + WORD_BITS - 1) // WORD_BITS), dtype=np.uint64)
-            conv(bits, self.rows, self.panel, k, *geometry, out.reshape(n * ho * wo, -1), kernel, threads,
+            conv(bits, self.rows, self.panel, k, *geometry, out.reshape(n * ho * wo, out.shape[3]), kernel, threads,
                  correction=correction, threshold=threshold.threshold, direction=threshold.direction)
             return out
         out = np.empty((n, o, ho, wo), dtype=np.float32)

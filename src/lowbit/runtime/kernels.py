@@ -12,7 +12,8 @@ Kernels (the native module ``lowbit._native._kernels``, chosen at run time):
 matmul of the unpacked +-1 matrices, exact for K < 2**53).
 Every function takes ``kernel`` (a name, default: the environment
 variable ``LOWBIT_KERNEL``, else the fastest this CPU runs) and ``threads``
-(None or 0: all cores).
+(None or 0: all cores, at most :data:`MAX_THREADS`). Inputs that are not
+aligned for their dtype are copied before a native kernel reads them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ except ImportError:  # the extension did not build: the numpy kernels stay usabl
 #: environment variable that forces a kernel
 KERNEL_ENV = "LOWBIT_KERNEL"
 KERNEL_NAMES = ("avx512", "avx2", "neon", "scalar", "numpy")
+#: the most threads a kernel may be asked for (the native module's MAX_THREADS: OpenMP crashes on absurd counts)
+MAX_THREADS = 1024
+#: geometry values (kernel, stride, padding) and k are C ints in the native module
+MAX_INT = 2**31 - 1
 _NATIVE_IDS: dict[str, int] = dict(native.kernels()) if native is not None else {}
 
 
@@ -57,12 +62,18 @@ def select_kernel(kernel: str | None = None) -> str:
 
 
 def check_threads(threads: int | None) -> int:
-    """``threads`` as the native modules take it: 0 means all cores."""
+    """``threads`` as the native modules take it: 0 means all cores; at most :data:`MAX_THREADS`."""
     if threads is None:
         return 0
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-        raise ConfigError(f"threads must be None or an int >= 0 (0: all cores), got {threads!r}")
+    if (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+            or not 0 <= threads <= MAX_THREADS):
+        raise ConfigError(f"threads must be None or an int in 0 .. {MAX_THREADS} (0: all cores), got {threads!r}")
     return int(threads)
+
+
+def aligned(x: np.ndarray) -> np.ndarray:
+    """``x``, or a C-contiguous copy where its data is not aligned for its dtype (the native kernels need both)."""
+    return x if x.flags.aligned and x.flags.c_contiguous else np.array(x, order="C")
 
 
 def _describe(x: object) -> str:
@@ -72,14 +83,15 @@ def _describe(x: object) -> str:
 
 
 def check_array(x: object, name: str, ndim: int, dtypes: tuple[np.dtype | type, ...] | None = None) -> np.ndarray:
-    """Raise ConfigError unless ``x`` is a C-contiguous ndarray of ``ndim`` dimensions (and one of ``dtypes``)."""
+    """Raise ConfigError unless ``x`` is a C-contiguous ndarray of ``ndim`` dimensions (and one of ``dtypes``);
+    return it, copied if misaligned."""
     ok = isinstance(x, np.ndarray) and x.ndim == ndim and x.flags.c_contiguous
     if ok and dtypes is not None:
         ok = any(x.dtype == d for d in dtypes)
     if not ok:
         kinds = "" if dtypes is None else " of " + " or ".join(np.dtype(d).name for d in dtypes)
         raise ConfigError(f"{name} must be a C-contiguous {ndim}-D numpy array{kinds}, got {_describe(x)}")
-    return x  # type: ignore[return-value]
+    return aligned(x)  # type: ignore[arg-type]
 
 
 def pack_signs(x: np.ndarray, *, kernel: str | None = None, threads: int | None = None) -> np.ndarray:
@@ -91,11 +103,11 @@ def pack_signs(x: np.ndarray, *, kernel: str | None = None, threads: int | None 
     x = check_array(x, "rows to pack", 2)
     if x.dtype.kind not in "fiub":
         raise ConfigError(f"rows to pack must hold real numbers (float, int or bool), got dtype {x.dtype}")
-    name = select_kernel(kernel)
+    name, threads = select_kernel(kernel), check_threads(threads)
     if name == "numpy" or x.dtype != np.float32:
         return pack_signs_numpy(x)
     out = np.empty((x.shape[0], (x.shape[1] + WORD_BITS - 1) // WORD_BITS), dtype=np.uint64)
-    native.pack_signs(x, out, _NATIVE_IDS[name], check_threads(threads))
+    native.pack_signs(x, out, _NATIVE_IDS[name], threads)
     return out
 
 
@@ -106,8 +118,8 @@ def unpack_signs(words: np.ndarray, k: int) -> np.ndarray:
 
 def check_packed(a: object, b: object, k: object) -> int:
     """Validate two packed operands of a binary GEMM over ``k`` bits; return ``k``."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k (the bits per row) must be an int >= 1, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_INT:
+        raise ConfigError(f"k (the bits per row) must be an int in 1 .. 2**31 - 1 (int32 dot products), got {k!r}")
     k = int(k)
     words = (k + WORD_BITS - 1) // WORD_BITS
     for name, x in (("a_packed", a), ("b_packed", b)):
@@ -127,6 +139,7 @@ def binary_gemm(a_packed: np.ndarray, b_packed: np.ndarray, k: int, *, kernel: s
     sign rows with zero tails (:func:`pack_signs`).
     """
     k = check_packed(a_packed, b_packed, k)
+    a_packed, b_packed = aligned(a_packed), aligned(b_packed)
     out = np.empty((a_packed.shape[0], b_packed.shape[0]), dtype=np.int32)
     gemm(a_packed, b_packed, k, out, select_kernel(kernel), check_threads(threads))
     return out
@@ -145,8 +158,13 @@ def gemm(a: np.ndarray, b: np.ndarray, k: int, out: np.ndarray, kernel: str, thr
     packed signs, bit ``n`` set iff ``direction[n] * d >= threshold[n]`` (int32).
     """
     if kernel != "numpy":
-        native.gemm(a, b, k, out, _NATIVE_IDS[kernel], threads, scale, bias, correction, nchw_pixels, threshold,
+        a, b, scale, bias, correction, threshold, direction = (
+            None if v is None else aligned(v) for v in (a, b, scale, bias, correction, threshold, direction))
+        target = aligned(out)
+        native.gemm(a, b, k, target, _NATIVE_IDS[kernel], threads, scale, bias, correction, nchw_pixels, threshold,
                     direction)
+        if target is not out:
+            out[...] = target
         return
     if a.shape[0] and b.shape[0]:
         bits = a.shape[1] * WORD_BITS
@@ -175,19 +193,41 @@ def gemm(a: np.ndarray, b: np.ndarray, k: int, out: np.ndarray, kernel: str, thr
 def pack_nchw(x: np.ndarray, kernel: str, threads: int) -> np.ndarray:
     """Sign bits of a float32 NCHW tensor as pixel words ``[N, H, W, ceil(C / 64)]`` (bit 1 where ``x >= 0``)."""
     n, c, h, w = x.shape
+    words = (c + WORD_BITS - 1) // WORD_BITS
     if kernel == "numpy":
-        return pack_signs_numpy(x.transpose(0, 2, 3, 1).reshape(-1, c)).reshape(n, h, w, -1)
-    out = np.empty((n, h, w, (c + WORD_BITS - 1) // WORD_BITS), dtype=np.uint64)
-    native.pack_nchw(x, out, threads)
+        return pack_signs_numpy(x.transpose(0, 2, 3, 1).reshape(n * h * w, c)).reshape(n, h, w, words)
+    out = np.empty((n, h, w, words), dtype=np.uint64)
+    native.pack_nchw(aligned(x), out, threads)
     return out
+
+
+def int_pair(value: object, name: str, low: int) -> tuple[int, int]:
+    """``value`` (an int or a pair of them) as a pair of ints in ``low .. 2**31 - 1`` (ConfigError otherwise)."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and low <= v <= MAX_INT
+                       for v in pair)):
+        raise ConfigError(f"{name} must be an int in {low} .. 2**31 - 1 or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def max_pool_packed(bits: np.ndarray, kernel_size: tuple[int, int], stride: tuple[int, int],
                     padding: tuple[int, int], and_mask: np.ndarray, kernel: str, threads: int) -> np.ndarray:
     """Max pooling of packed +-1 pixels ``[N, H, W, words]``: OR of the window's words (AND where ``and_mask``
-    is set: channels whose sign falls as the pooled value rises); padded positions are skipped (-inf padding)."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    is set: channels whose sign falls as the pooled value rises); padded positions are skipped (-inf padding).
+    As torch: padding at most half the kernel, and the kernel within the padded input."""
+    bits, threads = check_array(bits, "packed max pool input", 4, (np.uint64,)), check_threads(threads)
     n, h, w, words = bits.shape
+    (kh, kw), (sh, sw) = int_pair(kernel_size, "max pool kernel", 1), int_pair(stride, "max pool stride", 1)
+    ph, pw = int_pair(padding, "max pool padding", 0)
+    if 2 * ph > kh or 2 * pw > kw:
+        raise ConfigError(f"max pool padding {padding!r} must be at most half the kernel {kernel_size!r}")
+    if h < 1 or w < 1 or h + 2 * ph < kh or w + 2 * pw < kw:
+        raise ConfigError(f"max pool input {h}x{w} with padding {padding!r} is smaller than the kernel "
+                          f"{kernel_size!r}")
+    and_mask = check_array(and_mask, "max pool and_mask", 1, (np.uint64,))
+    if and_mask.shape != (words,):
+        raise ConfigError(f"max pool and_mask must hold one word per pixel word ({words}), got {and_mask.shape}")
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     if kernel != "numpy":
         out = np.empty((n, ho, wo, words), dtype=np.uint64)
@@ -195,8 +235,9 @@ def max_pool_packed(bits: np.ndarray, kernel_size: tuple[int, int], stride: tupl
         return out
     any_ = np.zeros((n, ho, wo, words), dtype=np.uint64)
     all_ = np.full((n, ho, wo, words), np.iinfo(np.uint64).max, dtype=np.uint64)
-    for ky in range(kh):
-        for kx in range(kw):
+    # only the taps that reach the input for some output pixel: at most 2 H rows (2 W columns) of a huge kernel
+    for ky in range(max(0, ph - (ho - 1) * sh), min(kh, ph + h)):
+        for kx in range(max(0, pw - (wo - 1) * sw), min(kw, pw + w)):
             rows = np.arange(ho) * sh - ph + ky
             cols = np.arange(wo) * sw - pw + kx
             valid = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
@@ -246,8 +287,13 @@ def conv(bits: np.ndarray, rows: np.ndarray, panel: np.ndarray, k: int, kernel_s
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     pixels = ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
     if kernel != "numpy":
-        native.conv(bits, panel, kernel_size, stride, padding, rows.shape[0], k, out, _NATIVE_IDS[kernel], threads,
-                    scale, bias, correction, threshold, direction)
+        bits, panel, scale, bias, correction, threshold, direction = (
+            None if v is None else aligned(v) for v in (bits, panel, scale, bias, correction, threshold, direction))
+        target = aligned(out)
+        native.conv(bits, panel, kernel_size, stride, padding, rows.shape[0], k, target, _NATIVE_IDS[kernel],
+                    threads, scale, bias, correction, threshold, direction)
+        if target is not out:
+            out[...] = target
         return
     gemm(im2col(bits, kernel_size, stride, padding), rows, k, out, kernel, threads, scale, bias, correction,
          nchw_pixels=pixels if out.dtype == np.float32 else 0, threshold=threshold, direction=direction)
