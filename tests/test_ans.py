@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from lowbit.errors import ConfigError, FormatError
 from lowbit.format.ans import MAX_ALPHABET, MAX_PRECISION, AnsStream, ans_decode, ans_encode, quantize_counts
+from lowbit.format.bitpack import MIN_ELEMENT_BUDGET, element_budget
 from lowbit.format.huffman import huffman_encode
 
 BIG = 2**40
@@ -213,6 +214,21 @@ def test_rejects_a_table_that_does_not_match_the_words():
     rejects({"bad-count"}, edit(stream, count=2**31 + 1))
     rejects({"bad-count"}, edit(stream, count=2.0))
     rejects({"bad-length"}, AnsStream(np.array([1], np.uint8), np.array([1], np.uint32), 3, 4, 0))
+
+
+def test_symbol_count_is_capped_by_the_stored_bytes_before_decoding():
+    one = ans_encode(np.zeros(10, np.int64))  # one distinct symbol: a 1-byte table and no words
+    assert (one.freqs.nbytes, one.words.nbytes) == (1, 0) and element_budget(1) == MIN_ELEMENT_BUDGET + 256
+    assert ans_decode(edit(one, count=MIN_ELEMENT_BUDGET + 256)).size == MIN_ELEMENT_BUDGET + 256
+    rejects({"too-large"}, edit(one, count=MIN_ELEMENT_BUDGET + 257))
+    with pytest.raises(ConfigError, match="reader accepts"):  # never written
+        ans_encode(np.zeros(MIN_ELEMENT_BUDGET + 257, np.int64), "w")
+    stream = sample_stream()
+    stored = stream.freqs.nbytes + stream.words.nbytes
+    rejects({"too-large"}, edit(stream, count=element_budget(stored) + 1))  # rejected before 2**20 decode steps
+    # a realistic peaked stream: 2M symbols, 98% of one value, about 0.15 bits each
+    peaked = np.random.default_rng(0).choice(3, 2_000_000, p=[0.01, 0.98, 0.01])
+    assert np.array_equal(ans_decode(ans_encode(peaked)), peaked)
 
 
 def test_rejects_a_table_listing_a_symbol_the_stream_never_holds():

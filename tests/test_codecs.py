@@ -253,6 +253,16 @@ def test_shape_must_be_small_non_negative_ints():
     rejects("bad-shape", {**b_arrays, "signs": b_arrays["signs"][:1]}, b_meta)
 
 
+@pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**31 + 1], [0, 2**31, 2**31], [2**16, 0, 2**16], [0, *[2**8] * 31]])
+def test_zero_size_shapes_with_absurd_dims_are_rejected(shape):
+    arrays, meta = stored(NumpyEncoded("affine", np.zeros((0, 3), np.int64), 2,
+                                       {"scale": np.float32(1), "zero_point": np.int64(0)}, {"qmin": 0, "qmax": 3}))
+    rejects("bad-shape", arrays, {**meta, "shape": shape})
+    raw_arrays, raw_meta = stored(NumpyEncoded.from_float(np.zeros((0, 3), np.float32)))
+    rejects("bad-shape", raw_arrays, {**raw_meta, "shape": shape})
+    assert decode(arrays, meta, "t").codes.shape == (0, 3)
+
+
 def test_codebook_index_must_be_inside_the_codebook():
     arrays, meta = good("codebook")
     rejects("bad-index", {**arrays, "codebook": arrays["codebook"][:1]}, meta)

@@ -2,10 +2,6 @@
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,8 +11,12 @@ from hypothesis import strategies as st
 from lowbit.errors import ConfigError, FormatError
 from lowbit.format.bitpack import unpack_codes
 from lowbit.format.codecs import NumpyEncoded
+from lowbit.format import container
 from lowbit.format.container import (
     MAX_HEADER_BYTES,
+    MAX_JSON_DEPTH,
+    MIN_ELEMENT_BUDGET,
+    json_depth,
     format_inspect,
     inspect_file,
     pack_file,
@@ -236,7 +236,7 @@ def test_header_not_utf8_or_not_json():
     rejects(with_header(None, b"", text=b'{"a": '), "bad-json")
     rejects(with_header(None, b"", text=b"[1, 2]"), "bad-header")
     rejects(with_header(None, b"", text=b'{"x": NaN}'), "bad-json")
-    rejects(with_header(None, b"", text=b"[" * 100_000 + b"]" * 100_000), "bad-json")
+    rejects(with_header(None, b"", text=b"[" * 100_000 + b"]" * 100_000), "too-deep")
 
 
 def test_metadata_that_is_not_a_lowbit_document():
@@ -269,7 +269,7 @@ def test_bad_offsets():
 
 
 def test_shape_product_overflow_or_byte_mismatch():
-    rejects(_two_arrays([0, 2], [2, 4], 4, shape=(2**62, 2**62)), "bad-length", "'a'")
+    rejects(_two_arrays([0, 2], [2, 4], 4, shape=(2**62, 2**62)), "bad-shape", "'a'")
     rejects(_two_arrays([0, 2], [2, 4], 4, shape=(3,)), "bad-length", "'a'")
     rejects(_two_arrays([0, 2], [2, 4], 4, shape=(-2,)), "bad-shape", "'a'")
     header = {"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 2]}}
@@ -395,44 +395,167 @@ def test_stream_entry_is_validated():
             "bad-stream", "'b'")
 
 
-# ---------------------------------------------------------------------------- atomic writes and inspection
+# ---------------------------------------------------------------------------- caps against hostile files
 
 
-def test_failed_write_leaves_nothing_under_the_target(tmp_path, monkeypatch):
-    target = tmp_path / "m.lowbit"
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
-        write_file(target, small_tensors())
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}, 5, None, True, "f32"])
+def test_a_dtype_that_is_not_a_dtype_name(dtype):
+    rejects(with_header({"a": {"dtype": dtype, "shape": [2], "data_offsets": [0, 2]}}, bytes(2)), "bad-dtype", "'a'")
 
 
-def test_killed_writer_never_leaves_a_truncated_target(tmp_path):
-    target = tmp_path / "m.lowbit"
-    target.write_bytes(b"old")
-    script = f"""
-import os, signal, numpy as np
-from lowbit.format import container
-from lowbit.format.container import raw
-real_write = os.fdopen
-def dying_fdopen(*args, **kwargs):
-    f = real_write(*args, **kwargs)
-    write = f.write
-    def half(data):
-        write(data[: len(data) // 2]); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
-    f.write = half
-    return f
-os.fdopen = dying_fdopen
-container.write_file({str(target)!r}, {{"x": raw(np.zeros(100000, np.float32))}})
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert result.returncode == -signal.SIGKILL
-    assert target.read_bytes() == b"old"  # the old file is intact, never a half-written one
-    leftovers = [p for p in tmp_path.iterdir() if p.name != "m.lowbit"]
-    assert all(p.name.startswith(".m.lowbit.") for p in leftovers)
+@pytest.mark.parametrize("field, value, code", [
+    ("shape", "2", "bad-shape"), ("shape", [2.0], "bad-shape"), ("shape", [True, 2], "bad-shape"),
+    ("shape", {"0": 2}, "bad-shape"), ("shape", [[2]], "bad-shape"), ("shape", None, "bad-shape"),
+    ("data_offsets", ["0", 2], "bad-offsets"), ("data_offsets", [0.0, 2], "bad-offsets"),
+    ("data_offsets", [0], "bad-offsets"), ("data_offsets", None, "bad-offsets"),
+    ("data_offsets", {"0": 2}, "bad-offsets"),
+    ("data_offsets", [0, 2, 4], "bad-offsets"), ("data_offsets", [False, 2], "bad-offsets"),
+])
+def test_wrongly_typed_header_fields(field, value, code):
+    entry = {"dtype": "U8", "shape": [2], "data_offsets": [0, 2], field: value}
+    rejects(with_header({"a": entry}, bytes(2)), code, "'a'")
+
+
+def test_wrongly_typed_header_entries_and_metadata():
+    for entry in ([1], "U8", None, {"dtype": "U8", "shape": [2]}, {"dtype": "U8", "shape": [2], "data_offsets": [0, 2],
+                                                                    "extra": 1}):
+        rejects(with_header({"a": entry}, bytes(2)), "bad-header")
+    for metadata in ([], "x", {"lowbit": ["{}"]}, {"lowbit": None}, None):
+        rejects(with_header({"__metadata__": metadata}, b""), "bad-header")
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**31 + 1], [0, 2**31, 2**31], [0, *[2**16] * 31], [2**64, 0]])
+def test_zero_size_arrays_with_absurd_dims(shape):
+    rejects(with_header({"a": {"dtype": "U8", "shape": shape, "data_offsets": [0, 0]}}, b""), "bad-shape", "'a'")
+    blob = pack_file({"b": raw(np.zeros((0, 3), np.float32)), "w": affine(np.zeros((0, 2), np.int64), 2)})
+    for tensor in ("b", "w"):
+        rejects(with_document(blob, lambda d, a: d["tensors"][tensor].update(shape=shape)), "bad-shape", repr(tensor))
+    coded = pack_file({"w": affine(np.zeros((0, 2), np.int64), 2)}, entropy="huffman")
+    rejects(with_document(coded, lambda d, a: d["tensors"]["w"].update(shape=shape)), "bad-shape", "'w'")
+
+
+def test_zero_size_arrays_round_trip():
+    tensors = {"b": raw(np.zeros((0, 3), np.float32)), "w": affine(np.zeros((4, 0, 2), np.int64), 2)}
+    for chain in CHAINS:
+        got = unpack_file(pack_file(tensors, entropy=chain[0], index_bits={"w": chain[1]} if chain[1] else None))
+        assert got.tensors["w"].codes.shape == (4, 0, 2) and got.tensors["b"].codes.shape == (0, 3)
+
+
+def nested(depth, leaf=1):
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def with_deep_attrs(blob: bytes, depth: int) -> bytes:
+    """``blob`` with ``"attrs": {"x": [[...]]}`` (a list nested ``depth`` deep) in its graph."""
+    arrays, metadata, _ = parse_safetensors(blob)
+    text = metadata["lowbit"].replace('"graph":{', '"graph":{"attrs":{"x":' + "[" * depth + "]" * depth + "},", 1)
+    return pack_safetensors(dict(arrays), {"lowbit": text})
+
+
+def test_json_nesting_is_capped():
+    blob = pack_file(small_tensors(), graph={"nodes": []})
+    # the document is depth 1, "graph" 2, its "attrs" 3: the list may nest MAX_JSON_DEPTH - 3 deep
+    assert unpack_file(with_deep_attrs(blob, MAX_JSON_DEPTH - 3)).document["graph"]["attrs"]["x"]
+    for depth in (MAX_JSON_DEPTH - 2, 700, 100_000):
+        with pytest.raises(FormatError, match=f"at most {MAX_JSON_DEPTH}") as caught:
+            unpack_file(with_deep_attrs(blob, depth))
+        assert caught.value.code == "too-deep" and "lowbit document" in str(caught.value)
+    rejects(with_header({"a": nested(MAX_JSON_DEPTH)}, b""), "too-deep")
+    with pytest.raises(ConfigError, match="nests"):  # never written
+        pack_file(small_tensors(), graph={"x": nested(MAX_JSON_DEPTH)})
+
+
+def test_numbers_beyond_the_float_range_are_rejected():
+    blob = pack_file(small_tensors())
+    arrays, metadata, _ = parse_safetensors(blob)
+    text = metadata["lowbit"].replace('"model":{}', '"model":{"x":1e999}')
+    rejects(pack_safetensors(dict(arrays), {"lowbit": text}), "bad-json")
+
+
+def json_values():
+    leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+                       st.text(alphabet='ab"\\[]{}\n', max_size=6))
+    keys = st.text('a"[{\\', max_size=3)
+    return st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                        st.dictionaries(keys, inner, max_size=3)), max_leaves=30)
+
+
+def reference_depth(value):
+    if isinstance(value, (list, dict)):
+        children = value.values() if isinstance(value, dict) else value
+        return 1 + max((reference_depth(c) for c in children), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values(), st.booleans())
+def test_json_depth_is_the_nesting_of_the_parsed_value(value, wrapped):
+    text = json.dumps(value)
+    if wrapped:  # as the header holds the document: a string full of escaped quotes and brackets
+        text, value = json.dumps({"doc": text}), {"doc": text}
+    assert json_depth(text) == reference_depth(value)
+
+
+def _constant_ans_file(n, padding=0):
+    """A one-symbol ANS tensor (a 1-byte table, no words) claiming ``n`` codes, beside ``padding`` raw floats."""
+    tensors = {"w": affine(np.ones(8, np.int64), 2), "pad": raw(np.zeros(padding, np.float32))}
+    return with_document(pack_file(tensors, entropy="ans"), lambda d, a: d["tensors"]["w"].update(shape=[n]))
+
+
+def test_an_ans_stream_decodes_to_at_most_2_20_plus_256_symbols_per_stored_byte():
+    assert unpack_file(_constant_ans_file(MIN_ELEMENT_BUDGET + 256)).tensors["w"].codes.size == MIN_ELEMENT_BUDGET + 256
+    # the file's 1 MB of floats would admit 2**28 elements; the stream's own single byte admits 2**20 + 256
+    with pytest.raises(FormatError, match="stream 'codes'") as caught:
+        unpack_file(_constant_ans_file(MIN_ELEMENT_BUDGET + 257, padding=2**18))
+    assert caught.value.code == "too-large" and "'w'" in str(caught.value)
+    with pytest.raises(ConfigError, match="reader accepts"):  # never written
+        pack_file({"w": affine(np.ones(MIN_ELEMENT_BUDGET + 257, np.int64), 2)}, entropy="ans")
+
+
+def test_a_sparse_stream_decodes_to_at_most_its_gaps_reach_and_2_20_plus_256_codes_per_stored_byte():
+    codes = np.zeros(2**20, np.int64)
+    codes[2**16 - 1 :: 2**16] = 1  # 16 entries of 16-bit gaps and 2-bit values: 36 bytes of streams
+    padding = raw(np.zeros(2**18, np.float32))  # 1 MB, so the whole file's budget is not what binds
+    blob = pack_file({"w": affine(codes, 2), "pad": padding}, index_bits={"w": 16})
+
+    def shape(n):
+        return with_document(blob, lambda d, a: d["tensors"]["w"].update(shape=[n]))
+
+    assert np.array_equal(unpack_file(blob).tensors["w"].codes, codes)
+    assert unpack_file(shape(2**20 + 9216)).tensors["w"].codes.size == 2**20 + 9216  # 2**20 + 256 x 36
+    with pytest.raises(FormatError, match="sparse streams") as caught:
+        unpack_file(shape(2**20 + 9217))
+    assert caught.value.code == "too-large" and "'w'" in str(caught.value)
+    rejects(shape(17 * 2**16), "bad-length", "'w'")  # 16 gaps and a tail reach 17 x 2**16 - 1 codes at most
+    with pytest.raises(ConfigError, match="reader accepts"):  # never written
+        pack_file({"w": affine(np.zeros(2**21, np.int64), 2)}, index_bits={"w": 16})
+
+
+def test_a_huffman_stream_decodes_to_at_most_8_symbols_per_byte():
+    blob = pack_file({"w": affine(np.arange(64) % 4, 2)}, entropy="huffman")  # 2-bit codes: 16 bytes
+    for n in (65, 128):  # 8 per byte would admit 128: the shortest code, 2 bits, admits 64
+        rejects(with_document(blob, lambda d, a: d["tensors"]["w"].update(shape=[n])), "bad-length", "at least 2 bits")
+    rejects(with_document(blob, lambda d, a: d["tensors"]["w"].update(shape=[129])), "bad-count", "'w'")
+
+
+def test_the_whole_file_budget_is_checked_before_decoding(monkeypatch):
+    one = affine(np.ones(MIN_ELEMENT_BUDGET, np.int64), 2)
+    with pytest.raises(ConfigError, match="reader accepts"):  # each stream fits its own cap, the file does not
+        pack_file({"a": one, "b": one}, entropy="ans")
+
+    def copies(document, arrays):  # four more tensors sharing the stored form of "a"
+        for i in range(4):
+            document["tensors"][f"t{i}"] = dict(document["tensors"]["a"])
+            arrays.update({f"t{i}:{k[2:]}": v for k, v in list(arrays.items()) if k.startswith("a:")})
+
+    blob = with_document(pack_file({"a": one}, entropy="ans"), copies)
+    monkeypatch.setattr(container, "decode_tensor", lambda *args: pytest.fail("decoded before the budget check"))
+    rejects(blob, "too-large")
+
+
+# ---------------------------------------------------------------------------- inspection (writes: test_writes.py)
 
 
 def test_inspect_counts_bits_per_weight(tmp_path):

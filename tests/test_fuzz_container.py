@@ -15,7 +15,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import ConfigError, FormatError, ShapeMismatchError
 from lowbit.format.codecs import NumpyEncoded
-from lowbit.format.container import pack_file, pack_safetensors, parse_safetensors, raw, unpack_file
+from lowbit.format.container import DTYPES, pack_file, pack_safetensors, parse_safetensors, raw, unpack_file
 from lowbit.serialize import load, load_state_dict, save
 
 
@@ -68,6 +68,38 @@ def mutations(draw, files):
 def test_mutated_files_decode_or_raise_format_error(blob):
     try:
         unpack_file(blob)
+    except FormatError as exc:
+        assert exc.code and str(exc)
+
+
+def header_of(blob: bytes) -> tuple[dict, bytes]:
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
+
+
+hostile_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 2**31, 2**63, 2**64]),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=4), st.sampled_from(list(DTYPES)),
+    st.lists(st.one_of(st.integers(-3, 2**64), st.just(True), st.just("1"), st.just(1.0)), max_size=4),
+    st.lists(st.sampled_from(["F32", "U8"]), max_size=2), st.just({}), st.just({"lowbit": "{}"}),
+    st.just([0, 2**63]), st.just([0, 2**31, 2**31]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(VALID), st.integers(0, 10**6), hostile_values)
+def test_edited_safetensors_headers_load_or_raise_format_error(blob, pick, value):
+    """Any header field (an array entry, its dtype, shape or offsets, a dim, the metadata) replaced by any JSON."""
+    header, rest = header_of(blob)
+    fields = [p for p in paths(header) if p]
+    path = fields[pick % len(fields)]
+    parent = header
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    text = json.dumps(header).encode()
+    try:
+        unpack_file(len(text).to_bytes(8, "little") + text + rest)
     except FormatError as exc:
         assert exc.code and str(exc)
 

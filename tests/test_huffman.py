@@ -204,6 +204,18 @@ def test_rejects_wrong_counts_and_bit_budgets():
     rejects("bad-padding", replaced(stream, data=padded))
 
 
+def test_count_is_capped_by_the_shortest_code_before_decoding():
+    stream = huffman_encode(np.arange(64) % 4)  # four 2-bit codes: 128 bits
+    assert stream.data.size == 16 and huffman_decode(stream).size == 64
+    for count in (65, 128):  # 128 would pass a 1-bit-per-symbol bound
+        with pytest.raises(FormatError, match="of at least 2 bits need") as caught:
+            huffman_decode(replaced(stream, count=count))
+        assert caught.value.code == "bad-length"
+    single = huffman_encode(np.zeros(16, np.int64))  # one symbol: 1-bit codes, 8 per byte
+    assert huffman_decode(single).size == 16
+    rejects("bad-length", replaced(single, count=17))
+
+
 def test_rejects_a_bit_pattern_that_is_no_code():
     single = huffman_encode(np.zeros(5, dtype=np.int64))
     rejects("bad-symbol", replaced(single, data=np.array([0b00100], np.uint8)))

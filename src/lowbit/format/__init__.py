@@ -12,7 +12,8 @@
 - :mod:`.ans`: ANS entropy coding (optional ``constriction``).
 
 Every malformed input raises ``lowbit.errors.FormatError`` with a stable
-``code`` and a message naming the tensor or stream.
+``code`` and a message naming the tensor or stream. docs/format.md specifies
+the .lowbit file, its caps and the atomic writer.
 """
 
 from .ans import AnsStream, ans_decode, ans_encode

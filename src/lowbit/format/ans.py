@@ -35,14 +35,20 @@ a one-symbol stream has ``freqs == [1]`` and precision 0.
 :data:`MAX_ALPHABET` values, the table not starting and ending with a present
 symbol, frequencies not adding up to ``2**precision``, a table for an empty
 stream), ``bad-count`` (``count`` not an int from 0 to ``MAX_ELEMENTS``),
+``too-large`` (``count`` over the cap below),
 ``bad-length`` (the words do not end after ``count`` symbols, or words for a
 stream that needs none) or ``bad-stream`` (the words are not an ANS stream
 of this model, or never hold a symbol the table lists).
 
-A very peaked model codes millions of symbols in a few words, so the word
-count does not bound the symbol count: a reader should compare
-``stream.count`` with the number of symbols it expects (for example the
-tensor's element count) before decoding.
+A very peaked model codes millions of symbols in a few words (and a
+one-symbol stream none at all), so the words alone do not bound the symbol
+count. ``ans_decode`` therefore caps it at
+:func:`~.bitpack.element_budget` of the stream's stored bytes (table plus
+words): ``count <= 2**20 + 256 * (freqs.nbytes + words.nbytes)``, code
+``too-large``, checked before anything is allocated. That admits every
+stream that spends at least 1/32 bit per symbol beyond its first 2**20
+symbols; ``ans_encode`` raises ``ConfigError`` for a stream it could not read
+back.
 
 Public API: ``quantize_counts(counts, precision)``, ``ans_encode(symbols) ->
 AnsStream``, ``ans_decode(stream, name)``.
@@ -59,7 +65,7 @@ from types import ModuleType
 import numpy as np
 
 from ..errors import ConfigError, FormatError
-from .bitpack import MAX_ELEMENTS
+from .bitpack import MAX_ELEMENTS, element_budget
 
 #: probability bits of the coder (constriction's default ANS coder); the highest precision
 MAX_PRECISION = 24
@@ -172,8 +178,11 @@ def _stored_bytes(counts: np.ndarray, precision: int) -> tuple[int, np.ndarray]:
     return freqs.size * np.dtype(_table_dtype(int(freqs.max()))).itemsize + 4 * words, freqs
 
 
-def ans_encode(symbols: np.ndarray) -> AnsStream:
-    """ANS-code a flat array of non-negative integer symbols spanning at most ``MAX_ALPHABET`` values."""
+def ans_encode(symbols: np.ndarray, name: str = "ans stream") -> AnsStream:
+    """ANS-code a flat array of non-negative integer symbols spanning at most ``MAX_ALPHABET`` values.
+
+    Raises ``ConfigError`` (naming ``name``) for a stream over ``ans_decode``'s symbol cap.
+    """
     symbols = np.asarray(symbols).reshape(-1)
     if symbols.size and (symbols.dtype.kind not in "iu" or int(symbols.min()) < 0 or int(symbols.max()) > MAX_LOW):
         raise ConfigError(f"ANS symbols must be integers from 0 to {MAX_LOW}, got a {symbols.dtype} array")
@@ -188,7 +197,8 @@ def ans_encode(symbols: np.ndarray) -> AnsStream:
     counts = np.bincount(offsets)
     present = np.flatnonzero(counts)
     if present.size == 1:
-        return AnsStream(np.ones(1, dtype=np.uint8), np.zeros(0, dtype=np.uint32), int(symbols.size), low, 0)
+        return _readable(AnsStream(np.ones(1, dtype=np.uint8), np.zeros(0, dtype=np.uint32), int(symbols.size), low, 0),
+                         name)
     lowest = (present.size - 1).bit_length()
     sizes = [_stored_bytes(counts, p) for p in range(lowest, MAX_PRECISION + 1)]
     best = min(range(len(sizes)), key=lambda i: sizes[i][0])
@@ -197,7 +207,16 @@ def ans_encode(symbols: np.ndarray) -> AnsStream:
     coder = _constriction().stream.stack.AnsCoder(np.array([_start_state(freqs, precision)], dtype=np.uint32))
     coder.encode_reverse(index.astype(np.int32), _model(freqs[present], precision))
     words = np.asarray(coder.get_compressed(), dtype=np.uint32)
-    return AnsStream(freqs.astype(_table_dtype(int(freqs.max()))), words, int(symbols.size), low, precision)
+    return _readable(AnsStream(freqs.astype(_table_dtype(int(freqs.max()))), words, int(symbols.size), low, precision),
+                     name)
+
+
+def _readable(stream: AnsStream, name: str) -> AnsStream:
+    stored = stream.freqs.nbytes + stream.words.nbytes
+    if stream.count > element_budget(stored):
+        raise ConfigError(f"{name}: ANS codes {stream.count} symbols into {stored} bytes, more than the "
+                          f"{element_budget(stored)} a reader accepts; store it sparse or without ANS")
+    return stream
 
 
 def _check_int(value: object, low: int, high: int, code: str, where: str, what: str) -> int:
@@ -218,6 +237,10 @@ def ans_decode(stream: AnsStream, name: str = "ans stream") -> np.ndarray:
     precision = _check_int(stream.precision, 0, MAX_PRECISION, "bad-table", name, "precision")
     if freqs.size > MAX_ALPHABET:
         raise FormatError("bad-table", f"{name}: the table spans {freqs.size} values, more than {MAX_ALPHABET}")
+    stored = freqs.nbytes + words.nbytes
+    if count > element_budget(stored):
+        raise FormatError("too-large", f"{name}: {count} symbols from {stored} stored bytes; at most "
+                                       f"{element_budget(stored)} (2**20 + 256 per byte) are accepted")
     if count == 0:
         if freqs.size or words.size:
             raise FormatError("bad-table", f"{name}: an empty stream stores no table and no words")
@@ -234,7 +257,7 @@ def ans_decode(stream: AnsStream, name: str = "ans stream") -> np.ndarray:
         return np.full(count, low + int(present[0]), dtype=np.int64)
     try:
         coder = _constriction().stream.stack.AnsCoder(words)
-        index = np.asarray(coder.decode(_model(freqs[present], precision), count), dtype=np.int64)
+        index = np.asarray(coder.decode(_model(freqs[present], precision), count))
         rest = np.asarray(coder.get_compressed(), dtype=np.uint32)
     except ConfigError:
         raise
@@ -244,4 +267,6 @@ def ans_decode(stream: AnsStream, name: str = "ans stream") -> np.ndarray:
         raise FormatError("bad-length", f"{name}: the words do not end after {count} symbols")
     if (np.bincount(index, minlength=present.size) == 0).any():
         raise FormatError("bad-stream", f"{name}: the stream never holds a symbol its table lists")
-    return low + present[index]
+    symbols = present[index]
+    symbols += low
+    return symbols

@@ -31,7 +31,8 @@ Reduction order
 Public API: ``packed_size``, ``pack_codes``, ``unpack_codes``,
 ``pack_rows``, ``unpack_rows``, ``pack_signs``, ``to_reduction_rows``,
 ``reduction_shape``, ``from_reduction_rows``; ``write_fields`` is the
-shared bit writer.
+shared bit writer; ``element_budget`` is the decoded-size cap shared by the
+entropy coders and the container.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ import numpy as np
 
 from ..errors import ConfigError, FormatError
 
-#: most elements (codes, symbols) one tensor or stream may hold
+#: most elements (codes, symbols) one tensor or stream may hold; also the largest dimension
 MAX_ELEMENTS = 2**31
+#: a coded stream (ANS, sparse) and a whole file decode to at most MIN_ELEMENT_BUDGET + MAX_EXPANSION x their bytes
+MAX_EXPANSION = 256
+MIN_ELEMENT_BUDGET = 1 << 20
 #: widest code that :func:`pack_codes` stores
 MAX_CODE_BITS = 32
 #: bits in one word of packed sign rows
@@ -57,6 +61,11 @@ _CHUNK = 1 << 16
 def packed_size(n: int, bits: int) -> int:
     """Bytes that ``n`` codes of ``bits`` bits take: ``ceil(n * bits / 8)`` (Python ints)."""
     return (int(n) * int(bits) + 7) // 8
+
+
+def element_budget(nbytes: int) -> int:
+    """Most elements that ``nbytes`` stored bytes may decode to: ``MIN_ELEMENT_BUDGET + MAX_EXPANSION * nbytes``."""
+    return MIN_ELEMENT_BUDGET + MAX_EXPANSION * int(nbytes)
 
 
 def _check_bits(bits: object, error: type[Exception], what: str) -> int:

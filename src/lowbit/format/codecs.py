@@ -36,8 +36,9 @@ for codes > 0, else ``sign * 0``; binary ``(2 codes - 1) * scale``; ternary
 Every decode (and encode) validates and raises ``lowbit.errors.FormatError``
 naming the tensor, with these stable codes: ``unknown-codec``, ``bad-meta``
 (missing/ill-typed meta key, qmin/qmax/fsr out of range), ``bad-shape``
-(shape not a list of ints, more than ``MAX_ELEMENTS`` elements or
-``MAX_NDIM`` dims, an array or parameter whose shape does not fit),
+(shape not a list of ints, a dim over ``MAX_ELEMENTS``, non-zero dims
+multiplying to more than ``MAX_ELEMENTS``, more than ``MAX_NDIM`` dims, an
+array or parameter whose shape does not fit),
 ``bad-bits``, ``bad-arrays`` (missing or unexpected array names),
 ``bad-dtype``, ``bad-length`` (packed length != ``ceil(n*bits/8)``),
 ``bad-padding`` (non-zero unused bits), ``bad-code`` (code out of range),
@@ -108,7 +109,7 @@ class NumpyEncoded:
 
 
 def _where(name: str) -> str:
-    return f"tensor {name!r}" if name else "unnamed tensor"
+    return f"tensor {_short(name)}" if name else "unnamed tensor"
 
 
 def _fail(code: str, where: str, message: str) -> FormatError:
@@ -163,30 +164,42 @@ def _values(enc: NumpyEncoded) -> np.ndarray:
 # ---------------------------------------------------------------------------- checks shared by codecs
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (hostile values can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_shape(shape: object, where: str) -> tuple[tuple[int, ...], int]:
-    """A shape list from meta as a tuple, and its element count (Python ints, capped)."""
+    """A shape list as a tuple, and its element count (Python ints, capped).
+
+    Every dim is an int from 0 to ``MAX_ELEMENTS`` and the non-zero dims
+    multiply to at most ``MAX_ELEMENTS``, so zero-size shapes stay within
+    numpy's reach too.
+    """
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
-        raise _fail("bad-shape", where, f"shape must be a list of at most {MAX_NDIM} ints, got {shape!r}")
+        raise _fail("bad-shape", where, f"shape must be a list of at most {MAX_NDIM} ints, got {_short(shape)}")
     if not all(_is_int(d) and 0 <= d <= MAX_ELEMENTS for d in shape):
-        raise _fail("bad-shape", where, f"shape dims must be ints from 0 to {MAX_ELEMENTS}, got {shape!r}")
+        raise _fail("bad-shape", where, f"shape dims must be ints from 0 to {MAX_ELEMENTS}, got {_short(shape)}")
     shape = tuple(int(d) for d in shape)
-    n = math.prod(shape)
-    if n > MAX_ELEMENTS:
-        raise _fail("bad-shape", where, f"shape {list(shape)} holds {n} elements, more than the cap {MAX_ELEMENTS}")
-    return shape, n
+    nonzero = math.prod(d for d in shape if d)
+    if nonzero > MAX_ELEMENTS:
+        raise _fail("bad-shape", where, f"shape {_short(list(shape))}: its non-zero dims multiply to {nonzero}, "
+                                        f"more than the cap {MAX_ELEMENTS}")
+    return shape, math.prod(shape)
 
 
 def _check_meta_int(meta: dict[str, Any], key: str, where: str, low: int, high: int) -> int:
     value = meta.get(key)
     if not _is_int(value) or not low <= value <= high:
-        raise _fail("bad-meta", where, f"meta {key!r} must be an int from {low} to {high}, got {value!r}")
+        raise _fail("bad-meta", where, f"meta {key!r} must be an int from {low} to {high}, got {_short(value)}")
     return int(value)
 
 
 def _check_axis(meta: dict[str, Any], ndim: int, where: str) -> int | None:
     axis = meta.get("axis")
     if axis is not None and not (_is_int(axis) and 0 <= axis < ndim):
-        raise _fail("bad-meta", where, f"meta 'axis' must be None or an int in [0, {ndim}), got {axis!r}")
+        raise _fail("bad-meta", where, f"meta 'axis' must be None or an int in [0, {ndim}), got {_short(axis)}")
     return None if axis is None else int(axis)
 
 
@@ -223,7 +236,8 @@ def _check_codes_range(codes: np.ndarray, low: int, high: int, where: str, code:
 
 def _unknown(kind: object, where: str) -> FormatError:
     prefix = f"{where}: " if where else ""
-    return FormatError("unknown-codec", f"{prefix}unknown codec {kind!r}; valid codecs: {', '.join(codec_names())}")
+    valid = ", ".join(codec_names())
+    return FormatError("unknown-codec", f"{prefix}unknown codec {_short(kind)}; valid codecs: {valid}")
 
 
 # ---------------------------------------------------------------------------- codecs
@@ -271,7 +285,8 @@ class Codec:
         shape, n = _check_shape(meta.get("shape"), where)
         bits = meta.get("bits")
         if not _is_int(bits) or not self.min_bits <= bits <= self.max_bits:
-            raise _fail("bad-bits", where, f"{self.name} bits must be {self.min_bits}..{self.max_bits}, got {bits!r}")
+            valid = f"{self.min_bits}..{self.max_bits}"
+            raise _fail("bad-bits", where, f"{self.name} bits must be {valid}, got {_short(bits)}")
         if set(arrays) != set(self.arrays) - self.optional_arrays(meta):
             expected = sorted(set(self.arrays) - self.optional_arrays(meta))
             raise _fail("bad-arrays", where, f"codec {self.name!r} stores arrays {expected}, got {sorted(arrays)}")
@@ -369,7 +384,8 @@ class AffineCodec(Codec):
 
     def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
         qmin = _check_meta_int(meta, "qmin", where, -(2**31), 2**31)
-        codes = self._unpack_codes(arrays, n, bits, where) + qmin
+        codes = self._unpack_codes(arrays, n, bits, where)
+        codes += qmin
         params = {"scale": arrays["scale"], "zero_point": arrays["zero_point"]}
         return NumpyEncoded(self.name, codes.reshape(shape), bits, params, meta)
 
@@ -386,7 +402,7 @@ class LogCodec(Codec):
     def check(self, enc: NumpyEncoded, where: str) -> None:
         signed = enc.meta.get("signed", False)
         if not isinstance(signed, bool):
-            raise _fail("bad-meta", where, f"meta 'signed' must be a bool, got {signed!r}")
+            raise _fail("bad-meta", where, f"meta 'signed' must be a bool, got {_short(signed)}")
         self._check_params(enc, {"sign"} if signed else set(), where)
         _check_meta_int(enc.meta, "fsr", where, -MAX_FSR, MAX_FSR)
         _check_codes_range(enc.codes, 0, 2**enc.bits - 1, where)
@@ -457,7 +473,8 @@ class TernaryCodec(ScaledCodec):
         return {"codes": pack_codes(enc.codes + 1, 2), "scale": enc.params["scale"]}
 
     def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
-        codes = self._unpack_codes(arrays, n, 2, where) - 1
+        codes = self._unpack_codes(arrays, n, 2, where)
+        codes -= 1
         return NumpyEncoded(self.name, codes.reshape(shape), bits, {"scale": arrays["scale"]}, meta)
 
 

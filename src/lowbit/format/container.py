@@ -61,17 +61,31 @@ entry), ``bad-json``, ``duplicate-name``, ``bad-dtype``, ``bad-shape``,
 backwards or gap-leaving), ``trailing-bytes``, ``not-lowbit``,
 ``unknown-version``, ``bad-document``, ``bad-arrays`` (arrays missing or
 belonging to no tensor), ``bad-stream``, ``bad-count``,
+``too-deep`` (JSON nested deeper than :data:`MAX_JSON_DEPTH`),
 ``too-large`` (the tensors would decode to more than
-:data:`MAX_EXPANSION` elements per file byte). Writes are atomic: a
-temporary file in the target directory, renamed into place.
+``MIN_ELEMENT_BUDGET + MAX_EXPANSION`` x file bytes elements, or one ANS or
+sparse stream to more than that of its own stored bytes). docs/format.md
+lists every cap.
+
+Writes are atomic (:func:`write_atomic`): a temporary file in the target
+directory, flushed, renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
-import tempfile
+import re
+import secrets
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,9 +93,12 @@ import numpy as np
 
 from ..errors import ConfigError, FormatError
 from .ans import MAX_PRECISION, AnsStream, ans_decode, ans_encode
-from .bitpack import pack_codes, unpack_codes
-from .codecs import MAX_NDIM, Codec, FloatCodec, NumpyEncoded, get_codec
+from .bitpack import MAX_EXPANSION as MAX_EXPANSION  # re-exported: the caps of element_budget
+from .bitpack import MIN_ELEMENT_BUDGET as MIN_ELEMENT_BUDGET
+from .bitpack import element_budget, pack_codes, unpack_codes
+from .codecs import Codec, FloatCodec, NumpyEncoded, get_codec
 from .codecs import _check_shape as check_shape
+from .codecs import _short
 from .huffman import BLOCK, HuffmanStream, huffman_decode, huffman_encode
 from .sparse import MAX_INDEX_BITS, decode_relative, encode_relative
 
@@ -92,9 +109,10 @@ SUPPORTED_VERSIONS = (1,)
 METADATA_KEY = "lowbit"
 #: largest JSON header accepted (safetensors itself allows 100 MB)
 MAX_HEADER_BYTES = 32 << 20
-#: the tensors of a file decode to at most this many elements per file byte (plus MIN_ELEMENT_BUDGET)
-MAX_EXPANSION = 256
-MIN_ELEMENT_BUDGET = 1 << 20
+#: deepest nesting of JSON arrays and objects in the header and the document
+MAX_JSON_DEPTH = 64
+#: a temporary file of :func:`write_atomic` untouched this long is removed by the next write to its target
+STALE_TEMP_SECONDS = 3600
 ENTROPY_CODERS = ("huffman", "ans")
 DOCUMENT_KEYS = ("format", "version", "tensors", "graph", "model")
 
@@ -154,13 +172,43 @@ def _reject_constant(token: str) -> None:
     raise _fail("bad-json", f"JSON constant {token} (NaN/Infinity) is not allowed")
 
 
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise _fail("bad-json", f"JSON number {token[:40]} is beyond the float range")
+    return value
+
+
+_BRACKET_STEPS = np.zeros(256, dtype=np.int8)
+_BRACKET_STEPS[[ord("["), ord("{")]] = 1
+_BRACKET_STEPS[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of ``[]`` / ``{}`` outside strings in valid JSON ``text`` (``[]`` is 1; linear, numpy).
+
+    Escaped backslashes, then escaped quotes are dropped, so every quote left opens or closes a string.
+    """
+    plain = text.replace("\\\\", "").replace('\\"', "").encode("utf-8", "surrogatepass")
+    data = np.frombuffer(plain, dtype=np.uint8)
+    in_string = np.bitwise_xor.accumulate(data == ord('"'))  # a string's characters and its opening quote
+    steps = _BRACKET_STEPS[data[~in_string]]
+    steps = steps[steps != 0]
+    return int(np.cumsum(steps, dtype=np.int32).max()) if steps.size else 0
+
+
 def loads_strict(text: str, what: str) -> Any:
-    """JSON without duplicate keys or NaN/Infinity; any failure is ``FormatError``."""
+    """JSON without duplicate keys, NaN/Infinity (also as ``1e999``) or nesting deeper than
+    :data:`MAX_JSON_DEPTH`; any failure is ``FormatError``."""
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise _fail("too-deep", f"{what} nests arrays/objects {depth} deep; at most {MAX_JSON_DEPTH} are allowed")
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant,
+                          parse_float=_finite_float)
     except FormatError:
         raise
-    except (ValueError, RecursionError) as exc:  # bad syntax, over-long integers, deep nesting
+    except (ValueError, RecursionError) as exc:  # bad syntax, over-long integers
         raise _fail("bad-json", f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
@@ -189,20 +237,20 @@ def parse_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str
         raise _fail("bad-header", "__metadata__ must map strings to strings")
     spans = []
     for name, info in header.items():
-        dtype, shape, begin, end = _check_entry(name, info)
-        numel = math.prod(shape)
+        dtype, shape, numel, begin, end = _check_entry(name, info)
         if numel * dtype.itemsize != end - begin:
-            raise _fail("bad-length", f"array {name!r}: shape {shape} of {dtype.name} needs {numel * dtype.itemsize} "
-                                      f"bytes, its offsets span {end - begin}")
+            raise _fail("bad-length", f"array {_short(name)}: shape {list(shape)} of {dtype.name} needs "
+                                      f"{numel * dtype.itemsize} bytes, its offsets span {end - begin}")
         spans.append((begin, end, name, dtype, shape))
     spans.sort(key=lambda s: s[:3])
     buffer = size - 8 - n
     position = 0
     for begin, end, name, _, _ in spans:
         if begin < position:
-            raise _fail("bad-offsets", f"array {name!r}: bytes [{begin}, {end}) overlap the previous array")
+            raise _fail("bad-offsets", f"array {_short(name)}: bytes [{begin}, {end}) overlap the previous array")
         if begin > position:
-            raise _fail("bad-offsets", f"array {name!r}: bytes [{position}, {begin}) before it belong to no array")
+            raise _fail("bad-offsets", f"array {_short(name)}: bytes [{position}, {begin}) before it belong to "
+                                       f"no array")
         position = end
     if position > buffer:
         raise _fail("truncated", f"the arrays need {position} data bytes, the file holds {buffer}")
@@ -213,42 +261,230 @@ def parse_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str
     return arrays, metadata, n
 
 
-def _check_entry(name: str, info: object) -> tuple[np.dtype, list[int], int, int]:
+def _check_entry(name: str, info: object) -> tuple[np.dtype, tuple[int, ...], int, int, int]:
+    """An array's header entry: (dtype, shape, element count, begin, end), every field type-checked."""
+    where = f"array {_short(name)}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise _fail("bad-header", f"array {name!r}: an entry holds exactly dtype, shape and data_offsets")
-    if info["dtype"] not in DTYPES:
-        raise _fail("bad-dtype", f"array {name!r}: dtype {info['dtype']!r} is not one of {sorted(DTYPES)}")
-    shape = info["shape"]
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _fail("bad-shape", f"array {name!r}: shape must be a list of at most {MAX_NDIM} ints >= 0, got {shape!r}")
+        raise _fail("bad-header", f"{where}: an entry holds exactly dtype, shape and data_offsets")
+    dtype = info["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _fail("bad-dtype", f"{where}: dtype {_short(dtype)} is not one of {sorted(DTYPES)}")
+    shape, numel = check_shape(info["shape"], where)
     offsets = info["data_offsets"]
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
-        raise _fail("bad-offsets", f"array {name!r}: data_offsets must be two ints >= 0, got {offsets!r}")
+        raise _fail("bad-offsets", f"{where}: data_offsets must be two ints >= 0, got {_short(offsets)}")
     if offsets[0] > offsets[1]:
-        raise _fail("bad-offsets", f"array {name!r}: data_offsets {offsets} run backwards")
-    return np.dtype(DTYPES[info["dtype"]]), shape, offsets[0], offsets[1]
+        raise _fail("bad-offsets", f"{where}: data_offsets {offsets} run backwards")
+    return np.dtype(DTYPES[dtype]), shape, numel, offsets[0], offsets[1]
+
+
+# ---------------------------------------------------------------------------- atomic writes
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``.
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync and ``os.replace``.
 
-    Missing parent directories are created. A failure at any point leaves ``path`` as it was (absent or the
-    old file).
+    A failure or a kill at any point leaves ``path`` as it was (absent or the old file, never a mix). Missing
+    parent directories are created. A new file gets ``0o666 & ~umask``; an overwritten file keeps its mode.
+
+    The temporary file is ``.{name}.{pid}.{tag}.{random}.tmp`` (``tag``: this host, boot and pid namespace).
+    Every write first removes the temporary files of the same target whose writer is gone (see
+    :func:`_is_stale`), and removes its own on any exception. In the main thread, SIGTERM, SIGHUP and SIGINT
+    left at their default action raise while the temporary file exists, so it is removed; then the process
+    dies of the signal as it would have.
+
+    An empty path, a directory, a path under a regular file, a special file or a directory where no file
+    can be created raise :class:`~lowbit.errors.ConfigError` naming the path and the reason, before anything
+    is written.
     """
-    target = os.fspath(path)
+    target, directory, name, mode = _check_target(path)
+    _remove_stale_temps(directory, name)
+    with _signals_raise():
+        handle, temporary = _create_temp(target, directory, name)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                if mode is not None:
+                    os.fchmod(file.fileno(), mode) if hasattr(os, "fchmod") else os.chmod(temporary, mode)
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    _fsync_directory(directory)
+
+
+def _check_target(path: str | os.PathLike[str]) -> tuple[str, str, str, int | None]:
+    """(target, its directory, created if missing, its file name, the mode to keep or None for a new file)."""
+    target = os.fsdecode(os.fspath(path))
+    if not target:
+        raise ConfigError("cannot write to an empty path; give a file name")
+
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(f"cannot write {target!r}: {reason}")
+
+    name = os.path.basename(target)
+    if name in ("", ".", "..") or os.path.isdir(target):
+        raise fail("it is a directory; give a file path")
     directory = os.path.dirname(os.path.abspath(target))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+    existing = directory
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise fail(f"{existing!r} is not a directory")
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        os.makedirs(directory, exist_ok=True)
+        info = os.stat(target)
+    except FileNotFoundError:
+        return target, directory, name, None
+    except OSError as exc:
+        raise fail(f"{exc.strerror or exc} ({exc.filename!r})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise fail("it exists and is not a regular file")
+    return target, directory, name, stat.S_IMODE(info.st_mode)
+
+
+def _create_temp(target: str, directory: str, name: str) -> tuple[int, str]:
+    """A new temporary file for ``target`` (open for writing, mode ``0o666 & ~umask``) and its path."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        temporary = os.path.join(directory, f".{name}.{os.getpid()}.{_writer_tag()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot write {target!r}: no file can be created in {directory!r} "
+                              f"({exc.strerror or exc})") from None
+    raise ConfigError(f"cannot write {target!r}: no free temporary file name in {directory!r}")
+
+
+_TAG: list[str] = []
+
+
+def _writer_tag() -> str:
+    """8 hex digits naming this host, boot and pid namespace: where the pid in a temporary file's name holds."""
+    if not _TAG:
+        parts = [socket.gethostname()]
+        with contextlib.suppress(OSError):
+            with open("/proc/sys/kernel/random/boot_id") as file:
+                parts.append(file.read().strip())
+        with contextlib.suppress(OSError):
+            parts.append(os.readlink("/proc/self/ns/pid"))
+        _TAG.append(hashlib.sha1("\0".join(parts).encode()).hexdigest()[:8])
+    return _TAG[0]
+
+
+_OWN_TEMP = re.compile(r"(\d{1,10})\.([0-9a-f]{8})\.[0-9a-f]{8}")
+_MKSTEMP_TEMP = re.compile(r"[a-z0-9_]{8}")  # tempfile.mkstemp's names, as earlier versions wrote them
+
+
+def _is_stale(middle: str, age: float) -> bool:
+    """Whether the temporary file ``.{name}.{middle}.tmp``, last modified ``age`` seconds ago, is left over.
+
+    It is when its name carries this host's tag and the pid of a process that no longer runs, or when
+    it is older than :data:`STALE_TEMP_SECONDS` (other hosts, old names, a reused pid); a live writer's
+    file is never removed (unless its write stalls that long, which then fails at the rename).
+    """
+    own = _OWN_TEMP.fullmatch(middle)
+    if own is None and _MKSTEMP_TEMP.fullmatch(middle) is None:
+        return False  # not a temporary file of write_atomic
+    if age >= STALE_TEMP_SECONDS:
+        return True
+    return own is not None and own[2] == _writer_tag() and not _pid_alive(int(own[1]))
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix" or pid == os.getpid():
+        return True  # cannot tell (age decides), or this process (another thread may be writing)
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return pid > 0
+
+
+def _remove_stale_temps(directory: str, name: str) -> None:
+    """Remove the stale temporary files of target ``name`` in ``directory`` (see :func:`_is_stale`)."""
+    prefix, suffix, now = f".{name}.", ".tmp", time.time()
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith(prefix) and e.name.endswith(suffix)]
+    except OSError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            info = entry.stat(follow_symlinks=False)
+            middle = entry.name[len(prefix) : -len(suffix)]
+            if stat.S_ISREG(info.st_mode) and _is_stale(middle, now - info.st_mtime):
+                os.unlink(entry.path)
+
+
+class _Signalled(BaseException):
+    """A terminating signal that arrived while :func:`write_atomic` held a temporary file."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_CLEANUP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """In the main thread, the :data:`_CLEANUP_SIGNALS` at their default action raise :class:`_Signalled`
+    inside the block; after the block's cleanup the process dies of the signal, as it would have."""
+    previous: dict[int, Any] = {}
+    signalled = None
+
+    def raise_signalled(signum: int, frame: object) -> None:
+        raise _Signalled(signum)
+
+    try:
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(ValueError):  # signals cannot be set here (not the main interpreter)
+                for signum in _CLEANUP_SIGNALS:
+                    if signal.getsignal(signum) is signal.SIG_DFL:
+                        previous[signum] = signal.signal(signum, raise_signalled)
+        yield
+    except _Signalled as exc:
+        signalled = exc.signum
+    finally:
+        signalled = _restore_signals(previous) or signalled
+    if signalled is not None:
+        signal.raise_signal(signalled)  # the default action: the process ends here
+        raise SystemExit(128 + signalled)  # only if the signal is blocked
+
+
+def _restore_signals(previous: dict[int, Any]) -> int | None:
+    """Put the previous handlers back; returns a signal that arrived meanwhile (``signal.signal`` runs
+    pending handlers first), or None."""
+    signalled = None
+    while previous:
+        signum, handler = previous.popitem()
+        while True:
+            try:
+                signal.signal(signum, handler)
+                break
+            except _Signalled as exc:
+                signalled = exc.signum
+    return signalled
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (POSIX; best effort)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        handle = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
 
 # ---------------------------------------------------------------------------- tensors and their code chain
@@ -269,7 +505,7 @@ def raw(array: np.ndarray) -> NumpyEncoded:
 
 
 def _encode_stream(
-    symbols: np.ndarray, width: int, entropy: str | None, prefix: str, models: dict[str, dict[str, int]]
+    symbols: np.ndarray, width: int, entropy: str | None, prefix: str, models: dict[str, dict[str, int]], tensor: str
 ) -> dict[str, np.ndarray]:
     """The arrays of stream ``prefix``; an ANS stream's model scalars go to ``models[prefix]``."""
     if entropy is None:
@@ -277,14 +513,14 @@ def _encode_stream(
     if entropy == "huffman":
         s = huffman_encode(symbols)
         return {f"{prefix}.lengths": s.lengths, f"{prefix}.data": s.data, f"{prefix}.offsets": s.offsets}
-    s = ans_encode(symbols)
+    s = ans_encode(symbols, f"tensor {tensor!r} stream {prefix!r}")
     models[prefix] = {"low": s.low, "precision": s.precision}
     return {f"{prefix}.freqs": s.freqs, f"{prefix}.words": s.words}
 
 
 def _huffman_bits(arrays: dict[str, np.ndarray], prefix: str, symbols: np.ndarray) -> int:
     """Bits the Huffman codes of ``symbols`` take in stream ``prefix``."""
-    return int(np.sum(arrays[f"{prefix}.lengths"].astype(np.int64)[symbols]))
+    return int(np.sum(arrays[f"{prefix}.lengths"][symbols], dtype=np.int64))
 
 
 def encode_tensor(
@@ -316,7 +552,12 @@ def encode_tensor(
         entry["stream"] = {"sparse": sparse, "entropy": entropy}
         models: dict[str, dict[str, int]] = {}
         for stream, (stream_symbols, stream_width) in streams.items():
-            arrays.update(_encode_stream(stream_symbols, stream_width, entropy, stream, models))
+            arrays.update(_encode_stream(stream_symbols, stream_width, entropy, stream, models, name))
+        if sparse is not None:
+            stored = sum(a.nbytes for k, a in arrays.items() if k.split(".")[0] in ("gaps", "values"))
+            if n > element_budget(stored):
+                raise ConfigError(f"tensor {name!r}: {n} codes in {stored} bytes of sparse streams, more than the "
+                                  f"{element_budget(stored)} a reader accepts; use fewer index bits or store it dense")
         if entropy == "ans":
             entry["stream"]["ans_model"] = models
         if entropy == "huffman":
@@ -325,8 +566,12 @@ def encode_tensor(
 
 
 def _swap(symbols: np.ndarray, zero: int) -> np.ndarray:
-    """Exchange the codes ``zero`` and 0 (an involution, so it also undoes itself)."""
-    return np.where(symbols == zero, 0, np.where(symbols == 0, zero, symbols))
+    """Exchange the codes ``zero`` and 0 in place (an involution, so it also undoes itself); returns ``symbols``."""
+    if zero:
+        at_zero = symbols == zero
+        symbols[symbols == 0] = zero
+        symbols[at_zero] = 0
+    return symbols
 
 
 def _sparse_encode(symbols: np.ndarray, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -356,7 +601,7 @@ def _decode_stream(
         return unpack_codes(_array(arrays, prefix, "uint8", tensor), count, width, where)
     if entropy == "huffman":
         data = _array(arrays, f"{prefix}.data", "uint8", tensor)
-        if count > 8 * data.size:  # every code takes at least one bit
+        if count > 8 * data.size:  # every code takes at least one bit (huffman_decode: its shortest code's bits)
             raise _fail("bad-count", f"{where}: {count} symbols cannot fit {data.size} bytes of Huffman data")
         offsets = _array(arrays, f"{prefix}.offsets", "uint64", tensor)
         if offsets.size != -(-count // BLOCK):
@@ -429,28 +674,41 @@ def decode_tensor(tensor: str, arrays: dict[str, np.ndarray], entry: dict[str, A
     local = {k[len(tensor) + 1 :]: v for k, v in arrays.items()}
     meta = {k: v for k, v in entry.items() if k != "stream"}
     if "stream" in entry:
-        sparse, _ = _check_stream_meta(entry["stream"], tensor)
-        _, n = check_shape(meta.get("shape"), f"tensor {tensor!r}")
-        width = meta.get("bits")
-        if not _is_int(width) or not 1 <= width <= 16:
-            raise _fail("bad-bits", f"tensor {tensor!r}: a coded stream needs bits from 1 to 16, got {width!r}")
-        prefix = f"{tensor}:"
-        if sparse is None:
-            symbols = _decode_stream(arrays, prefix + "codes", n, width, entry["stream"], tensor)
-        else:
-            ib, m = sparse["index_bits"], sparse["count"]
-            gaps = _decode_stream(arrays, prefix + "gaps", m, ib, entry["stream"], tensor)
-            values = _decode_stream(arrays, prefix + "values", m, width, entry["stream"], tensor)
-            covered = int(np.sum(gaps + 1))
-            if not covered <= n < covered + (1 << ib):
-                raise _fail("bad-length", f"tensor {tensor!r}: sparse entries cover {covered} of {n} codes; "
-                                          f"valid is {n - (1 << ib) + 1} to {n}")
-            if sparse["zero"] >= 1 << width:
-                raise _fail("bad-stream", f"tensor {tensor!r}: sparse zero code {sparse['zero']} does not fit {width} bits")
-            symbols = _swap(decode_relative(gaps, values, n, ib, f"tensor {tensor!r}"), sparse["zero"])
+        codes = _decode_chain(tensor, local, entry)  # its temporaries are gone before the codec allocates
         local = {k: v for k, v in local.items() if k.split(".")[0] not in ("codes", "gaps", "values")}
-        local["codes"] = pack_codes(symbols, width, f"tensor {tensor!r}")
+        local["codes"] = codes
     return codec.decode(local, meta, tensor)
+
+
+def _decode_chain(tensor: str, local: dict[str, np.ndarray], entry: dict[str, Any]) -> np.ndarray:
+    """The packed codes of a tensor whose ``stream`` entry codes them further (``local``: arrays by short name)."""
+    sparse, _ = _check_stream_meta(entry["stream"], tensor)
+    _, n = check_shape(entry.get("shape"), f"tensor {tensor!r}")
+    width = entry.get("bits")
+    if not _is_int(width) or not 1 <= width <= 16:
+        raise _fail("bad-bits", f"tensor {tensor!r}: a coded stream needs bits from 1 to 16, got {_short(width)}")
+    if sparse is None:
+        symbols = _decode_stream(local, "codes", n, width, entry["stream"], tensor)
+        return pack_codes(symbols, width, f"tensor {tensor!r}")
+    ib, m = sparse["index_bits"], sparse["count"]
+    if n >= (m + 1) << ib:  # checked exactly below, once the gaps are known
+        raise _fail("bad-length", f"tensor {tensor!r}: {m} sparse entries of {ib}-bit gaps cover fewer than "
+                                  f"{(m + 1) << ib} codes, the shape holds {n}")
+    stored = sum(a.nbytes for k, a in local.items() if k.split(".")[0] in ("gaps", "values"))
+    if n > element_budget(stored):
+        raise _fail("too-large", f"tensor {tensor!r}: {n} codes from {stored} bytes of sparse streams; at most "
+                                 f"{element_budget(stored)} (2**20 + 256 per byte) are accepted")
+    if sparse["zero"] >= 1 << width:
+        raise _fail("bad-stream", f"tensor {tensor!r}: sparse zero code {sparse['zero']} does not fit {width} bits")
+    gaps = _decode_stream(local, "gaps", m, ib, entry["stream"], tensor)
+    covered = int(np.sum(gaps + 1))
+    if not covered <= n < covered + (1 << ib):
+        raise _fail("bad-length", f"tensor {tensor!r}: sparse entries cover {covered} of {n} codes; "
+                                  f"valid is {n - (1 << ib) + 1} to {n}")
+    values = _decode_stream(local, "values", m, width, entry["stream"], tensor)
+    symbols = _swap(decode_relative(gaps, values, n, ib, f"tensor {tensor!r}"), sparse["zero"])
+    del gaps, values
+    return pack_codes(symbols, width, f"tensor {tensor!r}")
 
 
 # ---------------------------------------------------------------------------- whole files
@@ -497,7 +755,16 @@ def pack_file(
         text = json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"the file document must be JSON (no NaN/Inf, only str keys): {exc}") from None
-    return pack_safetensors(arrays, {METADATA_KEY: text})
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ConfigError(f"the file document nests arrays/objects {depth} deep; readers accept {MAX_JSON_DEPTH}")
+    blob = pack_safetensors(arrays, {METADATA_KEY: text})
+    total = sum(_element_count(e) for e in entries.values())
+    if total > element_budget(len(blob)):
+        raise ConfigError(f"the tensors decode to {total} elements from a file of {len(blob)} bytes, more than the "
+                          f"{element_budget(len(blob))} a reader accepts; store the most compressible ones without "
+                          f"entropy coding or sparse coding")
+    return blob
 
 
 def write_file(path: str | os.PathLike[str], tensors: dict[str, NumpyEncoded], **kwargs: Any) -> None:
@@ -527,12 +794,14 @@ def read_document(metadata: dict[str, str]) -> dict[str, Any]:
 
 
 def _element_count(entry: dict[str, Any]) -> int:
-    """Elements a tensor decodes to (its shape's product plus sparse entries), 0 if unreadable here."""
+    """Elements decoding a tensor produces: its shape's product plus both sparse streams' entries (an
+    unreadable shape or count counts 0: validation rejects it before anything is allocated)."""
     shape = entry.get("shape")
     n = math.prod(shape) if isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape) else 0
-    sparse = (entry.get("stream") or {}).get("sparse") if isinstance(entry.get("stream"), dict) else None
+    stream = entry.get("stream")
+    sparse = stream.get("sparse") if isinstance(stream, dict) else None
     count = sparse.get("count", 0) if isinstance(sparse, dict) else 0
-    return n + (count if _is_int(count) and count > 0 else 0)
+    return n + (2 * count if _is_int(count) and count > 0 else 0)
 
 
 def unpack_file(data: bytes) -> LowbitFile:
@@ -540,7 +809,7 @@ def unpack_file(data: bytes) -> LowbitFile:
     arrays, metadata, header_bytes = parse_safetensors(data)
     document = read_document(metadata)
     entries = document["tensors"]
-    budget = MIN_ELEMENT_BUDGET + MAX_EXPANSION * len(data)
+    budget = element_budget(len(data))
     total = sum(_element_count(e) for e in entries.values())
     if total > budget:
         raise _fail("too-large", f"the tensors claim {total} elements, more than {budget} for a file of {len(data)} bytes")

@@ -32,9 +32,10 @@ symbol of length 1, alphabet too large),
 ``bad-count`` (count or block not a valid int, offsets of the wrong length),
 ``bad-offsets`` (offsets not starting at 0, decreasing, past the stream, or a
 block not ending where the next starts: bits missing or left over inside),
-``bad-length`` (fewer data bits than symbols, the last code runs past the
-data, or whole bytes are left over: the stream does not hold exactly
-``count`` symbols), ``bad-padding`` (bits after the last code not zero),
+``bad-length`` (``count`` times the shortest code length is more than the
+data bits, so a stream decodes to at most 8 symbols per data byte; the last
+code runs past the data, or whole bytes are left over: the stream does not
+hold exactly ``count`` symbols), ``bad-padding`` (bits after the last code not zero),
 ``bad-symbol``
 (a bit pattern that is no code), ``bad-dtype``.
 
@@ -208,8 +209,10 @@ def huffman_decode(stream: HuffmanStream, name: str = "huffman stream") -> np.nd
     if width == 0:
         raise FormatError("bad-table", f"{name}: {count} symbols but no symbol has a code")
     total_bits = 8 * data.size
-    if count > total_bits:  # every code takes at least one bit; this also bounds the work below
-        raise FormatError("bad-length", f"{name}: {count} symbols need {count} bits or more, the data has {total_bits}")
+    shortest = int(lengths[lengths > 0].min())
+    if count * shortest > total_bits:  # every code takes at least `shortest` bits; this bounds the work below
+        raise FormatError("bad-length", f"{name}: {count} symbols of at least {shortest} bits need "
+                                        f"{count * shortest} bits, the data has {total_bits}")
     starts = offsets.astype(np.int64)
     if starts[0] != 0 or (np.diff(starts) < 0).any() or int(starts[-1]) > total_bits:
         raise FormatError("bad-offsets", f"{name}: block offsets must rise from 0 and stay within {total_bits} bits")
@@ -242,7 +245,10 @@ def huffman_decode(stream: HuffmanStream, name: str = "huffman stream") -> np.nd
         end = int(position[-1])
     if (position[:-1] != starts[1:]).any():
         raise FormatError("bad-offsets", f"{name}: a block's codes do not end where the next block starts")
-    symbols = out.T.reshape(-1)[:count].astype(np.int64)
+    blocks = np.empty((n_blocks, steps), dtype=np.int64)
+    blocks[...] = out.T  # one pass, no int32 copy in between
+    del out
+    symbols = blocks.reshape(-1)[:count]
     if (symbols < 0).any():
         raise FormatError("bad-symbol", f"{name}: the stream holds a bit pattern that is not a code")
     if end > total_bits:
