@@ -110,13 +110,14 @@ def test_op_runs_alike_in_torch_the_loaded_model_the_engine_and_onnxruntime(op, 
     np.testing.assert_allclose(got, expected.numpy(), atol=tolerance)
 
 
-def test_registry_ops_are_run_by_the_graph_model_and_the_engine():
-    from lowbit.serialize import _FUNCTIONAL
-
+def test_every_op_declares_its_capture_and_parameter_free_ops_all_three_implementations():
     module_ops = {op for op, schema in REGISTRY.items() if schema.module}
-    assert module_ops == {"linear", "conv2d", "batchnorm", "quant_act"}
-    assert set(_FUNCTIONAL) == set(REGISTRY) - module_ops
-    assert all(REGISTRY[op].numpy is not None for op in _FUNCTIONAL)
+    assert module_ops == {"linear", "conv2d", "batchnorm", "quant_act"}  # run by their modules, the Engine, ONNX
+    for op, schema in REGISTRY.items():
+        assert schema.capture.functions or schema.capture.modules, op
+        assert (schema.capture.call is not None) == bool(schema.capture.functions), op
+        if op not in module_ops:
+            assert None not in (schema.numpy, schema.torch, schema.onnx), op
 
 
 def test_module_path_parts_cannot_shadow_torch_module_attributes():

@@ -58,7 +58,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
@@ -71,7 +70,8 @@ from .nn import QuantAct, QuantConv2d, QuantLinear, named_modules_without_quanti
 from .ops import Graph, GraphNode, validate_document, validate_file
 from .quantizers import Encoded, Quantizer, get
 
-__all__ = ["GraphModel", "format_inspect", "inspect_file", "load", "load_state_dict", "save", "weight_encoding"]
+__all__ = ["GraphModel", "captured_graph", "format_inspect", "inspect_file", "load", "load_state_dict", "save",
+           "weight_encoding"]
 
 #: model attribute read when no example input is given: the shape of one input batch
 INPUT_SHAPE_ATTR = "lowbit_input_shape"
@@ -205,7 +205,7 @@ def save(
     graph = copy.deepcopy(model.ir) if isinstance(model, GraphModel) else None
     if example is not None and graph is None:
         try:
-            graph = _captured(model, example, document_model, tensors)
+            graph = captured_graph(model, example)[0]
         except UnsupportedLayerError as exc:
             if example_input is not None:
                 raise
@@ -215,17 +215,16 @@ def save(
                index_bits=_index_bits(sparse, tensors))
 
 
-def _captured(model: nn.Module, example: torch.Tensor, document_model: dict[str, Any],
-              tensors: dict[str, NumpyEncoded]) -> dict[str, Any]:
-    """The model's graph IR, held to the op schema that every reader applies (so no file is written that
-    ``load`` or the Engine would refuse)."""
-    graph = capture(model, example)
-    shapes = {name: tuple(enc.codes.shape) for name, enc in tensors.items()}
+def captured_graph(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, Any], Graph]:
+    """The model's graph IR on ``example`` and that graph as every reader validates it (UnsupportedLayerError for a
+    graph no reader would accept, so none is written or exported)."""
+    ir = capture(model, example)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     try:
-        validate_document({"model": document_model, "graph": graph}, shapes)
+        _, graph = validate_document({"model": {"layers": _layers(model)}, "graph": ir}, shapes)
     except FormatError as exc:
         raise UnsupportedLayerError(f"the model's graph cannot be stored: {exc.message}") from None
-    return graph
+    return ir, graph
 
 
 def _key(module: str, name: str) -> str:
@@ -395,9 +394,10 @@ class GraphModel(nn.Module):
                  shapes: dict[str, tuple[int, ...]]):
         super().__init__()
         self.ir = copy.deepcopy(ir)
+        self.graph = graph
         self._inputs = list(graph.inputs)
         self._outputs = graph.outputs
-        self._steps = [(node.name, node.op, node.inputs, node.attrs, node.module) for node in graph.nodes]
+        self._steps = [(node.name, node.schema.torch, node.inputs, node.attrs, node.module) for node in graph.nodes]
         built: set[str] = set()
         for node in graph.nodes:
             if node.module is None or node.module in built:
@@ -416,12 +416,9 @@ class GraphModel(nn.Module):
             raise ConfigError(f"the model takes {len(self._inputs)} input(s) ({', '.join(self._inputs)}), "
                               f"got {len(inputs)}")
         env = dict(zip(self._inputs, inputs))
-        for name, op, args, attrs, path in self._steps:
+        for name, function, args, attrs, path in self._steps:
             xs = [env[a] for a in args]
-            if path is not None:
-                env[name] = self.get_submodule(path)(xs[0])
-            else:
-                env[name] = _FUNCTIONAL[op](xs, attrs)
+            env[name] = self.get_submodule(path)(xs[0]) if path is not None else function(torch, xs, attrs)
         outs = tuple(env[o] for o in self._outputs)
         return outs[0] if len(outs) == 1 else outs
 
@@ -445,18 +442,3 @@ def _module(node: GraphNode, entry: dict[str, Any] | None, shapes: dict[str, tup
     return (QuantConv2d if entry is not None else nn.Conv2d)(
         weight[1] * a["groups"], weight[0], tuple(weight[2:]), bias=bias, groups=a["groups"], stride=a["stride"],
         padding=a["padding"], dilation=a["dilation"], **specs)
-
-
-_FUNCTIONAL = {
-    "relu": lambda xs, a: F.relu(xs[0]),
-    "tanh": lambda xs, a: torch.tanh(xs[0]),
-    "hardtanh": lambda xs, a: F.hardtanh(xs[0], a["min"], a["max"]),
-    "maxpool2d": lambda xs, a: F.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"]),
-    "avgpool2d": lambda xs, a: F.avg_pool2d(xs[0], a["kernel"], a["stride"], a["padding"],
-                                            count_include_pad=a.get("count_include_pad", True)),
-    "adaptive_avgpool2d": lambda xs, a: F.adaptive_avg_pool2d(xs[0], a["output_size"]),
-    "reshape": lambda xs, a: xs[0].reshape(a["shape"]),
-    "add": lambda xs, a: xs[0] + xs[1],
-    "mul": lambda xs, a: xs[0] * xs[1],
-    "concat": lambda xs, a: torch.cat(xs, a["axis"]),
-}

@@ -19,99 +19,80 @@ output quantizer (observed ranges, steps, ``input_quantizer.stats.min_val``),
 which a runtime needs; weight-quantizer state is left out (the stored weight
 codes carry it) and so is ``num_batches_tracked``. ``module`` names the
 module a node calls (``call_module`` nodes only), so a loader can rebuild the
-same state_dict keys. Shapes use -1 for the batch axis. Ops:
-linear, conv2d, batchnorm, relu, hardtanh, tanh, maxpool2d, avgpool2d,
-adaptive_avgpool2d, reshape, add, mul, concat, quant_act. Identity-like
-modules (Dropout, Identity, Flatten of a flat tensor) disappear. Anything else
-raises :class:`UnsupportedLayerError` naming the node.
+same state_dict keys. Shapes use -1 for the batch axis. The ops and how each
+is recognised (functions, tensor methods, module classes and their
+subclasses) are declared in :mod:`lowbit.ops` (``OpSchema.capture``).
+Identity-like modules (Dropout, Identity) and methods (contiguous, clone,
+detach) disappear. Anything else raises :class:`UnsupportedLayerError`
+naming the node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import io
-import operator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.fx.proxy import TraceError
 
 from ..errors import LowbitError, ShapeMismatchError, UnsupportedLayerError
+from ..ops import REGISTRY, OpSchema
 
 GRAPH_VERSION = 1
 
-_LEAVES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Hardtanh, nn.Tanh, nn.MaxPool2d,
-           nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 _ALIAS_MODULES = (nn.Dropout, nn.Identity)
-_RESHAPES = {torch.flatten, torch.reshape, "view", "reshape", "flatten"}
 _ALIAS_METHODS = {"contiguous", "clone", "detach"}
-_FUNCTIONS = {operator.add: "add", torch.add: "add", operator.iadd: "add", operator.mul: "mul", torch.mul: "mul",
-              F.relu: "relu", torch.relu: "relu", "relu": "relu", "add": "add", "mul": "mul", torch.tanh: "tanh",
-              "tanh": "tanh", F.hardtanh: "hardtanh", torch.cat: "concat", F.max_pool2d: "maxpool2d",
-              F.avg_pool2d: "avgpool2d", F.adaptive_avg_pool2d: "adaptive_avgpool2d"}
 
 
-def _is_quant_act(m: nn.Module) -> bool:
-    from ..nn import QuantAct
+def _resolve(dotted: str) -> Any:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
-    return isinstance(m, QuantAct)
+
+@functools.cache
+def _declared() -> tuple[dict[Any, OpSchema], dict[str, OpSchema], tuple[tuple[type, OpSchema], ...]]:
+    """(function -> op, tensor method name -> op, (module class, op) pairs) of the declared captures."""
+    functions, methods, modules = {}, {}, []
+    for schema in REGISTRY.values():
+        for name in schema.capture.functions:
+            if name.startswith("Tensor."):
+                methods[name.removeprefix("Tensor.")] = schema
+            else:
+                functions[_resolve(name)] = schema
+        modules += [(_resolve(name), schema) for name in schema.capture.modules]
+    return functions, methods, tuple(modules)
+
+
+def _module_schema(m: nn.Module, where: str) -> OpSchema:
+    for cls, schema in _declared()[2]:
+        if isinstance(m, cls):
+            return schema
+    supported = ", ".join(cls.__name__ for cls, _ in _declared()[2])
+    raise UnsupportedLayerError(f"{where} of type {type(m).__name__} cannot be captured in the graph IR; "
+                                f"supported: {supported} and their subclasses")
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or _is_quant_act(m) or super().is_leaf_module(m, qualname)
+        leaves = tuple(cls for cls, _ in _declared()[2]) + _ALIAS_MODULES
+        return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
 
 
-def _pair(v: Any) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
-
-
-def _spec(q: nn.Module | None) -> dict[str, Any] | None:
-    return None if q is None else q.spec()
-
-
-def _module_node(m: nn.Module, target: str) -> tuple[str, dict, dict, dict]:
-    """(op, attrs, params, quant) of a leaf module."""
+def _module_state(m: nn.Module, target: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(params, quant) of a leaf module: its state that a runtime needs (not the weight quantizer's, which the stored
+    codes carry, nor num_batches_tracked) and its quantizer specs."""
     params = {k: f"{target}.{k}" for k in m.state_dict(keep_vars=True)
               if not k.startswith("weight_quantizer.") and k.rsplit(".", 1)[-1] != "num_batches_tracked"}
-    quant = {role: _spec(getattr(m, f"{role}_quantizer", None)) for role in ("weight", "input", "output")}
-    if isinstance(m, nn.Linear):
-        return "linear", {}, params, quant
-    if isinstance(m, nn.Conv2d):
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise UnsupportedLayerError(f"layer {target!r}: conv padding {m.padding!r} with padding_mode "
-                                        f"{m.padding_mode!r} cannot be captured; use integer zero padding")
-        attrs = {"stride": _pair(m.stride), "padding": _pair(m.padding), "dilation": _pair(m.dilation),
-                 "groups": m.groups}
-        return "conv2d", attrs, params, quant
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if not m.track_running_stats:
-            raise UnsupportedLayerError(f"layer {target!r}: batch norm without running statistics cannot be captured")
-        return "batchnorm", {"eps": m.eps}, params, {}
-    if isinstance(m, nn.ReLU):
-        return "relu", {}, {}, {}
-    if isinstance(m, nn.Hardtanh):
-        return "hardtanh", {"min": m.min_val, "max": m.max_val}, {}, {}
-    if isinstance(m, nn.Tanh):
-        return "tanh", {}, {}, {}
-    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-        if m.ceil_mode:
-            raise UnsupportedLayerError(f"layer {target!r}: pooling with ceil_mode=True cannot be captured")
-        attrs = {"kernel": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size), "padding": _pair(m.padding)}
-        if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != [1, 1]:
-            raise UnsupportedLayerError(f"layer {target!r}: dilated max pooling cannot be captured")
-        if isinstance(m, nn.AvgPool2d):
-            attrs["count_include_pad"] = bool(m.count_include_pad)
-        return ("maxpool2d" if isinstance(m, nn.MaxPool2d) else "avgpool2d"), attrs, {}, {}
-    if isinstance(m, nn.AdaptiveAvgPool2d):
-        return "adaptive_avgpool2d", {"output_size": _pair(m.output_size)}, {}, {}
-    if _is_quant_act(m):
-        return "quant_act", {}, params, {"output": _spec(m.quantizer)}
-    raise UnsupportedLayerError(f"layer {target!r} of type {type(m).__name__} cannot be captured in the graph IR; "
-                                f"supported: {', '.join(t.__name__ for t in _LEAVES)}, QuantAct")
+    slots = {"weight": "weight_quantizer", "input": "input_quantizer", "output": "output_quantizer"}
+    if not hasattr(m, "weight_quantizer"):
+        slots = {"output": "quantizer"}
+    quant = {slot: getattr(m, name).spec() for slot, name in slots.items() if getattr(m, name, None) is not None}
+    return params, quant
 
 
 def _shape(node: fx.Node) -> list[int] | None:
@@ -128,6 +109,7 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
     except TraceError as exc:
         raise UnsupportedLayerError(f"model {type(model).__name__} cannot be traced with torch.fx: {exc}") from None
     gm = fx.GraphModule(model, graph)
+    functions, methods, _ = _declared()
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -164,59 +146,29 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
         if node.op == "get_attr":
             raise UnsupportedLayerError(f"node {node.name!r} reads attribute {node.target!r} directly; "
                                         "wrap parameters in supported layers")
-        target = node.target
+        target, where = node.target, f"node {node.name!r}"
         if node.op == "call_method" and target == "size":
             continue  # only feeds reshape arguments, which are recorded from propagated shapes
-        if node.op == "call_module":
-            m = modules[target]
-            if isinstance(m, _ALIAS_MODULES):
-                alias[node.name] = ref(node.args[0])
-                continue
-            if isinstance(m, nn.Flatten):
-                op, attrs, params, quant = "reshape", {}, {}, {}
-            else:
-                op, attrs, params, quant = _module_node(m, target)
-            args = [node.args[0]]
-        elif node.op == "call_method" and target in _ALIAS_METHODS:
+        if node.op == "call_method" and target in _ALIAS_METHODS or \
+                node.op == "call_module" and isinstance(modules[target], _ALIAS_MODULES):
             alias[node.name] = ref(node.args[0])
             continue
-        elif target in _RESHAPES:
-            op, attrs, params, quant, args = "reshape", {}, {}, {}, [node.args[0]]
-        elif target in _FUNCTIONS:
-            op, params, quant = _FUNCTIONS[target], {}, {}
-            attrs, args = _function_attrs(op, node)
+        params: dict[str, str] = {}
+        quant: dict[str, Any] = {}
+        if node.op == "call_module":
+            m = modules[target]
+            schema = _module_schema(m, f"layer {target!r}")
+            attrs, args = schema.capture.module(m, _shape(node), f"layer {target!r}"), node.args[:1]
+            params, quant = _module_state(m, target)
         else:
-            raise UnsupportedLayerError(f"node {node.name!r} calls {getattr(target, '__name__', target)!r}, "
-                                        "which the graph IR does not support")
-        if op == "reshape":
-            attrs = {"shape": _shape(node)}
-        entry = {"name": node.name, "op": op, "inputs": [ref(a) for a in args], "attrs": attrs,
-                 "params": params, "quant": {k: v for k, v in quant.items() if v is not None}, "shape": _shape(node)}
+            schema = (methods if node.op == "call_method" else functions).get(target)
+            if schema is None:
+                raise UnsupportedLayerError(f"{where} calls {getattr(target, '__name__', target)!r}, which the graph "
+                                            f"IR does not support; ops: {', '.join(sorted(REGISTRY))}")
+            attrs, args = schema.capture.call(list(node.args), dict(node.kwargs), _shape(node), where)
+        entry = {"name": node.name, "op": schema.name, "inputs": [ref(a) for a in args], "attrs": attrs,
+                 "params": params, "quant": quant, "shape": _shape(node)}
         if node.op == "call_module":
             entry["module"] = target
         nodes.append(entry)
     return {"version": GRAPH_VERSION, "inputs": inputs, "outputs": outputs, "nodes": nodes}
-
-
-def _function_attrs(op: str, node: fx.Node) -> tuple[dict[str, Any], list[Any]]:
-    """Attributes and tensor arguments of a functional call."""
-    args, kwargs = list(node.args), dict(node.kwargs)
-    if op in ("add", "mul"):
-        if not all(isinstance(a, fx.Node) for a in args[:2]) or len(args) != 2:
-            raise UnsupportedLayerError(f"node {node.name!r}: {op} must combine two tensors")
-        return {}, args[:2]
-    if op == "concat":
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-        return {"axis": int(dim)}, list(args[0])
-    if op == "hardtanh":
-        lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-        hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-        return {"min": float(lo), "max": float(hi)}, args[:1]
-    if op in ("maxpool2d", "avgpool2d"):
-        kernel = kwargs.get("kernel_size", args[1] if len(args) > 1 else None)
-        stride = kwargs.get("stride", args[2] if len(args) > 2 else None) or kernel
-        padding = kwargs.get("padding", args[3] if len(args) > 3 else 0)
-        return {"kernel": _pair(kernel), "stride": _pair(stride), "padding": _pair(padding)}, args[:1]
-    if op == "adaptive_avgpool2d":
-        return {"output_size": _pair(kwargs.get("output_size", args[1] if len(args) > 1 else 1))}, args[:1]
-    return {}, args[:1]

@@ -64,8 +64,8 @@ from ..errors import ConfigError, UnsupportedLayerError
 from ..format.container import write_atomic
 from ..quantizers import Encoded, Quantizer, decode
 from ..quantizers.base import EPS
+from ..ops import Graph, GraphNode
 from .binary_ops import DOMAIN, VERSION, pack_signs
-from .graph import capture
 
 __all__ = ["BINARY_OPS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "UINT8_WEIGHTS_PROP",
            "WEIGHT_TYPES", "export_onnx", "to_onnx", "uint8_weight_layers", "write_onnx"]
@@ -346,12 +346,8 @@ def _shift_to_uint8(affine: _Affine) -> _Affine:
                    qmin=affine.qmin + _UINT8_SHIFT, qmax=affine.qmax + _UINT8_SHIFT)
 
 
-def _pair(values: list[int]) -> list[int]:
-    return [int(v) for v in values]
-
-
 class _Exporter:
-    def __init__(self, model: nn.Module, ir: dict[str, Any], opset: int, int4: bool, channel_multiple: int,
+    def __init__(self, model: nn.Module, ir: Graph, opset: int, int4: bool, channel_multiple: int,
                  binary_ops: str = "float", weight_type: str = "safe") -> None:
         self.model, self.ir, self.channel_multiple, self.binary_ops = model, ir, channel_multiple, binary_ops
         self.weight_type = weight_type
@@ -362,89 +358,63 @@ class _Exporter:
         self.b = _Builder(opset, int4)
         self.values: dict[str, _Value] = {}
         consumers: dict[str, int] = {}
-        for node in ir["nodes"]:
-            for name in node["inputs"]:
+        for node in ir.nodes:
+            for name in node.inputs:
                 consumers[name] = consumers.get(name, 0) + 1
-        for name in ir["outputs"]:
+        for name in ir.outputs:
             consumers[name] = consumers.get(name, 0) + 1
         # batch norm node -> the conv / linear node it follows (the folding candidates)
-        by_name = {n["name"]: n for n in ir["nodes"]}
-        self.fold: dict[str, dict[str, Any]] = {}
-        for node in ir["nodes"]:
-            if node["op"] == "batchnorm":
-                source = by_name.get(node["inputs"][0])
-                if source is not None and source["op"] in ("linear", "conv2d") and consumers[source["name"]] == 1 \
-                        and "output" not in source["quant"]:
-                    self.fold[source["name"]] = node
+        by_name = {n.name: n for n in ir.nodes}
+        self.fold: dict[str, GraphNode] = {}
+        for node in ir.nodes:
+            if node.op == "batchnorm":
+                source = by_name.get(node.inputs[0])
+                if source is not None and source.op in ("linear", "conv2d") and consumers[source.name] == 1 \
+                        and "output" not in source.quant:
+                    self.fold[source.name] = node
         self.folded: set[str] = set()
 
     def run(self) -> onnx.GraphProto:
         inputs = []
-        for entry in self.ir["inputs"]:
-            shape = ["batch", *entry["shape"][1:]]
-            inputs.append(helper.make_tensor_value_info(entry["name"], TensorProto.FLOAT, shape))
-            self.values[entry["name"]] = _Value(self.b.fresh(entry["name"]))
-        for node in self.ir["nodes"]:
-            if node["name"] in self.folded:
-                self.values[node["name"]] = self.values[node["inputs"][0]]
+        for name, shape in self.ir.inputs.items():
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape]))
+            self.values[name] = _Value(self.b.fresh(name))
+        for node in self.ir.nodes:
+            if node.name in self.folded:
+                self.values[node.name] = self.values[node.inputs[0]]
                 continue
-            self.values[node["name"]] = self.emit(node)
-        shapes = {n["name"]: n["shape"] for n in [*self.ir["inputs"], *self.ir["nodes"]]}
+            self.values[node.name] = self.emit(node)
+        shapes = {**self.ir.inputs, **{n.name: n.shape for n in self.ir.nodes}}
         outputs = [helper.make_tensor_value_info(self.values[name].name, TensorProto.FLOAT,
-                                                 ["batch", *shapes[name][1:]]) for name in self.ir["outputs"]]
+                                                 ["batch", *shapes[name]]) for name in self.ir.outputs]
         return helper.make_graph(self.b.nodes, "lowbit", inputs, outputs, self.b.initializers)
 
-    def emit(self, node: dict[str, Any]) -> _Value:
-        op, name, attrs = node["op"], node["name"], node["attrs"]
-        args = [self.values[a] for a in node["inputs"]]
+    def emit(self, node: GraphNode) -> _Value:
+        op, name, attrs = node.op, node.name, node.attrs
+        args = [self.values[a] for a in node.inputs]
         b = self.b
         if op in ("linear", "conv2d"):
             return self.layer(node, args[0])
         if op == "quant_act":
-            return b.activation(args[0], self.modules[node["module"]].quantizer, node["module"])
+            return b.activation(args[0], self.modules[node.module].quantizer, node.module)
         if op == "batchnorm":
-            bn = self.modules[node["module"]]
+            bn = self.modules[node.module]
             params = [bn.weight if bn.affine else torch.ones_like(bn.running_var),
                       bn.bias if bn.affine else torch.zeros_like(bn.running_mean), bn.running_mean, bn.running_var]
             names = [b.const(f"{name}.{k}", p.detach().float().cpu().numpy())
                      for k, p in zip(("scale", "bias", "mean", "var"), params)]
             x = args[0].name
-            if len(node["shape"]) == 2:  # BatchNorm1d on (N, C): the ONNX op wants (N, C, ...)
+            if len(node.shape) == 1:  # BatchNorm1d on (N, C): the ONNX op wants (N, C, ...)
                 x = b.node("Unsqueeze", [x, b.const(f"{name}.axes", np.array([2]))], f"{name}.nc1")
             y = b.node("BatchNormalization", [x, *names], name, epsilon=float(attrs["eps"]))
-            if len(node["shape"]) == 2:
+            if len(node.shape) == 1:
                 y = b.node("Squeeze", [y, b.const(f"{name}.axes", np.array([2]))], f"{name}.nc")
             return _Value(y)
-        if op == "relu":
-            return _Value(b.node("Relu", [args[0].name], name))
-        if op == "tanh":
-            return _Value(b.node("Tanh", [args[0].name], name))
-        if op == "hardtanh":
-            bounds = [b.const(f"{name}.{k}", np.array(attrs[k], np.float32)) for k in ("min", "max")]
-            return _Value(b.node("Clip", [args[0].name, *bounds], name))
-        if op in ("maxpool2d", "avgpool2d"):
-            pads = _pair(attrs["padding"]) * 2
-            extra = {"count_include_pad": int(attrs.get("count_include_pad", True))} if op == "avgpool2d" else {}
-            return _Value(b.node("MaxPool" if op == "maxpool2d" else "AveragePool", [args[0].name], name,
-                                 kernel_shape=_pair(attrs["kernel"]), strides=_pair(attrs["stride"]), pads=pads,
-                                 **extra))
-        if op == "adaptive_avgpool2d":
-            if attrs["output_size"] != [1, 1]:
-                raise UnsupportedLayerError(f"node {name!r}: adaptive average pooling to {attrs['output_size']} "
-                                            "cannot be exported; only output size 1x1 (GlobalAveragePool)")
-            return _Value(b.node("GlobalAveragePool", [args[0].name], name))
-        if op == "reshape":
-            shape = b.const(f"{name}.shape", np.array([-1, *attrs["shape"][1:]], np.int64))
-            return _Value(b.node("Reshape", [args[0].name, shape], name))
-        if op in ("add", "mul"):
-            return _Value(b.node(op.capitalize(), [a.name for a in args], name))
-        if op == "concat":
-            return _Value(b.node("Concat", [a.name for a in args], name, axis=int(attrs["axis"])))
-        raise UnsupportedLayerError(f"node {name!r}: op {op!r} has no ONNX export")
+        return _Value(node.schema.onnx(b, name, [a.name for a in args], attrs))
 
-    def layer(self, node: dict[str, Any], x: _Value) -> _Value:
-        name, module = node["name"], self.modules[node["module"]]
-        b, where = self.b, f"layer {node['module']!r}"
+    def layer(self, node: GraphNode, x: _Value) -> _Value:
+        name, module = node.name, self.modules[node.module]
+        b, where = self.b, f"layer {node.module!r}"
         input_quantizer = getattr(module, "input_quantizer", None)
         affine, weight = _weight(module, f"{where} weight")
         bias = (module.bias.detach().float().cpu().numpy() if module.bias is not None
@@ -453,54 +423,54 @@ class _Exporter:
         bn_node = self.fold.get(name)
         # dequantized binary / codebook weights keep their exact values: batch norm then stays a separate op
         if bn_node is not None and (affine is not None or getattr(module, "weight_quantizer", None) is None):
-            folded = _fold_batchnorm(affine, weight, bias, self.modules[bn_node["module"]])
+            folded = _fold_batchnorm(affine, weight, bias, self.modules[bn_node.module])
             if folded is not None and (folded[0] is None or not folded[0].per_channel
                                        or b.opset >= PER_CHANNEL_OPSET):
                 affine, weight, bias = folded
                 has_bias = True
-                self.folded.add(bn_node["name"])
-        eight_bit_input = b.eight_bit(input_quantizer, f"{node['module']}.input")
+                self.folded.add(bn_node.name)
+        eight_bit_input = b.eight_bit(input_quantizer, f"{node.module}.input")
         unsigned = eight_bit_input and self.unsigned_weights(affine, where)
         padding = 0 if unsigned or not eight_bit_input else self.input_padding(node, affine, where)
         if padding:
             affine, weight = _pad_input_channels(affine, weight, padding)
-            x = _Value(b.pad_channels(x.name, padding, f"{node['module']}.input"))
-        x = b.activation(x, input_quantizer, f"{node['module']}.input")
+            x = _Value(b.pad_channels(x.name, padding, f"{node.module}.input"))
+        x = b.activation(x, input_quantizer, f"{node.module}.input")
         output_quantizer = getattr(module, "output_quantizer", None)
-        if self.binary_ops == "custom" and _sign_weights(module) and (node["op"] == "conv2d"
-                                                                      or len(node["shape"]) == 2):
+        if self.binary_ops == "custom" and _sign_weights(module) and (node.op == "conv2d"
+                                                                      or len(node.shape) == 1):
             y = self.binary_layer(node, x.name, weight, bias if has_bias else None, where)
-            return b.activation(_Value(y), output_quantizer, f"{node['module']}.output")
+            return b.activation(_Value(y), output_quantizer, f"{node.module}.output")
         if affine is not None:
             if affine.per_channel and b.opset < PER_CHANNEL_OPSET:
                 raise ConfigError(f"{where}: per-channel weight scales need opset >= {PER_CHANNEL_OPSET} "
                                   f"(DequantizeLinear axis); got opset {b.opset}")
             stored = _shift_to_uint8(affine) if unsigned else affine
             if unsigned:
-                self.uint8_weight_layers.append(node["module"])
-            w = b.dequantize(f"{node['module']}.weight", stored, b.container(stored, f"{where} weight"))
+                self.uint8_weight_layers.append(node.module)
+            w = b.dequantize(f"{node.module}.weight", stored, b.container(stored, f"{where} weight"))
         else:
-            w = b.const(f"{node['module']}.weight", weight.astype(np.float32))
+            w = b.const(f"{node.module}.weight", weight.astype(np.float32))
         inputs = [x.name, w]
         if has_bias:
-            inputs.append(self.bias(node["module"], bias, x, affine))
-        if node["op"] == "conv2d":
-            attrs = node["attrs"]
-            y = b.node("Conv", inputs, name, kernel_shape=list(weight.shape[2:]), strides=_pair(attrs["stride"]),
-                       pads=_pair(attrs["padding"]) * 2, dilations=_pair(attrs["dilation"]), group=attrs["groups"])
-        elif len(node["shape"]) == 2:
+            inputs.append(self.bias(node.module, bias, x, affine))
+        if node.op == "conv2d":
+            attrs = node.attrs
+            y = b.node("Conv", inputs, name, kernel_shape=list(weight.shape[2:]), strides=attrs["stride"],
+                       pads=attrs["padding"] * 2, dilations=attrs["dilation"], group=attrs["groups"])
+        elif len(node.shape) == 1:
             y = b.node("Gemm", inputs, name, transB=1)
         else:
             t = b.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
             y = b.node("MatMul", [x.name, t], f"{name}.matmul")
             if has_bias:
                 y = b.node("Add", [y, inputs[2]], name)
-        return b.activation(_Value(y), output_quantizer, f"{node['module']}.output")
+        return b.activation(_Value(y), output_quantizer, f"{node.module}.output")
 
-    def binary_layer(self, node: dict[str, Any], x: str, weight: np.ndarray, bias: np.ndarray | None,
+    def binary_layer(self, node: GraphNode, x: str, weight: np.ndarray, bias: np.ndarray | None,
                      where: str) -> str:
         """``BinaryConv`` / ``BinaryGemm`` of domain ai.lowbit: the weight as sign bits and a scale per channel."""
-        b, base = self.b, node["module"]
+        b, base = self.b, node.module
         flat = weight.reshape(weight.shape[0], -1)
         scale = np.abs(flat).max(axis=1).astype(np.float32)
         positive = flat >= 0
@@ -512,12 +482,12 @@ class _Exporter:
         if bias is not None:
             inputs.append(b.const(f"{base}.bias", bias.astype(np.float32)))
         self.custom_nodes += 1
-        if node["op"] == "linear":
-            return b.node("BinaryGemm", inputs, node["name"], domain=DOMAIN, k=flat.shape[1])
-        attrs = node["attrs"]
-        return b.node("BinaryConv", inputs, node["name"], domain=DOMAIN, k=flat.shape[1],
-                      kernel_shape=list(weight.shape[2:]), strides=_pair(attrs["stride"]),
-                      pads=_pair(attrs["padding"]) * 2, dilations=_pair(attrs["dilation"]), group=attrs["groups"])
+        if node.op == "linear":
+            return b.node("BinaryGemm", inputs, node.name, domain=DOMAIN, k=flat.shape[1])
+        attrs = node.attrs
+        return b.node("BinaryConv", inputs, node.name, domain=DOMAIN, k=flat.shape[1],
+                      kernel_shape=list(weight.shape[2:]), strides=attrs["stride"],
+                      pads=attrs["padding"] * 2, dilations=attrs["dilation"], group=attrs["groups"])
 
     def unsigned_weights(self, affine: _Affine | None, where: str) -> bool:
         """Whether the int8 weight codes of a layer with 8-bit QDQ input are stored as uint8 (``weight_type``)."""
@@ -527,11 +497,11 @@ class _Exporter:
             return int(np.abs(affine.codes).max(initial=0)) > SATURATION_FREE_CODE
         return self.weight_type == "uint8"
 
-    def input_padding(self, node: dict[str, Any], affine: _Affine | None, where: str) -> int:
+    def input_padding(self, node: GraphNode, affine: _Affine | None, where: str) -> int:
         """Zero input channels a conv with 8-bit QDQ input needs so its channel count is a multiple of
         ``channel_multiple``; 0 where the conv is grouped, its kernel has more than MAX_PADDED_TAPS taps, or it
         will not run on onnxruntime's symmetric int8 conv kernel (weights not int8 with zero point 0)."""
-        if node["op"] != "conv2d" or node["attrs"]["groups"] != 1 or affine is None or affine.zero_point.any() \
+        if node.op != "conv2d" or node.attrs["groups"] != 1 or affine is None or affine.zero_point.any() \
                 or int(np.prod(affine.codes.shape[2:])) > MAX_PADDED_TAPS:
             return 0
         missing = -affine.codes.shape[1] % self.channel_multiple
@@ -594,10 +564,10 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAU
         raise ConfigError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
     if int4 and opset < WIDE_TYPES_OPSET:
         raise ConfigError(f"int4=True needs opset >= {WIDE_TYPES_OPSET} (int4 QuantizeLinear); got opset {opset}")
-    from ..serialize import GraphModel
+    from ..serialize import GraphModel, captured_graph
 
     # a model loaded from a .lowbit file runs its stored graph IR, which is the graph to export
-    ir = model.ir if isinstance(model, GraphModel) else capture(model, example_input)
+    ir = model.graph if isinstance(model, GraphModel) else captured_graph(model, example_input)[1]
     exporter = _Exporter(model, ir, opset, int4, channel_multiple, binary_ops, weight_type)
     graph = exporter.run()
     imports = [helper.make_opsetid("", opset)]

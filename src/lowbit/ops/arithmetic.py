@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .schema import Node, OpSchema, Shape, register
+from ..errors import UnsupportedLayerError
+from .schema import Capture, Node, OpSchema, Shape, register
 
 
 def broadcast(node: Node) -> Shape:
@@ -12,5 +13,18 @@ def broadcast(node: Node) -> Shape:
     return tuple(max(x, y) for x, y in zip(a, b))
 
 
-ADD = register(OpSchema("add", broadcast, inputs=2, numpy=lambda xs, a: xs[0] + xs[1]))
-MUL = register(OpSchema("mul", broadcast, inputs=2, numpy=lambda xs, a: xs[0] * xs[1]))
+def _binary(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
+    if len(args) != 2 or set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
+        raise UnsupportedLayerError(f"{where}: an add or mul is captured on two tensors, without alpha")
+    return {}, args
+
+
+ADD = register(OpSchema(
+    "add", broadcast, inputs=2,
+    capture=Capture(("operator.add", "operator.iadd", "torch.add", "Tensor.add"), _binary),
+    numpy=lambda xs, a: xs[0] + xs[1], torch=lambda t, xs, a: xs[0] + xs[1],
+    onnx=lambda b, name, xs, a: b.node("Add", xs, name)))
+MUL = register(OpSchema(
+    "mul", broadcast, inputs=2, capture=Capture(("operator.mul", "operator.imul", "torch.mul", "Tensor.mul"), _binary),
+    numpy=lambda xs, a: xs[0] * xs[1], torch=lambda t, xs, a: xs[0] * xs[1],
+    onnx=lambda b, name, xs, a: b.node("Mul", xs, name)))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .schema import MAX_ELEMENTS, MAX_SPATIAL, Int, Ints, Node, OpSchema, Shape, register, window_size
+from ..errors import UnsupportedLayerError
+from .schema import MAX_ELEMENTS, MAX_SPATIAL, Capture, Int, Ints, Node, OpSchema, Shape, pair, register, window_size
 
 
 def windows(x: np.ndarray, kernel: tuple[int, int], stride: list[int], dilation: list[int] = (1, 1)) -> np.ndarray:
@@ -61,8 +62,16 @@ def _shape(node: Node) -> Shape:
     return (weight[0], *out)
 
 
+def _module(m, shape: list[int], where: str) -> dict:
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise UnsupportedLayerError(f"{where}: conv padding {m.padding!r} with padding_mode {m.padding_mode!r} "
+                                    "cannot be captured; use integer zero padding")
+    return {"stride": pair(m.stride), "padding": pair(m.padding), "dilation": pair(m.dilation), "groups": m.groups}
+
+
 CONV2D = register(OpSchema(
     "conv2d", _shape, tensors=("weight",), optional=("bias",), quant=("weight", "input", "output"),
     state=("input_quantizer", "output_quantizer"), module=True,
+    capture=Capture(modules=("torch.nn.Conv2d",), module=_module),
     attrs={"stride": Ints(2, 1, MAX_SPATIAL), "padding": Ints(2, 0, MAX_SPATIAL),
            "dilation": Ints(2, 1, MAX_SPATIAL), "groups": Int(1, MAX_SPATIAL)}))

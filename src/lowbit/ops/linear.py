@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .schema import Node, OpSchema, Shape, register
+from .schema import Capture, Node, OpSchema, Shape, register
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -26,4 +26,4 @@ def _shape(node: Node) -> Shape:
 
 LINEAR = register(OpSchema("linear", _shape, tensors=("weight",), optional=("bias",),
                            quant=("weight", "input", "output"), state=("input_quantizer", "output_quantizer"),
-                           module=True))
+                           module=True, capture=Capture(modules=("torch.nn.Linear",))))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .schema import Node, Number, OpSchema, Shape, register
+from ..errors import UnsupportedLayerError
+from .schema import Capture, Node, Number, OpSchema, Shape, register
 
 
 def batchnorm(x: np.ndarray, mean: np.ndarray, var: np.ndarray, weight: np.ndarray | None,
@@ -31,5 +32,13 @@ def _shape(node: Node) -> Shape:
     return x
 
 
-BATCHNORM = register(OpSchema("batchnorm", _shape, tensors=("running_mean", "running_var"),
-                              optional=("weight", "bias"), attrs={"eps": Number(0, open_low=True)}, module=True))
+def _module(m, shape: list[int], where: str) -> dict:
+    if not m.track_running_stats:
+        raise UnsupportedLayerError(f"{where}: batch norm without running statistics cannot be captured")
+    return {"eps": m.eps}
+
+
+BATCHNORM = register(OpSchema(
+    "batchnorm", _shape, tensors=("running_mean", "running_var"), optional=("weight", "bias"),
+    attrs={"eps": Number(0, open_low=True)}, module=True,
+    capture=Capture(modules=("torch.nn.BatchNorm1d", "torch.nn.BatchNorm2d"), module=_module)))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UnsupportedLayerError
 from .conv import pad, windows
-from .schema import MAX_SPATIAL, Bool, Ints, Node, OpSchema, Shape, register, window_size
+from .schema import MAX_SPATIAL, Bool, Capture, Ints, Node, OpSchema, Shape, argument, pair, register, window_size
 
 #: the most output positions of an adaptive pool
 MAX_BINS = 2**12
@@ -62,13 +63,76 @@ def _adaptive_shape(node: Node) -> Shape:
     return c, oh, ow
 
 
-_WINDOW = {"kernel": Ints(2, 1, MAX_SPATIAL), "stride": Ints(2, 1, MAX_SPATIAL), "padding": Ints(2, 0, MAX_SPATIAL)}
+def _window(kernel, stride, padding, dilation, ceil_mode, where: str) -> dict:
+    if ceil_mode or pair(dilation) != [1, 1]:
+        raise UnsupportedLayerError(f"{where}: pooling with ceil_mode=True or dilation cannot be captured")
+    return {"kernel": pair(kernel), "stride": pair(stride or kernel), "padding": pair(padding)}
 
-MAXPOOL2D = register(OpSchema("maxpool2d", _pool_shape, attrs=_WINDOW,
-                              numpy=lambda xs, a: maxpool2d(xs[0], a["kernel"], a["stride"], a["padding"])))
+
+def _max_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
+    if argument(args, kwargs, 6, "return_indices", False):
+        raise UnsupportedLayerError(f"{where}: max pooling that returns indices cannot be captured")
+    values = [argument(args, kwargs, i, k, d) for i, (k, d) in
+              enumerate([("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
+                         ("ceil_mode", False)], start=1)]
+    return _window(*values, where), args[:1]
+
+
+def _max_module(m, shape: list[int], where: str) -> dict:
+    if m.return_indices:
+        raise UnsupportedLayerError(f"{where}: max pooling that returns indices cannot be captured")
+    return _window(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, where)
+
+
+def _average(kernel, stride, padding, ceil_mode, count_include_pad, divisor, where: str) -> dict:
+    if divisor is not None:
+        raise UnsupportedLayerError(f"{where}: average pooling with divisor_override cannot be captured")
+    return {**_window(kernel, stride, padding, 1, ceil_mode, where), "count_include_pad": bool(count_include_pad)}
+
+
+def _average_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
+    values = [argument(args, kwargs, i, k, d) for i, (k, d) in
+              enumerate([("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+                         ("count_include_pad", True), ("divisor_override", None)], start=1)]
+    return _average(*values, where), args[:1]
+
+
+def _pool_onnx(op: str):
+    def emit(b, name: str, xs: list[str], a: dict) -> str:
+        extra = {"count_include_pad": int(a["count_include_pad"])} if op == "AveragePool" else {}
+        return b.node(op, xs, name, kernel_shape=a["kernel"], strides=a["stride"], pads=a["padding"] * 2, **extra)
+    return emit
+
+
+def _adaptive_onnx(b, name: str, xs: list[str], a: dict) -> str:
+    if a["output_size"] != [1, 1]:
+        raise UnsupportedLayerError(f"node {name!r}: adaptive average pooling to {a['output_size']} cannot be "
+                                    "exported; only output size 1x1 (GlobalAveragePool)")
+    return b.node("GlobalAveragePool", xs, name)
+
+
+_WINDOW = {"kernel": Ints(2, 1, MAX_SPATIAL), "stride": Ints(2, 1, MAX_SPATIAL), "padding": Ints(2, 0, MAX_SPATIAL)}
+#: the output size of an adaptive pool is read off the recorded output shape (a None in output_size keeps a size)
+_ADAPTIVE = Capture(("torch.nn.functional.adaptive_avg_pool2d",),
+                    lambda args, kwargs, shape, where: ({"output_size": shape[-2:]}, args[:1]),
+                    ("torch.nn.AdaptiveAvgPool2d",), lambda m, shape, where: {"output_size": shape[-2:]})
+
+MAXPOOL2D = register(OpSchema(
+    "maxpool2d", _pool_shape, attrs=_WINDOW,
+    capture=Capture(("torch.nn.functional.max_pool2d",), _max_call, ("torch.nn.MaxPool2d",), _max_module),
+    numpy=lambda xs, a: maxpool2d(xs[0], a["kernel"], a["stride"], a["padding"]),
+    torch=lambda t, xs, a: t.nn.functional.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"]),
+    onnx=_pool_onnx("MaxPool")))
 AVGPOOL2D = register(OpSchema(
     "avgpool2d", _pool_shape, attrs={**_WINDOW, "count_include_pad": Bool()}, defaults={"count_include_pad": True},
-    numpy=lambda xs, a: avgpool2d(xs[0], a["kernel"], a["stride"], a["padding"], a["count_include_pad"])))
-ADAPTIVE_AVGPOOL2D = register(OpSchema("adaptive_avgpool2d", _adaptive_shape,
-                                       attrs={"output_size": Ints(2, 1, MAX_SPATIAL)},
-                                       numpy=lambda xs, a: adaptive_avgpool2d(xs[0], a["output_size"])))
+    capture=Capture(("torch.nn.functional.avg_pool2d",), _average_call, ("torch.nn.AvgPool2d",),
+                    lambda m, shape, where: _average(m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                                     m.count_include_pad, m.divisor_override, where)),
+    numpy=lambda xs, a: avgpool2d(xs[0], a["kernel"], a["stride"], a["padding"], a["count_include_pad"]),
+    torch=lambda t, xs, a: t.nn.functional.avg_pool2d(xs[0], a["kernel"], a["stride"], a["padding"],
+                                                      count_include_pad=a["count_include_pad"]),
+    onnx=_pool_onnx("AveragePool")))
+ADAPTIVE_AVGPOOL2D = register(OpSchema(
+    "adaptive_avgpool2d", _adaptive_shape, attrs={"output_size": Ints(2, 1, MAX_SPATIAL)}, capture=_ADAPTIVE,
+    numpy=lambda xs, a: adaptive_avgpool2d(xs[0], a["output_size"]),
+    torch=lambda t, xs, a: t.nn.functional.adaptive_avg_pool2d(xs[0], a["output_size"]), onnx=_adaptive_onnx))

@@ -184,8 +184,41 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Capture:
+    """How an op is recognised in a model traced by torch.fx (:mod:`lowbit.export.graph` resolves the names).
+
+    ``functions``: dotted names of the functions that call it (``torch.nn.functional.relu``,
+    ``operator.add``) and ``Tensor.<method>`` for tensor methods; ``call(args, kwargs, shape, where)``
+    returns ``(attrs, tensor arguments)`` of such a call (``shape``: the output's recorded shape).
+    ``modules``: dotted class names of the modules that are it (subclasses included);
+    ``module(m, shape, where)`` returns the attributes of such a module. Both raise
+    :class:`~lowbit.errors.UnsupportedLayerError` naming ``where`` for a form the op cannot express.
+    """
+
+    functions: tuple[str, ...] = ()
+    call: Callable[[list, dict, list[int], str], tuple[dict[str, Any], list]] | None = None
+    modules: tuple[str, ...] = ()
+    module: Callable[[Any, list[int], str], dict[str, Any]] = lambda m, shape, where: {}
+
+
+def unary(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict[str, Any], list]:
+    """A call on one tensor with no attributes."""
+    return {}, args[:1]
+
+
+def argument(args: list, kwargs: dict, index: int, name: str, default: Any) -> Any:
+    """The argument at position ``index`` or keyword ``name`` of a call, else ``default``."""
+    return kwargs.get(name, args[index] if len(args) > index else default)
+
+
+def pair(value: Any) -> list[int]:
+    """An int or a pair of ints as a list of two ints."""
+    return [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+@dataclass(frozen=True)
 class OpSchema:
-    """One graph op, declared once.
+    """One graph op, declared once, with every half of it.
 
     ``inputs``: how many inputs it takes (None: one or more). ``tensors`` /
     ``optional``: the local names of the tensors it reads (``params``),
@@ -195,8 +228,15 @@ class OpSchema:
     ``attrs``: name -> type, ``defaults``: the optional ones' values.
     ``module``: whether a node calls a module (and names its path).
     ``shape(node)`` returns the output's example shape or raises through
-    ``node.fail``. ``numpy(xs, attrs)``: the float32 implementation of a
-    parameter-free op (module ops run in :mod:`lowbit.runtime.engine`).
+    ``node.fail``. ``capture``: how torch.fx calls of it are recognised.
+    Parameter-free ops also give their three implementations, none of which
+    imports anything: ``numpy(xs, attrs)`` (the Engine, float32),
+    ``torch(torch, xs, attrs)`` (``GraphModel``; the torch module is passed
+    in) and ``onnx(builder, name, inputs, attrs)`` (the ONNX exporter's
+    builder, whose ``node`` and ``const`` add nodes and initializers; returns
+    the output's name). Module ops (linear, conv2d, batchnorm, quant_act)
+    run their modules in torch, and in :mod:`lowbit.runtime.engine` and
+    :mod:`lowbit.export.onnx`, which quantize around them.
     """
 
     name: str
@@ -209,7 +249,10 @@ class OpSchema:
     attrs: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     module: bool = False
+    capture: Capture = Capture()
     numpy: Callable[[list[np.ndarray], dict[str, Any]], np.ndarray] | None = None
+    torch: Callable[[Any, list, dict[str, Any]], Any] | None = None
+    onnx: Callable[[Any, str, list[str], dict[str, Any]], str] | None = None
 
 
 #: op name -> its schema
