@@ -322,6 +322,39 @@ def test_calibrate_real_uniform_names_an_unreached_layer():
         lowbit.calibrate(model, [torch.randn(2, 3)])
 
 
+@pytest.mark.parametrize("batch, match", [
+    (torch.zeros(4, 1, 28, 28, dtype=torch.int64), "batch 0 holds int64 values; the model takes float32 inputs"),
+    (torch.zeros(4, 1, 28, 28, dtype=torch.bool), "batch 0 holds bool values"),
+    (torch.zeros(4, 1, 28, 28, dtype=torch.float64), r"batch 0 holds float64 values.*\.to\(torch\.float32\)"),
+    ([1.0, 2.0], "batch 0 is a list"),
+])
+def test_calibrate_rejects_inputs_that_are_not_float_tensors(batch, match):
+    from lowbit.models import get_model
+
+    model = quantize(get_model("lenet5"), "w8a8")
+    with pytest.raises(CalibrationError, match=match):
+        lowbit.calibrate(model, [batch])
+    assert model.training and all(not q.calibrating for q in model.modules() if hasattr(q, "calibrating"))
+
+
+@pytest.mark.parametrize("model_name, shape, match", [
+    ("lenet5", (4, 3, 28, 28), r"batch 0 of shape \[4, 3, 28, 28\] does not fit layer 'conv1' \(QuantConv2d of 1 "
+                               r"input channel\(s\)\): .*expected input\[4, 3, 28, 28\] to have 1 channels"),
+    ("lenet5", (4, 1, 20, 20), r"batch 0 of shape \[4, 1, 20, 20\] does not fit layer 'ip1' \(QuantLinear of 800 "
+                               r"input features\)"),
+    ("lenet300", (4, 3, 28, 28), r"does not fit layer 'ip1' \(QuantLinear of 784 input features\)"),
+])
+def test_calibrate_names_the_layer_a_wrong_shape_fails_in(model_name, shape, match):
+    from lowbit.errors import ShapeMismatchError
+    from lowbit.models import get_model
+
+    model = quantize(get_model(model_name), "w8a8")
+    with pytest.raises(ShapeMismatchError, match=match):
+        lowbit.calibrate(model, [torch.randn(*shape)])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # the locating hooks are gone
+    lowbit.calibrate(model, [torch.randn(4, 1, 28, 28)])  # the right shape still calibrates
+
+
 def test_calibrate_records_the_input_shape_for_save(tmp_path):
     import lowbit
     from lowbit.models import get_model

@@ -174,7 +174,8 @@ def test_inspect_takes_an_energy_table(tmp_path, capsys):
 
 def test_inspect_without_a_graph_has_no_cost_report(tmp_path, capsys):
     path = tmp_path / "m.lowbit"
-    lowbit.save(lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(16, 4)), "w8a8"), path)  # no example input
+    config = {"weight": {"name": "uniform", "bits": 8}, "input": None, "first": "same", "last": "same"}
+    lowbit.save(lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(16, 4)), config), path)  # no example input
     assert main(["inspect", str(path), "--json"]) == 0
     assert "cost" not in json.loads(capsys.readouterr().out)
     assert main(["inspect", str(path), "--plot", str(tmp_path / "cost.png")]) == 2

@@ -92,10 +92,18 @@ def test_user_energy_table():
 
 @settings(max_examples=30, deadline=None)
 @given(st.one_of(st.just(float("nan")), st.just(float("inf")), st.just(-float("inf")), st.floats(max_value=-1e-300),
-                 st.just("1"), st.just(True)))
+                 st.floats(min_value=1e6, exclude_min=True), st.just("1"), st.just(True)))
 def test_bad_energy_values_are_config_errors(value):
-    with pytest.raises(ConfigError, match="int8_add"):
+    with pytest.raises(ConfigError, match="'int8_add' must be a number of pJ from 0 to 1e\\+06"):
         EnergyTable(int8_add=value)
+
+
+@pytest.mark.parametrize("text", ['{"fp32_add": Infinity}', '{"fp32_add": NaN}', '{"fp32_add": 1e400}',
+                                  '{"fp32_add": 2e6}', '{"fp32_add": -0.5}'])
+def test_energy_tables_from_json_reject_absurd_values_by_key(text):
+    with pytest.raises(ConfigError, match="energy table entry 'fp32_add'"):
+        EnergyTable.from_json(text)
+    assert EnergyTable.from_json('{"fp32_add": 1e6}').fp32_add == 1e6
 
 
 @settings(max_examples=50, deadline=None)

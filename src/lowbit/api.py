@@ -28,7 +28,7 @@ from torch import nn
 
 from .analysis.summary import Summary, summary
 from .config import QuantConfig, as_config
-from .errors import CalibrationError, UnsupportedLayerError
+from .errors import CalibrationError, LowbitError, ShapeMismatchError, UnsupportedLayerError
 from .nn import QuantAct, QuantConv2d, QuantLinear, label_quantizers, named_modules_without_quantizers
 from .quantizers import Quantizer
 from .quantizers.base import check_finite
@@ -157,15 +157,54 @@ def quantize(
     return report.model
 
 
-def _batch_inputs(batch: Any, index: int) -> torch.Tensor:
-    """A batch is a tensor, or a (inputs, targets, ...) tuple/list whose first item is fed to the model."""
+def _batch_inputs(batch: Any, index: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """A batch is a tensor, or a (inputs, targets, ...) tuple/list whose first item is fed to the model;
+    its values must be of ``dtype`` (the model's parameters') when given, else floating point."""
     inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if not isinstance(inputs, torch.Tensor):
         raise CalibrationError(
             f"calibration batch {index} is a {type(batch).__name__}; expected a tensor or an (inputs, targets) pair"
         )
+    if not (inputs.dtype == dtype if dtype is not None else inputs.is_floating_point()):
+        def name(dtype: torch.dtype) -> str:
+            return str(dtype).removeprefix("torch.")
+
+        wanted, convert = ("floating-point", ".float()") if dtype is None else (name(dtype), f".to({dtype})")
+        raise CalibrationError(f"calibration batch {index} holds {name(inputs.dtype)} values; the model takes "
+                               f"{wanted} inputs (convert them with {convert})")
     check_finite(inputs, f"calibration batch {index}")
     return inputs
+
+
+def _run_batch(model: nn.Module, inputs: torch.Tensor, index: int) -> None:
+    """``model(inputs)``; a torch error (wrong shape) becomes a ShapeMismatchError naming the innermost layer
+    that was running, found by hooks on every module."""
+    names = {module: name for name, module in model.named_modules()}
+    running: list[nn.Module] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        running.append(module)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        running.pop()
+
+    hooks = [handle for module in names
+             for handle in (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))]
+    try:
+        model(inputs)
+    except RuntimeError as exc:
+        if isinstance(exc, (LowbitError, torch.cuda.OutOfMemoryError)):
+            raise
+        layer = next((m for m in reversed(running) if not isinstance(m, Quantizer)), model)
+        where = f"layer {names[layer]!r}" if names[layer] else "the model"
+        takes = (f" of {layer.in_features} input features" if isinstance(layer, nn.Linear) else
+                 f" of {layer.in_channels} input channel(s)" if isinstance(layer, nn.modules.conv._ConvNd) else "")
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShapeMismatchError(f"calibration batch {index} of shape {list(inputs.shape)} does not fit {where} "
+                                 f"({type(layer).__name__}{takes}): {reason}") from None
+    finally:
+        for handle in hooks:
+            handle.remove()
 
 
 def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = None) -> nn.Module:
@@ -175,8 +214,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
     ``torch.no_grad``, then sets ``calibrating = False`` and restores each
     module's train/eval mode. ``observer`` ("minmax", "percentile", "mse")
     replaces the observer of every static quantizer (``dynamic`` False).
-    Raises CalibrationError for no batches, a batch with NaN/Inf (naming its
-    index), or a static quantizer that observed nothing (naming its tensor).
+    Raises CalibrationError for no batches, a batch that is not a tensor of
+    the parameters' dtype or holds NaN/Inf (naming its index), or a static
+    quantizer that observed nothing (naming its tensor); ShapeMismatchError
+    for a batch the model cannot run, naming the layer it failed in.
     Records the input shape of one example as ``model.lowbit_input_shape``
     (batch 1), which :func:`save` uses to capture the graph.
     """
@@ -188,6 +229,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
             if hasattr(q, "observer"):
                 q.observer = observer
     modes = [(m, m.training) for m in model.modules()]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     count = 0
     try:
         model.eval()
@@ -195,8 +237,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
             q.calibrating = True
         with torch.no_grad():
             for index, batch in enumerate(batches):
-                inputs = _batch_inputs(batch, index)
-                model(inputs)
+                inputs = _batch_inputs(batch, index, dtype)
+                _run_batch(model, inputs, index)
                 count += 1
     finally:
         for q in calibrated:

@@ -3,14 +3,19 @@
 Each subcommand is one entry in :data:`COMMANDS`: a function that adds its
 arguments and a function that calls the API and returns an :class:`Output`.
 Every subcommand takes ``--json``: stdout then holds exactly one JSON object
-(the result, or ``{"error": {"type": ..., "message": ...}}``). Errors raised
-on purpose by lowbit print one line on stderr and exit with status 2.
+(the result, or ``{"error": {"type": ..., "message": ...}}``; a usage error,
+such as an unknown option, adds ``"code": "usage"``). Errors raised on purpose
+by lowbit, usage errors and failed file accesses print one line on stderr and
+exit with status 2. Every path a subcommand writes is checked by
+:func:`output_path` before any work starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +48,10 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_entropy(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--entropy", default=None, help="entropy-code the weight codes: huffman or ans (lossless)")
+    from .format.container import ENTROPY_CODERS
+
+    parser.add_argument("--entropy", default=None, choices=ENTROPY_CODERS,
+                        help="entropy-code the weight codes: huffman or ans (lossless)")
 
 
 def _add_progress(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +72,45 @@ def _existing_file(path: str, what: str) -> Path:
     if not Path(path).is_file():
         raise ConfigError(f"{what} {path!r} does not exist")
     return Path(path)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return _existing_file(path, what).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path!r} is not UTF-8 text (byte {exc.start})") from None
+
+
+def output_path(path: str, option: str, *, directory: bool = False, plot_name: str | None = None) -> Path:
+    """The path ``option`` names for writing, checked before any work starts (ConfigError naming it otherwise).
+
+    It must not be empty, lie under a regular file or in a folder this process cannot write (missing
+    folders are created when it is written). A file output must not be a directory, except a plot
+    (``plot_name`` given): a plot into a directory is written there as ``plot_name``, and one without a
+    suffix gets ``.png``. A ``directory`` output must not be a file.
+    """
+    if not path.strip():
+        raise ConfigError(f"{option} is empty; give a {'directory' if directory else 'file'} path")
+    target = Path(path)
+    names_folder = target.is_dir() or path.endswith(("/", os.sep))
+    if plot_name is not None and names_folder:
+        target, names_folder = target / plot_name, False
+    if directory and target.exists() and not target.is_dir():
+        raise ConfigError(f"{option} {path!r} is a file; give a directory")
+    if not directory and names_folder:
+        raise ConfigError(f"{option} {path!r} is a directory; give a file path")
+    folder = target.absolute() if directory and target.exists() else target.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path!r} lies under {str(folder)!r}, which is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path!r}: folder {str(folder)!r} is not writable (permission denied)")
+    if plot_name is not None:
+        from .analysis.plots import plot_file
+
+        target = plot_file(target)
+    return target
 
 
 # ----------------------------------------------------------------------- demo
@@ -87,6 +134,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> Output:
     from . import workflow
 
+    output_path(args.out, "--out", directory=True)
     result = workflow.demo(
         args.out, data=args.data, epochs=args.epochs, seed=args.seed, limit=args.limit,
         calib_batches=args.calib_batches, entropy=args.entropy, cache=args.cache_dir, data_dir=args.data_dir,
@@ -132,6 +180,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> Output:
+    output_path(args.out, "--out", directory=True)
     if args.recipe is not None:
         return _run_recipe(args)
     if args.model is None or args.epochs is None:
@@ -146,7 +195,7 @@ def _run_train(args: argparse.Namespace) -> Output:
             raise ConfigError("give either --quant or --config, not both")
         from .config import QuantConfig
 
-        quant = QuantConfig.from_json(_existing_file(args.config, "config").read_text())
+        quant = QuantConfig.from_json(_read_text(args.config, "config"))
     result = workflow.train(
         args.model, args.data, epochs=args.epochs, out_dir=args.out, quant=quant, seed=args.seed,
         limit=args.limit, resume=args.resume, data_dir=args.data_dir, progress=args.progress,
@@ -222,13 +271,16 @@ def _run_quantize(args: argparse.Namespace) -> Output:
 
     if args.config is not None and args.preset is not None:
         raise ConfigError("give either --preset or --config, not both")
+    if args.calib_batches < 0:
+        raise ConfigError(f"--calib-batches must be >= 0, got {args.calib_batches}")
+    out = output_path(args.out, "--out")
     model, model_name, data, trained_with = _quantize_source(args)
     if args.config is not None:
         if trained_with is not None:
             raise ConfigError(f"--config needs a float checkpoint; this one was trained with {trained_with!r}")
         from .config import QuantConfig
 
-        args.preset = QuantConfig.from_json(_existing_file(args.config, "config").read_text())
+        args.preset = QuantConfig.from_json(_read_text(args.config, "config"))
     if trained_with is not None and args.preset not in (None, trained_with):
         raise ConfigError(
             f"the checkpoint was trained quantization-aware with {trained_with!r}; quantize it with that preset "
@@ -237,12 +289,10 @@ def _run_quantize(args: argparse.Namespace) -> Output:
     preset = args.preset or trained_with or "w8a8"
     as_config(preset)  # an unknown preset fails before any data is read
     label = args.config or (preset if isinstance(preset, str) else "its training config")
-    if args.calib_batches < 0:
-        raise ConfigError(f"--calib-batches must be >= 0, got {args.calib_batches}")
     batches = (workflow.calibration_batches(data, args.calib_batches, seed=args.seed, data_dir=args.data_dir)
                if args.calib_batches else None)
     quantized = workflow.post_training_quantize(model, preset, batches)
-    path = workflow.save_quantized(quantized, args.out, data, args.entropy)
+    path = workflow.save_quantized(quantized, out, data, args.entropy)
     size, reference = path.stat().st_size, workflow.float_bytes(model)
     data_out = {"path": str(path), "model": model_name, "data": data, "preset": label,
                 "calibration_batches": args.calib_batches, "entropy": args.entropy, "file_bytes": size,
@@ -322,20 +372,21 @@ def _run_inspect(args: argparse.Namespace) -> Output:
     from .analysis.cost import EnergyTable, file_cost_report
 
     path = _existing_file(args.file, "file")
+    plot = None if args.plot is None else output_path(args.plot, "--plot", plot_name=f"{path.stem}-cost.png")
+    table = EnergyTable.from_json(_read_text(args.energy_table, "energy table")) \
+        if args.energy_table else None
     info = serialize.inspect_file(path)
     text = serialize.format_inspect(info)
-    table = EnergyTable.from_json(_existing_file(args.energy_table, "energy table").read_text()) \
-        if args.energy_table else None
     if info["has_graph"]:
         report = file_cost_report(path, table)
         info["cost"] = report.to_dict()
         text += "\n\ncost of one inference at batch 1 (MACs by precision, BOPs = MACs x w x a, energy):\n" + str(report)
-        if args.plot:
+        if plot is not None:
             from .analysis.plots_cost import plot_cost
 
-            info["plot"] = str(plot_cost(report, args.plot))
+            info["plot"] = str(plot_cost(report, plot))
             text += f"\nwrote {info['plot']}"
-    elif args.energy_table or args.plot:
+    elif args.energy_table or args.plot is not None:
         raise ConfigError(f"{args.file!r} records no graph and input shape, so it has no cost report; "
                           "save it with an example input")
     return Output(text=text, data=info)
@@ -356,13 +407,16 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_run(args: argparse.Namespace) -> Output:
     from .data import load_dataset
+    from .data.loaders import _check_positive as check_positive
     from .runtime import Engine
 
+    check_positive(args.limit, "limit", allow_none=True)  # as eval
+    check_positive(args.batch_size, "--batch-size")
     engine = Engine(_existing_file(args.file, "file"), kernel=args.kernel, threads=args.threads)
     images, labels = load_dataset(args.data, "test", args.data_dir)
     images, labels = images[: args.limit].numpy(), labels[: args.limit].numpy()
-    if len(labels) == 0 or args.batch_size < 1:
-        raise ConfigError("run needs at least one test image and --batch-size >= 1")
+    if len(labels) == 0:
+        raise ConfigError(f"the {args.data} test split holds no images")
     correct = sum(int((engine.run(images[i:i + args.batch_size]).argmax(1) == labels[i:i + args.batch_size]).sum())
                   for i in range(0, len(labels), args.batch_size))
     data = {"path": args.file, "data": args.data, "images": len(labels), "accuracy": correct / len(labels),
@@ -406,8 +460,21 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class UsageError(Exception):
+    """A command line argparse rejects (unknown option, bad number, ...); ``parser`` is the (sub)parser."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # raise instead of exiting, so that main can answer in JSON
+        raise UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description="Quantized and binarized neural networks for PyTorch.")
+    parser = _Parser(prog="lowbit", description="Quantized and binarized neural networks for PyTorch.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, command in COMMANDS.items():
@@ -417,19 +484,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _escaped(text: str) -> str:
+    """``text`` with unpaired surrogates (undecodable bytes of a name) written as ``\\udcff``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _printable(text: str, stream: Any) -> str:
+    """``text`` as ``stream`` can encode it: unencodable characters, unpaired surrogates included, escaped."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
+def _json_safe(value: Any, where: str = "") -> Any:
+    """``value`` with its strings escaped (:func:`_escaped`); LowbitError naming a NaN or infinity (JSON has none)."""
+    if isinstance(value, str):
+        return _escaped(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LowbitError(f"the result's {where or 'value'} is {value}, which JSON cannot hold; this is a bug in "
+                          "lowbit, please report it")
+    if isinstance(value, dict):
+        return {_escaped(str(key)): _json_safe(item, f"{where}.{key}".lstrip(".")) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    return value
+
+
+def _fail(prog: str, kind: str, message: str, as_json: bool, **extra: str) -> int:
+    """One line on stderr and, under ``--json``, one JSON error object on stdout; the exit status."""
+    message = _escaped(" ".join(message.split()))
+    print(_printable(f"{prog}: error: {message}", sys.stderr), file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": {"type": kind, "message": message, **extra}}))
+    return EXIT_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # --help, --version and usage errors
+    except SystemExit as exit_:  # --help and --version
         return int(exit_.code or 0)
+    except UsageError as exc:
+        as_json = "--json" in argv
+        if not as_json:
+            exc.parser.print_usage(sys.stderr)
+        return _fail(exc.parser.prog, "UsageError", str(exc), as_json, code="usage")
+    prog = f"lowbit {args.command}"
     try:
         output = COMMANDS[args.command].run(args)
+        printed = json.dumps(_json_safe(output.data), allow_nan=False) if args.json else output.text
     except LowbitError as exc:
-        message = " ".join(str(exc).split())
-        print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"error": {"type": type(exc).__name__, "message": message}}))
-        return EXIT_ERROR
-    print(json.dumps(output.data) if args.json else output.text)
+        return _fail(prog, type(exc).__name__, str(exc), args.json)
+    except OSError as exc:  # a file that cannot be read or written
+        where = f"{exc.filename!r}: " if exc.filename is not None else ""
+        return _fail(prog, type(exc).__name__, f"{where}{exc.strerror or exc}", args.json)
+    print(_printable(printed, sys.stdout))
     return 0

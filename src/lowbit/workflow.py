@@ -238,10 +238,10 @@ def train(
     test_loader = make_loader(test_x, test_y, EVAL_BATCH_SIZE)
     if resume and last.exists():
         size_quantizer_state(net, last)
+    trainer = Trainer(net, train_loader, test_loader, epochs=epochs, optimizer="sgd", lr=lr, momentum=0.9,
+                      seed=seed, out_dir=out, resume=resume, progress=progress)  # checks its options first
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / RUN_FILE, (json.dumps(run, indent=2) + "\n").encode())
-    trainer = Trainer(net, train_loader, test_loader, epochs=epochs, optimizer="sgd", lr=lr, momentum=0.9,
-                      seed=seed, out_dir=out, resume=resume, progress=progress)
     try:
         fit = trainer.fit()
     except CalibrationError as exc:  # a quantizer met NaN/Inf: the quantization-aware run diverged
@@ -364,10 +364,18 @@ def load_trained(
 
 
 def post_training_quantize(model: nn.Module, config: Config, batches: Iterable[torch.Tensor] | None) -> nn.Module:
-    """A quantized copy of ``model`` (``lowbit.quantize``), calibrated on ``batches`` (None: not calibrated)."""
+    """A quantized copy of ``model`` (``lowbit.quantize``), calibrated on ``batches`` (None: not calibrated,
+    which a config with static quantizers that have observed nothing refuses with a CalibrationError)."""
     quantized = api.quantize(model, config)
     if batches is not None:
         api.calibrate(quantized, batches)
+    else:
+        unobserved = [q.label or q.where() for q in quantized.modules()
+                      if isinstance(q, Quantizer) and not getattr(q, "observed", True)]
+        if unobserved:
+            name = f"preset {config!r}" if isinstance(config, str) else "this config"
+            raise CalibrationError(f"{name} quantizes {', '.join(unobserved)} with static ranges, which need "
+                                   "calibration batches: --calib-batches must be >= 1")
     return quantized.eval()
 
 
@@ -531,6 +539,12 @@ def demo(
     start = time.perf_counter()
     if entropy not in (None, *ENTROPY_CODERS):
         raise ConfigError(f"entropy must be None or one of {', '.join(ENTROPY_CODERS)}, got {entropy!r}")
+    methods = demo_methods(bits)
+    for method in methods:  # every option fails before training
+        if method.config is not None:
+            as_config(method.config)
+    check_positive(calib_batches, "calibration batches")
+    check_positive(limit, "limit", allow_none=True)
     say = log or (lambda message: None)
     data, notes = demo_data(data, data_dir)
     for note in notes:
@@ -545,7 +559,7 @@ def demo(
     batches = calibration_batches(data, calib_batches, seed=seed, data_dir=data_dir)
     test = eval_set(data, limit, data_dir)
     out = Path(out_dir)
-    rows = ptq_sweep(trained.model, data, demo_methods(bits), batches, test, out / "files", entropy, progress)
+    rows = ptq_sweep(trained.model, data, methods, batches, test, out / "files", entropy, progress)
     table_path = out / "table.json"
     result = DemoResult(data, model_name, epochs, entropy, rows, table_path, out / "accuracy_vs_bits.png", notes,
                         trained.final_acc, reused, trained.checkpoint)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import math
 from typing import Any
 
 import torch
@@ -72,11 +72,26 @@ def _sample(data: str, count: int, seed: int, data_dir: str | None) -> tuple[tor
     return images[chosen], labels[chosen]
 
 
+def _check_budgets(args: argparse.Namespace) -> None:
+    """The budget options, checked before any measurement."""
+    for option, value in (("--budget-kb", args.budget_kb), ("--act-budget-kb", args.act_budget_kb)):
+        if value is not None and not 0 < value < math.inf:
+            raise ConfigError(f"{option} must be a finite number of kB > 0, got {value}")
+    if args.max_drop is not None and not 0 <= args.max_drop <= 100:
+        raise ConfigError(f"--max-drop must be from 0 to 100 (percentage points), got {args.max_drop}")
+    if args.match_bits is not None and args.match_bits not in args.bits:
+        raise ConfigError(f"--match-bits {args.match_bits} is not one of --bits {' '.join(map(str, args.bits))}")
+
+
 def run(args: argparse.Namespace) -> Any:
     """Returns the ``lowbit.cli.Output`` of the command (text table and JSON data)."""
     from .. import workflow
-    from ..cli import Output
+    from ..cli import Output, output_path
 
+    _check_budgets(args)
+    out = output_path(args.out, "--out")
+    table_path = None if args.table is None else output_path(args.table, "--table")
+    plot = None if args.plot is None else output_path(args.plot, "--plot", plot_name=f"{out.stem}-bits.png")
     model, info = workflow.load_trained(args.checkpoint, args.model, args.data)
     if info.get("quant") is not None:
         raise ConfigError(f"{args.checkpoint} was trained quantization-aware ({info['quant']!r}); "
@@ -96,18 +111,22 @@ def run(args: argparse.Namespace) -> Any:
         tables.append(input_table)
         allocations.append(inputs)
         config = combine(allocation, inputs)
-    out = Path(args.out)
     write_atomic(out, (config.to_json() + "\n").encode())
-    if args.table:
-        write_atomic(args.table, (json.dumps([t.to_dict() for t in tables], indent=2) + "\n").encode())
-    if args.plot:
+    written = [out]
+    if table_path is not None:
+        write_atomic(table_path, (json.dumps([t.to_dict() for t in tables], indent=2) + "\n").encode())
+        written.append(table_path)
+    if plot is not None:
         from .plots_cost import plot_allocation
 
-        plot_allocation(list(zip(tables, allocations)), args.plot)
+        written.append(plot_allocation(list(zip(tables, allocations)), plot))
     text = "\n".join(map(str, allocations)) + (f"\nfloat accuracy {100 * table.float_accuracy:.2f}% on "
-                                               f"{table.examples} {info['data']} training images; wrote {out}")
+                                               f"{table.examples} {info['data']} training images; wrote "
+                                               f"{', '.join(map(str, written))}")
     data = {"path": str(out), "model": info["model"], "data": info["data"], "allocation": allocation.to_dict(),
             "config": config.to_dict(), "float_accuracy": table.float_accuracy}
+    if plot is not None:
+        data["plot"] = str(plot)
     if len(allocations) > 1:
         data["input_allocation"] = allocations[1].to_dict()
     return Output(text=text, data=data)

@@ -59,13 +59,16 @@ from .summary import FLOAT_BITS, Summary, convertible_layers, example_tensor, me
 
 PRECISIONS = ("binary", "int", "float")
 WORD_BYTES = 4  # the energy table prices 32-bit memory accesses
+#: the largest energy per operation an :class:`EnergyTable` accepts, in pJ (a DRAM read is ~640 pJ)
+MAX_PJ = 1e6
 
 
 @dataclass(frozen=True)
 class EnergyTable:
     """Energy per operation in picojoules (defaults: Horowitz ISSCC 2014, 45 nm); see the module docstring.
 
-    ``xnor_popcount`` None means ``int8_add / 4``.
+    ``xnor_popcount`` None means ``int8_add / 4``. Every entry is a finite number of pJ from 0 to
+    :data:`MAX_PJ` (ConfigError naming the entry otherwise).
     """
 
     fp32_mult: float = 3.7
@@ -82,9 +85,9 @@ class EnergyTable:
             value = getattr(self, f.name)
             if value is None and f.name == "xnor_popcount":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise ConfigError(f"energy table entry {f.name!r} must be a finite number of pJ >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_PJ:
+                raise ConfigError(f"energy table entry {f.name!r} must be a number of pJ from 0 to {MAX_PJ:g}, "
+                                  f"got {value!r}")
 
     def mac_pj(self, weight_bits: int, input_bits: int) -> float:
         """Energy of one multiply-accumulate with ``weight_bits`` x ``input_bits`` operands (32 = float)."""

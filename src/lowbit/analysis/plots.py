@@ -14,6 +14,29 @@ PANEL_SIZE = (4.8, 3.6)  # inches per panel
 DPI = 90  # keeps a two-panel figure well under 100 KB
 
 
+def plot_file(path: str | os.PathLike) -> Path:
+    """The file a plot of ``path`` goes to: ``path`` itself, with ``.png`` added when it has no suffix.
+    ConfigError for a suffix that matplotlib cannot write (the valid ones are listed)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ConfigError(f"plot file {str(path)!r} has an unknown image type {path.suffix!r}; "
+                          f"use .png (or {', '.join('.' + name for name in sorted(formats) if name != 'png')})")
+    return path
+
+
+def save_figure(figure: Any, path: str | os.PathLike) -> Path:
+    """Write ``figure`` to :func:`plot_file` of ``path`` (missing folders are created); returns that file."""
+    path = plot_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
 def plot_accuracy_vs_bits(
     panels: Mapping[str, Sequence[Mapping[str, Any]]],
     path: str | os.PathLike,
@@ -24,7 +47,7 @@ def plot_accuracy_vs_bits(
     Each panel is a title and rows with ``method`` (the line label), ``bits``
     and ``accuracy`` (a fraction). Rows of one method form a line sorted by
     bits; a method with one row is a single marker. ``baselines[title]`` (the
-    float accuracy) is drawn as a dashed horizontal line. Returns ``path``.
+    float accuracy) is drawn as a dashed horizontal line. Returns the file written (:func:`plot_file`).
     """
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -57,7 +80,4 @@ def plot_accuracy_vs_bits(
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
+    return save_figure(figure, path)

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from .allocate import Allocation
 from .cost import CostReport
 from .sensitivity import SensitivityTable
-from .plots import DPI, PANEL_SIZE
+from .plots import DPI, PANEL_SIZE, save_figure
 
 
 def _figure(panels: int, rows: int = 1):  # -> (Figure, list of Axes, row by row)
@@ -24,16 +24,9 @@ def _figure(panels: int, rows: int = 1):  # -> (Figure, list of Axes, row by row
     return figure, [ax for row in figure.subplots(rows, panels, squeeze=False) for ax in row]
 
 
-def _save(figure: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
-
-
 def plot_cost(report: CostReport, path: str | os.PathLike) -> Path:
     """Bar charts per layer: BOPs, memory (weights, activations) and energy (compute, weight reads,
-    activation accesses, stacked), log scales. Returns ``path``."""
+    activation accesses, stacked), log scales. Returns the file written (``plots.plot_file``)."""
     if not report.layers:
         raise ConfigError("plot_cost needs a cost report with at least one layer")
     names = [r.name or "(model)" for r in report.layers]
@@ -56,7 +49,7 @@ def plot_cost(report: CostReport, path: str | os.PathLike) -> Path:
     for ax in (bops, memory, energy):
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize="small")
         ax.set_yscale("log")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_accuracy_vs_size(
@@ -81,7 +74,7 @@ def plot_accuracy_vs_size(
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def allocation_figure(chosen: Sequence[tuple[SensitivityTable, Allocation]], titles: Sequence[str] = ()) -> Any:
@@ -122,5 +115,5 @@ def allocation_figure(chosen: Sequence[tuple[SensitivityTable, Allocation]], tit
 
 def plot_allocation(chosen: Sequence[tuple[SensitivityTable, Allocation]], path: str | os.PathLike,
                     titles: Sequence[str] = ()) -> Path:
-    """PNG of :func:`allocation_figure` (``lowbit allocate --plot``). Returns ``path``."""
-    return _save(allocation_figure(chosen, titles), path)
+    """PNG of :func:`allocation_figure` (``lowbit allocate --plot``). Returns the file written."""
+    return save_figure(allocation_figure(chosen, titles), path)

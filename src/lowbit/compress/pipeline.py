@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import struct
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,11 @@ from torch import nn
 
 from .. import serialize
 from ..errors import ConfigError
+from ..format.sparse import MAX_INDEX_BITS
+from ..quantizers.base import check_bits
+from ..quantizers.kmeans import INITS, MAX_ITERS
 from ..train import Trainer, checkpoint_file
-from .prune import Pruner, prunable_layers, sparsity_schedule
+from .prune import Pruner, check_number, layer_table, prunable_layers, sparsity_schedule
 from .report import (
     FLOAT_BYTES,
     LayerStats,
@@ -40,7 +44,7 @@ from .report import (
     plot_tradeoff,
     plot_weight_distribution,
 )
-from .share import share_weights, shared_layers
+from .share import MAX_BITS as MAX_SHARE_BITS, share_weights, shared_layers
 
 #: the paper's kept fractions (Tables 1 and 2), by the layer names of lowbit's LeNets
 PAPER_KEPT: dict[str, dict[str, float]] = {
@@ -100,6 +104,7 @@ class DeepCompressionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Every option is checked here, so that a bad one fails before any pruning or training."""
         if self.sparsity is not None and self.quality is not None:
             raise ConfigError("give either sparsity targets or a quality, not both")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
@@ -110,6 +115,26 @@ class DeepCompressionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"unknown k-means init {self.init!r}; valid: {', '.join(INITS)}")
+        check_bits(self.kmeans_iters, 0, MAX_ITERS, "kmeans_iters")
+        for name in ("lr", "finetune_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        check_number(self.weight_decay, "weight_decay", 0)
+        _each(self.sparsity, "sparsity", lambda value, what: check_number(value, what, 0, 1))
+        _each(self.quality, "quality", lambda value, what: check_number(value, what, 0))
+        _each(self.bits, "bits", lambda value, what: check_bits(value, 1, MAX_SHARE_BITS, what))
+        if self.index_bits != "auto":
+            _each(self.index_bits, "index_bits", lambda value, what: check_bits(value, 1, MAX_INDEX_BITS, what))
+
+
+def _each(value: Any, what: str, check: Callable[[Any, str], Any]) -> None:
+    """``check(number, label)`` on one number, or on each number of a per-layer dict (None: nothing to check)."""
+    items = value.items() if isinstance(value, Mapping) else [] if value is None else [(None, value)]
+    for name, number in items:
+        check(number, what if name is None else f"{what} of layer {name!r}")
 
 
 @dataclass
@@ -186,6 +211,8 @@ def deep_compress(
     log = log or (lambda message: None)
     model = copy.deepcopy(model)
     layers = prunable_layers(model)
+    for what in ("sparsity", "quality", "bits", "index_bits"):  # unknown layer names fail before any work
+        layer_table(getattr(config, what), list(layers), what)
     before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     acc = {"float": accuracy(model, test_loader)}
     log(f"float: test accuracy {acc['float']:.4f}")
@@ -402,12 +429,13 @@ def _float_model(checkpoint: str, data: str, model_name: str | None) -> nn.Modul
 
 
 def _run(args: Any) -> tuple[str, dict[str, Any]]:
+    from ..cli import output_path
     from ..data import loaders
     from .prune import parse_layer_values
     from .report import format_table
 
-    model = _float_model(args.checkpoint, args.data, args.model)
-    train_loader, test_loader = loaders(args.data, args.batch_size, seed=args.seed, limit=args.limit)
+    out = output_path(args.out, "--out")
+    plots_dir = output_path(args.plots, "--plots", directory=True) if args.plots is not None else out.parent
     config = DeepCompressionConfig(
         sparsity=parse_layer_values(args.sparsity, "--sparsity") if args.sparsity else None,
         quality=args.quality, rounds=args.rounds, retrain_epochs=args.retrain_epochs,
@@ -415,6 +443,8 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
         index_bits="auto" if args.index_bits == "auto" else _int_values(args.index_bits, "--index-bits"),
         lr=args.lr, seed=args.seed,
     )
+    model = _float_model(args.checkpoint, args.data, args.model)
+    train_loader, test_loader = loaders(args.data, args.batch_size, seed=args.seed, limit=args.limit)
     log: list[str] = []
 
     def say(message: str) -> None:
@@ -422,11 +452,11 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
         print(message, file=sys.stderr)
 
     result = deep_compress(model, train_loader, test_loader, config, progress=True, log=say)
-    out = save_compressed(result, args.out, args.entropy)
+    out = save_compressed(result, out, args.entropy)
     model.load_state_dict(serialize.load_state_dict(out))
     result.accuracy["loaded"] = accuracy(model, test_loader)
     per_layer, header = file_layer_bytes(out, [s.name for s in result.layers])
-    plots = write_plots(result, args.plots or Path(out).parent, prefix=Path(out).stem + "-")
+    plots = write_plots(result, plots_dir, prefix=out.stem + "-")
     floats, layer_bytes, file_bytes = result.float_bytes(), sum(per_layer.values()), out.stat().st_size
     stages = ", ".join(f"{stage} {100 * (1 - a):.2f}%" for stage, a in result.accuracy.items())
     text = "\n".join([

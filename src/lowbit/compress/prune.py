@@ -16,6 +16,7 @@ moments) they hold, so neither momentum nor weight decay moves them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,15 +59,21 @@ def layer_table(value: Any, names: list[str], what: str) -> dict[str, Any]:
     return {name: value for name in names}
 
 
+def check_number(value: Any, what: str, low: float, high: float = math.inf) -> float:
+    """``value`` as a float if it is a finite number from ``low`` to ``high``, else ConfigError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+            or not math.isfinite(value):
+        valid = f">= {low}" if high == math.inf else f"from {low} to {high}"
+        raise ConfigError(f"{what} must be a finite number {valid}, got {value!r}")
+    return float(value)
+
+
 def _per_layer(value: float | Mapping[str, float] | None, names: list[str], what: str, high: float) -> dict[str, float]:
     """A per-layer dict of numbers in [0, high] from one number for all layers or a dict naming some of them."""
     if value is None:
         return {}
     table = layer_table(value, names, what)
-    for name, number in table.items():
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= high:
-            raise ConfigError(f"{what} of layer {name!r} must be a number in [0, {high}], got {number!r}")
-    return {name: float(number) for name, number in table.items()}
+    return {name: check_number(number, f"{what} of layer {name!r}", 0, high) for name, number in table.items()}
 
 
 def parse_layer_values(text: str, what: str) -> float | dict[str, float]:
@@ -85,6 +92,7 @@ def sparsity_schedule(final: float, rounds: int) -> list[float]:
     fraction of the weights still alive, ``s_r = 1 - (1 - final) ** (r / rounds)``."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"prune rounds must be an integer >= 1, got {rounds!r}")
+    final = check_number(final, "sparsity", 0, 1)
     return [1 - (1 - final) ** (r / rounds) for r in range(1, rounds + 1)]
 
 
@@ -131,8 +139,8 @@ class Pruner(Callback):
         """Prune by per-layer ``sparsity`` targets or ``quality`` (threshold = quality * std);
         a layer named in neither keeps its mask. Masks only ever shrink. Returns the kept fraction per layer."""
         names = list(self.layers)
-        targets = _per_layer(sparsity, names, "sparsity", 1.0)
-        qualities = _per_layer(quality, names, "quality", float("inf"))
+        targets = _per_layer(sparsity, names, "sparsity", 1)
+        qualities = _per_layer(quality, names, "quality", math.inf)
         both = sorted(set(targets) & set(qualities))
         if both:
             raise ConfigError(f"layer(s) {both} got both a sparsity target and a quality; give one per layer")

@@ -25,6 +25,8 @@ from .prune import layer_table, prunable_layers
 
 #: the paper's bits per shared weight index: conv layers, fully connected layers
 CONV_BITS, FC_BITS = 8, 5
+#: the widest k-means index (KMeansQuantizer's limit)
+MAX_BITS = 8
 
 
 def paper_bits(model: nn.Module) -> dict[str, int]:

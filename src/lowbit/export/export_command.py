@@ -59,13 +59,14 @@ def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
 
 def run(args: argparse.Namespace) -> Any:
     """Returns the ``lowbit.cli.Output`` of the command."""
-    from ..cli import Output
+    from ..cli import Output, output_path
     from .onnx import local_vnni, to_onnx, uint8_weight_layers, write_onnx
 
+    out = output_path(args.out, "--out")
     model, example = _source(args)
     proto = to_onnx(model, example, opset=args.opset, int4=args.int4, channel_multiple=args.channel_multiple,
                     binary_ops=args.binary_ops, weight_type=args.weight_type)
-    path = write_onnx(proto, args.out)
+    path = write_onnx(proto, out)
     uint8_layers = uint8_weight_layers(proto)
     data = {"path": str(path), "source": args.source, "format": args.format, "opset": args.opset,
             "input_shape": [-1, *example.shape[1:]], "bytes": path.stat().st_size, "weight_type": args.weight_type,

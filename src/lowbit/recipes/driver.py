@@ -35,12 +35,14 @@ from torch.nn import functional as F
 
 from .. import api
 from ..data import load_dataset, make_loader
+from ..data.loaders import _check_positive as check_positive
 from ..errors import ConfigError
 from ..format.container import write_atomic
 from ..models import binary_nets  # noqa: F401  (registers small-cnn)
 from ..nn import QuantConv2d, QuantLinear
 from ..quantizers.pact import PACTQuantizer
 from ..train import Trainer, ddp, seed_everything
+from ..train.trainer import check_lr
 from ..workflow import EVAL_BATCH_SIZE, RUN_FILE, build_model
 from .table import SIGN_WEIGHTS, Recipe, Stage, get_recipe
 
@@ -336,11 +338,15 @@ def train_recipe(
     train_time_per_epoch, history), world_size, wall_time, checkpoint.
     """
     recipe = name if isinstance(name, Recipe) else get_recipe(name)
+    # bad arguments fail here, before any data is read or directory made (and not in N workers)
+    stage_epochs(recipe, recipe.epochs if epochs is None else epochs)
+    check_positive(recipe.batch_size if batch_size is None else batch_size, "batch_size")
+    check_positive(limit, "limit", allow_none=True)
+    check_lr(recipe.lr if lr is None else lr)
     kwargs = {"recipe": recipe, "data": data, "model": model, "epochs": epochs, "out": out, "seed": seed,
               "limit": limit, "progress": progress, "batch_size": batch_size, "lr": lr, "data_dir": data_dir}
     if ddp_processes is None or ddp_processes == 1:
         return _run(**kwargs)
-    stage_epochs(recipe, recipe.epochs if epochs is None else epochs)  # a bad argument fails here, not in N workers
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         ddp.launch(_ddp_worker, ddp_processes, (kwargs, str(result_path)), timeout_s=DDP_TIMEOUT_S)

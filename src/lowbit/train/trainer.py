@@ -159,6 +159,13 @@ def _model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+def check_lr(lr: float) -> float:
+    """``lr`` if it is a finite learning rate > 0, else ConfigError."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ConfigError(f"lr must be > 0 and finite, got {lr!r}")
+    return lr
+
+
 class Trainer:
     """Train ``model`` on ``train_loader`` (any iterable of ``(inputs, labels)`` batches).
 
@@ -268,8 +275,7 @@ class Trainer:
                 f"unknown optimizer {optimizer!r}; valid names: {', '.join(OPTIMIZERS)} (or a torch.optim.Optimizer)"
             )
         lr = (0.1 if optimizer == "sgd" else 1e-3) if lr is None else lr
-        if not lr > 0:
-            raise ConfigError(f"lr must be > 0, got {lr!r}")
+        check_lr(lr)
         if not weight_decay >= 0:
             raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
         params = [p for p in self.model.parameters() if p.requires_grad]
