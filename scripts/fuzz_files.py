@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import random
 import resource
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -97,18 +99,27 @@ def main() -> None:
                        "--cases", str(count), "--case-seconds", str(args.case_seconds),
                        "--memory-gb", str(args.memory_gb)]
             procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+    lines: queue.Queue = queue.Queue()
+    for proc in procs:  # one reader per worker, so no worker blocks on a full pipe
+        threading.Thread(target=lambda p=proc: ([lines.put(line) for line in p.stdout], lines.put(None)),
+                         daemon=True).start()
     records, peaks = [], []
     start = time.perf_counter()
     with tqdm(total=args.cases, desc="fuzz cases") as progress:
-        for proc in procs:
-            for line in proc.stdout:
-                item = json.loads(line)
-                if "maxrss_mb" in item:
-                    peaks.append(item["maxrss_mb"])
-                    continue
-                records.append(item)
-                progress.update(1)
-            proc.wait()
+        finished = 0
+        while finished < len(procs):
+            line = lines.get()
+            if line is None:
+                finished += 1
+                continue
+            item = json.loads(line)
+            if "maxrss_mb" in item:
+                peaks.append(item["maxrss_mb"])
+                continue
+            records.append(item)
+            progress.update(1)
+    for proc in procs:
+        proc.wait()
     failures = [r for r in records if "failure" in r]
     outcomes = Counter(" ".join(sorted(set(r["outcome"].values()))) for r in records if "outcome" in r)
     slowest = max(records, key=lambda r: r["seconds"]) if records else None

@@ -1,11 +1,13 @@
-"""Element-wise activations: relu, tanh, hardtanh ``clip(x, min, max)`` (ReLU6 is hardtanh(0, 6)), and quant_act
-(a QuantAct module's activation quantizer, run by :mod:`lowbit.runtime.activations`)."""
+"""Activations: relu, tanh, hardtanh ``clip(x, min, max)`` (ReLU6 is hardtanh(0, 6)), sigmoid, silu ``x sigmoid(x)``,
+hardsigmoid, hardswish ``x hardsigmoid(x)``, gelu, leaky_relu, softmax, and quant_act (a QuantAct module's activation
+quantizer, run by :mod:`lowbit.runtime.activations`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .schema import Capture, Node, Number, OpSchema, Shape, argument, register, same_shape, unary
+from ..errors import UnsupportedLayerError
+from .schema import MAX_RANK, Capture, Choice, Int, Node, Number, OpSchema, Shape, argument, register, same_shape, unary
 
 
 def _hardtanh_shape(node: Node) -> Shape:
@@ -41,3 +43,122 @@ HARDTANH = register(OpSchema(
     torch=lambda t, xs, a: t.nn.functional.hardtanh(xs[0], a["min"], a["max"]), onnx=_clip))
 QUANT_ACT = register(OpSchema("quant_act", same_shape, quant=("output",), state=("quantizer",), module=True,
                               capture=Capture(modules=("lowbit.nn.QuantAct",))))
+
+
+# ---------------------------------------------------------------- smooth and piecewise activations of modern CNNs
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` in float32 (torch.sigmoid)."""
+    with np.errstate(over="ignore"):
+        return (np.float32(1) / (np.float32(1) + np.exp(-x))).astype(np.float32, copy=False)
+
+
+def hardsigmoid(x: np.ndarray) -> np.ndarray:
+    """``relu6(x + 3) / 6`` (Howard et al. 2019, MobileNetV3)."""
+    return np.minimum(np.maximum(x + np.float32(3), np.float32(0)), np.float32(6)) / np.float32(6)
+
+
+def gelu(x: np.ndarray, approximate: str) -> np.ndarray:
+    """GELU (Hendrycks & Gimpel 2016): ``x Phi(x) = x / 2 (1 + erf(x / sqrt 2))``, or with ``approximate="tanh"``
+    ``x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``."""
+    from scipy.special import erf
+
+    half = np.float32(0.5) * x
+    if approximate == "tanh":
+        inner = np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
+        return half * (np.float32(1) + np.tanh(inner))
+    return half * (np.float32(1) + erf(x * np.float32(1 / np.sqrt(2))).astype(np.float32))
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    """``exp(x - max) / sum(exp(x - max))`` along ``axis``."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _gelu_onnx(b, name: str, xs: list[str], a: dict) -> str:
+    """GELU from primitives (Erf or Tanh), which every opset writes and onnxruntime fuses."""
+    x = xs[0]
+    const = lambda key, value: b.const(f"{name}.{key}", np.array(value, np.float32))  # noqa: E731
+    if a["approximate"] == "tanh":
+        cube = b.node("Mul", [b.node("Mul", [x, x], f"{name}.square"), x], f"{name}.cube")
+        inner = b.node("Add", [x, b.node("Mul", [cube, const("c", 0.044715)], f"{name}.scaled")], f"{name}.sum")
+        core = b.node("Tanh", [b.node("Mul", [inner, const("k", np.sqrt(2 / np.pi))], f"{name}.inner")],
+                      f"{name}.tanh")
+    else:
+        core = b.node("Erf", [b.node("Mul", [x, const("k", 1 / np.sqrt(2))], f"{name}.scaled")], f"{name}.erf")
+    gate = b.node("Add", [core, const("one", 1.0)], f"{name}.gate")
+    return b.node("Mul", [b.node("Mul", [x, gate], f"{name}.product"), const("half", 0.5)], name)
+
+
+def _hardswish_onnx(b, name: str, xs: list[str], a: dict) -> str:
+    if b.opset >= 14:
+        return b.node("HardSwish", xs, name)
+    return b.node("Mul", [xs[0], b.node("HardSigmoid", xs, f"{name}.gate", alpha=1 / 6, beta=0.5)], name)
+
+
+def _softmax_shape(node: Node) -> Shape:
+    if not -len(node.inputs[0]) <= node.attrs["axis"] <= -1:
+        raise node.fail(f"softmax axis {node.attrs['axis']} must name a non-batch axis of {[-1, *node.inputs[0]]} "
+                        "(counted from the end: -1 is the last)")
+    return node.inputs[0]
+
+
+def _softmax_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
+    dim = argument(args, kwargs, 1, "dim", None)
+    if dim is None or argument(args, kwargs, 3, "dtype", None) is not None:
+        raise UnsupportedLayerError(f"{where}: softmax is captured with an explicit dim and no dtype")
+    return {"axis": int(dim) - len(shape) if dim >= 0 else int(dim)}, args[:1]
+
+
+def _softmax_module(m, shape: list[int], where: str) -> dict:
+    return _softmax_call([None], {"dim": m.dim}, shape, where)[0]
+
+
+def _softmax_onnx(b, name: str, xs: list[str], a: dict) -> str:
+    if b.opset < 13 and a["axis"] != -1:
+        raise UnsupportedLayerError(f"node {name!r}: softmax over axis {a['axis']} needs opset >= 13")
+    return b.node("Softmax", xs, name, axis=a["axis"])
+
+
+SIGMOID = register(OpSchema(
+    "sigmoid", same_shape,
+    capture=Capture(("torch.sigmoid", "torch.nn.functional.sigmoid", "Tensor.sigmoid"), unary, ("torch.nn.Sigmoid",)),
+    numpy=lambda xs, a: sigmoid(xs[0]), torch=lambda t, xs, a: t.sigmoid(xs[0]),
+    onnx=lambda b, name, xs, a: b.node("Sigmoid", xs, name)))
+SILU = register(OpSchema(
+    "silu", same_shape, capture=Capture(("torch.nn.functional.silu",), unary, ("torch.nn.SiLU",)),
+    numpy=lambda xs, a: xs[0] * sigmoid(xs[0]), torch=lambda t, xs, a: t.nn.functional.silu(xs[0]),
+    onnx=lambda b, name, xs, a: b.node("Mul", [xs[0], b.node("Sigmoid", xs, f"{name}.gate")], name)))
+HARDSIGMOID = register(OpSchema(
+    "hardsigmoid", same_shape,
+    capture=Capture(("torch.nn.functional.hardsigmoid",), unary, ("torch.nn.Hardsigmoid",)),
+    numpy=lambda xs, a: hardsigmoid(xs[0]), torch=lambda t, xs, a: t.nn.functional.hardsigmoid(xs[0]),
+    onnx=lambda b, name, xs, a: b.node("HardSigmoid", xs, name, alpha=1 / 6, beta=0.5)))
+HARDSWISH = register(OpSchema(
+    "hardswish", same_shape, capture=Capture(("torch.nn.functional.hardswish",), unary, ("torch.nn.Hardswish",)),
+    numpy=lambda xs, a: xs[0] * hardsigmoid(xs[0]), torch=lambda t, xs, a: t.nn.functional.hardswish(xs[0]),
+    onnx=_hardswish_onnx))
+GELU = register(OpSchema(
+    "gelu", same_shape, attrs={"approximate": Choice(("none", "tanh"))},
+    capture=Capture(("torch.nn.functional.gelu",),
+                    lambda args, kwargs, shape, where: ({"approximate": kwargs.get("approximate", "none")}, args[:1]),
+                    ("torch.nn.GELU",), lambda m, shape, where: {"approximate": m.approximate}),
+    numpy=lambda xs, a: gelu(xs[0], a["approximate"]),
+    torch=lambda t, xs, a: t.nn.functional.gelu(xs[0], approximate=a["approximate"]), onnx=_gelu_onnx))
+LEAKY_RELU = register(OpSchema(
+    "leaky_relu", same_shape, attrs={"slope": Number()},
+    capture=Capture(("torch.nn.functional.leaky_relu",),
+                    lambda args, kwargs, shape, where: (
+                        {"slope": float(argument(args, kwargs, 1, "negative_slope", 0.01))}, args[:1]),
+                    ("torch.nn.LeakyReLU",), lambda m, shape, where: {"slope": float(m.negative_slope)}),
+    numpy=lambda xs, a: np.where(xs[0] > 0, xs[0], xs[0] * np.float32(a["slope"])),
+    torch=lambda t, xs, a: t.nn.functional.leaky_relu(xs[0], a["slope"]),
+    onnx=lambda b, name, xs, a: b.node("LeakyRelu", xs, name, alpha=a["slope"])))
+SOFTMAX = register(OpSchema(
+    "softmax", _softmax_shape, attrs={"axis": Int(-MAX_RANK, -1)},
+    capture=Capture(("torch.softmax", "torch.nn.functional.softmax", "Tensor.softmax"), _softmax_call,
+                    ("torch.nn.Softmax",), _softmax_module),
+    numpy=lambda xs, a: softmax(xs[0], a["axis"]), torch=lambda t, xs, a: t.softmax(xs[0], a["axis"]),
+    onnx=_softmax_onnx))

@@ -38,6 +38,8 @@ MAX_ELEMENTS = 2**28
 MAX_RANK = 8
 #: the most nodes a graph may have
 MAX_NODES = 100_000
+#: the largest finite float32, the bound of a float attribute
+FLOAT32_MAX = 3.4028234663852886e38
 
 Shape = tuple[int, ...]
 
@@ -71,10 +73,11 @@ class Int:
 
 @dataclass(frozen=True)
 class Number:
-    """A finite number (int or float) in [low, high], or (low, high] when ``open_low``."""
+    """A finite number (int or float) in [low, high] (by default float32's range), or (low, high] when
+    ``open_low``."""
 
-    low: float = -math.inf
-    high: float = math.inf
+    low: float = -FLOAT32_MAX
+    high: float = FLOAT32_MAX
     open_low: bool = False
 
     def check(self, value: object, what: str, where: str) -> float:
@@ -82,8 +85,8 @@ class Number:
         if ok:
             ok = (self.low < value if self.open_low else self.low <= value) and value <= self.high  # type: ignore
         if not ok:
-            bound = f"> {self.low}" if self.open_low else f">= {self.low}"
-            high = "" if self.high == math.inf else f" and <= {self.high}"
+            bound = f"> {self.low:g}" if self.open_low else f">= {self.low:g}"
+            high = "" if self.high == math.inf else f" and <= {self.high:g}"
             raise fail(where, f"{what} must be a finite number {bound}{high}, got {_short(value)}")
         return float(value)  # type: ignore[arg-type]
 

@@ -11,6 +11,7 @@ bit width before it is known to lie in the quantizer's range).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from ..errors import FormatError
@@ -46,8 +47,8 @@ SPECS: dict[str, dict[str, tuple[Any, Any]]] = {
              "dynamic": (Bool(), True)},
     "lsq": {"bits": (Int(1, 8), 4), "signed": (Bool(), True), "per_channel": (Bool(), False),
             "role": (Choice(ROLES), "weight")},
-    "pact": {"bits": (Int(1, 8), 4), "alpha": (Number(0, open_low=True), 10.0)},
-    "ternary": {"threshold": (Number(0), 0.7), "per_channel": (Bool(), False)},
+    "pact": {"bits": (Int(1, 8), 4), "alpha": (Number(0, math.inf, open_low=True), 10.0)},
+    "ternary": {"threshold": (Number(0, math.inf), 0.7), "per_channel": (Bool(), False)},
     "uniform": {"bits": (Int(2, 16), 8), "symmetric": (Bool(), False), "per_channel": (Bool(), False),
                 "narrow": (Bool(), False), "dynamic": (Bool(), True), "observer": (Choice(OBSERVERS), "minmax"),
                 "percentile": (Number(50, 100), 99.99)},
