@@ -1,4 +1,4 @@
-"""The .lowbit container (numpy only): safetensors interop, code chains, every rejection, atomic writes."""
+"""The .lowbit container (numpy only): safetensors interop, code chains, every rejection."""
 
 import json
 import math

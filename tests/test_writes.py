@@ -13,8 +13,8 @@ import time
 import pytest
 
 from lowbit.errors import ConfigError
-from lowbit.format import container
-from lowbit.format.container import STALE_TEMP_SECONDS, write_atomic
+from lowbit.format import atomic
+from lowbit.format.atomic import STALE_TEMP_SECONDS, write_atomic
 
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX permissions, signals and pids")
 
@@ -38,7 +38,7 @@ def child(script, *args):
 
 SAVE_FOREVER = """
 import sys
-from lowbit.format.container import write_atomic
+from lowbit.format.atomic import write_atomic
 target, size = sys.argv[1], int(sys.argv[2])
 payloads = [bytes([1]) * size, bytes([2]) * size]
 print("ready", flush=True)
@@ -75,7 +75,7 @@ def test_a_writer_killed_mid_write_never_leaves_a_truncated_target(tmp_path):
     target.write_bytes(b"old")
     script = f"""
 import os, signal
-from lowbit.format.container import write_atomic
+from lowbit.format.atomic import write_atomic
 real_fdopen = os.fdopen
 def dying_fdopen(*args, **kwargs):
     f = real_fdopen(*args, **kwargs)
@@ -110,7 +110,7 @@ def test_a_failed_write_leaves_nothing_under_the_target(tmp_path, monkeypatch):
 
 SLOW_WRITE = """
 import os, sys, time
-from lowbit.format.container import write_atomic
+from lowbit.format.atomic import write_atomic
 if sys.argv[2] == "handler":
     import signal
     def stop(signum, frame):
@@ -188,7 +188,7 @@ def dead_pid():
 
 @POSIX
 def test_only_stale_temporary_files_of_the_same_target_are_removed(tmp_path):
-    tag = container._writer_tag()
+    tag = atomic._writer_tag()
     other_tag = "0" * 8 if tag != "0" * 8 else "1" * 8
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -237,7 +237,7 @@ def test_temporary_names_carry_pid_and_tag(tmp_path, monkeypatch):
     write_atomic(tmp_path / "m.lowbit", b"x")
     middle = seen[0][len(".m.lowbit.") : -len(".tmp")]
     pid, tag, token = middle.split(".")
-    assert int(pid) == os.getpid() and tag == container._writer_tag() and len(token) == 8
+    assert int(pid) == os.getpid() and tag == atomic._writer_tag() and len(token) == 8
 
 
 # ---------------------------------------------------------------------------- paths that cannot be written

@@ -49,7 +49,8 @@ from .data import dataset_info, load_dataset, make_loader
 from .data.loaders import _check_positive as check_positive
 from .data.sources import cache_dir
 from .errors import CalibrationError, ConfigError, DataError, TrainingError
-from .format.container import ENTROPY_CODERS, write_atomic
+from .format.atomic import write_atomic
+from .format.container import ENTROPY_CODERS
 from .models import get_model
 from .quantizers import Quantizer
 from .serialize import INPUT_SHAPE_ATTR

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..format.container import write_atomic
+from ..format.atomic import write_atomic
 from .allocate import allocate_bits, allocate_for_loss, allocate_like_uniform, combine
 from .sensitivity import DEFAULT_BITS, DEFAULT_INPUT_BITS, OBJECTIVES, measure_sensitivity
 

@@ -61,7 +61,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedLayerError
-from ..format.container import write_atomic
+from ..format.atomic import write_atomic
 from ..quantizers import Encoded, Quantizer, decode
 from ..quantizers.base import EPS
 from ..ops import Graph, GraphNode

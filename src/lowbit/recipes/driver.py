@@ -37,7 +37,7 @@ from .. import api
 from ..data import load_dataset, make_loader
 from ..data.loaders import _check_positive as check_positive
 from ..errors import ConfigError
-from ..format.container import write_atomic
+from ..format.atomic import write_atomic
 from ..models import binary_nets  # noqa: F401  (registers small-cnn)
 from ..nn import QuantConv2d, QuantLinear
 from ..quantizers.pact import PACTQuantizer

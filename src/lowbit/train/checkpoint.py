@@ -30,7 +30,7 @@ from safetensors.torch import save
 from torch import nn
 
 from ..errors import FormatError, ShapeMismatchError, UnsupportedLayerError
-from ..format.container import write_atomic
+from ..format.atomic import write_atomic
 
 FORMAT = "lowbit.checkpoint/1"
 _TENSOR_REF = "$tensor"

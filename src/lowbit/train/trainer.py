@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, TrainingError
-from ..format.container import write_atomic
+from ..format.atomic import write_atomic
 from . import checkpoint as ckpt
 from .ddp import all_reduce_sums, is_main, unwrap
 
