@@ -12,19 +12,9 @@ import lowbit
 from lowbit import cli
 from lowbit.cli import main
 from lowbit.models import get_model
+from test_cli_workflow import run_error as error_line  # one stderr line, status 2, nothing on stdout
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def error_line(capsys, argv):
-    """The one stderr line of a command that must fail with status 2 and print nothing on stdout."""
-    status = main(argv)
-    captured = capsys.readouterr()
-    assert status == 2, captured
-    assert captured.out == "" and "Traceback" not in captured.err
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def json_error(capsys, argv):
