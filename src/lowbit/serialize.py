@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .convert import quantize
 from .errors import CalibrationError, ConfigError, FormatError, ShapeMismatchError, UnsupportedLayerError
 from .export.graph import capture
 from .format.codecs import NumpyEncoded, values
@@ -367,8 +368,6 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
 
 def _convert(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
     """Quantize the float architecture with the config of the (validated) stored layers; check the result."""
-    from .api import quantize
-
     built = quantize(model, QuantConfig.from_dict(_config(layers)))
     mine = _layers(built)
     wrong = sorted(n for n in set(mine) | set(layers) if mine.get(n) != layers.get(n))

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 from ..format.atomic import write_atomic
+from ..output import Output, output_path
 from .allocate import allocate_bits, allocate_for_loss, allocate_like_uniform, combine
 from .sensitivity import DEFAULT_BITS, DEFAULT_INPUT_BITS, OBJECTIVES, measure_sensitivity
 
@@ -83,10 +83,9 @@ def _check_budgets(args: argparse.Namespace) -> None:
         raise ConfigError(f"--match-bits {args.match_bits} is not one of --bits {' '.join(map(str, args.bits))}")
 
 
-def run(args: argparse.Namespace) -> Any:
-    """Returns the ``lowbit.cli.Output`` of the command (text table and JSON data)."""
+def run(args: argparse.Namespace) -> Output:
+    """The command's text table and JSON data."""
     from .. import workflow
-    from ..cli import Output, output_path
 
     _check_budgets(args)
     out = output_path(args.out, "--out")

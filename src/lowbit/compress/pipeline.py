@@ -31,6 +31,7 @@ from torch import nn
 from .. import serialize
 from ..errors import ConfigError
 from ..format.sparse import MAX_INDEX_BITS
+from ..output import output_path
 from ..quantizers.base import check_bits
 from ..quantizers.kmeans import INITS, MAX_ITERS
 from ..train import Trainer, checkpoint_file
@@ -429,7 +430,6 @@ def _float_model(checkpoint: str, data: str, model_name: str | None) -> nn.Modul
 
 
 def _run(args: Any) -> tuple[str, dict[str, Any]]:
-    from ..cli import output_path
     from ..data import loaders
     from .prune import parse_layer_values
     from .report import format_table

@@ -9,11 +9,11 @@ with its preset). The command table entry is ``Command(HELP, add_arguments, run)
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import torch
 
 from ..errors import ConfigError
+from ..output import Output, output_path
 
 HELP = "export a .lowbit file or a training checkpoint to ONNX (QDQ graph for onnxruntime's int8 kernels)"
 FORMATS = ("onnx",)
@@ -57,9 +57,8 @@ def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, workflow.example_input(run["data"])
 
 
-def run(args: argparse.Namespace) -> Any:
-    """Returns the ``lowbit.cli.Output`` of the command."""
-    from ..cli import Output, output_path
+def run(args: argparse.Namespace) -> Output:
+    """The command's text and JSON data."""
     from .onnx import local_vnni, to_onnx, uint8_weight_layers, write_onnx
 
     out = output_path(args.out, "--out")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError, ConfigError, ShapeMismatchError
+from ..errors import CalibrationError, ShapeMismatchError
 from .base import EPS, Encoded, Quantizer, along, check_axis, check_bits, check_finite, check_flag, decode, register
 from .ste import straight_through_in_range
 from .observers import RangeObserver, batch_range, check_observer, check_percentile

@@ -41,7 +41,7 @@ float convs on the decoded signs.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
