@@ -55,6 +55,13 @@ class Residual(nn.Module):
         return torch.cat([self.b(y) + y, y * gate], dim=1)
 
 
+def _channel_shuffle(y: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    """ShuffleNet's channel shuffle: sizes read off the tensor, view, transpose, view; then a permute."""
+    batch, channels, height, width = y.size()
+    y = torch.transpose(y.view(batch, 2, channels // 2, height, width), 1, 2).contiguous()
+    return y.view(batch, -1, height, width).permute(0, 1, 3, 2)
+
+
 def _quant_act() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), QuantAct(get({"name": "uniform", "bits": 8, "dynamic": False})))
     lowbit.calibrate(model, [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))])
@@ -85,6 +92,11 @@ EXAMPLES = {
     "mul": Residual,
     "concat": Residual,
     "quant_act": _quant_act,
+    "sub": lambda: Functional(lambda y, m: y - torch.relu(y)),
+    "div": lambda: Functional(lambda y, m: y / (torch.sigmoid(y) + torch.sigmoid(y))),
+    "transpose": lambda: Functional(_channel_shuffle),
+    "mean": lambda: Functional(lambda y, m: (y * y.mean((2, 3), keepdim=True)).mean(-1)),
+    "pad": lambda: Functional(lambda y, m: F.pad(y, (1, 2, 0, 1), value=0.5)),
 }
 
 
@@ -314,3 +326,19 @@ def test_an_adaptive_pool_has_a_bounded_number_of_bins(tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.AdaptiveAvgPool2d((65, 64)))
     with pytest.raises(lowbit.errors.UnsupportedLayerError, match="at most 4096 bins"):
         lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 1, 65, 64))
+
+
+@pytest.mark.parametrize("op, key, value, match", [
+    ("transpose", "perm", [1, 0, 2, 3], "permutation of 0 .. rank - 1 starting at 0"),
+    ("transpose", "perm", [0, 1, 2], "must order all 5 axes"),
+    ("mean", "axes", [-4], "must name non-batch axes"),
+    ("mean", "axes", [-1, -1], "distinct axes"),
+    ("pad", "pads", [1, 2, 3], "pairs"),
+    ("pad", "pads", [1, -2], "ints from 0"),
+    ("softmax", "axis", 0, "from -8 to -1"),
+])
+def test_hostile_attributes_of_shape_ops_are_refused_alike(tmp_path, op, key, value, match):
+    _, _, path = _saved(op, tmp_path)
+    document = _document(path)
+    _node(document, op)["attrs"][key] = value
+    _both_refuse(_write(path, document, tmp_path / "bad.lowbit"), match)

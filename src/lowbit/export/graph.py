@@ -55,16 +55,18 @@ def _resolve(dotted: str) -> Any:
 
 
 @functools.cache
-def _declared() -> tuple[dict[Any, OpSchema], dict[str, OpSchema], tuple[tuple[type, OpSchema], ...]]:
-    """(function -> op, tensor method name -> op, (module class, op) pairs) of the declared captures."""
+def _declared() -> tuple[dict[Any, tuple], dict[str, tuple], tuple[tuple[type, OpSchema], ...]]:
+    """(function -> (op, call), tensor method name -> (op, call), (module class, op) pairs) of the declared
+    captures."""
     functions, methods, modules = {}, {}, []
     for schema in REGISTRY.values():
-        for name in schema.capture.functions:
+        capture = schema.capture
+        for name, call in [*((n, capture.call) for n in capture.functions), *capture.calls.items()]:
             if name.startswith("Tensor."):
-                methods[name.removeprefix("Tensor.")] = schema
+                methods[name.removeprefix("Tensor.")] = schema, call
             else:
-                functions[_resolve(name)] = schema
-        modules += [(_resolve(name), schema) for name in schema.capture.modules]
+                functions[_resolve(name)] = schema, call
+        modules += [(_resolve(name), schema) for name in capture.modules]
     return functions, methods, tuple(modules)
 
 
@@ -126,12 +128,13 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
             module.training = training
     modules = dict(model.named_modules())
     alias: dict[str, str] = {}
+    arithmetic: set[str] = set()
     nodes: list[dict[str, Any]] = []
     inputs: list[dict[str, Any]] = []
     outputs: list[str] = []
 
     def ref(a: Any) -> str:
-        if not isinstance(a, fx.Node):
+        if not isinstance(a, fx.Node) or a.name in arithmetic:
             raise UnsupportedLayerError(f"graph input {a!r} is not a tensor")
         return alias.get(a.name, a.name)
 
@@ -147,8 +150,9 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
             raise UnsupportedLayerError(f"node {node.name!r} reads attribute {node.target!r} directly; "
                                         "wrap parameters in supported layers")
         target, where = node.target, f"node {node.name!r}"
-        if node.op == "call_method" and target == "size":
-            continue  # only feeds reshape arguments, which are recorded from propagated shapes
+        if node.op in ("call_function", "call_method") and "tensor_meta" not in node.meta:
+            arithmetic.add(node.name)  # sizes and their arithmetic: they only feed arguments recorded as shapes
+            continue
         if node.op == "call_method" and target in _ALIAS_METHODS or \
                 node.op == "call_module" and isinstance(modules[target], _ALIAS_MODULES):
             alias[node.name] = ref(node.args[0])
@@ -161,11 +165,12 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
             attrs, args = schema.capture.module(m, _shape(node), f"layer {target!r}"), node.args[:1]
             params, quant = _module_state(m, target)
         else:
-            schema = (methods if node.op == "call_method" else functions).get(target)
-            if schema is None:
+            declared = (methods if node.op == "call_method" else functions).get(target)
+            if declared is None:
                 raise UnsupportedLayerError(f"{where} calls {getattr(target, '__name__', target)!r}, which the graph "
                                             f"IR does not support; ops: {', '.join(sorted(REGISTRY))}")
-            attrs, args = schema.capture.call(list(node.args), dict(node.kwargs), _shape(node), where)
+            schema, call = declared
+            attrs, args = call(list(node.args), dict(node.kwargs), _shape(node), where)
         entry = {"name": node.name, "op": schema.name, "inputs": [ref(a) for a in args], "attrs": attrs,
                  "params": params, "quant": quant, "shape": _shape(node)}
         if node.op == "call_module":

@@ -1,6 +1,9 @@
-"""add and mul of two tensors of the same rank, broadcast as numpy and torch do (each size equal, or 1 in one)."""
+"""add, sub, mul and div of two tensors of the same rank, broadcast as numpy and torch do (each size equal, or 1 in
+one)."""
 
 from __future__ import annotations
+
+import numpy as np
 
 from ..errors import UnsupportedLayerError
 from .schema import Capture, Node, OpSchema, Shape, register
@@ -13,9 +16,17 @@ def broadcast(node: Node) -> Shape:
     return tuple(max(x, y) for x, y in zip(a, b))
 
 
+def divide(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``x / y`` in IEEE float32 (a zero divisor gives +-inf or NaN, as in torch)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return x / y
+
+
 def _binary(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
-    if len(args) != 2 or set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
-        raise UnsupportedLayerError(f"{where}: an add or mul is captured on two tensors, without alpha")
+    if len(args) != 2 or set(kwargs) - {"alpha", "rounding_mode"} or kwargs.get("alpha", 1) != 1 \
+            or kwargs.get("rounding_mode") is not None:
+        raise UnsupportedLayerError(f"{where}: add, sub, mul and div are captured on two tensors, without alpha or "
+                                    "rounding_mode")
     return {}, args
 
 
@@ -28,3 +39,12 @@ MUL = register(OpSchema(
     "mul", broadcast, inputs=2, capture=Capture(("operator.mul", "operator.imul", "torch.mul", "Tensor.mul"), _binary),
     numpy=lambda xs, a: xs[0] * xs[1], torch=lambda t, xs, a: xs[0] * xs[1],
     onnx=lambda b, name, xs, a: b.node("Mul", xs, name)))
+SUB = register(OpSchema(
+    "sub", broadcast, inputs=2, capture=Capture(("operator.sub", "operator.isub", "torch.sub", "Tensor.sub"), _binary),
+    numpy=lambda xs, a: xs[0] - xs[1], torch=lambda t, xs, a: xs[0] - xs[1],
+    onnx=lambda b, name, xs, a: b.node("Sub", xs, name)))
+DIV = register(OpSchema(
+    "div", broadcast, inputs=2,
+    capture=Capture(("operator.truediv", "operator.itruediv", "torch.div", "Tensor.div"), _binary),
+    numpy=lambda xs, a: divide(xs[0], xs[1]), torch=lambda t, xs, a: xs[0] / xs[1],
+    onnx=lambda b, name, xs, a: b.node("Div", xs, name)))

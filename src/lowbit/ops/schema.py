@@ -113,18 +113,20 @@ class Choice:
 
 @dataclass(frozen=True)
 class Ints:
-    """A list of ``count`` ints in [low, high]."""
+    """A list of ``count`` ints in [low, high] (None: at most ``2 * MAX_RANK`` of them)."""
 
-    count: int
+    count: int | None
     low: int
     high: int
 
     def check(self, value: object, what: str, where: str) -> list[int]:
-        if (not isinstance(value, list) or len(value) != self.count
-                or not all(_is_int(v) and self.low <= v <= self.high for v in value)):
-            raise fail(where, f"{what} must be a list of {self.count} ints from {self.low} to {self.high}, "
+        count_ok = isinstance(value, list) and (len(value) == self.count if self.count is not None
+                                                else len(value) <= 2 * MAX_RANK)
+        if not count_ok or not all(_is_int(v) and self.low <= v <= self.high for v in value):  # type: ignore
+            count = self.count if self.count is not None else f"at most {2 * MAX_RANK}"
+            raise fail(where, f"{what} must be a list of {count} ints from {self.low} to {self.high}, "
                               f"got {_short(value)}")
-        return list(value)
+        return list(value)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,7 @@ class Capture:
     ``functions``: dotted names of the functions that call it (``torch.nn.functional.relu``,
     ``operator.add``) and ``Tensor.<method>`` for tensor methods; ``call(args, kwargs, shape, where)``
     returns ``(attrs, tensor arguments)`` of such a call (``shape``: the output's recorded shape).
+    ``calls`` gives other functions their own ``call`` (their names are captured too).
     ``modules``: dotted class names of the modules that are it (subclasses included);
     ``module(m, shape, where)`` returns the attributes of such a module. Both raise
     :class:`~lowbit.errors.UnsupportedLayerError` naming ``where`` for a form the op cannot express.
@@ -202,6 +205,8 @@ class Capture:
     call: Callable[[list, dict, list[int], str], tuple[dict[str, Any], list]] | None = None
     modules: tuple[str, ...] = ()
     module: Callable[[Any, list[int], str], dict[str, Any]] = lambda m, shape, where: {}
+    #: functions whose arguments another ``call`` reads: name -> call
+    calls: dict[str, Callable[[list, dict, list[int], str], tuple[dict[str, Any], list]]] = field(default_factory=dict)
 
 
 def unary(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict[str, Any], list]:
