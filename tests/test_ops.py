@@ -84,7 +84,8 @@ EXAMPLES = {
     "gelu": lambda: nn.Sequential(Functional(lambda y, m: F.gelu(y, approximate="tanh")), nn.GELU()),
     "leaky_relu": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2)),
     "softmax": lambda: nn.Sequential(Functional(lambda y, m: y.softmax(1) + F.softmax(y, dim=-1)), nn.Softmax(2)),
-    "maxpool2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, padding=1)),
+    "maxpool2d": lambda: nn.Sequential(Functional(lambda y, m: F.max_pool2d(y, 3, 2, ceil_mode=True)),
+                                       nn.MaxPool2d(2, 2, padding=1), nn.MaxPool2d(2, 2, ceil_mode=True)),
     "avgpool2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(3, 2, padding=1, count_include_pad=False)),
     "adaptive_avgpool2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1)),
     "reshape": lambda: Functional(lambda y, m: torch.flatten(y, 1)),
@@ -342,3 +343,22 @@ def test_hostile_attributes_of_shape_ops_are_refused_alike(tmp_path, op, key, va
     document = _document(path)
     _node(document, op)["attrs"][key] = value
     _both_refuse(_write(path, document, tmp_path / "bad.lowbit"), match)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2), st.booleans())
+def test_pool_output_sizes_follow_torch(size, kernel, stride, padding, ceil_mode):
+    """Floor and ceil mode, against torch's max_pool2d (which refuses what the shape rule refuses)."""
+    from lowbit.ops.pool import maxpool2d, pool_size
+
+    x = torch.randn(1, 2, size, size + 1, generator=torch.Generator().manual_seed(size))
+    expected_fits = padding <= kernel // 2 and all(pool_size(n, kernel, stride, padding, ceil_mode) >= 1
+                                                   for n in (size, size + 1))
+    try:
+        want = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
+    except RuntimeError:
+        assert not expected_fits
+        return
+    assert expected_fits
+    got = maxpool2d(x.numpy(), [kernel] * 2, [stride] * 2, [padding] * 2, ceil_mode)
+    np.testing.assert_array_equal(got, want.numpy())

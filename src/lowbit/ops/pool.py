@@ -1,5 +1,8 @@
-"""Pooling (floor mode, NCHW): maxpool2d (padding with -inf), avgpool2d (``count_include_pad`` as torch), and
-adaptive_avgpool2d, whose bin i spans ``[floor(i H / oh), ceil((i + 1) H / oh))``.
+"""Pooling (NCHW): maxpool2d (padding with -inf; floor or ceil mode), avgpool2d (floor mode, ``count_include_pad``
+as torch), and adaptive_avgpool2d, whose bin i spans ``[floor(i H / oh), ceil((i + 1) H / oh))``.
+
+Output size per axis: floor mode ``floor((H + 2 p - k) / s) + 1``; ceil mode ``ceil((H + 2 p - k) / s) + 1``,
+less one where the last window would start in the right padding (torch's rule).
 
 As torch requires, a pool's padding is at most half its kernel; an adaptive pool's output is no larger
 than its input, and has at most :data:`MAX_BINS` bins (its numpy half loops over them).
@@ -11,15 +14,31 @@ import numpy as np
 
 from ..errors import UnsupportedLayerError
 from .conv import pad, windows
-from .schema import MAX_SPATIAL, Bool, Capture, Ints, Node, OpSchema, Shape, argument, pair, register, window_size
+from .schema import MAX_SPATIAL, Bool, Capture, Ints, Node, OpSchema, Shape, argument, pair, register
 
 #: the most output positions of an adaptive pool
 MAX_BINS = 2**12
 
 
-def maxpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list[int]) -> np.ndarray:
-    """torch.nn.functional.max_pool2d (padding with -inf, floor mode)."""
-    return windows(pad(x, padding, -np.inf), tuple(kernel), stride).max(axis=(4, 5))
+def pool_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output size of a pool along one axis (see the module docstring); < 1 where the kernel does not fit."""
+    span = size + 2 * padding - kernel
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + padding else out
+
+
+def maxpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list[int],
+              ceil_mode: bool = False) -> np.ndarray:
+    """torch.nn.functional.max_pool2d (padding with -inf); in ceil mode the last windows run past the right
+    padding, which pads with -inf too."""
+    out = [pool_size(size, k, s, p, ceil_mode) for size, k, s, p in zip(x.shape[2:], kernel, stride, padding)]
+    extra = [max(0, (o - 1) * s + k - (size + 2 * p)) for o, size, k, s, p in zip(out, x.shape[2:], kernel, stride,
+                                                                                  padding)]
+    widths = ((0, 0), (0, 0), (padding[0], padding[0] + extra[0]), (padding[1], padding[1] + extra[1]))
+    padded = np.pad(x, widths, constant_values=-np.inf) if any(map(any, widths)) else x
+    return windows(padded, tuple(kernel), stride).max(axis=(4, 5))[:, :, : out[0], : out[1]]
 
 
 def avgpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list[int],
@@ -50,8 +69,11 @@ def _pool_shape(node: Node) -> Shape:
     kernel, stride, padding = node.attrs["kernel"], node.attrs["stride"], node.attrs["padding"]
     if any(p > k // 2 for p, k in zip(padding, kernel)):
         raise node.fail(f"pool padding {padding} must be at most half the kernel {kernel}")
-    return (c, *(window_size(size, k, s, p, 1, node, axis) for size, k, s, p, axis
-                 in zip((h, w), kernel, stride, padding, ("height", "width"))))
+    out = [pool_size(size, k, s, p, node.attrs.get("ceil_mode", False)) for size, k, s, p
+           in zip((h, w), kernel, stride, padding)]
+    if min(out) < 1:
+        raise node.fail(f"the pool window {kernel} does not fit an input of size {[h, w]} padded by {padding}")
+    return c, *out
 
 
 def _adaptive_shape(node: Node) -> Shape:
@@ -63,9 +85,9 @@ def _adaptive_shape(node: Node) -> Shape:
     return c, oh, ow
 
 
-def _window(kernel, stride, padding, dilation, ceil_mode, where: str) -> dict:
-    if ceil_mode or pair(dilation) != [1, 1]:
-        raise UnsupportedLayerError(f"{where}: pooling with ceil_mode=True or dilation cannot be captured")
+def _window(kernel, stride, padding, dilation, where: str) -> dict:
+    if pair(dilation) != [1, 1]:
+        raise UnsupportedLayerError(f"{where}: dilated pooling cannot be captured")
     return {"kernel": pair(kernel), "stride": pair(stride or kernel), "padding": pair(padding)}
 
 
@@ -75,19 +97,19 @@ def _max_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[d
     values = [argument(args, kwargs, i, k, d) for i, (k, d) in
               enumerate([("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
                          ("ceil_mode", False)], start=1)]
-    return _window(*values, where), args[:1]
+    return {**_window(*values[:4], where), "ceil_mode": bool(values[4])}, args[:1]
 
 
 def _max_module(m, shape: list[int], where: str) -> dict:
     if m.return_indices:
         raise UnsupportedLayerError(f"{where}: max pooling that returns indices cannot be captured")
-    return _window(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, where)
+    return {**_window(m.kernel_size, m.stride, m.padding, m.dilation, where), "ceil_mode": bool(m.ceil_mode)}
 
 
 def _average(kernel, stride, padding, ceil_mode, count_include_pad, divisor, where: str) -> dict:
-    if divisor is not None:
-        raise UnsupportedLayerError(f"{where}: average pooling with divisor_override cannot be captured")
-    return {**_window(kernel, stride, padding, 1, ceil_mode, where), "count_include_pad": bool(count_include_pad)}
+    if divisor is not None or ceil_mode:
+        raise UnsupportedLayerError(f"{where}: average pooling with divisor_override or ceil_mode cannot be captured")
+    return {**_window(kernel, stride, padding, 1, where), "count_include_pad": bool(count_include_pad)}
 
 
 def _average_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
@@ -99,7 +121,8 @@ def _average_call(args: list, kwargs: dict, shape: list[int], where: str) -> tup
 
 def _pool_onnx(op: str):
     def emit(b, name: str, xs: list[str], a: dict) -> str:
-        extra = {"count_include_pad": int(a["count_include_pad"])} if op == "AveragePool" else {}
+        flag = "count_include_pad" if op == "AveragePool" else "ceil_mode"
+        extra = {flag: int(a[flag])}
         return b.node(op, xs, name, kernel_shape=a["kernel"], strides=a["stride"], pads=a["padding"] * 2, **extra)
     return emit
 
@@ -118,10 +141,11 @@ _ADAPTIVE = Capture(("torch.nn.functional.adaptive_avg_pool2d",),
                     ("torch.nn.AdaptiveAvgPool2d",), lambda m, shape, where: {"output_size": shape[-2:]})
 
 MAXPOOL2D = register(OpSchema(
-    "maxpool2d", _pool_shape, attrs=_WINDOW,
+    "maxpool2d", _pool_shape, attrs={**_WINDOW, "ceil_mode": Bool()}, defaults={"ceil_mode": False},
     capture=Capture(("torch.nn.functional.max_pool2d",), _max_call, ("torch.nn.MaxPool2d",), _max_module),
-    numpy=lambda xs, a: maxpool2d(xs[0], a["kernel"], a["stride"], a["padding"]),
-    torch=lambda t, xs, a: t.nn.functional.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"]),
+    numpy=lambda xs, a: maxpool2d(xs[0], a["kernel"], a["stride"], a["padding"], a["ceil_mode"]),
+    torch=lambda t, xs, a: t.nn.functional.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"],
+                                                      ceil_mode=a["ceil_mode"]),
     onnx=_pool_onnx("MaxPool")))
 AVGPOOL2D = register(OpSchema(
     "avgpool2d", _pool_shape, attrs={**_WINDOW, "count_include_pad": Bool()}, defaults={"count_include_pad": True},

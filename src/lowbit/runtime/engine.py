@@ -234,7 +234,7 @@ class Engine:
             channel_op = self._channel_op(nxt) if not flattened else None
             if channel_op is not None:
                 (after if pool is not None else before).append(channel_op)
-            elif op == "maxpool2d" and conv and pool is None and not flattened:
+            elif op == "maxpool2d" and conv and pool is None and not flattened and not attrs["ceil_mode"]:
                 pool = attrs
             elif op == "reshape" and conv and not flattened and len(nxt.shape) == 1:
                 flattened = True
