@@ -32,7 +32,7 @@ def test_lenet5_ops_shapes_and_params():
         [-1, 20, 24, 24], [-1, 20, 12, 12], [-1, 50, 8, 8], [-1, 50, 4, 4]]
     assert nodes["flatten"]["attrs"] == {"shape": [-1, 800]}
     assert nodes["conv1"]["attrs"] == {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
-    assert nodes["pool1"]["attrs"] == {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0]}
+    assert nodes["pool1"]["attrs"] == {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0], "ceil_mode": False}
     assert nodes["ip1"]["params"] == {"weight": "ip1.weight", "bias": "ip1.bias"}
     assert nodes["ip1"]["module"] == "ip1" and nodes["ip1"]["inputs"] == ["flatten"]
     assert graph["outputs"] == ["ip2"]
