@@ -62,6 +62,13 @@ def _channel_shuffle(y: torch.Tensor, m: nn.Module) -> torch.Tensor:
     return y.view(batch, -1, height, width).permute(0, 1, 3, 2)
 
 
+def _split_and_slice(y: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    """chunk, split, their pieces indexed, and a slice of a tensor."""
+    a, b = y.chunk(2, dim=1)
+    c, d = torch.split(y, [1, 3], 1)
+    return torch.cat([b, a, d[:, 1:3], c], dim=1)[:, :, 2:6]
+
+
 def _quant_act() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), QuantAct(get({"name": "uniform", "bits": 8, "dynamic": False})))
     lowbit.calibrate(model, [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))])
@@ -98,6 +105,7 @@ EXAMPLES = {
     "transpose": lambda: Functional(_channel_shuffle),
     "mean": lambda: Functional(lambda y, m: (y * y.mean((2, 3), keepdim=True)).mean(-1)),
     "pad": lambda: Functional(lambda y, m: F.pad(y, (1, 2, 0, 1), value=0.5)),
+    "slice": lambda: Functional(_split_and_slice),
 }
 
 
@@ -337,6 +345,8 @@ def test_an_adaptive_pool_has_a_bounded_number_of_bins(tmp_path):
     ("pad", "pads", [1, 2, 3], "pairs"),
     ("pad", "pads", [1, -2], "ints from 0"),
     ("softmax", "axis", 0, "from -8 to -1"),
+    ("slice", "end", 9, "must lie within"),
+    ("slice", "start", 6, "must lie within"),
 ])
 def test_hostile_attributes_of_shape_ops_are_refused_alike(tmp_path, op, key, value, match):
     _, _, path = _saved(op, tmp_path)
@@ -362,3 +372,26 @@ def test_pool_output_sizes_follow_torch(size, kernel, stride, padding, ceil_mode
     assert expected_fits
     got = maxpool2d(x.numpy(), [kernel] * 2, [stride] * 2, [padding] * 2, ceil_mode)
     np.testing.assert_array_equal(got, want.numpy())
+
+
+def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """Stands in for torchvision.ops.stochastic_depth (an fx leaf function, the identity in eval mode)."""
+    return x * (torch.rand_like(x) > p) / (1 - p) if training else x
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+torch.fx.wrap("stochastic_depth")
+
+
+def test_dropout_and_stochastic_depth_functions_disappear_in_eval(tmp_path):
+    model = Functional(lambda y, m: F.dropout(y, 0.5, m.training) + stochastic_depth(F.dropout2d(y, 0.2, m.training),
+                                                                                       0.3, "row", m.training)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    lowbit.save(model, tmp_path / "m.lowbit", x[:1])
+    loaded = lowbit.load(tmp_path / "m.lowbit")
+    assert [node["op"] for node in loaded.ir["nodes"]] == ["conv2d", "add"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    random = Functional(lambda y, m: F.dropout(y, 0.5))  # training=True whatever the mode
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match="training=True is random"):
+        lowbit.save(random, tmp_path / "r.lowbit", x[:1])

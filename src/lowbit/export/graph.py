@@ -22,8 +22,11 @@ module a node calls (``call_module`` nodes only), so a loader can rebuild the
 same state_dict keys. Shapes use -1 for the batch axis. The ops and how each
 is recognised (functions, tensor methods, module classes and their
 subclasses) are declared in :mod:`lowbit.ops` (``OpSchema.capture``).
-Identity-like modules (Dropout, Identity) and methods (contiguous, clone,
-detach) disappear. Anything else raises :class:`UnsupportedLayerError`
+Identity-like modules (Dropout, Identity), methods (contiguous, clone,
+detach) and functions in eval mode (functional dropout, torchvision's
+stochastic depth) disappear; sizes and arithmetic on them are dropped (they
+only feed shapes, which are recorded), and the pieces of chunk and split
+become slice nodes where they are indexed. Anything else raises :class:`UnsupportedLayerError`
 naming the node.
 """
 
@@ -33,6 +36,7 @@ import contextlib
 import functools
 import importlib
 import io
+import operator
 from typing import Any
 
 import torch
@@ -42,10 +46,18 @@ from torch.fx.proxy import TraceError
 
 from ..errors import LowbitError, ShapeMismatchError, UnsupportedLayerError
 from ..ops import REGISTRY, OpSchema
+from ..ops.shape import SPLITS, slices
 
 GRAPH_VERSION = 1
 
 _ALIAS_MODULES = (nn.Dropout, nn.Identity)
+#: functions that are the identity when their ``training`` argument is False, by qualified name (torchvision's is
+#: matched without importing it) -> the position of that argument
+_ALIAS_FUNCTIONS = {**dict.fromkeys([f"torch.nn.functional.{name}" for name in
+                                     ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout")], 2),
+                    "torchvision.ops.stochastic_depth.stochastic_depth": 3}
+#: the declared role of chunk and split: their pieces become slice nodes where they are indexed
+_SPLIT = OpSchema("split", lambda node: ())
 _ALIAS_METHODS = {"contiguous", "clone", "detach"}
 
 
@@ -67,7 +79,25 @@ def _declared() -> tuple[dict[Any, tuple], dict[str, tuple], tuple[tuple[type, O
             else:
                 functions[_resolve(name)] = schema, call
         modules += [(_resolve(name), schema) for name in capture.modules]
+    for name in SPLITS:
+        if name.startswith("Tensor."):
+            methods[name.removeprefix("Tensor.")] = _SPLIT, None
+        else:
+            functions[_resolve(name)] = _SPLIT, None
     return functions, methods, tuple(modules)
+
+
+def _eval_identity(node: fx.Node, where: str) -> bool:
+    """Whether ``node`` calls one of the functions of ``_ALIAS_FUNCTIONS`` with ``training`` False (traced in eval
+    mode); UnsupportedLayerError when it is True there (a random op that eval mode does not turn off)."""
+    name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
+    if name not in _ALIAS_FUNCTIONS:
+        return False
+    index = _ALIAS_FUNCTIONS[name]
+    if node.kwargs.get("training", node.args[index] if len(node.args) > index else True):
+        raise UnsupportedLayerError(f"{where}: {name} with training=True is random in eval mode too; pass "
+                                    "training=self.training")
+    return True
 
 
 def _module_schema(m: nn.Module, where: str) -> OpSchema:
@@ -104,16 +134,8 @@ def _shape(node: fx.Node) -> list[int] | None:
     return [-1, *[int(d) for d in meta.shape[1:]]]
 
 
-def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
-    """Trace ``model`` on ``example_input`` and return its graph IR (see the module docstring)."""
-    try:
-        graph = _Tracer().trace(model)
-    except TraceError as exc:
-        raise UnsupportedLayerError(f"model {type(model).__name__} cannot be traced with torch.fx: {exc}") from None
-    gm = fx.GraphModule(model, graph)
-    functions, methods, _ = _declared()
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+def _propagate(gm: fx.GraphModule, name: str, example_input: torch.Tensor) -> None:
+    """Record every node's output shape (ShapeProp); the model's own LowbitError, else ShapeMismatchError."""
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints what it raises
             ShapeProp(gm).propagate(example_input)
@@ -121,20 +143,35 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
         cause = exc.__cause__ or exc
         if isinstance(cause, LowbitError):
             raise cause from None
-        raise ShapeMismatchError(f"model {type(model).__name__} does not run on the example input of shape "
+        raise ShapeMismatchError(f"model {name} does not run on the example input of shape "
                                  f"{list(example_input.shape)}: {str(cause).splitlines()[0][:200]}") from None
+
+
+def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
+    """Trace ``model`` on ``example_input`` and return its graph IR (see the module docstring)."""
+    functions, methods, _ = _declared()
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # traced in eval mode, so `self.training` reads False
+    try:
+        try:
+            graph = _Tracer().trace(model)
+        except TraceError as exc:
+            raise UnsupportedLayerError(f"model {type(model).__name__} cannot be traced with torch.fx: {exc}") from None
+        _propagate(fx.GraphModule(model, graph), type(model).__name__, example_input)
     finally:
         for module, training in modes:
             module.training = training
     modules = dict(model.named_modules())
     alias: dict[str, str] = {}
     arithmetic: set[str] = set()
+    #: chunk / split node -> (its input, the slice attributes of its pieces)
+    pieces: dict[str, tuple[fx.Node, list[dict[str, Any]]]] = {}
     nodes: list[dict[str, Any]] = []
     inputs: list[dict[str, Any]] = []
     outputs: list[str] = []
 
     def ref(a: Any) -> str:
-        if not isinstance(a, fx.Node) or a.name in arithmetic:
+        if not isinstance(a, fx.Node) or a.name in arithmetic or a.name in pieces:
             raise UnsupportedLayerError(f"graph input {a!r} is not a tensor")
         return alias.get(a.name, a.name)
 
@@ -154,12 +191,21 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
             arithmetic.add(node.name)  # sizes and their arithmetic: they only feed arguments recorded as shapes
             continue
         if node.op == "call_method" and target in _ALIAS_METHODS or \
-                node.op == "call_module" and isinstance(modules[target], _ALIAS_MODULES):
+                node.op == "call_module" and isinstance(modules[target], _ALIAS_MODULES) or \
+                node.op == "call_function" and _eval_identity(node, where):
             alias[node.name] = ref(node.args[0])
+            continue
+        if (methods if node.op == "call_method" else functions).get(target, (None,))[0] is _SPLIT:
+            dim = int(node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0))
+            metas = node.meta["tensor_meta"]
+            pieces[node.name] = node.args[0], slices([int(m.shape[dim]) for m in metas], dim, len(metas[0].shape))
             continue
         params: dict[str, str] = {}
         quant: dict[str, Any] = {}
-        if node.op == "call_module":
+        if node.op == "call_function" and target is operator.getitem and getattr(node.args[0], "name", "") in pieces:
+            source, cuts = pieces[node.args[0].name]
+            schema, attrs, args = REGISTRY["slice"], cuts[node.args[1]], [source]
+        elif node.op == "call_module":
             m = modules[target]
             schema = _module_schema(m, f"layer {target!r}")
             attrs, args = schema.capture.module(m, _shape(node), f"layer {target!r}"), node.args[:1]

@@ -1,5 +1,6 @@
 """Shape ops: reshape to a recorded shape (batch axis -1 kept; flatten, view, reshape), concat along a non-batch
-axis, transpose (permute, transpose; the batch axis stays first), mean over non-batch axes and constant pad."""
+axis, transpose (permute, transpose; the batch axis stays first), mean over non-batch axes, constant pad, and
+slice (``x[:, a:b]``; the pieces of chunk and split, which :mod:`lowbit.export.graph` captures as slices)."""
 
 from __future__ import annotations
 
@@ -189,3 +190,52 @@ PAD = register(OpSchema(
     capture=Capture(("torch.nn.functional.pad",), _pad_call),
     numpy=lambda xs, a: np.pad(xs[0], _pad_widths(a["pads"], xs[0].ndim), constant_values=np.float32(a["value"])),
     torch=lambda t, xs, a: t.nn.functional.pad(xs[0], a["pads"], value=a["value"]), onnx=_pad_onnx))
+
+
+# ---------------------------------------------------------------- slice (tensor[..., a:b], chunk, split)
+
+
+def _slice_shape(node: Node) -> Shape:
+    x, a = node.inputs[0], node.attrs
+    if not -len(x) <= a["axis"] <= -1 or not 0 <= a["start"] < a["end"] <= x[a["axis"]]:
+        raise node.fail(f"slice [{a['start']}:{a['end']}] along axis {a['axis']} must lie within {[-1, *x]} "
+                        "(a non-batch axis, counted from the end)")
+    shape = list(x)
+    shape[a["axis"]] = a["end"] - a["start"]
+    return tuple(shape)
+
+
+def _slice_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
+    """tensor[index] where index slices one non-batch axis with step 1 and a start >= 0 (the others whole)."""
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    cut = [(axis, s) for axis, s in enumerate(index) if s != slice(None)]
+    ok = len(cut) == 1 and isinstance(cut[0][1], slice) and cut[0][0] > 0 and cut[0][1].step in (None, 1)
+    ok = ok and all(isinstance(s, slice) for s in index) and (cut[0][1].start or 0) >= 0
+    if not ok:
+        raise UnsupportedLayerError(f"{where}: indexing is captured as one slice of a non-batch axis with step 1 "
+                                    f"and a start >= 0, got {index!r}")
+    axis, piece = cut[0]
+    start = piece.start or 0
+    return {"axis": axis - len(shape), "start": start, "end": start + shape[axis]}, args[:1]
+
+
+#: functions whose pieces are captured as slices
+SPLITS = ("torch.chunk", "torch.split", "Tensor.chunk", "Tensor.split")
+
+
+def slices(sizes: list[int], axis: int, rank: int) -> list[dict]:
+    """The slice attributes of consecutive pieces of ``sizes`` along ``axis`` (chunk and split)."""
+    bounds = np.cumsum([0, *sizes]).tolist()
+    return [{"axis": axis - rank if axis >= 0 else axis, "start": a, "end": b} for a, b in zip(bounds, bounds[1:])]
+
+
+def _slice_onnx(b, name: str, xs: list[str], a: dict) -> str:
+    inputs = [xs[0], *(b.const(f"{name}.{k}", np.array([a[k]], np.int64)) for k in ("start", "end", "axis"))]
+    return b.node("Slice", inputs, name)
+
+
+SLICE = register(OpSchema(
+    "slice", _slice_shape, attrs={"axis": Int(-MAX_RANK, -1), "start": Int(0, 2**31), "end": Int(1, 2**31)},
+    capture=Capture(("operator.getitem",), _slice_call),
+    numpy=lambda xs, a: xs[0][(Ellipsis, slice(a["start"], a["end"])) + (slice(None),) * (-1 - a["axis"])],
+    torch=lambda t, xs, a: xs[0].narrow(a["axis"], a["start"], a["end"] - a["start"]), onnx=_slice_onnx))
