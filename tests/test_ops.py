@@ -395,3 +395,23 @@ def test_dropout_and_stochastic_depth_functions_disappear_in_eval(tmp_path):
     random = Functional(lambda y, m: F.dropout(y, 0.5))  # training=True whatever the mode
     with pytest.raises(lowbit.errors.UnsupportedLayerError, match="training=True is random"):
         lowbit.save(random, tmp_path / "r.lowbit", x[:1])
+
+
+class SamePaddingConv(nn.Conv2d):
+    """TF "same" padding, as EfficientNet-Lite's Conv2dStaticSamePadding: a custom forward around conv2d."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+class PlainConv(nn.Conv2d):
+    pass
+
+
+def test_a_subclass_with_its_own_forward_is_traced_through_not_swapped(tmp_path):
+    model = nn.Sequential(PlainConv(3, 4, 3), SamePaddingConv(4, 4, 2, stride=2)).eval()
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match="reads attribute '1.weight'"):
+        lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 3, 9, 9))
+    plain = nn.Sequential(PlainConv(3, 4, 3)).eval()
+    lowbit.save(plain, tmp_path / "p.lowbit", torch.zeros(1, 3, 9, 9))
+    assert [node["op"] for node in lowbit.load(tmp_path / "p.lowbit").ir["nodes"]] == ["conv2d"]

@@ -100,19 +100,28 @@ def _eval_identity(node: fx.Node, where: str) -> bool:
     return True
 
 
-def _module_schema(m: nn.Module, where: str) -> OpSchema:
+def _declared_module(m: nn.Module) -> OpSchema | None:
+    """The op a module is: an instance of a declared class whose ``forward`` it keeps (lowbit's own layers
+    quantize around the same computation). A subclass with its own ``forward`` is no leaf: it is traced
+    through, so its custom computation (a "same" padding, a permuted norm) is never dropped."""
     for cls, schema in _declared()[2]:
-        if isinstance(m, cls):
+        if isinstance(m, cls) and (type(m).forward is cls.forward or type(m).__module__.startswith("lowbit.nn.")):
             return schema
-    supported = ", ".join(cls.__name__ for cls, _ in _declared()[2])
-    raise UnsupportedLayerError(f"{where} of type {type(m).__name__} cannot be captured in the graph IR; "
-                                f"supported: {supported} and their subclasses")
+    return None
+
+
+def _module_schema(m: nn.Module, where: str) -> OpSchema:
+    schema = _declared_module(m)
+    if schema is None:
+        supported = ", ".join(cls.__name__ for cls, _ in _declared()[2])
+        raise UnsupportedLayerError(f"{where} of type {type(m).__name__} cannot be captured in the graph IR; "
+                                    f"supported: {supported} and their subclasses that keep their forward")
+    return schema
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        leaves = tuple(cls for cls, _ in _declared()[2]) + _ALIAS_MODULES
-        return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+        return _declared_module(m) is not None or isinstance(m, _ALIAS_MODULES) or super().is_leaf_module(m, qualname)
 
 
 def _module_state(m: nn.Module, target: str) -> tuple[dict[str, str], dict[str, Any]]:
