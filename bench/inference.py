@@ -16,7 +16,6 @@ import argparse
 import os
 import tempfile
 
-import numpy as np
 import torch
 from torch import nn
 

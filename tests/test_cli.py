@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 import lowbit
 from lowbit.cli import COMMANDS, main

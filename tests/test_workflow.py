@@ -12,7 +12,7 @@ from lowbit.analysis.plots import plot_accuracy_vs_bits
 from lowbit.data import load_dataset
 from lowbit.errors import ConfigError, ShapeMismatchError
 from lowbit.models import get_model
-from lowbit.nn import QuantConv2d, QuantLinear
+from lowbit.nn import QuantLinear
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -34,8 +34,8 @@ _PART = re.compile(r"[A-Za-z][A-Za-z0-9_]*|[0-9]+\Z")
 RESERVED_PARTS = frozenset({
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu",
     "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state",
-    "get_parameter", "get_submodule", "graph", "half", "ipu", "ir", "load_state_dict", "modules", "mtia", "named_buffers",
-    "named_children", "named_modules", "named_parameters", "parameters", "register_backward_hook",
+    "get_parameter", "get_submodule", "graph", "half", "ipu", "ir", "load_state_dict", "modules", "mtia",
+    "named_buffers", "named_children", "named_modules", "named_parameters", "parameters", "register_backward_hook",
     "register_buffer", "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
     "register_full_backward_pre_hook", "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook",
     "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
