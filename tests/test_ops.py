@@ -106,6 +106,8 @@ EXAMPLES = {
     "mean": lambda: Functional(lambda y, m: (y * y.mean((2, 3), keepdim=True)).mean(-1)),
     "pad": lambda: Functional(lambda y, m: F.pad(y, (1, 2, 0, 1), value=0.5)),
     "slice": lambda: Functional(_split_and_slice),
+    "upsample": lambda: nn.Sequential(Functional(lambda y, m: F.interpolate(y, scale_factor=2)),
+                                      nn.Upsample(size=(32, 48))),
 }
 
 
@@ -347,6 +349,7 @@ def test_an_adaptive_pool_has_a_bounded_number_of_bins(tmp_path):
     ("softmax", "axis", 0, "from -8 to -1"),
     ("slice", "end", 9, "must lie within"),
     ("slice", "start", 6, "must lie within"),
+    ("upsample", "size", [17, 16], "whole factors"),
 ])
 def test_hostile_attributes_of_shape_ops_are_refused_alike(tmp_path, op, key, value, match):
     _, _, path = _saved(op, tmp_path)

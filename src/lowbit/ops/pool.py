@@ -1,5 +1,6 @@
-"""Pooling (NCHW): maxpool2d (padding with -inf; floor or ceil mode), avgpool2d (floor mode, ``count_include_pad``
-as torch), and adaptive_avgpool2d, whose bin i spans ``[floor(i H / oh), ceil((i + 1) H / oh))``.
+"""Pooling and resampling (NCHW): maxpool2d (padding with -inf; floor or ceil mode), avgpool2d (floor mode,
+``count_include_pad`` as torch), adaptive_avgpool2d, whose bin i spans ``[floor(i H / oh), ceil((i + 1) H / oh))``,
+and upsample (nearest, by whole factors).
 
 Output size per axis: floor mode ``floor((H + 2 p - k) / s) + 1``; ceil mode ``ceil((H + 2 p - k) / s) + 1``,
 less one where the last window would start in the right padding (torch's rule).
@@ -160,3 +161,46 @@ ADAPTIVE_AVGPOOL2D = register(OpSchema(
     "adaptive_avgpool2d", _adaptive_shape, attrs={"output_size": Ints(2, 1, MAX_SPATIAL)}, capture=_ADAPTIVE,
     numpy=lambda xs, a: adaptive_avgpool2d(xs[0], a["output_size"]),
     torch=lambda t, xs, a: t.nn.functional.adaptive_avg_pool2d(xs[0], a["output_size"]), onnx=_adaptive_onnx))
+
+
+# ---------------------------------------------------------------- nearest upsampling by whole factors
+
+
+def _upsample_shape(node: Node) -> Shape:
+    c, h, w = node.rank(3)
+    oh, ow = node.attrs["size"]
+    if oh % h or ow % w:
+        raise node.fail(f"nearest upsampling to {[oh, ow]} must scale {[h, w]} by whole factors")
+    return c, oh, ow
+
+
+def _upsample_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
+    mode = argument(args, kwargs, 3, "mode", "nearest")
+    if mode != "nearest" or argument(args, kwargs, 6, "antialias", False):
+        raise UnsupportedLayerError(f"{where}: interpolation is captured in mode 'nearest', got {mode!r}")
+    return {"size": shape[-2:]}, args[:1]
+
+
+def _upsample_module(m, shape: list[int], where: str) -> dict:
+    return _upsample_call([None], {"mode": m.mode}, shape, where)[0]
+
+
+def upsample_nearest(x: np.ndarray, size: list[int]) -> np.ndarray:
+    """Nearest upsampling by whole factors: each pixel repeated ``size / input`` times along each axis."""
+    return x.repeat(size[0] // x.shape[2], axis=2).repeat(size[1] // x.shape[3], axis=3)
+
+
+def _upsample_onnx(b, name: str, xs: list[str], a: dict) -> str:
+    """Resize of the two spatial axes to ``size`` (opset 18: ``axes``), nearest with floor, as torch."""
+    if b.opset < 18:
+        raise UnsupportedLayerError(f"node {name!r}: upsampling is exported with opset >= 18")
+    sizes = b.const(f"{name}.sizes", np.array(a["size"], np.int64))
+    return b.node("Resize", [xs[0], "", "", sizes], name, axes=[2, 3], mode="nearest",
+                  coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+
+UPSAMPLE = register(OpSchema(
+    "upsample", _upsample_shape, attrs={"size": Ints(2, 1, MAX_SPATIAL)},
+    capture=Capture(("torch.nn.functional.interpolate",), _upsample_call, ("torch.nn.Upsample",), _upsample_module),
+    numpy=lambda xs, a: upsample_nearest(xs[0], a["size"]),
+    torch=lambda t, xs, a: t.nn.functional.interpolate(xs[0], size=a["size"], mode="nearest"), onnx=_upsample_onnx))
