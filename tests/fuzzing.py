@@ -1,7 +1,7 @@
 """Mutation fuzzing of every kind of file lowbit writes, shared by tests/test_fuzz_files.py (a fast slice) and
 scripts/fuzz_files.py (the long run).
 
-``model_files(directory)`` writes one small file of each kind; ``mutate(data, rng)`` returns a mutated copy
+``model_files(directory)`` writes one small file of each kind (and a w8a8 net through the newer ops); ``mutate(data, rng)`` returns a mutated copy
 (flipped bytes, a cut, an edited safetensors header or an edited document value: 0, -1, 2**31 - 1, 2**63,
 wrong types, deep nesting); ``check(path)`` sends a file through ``load`` + forward, ``load_state_dict``,
 ``Engine`` build + run, ``inspect`` and ``lowbit inspect --json``, and returns what each did. It raises
@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lowbit
@@ -41,13 +42,31 @@ def tiny_cnn() -> nn.Module:
                                      act2=nn.Hardtanh(), flat=nn.Flatten(), fc=nn.Linear(8 * 5 * 5, 10)))
 
 
+class OpsNet(nn.Module):
+    """A small net through the ops of modern CNNs: silu, chunk, concat, sigmoid gate, mean, pad, ceil-mode max
+    pooling, slice, nearest upsampling, transpose, hardswish, softmax."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.conv2, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Linear(56, 10)
+
+    def forward(self, x):
+        y = F.silu(self.conv(x))
+        a, b = y.chunk(2, dim=1)
+        y = torch.cat([b, a], 1) * torch.sigmoid(y.mean((2, 3), keepdim=True))
+        y = F.max_pool2d(F.pad(y, (0, 1, 0, 1)), 2, ceil_mode=True)
+        y = F.interpolate(self.conv2(y)[:, :, 1:4], scale_factor=2).transpose(2, 3)
+        return torch.softmax(self.fc(F.hardswish(y).mean(-1).flatten(1)), -1)
+
+
 def _batches() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(8, *INPUT_SHAPE, generator=generator) for _ in range(2)]
 
 
-def _quantized(preset: str) -> nn.Module:
-    model = lowbit.quantize(tiny_cnn(), preset)
+def _quantized(preset: str, model: nn.Module | None = None) -> nn.Module:
+    model = lowbit.quantize(tiny_cnn() if model is None else model, preset)
     lowbit.calibrate(model, _batches())
     return model.eval()
 
@@ -71,6 +90,7 @@ KINDS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], bool]] = {
     "bnn": (lambda: _quantized("bnn"), {}, True),
     "xnor": (lambda: _quantized("xnor"), {}, True),
     "float-no-graph": (tiny_cnn, {}, False),
+    "ops-w8a8": (lambda: _quantized("w8a8", OpsNet()), {}, True),
 }
 
 
