@@ -418,3 +418,19 @@ def test_a_subclass_with_its_own_forward_is_traced_through_not_swapped(tmp_path)
     plain = nn.Sequential(PlainConv(3, 4, 3)).eval()
     lowbit.save(plain, tmp_path / "p.lowbit", torch.zeros(1, 3, 9, 9))
     assert [node["op"] for node in lowbit.load(tmp_path / "p.lowbit").ir["nodes"]] == ["conv2d"]
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # a branch on tensor values
+            return self.fc(x)
+        return x
+
+
+def test_an_untraceable_model_names_the_line(tmp_path):
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match=r"test_ops.py:\d+ in forward \('if x.sum\(\) > 0:"):
+        lowbit.save(Branchy(), tmp_path / "m.lowbit", torch.zeros(1, 4))

@@ -37,6 +37,8 @@ import functools
 import importlib
 import io
 import operator
+import os
+import traceback
 from typing import Any
 
 import torch
@@ -143,6 +145,17 @@ def _shape(node: fx.Node) -> list[int] | None:
     return [-1, *[int(d) for d in meta.shape[1:]]]
 
 
+def _user_line(exc: BaseException) -> str:
+    """Where in the model's own code tracing failed (the last frame outside torch), for the error message."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return (f", at {frame.filename}:{frame.lineno} in {frame.name} ({(frame.line or '').strip()!r}); a branch on "
+            "tensor values cannot be captured: compute the condition outside the model, or save without a graph")
+
+
 def _propagate(gm: fx.GraphModule, name: str, example_input: torch.Tensor) -> None:
     """Record every node's output shape (ShapeProp); the model's own LowbitError, else ShapeMismatchError."""
     try:
@@ -165,7 +178,8 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
         try:
             graph = _Tracer().trace(model)
         except TraceError as exc:
-            raise UnsupportedLayerError(f"model {type(model).__name__} cannot be traced with torch.fx: {exc}") from None
+            raise UnsupportedLayerError(f"model {type(model).__name__} cannot be traced with torch.fx: {exc}"
+                                        f"{_user_line(exc)}") from None
         _propagate(fx.GraphModule(model, graph), type(model).__name__, example_input)
     finally:
         for module, training in modes:
