@@ -288,8 +288,9 @@ def _quantizer_prefixes(layers: dict[str, dict[str, Any]]) -> tuple[str, ...]:
 def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """:func:`lowbit.format.container.inspect_file` of a file whose document passes the validation that ``load``
     and the Engine apply (``lowbit inspect`` accepts what they accept)."""
-    validate_file(read_file(path))
-    return container.inspect_file(path)
+    lowbit_file = read_file(path)
+    validate_file(lowbit_file)
+    return container.inspect_file(path, lowbit_file)
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -623,15 +623,16 @@ def read_file(path: str | os.PathLike[str]) -> LowbitFile:
 # ---------------------------------------------------------------------------- inspection
 
 
-def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Per tensor its codec chain, bits per weight and bytes; totals against float32.
+def inspect_file(path: str | os.PathLike[str], lowbit_file: LowbitFile | None = None) -> dict[str, Any]:
+    """Per tensor its codec chain, bits per weight and bytes; totals against float32 (``lowbit_file``: the file
+    at ``path`` when the caller has read it already).
 
     Returns ``{"path", "version", "file_bytes", "header_bytes", "has_graph",
     "tensors": [{"name", "codec", "chain", "shape", "numel", "bytes",
     "bits_per_weight", "float32_bytes"}], "stored_bytes", "float32_bytes",
     "ratio"}`` where ``ratio`` is float32 bytes / stored bytes.
     """
-    lowbit_file = read_file(path)
+    lowbit_file = read_file(path) if lowbit_file is None else lowbit_file
     rows = []
     for name, entry in sorted(lowbit_file.document["tensors"].items()):
         numel = math.prod(entry["shape"])
