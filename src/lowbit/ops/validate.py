@@ -263,7 +263,9 @@ def validate_graph(graph: object, layers: dict[str, dict], shapes: dict[str, Sha
 
 
 def _check_output(shape: Shape, recorded: object, op: str, where: str) -> None:
-    if not all(1 <= d for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+    if not all(1 <= d for d in shape):
+        raise fail(where, f"its output {[-1, *shape]} has an empty axis")
+    if math.prod(shape) > MAX_ELEMENTS:
         raise fail(where, f"its output {[-1, *shape]} exceeds {MAX_ELEMENTS} elements per example")
     if op in ("conv2d", "maxpool2d", "avgpool2d", "adaptive_avgpool2d") and max(shape[1:]) > MAX_SPATIAL:
         raise fail(where, f"its output {[-1, *shape]} exceeds the spatial size cap {MAX_SPATIAL}")
