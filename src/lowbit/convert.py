@@ -1,136 +1,369 @@
-"""Conversion: :func:`quantize` swaps a model's ``nn.Linear`` / ``nn.Conv2d`` layers for quantized ones.
+"""Conversion: :func:`quantize` quantizes a model's whole graph, call site by call site.
 
-:func:`quantize` swaps the ``nn.Linear`` / ``nn.Conv2d`` layers of any module tree for
-:class:`~lowbit.nn.QuantLinear` / :class:`~lowbit.nn.QuantConv2d` as a config says (see
-:mod:`lowbit.config`) and returns the model; :func:`quantize_report` does the same and also returns
-what it did. Layers it cannot convert (modules that own parameters and are neither Linear/Conv2d, nor a
-norm layer kept float on purpose, nor already quantized) stay float and are never skipped silently: a
-warning lists them, ``QuantReport.unsupported`` holds them, and ``strict=True`` raises
-UnsupportedLayerError instead. Re-exported by :mod:`lowbit.api`; :mod:`lowbit.serialize` uses it to
-rebuild a stored model from its float architecture.
+The model is traced with ``torch.fx`` (:func:`lowbit.export.graph.trace`: torch's and lowbit's layers stay
+modules, everything else is traced through, a subclass with its own ``forward`` included). Then:
+
+1. **Call sites, not module types.** Every call of ``nn.Linear`` / ``nn.Conv2d`` (grouped and depthwise
+   included; a subclass that keeps the class's ``forward``) and every functional ``F.linear`` / ``F.conv2d``
+   whose weight is a parameter (how a subclass with a custom ``forward``, such as a TF "same"-padding conv,
+   calls it) becomes a float layer at that call: the module's own path, or for a functional call the path of
+   the module owning the weight (``<owner>.<call>`` where that module has other parts in the graph). Whatever
+   the subclass computed around the call (its padding) stays in the graph, bit for bit.
+2. **Batch-norm folding** (``fold_bn``; on for a model in eval mode, the post-training case): a layer followed
+   only by an eval-mode batch norm becomes one layer, ``W' = W g / sqrt(v + eps)``, ``b' = (b - m) g /
+   sqrt(v + eps) + beta`` per output channel, computed in float64 (Jacob et al. 2018). For training (a model in
+   train mode) batch norm stays; the ONNX export folds it.
+3. **Weights**: each layer gets the config's specs (:mod:`lowbit.config`; the first and last layer are the
+   first and last call site in graph order) and becomes :class:`~lowbit.nn.QuantLinear` /
+   :class:`~lowbit.nn.QuantConv2d`, or stays float where the config says so.
+4. **Activations on graph edges** (:func:`lowbit.placement.place`): each tensor entering a quantized op is
+   quantized once, with one observer for all its consumers, and for int8 activation specs also at layer
+   outputs and around adds, products and concatenations.
+
+The result is an ``fx.GraphModule`` whose layers sit at the model's own module paths. Layers it cannot
+quantize (modules with parameters that are not layers above, a norm kept float on purpose, or quantized
+already; functional convs with a computed weight) run in float and are never skipped silently: a warning
+lists them, :class:`QuantReport` holds them with the fraction of weights (and, given an example input, of
+MACs) quantized, and ``strict=True`` raises UnsupportedLayerError. Re-exported by :mod:`lowbit.api`;
+:mod:`lowbit.serialize` uses it to rebuild a stored model from its float architecture.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import operator
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
 
 from .config import QuantConfig, as_config
 from .errors import UnsupportedLayerError
-from .nn import QuantAct, QuantConv2d, QuantLinear, label_quantizers, named_modules_without_quantizers
+from .export.graph import node_schema, trace
+from .nn import QuantAct, QuantConv2d, QuantLinear, label_quantizers
+from .placement import place
+from .quantizers import Quantizer
 
-__all__ = ["CONVERTIBLE", "KEPT_FLOAT", "QuantReport", "quantize", "quantize_report"]
+__all__ = ["KEPT_FLOAT", "LAYERS", "QuantReport", "fold_batchnorm", "quantize", "quantize_report"]
 
 
-#: the float layers quantize converts, and the class each becomes (exact types: subclasses are not converted)
-CONVERTIBLE: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+#: op -> (its float layer, its quantized layer)
+LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "linear": (nn.Linear, QuantLinear), "conv2d": (nn.Conv2d, QuantConv2d)}
+#: functional calls that are these ops, and their argument names in order
+FUNCTIONAL: dict[Any, tuple[str, tuple[str, ...]]] = {
+    F.linear: ("linear", ("input", "weight", "bias")),
+    F.conv2d: ("conv2d", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+}
+#: layers quantized already (left as they are)
+Quantized = (QuantLinear, QuantConv2d)
 #: layers with parameters that stay float on purpose (normalisation is folded or kept float at inference)
 KEPT_FLOAT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
+#: ops whose layer folds a following batch norm (weight's axis 0 is the output channel)
+_FOLDABLE = ("linear", "conv2d", "conv1d")
 
 
 @dataclass
 class QuantReport:
-    """What :func:`quantize_report` did: the model, the layers converted, those left float by the
-    config (first/last policy "float" or a skip rule), the unsupported layers as (name, type), and the
-    config rules (pattern or layer type) that match no layer, which a warning names."""
+    """What :func:`quantize_report` did.
+
+    ``converted``: layers quantized; ``kept_float``: layers the config leaves float (first/last policy "float"
+    or a skip rule); ``folded``: batch norms folded into the layer before them; ``activations``: the activation
+    quantizers placed on graph edges (QuantAct paths); ``unsupported``: (name, reason) of what runs in float
+    although it holds weights; ``unmatched_rules``: config rules that match no layer. ``weight_fraction``: the
+    share of the model's parameters (elements) in quantized weights; ``mac_fraction``: the share of the
+    multiply-accumulates of all linear / conv calls run by quantized layers, measured on ``example_input``
+    (None without one).
+    """
 
     model: nn.Module
     converted: list[str] = field(default_factory=list)
     kept_float: list[str] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)
+    activations: list[str] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
     unmatched_rules: list[str] = field(default_factory=list)
+    weight_fraction: float = 0.0
+    mac_fraction: float | None = None
+
+    def __str__(self) -> str:
+        macs = "" if self.mac_fraction is None else f", {self.mac_fraction:.1%} of MACs"
+        lines = [f"quantized {len(self.converted)} layer(s) ({self.weight_fraction:.1%} of weights{macs}), "
+                 f"{len(self.activations)} activation quantizer(s) on graph edges, "
+                 f"{len(self.folded)} batch norm(s) folded"]
+        lines += [f"  kept float by the config: {name}" for name in self.kept_float]
+        lines += [f"  float (cannot quantize): {name}: {reason}" for name, reason in self.unsupported]
+        return "\n".join(lines)
 
 
-def _unsupported(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, str]]:
-    handled = (*KEPT_FLOAT, QuantLinear, QuantConv2d, QuantAct)
-    def owns_parameters(m: nn.Module) -> bool:
-        return next(m.parameters(recurse=False), None) is not None
+@dataclass
+class _Site:
+    """A linear / conv call: its node, op, float layer and module path."""
 
-    return [
-        (name, type(m).__name__)
-        for name, m in modules
-        if type(m) not in CONVERTIBLE and not isinstance(m, handled) and owns_parameters(m)
-    ]
+    node: fx.Node
+    op: str
+    layer: nn.Module
+    path: str
 
 
-def _replace(model: nn.Module, replacements: dict[int, nn.Module]) -> nn.Module:
-    """Put each replacement wherever its original is registered (shared modules included)."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                setattr(parent, child_name, replacements[id(child)])
-    return replacements.get(id(model), model)
+def fold_batchnorm(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``layer`` computing ``bn(layer(x))`` in eval mode (weight axis 0 = output channel)."""
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var.double() + bn.eps)
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(std)
+        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(std)
+        factor = gamma / std
+        weight = layer.weight.double() * factor.reshape(-1, *[1] * (layer.weight.dim() - 1))
+        bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(std)
+        folded = copy.deepcopy(layer)
+        folded.weight = nn.Parameter(weight.to(layer.weight.dtype))
+        folded.bias = nn.Parameter(((bias - bn.running_mean.double()) * factor + beta).to(layer.weight.dtype))
+    return folded
 
 
-def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, inplace: bool, strict: bool) -> QuantReport:
-    cfg = as_config(config)
-    modules = named_modules_without_quantizers(model)
-    report = QuantReport(model=model, unsupported=_unsupported(modules))
-    if report.unsupported and strict:
-        raise UnsupportedLayerError(f"cannot quantize {_listing(report)}; lowbit converts nn.Linear and nn.Conv2d")
-    if not inplace:
-        model = copy.deepcopy(model)
-        modules = named_modules_without_quantizers(model)
-    layers = [(name, m) for name, m in modules if type(m) in CONVERTIBLE]
-    replacements: dict[int, nn.Module] = {}
-    for index, (name, layer) in enumerate(layers):
-        specs = cfg.layer_specs(name, layer, first=index == 0, last=index == len(layers) - 1)
-        if specs is None:
-            report.kept_float.append(name)
+def _attr(gm: nn.Module, target: str) -> torch.Tensor:
+    return operator.attrgetter(target)(gm)
+
+
+def _explicit_padding(layer: nn.Module) -> None:
+    """Turn a string padding ("valid", symmetric "same") into integers, as the graph IR stores it."""
+    if not isinstance(getattr(layer, "padding", None), str) or layer.padding_mode != "zeros":
+        return
+    if layer.padding == "valid":
+        layer.padding = (0,) * len(layer.kernel_size)
+        return
+    totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+    if all(t % 2 == 0 for t in totals):
+        layer.padding = tuple(t // 2 for t in totals)
+
+
+def _functional_layer(gm: fx.GraphModule, node: fx.Node, op: str, names: tuple[str, ...]) -> nn.Module | str:
+    """A float layer computing this functional call, or why there is none."""
+    args = {**dict(zip(names, node.args)), **node.kwargs}
+    weight, bias = args["weight"], args.get("bias")
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return "its weight is computed in the graph, not a parameter"
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return "its bias is computed in the graph, not a parameter"
+    w = _attr(gm, weight.target)
+    kind = {"device": w.device, "dtype": w.dtype}
+    if op == "linear":
+        layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias is not None, **kind)
+    else:
+        groups = args.get("groups", 1)
+        layer = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), args.get("stride", 1),
+                          args.get("padding", 0), args.get("dilation", 1), groups, bias is not None, **kind)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if bias is not None:
+            layer.bias.copy_(_attr(gm, bias.target))
+    return layer
+
+
+def _free_path(owner: str, node: fx.Node, taken: set[str]) -> str:
+    """The owner's path where nothing else of the graph lives in it, else ``<owner>.<call>``."""
+    inside = any(t == owner or t.startswith(f"{owner}.") for t in taken) if owner else True
+    return f"{owner}.{node.name}" if inside and owner else owner or node.name
+
+
+def _sites(gm: fx.GraphModule, report: QuantReport) -> list[_Site]:
+    modules = dict(gm.named_modules())
+    sites: list[_Site] = []
+    taken = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            schema = node_schema(node, modules)
+            m = modules[node.target]
+            if schema is not None and schema.name in LAYERS and not isinstance(m, Quantized):
+                sites.append(_Site(node, schema.name, m, node.target))
+        elif node.op == "call_function" and node.target in FUNCTIONAL:
+            op, names = FUNCTIONAL[node.target]
+            layer = _functional_layer(gm, node, op, names)
+            if isinstance(layer, str):
+                report.unsupported.append((node.name, f"{op} call: {layer}"))
+                continue
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+            owners = {n.target.rpartition(".")[0] for n in node.all_input_nodes if n.op == "get_attr"}
+            others = taken | {n.target for n in gm.graph.nodes if n.op == "get_attr"
+                              and n.target.rpartition(".")[0] in owners and n not in node.all_input_nodes}
+            path = _free_path(weight.target.rpartition(".")[0], node, others)
+            taken.add(path)
+            sites.append(_Site(node, op, layer, path))
+    return sites
+
+
+def _install(gm: fx.GraphModule, site: _Site, layer: nn.Module) -> None:
+    """Make ``site`` a call of ``layer`` at its path; a functional call's parameters leave the graph."""
+    node = site.node
+    if node.op == "call_module":
+        gm.add_submodule(site.path, layer)
+        return
+    used = [n for n in node.all_input_nodes if n.op == "get_attr"]
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_module(site.path, (node.args[0] if node.args else node.kwargs["input"],))
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    for attr in used:
+        if not attr.users:
+            owner, _, name = attr.target.rpartition(".")
+            gm.graph.erase_node(attr)
+            holder = gm.get_submodule(owner)
+            if hasattr(holder, name):
+                delattr(holder, name)
+    gm.add_submodule(site.path, layer)
+    site.node = call
+
+
+def _fold(gm: fx.GraphModule, sites: list[_Site], report: QuantReport) -> None:
+    modules = dict(gm.named_modules())
+    for site in sites:
+        users = list(site.node.users)
+        if site.op not in _FOLDABLE or len(users) != 1 or users[0].op != "call_module":
             continue
-        quantizers = {f"{slot}_quantizer": spec for slot, spec in specs.items()}
-        replacements[id(layer)] = CONVERTIBLE[type(layer)].from_float(layer, **quantizers)
-        report.converted.append(name)
-    if not any(isinstance(m, (QuantLinear, QuantConv2d)) for _, m in modules):  # re-quantizing: rules name those
-        report.unmatched_rules = [r.pattern or r.layer_type for r in cfg.rules
-                                  if not any(r.matches(name, layer) for name, layer in layers)]
-    report.model = _replace(model, replacements)
-    label_quantizers(report.model)
+        bn = modules[users[0].target]
+        schema = node_schema(users[0], modules)
+        if schema is None or schema.name != "batchnorm" or bn.running_var is None \
+                or bn.num_features != site.layer.weight.shape[0]:
+            continue
+        site.layer = fold_batchnorm(site.layer, bn)
+        users[0].replace_all_uses_with(site.node)
+        gm.graph.erase_node(users[0])
+        report.folded.append(users[0].target)
+
+
+def _macs(gm: fx.GraphModule, sites: list[_Site], example: torch.Tensor) -> dict[fx.Node, int]:
+    """Multiply-accumulates of each site's call on ``example`` (``out.numel() / out_channels * weight.numel()``
+    per batch element: every output value takes one weight row / filter)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    macs = {}
+    for site in sites:
+        meta = site.node.meta.get("tensor_meta")
+        out = math.prod(meta.shape[1:]) if meta is not None else 0
+        channels = site.layer.weight.shape[0]
+        macs[site.node] = out // channels * site.layer.weight.numel()
+    return macs
+
+
+def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, strict: bool,
+             fold_bn: bool | None, example_input: torch.Tensor | Sequence[int] | None,
+             leaves: Sequence[str | type]) -> QuantReport:
+    cfg = as_config(config)
+    fold = not model.training if fold_bn is None else fold_bn
+    gm = trace(copy.deepcopy(model), tuple(leaves))
+    report = QuantReport(model=gm)
+    sites = _sites(gm, report)
+    macs = None
+    if example_input is not None:
+        from .analysis.summary import example_tensor
+
+        macs = _macs(gm, sites, example_tensor(model, example_input))
+    if fold:
+        _fold(gm, sites, report)
+    layers: dict[fx.Node, dict[str, Any]] = {}
+    quantized_macs = 0
+    for index, site in enumerate(sites):
+        _explicit_padding(site.layer)
+        specs = cfg.layer_specs(site.path, site.layer, first=index == 0, last=index == len(sites) - 1)
+        if specs is None:
+            report.kept_float.append(site.path)
+            _install(gm, site, site.layer)
+            continue
+        quantized = LAYERS[site.op][1].from_float(site.layer, weight_quantizer=specs["weight"])
+        _install(gm, site, quantized)
+        layers[site.node] = specs
+        report.converted.append(site.path)
+        quantized_macs += macs[site.node] if macs else 0
+    report.unmatched_rules = [r.pattern or r.layer_type for r in cfg.rules
+                              if not any(r.matches(s.path, s.layer) for s in sites)]
+    report.activations = place(gm, layers, cfg.input)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    report.unsupported = _float_modules(gm) + report.unsupported
+    if report.unsupported and strict:
+        raise UnsupportedLayerError(f"cannot quantize {_listing(report)}")
+    report.weight_fraction = _weight_fraction(gm)
+    if macs:
+        total = sum(macs.values())
+        report.mac_fraction = quantized_macs / total if total else 1.0
+    label_quantizers(gm)
+    gm.train(model.training)
+    for attr in ("lowbit_input_shape",):
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
     return report
 
 
+def _float_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """Called modules that own parameters and are neither quantized layers, float layers by config, nor norms."""
+    modules = dict(gm.named_modules())
+    handled = (*KEPT_FLOAT, *Quantized, QuantAct, *(float_cls for float_cls, _ in LAYERS.values()))
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = modules[node.target]
+            if not isinstance(m, handled) and any(True for _ in m.parameters()):
+                found.append((node.target, f"{type(m).__name__} runs in float"))
+    return found
+
+
+def _weight_fraction(gm: nn.Module) -> float:
+    inside = {id(p) for q in gm.modules() if isinstance(q, Quantizer) for p in q.parameters()}
+    params = [p for p in gm.parameters() if id(p) not in inside]
+    quantized = sum(m.weight.numel() for m in gm.modules()
+                    if isinstance(m, Quantized) and m.weight_quantizer is not None)
+    total = sum(p.numel() for p in params)
+    return quantized / total if total else 1.0
+
+
 def _listing(report: QuantReport) -> str:
-    return ", ".join(f"{name or '(model)'} ({kind})" for name, kind in report.unsupported)
+    return ", ".join(f"{name or '(model)'} ({reason})" for name, reason in report.unsupported)
 
 
 def _warn_unsupported(report: QuantReport) -> None:
     if report.unsupported:
         count = len(report.unsupported)
-        message = f"lowbit.quantize left {count} layer(s) float that it cannot convert: {_listing(report)}"
+        message = f"lowbit.quantize left {count} part(s) float that it cannot quantize: {_listing(report)}"
         warnings.warn(message, UserWarning, stacklevel=3)  # points at the caller of quantize / quantize_report
     if report.unmatched_rules:
         layers = ", ".join([*report.converted, *report.kept_float]) or "none"
-        message = (f"lowbit.quantize: config rule(s) {report.unmatched_rules} match no Linear/Conv2d layer of the "
+        message = (f"lowbit.quantize: config rule(s) {report.unmatched_rules} match no linear/conv layer of the "
                    f"model (a typo?); its layers: {layers}")
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def quantize_report(
-    model: nn.Module, config: str | dict[str, Any] | QuantConfig, inplace: bool = False, strict: bool = False
+    model: nn.Module, config: str | dict[str, Any] | QuantConfig, strict: bool = False, *,
+    fold_bn: bool | None = None, example_input: torch.Tensor | Sequence[int] | None = None,
+    leaves: Sequence[str | type] = (),
 ) -> QuantReport:
-    """Convert ``model``'s Linear/Conv2d layers as ``config`` (preset name, dict or QuantConfig) says.
+    """Quantize ``model``'s graph as ``config`` (preset name, dict or QuantConfig) says; see the module docstring.
 
-    The first and last layers are the first and last exact ``nn.Linear`` /
-    ``nn.Conv2d`` in ``model.named_modules()`` order (registration order).
-    Layers that are already QuantLinear/QuantConv2d are left as they are.
-    With ``inplace=False`` the model is deep-copied first. Quantizer labels
-    are set to the tensor names (``features.0.weight``, ``features.0.input``).
-    Unsupported layers raise UnsupportedLayerError when ``strict`` (before
-    anything is changed), else a warning lists them.
+    The model itself is not changed (the result is built from a deep copy). ``fold_bn``:
+    fold batch norms into the layers before them (default: when the model is in eval mode). ``example_input``
+    (a tensor or an input shape) measures the MAC fraction. ``leaves``: module paths or classes to keep whole
+    (run in float, listed as unsupported), for code torch.fx cannot trace. Quantizer labels are the tensor
+    names (``features.0.weight``, ``quant_acts.add.output``). UnsupportedLayerError for a model that cannot be
+    traced, or with ``strict`` for anything left float that holds weights.
     """
-    report = _convert(model, config, inplace, strict)
+    report = _convert(model, config, strict, fold_bn, example_input, leaves)
     _warn_unsupported(report)
     return report
 
 
 def quantize(
-    model: nn.Module, config: str | dict[str, Any] | QuantConfig, inplace: bool = False, strict: bool = False
+    model: nn.Module, config: str | dict[str, Any] | QuantConfig, strict: bool = False, *,
+    fold_bn: bool | None = None, leaves: Sequence[str | type] = (),
 ) -> nn.Module:
-    """:func:`quantize_report` returning the converted model alone."""
-    report = _convert(model, config, inplace, strict)
+    """:func:`quantize_report` returning the quantized model alone."""
+    report = _convert(model, config, strict, fold_bn, None, leaves)
     _warn_unsupported(report)
     return report.model

@@ -122,8 +122,47 @@ def _module_schema(m: nn.Module, where: str) -> OpSchema:
 
 
 class _Tracer(fx.Tracer):
+    def __init__(self, leaves: tuple[str | type, ...] = ()) -> None:
+        super().__init__()
+        self.leaf_paths = {leaf for leaf in leaves if isinstance(leaf, str)}
+        self.leaf_types = tuple(leaf for leaf in leaves if isinstance(leaf, type))
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _declared_module(m) is not None or isinstance(m, _ALIAS_MODULES) or super().is_leaf_module(m, qualname)
+        return (_declared_module(m) is not None or isinstance(m, (*_ALIAS_MODULES, *self.leaf_types))
+                or qualname in self.leaf_paths or super().is_leaf_module(m, qualname))
+
+
+def trace(model: nn.Module, leaves: tuple[str | type, ...] = ()) -> fx.GraphModule:
+    """``model`` traced with ``torch.fx`` in eval mode (``self.training`` reads False), its train/eval modes kept.
+
+    Declared layers (:mod:`lowbit.ops`) and ``leaves`` (module paths or classes the user names) stay modules;
+    everything else is traced through. A model that cannot be traced raises UnsupportedLayerError naming the line
+    of its own code and saying how to make the module at fault a leaf.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return fx.GraphModule(model, _Tracer(tuple(leaves)).trace(model))
+    except (TraceError, TypeError) as exc:
+        raise UnsupportedLayerError(
+            f"model {type(model).__name__} cannot be traced with torch.fx: {str(exc).splitlines()[0]}"
+            f"{_user_line(exc)}; or pass leaves=['path.of.module'] to keep that module whole (it then runs in "
+            "float and cannot be saved with a graph)") from None
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def node_schema(node: fx.Node, modules: dict[str, nn.Module]) -> OpSchema | None:
+    """The declared op an fx node calls (module, function or tensor method), None for any other node."""
+    if node.op == "call_module":
+        return _declared_module(modules[node.target])
+    functions, methods, _ = _declared()
+    if node.op == "call_function":
+        return functions.get(node.target, (None,))[0]
+    if node.op == "call_method":
+        return methods.get(node.target, (None,))[0]
+    return None
 
 
 def _module_state(m: nn.Module, target: str) -> tuple[dict[str, str], dict[str, Any]]:
@@ -172,19 +211,16 @@ def _propagate(gm: fx.GraphModule, name: str, example_input: torch.Tensor) -> No
 def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
     """Trace ``model`` on ``example_input`` and return its graph IR (see the module docstring)."""
     functions, methods, _ = _declared()
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # traced in eval mode, so `self.training` reads False
+    traced = trace(model)
+    graph = traced.graph
+    modes = [(m, m.training) for m in traced.modules()]
+    traced.eval()
     try:
-        try:
-            graph = _Tracer().trace(model)
-        except TraceError as exc:
-            raise UnsupportedLayerError(f"model {type(model).__name__} cannot be traced with torch.fx: {exc}"
-                                        f"{_user_line(exc)}") from None
-        _propagate(fx.GraphModule(model, graph), type(model).__name__, example_input)
+        _propagate(traced, type(model).__name__, example_input)
     finally:
         for module, training in modes:
             module.training = training
-    modules = dict(model.named_modules())
+    modules = dict(traced.named_modules())
     alias: dict[str, str] = {}
     arithmetic: set[str] = set()
     #: chunk / split node -> (its input, the slice attributes of its pieces)

@@ -157,10 +157,12 @@ class _Affine:
 
 @dataclass
 class _Value:
-    """An ONNX value and, when it is the output of an 8-bit DequantizeLinear, its per-tensor scale."""
+    """An ONNX value and, when it is the output of an 8-bit DequantizeLinear, its per-tensor scale and the
+    quantization it went through."""
 
     name: str
     scale: float | None = None
+    affine: _Affine | None = None
 
 
 class _Builder:
@@ -229,7 +231,9 @@ class _Builder:
         zero_name = self.const(f"{base}.zero_point", np.array(zero), container)
         q = self.node("QuantizeLinear", [x, scale_name, zero_name], f"{base}.quantized")
         out = self.node("DequantizeLinear", [q, scale_name, zero_name], f"{base}.dequantized")
-        return _Value(out, float(scale) if container.onnx_type in _EIGHT_BIT else None)
+        if container.onnx_type not in _EIGHT_BIT:
+            return _Value(out)
+        return _Value(out, float(scale), affine)
 
     def sign(self, x: str, base: str) -> str:
         """sign(x) with sign(0) = +1: Where(x < 0, -1, 1)."""
@@ -410,7 +414,11 @@ class _Exporter:
             if len(node.shape) == 1:
                 y = b.node("Squeeze", [y, b.const(f"{name}.axes", np.array([2]))], f"{name}.nc")
             return _Value(y)
-        return _Value(node.schema.onnx(b, name, [a.name for a in args], attrs))
+        y = node.schema.onnx(b, name, [a.name for a in args], attrs)
+        if node.schema.placement == "moves" and args[0].affine is not None:
+            # the same quantization again: it commutes with the op, and integer kernels see QDQ on both sides
+            return b.qdq(y, args[0].affine, f"{name}.requantized")
+        return _Value(y)
 
     def layer(self, node: GraphNode, x: _Value) -> _Value:
         name, module = node.name, self.modules[node.module]

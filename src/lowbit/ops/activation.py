@@ -27,7 +27,7 @@ def _clip(b, name: str, xs: list[str], a: dict) -> str:
 
 
 RELU = register(OpSchema(
-    "relu", same_shape,
+    "relu", same_shape, placement="clips",
     capture=Capture(("torch.nn.functional.relu", "torch.relu", "Tensor.relu"), unary, ("torch.nn.ReLU",)),
     numpy=lambda xs, a: np.maximum(xs[0], np.float32(0)), torch=lambda t, xs, a: t.nn.functional.relu(xs[0]),
     onnx=lambda b, name, xs, a: b.node("Relu", xs, name)))
@@ -36,7 +36,7 @@ TANH = register(OpSchema(
     numpy=lambda xs, a: np.tanh(xs[0]), torch=lambda t, xs, a: t.tanh(xs[0]),
     onnx=lambda b, name, xs, a: b.node("Tanh", xs, name)))
 HARDTANH = register(OpSchema(
-    "hardtanh", _hardtanh_shape, attrs={"min": Number(), "max": Number()},
+    "hardtanh", _hardtanh_shape, placement="clips", attrs={"min": Number(), "max": Number()},
     capture=Capture(("torch.nn.functional.hardtanh",), _hardtanh_call, ("torch.nn.Hardtanh",),
                     lambda m, shape, where: {"min": float(m.min_val), "max": float(m.max_val)}),
     numpy=lambda xs, a: np.clip(xs[0], np.float32(a["min"]), np.float32(a["max"])),

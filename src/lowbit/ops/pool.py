@@ -142,7 +142,7 @@ _ADAPTIVE = Capture(("torch.nn.functional.adaptive_avg_pool2d",),
                     ("torch.nn.AdaptiveAvgPool2d",), lambda m, shape, where: {"output_size": shape[-2:]})
 
 MAXPOOL2D = register(OpSchema(
-    "maxpool2d", _pool_shape, attrs={**_WINDOW, "ceil_mode": Bool()}, defaults={"ceil_mode": False},
+    "maxpool2d", _pool_shape, placement="moves", attrs={**_WINDOW, "ceil_mode": Bool()}, defaults={"ceil_mode": False},
     capture=Capture(("torch.nn.functional.max_pool2d",), _max_call, ("torch.nn.MaxPool2d",), _max_module),
     numpy=lambda xs, a: maxpool2d(xs[0], a["kernel"], a["stride"], a["padding"], a["ceil_mode"]),
     torch=lambda t, xs, a: t.nn.functional.max_pool2d(xs[0], a["kernel"], a["stride"], a["padding"],
@@ -200,7 +200,7 @@ def _upsample_onnx(b, name: str, xs: list[str], a: dict) -> str:
 
 
 UPSAMPLE = register(OpSchema(
-    "upsample", _upsample_shape, attrs={"size": Ints(2, 1, MAX_SPATIAL)},
+    "upsample", _upsample_shape, placement="moves", attrs={"size": Ints(2, 1, MAX_SPATIAL)},
     capture=Capture(("torch.nn.functional.interpolate",), _upsample_call, ("torch.nn.Upsample",), _upsample_module),
     numpy=lambda xs, a: upsample_nearest(xs[0], a["size"]),
     torch=lambda t, xs, a: t.nn.functional.interpolate(xs[0], size=a["size"], mode="nearest"), onnx=_upsample_onnx))

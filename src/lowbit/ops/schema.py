@@ -11,7 +11,11 @@ a new op is added by declaring it, and ``lowbit.load``, the Engine,
 graphs.
 
 Shapes here are *example shapes*: a tensor's shape without the batch axis
-(the IR stores the batch axis as -1). Caps (each a :class:`FormatError`
+(the IR stores the batch axis as -1). The one exception is a stored tensor
+read as a node (op ``constant``, declared ``batchless``): it has no batch
+axis, its example shape is the tensor's own shape (recorded as is, without
+-1), only ops declared to take ``constants`` accept it as an input, and
+their shape rules see which inputs are constants in ``Node.constant``. Caps (each a :class:`FormatError`
 naming the node and the limit): a spatial size, padding or output size at
 most :data:`MAX_SPATIAL`; at most :data:`MAX_ELEMENTS` elements per example
 in any node's output; ranks at most :data:`MAX_RANK`; at most
@@ -92,6 +96,22 @@ class Number:
 
 
 @dataclass(frozen=True)
+class Numbers:
+    """A list of ``count`` finite numbers, each in (low, high]."""
+
+    count: int
+    low: float
+    high: float
+
+    def check(self, value: object, what: str, where: str) -> list[float]:
+        kind = Number(self.low, self.high, open_low=True)
+        if not isinstance(value, list) or len(value) != self.count:
+            raise fail(where, f"{what} must be a list of {self.count} numbers > {self.low:g} and <= {self.high:g}, "
+                              f"got {_short(value)}")
+        return [kind.check(v, what, where) for v in value]
+
+
+@dataclass(frozen=True)
 class Bool:
     def check(self, value: object, what: str, where: str) -> bool:
         if not isinstance(value, bool):
@@ -168,6 +188,8 @@ class Node:
     attrs: dict[str, Any]
     inputs: list[Shape]
     tensors: dict[str, Shape]
+    #: per input, whether it is a constant (a stored tensor without the batch axis); empty: none is
+    constant: list[bool] = field(default_factory=list)
 
     @property
     def where(self) -> str:
@@ -199,6 +221,13 @@ class Capture:
     ``modules``: dotted class names of the modules that are it (subclasses included);
     ``module(m, shape, where)`` returns the attributes of such a module. Both raise
     :class:`~lowbit.errors.UnsupportedLayerError` naming ``where`` for a form the op cannot express.
+    ``module_tensors``: for a parameter-free op made of a module, the module's tensors (attribute names, in
+    order) that become ``constant`` nodes feeding it after its input, where the module has them (not None).
+    ``when(args, kwargs)`` / ``module_when(m)``: where several ops declare one function or module class (the
+    modes of ``interpolate``), whether a call or a module is this op's; the first op that accepts it is
+    chosen, else the first declared (whose capture then names what it supports). ``get_attr(tensor, key,
+    where)``: the attributes of a read of a parameter or buffer (an fx ``get_attr`` node), for the one op
+    made of those.
     """
 
     functions: tuple[str, ...] = ()
@@ -207,6 +236,10 @@ class Capture:
     module: Callable[[Any, list[int], str], dict[str, Any]] = lambda m, shape, where: {}
     #: functions whose arguments another ``call`` reads: name -> call
     calls: dict[str, Callable[[list, dict, list[int], str], tuple[dict[str, Any], list]]] = field(default_factory=dict)
+    module_tensors: tuple[str, ...] = ()
+    when: Callable[[list, dict], bool] | None = None
+    module_when: Callable[[Any], bool] | None = None
+    get_attr: Callable[[Any, str, str], dict[str, Any]] | None = None
 
 
 def unary(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict[str, Any], list]:
@@ -244,7 +277,13 @@ class OpSchema:
     builder, whose ``node`` and ``const`` add nodes and initializers; returns
     the output's name). Module ops (linear, conv2d, batchnorm, quant_act)
     run their modules in torch, and in :mod:`lowbit.runtime.engine` and
-    :mod:`lowbit.export.onnx`, which quantize around them.
+    :mod:`lowbit.export.onnx`, which quantize around them. Any other op
+    that reads tensors (``constant``) gets their values after its inputs in
+    ``xs``: numpy arrays, the model's tensors, ONNX initializers. The
+    builder's ``shapes`` maps an ONNX input's name to its example shape.
+    ``batchless``: its output has no batch axis (``constant``);
+    ``constants``: it takes such inputs (its shape rule reads
+    ``node.constant``); other ops refuse them.
     """
 
     name: str
@@ -256,8 +295,16 @@ class OpSchema:
     state: tuple[str, ...] = ()
     attrs: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
+    batchless: bool = False
+    constants: bool = False
     module: bool = False
     capture: Capture = Capture()
+    #: how whole-graph quantization treats it (:mod:`lowbit.placement`): "moves" (selects or moves values without
+    #: computing new ones, so it commutes with an activation quantizer: pools by max, reshapes, slices, nearest
+    #: upsampling), "clips" (a clamp an integer kernel applies for free after a conv or an add: relu, hardtanh),
+    #: "joins" (adds, multiplies or concatenates tensors: integer kernels take quantized inputs and requantize
+    #: their output), or "" (none of these)
+    placement: str = ""
     numpy: Callable[[list[np.ndarray], dict[str, Any]], np.ndarray] | None = None
     torch: Callable[[Any, list, dict[str, Any]], Any] | None = None
     onnx: Callable[[Any, str, list[str], dict[str, Any]], str] | None = None

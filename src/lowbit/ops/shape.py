@@ -39,14 +39,14 @@ def _reshape(b, name: str, xs: list[str], a: dict) -> str:
 
 
 RESHAPE = register(OpSchema(
-    "reshape", _reshape_shape, attrs={"shape": ExampleShape()},
+    "reshape", _reshape_shape, placement="moves", attrs={"shape": ExampleShape()},
     capture=Capture(("torch.flatten", "torch.reshape", "Tensor.view", "Tensor.reshape", "Tensor.flatten"),
                     lambda args, kwargs, shape, where: ({"shape": shape}, args[:1]), ("torch.nn.Flatten",),
                     lambda m, shape, where: {"shape": shape}),
     numpy=lambda xs, a: xs[0].reshape([xs[0].shape[0], *a["shape"][1:]]),
     torch=lambda t, xs, a: xs[0].reshape(a["shape"]), onnx=_reshape))
 CONCAT = register(OpSchema(
-    "concat", _concat_shape, inputs=None, attrs={"axis": Int(-MAX_RANK, MAX_RANK)},
+    "concat", _concat_shape, placement="joins", inputs=None, attrs={"axis": Int(-MAX_RANK, MAX_RANK)},
     capture=Capture(("torch.cat", "torch.concat"),
                     lambda args, kwargs, shape, where: ({"axis": int(argument(args, kwargs, 1, "dim", 0))},
                                                         list(args[0]))),
@@ -175,7 +175,7 @@ def _pad_onnx(b, name: str, xs: list[str], a: dict) -> str:
 
 
 TRANSPOSE = register(OpSchema(
-    "transpose", _transpose_shape, attrs={"perm": Axes(permutation=True)},
+    "transpose", _transpose_shape, placement="moves", attrs={"perm": Axes(permutation=True)},
     capture=Capture(("torch.transpose", "Tensor.transpose"), _transpose_call,
                     calls={"torch.permute": _permute_call, "Tensor.permute": _permute_call}),
     numpy=lambda xs, a: np.transpose(xs[0], a["perm"]), torch=lambda t, xs, a: xs[0].permute(a["perm"]),
@@ -235,7 +235,7 @@ def _slice_onnx(b, name: str, xs: list[str], a: dict) -> str:
 
 
 SLICE = register(OpSchema(
-    "slice", _slice_shape, attrs={"axis": Int(-MAX_RANK, -1), "start": Int(0, 2**31), "end": Int(1, 2**31)},
+    "slice", _slice_shape, placement="moves", attrs={"axis": Int(-MAX_RANK, -1), "start": Int(0, 2**31), "end": Int(1, 2**31)},
     capture=Capture(("operator.getitem",), _slice_call),
     numpy=lambda xs, a: xs[0][(Ellipsis, slice(a["start"], a["end"])) + (slice(None),) * (-1 - a["axis"])],
     torch=lambda t, xs, a: xs[0].narrow(a["axis"], a["start"], a["end"] - a["start"]), onnx=_slice_onnx))

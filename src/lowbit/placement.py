@@ -1,0 +1,159 @@
+"""Where a quantized graph quantizes its activations: once per tensor, where an integer deployment would.
+
+:func:`place` works on a model traced by ``torch.fx`` whose weight layers :func:`lowbit.quantize` has already
+converted. It marks the tensors to quantize, each with one activation spec:
+
+1. the input of every quantized layer, with that layer's ``input`` spec (the layer's own choice wins);
+2. when the activation spec is an affine integer one (``uniform``, the int8 deployment case), also the output of
+   every quantized layer, and the inputs and output of every op that joins tensors (``add``, ``sub``, ``mul``,
+   ``concat``: residual adds, squeeze-and-excitation products, concatenations), which integer kernels
+   (QLinearAdd, QLinearMul, QLinearConcat) take quantized and requantize. Binary and other training-time
+   activation specs quantize layer inputs only (a Bi-Real shortcut stays real-valued).
+
+A mark moves to where one quantizer serves everyone:
+
+- back through ops that only move values (max pooling, reshapes, transposes, slices, nearest upsampling, their
+  ``placement`` "moves" in :mod:`lowbit.ops`): they commute with a monotone quantizer, so quantizing their input
+  is the same, bit for bit, and the ONNX export repeats the quantization after them;
+- forward over a clamp that is a layer's or a join's only consumer (relu, relu6 / hardtanh, also over a batch
+  norm kept for training): integer kernels apply it for free, and its output is the tensor a device stores.
+
+Every tensor is then quantized once, in one place, with one observer for all its consumers: the input
+quantizer of its one consumer if that is a quantized layer, else the output quantizer of the quantized layer
+that produced it, else a :class:`~lowbit.nn.QuantAct` inserted after its producer (module path
+``quant_acts.<node>``). Two consumers asking for different specs get the one with more bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx
+
+from .export.graph import node_schema
+from .nn import QuantAct
+from .quantizers import get
+
+#: the module that holds the activation quantizers placed on graph edges
+ACTS = "quant_acts"
+#: activation quantizers whose tensors integer kernels requantize at joins and layer outputs
+AFFINE_INTEGER = ("uniform",)
+
+
+@dataclass
+class _Mark:
+    spec: dict[str, Any] | str
+    from_layer: bool  # asked for by a consumer layer's own input spec
+
+    def rank(self) -> tuple[bool, int]:
+        bits = self.spec.get("bits", 0) if isinstance(self.spec, dict) else 0
+        return self.from_layer, bits or 0
+
+
+def _is_tensor(a: Any) -> bool:
+    return isinstance(a, fx.Node) and a.op != "get_attr"
+
+
+class _Graph:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.outputs = set(output.all_input_nodes)
+
+    def placement(self, node: fx.Node) -> str:
+        schema = node_schema(node, self.modules)
+        return schema.placement if schema is not None else ""
+
+    def settle(self, node: fx.Node) -> fx.Node:
+        """Back through ops that only move values."""
+        while self.placement(node) == "moves" and node.args and _is_tensor(node.args[0]):
+            node = node.args[0]
+        return node
+
+    def clamped(self, node: fx.Node) -> fx.Node:
+        """Forward over a lone clamp (and a batch norm before it)."""
+        for _ in range(2):
+            if len(node.users) != 1 or node in self.outputs:
+                return node
+            user = next(iter(node.users))
+            schema = node_schema(user, self.modules)
+            if schema is None or schema.name not in ("relu", "hardtanh", "batchnorm") or user.args[0] is not node:
+                return node
+            node = user
+        return node
+
+
+def place(gm: fx.GraphModule, layers: dict[fx.Node, dict[str, Any]], edge_spec: Any) -> list[str]:
+    """Quantize the activations of traced, weight-converted ``gm`` in place; returns the QuantAct paths added.
+
+    ``layers``: each quantized layer's call node -> its ``input`` / ``output`` specs (None: not quantized).
+    ``edge_spec``: the activation spec of the config, used at layer outputs and joins when it is affine integer.
+    """
+    g = _Graph(gm)
+    marks: dict[fx.Node, _Mark] = {}
+
+    def mark(node: fx.Node, spec: Any, from_layer: bool) -> None:
+        if spec is None:
+            return
+        if _name(spec) in AFFINE_INTEGER:  # a sign or a learned quantizer stays where its layer reads it
+            node = g.settle(node)
+        new = _Mark(spec, from_layer)
+        if node not in marks or new.rank() > marks[node].rank():
+            marks[node] = new
+
+    for node, specs in layers.items():
+        mark(node.args[0], specs.get("input"), True)
+        if specs.get("output") is not None:
+            mark(node, specs["output"], True)
+    if _name(edge_spec) in AFFINE_INTEGER:
+        for node in layers:
+            mark(g.clamped(node), edge_spec, False)
+        for node in gm.graph.nodes:
+            tensors = _flat_tensors(node.args)
+            if g.placement(node) == "joins" and len(tensors) >= 2:
+                for a in tensors:
+                    mark(a, edge_spec, False)
+                mark(g.clamped(node), edge_spec, False)
+    for node in list(marks):  # graph outputs stay float unless a layer asks for them
+        if node in g.outputs and not marks[node].from_layer:
+            del marks[node]
+    return _assign(gm, g, marks, layers)
+
+
+def _name(spec: Any) -> str | None:
+    return spec.get("name") if isinstance(spec, dict) else spec
+
+
+def _flat_tensors(args: Any) -> list[fx.Node]:
+    """The tensor nodes among ``args``, lists (``torch.cat``'s) included."""
+    found: list[fx.Node] = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            found += _flat_tensors(a)
+        elif _is_tensor(a):
+            found.append(a)
+    return found
+
+
+def _assign(gm: fx.GraphModule, g: _Graph, marks: dict[fx.Node, _Mark], layers: dict[fx.Node, Any]) -> list[str]:
+    added: list[str] = []
+    taken = {path.split(".")[0] for path in g.modules}
+    holder = ACTS if ACTS not in taken else next(f"{ACTS}_{i}" for i in range(1, len(taken) + 2)
+                                                 if f"{ACTS}_{i}" not in taken)
+    for node, mark in marks.items():
+        users = list(node.users)
+        quantizer = get(mark.spec)
+        if len(users) == 1 and users[0] in layers and users[0].args[0] is node:
+            g.modules[users[0].target].input_quantizer = quantizer
+        elif node in layers:
+            g.modules[node.target].output_quantizer = quantizer
+        else:
+            path = f"{holder}.{node.name}"
+            gm.add_submodule(path, QuantAct(quantizer))
+            with gm.graph.inserting_after(node):
+                q = gm.graph.call_module(path, (node,))
+            node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+            added.append(path)
+    return added
