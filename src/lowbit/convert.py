@@ -267,7 +267,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
         macs = _macs(gm, sites, example_tensor(model, example_input))
     if fold:
         _fold(gm, sites, report)
-    layers: dict[fx.Node, dict[str, Any]] = {}
+    layers: dict[fx.Node, dict[str, Any] | None] = {}
     quantized_macs = 0
     for index, site in enumerate(sites):
         _explicit_padding(site.layer)
@@ -275,6 +275,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
         if specs is None:
             report.kept_float.append(site.path)
             _install(gm, site, site.layer)
+            layers[site.node] = None
             continue
         quantized = LAYERS[site.op][1].from_float(site.layer, weight_quantizer=specs["weight"])
         _install(gm, site, quantized)

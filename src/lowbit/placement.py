@@ -5,7 +5,7 @@ converted. It marks the tensors to quantize, each with one activation spec:
 
 1. the input of every quantized layer, with that layer's ``input`` spec (the layer's own choice wins);
 2. when the activation spec is an affine integer one (``uniform``, the int8 deployment case), also the output of
-   every quantized layer, and the inputs and output of every op that joins tensors (``add``, ``sub``, ``mul``,
+   every quantized layer that is read by anything but linear / conv layers (whose own input specs decide), and the inputs and output of every op that joins tensors (``add``, ``sub``, ``mul``,
    ``concat``: residual adds, squeeze-and-excitation products, concatenations), which integer kernels
    (QLinearAdd, QLinearMul, QLinearConcat) take quantized and requantize. Binary and other training-time
    activation specs quantize layer inputs only (a Bi-Real shortcut stays real-valued).
@@ -19,7 +19,8 @@ A mark moves to where one quantizer serves everyone:
   norm kept for training): integer kernels apply it for free, and its output is the tensor a device stores.
 
 Every tensor is then quantized once, in one place, with one observer for all its consumers: the input
-quantizer of its one consumer if that is a quantized layer, else the output quantizer of the quantized layer
+quantizer of its one consumer if that is a quantized layer (directly or through ops that only move values),
+else the output quantizer of the quantized layer
 that produced it, else a :class:`~lowbit.nn.QuantAct` inserted after its producer (module path
 ``quant_acts.<node>``). Two consumers asking for different specs get the one with more bits.
 """
@@ -68,9 +69,36 @@ class _Graph:
 
     def settle(self, node: fx.Node) -> fx.Node:
         """Back through ops that only move values."""
-        while self.placement(node) == "moves" and node.args and _is_tensor(node.args[0]):
+        while self.placement(node) == "moves" and node.args and _is_tensor(node.args[0]) and \
+                getattr(node_schema(node.args[0], self.modules), "name", None) != "split":  # a piece of a chunk
             node = node.args[0]
         return node
+
+    def sole_layer(self, node: fx.Node, layers: dict[fx.Node, Any]) -> fx.Node | None:
+        """The quantized layer that alone reads ``node``, directly or through ops that only move values."""
+        while len(node.users) == 1 and node not in self.outputs:
+            user = next(iter(node.users))
+            if user.args[0] is not node:
+                return None
+            if user in layers:
+                return user
+            if self.placement(user) != "moves":
+                return None
+            node = user
+        return None
+
+    def only_layers_read(self, node: fx.Node, layers: dict[fx.Node, Any]) -> bool:
+        """Whether every reader of ``node``, through ops that only move values, is a linear / conv call."""
+        readers = [node]
+        while readers:
+            node = readers.pop()
+            for user in node.users:
+                if user in layers and user.args[0] is node:
+                    continue
+                if self.placement(user) != "moves" or user.args[0] is not node:
+                    return False
+                readers.append(user)
+        return True
 
     def clamped(self, node: fx.Node) -> fx.Node:
         """Forward over a lone clamp (and a batch norm before it)."""
@@ -88,7 +116,7 @@ class _Graph:
 def place(gm: fx.GraphModule, layers: dict[fx.Node, dict[str, Any]], edge_spec: Any) -> list[str]:
     """Quantize the activations of traced, weight-converted ``gm`` in place; returns the QuantAct paths added.
 
-    ``layers``: each quantized layer's call node -> its ``input`` / ``output`` specs (None: not quantized).
+    ``layers``: each linear / conv call node -> its ``input`` / ``output`` specs (None: the layer stays float).
     ``edge_spec``: the activation spec of the config, used at layer outputs and joins when it is affine integer.
     """
     g = _Graph(gm)
@@ -103,13 +131,16 @@ def place(gm: fx.GraphModule, layers: dict[fx.Node, dict[str, Any]], edge_spec: 
         if node not in marks or new.rank() > marks[node].rank():
             marks[node] = new
 
-    for node, specs in layers.items():
+    quantized = {node: specs for node, specs in layers.items() if specs is not None}
+    for node, specs in quantized.items():
         mark(node.args[0], specs.get("input"), True)
         if specs.get("output") is not None:
             mark(node, specs["output"], True)
     if _name(edge_spec) in AFFINE_INTEGER:
-        for node in layers:
-            mark(g.clamped(node), edge_spec, False)
+        for node in quantized:
+            output = g.clamped(node)
+            if not g.only_layers_read(output, layers):  # else the reading layers' input specs decide
+                mark(output, edge_spec, False)
         for node in gm.graph.nodes:
             tensors = _flat_tensors(node.args)
             if g.placement(node) == "joins" and len(tensors) >= 2:
@@ -119,7 +150,7 @@ def place(gm: fx.GraphModule, layers: dict[fx.Node, dict[str, Any]], edge_spec: 
     for node in list(marks):  # graph outputs stay float unless a layer asks for them
         if node in g.outputs and not marks[node].from_layer:
             del marks[node]
-    return _assign(gm, g, marks, layers)
+    return _assign(gm, g, marks, quantized)
 
 
 def _name(spec: Any) -> str | None:
@@ -143,10 +174,10 @@ def _assign(gm: fx.GraphModule, g: _Graph, marks: dict[fx.Node, _Mark], layers: 
     holder = ACTS if ACTS not in taken else next(f"{ACTS}_{i}" for i in range(1, len(taken) + 2)
                                                  if f"{ACTS}_{i}" not in taken)
     for node, mark in marks.items():
-        users = list(node.users)
         quantizer = get(mark.spec)
-        if len(users) == 1 and users[0] in layers and users[0].args[0] is node:
-            g.modules[users[0].target].input_quantizer = quantizer
+        consumer = g.sole_layer(node, layers)
+        if consumer is not None:
+            g.modules[consumer.target].input_quantizer = quantizer
         elif node in layers:
             g.modules[node.target].output_quantizer = quantizer
         else:

@@ -171,6 +171,8 @@ class _Builder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.names: set[str] = set()
+        #: the example shape (batch axis not counted; a constant's own shape) of each value made for a graph node
+        self.shapes: dict[str, tuple[int, ...]] = {}
 
     def fresh(self, base: str) -> str:
         name, count = base, 1
@@ -205,6 +207,11 @@ class _Builder:
             return False
         affine = _static_affine(q, f"activation quantizer {q.name!r} of {base!r}")
         return self.container(affine, base).onnx_type in _EIGHT_BIT
+
+    def full_range(self, affine: _Affine) -> bool:
+        """Whether codes use the whole range of their 8-bit container (integer kernels, no Clip before them)."""
+        container = self.container(affine, "activation")
+        return container.onnx_type in _EIGHT_BIT and (affine.qmin, affine.qmax) == (container.low, container.high)
 
     def pad_channels(self, x: str, count: int, base: str) -> str:
         """``count`` zero channels appended to NCHW tensor ``x`` (Pad, constant 0)."""
@@ -248,6 +255,8 @@ class _Builder:
         where = f"activation quantizer {q.name!r} of {base!r}"
         if q.name == "binary":
             return _Value(self.sign(x.name, base))
+        if x.affine is not None and q.name not in _SIGN and _same_grid(x.affine, _static_affine(q, where)):
+            return x  # quantized with exactly these parameters already
         if q.name == "xnor" and q.spec()["role"] == "activation":
             magnitude = self.node("Abs", [x.name], f"{base}.abs")
             if self.opset >= 18:
@@ -257,6 +266,11 @@ class _Builder:
             floor = self.node("Max", [mean, self.const(f"{base}.eps", np.array(EPS, np.float32))], f"{base}.a")
             return _Value(self.node("Mul", [self.sign(x.name, base), floor], f"{base}.xnor"))
         return self.qdq(x.name, _static_affine(q, where), base)
+
+
+def _same_grid(a: _Affine, b: _Affine) -> bool:
+    return (np.array_equal(a.scale, b.scale) and np.array_equal(a.zero_point, b.zero_point)
+            and (a.qmin, a.qmax) == (b.qmin, b.qmax))
 
 
 def _affine_of(enc: Encoded, where: str) -> _Affine:
@@ -361,12 +375,14 @@ class _Exporter:
         self.modules = dict(model.named_modules())
         self.b = _Builder(opset, int4)
         self.values: dict[str, _Value] = {}
-        consumers: dict[str, int] = {}
+        #: value name -> the nodes reading it (None for a graph output)
+        self.readers: dict[str, list[GraphNode | None]] = {}
         for node in ir.nodes:
             for name in node.inputs:
-                consumers[name] = consumers.get(name, 0) + 1
+                self.readers.setdefault(name, []).append(node)
         for name in ir.outputs:
-            consumers[name] = consumers.get(name, 0) + 1
+            self.readers.setdefault(name, []).append(None)
+        consumers = {name: len(readers) for name, readers in self.readers.items()}
         # batch norm node -> the conv / linear node it follows (the folding candidates)
         by_name = {n.name: n for n in ir.nodes}
         self.fold: dict[str, GraphNode] = {}
@@ -383,11 +399,13 @@ class _Exporter:
         for name, shape in self.ir.inputs.items():
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape]))
             self.values[name] = _Value(self.b.fresh(name))
+            self.b.shapes[self.values[name].name] = shape
         for node in self.ir.nodes:
             if node.name in self.folded:
                 self.values[node.name] = self.values[node.inputs[0]]
                 continue
             self.values[node.name] = self.emit(node)
+            self.b.shapes.setdefault(self.values[node.name].name, node.shape)
         shapes = {**self.ir.inputs, **{n.name: n.shape for n in self.ir.nodes}}
         outputs = [helper.make_tensor_value_info(self.values[name].name, TensorProto.FLOAT,
                                                  ["batch", *shapes[name]]) for name in self.ir.outputs]
@@ -414,11 +432,32 @@ class _Exporter:
             if len(node.shape) == 1:
                 y = b.node("Squeeze", [y, b.const(f"{name}.axes", np.array([2]))], f"{name}.nc")
             return _Value(y)
-        y = node.schema.onnx(b, name, [a.name for a in args], attrs)
-        if node.schema.placement == "moves" and args[0].affine is not None:
+        # a non-module op that reads stored tensors (a constant) gets them as initializers after its inputs
+        stored = [b.const(node.params[t], _state_tensor(self.model, node.params[t]))
+                  for t in (*node.schema.tensors, *node.schema.optional) if t in node.params]
+        if node.schema.placement == "moves" and args and args[0].affine is None:
+            args[0] = b.activation(args[0], self.reader_quantizer(node), f"{name}.input")
+        y = node.schema.onnx(b, name, [a.name for a in args] + stored, attrs)
+        if node.schema.placement == "moves" and args[0].affine is not None and b.full_range(args[0].affine):
             # the same quantization again: it commutes with the op, and integer kernels see QDQ on both sides
             return b.qdq(y, args[0].affine, f"{name}.requantized")
         return _Value(y)
+
+    def reader_quantizer(self, node: GraphNode) -> Quantizer | None:
+        """The 8-bit input quantizer of the layer that alone reads ``node``'s output, directly or through ops that
+        only move values: quantized before ``node`` as well, the ops between run on integers."""
+        while True:
+            readers = self.readers.get(node.name, [])
+            if len(readers) != 1 or readers[0] is None or readers[0].inputs[0] != node.name:
+                return None
+            node = readers[0]
+            if node.op in ("linear", "conv2d"):
+                q = getattr(self.modules[node.module], "input_quantizer", None)
+                base = f"{node.module}.input"
+                full = self.b.eight_bit(q, base) and self.b.full_range(_static_affine(q, base))
+                return q if full else None
+            if node.schema.placement != "moves":
+                return None
 
     def layer(self, node: GraphNode, x: _Value) -> _Value:
         name, module = node.name, self.modules[node.module]
@@ -528,6 +567,13 @@ class _Exporter:
         int32 = _Container(TensorProto.INT32, np.int32, *_INT32, 10)
         coded = _Affine(scale, np.zeros(scale.shape, np.int64), *_INT32, affine.per_channel, codes.astype(np.int64))
         return self.b.dequantize(f"{module}.bias", coded, int32)
+
+
+def _state_tensor(model: nn.Module, key: str) -> np.ndarray:
+    """The float32 value of the model's parameter or buffer at state_dict key ``key``."""
+    owner, _, local = key.rpartition(".")
+    tensor = getattr(model.get_submodule(owner) if owner else model, local)
+    return tensor.detach().float().cpu().numpy()
 
 
 def _sign_weights(module: nn.Module) -> bool:
