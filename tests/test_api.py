@@ -69,19 +69,25 @@ def test_no_quantizers_gives_the_float_outputs_bitwise():
         assert torch.equal(model(x), float_model(x))
 
 
-def test_inplace_converts_the_given_model():
+def test_the_given_model_is_not_changed():
     model = net()
-    assert quantize(model, "bnn", inplace=True) is model
-    assert isinstance(model.stem.conv, QuantConv2d)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantized = quantize(model.eval(), "w8a8")  # eval: batch norms folded into the quantized copy
+    assert isinstance(quantized.stem.conv, QuantConv2d) and type(model.stem.conv) is nn.Conv2d
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_root_layer_and_shared_layers():
     root = quantize(nn.Linear(3, 2), {"weight": "binary", "first": "same", "last": "same"})
-    assert isinstance(root, QuantLinear) and root.weight_quantizer.label == "weight"
+    (layer_,) = [m for m in root.modules() if isinstance(m, QuantLinear)]
+    assert layer_.weight_quantizer.label == "linear.weight"  # the call's name: the root has no path of its own
     shared = nn.Linear(3, 3)
     model = nn.Sequential(shared, nn.ReLU(), shared)
     converted = quantize(model, {"weight": "binary", "first": "same", "last": "same"})
-    assert isinstance(converted[0], QuantLinear) and converted[0] is converted[2]
+    calls = [n.target for n in converted.graph.nodes if n.op == "call_module"]
+    assert calls == ["0", "1", "0"] and isinstance(converted.get_submodule("0"), QuantLinear)
+    x, one = torch.randn(4, 3), converted.get_submodule("0")
+    assert torch.equal(converted(x), one(torch.relu(one(x))))
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -132,7 +138,7 @@ def test_first_last_float_and_same():
     assert type(report.model.stem.conv) is nn.Conv2d
     assert report.kept_float == ["stem.conv"]
     assert report.converted == LAYERS[1:]
-    assert report.model.head[3].weight_quantizer == get("binary")
+    assert layer(report.model, "head.3").weight_quantizer == get("binary")
     assert report.unsupported == []
 
 
@@ -157,33 +163,54 @@ class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(10, 4)
-        self.conv1d = nn.Conv1d(4, 4, 1)
-        self.rnn = nn.LSTM(4, 4)
+        self.rnn = nn.LSTM(4, 4, batch_first=True)
         self.pair = nn.Bilinear(4, 4, 4)
         self.norm = nn.LayerNorm(4)
-        self.bn = nn.BatchNorm1d(4)
         self.fc = nn.Linear(4, 2)
         self.scale = nn.Parameter(torch.ones(()))
 
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        y, _ = self.rnn(x)
+        return self.fc(self.norm(self.pair(x, y)) * self.scale)
 
-UNSUPPORTED = [("", "Mixed"), ("embed", "Embedding"), ("conv1d", "Conv1d"), ("rnn", "LSTM"), ("pair", "Bilinear")]
+
+UNSUPPORTED = [("embed", "Embedding runs in float"), ("rnn", "LSTM runs in float"),
+               ("pair", "Bilinear runs in float"), ("scale", "parameter read in float by mul")]
 
 
 def test_unsupported_layers_are_warned_and_reported():
-    with pytest.warns(UserWarning, match=r"cannot convert: \(model\) \(Mixed\), embed \(Embedding\), conv1d"):
-        report = quantize_report(Mixed(), "w8a8")
+    with pytest.warns(UserWarning, match=r"cannot quantize: embed \(Embedding runs in float\), rnn"):
+        report = quantize_report(Mixed(), "w8a8", example_input=torch.zeros(1, 3, dtype=torch.long))
     assert report.unsupported == UNSUPPORTED
-    assert isinstance(report.model.fc, QuantLinear)
+    assert isinstance(report.model.fc, QuantLinear) and report.converted == ["fc"]
+    params = sum(p.numel() for p in Mixed().parameters()) - 8  # the layer norm's are not weights of the graph
+    assert report.weight_fraction == pytest.approx(8 / (params + 8)) and report.mac_fraction == 1.0
     with pytest.warns(UserWarning, match="LSTM") as record:
         quantize(Mixed(), "w8a8")
     assert record[0].filename == __file__  # the warning points at the caller
 
 
-def test_strict_raises_before_touching_the_model():
+def test_strict_raises_and_leaves_the_model_as_it_was():
     model = Mixed()
-    with pytest.raises(UnsupportedLayerError, match="rnn \\(LSTM\\)"):
-        quantize(model, "w8a8", inplace=True, strict=True)
+    with pytest.raises(UnsupportedLayerError, match="rnn \\(LSTM runs in float\\)"):
+        quantize(model, "w8a8", strict=True)
     assert type(model.fc) is nn.Linear
+
+
+def test_untraceable_model_names_its_line_and_the_leaves_option():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return x
+
+    with pytest.raises(UnsupportedLayerError, match=r"if x.sum\(\) > 0.*leaves="):
+        quantize(Branchy(), "w8a8")
 
 
 def test_quantizing_again_keeps_the_existing_quant_layers():
@@ -312,12 +339,15 @@ def test_calibrate_real_uniform_names_an_unreached_layer():
     class Unreached(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b, self.c, self.unused = (nn.Linear(3, 3) for _ in range(4))
+            self.a, self.b, self.c, self.unused = (
+                QuantLinear(3, 3, weight_quantizer="binary", input_quantizer={"name": "uniform", "dynamic": False})
+                for _ in range(4))
 
         def forward(self, x):
             return self.c(self.b(self.a(x)))
 
-    model = quantize(Unreached(), QuantConfig(weight="binary", input={"name": "uniform", "dynamic": False}))
+    model = Unreached()  # built from lowbit's layers: quantize would leave the unused one out of its graph
+    label_quantizers(model)
     with pytest.raises(CalibrationError, match="'unused.input'"):
         lowbit.calibrate(model, [torch.randn(2, 3)])
 
@@ -372,7 +402,7 @@ def test_a_rule_that_matches_no_layer_is_named_in_a_warning():
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     typo = QuantConfig(rules=[LayerRule(pattern="O.*", weight={"name": "uniform", "bits": 4}),
                               LayerRule(layer_type="Conv2d", skip=True)])
-    with pytest.warns(UserWarning, match=r"rule\(s\) \['O\.\*', 'Conv2d'\] match no Linear/Conv2d layer.*layers: 0, 2"):
+    with pytest.warns(UserWarning, match=r"rule\(s\) \['O\.\*', 'Conv2d'\] match no linear/conv layer.*layers: 0, 2"):
         report = quantize_report(model, typo)
     assert report.unmatched_rules == ["O.*", "Conv2d"]
     fitting = QuantConfig(rules=[LayerRule(pattern="0", weight={"name": "uniform", "bits": 4})])

@@ -234,14 +234,14 @@ def test_weight_initializers_are_the_quantizer_codes():
     model, x = _calibrated(_mlp(), "w8a8")
     proto = to_onnx(model, x[:1])
     stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    layer = model[1]
+    layer = model.get_submodule("1")
     enc = layer.weight_quantizer.encode(layer.weight.detach())
     assert stored["1.weight.codes"].dtype == np.uint8  # 8-bit codes past +-64: uint8 under weight_type="safe"
     np.testing.assert_array_equal(stored["1.weight.codes"].astype(np.int64) - 128, enc.codes.numpy())
     np.testing.assert_array_equal(stored["1.weight.zero_point"], 128)
     np.testing.assert_array_equal(stored["1.weight.scale"], enc.params["scale"].numpy())
     # int32 bias codes with scale s_x s_w, as onnxruntime's QDQ fusion needs
-    s_x = float(stored["1.input.scale"])
+    s_x = float(stored["_0.input.scale"])  # the input is quantized before the flatten (node _0) that feeds layer 1
     np.testing.assert_array_equal(stored["1.bias.scale"], np.float32(s_x) * enc.params["scale"].numpy())
     np.testing.assert_array_equal(stored["1.bias.codes"],
                                   np.round(layer.bias.detach().double().numpy() / stored["1.bias.scale"]))

@@ -108,8 +108,8 @@ def test_first_and_last_layer_policies():
     recipe = get_recipe("bireal")
     net = stage_model(build_model(recipe.model, "mnist", recipe.model_kwargs), recipe.stages[-1], recipe)
     assert type(net.stem.conv) is torch.nn.Conv2d and type(net.fc) is torch.nn.Linear  # real first and last
-    assert type(net.layer2[0].shortcut[1]) is torch.nn.Conv2d  # real downsampling shortcut
-    assert net.layer2[0].conv1.input_quantizer.ste == "approx_sign"
+    assert type(net.get_submodule("layer2.0.shortcut.1")) is torch.nn.Conv2d  # real downsampling shortcut
+    assert net.get_submodule("layer2.0.conv1").input_quantizer.ste == "approx_sign"
 
 
 # ------------------------------------------------ value sets after one step
@@ -199,7 +199,7 @@ def bireal_activation_quantizer():
     """The input quantizer of a binary conv in the Bi-Real recipe's last stage."""
     recipe = get_recipe("bireal")
     net = stage_model(build_model(recipe.model, "mnist", recipe.model_kwargs), recipe.stages[-1], recipe)
-    return net.layer1[0].conv1.input_quantizer
+    return net.get_submodule("layer1.0.conv1").input_quantizer
 
 
 @settings(max_examples=40, deadline=None)

@@ -60,7 +60,7 @@ def test_shared_value_is_the_nearest_centroid_and_original_is_untouched():
     centroids = q.shared_values()[1:].detach()
     alive = before[before != 0]
     nearest = (alive[:, None] - centroids[None, :]).abs().min(1).values
-    chosen = (alive - q(shared[0].weight)[before != 0].detach()).abs()
+    chosen = (alive - q(shared.get_submodule("0").weight)[before != 0].detach()).abs()
     torch.testing.assert_close(chosen, nearest)
 
 
@@ -74,7 +74,7 @@ def test_inits_reach_the_quantizer(init):
 def test_layers_left_out_of_bits_stay_float():
     shared = share_weights(pruned_net(), bits={"2": 4})
     assert list(shared_layers(shared)) == ["2"]
-    assert type(shared[0]) is nn.Linear
+    assert type(shared.get_submodule("0")) is nn.Linear
 
 
 @pytest.mark.parametrize("optimizer, options", [("sgd", {"momentum": 0.9, "weight_decay": 0.1, "lr": 0.01}),

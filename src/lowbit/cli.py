@@ -253,7 +253,8 @@ def _run_quantize(args: argparse.Namespace) -> Output:
                if args.calib_batches else None)
     quantized = workflow.post_training_quantize(model, preset, batches)
     path = workflow.save_quantized(quantized, out, data, args.entropy)
-    size, reference = path.stat().st_size, workflow.float_bytes(model)
+    # the float size with batch norms folded, as the quantized model (and any float deployment) has them
+    size, reference = path.stat().st_size, workflow.float_bytes(quantized)
     data_out = {"path": str(path), "model": model_name, "data": data, "preset": label,
                 "calibration_batches": args.calib_batches, "entropy": args.entropy, "file_bytes": size,
                 "float_bytes": reference,

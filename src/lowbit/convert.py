@@ -200,30 +200,31 @@ def _sites(gm: fx.GraphModule, report: QuantReport) -> list[_Site]:
 def _install(gm: fx.GraphModule, site: _Site, layer: nn.Module) -> None:
     """Make ``site`` a call of ``layer`` at its path; a functional call's parameters leave the graph."""
     node = site.node
+    gm.add_submodule(site.path, layer)
     if node.op == "call_module":
-        gm.add_submodule(site.path, layer)
         return
-    used = [n for n in node.all_input_nodes if n.op == "get_attr"]
     with gm.graph.inserting_after(node):
         call = gm.graph.call_module(site.path, (node.args[0] if node.args else node.kwargs["input"],))
     node.replace_all_uses_with(call)
+    used = [n for n in node.all_input_nodes if n.op == "get_attr"]
     gm.graph.erase_node(node)
     for attr in used:
         if not attr.users:
-            owner, _, name = attr.target.rpartition(".")
             gm.graph.erase_node(attr)
+            owner, _, name = attr.target.rpartition(".")
             holder = gm.get_submodule(owner)
-            if hasattr(holder, name):
+            if holder is not layer and hasattr(holder, name):  # the layer holds its own copy now
                 delattr(holder, name)
-    gm.add_submodule(site.path, layer)
     site.node = call
 
 
 def _fold(gm: fx.GraphModule, sites: list[_Site], report: QuantReport) -> None:
     modules = dict(gm.named_modules())
+    calls = [id(site.layer) for site in sites]
     for site in sites:
         users = list(site.node.users)
-        if site.op not in _FOLDABLE or len(users) != 1 or users[0].op != "call_module":
+        if site.op not in _FOLDABLE or len(users) != 1 or users[0].op != "call_module" \
+                or calls.count(id(site.layer)) > 1:
             continue
         bn = modules[users[0].target]
         schema = node_schema(users[0], modules)
@@ -269,21 +270,26 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
         _fold(gm, sites, report)
     layers: dict[fx.Node, dict[str, Any] | None] = {}
     quantized_macs = 0
+    built: dict[int, nn.Module] = {}  # a layer called at several sites stays one layer
     for index, site in enumerate(sites):
         _explicit_padding(site.layer)
         specs = cfg.layer_specs(site.path, site.layer, first=index == 0, last=index == len(sites) - 1)
         if specs is None:
-            report.kept_float.append(site.path)
             _install(gm, site, site.layer)
             layers[site.node] = None
+            report.kept_float.append(site.path)
             continue
-        quantized = LAYERS[site.op][1].from_float(site.layer, weight_quantizer=specs["weight"])
-        _install(gm, site, quantized)
+        if id(site.layer) not in built:
+            built[id(site.layer)] = LAYERS[site.op][1].from_float(site.layer, weight_quantizer=specs["weight"])
+            report.converted.append(site.path)
+        _install(gm, site, built[id(site.layer)])
         layers[site.node] = specs
-        report.converted.append(site.path)
         quantized_macs += macs[site.node] if macs else 0
+    named = [(s.path, s.layer) for s in sites] + [(n.target, gm.get_submodule(n.target)) for n in gm.graph.nodes
+                                                   if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                           Quantized)]
     report.unmatched_rules = [r.pattern or r.layer_type for r in cfg.rules
-                              if not any(r.matches(s.path, s.layer) for s in sites)]
+                              if not any(r.matches(name, layer) for name, layer in named)]
     report.activations = place(gm, layers, cfg.input)
     gm.graph.lint()
     gm.recompile()
@@ -304,15 +310,20 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
 
 
 def _float_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
-    """Called modules that own parameters and are neither quantized layers, float layers by config, nor norms."""
+    """Called modules that own parameters and are neither quantized layers, float layers by config, nor norms;
+    parameters the graph reads directly (a layer scale, a position embedding)."""
     modules = dict(gm.named_modules())
     handled = (*KEPT_FLOAT, *Quantized, QuantAct, *(float_cls for float_cls, _ in LAYERS.values()))
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
             m = modules[node.target]
-            if not isinstance(m, handled) and any(True for _ in m.parameters()):
+            if not isinstance(m, handled) and any(True for _ in m.parameters()) and node.target not in \
+                    [name for name, _ in found]:
                 found.append((node.target, f"{type(m).__name__} runs in float"))
+        elif node.op == "get_attr" and isinstance(_attr(gm, node.target), nn.Parameter):
+            readers = ", ".join(str(getattr(u.target, "__name__", u.target)) for u in node.users)
+            found.append((node.target, f"parameter read in float by {readers}"))
     return found
 
 

@@ -219,6 +219,12 @@ def _measures(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tenso
 
 
 @torch.no_grad()
+def _other_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters outside the layers once quantize has folded the batch norms (the model is in eval
+    mode), as every quantized model of the table has them."""
+    return summary(quantize(model, QuantConfig(first="same", last="same"))).other_bytes
+
+
 def measure_sensitivity(
     model: nn.Module,
     images: torch.Tensor,
@@ -260,7 +266,7 @@ def measure_sensitivity(
     input_numel = {name: inputs[id(m)].input_numel for name, m in layers}
     table = SensitivityTable(layers=names, bits=candidates, act_bits=act_bits, examples=len(labels),
                              float_accuracy=float_acc, float_loss=float_loss, role=role,
-                             other_bytes=summary(model).other_bytes if role == "weight" else 0)
+                             other_bytes=_other_bytes(model) if role == "weight" else 0)
     for name in names:
         for b in candidates:
             config = layer_config({name: b}, act_bits) if role == "weight" else layer_config({}, None, {name: b})
