@@ -69,6 +69,65 @@ def _split_and_slice(y: torch.Tensor, m: nn.Module) -> torch.Tensor:
     return torch.cat([b, a, d[:, 1:3], c], dim=1)[:, :, 2:6]
 
 
+class Scaled(nn.Module):
+    """Tensors read directly: a layer scale [C, 1, 1] (ConvNeXt's), a buffer [1, C, 1, 1], a 0-d parameter and a
+    buffer [W]."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.scale = nn.Parameter(torch.randn(4, 1, 1))
+        self.register_buffer("shift", torch.randn(1, 4, 1, 1))
+        self.gain = nn.Parameter(torch.tensor(0.5))
+        self.register_buffer("row", torch.randn(8))
+
+    def forward(self, x):
+        y = self.stem(x)
+        return (self.scale * y + self.shift) / self.gain - self.scale + self.row
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt norm: F.layer_norm of the NHWC view between two permutes (traced through)."""
+
+    def forward(self, x):
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class Norms(nn.Module):
+    """Layer norms: functional (LayerNorm2d), a module over NHWC's channels, weight only, and over two axes without
+    weight or bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm2d, self.norm = LayerNorm2d(4, eps=1e-6), nn.LayerNorm(4)
+        self.rows, self.plain = nn.LayerNorm(8, bias=False), nn.LayerNorm([8, 8], elementwise_affine=False)
+        for p in [self.norm2d.weight, self.norm2d.bias, self.norm.weight, self.norm.bias, self.rows.weight]:
+            nn.init.normal_(p)
+
+    def forward(self, x):
+        y = self.norm2d(self.stem(x))
+        y = self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.plain(self.rows(y))
+
+
+class Adaptive(nn.Module):
+    """Adaptive pools, functional and as a module: overlapping bins (8x8 to 3x5), an output larger than the input
+    (to 10x12), even bins (to 5x4) and 1x1; every stage is an output."""
+
+    def __init__(self, function, module):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.function, self.up = function, module((10, 12))
+
+    def forward(self, x):
+        a = self.function(self.stem(x), (3, 5))
+        b = self.up(a)
+        c = self.function(b, (5, 4))
+        return torch.cat([t.flatten(1) for t in (a, b, c, self.function(c, 1))], 1)
+
+
 def _quant_act() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), QuantAct(get({"name": "uniform", "bits": 8, "dynamic": False})))
     lowbit.calibrate(model, [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))])
@@ -94,7 +153,8 @@ EXAMPLES = {
     "maxpool2d": lambda: nn.Sequential(Functional(lambda y, m: F.max_pool2d(y, 3, 2, ceil_mode=True)),
                                        nn.MaxPool2d(2, 2, padding=1), nn.MaxPool2d(2, 2, ceil_mode=True)),
     "avgpool2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(3, 2, padding=1, count_include_pad=False)),
-    "adaptive_avgpool2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1)),
+    "adaptive_avgpool2d": lambda: Adaptive(F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d),
+    "adaptive_maxpool2d": lambda: Adaptive(F.adaptive_max_pool2d, nn.AdaptiveMaxPool2d),
     "reshape": lambda: Functional(lambda y, m: torch.flatten(y, 1)),
     "add": Residual,
     "mul": Residual,
@@ -108,6 +168,12 @@ EXAMPLES = {
     "slice": lambda: Functional(_split_and_slice),
     "upsample": lambda: nn.Sequential(Functional(lambda y, m: F.interpolate(y, scale_factor=2)),
                                       nn.Upsample(size=(32, 48))),
+    "upsample_bilinear": lambda: nn.Sequential(
+        Functional(lambda y, m: F.interpolate(F.interpolate(y, scale_factor=1.5, mode="bilinear"), size=(11, 17),
+                                              mode="bilinear", align_corners=False)),
+        nn.UpsamplingBilinear2d(size=(13, 7)), nn.Upsample(scale_factor=(0.7, 2), mode="bilinear")),
+    "constant": Scaled,
+    "layer_norm": Norms,
 }
 
 
@@ -144,7 +210,7 @@ def test_every_op_declares_its_capture_and_parameter_free_ops_all_three_implemen
     module_ops = {op for op, schema in REGISTRY.items() if schema.module}
     assert module_ops == {"linear", "conv2d", "batchnorm", "quant_act"}  # run by their modules, the Engine, ONNX
     for op, schema in REGISTRY.items():
-        assert schema.capture.functions or schema.capture.modules, op
+        assert schema.capture.functions or schema.capture.modules or schema.capture.get_attr, op
         assert (schema.capture.call is not None) == bool(schema.capture.functions), op
         if op not in module_ops:
             assert None not in (schema.numpy, schema.torch, schema.onnx), op
@@ -152,7 +218,7 @@ def test_every_op_declares_its_capture_and_parameter_free_ops_all_three_implemen
 
 def test_module_path_parts_cannot_shadow_torch_module_attributes():
     model = GraphModel({}, Graph({}, [], []), {}, {})
-    assert {name for name in dir(model) if not name.startswith("_")} <= RESERVED_PARTS
+    assert {name for name in dir(model) if not name.startswith("__")} <= RESERVED_PARTS
 
 
 # ---------------------------------------------------------------- hostile attributes, shapes and specs
@@ -256,18 +322,131 @@ def test_hostile_graphs_are_refused_alike(lenet_file, tmp_path, edit, match):
     _both_refuse(_write(lenet_file, document, tmp_path / "bad.lowbit"), match)
 
 
-def test_an_adaptive_pool_larger_than_its_input_is_not_stored(tmp_path):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(8))
-    with pytest.raises(lowbit.errors.UnsupportedLayerError, match="no larger than its input"):
-        lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 3, 6, 6))
-    assert not (tmp_path / "m.lowbit").exists()
-
-
 def test_an_uncalibrated_static_model_is_a_calibration_error(tmp_path):
     model = lowbit.quantize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), "w8a8")
     with pytest.raises(lowbit.errors.CalibrationError, match="calibrate"):
         lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 1, 4, 4))
     assert not (tmp_path / "m.lowbit").exists()
+
+
+# ---------------------------------------------------------------- constants: tensors read directly
+
+
+def test_constants_are_stored_at_their_state_dict_keys_and_restored_by_load(tmp_path):
+    model, x, path = _saved("constant", tmp_path)
+    constants = [n for n in _document(path)["graph"]["nodes"] if n["op"] == "constant"]
+    assert {n["params"]["value"]: (n["shape"], n["attrs"]["parameter"]) for n in constants} == {
+        "scale": ([4, 1, 1], True), "shift": ([1, 4, 1, 1], False), "gain": ([], True), "row": ([8], False)}
+    loaded = lowbit.load(path)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert {"scale", "gain"} <= dict(loaded.named_parameters()).keys()
+    assert {"shift", "row"} <= dict(loaded.named_buffers()).keys()
+    fresh = Scaled().eval()
+    fresh.load_state_dict(lowbit.load_state_dict(path), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def _constant_name(document: dict, key: str) -> str:
+    return next(n["name"] for n in document["graph"]["nodes"] if n["op"] == "constant" and n["params"]["value"] == key)
+
+
+def _replace_constant(document: dict, key: str, **fields) -> None:
+    nodes = document["graph"]["nodes"]
+    nodes[nodes.index(next(n for n in nodes if n["name"] == _constant_name(document, key)))].update(fields)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: _replace_constant(d, "scale", params={"value": "missing.scale"}), "is not stored in the file"),
+    (lambda d: _replace_constant(d, "scale", params={"value": "forward"}), "stored at a dotted path"),
+    (lambda d: _replace_constant(d, "scale", params={"value": "stem.weight"}, shape=[4, 3, 3, 3]),
+     "lies in module 'stem'"),
+    (lambda d: _replace_constant(d, "scale", shape=[-1, 4, 1, 1]), "records the output shape"),
+    (lambda d: _replace_constant(d, "scale", inputs=["x"]), "takes 0 input"),
+    (lambda d: _node(d, "mul").update(inputs=[_constant_name(d, "scale")] * 2), "both its inputs are constants"),
+    (lambda d: d["graph"].update(outputs=[_constant_name(d, "row")]), "is a constant; outputs carry the batch"),
+])
+def test_hostile_constants_are_refused_alike(tmp_path, edit, match):
+    _, _, path = _saved("constant", tmp_path)
+    document = _document(path)
+    edit(document)
+    _both_refuse(_write(path, document, tmp_path / "bad.lowbit"), match)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d, nodes: nodes["transpose"][1].update(inputs=[_constant_name(d, "norm2d.weight")]),
+     "input 'norm2d_weight' is a constant"),
+    (lambda d, nodes: nodes["layer_norm"][0].update(inputs=[_constant_name(d, "norm2d.weight")] * 3),
+     "normalizes a constant"),
+    (lambda d, nodes: nodes["layer_norm"][0]["inputs"].reverse(), "normalizes a constant"),
+    (lambda d, nodes: nodes["layer_norm"][1]["inputs"].pop(), "3 input"),
+    (lambda d, nodes: nodes["layer_norm"][1].update(inputs=nodes["layer_norm"][1]["inputs"][:1] * 3),
+     "its weight must be a constant of shape normalized_shape"),
+])
+def test_hostile_layer_norm_inputs_are_refused_alike(tmp_path, edit, match):
+    _, _, path = _saved("layer_norm", tmp_path)
+    document = _document(path)
+    nodes: dict[str, list[dict]] = {}
+    for node in document["graph"]["nodes"]:
+        nodes.setdefault(node["op"], []).append(node)
+    edit(document, nodes)
+    _both_refuse(_write(path, document, tmp_path / "bad.lowbit"), match)
+
+
+@pytest.mark.parametrize("batched, constant, match", [
+    ((4, 8, 8), (3, 1, 1), "does not broadcast"),
+    ((4, 8, 8), (2, 4, 1, 1), "size 1 on the batch axis"),
+    ((4, 8, 8), (1, 1, 4, 1, 1), "at most as many axes"),
+    ((4, 8), (8, 1), "does not broadcast"),
+])
+def test_a_constant_must_broadcast_against_the_batch(batched, constant, match):
+    from lowbit.ops.schema import Node
+
+    for order in ([batched, constant], [constant, batched]):
+        node = Node("m", "mul", {}, order, {}, [shape is constant for shape in order])
+        with pytest.raises(FormatError, match=match):
+            REGISTRY["mul"].shape(node)
+    ok = Node("m", "mul", {}, [(4, 8, 8), (1, 4, 1, 8)], {}, [False, True])
+    assert REGISTRY["mul"].shape(ok) == (4, 8, 8)
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.ones(3, 1, 1))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.gate)
+
+
+class PlainAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.ones(3, 1, 1)  # neither a parameter nor a buffer
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize("model, match", [
+    (Gated(), "computes on stored tensors only \\(gate\\)"),
+    (PlainAttribute(), "which is no parameter or persistent buffer"),
+])
+def test_tensors_that_a_file_cannot_hold_are_not_captured(tmp_path, model, match):
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match=match):
+        lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 3, 4, 4))
+    assert not (tmp_path / "m.lowbit").exists()
+
+
+def test_layer_norm_exports_as_primitive_ops_before_opset_17(tmp_path):
+    model, x, _ = _saved("layer_norm", tmp_path)
+    for opset, expected in [(16, False), (17, True)]:
+        proto = to_onnx(model, x[:1], opset=opset)
+        assert any(n.op_type == "LayerNormalization" for n in proto.graph.node) is expected
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4)
 
 
 # ---------------------------------------------------------------- quantizer specs: check_spec accepts what get builds
@@ -350,6 +529,17 @@ def test_an_adaptive_pool_has_a_bounded_number_of_bins(tmp_path):
     ("slice", "end", 9, "must lie within"),
     ("slice", "start", 6, "must lie within"),
     ("upsample", "size", [17, 16], "whole factors"),
+    ("layer_norm", "normalized_shape", [5], "must be the last axes of its input"),
+    ("layer_norm", "normalized_shape", [4, 8, 8, 4], "must be the last axes of its input"),
+    ("layer_norm", "normalized_shape", [], "must be the last axes of its input"),
+    ("layer_norm", "weight", False, "2 input"),
+    ("layer_norm", "eps", 0, "eps must be a finite number > 0"),
+    ("adaptive_maxpool2d", "output_size", [65, 64], "at most 4096 bins"),
+    ("adaptive_avgpool2d", "output_size", [0, 4], "output_size must be a list of 2 ints from 1"),
+    ("upsample_bilinear", "scales", [1.5, 2.5], "floor"),
+    ("upsample_bilinear", "scales", [0, 1.5], "scales must be a finite number > 0"),
+    ("upsample_bilinear", "align_corners", None, "align_corners must be true or false"),
+    ("constant", "parameter", 1, "parameter must be true or false"),
 ])
 def test_hostile_attributes_of_shape_ops_are_refused_alike(tmp_path, op, key, value, match):
     _, _, path = _saved(op, tmp_path)
@@ -413,7 +603,7 @@ class PlainConv(nn.Conv2d):
 
 def test_a_subclass_with_its_own_forward_is_traced_through_not_swapped(tmp_path):
     model = nn.Sequential(PlainConv(3, 4, 3), SamePaddingConv(4, 4, 2, stride=2)).eval()
-    with pytest.raises(lowbit.errors.UnsupportedLayerError, match="reads attribute '1.weight'"):
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match="calls 'conv2d'"):
         lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 3, 9, 9))
     plain = nn.Sequential(PlainConv(3, 4, 3)).eval()
     lowbit.save(plain, tmp_path / "p.lowbit", torch.zeros(1, 3, 9, 9))

@@ -273,6 +273,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
     built: dict[int, nn.Module] = {}  # a layer called at several sites stays one layer
     for index, site in enumerate(sites):
         _explicit_padding(site.layer)
+        site_macs = macs[site.node] if macs else 0
         specs = cfg.layer_specs(site.path, site.layer, first=index == 0, last=index == len(sites) - 1)
         if specs is None:
             _install(gm, site, site.layer)
@@ -284,7 +285,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
             report.converted.append(site.path)
         _install(gm, site, built[id(site.layer)])
         layers[site.node] = specs
-        quantized_macs += macs[site.node] if macs else 0
+        quantized_macs += site_macs
     named = [(s.path, s.layer) for s in sites] + [(n.target, gm.get_submodule(n.target)) for n in gm.graph.nodes
                                                    if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                            Quantized)]

@@ -65,7 +65,12 @@ class _Graph:
 
     def placement(self, node: fx.Node) -> str:
         schema = node_schema(node, self.modules)
-        return schema.placement if schema is not None else ""
+        if schema is None:
+            return ""
+        module = self.modules[node.target] if node.op == "call_module" else None
+        if schema.placement == "moves" and not schema.capture.moves(list(node.args), dict(node.kwargs), module):
+            return ""
+        return schema.placement
 
     def settle(self, node: fx.Node) -> fx.Node:
         """Back through ops that only move values."""

@@ -268,6 +268,11 @@ class _Builder:
         return self.qdq(x.name, _static_affine(q, where), base)
 
 
+def _moves(node: GraphNode) -> bool:
+    """Whether the node only moves values, so an activation quantization commutes with it (a pad: with 0)."""
+    return node.schema.placement == "moves" and not node.attrs.get("value")
+
+
 def _same_grid(a: _Affine, b: _Affine) -> bool:
     return (np.array_equal(a.scale, b.scale) and np.array_equal(a.zero_point, b.zero_point)
             and (a.qmin, a.qmax) == (b.qmin, b.qmax))
@@ -393,6 +398,14 @@ class _Exporter:
                         and "output" not in source.quant:
                     self.fold[source.name] = node
         self.folded: set[str] = set()
+        # conv node -> the zero pad of its spatial axes that only it reads (a TF "same" padding): one Conv's pads
+        self.padded: dict[str, GraphNode] = {}
+        for node in ir.nodes:
+            source = by_name.get(node.inputs[0]) if node.inputs else None
+            if node.op == "conv2d" and source is not None and source.op == "pad" and consumers[source.name] == 1 \
+                    and len(source.attrs["pads"]) == 4 and not source.attrs["value"]:
+                self.padded[node.name] = source
+                self.folded.add(source.name)
 
     def run(self) -> onnx.GraphProto:
         inputs = []
@@ -435,10 +448,10 @@ class _Exporter:
         # a non-module op that reads stored tensors (a constant) gets them as initializers after its inputs
         stored = [b.const(node.params[t], _state_tensor(self.model, node.params[t]))
                   for t in (*node.schema.tensors, *node.schema.optional) if t in node.params]
-        if node.schema.placement == "moves" and args and args[0].affine is None:
+        if _moves(node) and args and args[0].affine is None:
             args[0] = b.activation(args[0], self.reader_quantizer(node), f"{name}.input")
         y = node.schema.onnx(b, name, [a.name for a in args] + stored, attrs)
-        if node.schema.placement == "moves" and args[0].affine is not None and b.full_range(args[0].affine):
+        if _moves(node) and args[0].affine is not None and b.full_range(args[0].affine):
             # the same quantization again: it commutes with the op, and integer kernels see QDQ on both sides
             return b.qdq(y, args[0].affine, f"{name}.requantized")
         return _Value(y)
@@ -456,7 +469,7 @@ class _Exporter:
                 base = f"{node.module}.input"
                 full = self.b.eight_bit(q, base) and self.b.full_range(_static_affine(q, base))
                 return q if full else None
-            if node.schema.placement != "moves":
+            if not _moves(node):
                 return None
 
     def layer(self, node: GraphNode, x: _Value) -> _Value:
@@ -504,7 +517,7 @@ class _Exporter:
         if node.op == "conv2d":
             attrs = node.attrs
             y = b.node("Conv", inputs, name, kernel_shape=list(weight.shape[2:]), strides=attrs["stride"],
-                       pads=attrs["padding"] * 2, dilations=attrs["dilation"], group=attrs["groups"])
+                       pads=self.conv_pads(node), dilations=attrs["dilation"], group=attrs["groups"])
         elif len(node.shape) == 1:
             y = b.node("Gemm", inputs, name, transB=1)
         else:
@@ -534,7 +547,15 @@ class _Exporter:
         attrs = node.attrs
         return b.node("BinaryConv", inputs, node.name, domain=DOMAIN, k=flat.shape[1],
                       kernel_shape=list(weight.shape[2:]), strides=attrs["stride"],
-                      pads=attrs["padding"] * 2, dilations=attrs["dilation"], group=attrs["groups"])
+                      pads=self.conv_pads(node), dilations=attrs["dilation"], group=attrs["groups"])
+
+    def conv_pads(self, node: GraphNode) -> list[int]:
+        """ONNX pads (begins of H, W, then their ends) of a conv, with the zero pad before it merged in."""
+        ph, pw = node.attrs["padding"]
+        if node.name not in self.padded:
+            return [ph, pw, ph, pw]
+        left, right, top, bottom = self.padded[node.name].attrs["pads"]
+        return [ph + top, pw + left, ph + bottom, pw + right]
 
     def unsigned_weights(self, affine: _Affine | None, where: str) -> bool:
         """Whether the int8 weight codes of a layer with 8-bit QDQ input are stored as uint8 (``weight_type``)."""

@@ -236,6 +236,9 @@ class Capture:
     module: Callable[[Any, list[int], str], dict[str, Any]] = lambda m, shape, where: {}
     #: functions whose arguments another ``call`` reads: name -> call
     calls: dict[str, Callable[[list, dict, list[int], str], tuple[dict[str, Any], list]]] = field(default_factory=dict)
+    #: for an op whose placement is "moves": whether this call (args, kwargs, module or None) really only moves
+    #: values (a pad does with the value 0, which every affine grid holds)
+    moves: Callable[[list, dict, Any], bool] = lambda args, kwargs, m: True
     module_tensors: tuple[str, ...] = ()
     when: Callable[[list, dict], bool] | None = None
     module_when: Callable[[Any], bool] | None = None

@@ -185,9 +185,20 @@ MEAN = register(OpSchema(
     capture=Capture(("torch.mean", "Tensor.mean"), _mean_call),
     numpy=lambda xs, a: xs[0].mean(axis=tuple(a["axes"]), keepdims=a["keepdim"], dtype=np.float32),
     torch=lambda t, xs, a: xs[0].mean(a["axes"], keepdim=a["keepdim"]), onnx=_mean_onnx))
+def _pad_module(m, shape: list[int], where: str) -> dict:
+    return {"pads": [int(p) for p in m.padding], "value": float(m.value)}
+
+
+def _pads_zero(args: list, kwargs: dict, m) -> bool:
+    value = m.value if m is not None else argument(args, kwargs, 3, "value", None)
+    return not value
+
+
 PAD = register(OpSchema(
-    "pad", _pad_shape, attrs={"pads": Ints(None, 0, 2**16), "value": Number()},
-    capture=Capture(("torch.nn.functional.pad",), _pad_call),
+    "pad", _pad_shape, placement="moves", attrs={"pads": Ints(None, 0, 2**16), "value": Number()},
+    capture=Capture(("torch.nn.functional.pad",), _pad_call,
+                    ("torch.nn.ZeroPad1d", "torch.nn.ZeroPad2d", "torch.nn.ConstantPad1d", "torch.nn.ConstantPad2d"),
+                    _pad_module, moves=_pads_zero),
     numpy=lambda xs, a: np.pad(xs[0], _pad_widths(a["pads"], xs[0].ndim), constant_values=np.float32(a["value"])),
     torch=lambda t, xs, a: t.nn.functional.pad(xs[0], a["pads"], value=a["value"]), onnx=_pad_onnx))
 

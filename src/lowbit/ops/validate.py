@@ -7,7 +7,10 @@ they read the same numbers: attributes with their defaults filled in,
 quantizer specs completed by :func:`lowbit.ops.specs.check_spec`, and every
 node's output shape inferred from the recorded input shape and checked
 against the shape the node records (see :mod:`lowbit.ops.schema` for the
-caps). Everything malformed is a :class:`FormatError` (code ``bad-graph``,
+caps). A constant (a stored tensor read as a node) records its own shape
+without the batch axis, feeds only ops that take constants, is no graph
+output, and is stored at a dotted path that lies in no module op's module
+and holds none. Everything malformed is a :class:`FormatError` (code ``bad-graph``,
 ``bad-document``, ``bad-spec`` or ``unknown-quantizer``) naming the node,
 layer or tensor at fault.
 
@@ -28,10 +31,19 @@ from .specs import check_spec
 
 #: the keys of a graph node and their JSON types (``module`` is optional, ``shape`` is checked on its own)
 NODE_KEYS = {"name": str, "op": str, "inputs": list, "attrs": dict, "params": dict, "quant": dict, "shape": object}
-#: a module path's parts: identifiers that start with a letter, or indices
-_PART = re.compile(r"[A-Za-z][A-Za-z0-9_]*|[0-9]+\Z")
-#: attribute names of a torch module, which a module path part cannot take (a test keeps this current)
+#: a module path's parts: identifiers (not dunder names), or indices
+_PART = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*|[0-9]+\Z")
+#: attribute names of a torch module and of the model lowbit rebuilds, which a module path part cannot take (a test
+#: keeps this current)
 RESERVED_PARTS = frozenset({
+    "_apply", "_backward_hooks", "_backward_pre_hooks", "_buffers", "_call_impl", "_compiled_call_impl",
+    "_forward_hooks", "_forward_hooks_always_called", "_forward_hooks_with_kwargs", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_get_backward_hooks", "_get_backward_pre_hooks", "_get_name", "_inputs",
+    "_is_full_backward_hook", "_load_from_state_dict", "_load_state_dict_post_hooks", "_load_state_dict_pre_hooks",
+    "_maybe_warn_non_full_backward_hook", "_modules", "_named_members", "_non_persistent_buffers_set", "_outputs",
+    "_parameters", "_reads", "_register_load_state_dict_pre_hook", "_register_state_dict_hook", "_replicate_for_data_parallel",
+    "_save_to_state_dict", "_slow_forward", "_state_dict_hooks", "_state_dict_pre_hooks", "_steps", "_tensor_at",
+    "_version", "_wrapped_call_impl",
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu",
     "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state",
     "get_parameter", "get_submodule", "graph", "half", "ipu", "ir", "load_state_dict", "modules", "mtia",
@@ -130,15 +142,21 @@ def _check_keys(node: object, index: int) -> dict[str, Any]:
     return node
 
 
+def _is_path(path: object) -> bool:
+    """Whether ``path`` is a dotted module (or tensor) path: parts that are identifiers (not dunder names) or
+    indices, and no torch module attribute names."""
+    parts = path.split(".") if isinstance(path, str) else []
+    return bool(parts) and all(_PART.match(p) and p not in RESERVED_PARTS for p in parts)
+
+
 def _module(node: dict[str, Any], schema: OpSchema, where: str) -> str | None:
     """The path of the module a module op calls; other ops may record theirs, which nothing reads."""
     path = node.get("module")
     if path is None and not schema.module:
         return None
-    parts = path.split(".") if isinstance(path, str) else []
-    if not parts or not all(_PART.match(p) and p not in RESERVED_PARTS for p in parts):
-        raise fail(where, f"module must be the dotted path of a module (parts: letters, digits and _, starting with "
-                          f"a letter, or indices; no torch module attribute names), got {str(path)[:80]!r}")
+    if not _is_path(path):
+        raise fail(where, f"module must be the dotted path of a module (parts: identifiers that are not "
+                          f"dunder names, or indices; no torch module attribute names), got {str(path)[:80]!r}")
     return path if schema.module else None
 
 
@@ -165,8 +183,12 @@ def _params(node: dict[str, Any], schema: OpSchema, module: str | None, shapes: 
             reads = f"the tensors {', '.join(own)}" if own else "no tensors"
             reads += f" and the state of {', '.join(schema.state)}" if state else ""
             raise fail(where, f"a {schema.name} node reads {reads}, not {local[:80]!r}")
-        if key != f"{module}.{local}":
+        if schema.module and key != f"{module}.{local}":
             raise fail(where, f"tensor {local!r} must be stored as {module}.{local}, got {str(key)[:80]!r}")
+        if not schema.module and not _is_path(key):
+            raise fail(where, f"tensor {local!r} must be stored at a dotted path (parts: identifiers that are "
+                              f"not dunder names, or indices; no torch module attribute names), got "
+                              f"{str(key)[:80]!r}")
         if key not in shapes:
             raise fail(where, f"tensor {key!r} is not stored in the file")
         if local in (*schema.tensors, *schema.optional):
@@ -233,6 +255,9 @@ def validate_graph(graph: object, layers: dict[str, dict], shapes: dict[str, Sha
     validated: list[GraphNode] = []
     first_use: dict[str, GraphNode] = {}
     containers: set[str] = set()
+    #: the constants' node names and stored keys
+    constants: set[str] = set()
+    constant_keys: set[str] = set()
     for index, raw in enumerate(nodes):
         node = _check_keys(raw, index)
         name, schema = node["name"], REGISTRY[node["op"]]
@@ -243,39 +268,59 @@ def validate_graph(graph: object, layers: dict[str, dict], shapes: dict[str, Sha
         if not all(isinstance(a, str) and a in known for a in args):
             raise fail(where, f"inputs {str(args)[:80]} must name earlier nodes or graph inputs")
         if (len(args) != schema.inputs) if schema.inputs is not None else not args:
-            raise fail(where, f"takes {schema.inputs or 'one or more'} input(s), got {len(args)}")
+            raise fail(where, f"takes {'one or more' if schema.inputs is None else schema.inputs} input(s), "
+                              f"got {len(args)}")
         module = _module(node, schema, where)
         attrs = _attrs(node, schema, where)
         tensors = _params(node, schema, module, shapes, where)
         quant = _quant(node, schema, module, layers, where)
-        view = Node(name, schema.name, attrs, [known[a] for a in args], tensors)
+        constant = [a in constants for a in args]
+        if any(constant) and not schema.constants:
+            raise fail(where, f"input {args[constant.index(True)][:80]!r} is a constant (a stored tensor without the "
+                              f"batch axis); a {schema.name} node computes on batched tensors")
+        view = Node(name, schema.name, attrs, [known[a] for a in args], tensors, constant)
         shape = schema.shape(view)
-        _check_output(shape, node["shape"], schema.name, where)
+        _check_output(shape, node["shape"], schema.name, where, schema.batchless)
         checked = GraphNode(name, schema.name, list(args), attrs, dict(node["params"]), quant, shape, module)
         if module is not None:
-            _check_module(checked, first_use, containers, where)
+            _check_module(checked, first_use, containers, where, constant_keys)
+        if schema.batchless:
+            _check_constant(checked.params["value"], first_use, containers, where)
+            constants.add(name)
+            constant_keys.add(checked.params["value"])
         validated.append(checked)
         known[name] = shape
     if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) and o in known for o in outputs):
         raise FormatError("bad-graph", f"graph outputs {str(outputs)[:80]} must be a non-empty list of node or "
                                        f"input names")
+    if constants & set(outputs):
+        raise FormatError("bad-graph", f"graph output {sorted(constants & set(outputs))[0][:80]!r} is a constant; "
+                                       "outputs carry the batch axis")
     return Graph(graph_inputs, validated, list(outputs))
 
 
-def _check_output(shape: Shape, recorded: object, op: str, where: str) -> None:
+def _check_output(shape: Shape, recorded: object, op: str, where: str, batchless: bool = False) -> None:
     if not all(1 <= d for d in shape):
         raise fail(where, f"its output {[-1, *shape]} has an empty axis")
     if math.prod(shape) > MAX_ELEMENTS:
         raise fail(where, f"its output {[-1, *shape]} exceeds {MAX_ELEMENTS} elements per example")
     if op in ("conv2d", "maxpool2d", "avgpool2d", "adaptive_avgpool2d") and max(shape[1:]) > MAX_SPATIAL:
         raise fail(where, f"its output {[-1, *shape]} exceeds the spatial size cap {MAX_SPATIAL}")
-    if recorded != [-1, *shape]:
-        raise fail(where, f"records the output shape {str(recorded)[:80]}, but its inputs give {[-1, *shape]}")
+    expected = list(shape) if batchless else [-1, *shape]
+    if recorded != expected:
+        raise fail(where, f"records the output shape {str(recorded)[:80]}, but its inputs give {expected}")
 
 
-def _check_module(node: GraphNode, first_use: dict[str, GraphNode], containers: set[str], where: str) -> None:
-    """A module called twice is the same layer both times; no module path lies inside another."""
+def _check_module(node: GraphNode, first_use: dict[str, GraphNode], containers: set[str], where: str,
+                  constant_keys: set[str] = frozenset()) -> None:
+    """A module called twice is the same layer both times; no module path lies inside another, nor holds a
+    constant's tensor or lies inside one."""
     path = node.module
+    clash = next((k for k in constant_keys if k == path or k.startswith(f"{path}.") or path.startswith(f"{k}.")),
+                 None)
+    if clash is not None:
+        raise fail(where, f"module {path!r} clashes with the constant stored as {clash!r}: a constant's tensor lies "
+                          "in no module op's module")
     earlier = first_use.get(path)
     if earlier is not None:
         same = (earlier.op, earlier.attrs, earlier.params, earlier.quant) == (node.op, node.attrs, node.params,
@@ -292,3 +337,13 @@ def _check_module(node: GraphNode, first_use: dict[str, GraphNode], containers: 
                    else f"module {path!r} holds other modules")
     containers.update(outer)
     first_use[path] = node
+
+
+def _check_constant(key: str, first_use: dict[str, GraphNode], containers: set[str], where: str) -> None:
+    """A constant's tensor is not a module op's module, nor holds one, nor lies inside one (``GraphModel``
+    registers it at its key beside the modules)."""
+    parts = key.split(".")
+    inside = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in first_use), None)
+    if inside is not None or key in containers:
+        raise fail(where, f"constant {key!r} lies in module {inside!r}, which a module op calls" if inside is not None
+                   else f"constant {key!r} is a path that holds modules")
