@@ -49,7 +49,12 @@ from .nn import QuantAct, QuantConv2d, QuantLinear, label_quantizers
 from .placement import place
 from .quantizers import Quantizer
 
-__all__ = ["KEPT_FLOAT", "LAYERS", "QuantReport", "fold_batchnorm", "quantize", "quantize_report"]
+__all__ = ["KEPT_FLOAT", "LAYERS", "QUANTIZED_WITH_ATTR", "QuantReport", "fold_batchnorm", "quantize",
+           "quantize_report"]
+
+#: the attribute of a quantized model recording what it was quantized with ({"config": dict, "fold_bn": bool}),
+#: which :func:`lowbit.save` stores so that ``load(path, model=float_arch)`` converts the architecture alike
+QUANTIZED_WITH_ATTR = "lowbit_quantized_with"
 
 
 #: op -> (its float layer, its quantized layer)
@@ -304,6 +309,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
         report.mac_fraction = quantized_macs / total if total else 1.0
     label_quantizers(gm)
     gm.train(model.training)
+    setattr(gm, QUANTIZED_WITH_ATTR, {"config": cfg.to_dict(), "fold_bn": fold})
     for attr in ("lowbit_input_shape",):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))

@@ -14,10 +14,10 @@
 The document also records, under ``model``: ``layers`` (module path ->
 ``{"type": "QuantLinear" | "QuantConv2d", "weight": spec, "input": spec,
 "output": spec}`` or ``{"type": "QuantAct", "quantizer": spec}``), ``config``
-(a :class:`~lowbit.config.QuantConfig` dict with one rule per quantized layer
-and a final skip rule, which converts the float architecture back into the
-same layers; ``load`` rebuilds it from ``layers``, whose specs it validates)
-and ``input_shape``; and under ``graph`` the model's graph IR
+and ``fold_bn`` (what :func:`lowbit.quantize` was given, which converts the
+float architecture into the same layers; for a model built otherwise, a
+config with one rule per quantized layer and a final skip rule) and
+``input_shape``; and under ``graph`` the model's graph IR
 (:func:`lowbit.export.graph.capture`) when an example input is known: the
 ``example_input`` argument, else a zero batch of ``model.lowbit_input_shape``
 (a shape tuple, batch axis first) when the model carries one; otherwise no
@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .convert import quantize
+from .convert import QUANTIZED_WITH_ATTR, quantize
 from .errors import CalibrationError, ConfigError, FormatError, ShapeMismatchError, UnsupportedLayerError
 from .export.graph import capture
 from .format.codecs import NumpyEncoded, values
@@ -202,7 +202,8 @@ def save(
         if name not in tensors and name not in derived:
             tensors[name] = _raw(name, t)
     example, shape = _example(model, example_input)
-    document_model = {"layers": layers, "config": _config(layers), "input_shape": shape}
+    quantized_with = getattr(model, QUANTIZED_WITH_ATTR, None) or {"config": _config(layers), "fold_bn": False}
+    document_model = {"layers": layers, **quantized_with, "input_shape": shape}
     graph = copy.deepcopy(model.ir) if isinstance(model, GraphModel) else None
     if example is not None and graph is None:
         try:
@@ -358,7 +359,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         shapes = {name: tuple(t.shape) for name, t in state.items()}
         built: nn.Module = GraphModel(lowbit_file.document["graph"], graph, layers, shapes)
     else:
-        built = _convert(model, layers)
+        built = _convert(model, lowbit_file.document["model"], layers)
     _load_into(built, state)
     _freeze(built, frozen)
     shape = lowbit_file.document["model"].get("input_shape")  # validated by validate_file
@@ -367,9 +368,14 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     return built.eval()
 
 
-def _convert(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
-    """Quantize the float architecture with the config of the (validated) stored layers; check the result."""
-    built = quantize(model, QuantConfig.from_dict(_config(layers)))
+def _convert(model: nn.Module, document_model: dict[str, Any], layers: dict[str, dict[str, Any]]) -> nn.Module:
+    """Quantize the float architecture as the stored model was (its config and batch-norm folding); check that
+    this gives the stored layers."""
+    try:
+        config = QuantConfig.from_dict(document_model.get("config", _config(layers)))
+    except ConfigError as exc:
+        raise FormatError("bad-document", f"document 'model' config: {exc}") from None
+    built = quantize(model, config, fold_bn=bool(document_model.get("fold_bn", False)))
     mine = _layers(built)
     wrong = sorted(n for n in set(mine) | set(layers) if mine.get(n) != layers.get(n))
     if wrong:
@@ -388,6 +394,8 @@ class GraphModel(nn.Module):
     ops (relu, pooling, reshape, add, ...) run as torch functions; linear /
     conv2d / batchnorm / quant_act nodes run their modules, built from the
     node's attributes, the stored tensors' shapes and the document's layer specs.
+    A constant's tensor is registered at its state_dict key (a parameter or a
+    buffer, as the model held it), so ``load`` restores it.
     """
 
     def __init__(self, ir: dict[str, Any], graph: Graph, layers: dict[str, dict[str, Any]],
@@ -398,8 +406,13 @@ class GraphModel(nn.Module):
         self._inputs = list(graph.inputs)
         self._outputs = graph.outputs
         self._steps = [(node.name, node.schema.torch, node.inputs, node.attrs, node.module) for node in graph.nodes]
+        #: node name -> the state_dict keys of the tensors a non-module op reads after its inputs (constants)
+        self._reads = {node.name: [node.params[t] for t in (*node.schema.tensors, *node.schema.optional)
+                                   if t in node.params] for node in graph.nodes if not node.schema.module}
         built: set[str] = set()
         for node in graph.nodes:
+            for key in self._reads.get(node.name, []):
+                _register(self, key, shapes[key], node.attrs.get("parameter", True))
             if node.module is None or node.module in built:
                 continue
             parent: nn.Module = self
@@ -417,10 +430,32 @@ class GraphModel(nn.Module):
                               f"got {len(inputs)}")
         env = dict(zip(self._inputs, inputs))
         for name, function, args, attrs, path in self._steps:
-            xs = [env[a] for a in args]
+            xs = [env[a] for a in args] + [self._tensor_at(key) for key in self._reads.get(name, ())]
             env[name] = self.get_submodule(path)(xs[0]) if path is not None else function(torch, xs, attrs)
         outs = tuple(env[o] for o in self._outputs)
         return outs[0] if len(outs) == 1 else outs
+
+    def _tensor_at(self, key: str) -> torch.Tensor:
+        """The parameter or buffer at state_dict key ``key``."""
+        owner, _, local = key.rpartition(".")
+        return getattr(self.get_submodule(owner) if owner else self, local)
+
+
+def _register(model: nn.Module, key: str, shape: tuple[int, ...], parameter: bool) -> None:
+    """A float32 parameter (or buffer) of ``shape`` at state_dict key ``key``, with containers made as needed."""
+    *parents, local = key.split(".")
+    owner = model
+    for part in parents:
+        if part not in owner._modules:
+            owner.add_module(part, nn.Module())
+        owner = owner._modules[part]  # type: ignore[assignment]
+    if local in owner._parameters or local in owner._buffers:
+        return  # read by an earlier node
+    tensor = torch.zeros(shape, dtype=torch.float32)
+    if parameter:
+        owner.register_parameter(local, nn.Parameter(tensor))
+    else:
+        owner.register_buffer(local, tensor)
 
 
 def _module(node: GraphNode, entry: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
