@@ -362,7 +362,11 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         built = _convert(model, lowbit_file.document["model"], layers)
     _load_into(built, state)
     _freeze(built, frozen)
-    shape = lowbit_file.document["model"].get("input_shape")  # validated by validate_file
+    document_model = lowbit_file.document["model"]
+    if "config" in document_model:  # saved again, the model records the same
+        setattr(built, QUANTIZED_WITH_ATTR, {"config": document_model["config"],
+                                             "fold_bn": document_model.get("fold_bn", False)})
+    shape = document_model.get("input_shape")  # validated by validate_file
     if shape is not None:
         setattr(built, INPUT_SHAPE_ATTR, tuple(shape))
     return built.eval()
