@@ -170,10 +170,13 @@ def _functional_layer(gm: fx.GraphModule, node: fx.Node, op: str, names: tuple[s
     return layer
 
 
-def _free_path(owner: str, node: fx.Node, taken: set[str]) -> str:
-    """The owner's path where nothing else of the graph lives in it, else ``<owner>.<call>``."""
-    inside = any(t == owner or t.startswith(f"{owner}.") for t in taken) if owner else True
-    return f"{owner}.{node.name}" if inside and owner else owner or node.name
+def _free_path(owner: str, op: str, taken: set[str]) -> str:
+    """The owner's path where nothing else of the graph lives in it, else ``<owner>.<op>`` (``_1``, ``_2`` ... when
+    the owner makes several such calls)."""
+    if owner and not any(t == owner or t.startswith(f"{owner}.") for t in taken):
+        return owner
+    base = f"{owner}.{op}" if owner else op
+    return next(path for path in (base, *(f"{base}_{i}" for i in range(1, len(taken) + 2))) if path not in taken)
 
 
 def _sites(gm: fx.GraphModule, report: QuantReport) -> list[_Site]:
@@ -196,7 +199,7 @@ def _sites(gm: fx.GraphModule, report: QuantReport) -> list[_Site]:
             owners = {n.target.rpartition(".")[0] for n in node.all_input_nodes if n.op == "get_attr"}
             others = taken | {n.target for n in gm.graph.nodes if n.op == "get_attr"
                               and n.target.rpartition(".")[0] in owners and n not in node.all_input_nodes}
-            path = _free_path(weight.target.rpartition(".")[0], node, others)
+            path = _free_path(weight.target.rpartition(".")[0], op, others)
             taken.add(path)
             sites.append(_Site(node, op, layer, path))
     return sites

@@ -1,0 +1,212 @@
+"""Whole-graph quantization (lowbit.convert, lowbit.placement): call sites, batch-norm folding, activations on graph
+edges, the report's fractions, and the integer graph onnxruntime runs."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lowbit
+from lowbit.config import QuantConfig
+from lowbit.errors import UnsupportedLayerError
+from lowbit.export.onnx import to_onnx
+from lowbit.nn import QuantAct, QuantConv2d, QuantLinear
+
+#: converts every layer and quantizes nothing: the quantized graph must compute the float model's bits
+NOTHING = QuantConfig(first="same", last="same")
+
+
+class SamePad(nn.Conv2d):
+    """TensorFlow "same" padding: an asymmetric zero pad, then the conv through F.conv2d (EfficientNet-Lite's)."""
+
+    def __init__(self, cin, cout, k, stride):
+        super().__init__(cin, cout, k, stride)
+        total = k - stride
+        self.static_padding = nn.ZeroPad2d((total // 2, total - total // 2, total // 2, total - total // 2))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class SameNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = SamePad(3, 8, 3, 2)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = SamePad(8, 8, 5, 2)
+        self.dw.groups = 8
+        self.dw.weight = nn.Parameter(torch.randn(8, 1, 5, 5) * 0.2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu6(self.bn(self.stem(x)))
+        return self.head(F.relu6(self.dw(x)).mean((2, 3)))
+
+
+def settled(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(3):
+            model.train()(torch.randn(8, 3, 16, 16))
+    return model.eval()
+
+
+def test_a_subclass_with_its_own_forward_keeps_its_padding_bit_for_bit():
+    model = settled(SameNet())
+    report = lowbit.quantize_report(model, NOTHING, fold_bn=False)
+    assert report.converted == ["stem.conv2d", "dw.conv2d", "head"]  # the owners hold their pads too
+    assert report.unsupported == []
+    calls = [n.target for n in report.model.graph.nodes if n.op == "call_module"]
+    assert "stem.static_padding" in calls and "dw.static_padding" in calls
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(report.model(x), model(x))
+
+
+def test_functional_calls_on_parameters_become_layers():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = nn.Parameter(torch.randn(6, 2, 3, 3) * 0.3)
+            self.w = nn.Parameter(torch.randn(5, 6) * 0.3)
+            self.b = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            y = F.conv2d(x, self.k, None, stride=2, padding=1, groups=2)
+            return F.linear(y.mean((2, 3)), self.w, self.b)
+
+    model = Functional().eval()
+    report = lowbit.quantize_report(model, NOTHING)
+    assert report.converted == ["conv2d", "linear"] and report.weight_fraction == 0  # no weight quantizers
+    assert [type(report.model.get_submodule(n)) for n in report.converted] == [QuantConv2d, QuantLinear]
+    x = torch.randn(3, 4, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(report.model(x), model(x))
+    quantized = lowbit.quantize_report(model, "w8a8")
+    assert quantized.weight_fraction == pytest.approx((6 * 2 * 9 + 5 * 6) / (6 * 2 * 9 + 5 * 6 + 5))
+
+
+def test_a_functional_conv_with_a_computed_weight_runs_float_and_is_reported():
+    class Standardized(nn.Conv2d):  # weight standardization: the weight is computed in the graph
+        def forward(self, x):
+            w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+            return F.conv2d(x, w, self.bias)
+
+    model = nn.Sequential(Standardized(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).eval()
+    with pytest.warns(UserWarning, match="its weight is computed in the graph"):
+        report = lowbit.quantize_report(model, "w8a8")
+    assert report.converted == ["3"]
+    assert ("conv2d", "conv2d call: its weight is computed in the graph, not a parameter") in report.unsupported
+    with pytest.raises(UnsupportedLayerError, match="computed in the graph"):
+        lowbit.quantize(model, "w8a8", strict=True)
+
+
+def test_batch_norm_folds_exactly_to_float_tolerance_in_eval_mode():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 6 * 6, 5), nn.BatchNorm1d(5))
+    with torch.no_grad():
+        for bn in (model[1], model[5]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 3)
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+    model.eval()
+    report = lowbit.quantize_report(model, NOTHING)
+    assert report.folded == ["1", "5"]
+    assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in report.model.modules())
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(report.model(x), model(x), rtol=1e-5, atol=1e-5)
+    training = lowbit.quantize_report(model.train(), NOTHING)  # training: batch norm stays (folded at export)
+    assert training.folded == [] and isinstance(training.model.get_submodule("1"), nn.BatchNorm2d)
+    assert lowbit.quantize_report(model.eval(), NOTHING, fold_bn=False).folded == []
+
+
+class Block(nn.Module):
+    """A residual add, a concatenation and a squeeze-and-excitation product."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.squeeze = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv2(F.relu(self.conv1(x))) + x)
+        both = torch.cat([y, x], 1)
+        gate = torch.sigmoid(self.squeeze(both.mean((2, 3), keepdim=True)))
+        return self.head(both * gate).mean((2, 3))
+
+
+def calibrated_block():
+    torch.manual_seed(0)
+    model = Block().eval()
+    quantized = lowbit.quantize(model, "w8a8")
+    lowbit.calibrate(quantized, [torch.randn(8, 4, 8, 8) for _ in range(3)])
+    return model, quantized
+
+
+def test_each_tensor_entering_a_quantized_op_is_quantized_once():
+    _, q = calibrated_block()
+    acts = {name for name, m in q.named_modules() if isinstance(m, QuantAct)}
+    # x feeds conv1, the add and the concatenation: one quantizer at x, none in conv1
+    assert "quant_acts.x" in acts and q.conv1.input_quantizer is None
+    assert q.conv2.input_quantizer is not None  # relu(conv1) is read by conv2 alone
+    assert q.conv2.output_quantizer is not None  # the add's input
+    assert {"quant_acts.relu_1", "quant_acts.sigmoid", "quant_acts.cat"} <= acts
+    assert "quant_acts.mul" not in acts and q.head.input_quantizer is not None  # the product is read by head alone
+    quantizers = [m for m in q.modules() if isinstance(m, lowbit.quantizers.Quantizer) and m.bits == 8]
+    labels = [m.label for m in quantizers if not m.label.endswith(".weight")]
+    assert len(labels) == len(set(labels))
+
+
+def test_the_export_runs_every_conv_and_join_as_an_integer_op(tmp_path):
+    model, q = calibrated_block()
+    x = torch.randn(4, 4, 8, 8)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    session = ort.InferenceSession(to_onnx(q, x[:1]).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
+    assert ops["QLinearConv"] == 4 and ops["Conv"] == 0
+    assert ops["QLinearAdd"] == 1 and ops["QLinearConcat"] == 1 and ops["QLinearMul"] == 1
+    with torch.no_grad():
+        expected = q(x).numpy()
+    np.testing.assert_allclose(out, expected, atol=0.05)
+
+
+def test_mac_and_weight_fractions_by_hand():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    report = lowbit.quantize_report(model, {"weight": "binary", "first": "same", "last": "float"},
+                                    example_input=(1, 3, 8, 8))
+    conv_macs, linear_macs = 4 * 6 * 6 * 3 * 9, 10 * 144
+    assert report.mac_fraction == pytest.approx(conv_macs / (conv_macs + linear_macs))
+    assert report.weight_fraction == pytest.approx(108 / (108 + 4 + 1440 + 10))
+    assert report.kept_float == ["3"] and "kept float by the config: 3" in str(report)
+
+
+def test_leaves_stay_whole_and_are_reported():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    model = nn.Sequential(nn.Linear(3, 3), Branchy(), nn.Linear(3, 2))
+    with pytest.raises(UnsupportedLayerError, match="leaves="):
+        lowbit.quantize(model, "w8a8")
+    with pytest.warns(UserWarning, match=r"1 \(Branchy runs in float\)"):
+        report = lowbit.quantize_report(model, "w8a8", leaves=["1"])
+    assert report.converted == ["0", "2"]
