@@ -2,7 +2,8 @@
 
 torchvision's PyPI wheel is built for the CUDA torch, so ``import torchvision`` fails beside the CPU torch
 (its compiled ops); its model definitions are pure Python and load from its package folder without them.
-Random weights, batch-norm statistics from a few train-mode passes, 64x64 inputs (no weights are downloaded).
+Random weights, batch-norm statistics from a few train-mode passes, 64x64 inputs (32x32 where a model's last
+feature map is still at least 1x1 there: VGG's pools it up to 7x7), no weights downloaded.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ MODELS = {
     "efficientnet_b0": ("efficientnet", "efficientnet_b0", {}),
     "regnet_y_400mf": ("regnet", "regnet_y_400mf", {}),
     "googlenet": ("googlenet", "googlenet", {"aux_logits": False, "init_weights": False}),
+    "densenet121": ("densenet", "densenet121", {}),
+    "vgg11_bn": ("vgg", "vgg11_bn", {}),
+    "convnext_tiny": ("convnext", "convnext_tiny", {}),
 }
+#: input height and width per model (64 where not listed)
+SIZES = {"vgg11_bn": 32, "convnext_tiny": 32}
 
 
 def torchvision_model(module: str, name: str, kwargs: dict) -> torch.nn.Module:
@@ -55,12 +61,13 @@ def test_w8a8_model_saves_loads_runs_and_exports_alike(name, tmp_path):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = torchvision_model(*MODELS[name]).train()
+    size = SIZES.get(name, 64)
     with torch.no_grad():
         for _ in range(2):  # batch-norm statistics
-            model(torch.randn(8, 3, 64, 64, generator=generator))
+            model(torch.randn(8, 3, size, size, generator=generator))
     quantized = lowbit.quantize(model.eval(), "w8a8")
-    lowbit.calibrate(quantized, [torch.randn(8, 3, 64, 64, generator=generator) for _ in range(2)])
-    x = torch.randn(4, 3, 64, 64, generator=generator)
+    lowbit.calibrate(quantized, [torch.randn(8, 3, size, size, generator=generator) for _ in range(2)])
+    x = torch.randn(4, 3, size, size, generator=generator)
     path = tmp_path / f"{name}.lowbit"
     lowbit.save(quantized, path, x[:1])
     loaded = lowbit.load(path)

@@ -19,9 +19,25 @@ output quantizer (observed ranges, steps, ``input_quantizer.stats.min_val``),
 which a runtime needs; weight-quantizer state is left out (the stored weight
 codes carry it) and so is ``num_batches_tracked``. ``module`` names the
 module a node calls (``call_module`` nodes only), so a loader can rebuild the
-same state_dict keys. Shapes use -1 for the batch axis. The ops and how each
+same state_dict keys. Shapes use -1 for the batch axis.
+
+A parameter or buffer the model reads directly (an fx ``get_attr``: a layer
+scale in ``self.layer_scale * x``, the weight handed to ``F.layer_norm``),
+and the weight and bias of a parameter-free op's module (``nn.LayerNorm``),
+become ``constant`` nodes, one per tensor::
+
+    {"name": "layer_scale", "op": "constant", "inputs": [], "attrs": {"parameter": true},
+     "params": {"value": "features.1.0.layer_scale"}, "quant": {}, "shape": [96, 1, 1]}
+
+``params.value`` is the tensor's state_dict key (the loader registers it
+there again); ``shape`` is the tensor's own, *without* a batch axis, and
+only ops declared to take constants (``OpSchema.constants``: arithmetic,
+which broadcasts it against the batch as numpy does, and layer_norm) read
+it. A tensor that is no parameter or persistent buffer, or an op computing
+on constants alone, is refused. The ops and how each
 is recognised (functions, tensor methods, module classes and their
-subclasses) are declared in :mod:`lowbit.ops` (``OpSchema.capture``).
+subclasses; ``Capture.when`` where several ops share a function, as the
+modes of ``interpolate`` do) are declared in :mod:`lowbit.ops` (``OpSchema.capture``).
 Identity-like modules (Dropout, Identity), methods (contiguous, clone,
 detach) and functions in eval mode (functional dropout, torchvision's
 stochastic depth) disappear; sizes and arithmetic on them are dropped (they
@@ -89,6 +105,36 @@ def _declared() -> tuple[dict[Any, tuple], dict[str, tuple], tuple[tuple[type, O
     return functions, methods, tuple(modules)
 
 
+@functools.cache
+def _alternatives() -> dict[Any, list[tuple[OpSchema, Any]]]:
+    """Functions (and ``Tensor.<method>`` names) that several ops declare -> (op, call) of each, in registry
+    order: which op a call is depends on its arguments (``Capture.when``)."""
+    declared: dict[Any, list[tuple[OpSchema, Any]]] = {}
+    for schema in REGISTRY.values():
+        capture = schema.capture
+        for name, call in [*((n, capture.call) for n in capture.functions), *capture.calls.items()]:
+            key = name if name.startswith("Tensor.") else _resolve(name)
+            declared.setdefault(key, []).append((schema, call))
+    return {key: choices for key, choices in declared.items() if len(choices) > 1}
+
+
+def _chosen(table: dict[Any, tuple], target: Any, args: Any, kwargs: dict, method: bool = False) -> tuple | None:
+    """(op, call) of a call of ``target`` (a function, or a method name when ``method``): the first op declaring it
+    whose ``Capture.when`` accepts the arguments, else the first declared (whose call then says what it supports);
+    None for an undeclared target."""
+    for schema, call in _alternatives().get(f"Tensor.{target}" if method else target, ()):
+        if schema.capture.when is None or schema.capture.when(list(args), dict(kwargs)):
+            return schema, call
+    return table.get(target)
+
+
+@functools.cache
+def _get_attr_schema() -> OpSchema:
+    """The op a read of a parameter or buffer becomes (the one declaring ``Capture.get_attr``)."""
+    (schema,) = [s for s in REGISTRY.values() if s.capture.get_attr is not None]
+    return schema
+
+
 def _eval_identity(node: fx.Node, where: str) -> bool:
     """Whether ``node`` calls one of the functions of ``_ALIAS_FUNCTIONS`` with ``training`` False (traced in eval
     mode); UnsupportedLayerError when it is True there (a random op that eval mode does not turn off)."""
@@ -107,7 +153,11 @@ def _declared_module(m: nn.Module) -> OpSchema | None:
     quantize around the same computation). A subclass with its own ``forward`` is no leaf: it is traced
     through, so its custom computation (a "same" padding, a permuted norm) is never dropped."""
     for cls, schema in _declared()[2]:
-        if isinstance(m, cls) and (type(m).forward is cls.forward or type(m).__module__.startswith("lowbit.nn.")):
+        if isinstance(m, cls) and (type(m).forward is cls.forward or type(m).__module__.startswith("lowbit.nn.")) \
+                and (schema.capture.module_when is None or schema.capture.module_when(m)):
+            return schema
+    for cls, schema in _declared()[2]:  # a module class several ops declare, in a form none accepts: the first
+        if isinstance(m, cls) and type(m).forward is cls.forward:
             return schema
     return None
 
@@ -158,10 +208,9 @@ def node_schema(node: fx.Node, modules: dict[str, nn.Module]) -> OpSchema | None
     if node.op == "call_module":
         return _declared_module(modules[node.target])
     functions, methods, _ = _declared()
-    if node.op == "call_function":
-        return functions.get(node.target, (None,))[0]
-    if node.op == "call_method":
-        return methods.get(node.target, (None,))[0]
+    if node.op in ("call_function", "call_method"):
+        method = node.op == "call_method"
+        return (_chosen(methods if method else functions, node.target, node.args, node.kwargs, method) or (None,))[0]
     return None
 
 
@@ -228,11 +277,35 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
     nodes: list[dict[str, Any]] = []
     inputs: list[dict[str, Any]] = []
     outputs: list[str] = []
+    #: state_dict key -> the name of the constant node reading it; the constants' names
+    constant_nodes: dict[str, str] = {}
+    constants: set[str] = set()
+    taken = {node.name for node in graph.nodes}
+    state: dict[str, torch.Tensor] = {}
 
     def ref(a: Any) -> str:
         if not isinstance(a, fx.Node) or a.name in arithmetic or a.name in pieces:
             raise UnsupportedLayerError(f"graph input {a!r} is not a tensor")
         return alias.get(a.name, a.name)
+
+    def constant(key: str, name: str, where: str, fresh: bool) -> str:
+        """The constant node reading the model's parameter or buffer ``key``, made at its first read and named
+        ``name`` (``fresh``: made unique; else the reading fx node's own name)."""
+        if not state:
+            state.update(model.state_dict(keep_vars=True))
+        if key not in state:
+            raise UnsupportedLayerError(f"{where} reads attribute {key!r}, which is no parameter or persistent buffer "
+                                        "of the model (a file would not hold it); register it as one")
+        if key not in constant_nodes:
+            schema, tensor = _get_attr_schema(), state[key]
+            while fresh and name in taken:
+                name += "_"
+            taken.add(name)
+            nodes.append({"name": name, "op": schema.name, "inputs": [], "attrs": schema.capture.get_attr(
+                tensor, key, where), "params": {"value": key}, "quant": {}, "shape": list(tensor.shape)})
+            constant_nodes[key] = name
+            constants.add(name)
+        return constant_nodes[key]
 
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -243,8 +316,8 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
             outputs = [ref(o) for o in outs]
             continue
         if node.op == "get_attr":
-            raise UnsupportedLayerError(f"node {node.name!r} reads attribute {node.target!r} directly; "
-                                        "wrap parameters in supported layers")
+            alias[node.name] = constant(node.target, node.name, f"node {node.name!r}", fresh=False)
+            continue
         target, where = node.target, f"node {node.name!r}"
         if node.op in ("call_function", "call_method") and "tensor_meta" not in node.meta:
             arithmetic.add(node.name)  # sizes and their arithmetic: they only feed arguments recorded as shapes
@@ -261,6 +334,8 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
             continue
         params: dict[str, str] = {}
         quant: dict[str, Any] = {}
+        #: the constants a module's own tensors become (inputs after ``args``)
+        stored: list[str] = []
         if node.op == "call_function" and target is operator.getitem and getattr(node.args[0], "name", "") in pieces:
             source, cuts = pieces[node.args[0].name]
             schema, attrs, args = REGISTRY["slice"], cuts[node.args[1]], [source]
@@ -269,14 +344,23 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
             schema = _module_schema(m, f"layer {target!r}")
             attrs, args = schema.capture.module(m, _shape(node), f"layer {target!r}"), node.args[:1]
             params, quant = _module_state(m, target)
+            params = {k: v for k, v in params.items() if k not in schema.capture.module_tensors}
+            stored = [constant(f"{target}.{t}", f"{node.name}_{t}", f"layer {target!r}", fresh=True)
+                      for t in schema.capture.module_tensors if getattr(m, t, None) is not None]
         else:
-            declared = (methods if node.op == "call_method" else functions).get(target)
+            method = node.op == "call_method"
+            declared = _chosen(methods if method else functions, target, node.args, node.kwargs, method)
             if declared is None:
                 raise UnsupportedLayerError(f"{where} calls {getattr(target, '__name__', target)!r}, which the graph "
                                             f"IR does not support; ops: {', '.join(sorted(REGISTRY))}")
             schema, call = declared
             attrs, args = call(list(node.args), dict(node.kwargs), _shape(node), where)
-        entry = {"name": node.name, "op": schema.name, "inputs": [ref(a) for a in args], "attrs": attrs,
+        names = [ref(a) for a in args] + stored
+        if names and all(n in constants for n in names):
+            keys = sorted(k for k, n in constant_nodes.items() if n in names)
+            raise UnsupportedLayerError(f"{where} computes on stored tensors only ({', '.join(keys)}); the graph IR "
+                                        "computes on the batch: store the result as a parameter or buffer instead")
+        entry = {"name": node.name, "op": schema.name, "inputs": names, "attrs": attrs,
                  "params": params, "quant": quant, "shape": _shape(node)}
         if node.op == "call_module":
             entry["module"] = target

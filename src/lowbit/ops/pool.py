@@ -1,21 +1,32 @@
 """Pooling and resampling (NCHW): maxpool2d (padding with -inf; floor or ceil mode), avgpool2d (floor mode,
-``count_include_pad`` as torch), adaptive_avgpool2d, whose bin i spans ``[floor(i H / oh), ceil((i + 1) H / oh))``,
-and upsample (nearest, by whole factors).
+``count_include_pad`` as torch), adaptive_avgpool2d and adaptive_maxpool2d, whose bin i spans
+``[floor(i H / oh), ceil((i + 1) H / oh))`` (bins overlap where they do not divide the input, and an output larger
+than the input repeats values), upsample (nearest, by whole factors) and upsample_bilinear (torch's bilinear
+interpolation, ``align_corners`` either way, by a size or by scale factors).
 
 Output size per axis: floor mode ``floor((H + 2 p - k) / s) + 1``; ceil mode ``ceil((H + 2 p - k) / s) + 1``,
 less one where the last window would start in the right padding (torch's rule).
 
-As torch requires, a pool's padding is at most half its kernel; an adaptive pool's output is no larger
-than its input, and has at most :data:`MAX_BINS` bins (its numpy half loops over them).
+As torch requires, a pool's padding is at most half its kernel; an adaptive pool has at most :data:`MAX_BINS`
+bins (its numpy half loops over them).
+
+ONNX: adaptive pools to 1x1 are GlobalAveragePool / GlobalMaxPool, to bins that divide the input evenly
+AveragePool / MaxPool; any other adaptive average is two MatMuls with the bins' averaging matrices (rows, then
+columns), any other adaptive max a Slice and ReduceMax per bin, concatenated, along each axis that needs it.
+Bilinear upsampling is Resize (mode linear; coordinate_transformation_mode half_pixel, or align_corners) with the
+output sizes, or with the scale factors where the model gave those (torch then maps coordinates by them).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from ..errors import UnsupportedLayerError
 from .conv import pad, windows
-from .schema import MAX_SPATIAL, Bool, Capture, Ints, Node, OpSchema, Shape, argument, pair, register
+from .schema import (MAX_SPATIAL, Bool, Capture, Ints, Node, Nullable, Numbers, OpSchema, Shape, argument, pair,
+                     register)
 
 #: the most output positions of an adaptive pool
 MAX_BINS = 2**12
@@ -53,15 +64,27 @@ def avgpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list
     return (sums / counts).astype(np.float32)
 
 
+def bins(size: int, out: int) -> list[tuple[int, int]]:
+    """The [start, end) of each of the ``out`` bins of an adaptive pool over ``size`` positions."""
+    return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
 def adaptive_avgpool2d(x: np.ndarray, output_size: list[int]) -> np.ndarray:
     """torch.nn.functional.adaptive_avg_pool2d: bin i spans [floor(i H / oh), ceil((i + 1) H / oh))."""
-    (h, w), (oh, ow) = x.shape[2:], output_size
-    out = np.empty(x.shape[:2] + (oh, ow), dtype=np.float32)
-    for i in range(oh):
-        y0, y1 = (i * h) // oh, -(-((i + 1) * h) // oh)
-        for j in range(ow):
-            x0, x1 = (j * w) // ow, -(-((j + 1) * w) // ow)
-            out[:, :, i, j] = x[:, :, y0:y1, x0:x1].mean(axis=(2, 3), dtype=np.float32)
+    return _adaptive(x, output_size, lambda window: window.mean(axis=(2, 3), dtype=np.float32))
+
+
+def adaptive_maxpool2d(x: np.ndarray, output_size: list[int]) -> np.ndarray:
+    """torch.nn.functional.adaptive_max_pool2d (without indices), over the same bins."""
+    return _adaptive(x, output_size, lambda window: window.max(axis=(2, 3)))
+
+
+def _adaptive(x: np.ndarray, output_size: list[int], reduce) -> np.ndarray:
+    rows, columns = bins(x.shape[2], output_size[0]), bins(x.shape[3], output_size[1])
+    out = np.empty(x.shape[:2] + tuple(output_size), dtype=np.float32)
+    for i, (y0, y1) in enumerate(rows):
+        for j, (x0, x1) in enumerate(columns):
+            out[:, :, i, j] = reduce(x[:, :, y0:y1, x0:x1])
     return out
 
 
@@ -80,9 +103,8 @@ def _pool_shape(node: Node) -> Shape:
 def _adaptive_shape(node: Node) -> Shape:
     c, h, w = node.rank(3)
     oh, ow = node.attrs["output_size"]
-    if oh > h or ow > w or oh * ow > MAX_BINS:
-        raise node.fail(f"adaptive pool output {[oh, ow]} must be no larger than its input {[h, w]} and have at "
-                        f"most {MAX_BINS} bins")
+    if oh * ow > MAX_BINS:
+        raise node.fail(f"adaptive pool output {[oh, ow]} must have at most {MAX_BINS} bins")
     return c, oh, ow
 
 
@@ -128,14 +150,61 @@ def _pool_onnx(op: str):
     return emit
 
 
-def _adaptive_onnx(b, name: str, xs: list[str], a: dict) -> str:
-    if a["output_size"] != [1, 1]:
-        raise UnsupportedLayerError(f"node {name!r}: adaptive average pooling to {a['output_size']} cannot be "
-                                    "exported; only output size 1x1 (GlobalAveragePool)")
-    return b.node("GlobalAveragePool", xs, name)
+def _adaptive_onnx(kind: str):
+    """Adaptive average (``kind`` "Average") or max pooling (see the module docstring)."""
+    def emit(b, name: str, xs: list[str], a: dict) -> str:
+        (h, w), (oh, ow) = b.shapes[xs[0]][-2:], a["output_size"]
+        if [oh, ow] == [1, 1]:
+            return b.node(f"Global{kind}Pool", xs, name)
+        if h % oh == 0 and w % ow == 0:
+            kernel = [h // oh, w // ow]
+            return b.node(f"{kind}Pool", xs, name, kernel_shape=kernel, strides=kernel)
+        if kind == "Average":
+            rows = b.node("MatMul", [xs[0], b.const(f"{name}.columns", _averaging(w, ow).T)], f"{name}.columns")
+            return b.node("MatMul", [b.const(f"{name}.rows", _averaging(h, oh)), rows], name)
+        y = xs[0]
+        for axis, size, out in [(3, w, ow), (2, h, oh)]:
+            if size != out:
+                y = _max_bins(b, name, y, axis, bins(size, out))
+        return y
+    return emit
+
+
+def _averaging(size: int, out: int) -> np.ndarray:
+    """The [out, size] matrix whose row i averages bin i of an adaptive pool."""
+    matrix = np.zeros((out, size), np.float32)
+    for i, (start, end) in enumerate(bins(size, out)):
+        matrix[i, start:end] = np.float32(1) / np.float32(end - start)
+    return matrix
+
+
+def _max_bins(b, name: str, x: str, axis: int, spans: list[tuple[int, int]]) -> str:
+    """The max over each span of ``axis`` (Slice, ReduceMax), concatenated along it."""
+    axes = b.const(f"{name}.axis", np.array([axis], np.int64))
+    pieces = []
+    for i, (start, end) in enumerate(spans):
+        piece = b.node("Slice", [x, b.const(f"{name}.start", np.array([start], np.int64)),
+                                 b.const(f"{name}.end", np.array([end], np.int64)), axes], f"{name}.bin{i}")
+        if end - start > 1:
+            reduce = {"axes": [axis]} if b.opset < 18 else {}
+            piece = b.node("ReduceMax", [piece, axes] if b.opset >= 18 else [piece], f"{name}.max{i}", **reduce)
+        pieces.append(piece)
+    return b.node("Concat", pieces, name, axis=axis)
 
 
 _WINDOW = {"kernel": Ints(2, 1, MAX_SPATIAL), "stride": Ints(2, 1, MAX_SPATIAL), "padding": Ints(2, 0, MAX_SPATIAL)}
+
+
+def _adaptive_max_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
+    if argument(args, kwargs, 2, "return_indices", False):
+        raise UnsupportedLayerError(f"{where}: adaptive max pooling that returns indices cannot be captured")
+    return {"output_size": shape[-2:]}, args[:1]
+
+
+def _adaptive_max_module(m, shape: list[int], where: str) -> dict:
+    return _adaptive_max_call([None, None, m.return_indices], {}, shape, where)[0]
+
+
 #: the output size of an adaptive pool is read off the recorded output shape (a None in output_size keeps a size)
 _ADAPTIVE = Capture(("torch.nn.functional.adaptive_avg_pool2d",),
                     lambda args, kwargs, shape, where: ({"output_size": shape[-2:]}, args[:1]),
@@ -160,10 +229,18 @@ AVGPOOL2D = register(OpSchema(
 ADAPTIVE_AVGPOOL2D = register(OpSchema(
     "adaptive_avgpool2d", _adaptive_shape, attrs={"output_size": Ints(2, 1, MAX_SPATIAL)}, capture=_ADAPTIVE,
     numpy=lambda xs, a: adaptive_avgpool2d(xs[0], a["output_size"]),
-    torch=lambda t, xs, a: t.nn.functional.adaptive_avg_pool2d(xs[0], a["output_size"]), onnx=_adaptive_onnx))
+    torch=lambda t, xs, a: t.nn.functional.adaptive_avg_pool2d(xs[0], a["output_size"]),
+    onnx=_adaptive_onnx("Average")))
+ADAPTIVE_MAXPOOL2D = register(OpSchema(
+    "adaptive_maxpool2d", _adaptive_shape, attrs={"output_size": Ints(2, 1, MAX_SPATIAL)},
+    capture=Capture(("torch.nn.functional.adaptive_max_pool2d",), _adaptive_max_call,
+                    ("torch.nn.AdaptiveMaxPool2d",), _adaptive_max_module),
+    numpy=lambda xs, a: adaptive_maxpool2d(xs[0], a["output_size"]),
+    torch=lambda t, xs, a: t.nn.functional.adaptive_max_pool2d(xs[0], a["output_size"]),
+    onnx=_adaptive_onnx("Max")))
 
 
-# ---------------------------------------------------------------- nearest upsampling by whole factors
+# ---------------------------------------------------------------- upsampling: nearest by whole factors, bilinear
 
 
 def _upsample_shape(node: Node) -> Shape:
@@ -174,10 +251,15 @@ def _upsample_shape(node: Node) -> Shape:
     return c, oh, ow
 
 
+def _mode(args: list, kwargs: dict) -> str:
+    return argument(args, kwargs, 3, "mode", "nearest")
+
+
 def _upsample_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
-    mode = argument(args, kwargs, 3, "mode", "nearest")
+    mode = _mode(args, kwargs)
     if mode != "nearest" or argument(args, kwargs, 6, "antialias", False):
-        raise UnsupportedLayerError(f"{where}: interpolation is captured in mode 'nearest', got {mode!r}")
+        raise UnsupportedLayerError(f"{where}: interpolation is captured in mode 'nearest' or 'bilinear' (without "
+                                    f"antialias), got {mode!r}")
     return {"size": shape[-2:]}, args[:1]
 
 
@@ -201,6 +283,96 @@ def _upsample_onnx(b, name: str, xs: list[str], a: dict) -> str:
 
 UPSAMPLE = register(OpSchema(
     "upsample", _upsample_shape, placement="moves", attrs={"size": Ints(2, 1, MAX_SPATIAL)},
-    capture=Capture(("torch.nn.functional.interpolate",), _upsample_call, ("torch.nn.Upsample",), _upsample_module),
+    capture=Capture(("torch.nn.functional.interpolate",), _upsample_call, ("torch.nn.Upsample",), _upsample_module,
+                    when=lambda args, kwargs: _mode(args, kwargs) == "nearest",
+                    module_when=lambda m: m.mode == "nearest"),
     numpy=lambda xs, a: upsample_nearest(xs[0], a["size"]),
     torch=lambda t, xs, a: t.nn.functional.interpolate(xs[0], size=a["size"], mode="nearest"), onnx=_upsample_onnx))
+
+
+def _bilinear_shape(node: Node) -> Shape:
+    c, h, w = node.rank(3)
+    size, scales = node.attrs["size"], node.attrs["scales"]
+    if scales is not None and node.attrs["align_corners"]:
+        raise node.fail("scales map coordinates only without align_corners")
+    if scales is not None and [math.floor(n * s) for n, s in zip((h, w), scales)] != size:
+        raise node.fail(f"bilinear upsampling of {[h, w]} by scales {scales} gives {size} only where the sizes are "
+                        "floor(input size * scale)")
+    return c, *size
+
+
+def _bilinear_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
+    if argument(args, kwargs, 6, "antialias", False):
+        raise UnsupportedLayerError(f"{where}: bilinear interpolation with antialias cannot be captured")
+    if len(shape) != 4:
+        raise UnsupportedLayerError(f"{where}: bilinear interpolation is captured on NCHW maps")
+    align = bool(argument(args, kwargs, 4, "align_corners", None))
+    factor = argument(args, kwargs, 2, "scale_factor", None)
+    scales = None  # torch maps coordinates by given scale factors, unless recomputed from the sizes
+    if factor is not None and not align and not argument(args, kwargs, 5, "recompute_scale_factor", None):
+        scales = [float(f) for f in (factor if isinstance(factor, (list, tuple)) else (factor, factor))]
+    return {"size": shape[-2:], "align_corners": align, "scales": scales}, args[:1]
+
+
+def _bilinear_module(m, shape: list[int], where: str) -> dict:
+    return _bilinear_call([None, m.size, m.scale_factor, m.mode, m.align_corners, m.recompute_scale_factor], {},
+                          shape, where)[0]
+
+
+def _source(size: int, out: int, align_corners: bool, scale: float | None) -> tuple[np.ndarray, ...]:
+    """(first index, second index, weight of the second) of each output position along an axis, in float32 as
+    torch's kernel computes them (the same size is a copy)."""
+    position = np.arange(out, dtype=np.float32)
+    if size == out:
+        return np.arange(out), np.arange(out), np.zeros(out, np.float32)
+    if align_corners:
+        source = position * (np.float32(size - 1) / np.float32(out - 1) if out > 1 else np.float32(0))
+    else:
+        ratio = np.float32(1.0 / scale) if scale is not None and scale > 0 else np.float32(size) / np.float32(out)
+        source = np.maximum(ratio * (position + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    first = np.minimum(np.floor(source).astype(np.int64), size - 1)
+    weight = np.clip(source - first.astype(np.float32), np.float32(0), np.float32(1))
+    return first, np.minimum(first + 1, size - 1), weight
+
+
+def upsample_bilinear(x: np.ndarray, size: list[int], align_corners: bool,
+                      scales: list[float] | None = None) -> np.ndarray:
+    """torch.nn.functional.interpolate(mode="bilinear") to ``size``: along the width, then along the height."""
+    for axis, out in ((3, size[1]), (2, size[0])):
+        first, second, weight = _source(x.shape[axis], out, align_corners, scales[axis - 2] if scales else None)
+        shape = (-1, 1) if axis == 2 else (-1,)
+        x = (np.take(x, first, axis=axis) * (np.float32(1) - weight).reshape(shape)
+             + np.take(x, second, axis=axis) * weight.reshape(shape))
+    return x.astype(np.float32, copy=False)
+
+
+def _bilinear_onnx(b, name: str, xs: list[str], a: dict) -> str:
+    """Resize (mode linear) of the two spatial axes (opset 18: ``axes``), by the model's scale factors (1 where an
+    axis keeps its size, which torch copies) or to ``size``."""
+    if b.opset < 18:
+        raise UnsupportedLayerError(f"node {name!r}: upsampling is exported with opset >= 18")
+    if a["scales"] is not None:
+        kept = [n == s for n, s in zip(b.shapes[xs[0]][-2:], a["size"])]
+        scales = b.const(f"{name}.scales", np.array([1.0 if k else s for k, s in zip(kept, a["scales"])], np.float32))
+        inputs = [xs[0], "", scales]
+    else:
+        inputs = [xs[0], "", "", b.const(f"{name}.sizes", np.array(a["size"], np.int64))]
+    mode = "align_corners" if a["align_corners"] else "half_pixel"
+    return b.node("Resize", inputs, name, axes=[2, 3], mode="linear", coordinate_transformation_mode=mode)
+
+
+def _bilinear_torch(t, xs: list, a: dict):
+    if a["scales"] is not None:
+        return t.nn.functional.interpolate(xs[0], scale_factor=a["scales"], mode="bilinear", align_corners=False)
+    return t.nn.functional.interpolate(xs[0], size=a["size"], mode="bilinear", align_corners=a["align_corners"])
+
+
+UPSAMPLE_BILINEAR = register(OpSchema(
+    "upsample_bilinear", _bilinear_shape,
+    attrs={"size": Ints(2, 1, MAX_SPATIAL), "align_corners": Bool(), "scales": Nullable(Numbers(2, 0, MAX_SPATIAL))},
+    defaults={"scales": None},
+    capture=Capture(("torch.nn.functional.interpolate",), _bilinear_call, ("torch.nn.Upsample",), _bilinear_module,
+                    when=lambda args, kwargs: _mode(args, kwargs) == "bilinear",
+                    module_when=lambda m: m.mode == "bilinear"),
+    numpy=lambda xs, a: upsample_bilinear(xs[0], a["size"], a["align_corners"], a["scales"]),
+    torch=_bilinear_torch, onnx=_bilinear_onnx))

@@ -17,8 +17,9 @@ in order:
   binary, xnor, uniform, linear, log2, dorefa_act, pact, lsq, with their
   observed ranges, clipping levels and steps read from the file);
 - batchnorm, quant_act and the parameter-free ops (relu, tanh, hardtanh,
-  pools, reshape, add, mul, concat): the numpy half of each op's
-  declaration in :mod:`lowbit.ops`.
+  pools, reshape, add, mul, concat, layer_norm, ...): the numpy half of each
+  op's declaration in :mod:`lowbit.ops`; a constant is its stored tensor as
+  float32, broadcast against the batch by the ops that read it.
 
 Between two binary layers, batch norm, hardtanh, relu and max pooling are
 folded (:mod:`lowbit.runtime.threshold`) into an integer comparison in the
@@ -126,6 +127,10 @@ class Engine:
         if op == "quant_act":
             return _unary(self._quantizer(node, "output", "quantizer"))
         function = node.schema.numpy
+        # a non-module op that reads stored tensors (a constant) gets their values after its inputs
+        stored = [self._tensor(node, t) for t in (*node.schema.tensors, *node.schema.optional) if t in node.params]
+        if stored:
+            return lambda xs: function([*xs, *stored], attrs)
         return lambda xs: function(xs, attrs)
 
     def _batchnorm(self, node: GraphNode) -> ChannelOp:
