@@ -438,6 +438,20 @@ def test_tensors_that_a_file_cannot_hold_are_not_captured(tmp_path, model, match
     assert not (tmp_path / "m.lowbit").exists()
 
 
+@pytest.mark.parametrize("model, match", [
+    (nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveMaxPool2d(2, return_indices=True)), "returns indices"),
+    (Functional(lambda y, m: F.adaptive_max_pool2d(y, 2, return_indices=True)[0]),
+     "calls 'adaptive_max_pool2d_with_indices'"),
+    (nn.Sequential(nn.Conv2d(3, 4, 1), nn.Upsample(scale_factor=2, mode="bicubic")), "'nearest' or 'bilinear'"),
+    (Functional(lambda y, m: F.interpolate(y, size=(4, 4), mode="bilinear", antialias=True)), "antialias"),
+    (Functional(lambda y, m: F.layer_norm(y, y.shape[1:])), "normalized_shape given as ints"),
+    (Functional(lambda y, m: F.layer_norm(y, (1, 4, 8, 8))), "over the batch axis"),
+])
+def test_forms_the_new_ops_cannot_express_are_refused_by_name(tmp_path, model, match):
+    with pytest.raises(lowbit.errors.UnsupportedLayerError, match=match):
+        lowbit.save(model, tmp_path / "m.lowbit", torch.zeros(1, 3, 8, 8))
+
+
 def test_layer_norm_exports_as_primitive_ops_before_opset_17(tmp_path):
     model, x, _ = _saved("layer_norm", tmp_path)
     for opset, expected in [(16, False), (17, True)]:

@@ -232,7 +232,7 @@ ADAPTIVE_AVGPOOL2D = register(OpSchema(
     torch=lambda t, xs, a: t.nn.functional.adaptive_avg_pool2d(xs[0], a["output_size"]),
     onnx=_adaptive_onnx("Average")))
 ADAPTIVE_MAXPOOL2D = register(OpSchema(
-    "adaptive_maxpool2d", _adaptive_shape, attrs={"output_size": Ints(2, 1, MAX_SPATIAL)},
+    "adaptive_maxpool2d", _adaptive_shape, placement="moves", attrs={"output_size": Ints(2, 1, MAX_SPATIAL)},
     capture=Capture(("torch.nn.functional.adaptive_max_pool2d",), _adaptive_max_call,
                     ("torch.nn.AdaptiveMaxPool2d",), _adaptive_max_module),
     numpy=lambda xs, a: adaptive_maxpool2d(xs[0], a["output_size"]),
