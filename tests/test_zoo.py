@@ -8,12 +8,14 @@ feature map is still at least 1x1 there: VGG's pools it up to 7x7), no weights d
 
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.util
 import sys
 import types
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -25,6 +27,7 @@ from lowbit.runtime import Engine
 #: model -> (module of torchvision.models, constructor, keyword arguments)
 MODELS = {
     "resnet18": ("resnet", "resnet18", {}),
+    "resnet50": ("resnet", "resnet50", {}),
     "mobilenet_v3_large": ("mobilenetv3", "mobilenet_v3_large", {}),
     "mobilenet_v2": ("mobilenetv2", "mobilenet_v2", {}),
     "mobilenet_v3_small": ("mobilenetv3", "mobilenet_v3_small", {}),
@@ -56,6 +59,25 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+#: logits cosine the Engine and onnxruntime reach against torch, where not 0.999: float sums in another order flip
+#: a few 8-bit roundings, one step each, and resnet50's 53 requantized layers of random weights give logits with a
+#: spread (std 0.08) that such steps move by 0.3%; pretrained weights keep 0.999 (tests/test_pretrained.py)
+COSINE = {"resnet50": 0.995}
+
+
+def same_decisions(got: np.ndarray, expected: np.ndarray, name: str) -> bool:
+    """Same argmax wherever the top-2 margin of ``expected`` is wider than twice the largest difference (random
+    weights give near-ties that one flipped 8-bit rounding may turn), and the logits' cosine of COSINE."""
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - expected).max()
+    agree = got.argmax(1) == expected.argmax(1)
+    return bool(agree[decided].all()) and cosine(got, expected) > COSINE.get(name, 0.999)
+
+
+#: onnxruntime's integer forms of a conv / linear
+INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat")
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_w8a8_model_saves_loads_runs_and_exports_alike(name, tmp_path):
     torch.manual_seed(0)
@@ -65,8 +87,10 @@ def test_w8a8_model_saves_loads_runs_and_exports_alike(name, tmp_path):
     with torch.no_grad():
         for _ in range(2):  # batch-norm statistics
             model(torch.randn(8, 3, size, size, generator=generator))
-    quantized = lowbit.quantize(model.eval(), "w8a8")
-    lowbit.calibrate(quantized, [torch.randn(8, 3, size, size, generator=generator) for _ in range(2)])
+    report = lowbit.quantize_report(model.eval(), "w8a8", example_input=(1, 3, size, size))
+    assert report.mac_fraction >= 0.98
+    quantized = lowbit.calibrate(report.model, [torch.randn(8, 3, size, size, generator=generator)
+                                                for _ in range(2)])
     x = torch.randn(4, 3, size, size, generator=generator)
     path = tmp_path / f"{name}.lowbit"
     lowbit.save(quantized, path, x[:1])
@@ -74,9 +98,14 @@ def test_w8a8_model_saves_loads_runs_and_exports_alike(name, tmp_path):
     with torch.no_grad():
         expected = quantized(x)
         assert torch.equal(loaded(x), expected)
-    engine = Engine(path).run(x.numpy())
-    assert (engine.argmax(1) == expected.numpy().argmax(1)).all()
-    assert cosine(engine, expected.numpy()) > 0.999  # float sums in another order flip a few 8-bit roundings
-    session = ort.InferenceSession(to_onnx(loaded, x[:1]).SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = expected.numpy()
+    assert same_decisions(Engine(path).run(x.numpy()), expected, name)  # float sums in another order flip roundings
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(to_onnx(loaded, x[:1]).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
     (exported,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    assert cosine(exported, expected.numpy()) > 0.999
+    assert same_decisions(exported, expected, name)
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    assert sum(ops[op] for op in INTEGER_OPS) == len(report.converted), ops  # every layer an integer op
+    assert ops["Conv"] == ops["Gemm"] == 0, ops  # (a float MatMul may remain: an adaptive pool's bin averages)

@@ -69,6 +69,8 @@ FUNCTIONAL: dict[Any, tuple[str, tuple[str, ...]]] = {
 Quantized = (QuantLinear, QuantConv2d)
 #: layers with parameters that stay float on purpose (normalisation is folded or kept float at inference)
 KEPT_FLOAT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
+#: normalisation ops, whose parameters stay float on purpose
+_NORMS = ("batchnorm", "layer_norm")
 #: ops whose layer folds a following batch norm (weight's axis 0 is the output channel)
 _FOLDABLE = ("linear", "conv2d", "conv1d")
 
@@ -332,8 +334,11 @@ def _float_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
                     [name for name, _ in found]:
                 found.append((node.target, f"{type(m).__name__} runs in float"))
         elif node.op == "get_attr" and isinstance(_attr(gm, node.target), nn.Parameter):
-            readers = ", ".join(str(getattr(u.target, "__name__", u.target)) for u in node.users)
-            found.append((node.target, f"parameter read in float by {readers}"))
+            readers = [node_schema(u, modules) for u in node.users]
+            if all(r is not None and r.name in _NORMS for r in readers):
+                continue  # a norm's own weight and bias (kept float on purpose, as KEPT_FLOAT's)
+            names = ", ".join(str(getattr(u.target, "__name__", u.target)) for u in node.users)
+            found.append((node.target, f"parameter read in float by {names}"))
     return found
 
 
