@@ -30,11 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
 from .export.graph import node_schema
 from .nn import QuantAct
-from .quantizers import get
+from .quantizers import Quantizer, get
 
 #: the module that holds the activation quantizers placed on graph edges
 ACTS = "quant_acts"
@@ -193,3 +193,28 @@ def _assign(gm: fx.GraphModule, g: _Graph, marks: dict[fx.Node, _Mark], layers: 
             node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
             added.append(path)
     return added
+
+
+def input_quantizers(model: nn.Module) -> dict[int, Quantizer]:
+    """id(layer) -> the quantizer of the tensor a quantized layer of a traced model reads when its own input slot
+    is empty: the QuantAct or producing layer's output quantizer the graph applies, through value-moving ops."""
+    if not isinstance(model, fx.GraphModule):
+        return {}
+    g = _Graph(model)
+    found: dict[int, Quantizer] = {}
+    for node in model.graph.nodes:
+        layer = g.modules.get(node.target) if node.op == "call_module" else None
+        has_slot = layer is not None and "input_quantizer" in layer._modules
+        if not has_slot or layer.input_quantizer is not None:
+            continue
+        source = node.args[0]
+        while isinstance(source, fx.Node):
+            module = g.modules.get(source.target) if source.op == "call_module" else None
+            quantizer = module.quantizer if isinstance(module, QuantAct) else getattr(module, "output_quantizer", None)
+            if quantizer is not None:
+                found[id(layer)] = quantizer
+                break
+            if g.placement(source) != "moves" or not source.args:
+                break
+            source = source.args[0]
+    return found

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn import named_modules_without_quantizers
+from ..placement import input_quantizers
 from ..quantizers import Encoded, Quantizer
 
 FLOAT_BITS = 32
@@ -85,6 +86,14 @@ class Summary:
         return None if any(m is None for m in macs) else sum(macs)
 
     @property
+    def quantized_mac_fraction(self) -> float | None:
+        """The share of the MACs run by layers with quantized weights (None without MACs)."""
+        total = self.total_macs
+        if total is None:
+            return None
+        return sum(row.macs for row in self.layers if row.weight_bits < FLOAT_BITS) / total if total else 1.0
+
+    @property
     def total_bops(self) -> int | None:
         """Bit operations, sum over rows of MACs x weight bits x input bits (float counts 32 bits)."""
         if self.total_macs is None:
@@ -101,6 +110,7 @@ class Summary:
                 "float_bytes": self.float_bytes,
                 "compression": self.compression,
                 "macs": self.total_macs,
+                "quantized_mac_fraction": self.quantized_mac_fraction,
             },
         }
 
@@ -126,6 +136,8 @@ class Summary:
         lines.append(
             f"float32 {self.float_bytes:,} bytes -> {self.total_bytes:,} bytes, compression {self.compression:.2f}x"
         )
+        if self.quantized_mac_fraction is not None:
+            lines.append(f"{self.quantized_mac_fraction:.1%} of MACs in layers with quantized weights")
         return "\n".join(lines)
 
 
@@ -160,7 +172,8 @@ def _state_bytes(quantizer: Quantizer | None) -> int:
     return sum(t.numel() * t.element_size() for t in quantizer.state_dict().values())
 
 
-def _layer_row(name: str, layer: nn.Linear | nn.Conv2d, macs: int | None) -> LayerSummary:
+def _layer_row(name: str, layer: nn.Linear | nn.Conv2d, macs: int | None, graph_input: Quantizer | None
+               ) -> LayerSummary:
     weight_q = getattr(layer, "weight_quantizer", None)
     input_q = getattr(layer, "input_quantizer", None)
     bias = 0 if layer.bias is None else layer.bias.numel()
@@ -174,7 +187,7 @@ def _layer_row(name: str, layer: nn.Linear | nn.Conv2d, macs: int | None) -> Lay
         name=name,
         type=type(layer).__name__,
         weight_bits=_bits(weight_q),
-        input_bits=_bits(input_q),
+        input_bits=_bits(input_q or graph_input),  # quantized on the graph edge before it (a QuantAct)
         params=layer.weight.numel() + bias,
         bytes=size,
         macs=macs,
@@ -251,7 +264,8 @@ def summary(model: nn.Module, example_input: torch.Tensor | Sequence[int] | None
     shapes = None
     if example_input is not None:
         shapes = measure_layers(model, [m for _, m in rows], example_tensor(model, example_input))
-    layers = [_layer_row(n, m, None if shapes is None else shapes[id(m)].macs) for n, m in rows]
+    on_edges = input_quantizers(model)
+    layers = [_layer_row(n, m, None if shapes is None else shapes[id(m)].macs, on_edges.get(id(m))) for n, m in rows]
     other = _other_params([m for _, m in named], {id(m) for _, m in rows})
     return Summary(layers=layers, other_params=other, other_bytes=FLOAT_BYTES * other)
 
