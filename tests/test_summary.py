@@ -115,7 +115,8 @@ def test_tensor_or_shape_give_the_same_summary_and_restore_the_model():
 def test_to_dict_is_json_and_matches_the_properties():
     s = summary(tiny(), (1, 1, 5, 5))
     data = json.loads(json.dumps(s.to_dict()))
-    assert data["total"] == {"params": 100, "bytes": 357, "float_bytes": 400, "compression": 400 / 357, "macs": 234}
+    assert data["total"] == {"params": 100, "bytes": 357, "float_bytes": 400, "compression": 400 / 357, "macs": 234,
+                             "quantized_mac_fraction": 162 / 234}
     assert data["other"] == {"params": 4, "bytes": 16}
     assert data["layers"][0] == {
         "name": "0", "type": "QuantConv2d", "weight_bits": 4, "input_bits": 8, "params": 20, "bytes": 37, "macs": 162,
@@ -125,13 +126,14 @@ def test_to_dict_is_json_and_matches_the_properties():
 def test_table_is_aligned():
     text = str(summary(tiny(), (1, 1, 5, 5)))
     lines = text.splitlines()
-    table = lines[:-1]
+    table = lines[:-2]
     assert len({len(line) for line in table}) == 1
     assert lines[0].split() == ["layer", "type", "w", "bits", "a", "bits", "params", "bytes", "MACs"]
     assert lines[2].split() == ["0", "QuantConv2d", "4", "8", "20", "37", "162"]
     assert lines[4].split() == ["(other)", "-", "32", "-", "4", "16", "-"]
-    assert lines[-2].split() == ["total", "100", "357", "234"]
-    assert lines[-1] == "float32 400 bytes -> 357 bytes, compression 1.12x"
+    assert lines[-3].split() == ["total", "100", "357", "234"]
+    assert lines[-2] == "float32 400 bytes -> 357 bytes, compression 1.12x"
+    assert lines[-1] == "69.2% of MACs in layers with quantized weights"
     assert "-" == str(summary(tiny())).splitlines()[2].split()[-1]  # MACs unknown without an example
 
 
