@@ -210,3 +210,9 @@ def test_leaves_stay_whole_and_are_reported():
     with pytest.warns(UserWarning, match=r"1 \(Branchy runs in float\)"):
         report = lowbit.quantize_report(model, "w8a8", leaves=["1"])
     assert report.converted == ["0", "2"]
+
+
+def test_an_example_input_that_does_not_fit_names_the_shape():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    with pytest.raises(lowbit.errors.ShapeMismatchError, match=r"example input of shape \[1, 3, 9, 9\]"):
+        lowbit.quantize_report(model, "w8a8", example_input=(1, 3, 9, 9))

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from .config import QuantConfig, as_config
 from .errors import UnsupportedLayerError
-from .export.graph import node_schema, trace
+from .export.graph import node_schema, propagate, trace
 from .nn import QuantAct, QuantConv2d, QuantLinear, label_quantizers
 from .placement import place
 from .quantizers import Quantizer
@@ -250,10 +250,7 @@ def _fold(gm: fx.GraphModule, sites: list[_Site], report: QuantReport) -> None:
 def _macs(gm: fx.GraphModule, sites: list[_Site], example: torch.Tensor) -> dict[fx.Node, int]:
     """Multiply-accumulates of each site's call on ``example`` (``out.numel() / out_channels * weight.numel()``
     per batch element: every output value takes one weight row / filter)."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example)
+    propagate(gm, "the model", example)
     macs = {}
     for site in sites:
         meta = site.node.meta.get("tensor_meta")

@@ -244,7 +244,7 @@ def _user_line(exc: BaseException) -> str:
             "tensor values cannot be captured: compute the condition outside the model, or save without a graph")
 
 
-def _propagate(gm: fx.GraphModule, name: str, example_input: torch.Tensor) -> None:
+def propagate(gm: fx.GraphModule, name: str, example_input: torch.Tensor) -> None:
     """Record every node's output shape (ShapeProp); the model's own LowbitError, else ShapeMismatchError."""
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints what it raises
@@ -265,7 +265,7 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
     modes = [(m, m.training) for m in traced.modules()]
     traced.eval()
     try:
-        _propagate(traced, type(model).__name__, example_input)
+        propagate(traced, type(model).__name__, example_input)
     finally:
         for module, training in modes:
             module.training = training
