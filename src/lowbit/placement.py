@@ -5,10 +5,11 @@ converted. It marks the tensors to quantize, each with one activation spec:
 
 1. the input of every quantized layer, with that layer's ``input`` spec (the layer's own choice wins);
 2. when the activation spec is an affine integer one (``uniform``, the int8 deployment case), also the output of
-   every quantized layer that is read by anything but linear / conv layers (whose own input specs decide), and the inputs and output of every op that joins tensors (``add``, ``sub``, ``mul``,
-   ``concat``: residual adds, squeeze-and-excitation products, concatenations), which integer kernels
-   (QLinearAdd, QLinearMul, QLinearConcat) take quantized and requantize. Binary and other training-time
-   activation specs quantize layer inputs only (a Bi-Real shortcut stays real-valued).
+   every quantized layer that is read by anything but linear / conv layers (whose own input specs decide), and
+   the inputs and output of every op that joins tensors (``add``, ``sub``, ``mul``, ``concat``: residual adds,
+   squeeze-and-excitation products, concatenations), which integer kernels (QLinearAdd, QLinearMul,
+   QLinearConcat) take quantized and requantize. Binary and other training-time activation specs quantize layer
+   inputs only (a Bi-Real shortcut stays real-valued).
 
 A mark moves to where one quantizer serves everyone:
 

@@ -246,7 +246,8 @@ def _slice_onnx(b, name: str, xs: list[str], a: dict) -> str:
 
 
 SLICE = register(OpSchema(
-    "slice", _slice_shape, placement="moves", attrs={"axis": Int(-MAX_RANK, -1), "start": Int(0, 2**31), "end": Int(1, 2**31)},
+    "slice", _slice_shape, placement="moves",
+    attrs={"axis": Int(-MAX_RANK, -1), "start": Int(0, 2**31), "end": Int(1, 2**31)},
     capture=Capture(("operator.getitem",), _slice_call),
     numpy=lambda xs, a: xs[0][(Ellipsis, slice(a["start"], a["end"])) + (slice(None),) * (-1 - a["axis"])],
     torch=lambda t, xs, a: xs[0].narrow(a["axis"], a["start"], a["end"] - a["start"]), onnx=_slice_onnx))
