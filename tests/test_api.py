@@ -198,21 +198,6 @@ def test_strict_raises_and_leaves_the_model_as_it_was():
     assert type(model.fc) is nn.Linear
 
 
-def test_untraceable_model_names_its_line_and_the_leaves_option():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 3)
-
-        def forward(self, x):
-            if x.sum() > 0:
-                return self.fc(x)
-            return x
-
-    with pytest.raises(UnsupportedLayerError, match=r"if x.sum\(\) > 0.*leaves="):
-        quantize(Branchy(), "w8a8")
-
-
 def test_quantizing_again_keeps_the_existing_quant_layers():
     once = quantize(net(), "bnn")
     with warnings.catch_warnings():
