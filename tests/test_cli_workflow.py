@@ -134,7 +134,8 @@ def test_wrong_architecture_names_the_tensors(tmp_path, capsys, trained):
     "argv, listing",
     [
         (["train", "--model", "lenet7", "--data", "digits", "--epochs", "1", "--out", "x"], "known models: bnn-mlp"),
-        (["train", "--model", "lenet300", "--data", "cifar", "--epochs", "1", "--out", "x"], "known datasets: digits"),
+        (["train", "--model", "lenet300", "--data", "cifar", "--epochs", "1", "--out", "x"],
+         "known datasets: cifar10, cifar100, digits"),
         (["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--quant", "w9", "--out", "x"],
          "presets: w8a8"),
         (["quantize", "lenet7", "--out", "x"], "models: bnn-mlp"),

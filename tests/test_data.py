@@ -348,9 +348,9 @@ def test_loaders_for_digits():
 
 
 def test_bad_names_and_sizes():
-    assert dataset_names() == ["digits", "fashion-mnist", "mnist"]
-    with pytest.raises(ConfigError, match="digits, fashion-mnist, mnist"):
-        load_dataset("cifar10")
+    assert dataset_names() == ["cifar10", "cifar100", "digits", "fashion-mnist", "mnist"]
+    with pytest.raises(ConfigError, match="digits, fashion-mnist, mnist, or imagefolder:DIR"):
+        load_dataset("svhn")
     with pytest.raises(ConfigError, match="train, test"):
         load_dataset("digits", "valid")
     with pytest.raises(ConfigError, match="data_dir"):

@@ -77,8 +77,10 @@ def test_post_training_quantize_copies_converts_and_calibrates():
 def test_example_input_has_the_dataset_shape():
     assert workflow.example_input("mnist").shape == (1, 1, 28, 28)
     assert workflow.example_input("digits").shape == (1, 1, 8, 8)
-    with pytest.raises(ConfigError, match="known datasets: digits, fashion-mnist, mnist"):
-        workflow.example_input("cifar")
+    assert workflow.example_input(None, (3, 4, 5)).shape == (1, 3, 4, 5)
+    assert workflow.example_input("cifar10").shape == (1, 3, 32, 32)
+    with pytest.raises(ConfigError, match="known datasets: cifar10, cifar100, digits, fashion-mnist, mnist"):
+        workflow.example_input("svhn")
 
 
 def test_cache_key_names_every_setting():

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_options import MODEL_HELP, add_image_options, add_model_options, check_image_options, data_label, data_spec
 from .errors import ConfigError, LowbitError
 from .output import Output, output_path
 
@@ -36,7 +37,8 @@ class Command:
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=None, help="directory holding the dataset's IDX files")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory holding the dataset's files (MNIST's IDX files, CIFAR's batches)")
 
 
 def _add_entropy(parser: argparse.ArgumentParser) -> None:
@@ -190,8 +192,9 @@ def _run_recipe(args: argparse.Namespace) -> Output:
 
 
 def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="MODEL_OR_CHECKPOINT",
-                        help="a training checkpoint (or its directory), or a reference model name (untrained)")
+    parser.add_argument("source", metavar="MODEL_OR_CHECKPOINT", nargs="?", default=None,
+                        help="a training checkpoint (or its directory), or a reference model name (untrained); "
+                             "none with --model package.module:function")
     parser.add_argument("--out", required=True, help="the .lowbit file to write")
     parser.add_argument("--preset", default=None,
                         help="quantization preset (default: w8a8, or the preset a checkpoint was trained with)")
@@ -199,29 +202,53 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a QuantConfig JSON file (for example from `lowbit allocate`) instead of a preset")
     parser.add_argument("--calib-batches", type=int, default=8,
                         help="calibration batches of 64 training images, 0 for none (default: 8)")
-    parser.add_argument("--model", default=None, help="architecture of the checkpoint (default: from run.json)")
-    parser.add_argument("--data", default=None, help="dataset for calibration (default: from run.json, else mnist)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument("--data", default=None,
+                        help="dataset for calibration: mnist, fashion-mnist, digits, cifar10, cifar100 or "
+                             "imagefolder:DIR (default: from run.json, else mnist)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
     _add_entropy(parser)
     _add_data_dir(parser)
+    add_model_options(parser)
+    add_image_options(parser)
+    _add_progress(parser)
 
 
-def _quantize_source(args: argparse.Namespace) -> tuple[Any, str, str, str | None]:
-    """(float or QAT model, model name, dataset, training preset) of the quantize argument."""
+def _quantize_source(args: argparse.Namespace) -> tuple[Any, str, Any, str | None, tuple[int, ...] | None]:
+    """(float or QAT model, model name, dataset, training preset, input shape or None) of the source."""
     from . import workflow
+    from .cli_options import build_external, check_model_options, input_shape_of, is_external
     from .models import model_names
     from .train import seed_everything
 
+    model_args, input_shape = check_model_options(args)
+    if is_external(args):
+        if args.source is not None:
+            raise ConfigError(f"with --model {args.model} give its weights with --weights, not as the source "
+                              f"argument {args.source!r}")
+        data = data_spec(args.data, args, input_shape)
+        if data is None and args.calib_batches:
+            raise ConfigError(f"--model {args.model} needs --data to calibrate on (or --calib-batches 0 and "
+                              "--input-shape C,H,W)")
+        shape = input_shape_of(data, input_shape)
+        seed_everything(args.seed)
+        return build_external(args, model_args), args.model, data, None, shape
+    if args.source is None and args.model is None:
+        raise ConfigError("quantize needs a checkpoint or a model name, or --model package.module:function")
+    if args.source is None:
+        args.source = args.model
     source = workflow.checkpoint_file(args.source)
+    data = data_spec(args.data, args)
     if source.is_file():
-        model, run = workflow.load_trained(source, args.model, args.data)
-        return model, run["model"], run["data"], run.get("quant")
+        model, run = workflow.load_trained(source, args.model, data)
+        return model, run["model"], run["data"], run.get("quant"), None
     if args.source in model_names() and args.model in (None, args.source):
         seed_everything(args.seed)
-        data = args.data or "mnist"
-        return workflow.build_model(args.source, data), args.source, data, None
+        data = data or "mnist"
+        return workflow.build_model(args.source, data), args.source, data, None, None
     raise ConfigError(
-        f"{args.source!r} is neither a checkpoint file nor a model name; models: {', '.join(model_names())}"
+        f"{args.source!r} is neither a checkpoint file nor a model name; models: {', '.join(model_names())}, or "
+        "--model package.module:function"
     )
 
 
@@ -234,7 +261,7 @@ def _run_quantize(args: argparse.Namespace) -> Output:
     if args.calib_batches < 0:
         raise ConfigError(f"--calib-batches must be >= 0, got {args.calib_batches}")
     out = output_path(args.out, "--out")
-    model, model_name, data, trained_with = _quantize_source(args)
+    model, model_name, data, trained_with, input_shape = _quantize_source(args)
     if args.config is not None:
         if trained_with is not None:
             raise ConfigError(f"--config needs a float checkpoint; this one was trained with {trained_with!r}")
@@ -249,10 +276,12 @@ def _run_quantize(args: argparse.Namespace) -> Output:
     preset = args.preset or trained_with or "w8a8"
     as_config(preset)  # an unknown preset fails before any data is read
     label = args.config or (preset if isinstance(preset, str) else "its training config")
-    batches = (workflow.calibration_batches(data, args.calib_batches, seed=args.seed, data_dir=args.data_dir)
+    batches = (workflow.calibration_batches(data, args.calib_batches, seed=args.seed, data_dir=args.data_dir,
+                                            progress=args.progress)
                if args.calib_batches else None)
     quantized = workflow.post_training_quantize(model, preset, batches)
-    path = workflow.save_quantized(quantized, out, data, args.entropy)
+    path = workflow.save_quantized(quantized, out, data, args.entropy, input_shape=input_shape)
+    data = data_label(data)
     # the float size with batch norms folded, as the quantized model (and any float deployment) has them
     size, reference = path.stat().st_size, workflow.float_bytes(quantized)
     data_out = {"path": str(path), "model": model_name, "data": data, "preset": label,
@@ -273,20 +302,22 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--against", default=None, metavar="OTHER",
                         help="another .lowbit file to compare with on the same images (exact McNemar test: is the "
                              "accuracy difference larger than the test set's noise?)")
-    parser.add_argument("--data", default="mnist", help="dataset whose test split is used (default: mnist)")
+    parser.add_argument("--data", default="mnist",
+                        help="dataset whose test split is used: mnist, fashion-mnist, digits, cifar10, cifar100 or "
+                             "imagefolder:DIR (default: mnist)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N test images")
     _add_data_dir(parser)
+    add_image_options(parser)
     _add_progress(parser)
 
 
-def _evaluate_file(path: Path, images: Any, labels: Any, args: argparse.Namespace) -> tuple[dict, Any]:
+def _evaluate_file(path: Path, model: Any, images: Any, labels: Any, args: argparse.Namespace) -> tuple[dict, Any]:
     from . import workflow
 
-    model = workflow.load_quantized(path)
     correct, losses = workflow.outcomes(model, images, labels, progress=args.progress, desc=path.name)
     acc = float(correct.double().mean())
     size, reference = path.stat().st_size, workflow.float_bytes(model)
-    data = {"path": str(path), "data": args.data, "examples": len(labels), "accuracy": acc,
+    data = {"path": str(path), "data": data_label(args.data), "examples": len(labels), "accuracy": acc,
             "test_loss": float(losses.mean()), "file_bytes": size, "float_bytes": reference,
             "ratio": size / reference, "compression": reference / size}
     return data, correct
@@ -298,13 +329,18 @@ def _run_eval(args: argparse.Namespace) -> Output:
 
     path = _existing_file(args.file, "file")
     other = None if args.against is None else _existing_file(args.against, "--against")
-    images, labels = workflow.eval_set(args.data, args.limit, args.data_dir)
-    data, correct = _evaluate_file(path, images, labels, args)
+    check_image_options(args.data, args)  # before the files are read
+    model = workflow.load_quantized(path)
+    other_model = None if other is None else workflow.load_quantized(other)
+    shape = getattr(model, "lowbit_input_shape", None)  # an image folder is cropped to the file's input
+    args.data = data_spec(args.data, args, None if shape is None else tuple(shape[1:]), from_file=True)
+    images, labels = workflow.eval_set(args.data, args.limit, args.data_dir, progress=args.progress)
+    data, correct = _evaluate_file(path, model, images, labels, args)
     lines = [f"{path}: accuracy {_percent(data['accuracy'])} on {len(labels):,} {args.data} test images; file "
              f"{data['file_bytes']:,} bytes = {100 * data['ratio']:.1f}% of the float32 parameter bytes "
              f"({data['float_bytes']:,}), compression {data['compression']:.2f}x"]
     if other is not None:
-        against, other_correct = _evaluate_file(other, images, labels, args)
+        against, other_correct = _evaluate_file(other, other_model, images, labels, args)
         test = paired_comparison(correct, other_correct)
         verdict = {"win": f"{path.name} is better (p < 0.05)", "loss": f"{other.name} is better (p < 0.05)",
                    "tie": "equal accuracy", "within noise": "the difference is within the test set's noise"}

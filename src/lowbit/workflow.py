@@ -46,6 +46,7 @@ from . import api
 from .config import QuantConfig, as_config
 from .analysis.plots import plot_accuracy_vs_bits
 from .data import dataset_info, load_dataset, make_loader
+from .data.datasets import Data
 from .data.loaders import _check_positive as check_positive
 from .data.sources import cache_dir
 from .errors import CalibrationError, ConfigError, DataError, TrainingError
@@ -73,17 +74,24 @@ Config = str | dict[str, Any] | QuantConfig
 # ------------------------------------------------------------------ models
 
 
-def build_model(model: str, data: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+def build_model(model: str, data: Data, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """The float reference model ``model`` shaped for dataset ``data`` (channels, input size, classes)."""
     info = dataset_info(data)
+    if info.input_width not in (None, info.input_size):
+        raise ConfigError(f"lowbit's reference models take square images; {info.name} gives "
+                          f"{info.input_size}x{info.input_width}")
     shape = {"in_channels": info.in_channels, "input_size": info.input_size, "num_classes": info.num_classes}
     return get_model(model, **shape, **(model_kwargs or {}))
 
 
-def example_input(data: str) -> torch.Tensor:
-    """A zero batch of one image of dataset ``data``, ``(1, C, H, W)`` (for graph capture)."""
-    info = dataset_info(data)
-    return torch.zeros(1, info.in_channels, info.input_size, info.input_size)
+def example_input(data: Data | None, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """A zero batch of one image of dataset ``data``, ``(1, C, H, W)`` (for graph capture); ``input_shape``
+    ``(C, H, W)``, when given, instead of the dataset's."""
+    if input_shape is not None:
+        return torch.zeros(1, *input_shape)
+    if data is None:
+        raise ConfigError("the example input needs a dataset or an input shape (C, H, W)")
+    return torch.zeros(1, *dataset_info(data).input_shape)
 
 
 def float_bytes(model: nn.Module) -> int:
@@ -95,29 +103,33 @@ def float_bytes(model: nn.Module) -> int:
 
 
 def eval_set(
-    data: str, limit: int | None = None, data_dir: str | os.PathLike | None = None
+    data: Data, limit: int | None = None, data_dir: str | os.PathLike | None = None, progress: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split of ``data`` (its first ``limit`` examples when given)."""
+    """The test split of ``data`` (its first ``limit`` examples when given; only those are decoded)."""
     check_positive(limit, "limit", allow_none=True)
-    images, labels = load_dataset(data, "test", data_dir)
-    return images[:limit], labels[:limit]
+    return load_dataset(data, "test", data_dir, select=lambda n: slice(None, limit), progress=progress)
 
 
 def calibration_batches(
-    data: str,
+    data: Data,
     count: int,
     batch_size: int = CALIB_BATCH_SIZE,
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
 ) -> list[torch.Tensor]:
     """``count`` batches of ``batch_size`` training images drawn without replacement by a generator
-    seeded with ``seed`` (the same seed gives the same images)."""
+    seeded with ``seed`` (the same seed gives the same images; only those are decoded)."""
     check_positive(count, "calibration batches")
     check_positive(batch_size, "calibration batch size")
-    images, _ = load_dataset(data, "train", data_dir)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    chosen = order[: count * batch_size]
-    return [images[chosen[i : i + batch_size]] for i in range(0, len(chosen), batch_size)]
+    images, _ = load_dataset(data, "train", data_dir, select=lambda n: random_sample(n, count * batch_size, seed),
+                             progress=progress)
+    return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+
+
+def random_sample(size: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` (at most ``size``) indices of ``range(size)`` drawn without replacement, seeded by ``seed``."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count]
 
 
 @torch.no_grad()
@@ -146,10 +158,22 @@ def outcomes(
         for inputs, targets in tqdm(make_loader(images, labels, batch_size), desc=desc, disable=not show,
                                     leave=False):
             logits = model(inputs)
+            check_logits(logits, targets)
             correct.append(logits.argmax(1) == targets)
             losses.append(F.cross_entropy(logits.double(), targets, reduction="none"))
     model.train(was_training)
     return torch.cat(correct), torch.cat(losses)
+
+
+def check_logits(logits: Any, labels: torch.Tensor) -> None:
+    """ConfigError unless ``logits`` is a ``[batch, classes]`` tensor with a class for every label."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        got = f"a tensor of shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else \
+            f"a {type(logits).__name__}"
+        raise ConfigError(f"the model returns {got}; evaluation needs [batch, classes] logits")
+    if len(labels) and int(labels.max()) >= logits.shape[1]:
+        raise ConfigError(f"the model has {logits.shape[1]} outputs but the labels reach {int(labels.max())}: "
+                          "use the dataset (and class folders) it was trained for")
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **options: Any) -> float:
@@ -328,7 +352,7 @@ def size_quantizer_state(model: nn.Module, checkpoint: str | os.PathLike) -> Non
 
 
 def load_trained(
-    checkpoint: str | os.PathLike, model: str | None = None, data: str | None = None
+    checkpoint: str | os.PathLike, model: str | None = None, data: Data | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model of a training checkpoint (a file, or a run directory: its last checkpoint), with its run
     settings (``model``, ``data``, ``quant``, ...).
@@ -380,12 +404,13 @@ def post_training_quantize(model: nn.Module, config: Config, batches: Iterable[t
     return quantized.eval()
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, data: str, entropy: str | None = None) -> Path:
-    """``lowbit.save(model, path)`` with an example input of ``data`` so the graph is captured;
-    ``entropy`` ("huffman" or "ans") entropy-codes the weight codes (lossless)."""
+def save_quantized(model: nn.Module, path: str | os.PathLike, data: Data | None, entropy: str | None = None,
+                   input_shape: Sequence[int] | None = None) -> Path:
+    """``lowbit.save(model, path)`` with an example input of ``data`` (or of ``input_shape``, (C, H, W)) so
+    the graph is captured; ``entropy`` ("huffman" or "ans") entropy-codes the weight codes (lossless)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    api.save(model, path, example_input=example_input(data), entropy=entropy)
+    api.save(model, path, example_input=example_input(data, input_shape), entropy=entropy)
     return path
 
 

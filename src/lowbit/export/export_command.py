@@ -3,7 +3,10 @@
 The source is a ``.lowbit`` file (rebuilt with ``lowbit.load``; its recorded
 input shape gives the example input) or a training checkpoint (or its
 directory; model and data from ``run.json``, a quantization-aware one rebuilt
-with its preset). The command table entry is ``Command(HELP, add_arguments, run)``.
+with its preset), or a float model from outside lowbit: ``--model
+package.module:function`` with ``--model-args``, ``--weights`` and
+``--input-shape C,H,W`` (or ``--data``, whose images give the shape). The
+command table entry is ``Command(HELP, add_arguments, run)``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 
 import torch
 
+from ..cli_options import MODEL_HELP, add_image_options, add_model_options, data_spec
 from ..errors import ConfigError
 from ..output import Output, output_path
 
@@ -22,8 +26,9 @@ FORMATS = ("onnx",)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .onnx import BINARY_OPS, DEFAULT_CHANNEL_MULTIPLE, DEFAULT_OPSET, WEIGHT_TYPES
 
-    parser.add_argument("source", metavar="FILE_OR_CHECKPOINT",
-                        help="a .lowbit file, or a training checkpoint (or its directory)")
+    parser.add_argument("source", metavar="FILE_OR_CHECKPOINT", nargs="?", default=None,
+                        help="a .lowbit file, or a training checkpoint (or its directory); none with --model "
+                             "package.module:function")
     parser.add_argument("--format", default="onnx", choices=FORMATS, help="output format (default: onnx)")
     parser.add_argument("--out", required=True, help="the file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
@@ -39,21 +44,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8 weight codes before 8-bit inputs: int8 where onnxruntime's x86 kernels without "
                              "VNNI cannot saturate, else uint8 (default: safe, exact on every CPU); int8: always "
                              "(exact and fastest on x86 CPUs with VNNI); uint8: always")
-    parser.add_argument("--model", default=None, help="architecture of a checkpoint (default: from run.json)")
-    parser.add_argument("--data", default=None, help="dataset of a checkpoint (default: from run.json)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument("--data", default=None,
+                        help="dataset of a checkpoint (default: from run.json), or whose images give the input "
+                             "shape of a --model package.module:function")
+    add_model_options(parser)
+    add_image_options(parser)
 
 
 def _source(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
     """(model, example input) of the source argument."""
     from .. import workflow
+    from ..cli_options import build_external, check_model_options, input_shape_of, is_external
 
+    model_args, input_shape = check_model_options(args)
+    data = data_spec(args.data, args, input_shape)
+    if is_external(args):
+        if args.source is not None:
+            raise ConfigError(f"with --model {args.model} give its weights with --weights, not as the source "
+                              f"argument {args.source!r}")
+        shape = input_shape_of(data, input_shape)
+        return build_external(args, model_args), torch.zeros(1, *shape)
+    if args.source is None:
+        raise ConfigError("export needs a .lowbit file or a training checkpoint, or --model package.module:function")
     source = workflow.checkpoint_file(args.source)
     if not source.is_file():
         raise ConfigError(f"{args.source!r} is neither a .lowbit file nor a training checkpoint")
     if source.suffix == ".lowbit":
         model = workflow.load_quantized(source)  # rebuilt from the file's graph IR, which records the input shape
         return model, torch.zeros([1, *model.ir["inputs"][0]["shape"][1:]])
-    model, run = workflow.load_trained(source, args.model, args.data)
+    model, run = workflow.load_trained(source, args.model, data)
     return model, workflow.example_input(run["data"])
 
 
@@ -67,10 +87,10 @@ def run(args: argparse.Namespace) -> Output:
                     binary_ops=args.binary_ops, weight_type=args.weight_type)
     path = write_onnx(proto, out)
     uint8_layers = uint8_weight_layers(proto)
-    data = {"path": str(path), "source": args.source, "format": args.format, "opset": args.opset,
+    data = {"path": str(path), "source": args.source or args.model, "format": args.format, "opset": args.opset,
             "input_shape": [-1, *example.shape[1:]], "bytes": path.stat().st_size, "weight_type": args.weight_type,
             "uint8_weight_layers": uint8_layers}
-    text = f"wrote {path} ({data['bytes']:,} bytes, ONNX opset {args.opset}) from {args.source}"
+    text = f"wrote {path} ({data['bytes']:,} bytes, ONNX opset {args.opset}) from {data['source']}"
     if uint8_layers:
         vnni = local_vnni()
         here = ("unknown here" if vnni is None else f"this CPU has {', '.join(vnni)}" if vnni
