@@ -279,18 +279,21 @@ def _run_quantize(args: argparse.Namespace) -> Output:
     batches = (workflow.calibration_batches(data, args.calib_batches, seed=args.seed, data_dir=args.data_dir,
                                             progress=args.progress)
                if args.calib_batches else None)
-    quantized = workflow.post_training_quantize(model, preset, batches)
+    report = workflow.post_training_report(model, preset, batches, workflow.example_input(data, input_shape))
+    quantized = report.model
     path = workflow.save_quantized(quantized, out, data, args.entropy, input_shape=input_shape)
     data = data_label(data)
     # the float size with batch norms folded, as the quantized model (and any float deployment) has them
     size, reference = path.stat().st_size, workflow.float_bytes(quantized)
     data_out = {"path": str(path), "model": model_name, "data": data, "preset": label,
                 "calibration_batches": args.calib_batches, "entropy": args.entropy, "file_bytes": size,
-                "float_bytes": reference,
-                "ratio": size / reference}
+                "float_bytes": reference, "ratio": size / reference, "layers_quantized": len(report.converted),
+                "mac_fraction": report.mac_fraction, "weight_fraction": report.weight_fraction,
+                "batch_norms_folded": len(report.folded), "kept_float": report.kept_float,
+                "float": [{"name": name, "reason": reason} for name, reason in report.unsupported]}
     text = (f"wrote {path}: {model_name} quantized with {label}, calibrated on {args.calib_batches} batch(es) of "
             f"{data} training images; {size:,} bytes = {100 * size / reference:.1f}% of the float32 parameters "
-            f"({reference:,} bytes)")
+            f"({reference:,} bytes)\n{report}")
     return Output(text=text, data=data_out)
 
 

@@ -391,7 +391,15 @@ def load_trained(
 def post_training_quantize(model: nn.Module, config: Config, batches: Iterable[torch.Tensor] | None) -> nn.Module:
     """A quantized copy of ``model`` (``lowbit.quantize``), calibrated on ``batches`` (None: not calibrated,
     which a config with static quantizers that have observed nothing refuses with a CalibrationError)."""
-    quantized = api.quantize(model, config)
+    return post_training_report(model, config, batches).model
+
+
+def post_training_report(model: nn.Module, config: Config, batches: Iterable[torch.Tensor] | None,
+                         example: torch.Tensor | None = None) -> api.QuantReport:
+    """:func:`post_training_quantize` with its :class:`~lowbit.QuantReport` (MAC fraction measured on
+    ``example`` when given)."""
+    report = api.quantize_report(model, config, example_input=example)
+    quantized = report.model
     if batches is not None:
         api.calibrate(quantized, batches)
     else:
@@ -401,7 +409,8 @@ def post_training_quantize(model: nn.Module, config: Config, batches: Iterable[t
             name = f"preset {config!r}" if isinstance(config, str) else "this config"
             raise CalibrationError(f"{name} quantizes {', '.join(unobserved)} with static ranges, which need "
                                    "calibration batches: --calib-batches must be >= 1")
-    return quantized.eval()
+    quantized.eval()
+    return report
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, data: Data | None, entropy: str | None = None,
