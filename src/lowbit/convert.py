@@ -228,11 +228,50 @@ def _install(gm: fx.GraphModule, site: _Site, layer: nn.Module) -> None:
     site.node = call
 
 
+#: F.batch_norm's arguments in order
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _batch_norm_modules(gm: fx.GraphModule, sites: list[_Site]) -> None:
+    """Make each functional ``F.batch_norm`` on parameters that follows a layer a batch-norm module there (a norm
+    subclass with its own forward, such as timm's BatchNormAct2d): it folds, trains and is stored like one."""
+    produced_by = {site.node: site.op for site in sites}
+    taken = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.batch_norm:
+            continue
+        args = {**dict(zip(_BATCH_NORM_ARGS, node.args)), **node.kwargs}
+        stats = [args.get(k) for k in ("running_mean", "running_var")]
+        cls = {"conv2d": nn.BatchNorm2d, "linear": nn.BatchNorm1d}.get(produced_by.get(args["input"]))
+        if cls is None or args.get("training") or not all(isinstance(a, fx.Node) and a.op == "get_attr"
+                                                          for a in stats):
+            continue  # left to capture, which names it
+        mean, var = (_attr(gm, a.target) for a in stats)
+        weight, bias = (args.get(k) for k in ("weight", "bias"))
+        bn = cls(mean.numel(), eps=args.get("eps", 1e-5), momentum=args.get("momentum", 0.1),
+                 affine=weight is not None, device=mean.device, dtype=mean.dtype)
+        with torch.no_grad():
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            if weight is not None:
+                bn.weight.copy_(_attr(gm, weight.target))
+                bn.bias.copy_(_attr(gm, bias.target))
+        path = _free_path(stats[0].target.rpartition(".")[0], "batch_norm", taken)
+        taken.add(path)
+        _install(gm, _Site(node, "batch_norm", bn, path), bn)
+
+
+def _inspects(node: fx.Node) -> bool:
+    """Whether ``node`` only reads a tensor's size or rank, or checks it (``x.ndim``, ``torch._assert``)."""
+    return node.op == "call_function" and node.target in (getattr, torch._assert) or \
+        node.op == "call_method" and node.target in ("size", "dim")
+
+
 def _fold(gm: fx.GraphModule, sites: list[_Site], report: QuantReport) -> None:
     modules = dict(gm.named_modules())
     calls = [id(site.layer) for site in sites]
     for site in sites:
-        users = list(site.node.users)
+        users = [u for u in site.node.users if not _inspects(u)]
         if site.op not in _FOLDABLE or len(users) != 1 or users[0].op != "call_module" \
                 or calls.count(id(site.layer)) > 1:
             continue
@@ -273,6 +312,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
         from .analysis.summary import example_tensor
 
         macs = _macs(gm, sites, example_tensor(model, example_input))
+    _batch_norm_modules(gm, sites)
     if fold:
         _fold(gm, sites, report)
     layers: dict[fx.Node, dict[str, Any] | None] = {}
