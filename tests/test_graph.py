@@ -89,8 +89,8 @@ def test_capture_restores_each_module_mode():
 
 
 def test_unsupported_layers_and_untraceable_models_are_named():
-    with pytest.raises(UnsupportedLayerError, match="Conv1d"):
-        capture(nn.Sequential(nn.Conv1d(1, 1, 3)), torch.zeros(1, 1, 5))
+    with pytest.raises(UnsupportedLayerError, match="Conv3d"):
+        capture(nn.Sequential(nn.Conv3d(1, 1, 3)), torch.zeros(1, 1, 5, 5, 5))
 
     class Branchy(nn.Module):
         def forward(self, x):

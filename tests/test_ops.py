@@ -138,6 +138,12 @@ def _quant_act() -> nn.Module:
 EXAMPLES = {
     "linear": lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 5)),
     "conv2d": lambda: nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=2, dilation=2), nn.Conv2d(6, 6, 3, groups=3)),
+    # the 8x8 map read as a sequence of 64: depthwise and dilated, then grouped and strided
+    "conv1d": lambda: nn.Sequential(nn.Flatten(2), nn.Conv1d(3, 6, 3, padding=2, dilation=2, groups=3),
+                                    nn.Conv1d(6, 4, 5, stride=2, padding=1, groups=2, bias=False)),
+    "conv_transpose2d": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+        nn.ConvTranspose2d(6, 2, (2, 3), stride=(1, 2), dilation=2, bias=False)),
     "batchnorm": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 6),
                                        nn.BatchNorm1d(6)),
     "relu": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
@@ -208,7 +214,8 @@ def test_op_runs_alike_in_torch_the_loaded_model_the_engine_and_onnxruntime(op, 
 
 def test_every_op_declares_its_capture_and_parameter_free_ops_all_three_implementations():
     module_ops = {op for op, schema in REGISTRY.items() if schema.module}
-    assert module_ops == {"linear", "conv2d", "batchnorm", "quant_act"}  # run by their modules, the Engine, ONNX
+    # run by their modules, the Engine, ONNX
+    assert module_ops == {"linear", "conv1d", "conv2d", "conv_transpose2d", "batchnorm", "quant_act"}
     for op, schema in REGISTRY.items():
         assert schema.capture.functions or schema.capture.modules or schema.capture.get_attr, op
         assert (schema.capture.call is not None) == bool(schema.capture.functions), op

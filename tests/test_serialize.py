@@ -259,13 +259,13 @@ def test_input_shape_attribute_gives_the_graph(tmp_path):
 
 
 def test_untraceable_model_saves_without_graph_and_warns(tmp_path):
-    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten())
-    model.lowbit_input_shape = (1, 1, 8)
+    model = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten())
+    model.lowbit_input_shape = (1, 1, 4, 4, 4)
     with pytest.warns(UserWarning, match="no graph"):
         save(model, tmp_path / "m.lowbit")
     assert not inspect_file(tmp_path / "m.lowbit")["has_graph"]
     with pytest.raises(lowbit.errors.UnsupportedLayerError):
-        save(model, tmp_path / "m.lowbit", example_input=torch.zeros(1, 1, 8))
+        save(model, tmp_path / "m.lowbit", example_input=torch.zeros(1, 1, 4, 4, 4))
 
 
 def test_training_unfreezes_the_stored_weights(tmp_path):

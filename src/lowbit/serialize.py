@@ -3,7 +3,8 @@
 ``save(model, path)`` stores every state_dict tensor of a model made by
 :func:`lowbit.quantize` (or of a plain float model):
 
-- the weight of each QuantLinear / QuantConv2d whose weight quantizer has
+- the weight of each quantized layer (QuantLinear, QuantConv1d, QuantConv2d,
+  QuantConvTranspose2d) whose weight quantizer has
   integer codes as ``quantizer.encode(weight)`` (affine, log, binary,
   ternary or codebook codec; a k-means weight stores its codebook and indices
   once, as the weight's codes, and not again as quantizer state);
@@ -12,7 +13,7 @@
   alphas) raw in its dtype (float32, int64, bool, ...).
 
 The document also records, under ``model``: ``layers`` (module path ->
-``{"type": "QuantLinear" | "QuantConv2d", "weight": spec, "input": spec,
+``{"type": "QuantLinear" | "QuantConv1d" | "QuantConv2d" | "QuantConvTranspose2d", "weight": spec, "input": spec,
 "output": spec}`` or ``{"type": "QuantAct", "quantizer": spec}``), ``config``
 and ``fold_bn`` (what :func:`lowbit.quantize` was given, which converts the
 float architecture into the same layers; for a model built otherwise, a
@@ -24,7 +25,7 @@ config with one rule per quantized layer and a final skip rule) and
 graph is stored and loading needs the architecture.
 
 ``load(path)`` rebuilds the quantized model from the graph IR alone
-(:class:`GraphModel`: QuantLinear / QuantConv2d / BatchNorm / QuantAct
+(:class:`GraphModel`: quantized layers, BatchNorm and QuantAct
 modules at their original module paths, run in IR order, so no Python class
 of the model is needed); ``load(path, model=float_arch)`` converts the given
 float architecture with the stored config instead. Either way the tensors are
@@ -67,7 +68,8 @@ from .export.graph import capture
 from .format.codecs import NumpyEncoded, values
 from .format import container
 from .format.container import LowbitFile, format_inspect, raw, read_file, write_file
-from .nn import QuantAct, QuantConv2d, QuantLinear, named_modules_without_quantizers
+from .nn import (QUANT_LAYERS, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear,
+                 named_modules_without_quantizers)
 from .ops import Graph, GraphNode, validate_document, validate_file
 from .quantizers import Encoded, Quantizer, get
 
@@ -92,9 +94,9 @@ def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Module path -> type and quantizer specs of every quantized layer and QuantAct."""
     layers: dict[str, dict[str, Any]] = {}
     for name, m in named_modules_without_quantizers(model):
-        if isinstance(m, (QuantLinear, QuantConv2d)):
+        if isinstance(m, QUANT_LAYERS):
             specs = {slot: _spec(getattr(m, f"{slot}_quantizer")) for slot in ("weight", "input", "output")}
-            layers[name] = {"type": "QuantLinear" if isinstance(m, QuantLinear) else "QuantConv2d", **specs}
+            layers[name] = {"type": next(cls.__name__ for cls in QUANT_LAYERS if isinstance(m, cls)), **specs}
         elif isinstance(m, QuantAct):
             layers[name] = {"type": "QuantAct", "quantizer": _spec(m.quantizer)}
     return layers
@@ -396,7 +398,7 @@ class GraphModel(nn.Module):
     ``ir`` keeps the stored graph (``save`` stores it again); ``graph`` is
     that graph as :func:`lowbit.ops.validate_graph` checked it. Parameter-free
     ops (relu, pooling, reshape, add, ...) run as torch functions; linear /
-    conv2d / batchnorm / quant_act nodes run their modules, built from the
+    conv1d / conv2d / conv_transpose2d / batchnorm / quant_act nodes run their modules, built from the
     node's attributes, the stored tensors' shapes and the document's layer specs.
     A constant's tensor is registered at its state_dict key (a parameter or a
     buffer, as the model held it), so ``load`` restores it.
@@ -462,8 +464,15 @@ def _register(model: nn.Module, key: str, shape: tuple[int, ...], parameter: boo
         owner.register_buffer(local, tensor)
 
 
+#: layer op -> (its float torch layer, its quantized layer)
+_LAYER_CLASSES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "linear": (nn.Linear, QuantLinear), "conv1d": (nn.Conv1d, QuantConv1d), "conv2d": (nn.Conv2d, QuantConv2d),
+    "conv_transpose2d": (nn.ConvTranspose2d, QuantConvTranspose2d)}
+
+
 def _module(node: GraphNode, entry: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
-    """The torch module of a validated linear / conv2d / batchnorm / quant_act node."""
+    """The torch module of a validated layer (linear, conv1d, conv2d, conv_transpose2d), batchnorm or quant_act
+    node."""
     path = node.module
     where = f"layer {path!r}"
     if node.op == "quant_act":
@@ -475,9 +484,12 @@ def _module(node: GraphNode, entry: dict[str, Any] | None, shapes: dict[str, tup
     specs = {} if entry is None else {f"{slot}_quantizer": _quantizer(entry[slot], f"{where} {slot} quantizer")
                                       for slot in ("weight", "input", "output") if entry[slot] is not None}
     bias = "bias" in node.params
-    if node.op == "linear":
-        return (QuantLinear if entry is not None else nn.Linear)(weight[1], weight[0], bias, **specs)
+    cls = _LAYER_CLASSES[node.op][entry is not None]
     a = node.attrs
-    return (QuantConv2d if entry is not None else nn.Conv2d)(
-        weight[1] * a["groups"], weight[0], tuple(weight[2:]), bias=bias, groups=a["groups"], stride=a["stride"],
-        padding=a["padding"], dilation=a["dilation"], **specs)
+    if node.op == "linear":
+        return cls(weight[1], weight[0], bias, **specs)
+    geometry = {"stride": a["stride"], "padding": a["padding"], "dilation": a["dilation"], "groups": a["groups"]}
+    if node.op == "conv_transpose2d":
+        return cls(weight[0], weight[1] * a["groups"], tuple(weight[2:]), bias=bias,
+                   output_padding=a["output_padding"], **geometry, **specs)
+    return cls(weight[1] * a["groups"], weight[0], tuple(weight[2:]), bias=bias, **geometry, **specs)

@@ -6,7 +6,9 @@
 - Affine weights (uniform, LSQ, linear; any bit width that fits) are stored as
   their integer codes (int8 / uint8 initializers, int4 / uint4 with ``int4=True``
   at opset >= 21) followed by ``DequantizeLinear`` with the quantizer's scale and
-  zero point (per channel: ``axis=0``, opset >= 13).
+  zero point (per channel: ``axis=0``, ``axis=1`` for a transposed conv's
+  ``[C_in, C_out / groups, kh, kw]`` weight; opset >= 13). Conv1d is ``Conv`` with 1-D attributes, a transposed
+  conv ``ConvTranspose`` (strides, pads, output_padding, dilations, group).
 - Static affine activations (calibrated uniform, LSQ, PACT, DoReFa) become a
   ``QuantizeLinear -> DequantizeLinear`` pair with a per-tensor scale; a code range
   narrower than the container (for example 4 bits in uint8) adds a ``Clip`` to
@@ -14,7 +16,7 @@
 - When a layer's input and weight are both QDQ, its bias is stored as int32 codes
   with scale ``s_x s_w`` (per channel), the form onnxruntime's QDQ fusion needs to
   turn ``DQ -> Conv/Gemm -> Q`` into QLinearConv / QGemm / QLinearMatMul.
-- A batch norm right after a conv / linear whose weight is float or affine is
+- A batch norm right after a conv (not transposed) / linear whose weight is float or affine is
   folded into it: with a = gamma / sqrt(var + eps) the weight scale becomes
   ``s |a|`` (codes negated where a < 0) and the bias ``a (b - mean) + beta``, so the
   codes are unchanged.
@@ -64,7 +66,7 @@ from ..errors import ConfigError, UnsupportedLayerError
 from ..format.atomic import write_atomic
 from ..quantizers import Encoded, Quantizer, decode
 from ..quantizers.base import EPS
-from ..ops import Graph, GraphNode
+from ..ops import LAYER_OPS, Graph, GraphNode
 from .binary_ops import DOMAIN, VERSION, pack_signs
 
 __all__ = ["BINARY_OPS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "UINT8_WEIGHTS_PROP",
@@ -105,6 +107,8 @@ _RANGE_AFFINE = {"uniform", "linear"}
 _SIGN = {"binary", "xnor"}
 #: the element types onnxruntime's int8 kernels (QLinearConv, QGemm) take
 _EIGHT_BIT = {TensorProto.INT8, TensorProto.UINT8}
+#: layer ops whose weight's axis 0 is the output channel, so a following batch norm folds into it
+_FOLDS_BATCHNORM = ("linear", "conv1d", "conv2d")
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,7 @@ def _container(qmin: int, qmax: int, zero_point: np.ndarray, opset: int, int4: b
 
 @dataclass
 class _Affine:
-    """Codes (weights only), float32 scale, integer zero point (scalars or 1-D along axis 0)."""
+    """Codes (weights only), float32 scale, integer zero point (scalars or 1-D along ``axis``)."""
 
     scale: np.ndarray
     zero_point: np.ndarray
@@ -153,6 +157,7 @@ class _Affine:
     qmax: int
     per_channel: bool
     codes: np.ndarray | None = None
+    axis: int = 0
 
 
 @dataclass
@@ -220,7 +225,7 @@ class _Builder:
 
     def dequantize(self, base: str, affine: _Affine, container: _Container) -> str:
         """DequantizeLinear of an integer initializer (``affine.codes``)."""
-        axis = {"axis": 0} if affine.per_channel else {}
+        axis = {"axis": affine.axis} if affine.per_channel else {}
         inputs = [self.const(f"{base}.codes", affine.codes, container),
                   self.const(f"{base}.scale", affine.scale.astype(np.float32)),
                   self.const(f"{base}.zero_point", affine.zero_point, container)]
@@ -278,17 +283,19 @@ def _same_grid(a: _Affine, b: _Affine) -> bool:
             and (a.qmin, a.qmax) == (b.qmin, b.qmax))
 
 
-def _affine_of(enc: Encoded, where: str) -> _Affine:
+def _affine_of(enc: Encoded, where: str, channel_axis: int = 0) -> _Affine:
+    """The affine codes of ``enc``; per-channel scales must lie along ``channel_axis`` (the output channel)."""
     scale = enc.params["scale"].detach().float().cpu().numpy()
     zero = enc.params["zero_point"].detach().long().cpu().numpy()
     axis = enc.meta.get("axis")
-    if axis not in (None, 0) and scale.size > 1:
-        raise UnsupportedLayerError(f"{where}: per-channel axis {axis} cannot be exported; ONNX weights use axis 0")
-    per_channel = axis == 0 and scale.ndim == 1
+    if axis not in (None, channel_axis) and scale.size > 1:
+        raise UnsupportedLayerError(f"{where}: per-channel axis {axis} cannot be exported; this layer's ONNX "
+                                    f"weight takes scales along its output channel, axis {channel_axis}")
+    per_channel = axis == channel_axis and scale.ndim == 1
     if per_channel:  # a zero point shared by every channel may be stored once
         zero = np.broadcast_to(zero, scale.shape).copy()
     return _Affine(scale, zero, int(enc.meta["qmin"]), int(enc.meta["qmax"]), per_channel,
-                   enc.codes.detach().long().cpu().numpy())
+                   enc.codes.detach().long().cpu().numpy(), channel_axis)
 
 
 def _static_affine(q: Quantizer, where: str) -> _Affine:
@@ -317,8 +324,9 @@ def _static_affine(q: Quantizer, where: str) -> _Affine:
     return affine
 
 
-def _weight(layer: nn.Module, where: str) -> tuple[_Affine | None, np.ndarray]:
-    """(affine codes of the weight or None, the weight's float value as the torch model uses it)."""
+def _weight(layer: nn.Module, where: str, channel_axis: int = 0) -> tuple[_Affine | None, np.ndarray]:
+    """(affine codes of the weight or None, the weight's float value as the torch model uses it); per-channel
+    scales along ``channel_axis``, the weight's output channel."""
     from ..serialize import weight_encoding
 
     weight = layer.weight.detach().float().cpu()
@@ -333,7 +341,7 @@ def _weight(layer: nn.Module, where: str) -> tuple[_Affine | None, np.ndarray]:
             value = decode(enc) if enc is not None else q(weight)
     finally:
         q.train(training)
-    affine = _affine_of(enc, where) if enc is not None and enc.kind == "affine" else None
+    affine = _affine_of(enc, where, channel_axis) if enc is not None and enc.kind == "affine" else None
     return affine, value.detach().float().cpu().numpy()
 
 
@@ -394,7 +402,7 @@ class _Exporter:
         for node in ir.nodes:
             if node.op == "batchnorm":
                 source = by_name.get(node.inputs[0])
-                if source is not None and source.op in ("linear", "conv2d") and consumers[source.name] == 1 \
+                if source is not None and source.op in _FOLDS_BATCHNORM and consumers[source.name] == 1 \
                         and "output" not in source.quant:
                     self.fold[source.name] = node
         self.folded: set[str] = set()
@@ -428,7 +436,7 @@ class _Exporter:
         op, name, attrs = node.op, node.name, node.attrs
         args = [self.values[a] for a in node.inputs]
         b = self.b
-        if op in ("linear", "conv2d"):
+        if op in LAYER_OPS:
             return self.layer(node, args[0])
         if op == "quant_act":
             return b.activation(args[0], self.modules[node.module].quantizer, node.module)
@@ -464,7 +472,7 @@ class _Exporter:
             if len(readers) != 1 or readers[0] is None or readers[0].inputs[0] != node.name:
                 return None
             node = readers[0]
-            if node.op in ("linear", "conv2d"):
+            if node.op in LAYER_OPS:
                 q = getattr(self.modules[node.module], "input_quantizer", None)
                 base = f"{node.module}.input"
                 full = self.b.eight_bit(q, base) and self.b.full_range(_static_affine(q, base))
@@ -476,7 +484,7 @@ class _Exporter:
         name, module = node.name, self.modules[node.module]
         b, where = self.b, f"layer {node.module!r}"
         input_quantizer = getattr(module, "input_quantizer", None)
-        affine, weight = _weight(module, f"{where} weight")
+        affine, weight = _weight(module, f"{where} weight", 1 if node.op == "conv_transpose2d" else 0)
         bias = (module.bias.detach().float().cpu().numpy() if module.bias is not None
                 else np.zeros(weight.shape[0], np.float32))
         has_bias = module.bias is not None
@@ -497,8 +505,8 @@ class _Exporter:
             x = _Value(b.pad_channels(x.name, padding, f"{node.module}.input"))
         x = b.activation(x, input_quantizer, f"{node.module}.input")
         output_quantizer = getattr(module, "output_quantizer", None)
-        if self.binary_ops == "custom" and _sign_weights(module) and (node.op == "conv2d"
-                                                                      or len(node.shape) == 1):
+        if self.binary_ops == "custom" and _sign_weights(module) and (
+                node.op == "conv2d" or node.op == "linear" and len(node.shape) == 1):
             y = self.binary_layer(node, x.name, weight, bias if has_bias else None, where)
             return b.activation(_Value(y), output_quantizer, f"{node.module}.output")
         if affine is not None:
@@ -514,10 +522,14 @@ class _Exporter:
         inputs = [x.name, w]
         if has_bias:
             inputs.append(self.bias(node.module, bias, x, affine))
-        if node.op == "conv2d":
-            attrs = node.attrs
+        attrs = node.attrs
+        if node.op in ("conv1d", "conv2d"):
             y = b.node("Conv", inputs, name, kernel_shape=list(weight.shape[2:]), strides=attrs["stride"],
                        pads=self.conv_pads(node), dilations=attrs["dilation"], group=attrs["groups"])
+        elif node.op == "conv_transpose2d":
+            y = b.node("ConvTranspose", inputs, name, kernel_shape=list(weight.shape[2:]), strides=attrs["stride"],
+                       pads=attrs["padding"] * 2, output_padding=attrs["output_padding"],
+                       dilations=attrs["dilation"], group=attrs["groups"])
         elif len(node.shape) == 1:
             y = b.node("Gemm", inputs, name, transB=1)
         else:
@@ -550,10 +562,11 @@ class _Exporter:
                       pads=self.conv_pads(node), dilations=attrs["dilation"], group=attrs["groups"])
 
     def conv_pads(self, node: GraphNode) -> list[int]:
-        """ONNX pads (begins of H, W, then their ends) of a conv, with the zero pad before it merged in."""
-        ph, pw = node.attrs["padding"]
+        """ONNX pads (begins of the spatial axes, then their ends) of a conv, with the zero pad before a conv2d
+        merged in."""
         if node.name not in self.padded:
-            return [ph, pw, ph, pw]
+            return node.attrs["padding"] * 2
+        ph, pw = node.attrs["padding"]
         left, right, top, bottom = self.padded[node.name].attrs["pads"]
         return [ph + top, pw + left, ph + bottom, pw + right]
 
@@ -582,6 +595,8 @@ class _Exporter:
         if x.scale is None or affine is None or affine.zero_point.any():
             return self.b.const(f"{module}.bias", bias.astype(np.float32))
         scale = (np.float32(x.scale) * affine.scale).astype(np.float32)
+        if scale.size not in (1, bias.size):  # a grouped transposed conv: scale j serves channel j of each group
+            scale = np.tile(scale, bias.size // scale.size)
         codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
         if codes.min() < _INT32[0] or codes.max() > _INT32[1]:
             return self.b.const(f"{module}.bias", bias.astype(np.float32))

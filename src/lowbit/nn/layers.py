@@ -1,7 +1,7 @@
-"""Quantized drop-in layers: QuantLinear, QuantConv2d and QuantAct.
+"""Quantized drop-in layers: QuantLinear, QuantConv1d, QuantConv2d, QuantConvTranspose2d and QuantAct.
 
-``QuantLinear`` and ``QuantConv2d`` subclass the torch layers and keep their
-constructor signatures; the quantizers come as keyword-only arguments (each a
+``QuantLinear``, ``QuantConv1d``, ``QuantConv2d`` and ``QuantConvTranspose2d``
+subclass the torch layers and keep their constructor signatures; the quantizers come as keyword-only arguments (each a
 spec accepted by :func:`lowbit.quantizers.get`, a Quantizer or None)::
 
     y = Q_out( layer(Q_in(x), Q_w(W), b) )
@@ -11,6 +11,10 @@ computes exactly what its torch layer computes (same operation, bit for bit)
 and has the same parameters and state_dict keys. Quantizer state (observed
 ranges, step sizes, codebooks) appears under ``weight_quantizer.*``,
 ``input_quantizer.*`` and ``output_quantizer.*``. Biases stay float.
+
+Per-channel weight scales follow the output channel: axis 0 of a linear or
+conv weight ``[O, C / groups, k...]``, axis 1 of a transposed conv weight
+``[C, O / groups, kh, kw]`` (see :class:`QuantConvTranspose2d`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import ConfigError
 from ..quantizers import Quantizer, get
+from ..quantizers.uniform import UniformQuantizer
 
 QuantizerSpec = str | dict[str, Any] | Quantizer | None
 
@@ -39,7 +45,9 @@ def _attach(layer: nn.Module, *specs: QuantizerSpec) -> None:
     device = layer.weight.device
     for slot, spec in zip(QUANTIZER_SLOTS, specs):
         quantizer = get(spec)
-        layer.register_module(slot, None if quantizer is None else quantizer.to(device))
+        layer.register_module(slot, None)
+        if quantizer is not None:
+            setattr(layer, slot, quantizer.to(device))  # through the layer's __setattr__, which may check it
 
 
 class QuantLinear(nn.Linear):
@@ -146,6 +154,161 @@ class QuantConv2d(nn.Conv2d):
         return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
 
 
+class QuantConv1d(nn.Conv1d):
+    """``nn.Conv1d`` with optional weight, input and output quantizers.
+
+    ``y = Q_out(conv1d(Q_in(x), Q_w(W)) + b)`` on NCL input, weight ``[O, C / groups, k]``; padding (any
+    ``padding_mode``) is applied to the quantized input, as torch pads the float input. Per-channel weight
+    scales lie along axis 0, the output channel.
+    """
+
+    weight_quantizer: Quantizer | None
+    input_quantizer: Quantizer | None
+    output_quantizer: Quantizer | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int],
+        stride: int | tuple[int] = 1,
+        padding: str | int | tuple[int] = 0,
+        dilation: int | tuple[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        weight_quantizer: QuantizerSpec = None,
+        input_quantizer: QuantizerSpec = None,
+        output_quantizer: QuantizerSpec = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        _attach(self, weight_quantizer, input_quantizer, output_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _quantize(self.weight_quantizer, self.weight)
+        y = self._conv_forward(_quantize(self.input_quantizer, x), weight, self.bias)
+        return _quantize(self.output_quantizer, y)
+
+    @classmethod
+    def from_float(
+        cls,
+        layer: nn.Conv1d,
+        *,
+        weight_quantizer: QuantizerSpec = None,
+        input_quantizer: QuantizerSpec = None,
+        output_quantizer: QuantizerSpec = None,
+    ) -> QuantConv1d:
+        """A QuantConv1d with a copy of ``layer``'s weight and bias, its geometry, device, dtype and mode."""
+        new = nn.utils.skip_init(
+            cls, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+            device=layer.weight.device, dtype=layer.weight.dtype,
+        )
+        return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
+
+
+def _along_output_channels(quantizer: Quantizer) -> None:
+    """Make a transposed conv's per-channel weight quantizer keep one scale per output channel (weight axis 1):
+    uniform's scales move to axis 1; quantizers whose per-channel scales are fixed on axis 0 (lsq and ternary
+    with ``per_channel``, xnor weights) would keep them per input channel and raise ConfigError."""
+    spec = quantizer.spec()
+    if spec["name"] in ("lsq", "ternary") and spec.get("per_channel") or \
+            spec["name"] == "xnor" and spec.get("role") == "weight":
+        raise ConfigError(f"QuantConvTranspose2d: weight quantizer {spec['name']!r} keeps one scale per index of "
+                          "the weight's axis 0, which is a transposed conv's input channel; use a per-tensor "
+                          "quantizer, or uniform (its per-channel scales follow the output channel, axis 1)")
+    if isinstance(quantizer, UniformQuantizer) and quantizer.per_channel:
+        quantizer.axis = 1
+
+
+class QuantConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with optional weight, input and output quantizers.
+
+    ``y = Q_out(conv_transpose2d(Q_in(x), Q_w(W)) + b)``, weight ``[C_in, C_out / groups, kh, kw]``; like torch's,
+    ``forward(x, output_size)`` may pick the output padding from a size.
+
+    Per-channel weight scales follow the output channel, axis 1 of the weight: a per-channel ``uniform`` weight
+    quantizer given to this layer (at construction or assigned later) is set to quantize along axis 1, so its
+    codes are stored, loaded, run by the Engine and exported to ONNX (DequantizeLinear ``axis=1``) with
+    ``C_out / groups`` scales; with ``groups > 1`` scale j serves the output channels j, j + C_out / groups, ...
+    (the same weight slice of every group). Quantizers whose per-channel scales are fixed on axis 0 (``lsq`` and
+    ``ternary`` with ``per_channel=True``, ``xnor`` weights), which would give one scale per input channel, are
+    refused with a ConfigError; per-tensor quantizers work as on any layer.
+    """
+
+    weight_quantizer: Quantizer | None
+    input_quantizer: Quantizer | None
+    output_quantizer: Quantizer | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        output_padding: int | tuple[int, int] = 0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation: int | tuple[int, int] = 1,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        weight_quantizer: QuantizerSpec = None,
+        input_quantizer: QuantizerSpec = None,
+        output_quantizer: QuantizerSpec = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
+            padding_mode, device, dtype,
+        )
+        _attach(self, weight_quantizer, input_quantizer, output_quantizer)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight_quantizer" and isinstance(value, Quantizer):
+            _along_output_channels(value)
+        super().__setattr__(name, value)
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation  # type: ignore[arg-type]
+        )
+        weight = _quantize(self.weight_quantizer, self.weight)
+        y = F.conv_transpose2d(_quantize(self.input_quantizer, x), weight, self.bias, self.stride, self.padding,
+                               output_padding, self.groups, self.dilation)
+        return _quantize(self.output_quantizer, y)
+
+    @classmethod
+    def from_float(
+        cls,
+        layer: nn.ConvTranspose2d,
+        *,
+        weight_quantizer: QuantizerSpec = None,
+        input_quantizer: QuantizerSpec = None,
+        output_quantizer: QuantizerSpec = None,
+    ) -> QuantConvTranspose2d:
+        """A QuantConvTranspose2d with a copy of ``layer``'s weight and bias, its geometry, device, dtype and
+        mode."""
+        new = nn.utils.skip_init(
+            cls, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+            layer.output_padding, layer.groups, layer.bias is not None, layer.dilation, layer.padding_mode,
+            device=layer.weight.device, dtype=layer.weight.dtype,
+        )
+        return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
+
+
+#: the quantized layers (a weight, an input and an output quantizer slot)
+QUANT_LAYERS = (QuantLinear, QuantConv1d, QuantConv2d, QuantConvTranspose2d)
+
+
 def _finish_from_float(new, layer: nn.Module, *specs: QuantizerSpec):
     """Copy weight and bias (values and requires_grad) into ``new``, attach the quantizers, copy the mode."""
     with torch.no_grad():
@@ -174,9 +337,9 @@ class QuantAct(nn.Module):
 
 def label_quantizers(model: nn.Module) -> None:
     """Set every quantizer's ``label`` to the tensor it serves: ``<layer>.weight``, ``<layer>.input``,
-    ``<layer>.output`` for QuantLinear/QuantConv2d, and the module's own name for QuantAct."""
+    ``<layer>.output`` for the layers of :data:`QUANT_LAYERS`, and the module's own name for QuantAct."""
     for name, module in model.named_modules():
-        if isinstance(module, (QuantLinear, QuantConv2d)):
+        if isinstance(module, QUANT_LAYERS):
             for slot, suffix in QUANTIZER_SLOTS.items():
                 quantizer = getattr(module, slot)
                 if quantizer is not None:

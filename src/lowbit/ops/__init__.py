@@ -5,7 +5,7 @@ float32 numpy implementation; :func:`validate_document` checks a stored document
 from . import activation, arithmetic, constant, conv, linear, norm, pool, shape  # noqa: F401  (register the ops)
 from .schema import MAX_ELEMENTS, MAX_NODES, MAX_RANK, MAX_SPATIAL, REGISTRY, OpSchema
 from .specs import check_spec
-from .validate import Graph, GraphNode, validate_document, validate_file, validate_graph, validate_layers
+from .validate import LAYER_OPS, Graph, GraphNode, validate_document, validate_file, validate_graph, validate_layers
 
-__all__ = ["MAX_ELEMENTS", "MAX_NODES", "MAX_RANK", "MAX_SPATIAL", "REGISTRY", "Graph", "GraphNode", "OpSchema",
-           "check_spec", "validate_document", "validate_file", "validate_graph", "validate_layers"]
+__all__ = ["LAYER_OPS", "MAX_ELEMENTS", "MAX_NODES", "MAX_RANK", "MAX_SPATIAL", "REGISTRY", "Graph", "GraphNode",
+           "OpSchema", "check_spec", "validate_document", "validate_file", "validate_graph", "validate_layers"]

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import FormatError
 from ..format.container import LowbitFile
+from .conv import transposed_weight_refusal
 from .schema import MAX_ELEMENTS, MAX_NODES, MAX_SPATIAL, REGISTRY, ExampleShape, Node, OpSchema, Shape, fail
 from .specs import check_spec
 
@@ -53,7 +54,11 @@ RESERVED_PARTS = frozenset({
     "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
     "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train",
     "training", "type", "xpu", "zero_grad"})
-LAYER_TYPES = {"QuantLinear": "linear", "QuantConv2d": "conv2d"}
+#: the document's layer types of the quantized layers -> their ops
+LAYER_TYPES = {"QuantLinear": "linear", "QuantConv1d": "conv1d", "QuantConv2d": "conv2d",
+               "QuantConvTranspose2d": "conv_transpose2d"}
+#: the ops of the quantized layers (a weight, quantized input and output), which readers build, run and emit alike
+LAYER_OPS = tuple(LAYER_TYPES.values())
 LAYER_SLOTS = ("weight", "input", "output")
 
 
@@ -106,11 +111,14 @@ def validate_layers(model: object) -> dict[str, dict[str, Any]]:
     for name, entry in layers.items():
         where = f"layer {name[:80]!r}"
         if not isinstance(entry, dict) or entry.get("type") not in (*LAYER_TYPES, "QuantAct"):
-            raise _document_error(f"{where}: type must be QuantLinear, QuantConv2d or QuantAct")
+            raise _document_error(f"{where}: type must be {', '.join(LAYER_TYPES)} or QuantAct")
         slots = ("quantizer",) if entry["type"] == "QuantAct" else LAYER_SLOTS
         if set(entry) != {"type", *slots}:
             raise _document_error(f"{where}: a {entry['type']} entry holds type and {', '.join(slots)}")
         full[name] = {"type": entry["type"], **{s: check_spec(entry[s], f"{where} {s} quantizer") for s in slots}}
+        refusal = transposed_weight_refusal(full[name]["weight"]) if entry["type"] == "QuantConvTranspose2d" else None
+        if refusal is not None:
+            raise FormatError("bad-spec", f"{where}: {refusal}")
     return full
 
 
@@ -211,7 +219,7 @@ def _quant(node: dict[str, Any], schema: OpSchema, module: str | None, layers: d
     if None in specs.values():
         raise fail(where, "a quantizer slot left empty is left out, not null")
     entry = layers.get(module) if module is not None else None
-    if schema.name in ("linear", "conv2d"):
+    if schema.name in LAYER_OPS:
         if entry is not None and LAYER_TYPES.get(entry["type"]) != schema.name:
             raise fail(where, f"module {module!r} is a {entry['type']} in the document's layers, not a {schema.name}")
         stored = {} if entry is None else {s: entry[s] for s in LAYER_SLOTS if entry[s] is not None}
@@ -306,7 +314,8 @@ def _check_output(shape: Shape, recorded: object, op: str, where: str, batchless
         raise fail(where, f"its output {[-1, *shape]} has an empty axis")
     if math.prod(shape) > MAX_ELEMENTS:
         raise fail(where, f"its output {[-1, *shape]} exceeds {MAX_ELEMENTS} elements per example")
-    if op in ("conv2d", "maxpool2d", "avgpool2d", "adaptive_avgpool2d") and max(shape[1:]) > MAX_SPATIAL:
+    spatial = ("conv1d", "conv2d", "conv_transpose2d", "maxpool2d", "avgpool2d", "adaptive_avgpool2d")
+    if op in spatial and max(shape[1:]) > MAX_SPATIAL:
         raise fail(where, f"its output {[-1, *shape]} exceeds the spatial size cap {MAX_SPATIAL}")
     expected = list(shape) if batchless else [-1, *shape]
     if recorded != expected:

@@ -11,11 +11,13 @@ in order:
   :class:`~lowbit.runtime.binary.BinaryLinear` /
   :class:`~lowbit.runtime.binary.BinaryConv2d` (XNOR + popcount, the
   weight's per-channel scale and the bias fused into the GEMM's epilogue);
-- every other linear / conv2d (float first and last layers, 8-bit or k-bit
-  weights): numpy float32 on the decoded weight values, with the input and
-  output quantizers applied in numpy (:mod:`lowbit.runtime.activations`:
-  binary, xnor, uniform, linear, log2, dorefa_act, pact, lsq, with their
-  observed ranges, clipping levels and steps read from the file);
+- every other layer (linear, conv1d, conv2d, conv_transpose2d: float first
+  and last layers, 8-bit or k-bit weights, binary weights of grouped, dilated,
+  1-D or transposed convs): numpy float32 on the decoded weight values
+  (``_LAYER_FUNCTIONS``), with the input and output quantizers applied in
+  numpy (:mod:`lowbit.runtime.activations`: binary, xnor, uniform, linear,
+  log2, dorefa_act, pact, lsq, with their observed ranges, clipping levels
+  and steps read from the file);
 - batchnorm, quant_act and the parameter-free ops (relu, tanh, hardtanh,
   pools, reshape, add, mul, concat, layer_norm, ...): the numpy half of each
   op's declaration in :mod:`lowbit.ops`; a constant is its stored tensor as
@@ -35,8 +37,8 @@ on the same input; a float32 matmul summed in another order can move a value
 across a rounding boundary). Graphs with more than one input or output and
 activation quantizers without a numpy version (abc_act, per-channel ranges)
 raise :class:`~lowbit.errors.UnsupportedLayerError` naming the node and the
-quantizer when the engine is built; grouped or dilated binary convs run as
-float convs on the decoded signs.
+quantizer when the engine is built; grouped or dilated binary convs, binary
+conv1d and transposed convs run as float convs on the decoded signs.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ from threadpoolctl import ThreadpoolController
 from ..errors import ConfigError, FormatError, UnsupportedLayerError
 from ..format.codecs import values
 from ..format.container import read_file
-from ..ops import GraphNode, validate_file
-from ..ops.conv import conv2d
+from ..ops import LAYER_OPS, GraphNode, validate_file
+from ..ops.conv import conv1d, conv2d, conv_transpose2d
 from ..ops.linear import linear
 from ..ops.norm import batchnorm
 from .activations import Activation, activation_quantizer
@@ -62,6 +64,15 @@ from .threshold import ChannelOp, Threshold, fold_threshold
 _RAW_KINDS = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 Step = Callable[[list[np.ndarray]], np.ndarray]
+
+#: each layer op's float32 numpy computation: (input, weight, bias or None, attrs) -> output
+_LAYER_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray | None, dict], np.ndarray]] = {
+    "linear": lambda x, w, b, a: linear(x, w, b),
+    "conv1d": lambda x, w, b, a: conv1d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"]),
+    "conv2d": lambda x, w, b, a: conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"]),
+    "conv_transpose2d": lambda x, w, b, a: conv_transpose2d(x, w, b, a["stride"], a["padding"], a["output_padding"],
+                                                            a["dilation"], a["groups"]),
+}
 
 
 class Engine:
@@ -120,7 +131,7 @@ class Engine:
 
     def _build(self, node: GraphNode) -> Step:
         op, attrs = node.op, node.attrs
-        if op in ("linear", "conv2d"):
+        if op in LAYER_OPS:
             return self._layer(node)
         if op == "batchnorm":
             return _unary(self._batchnorm(node))
@@ -143,7 +154,8 @@ class Engine:
         attrs, bias = node.attrs, self._tensor(node, "bias")
         output = self._quantizer(node, "output")
         binary_input = node.quant.get("input", {}).get("name") == "binary"
-        geometry_ok = node.op == "linear" or (attrs["groups"] == 1 and attrs["dilation"] == [1, 1])
+        geometry_ok = node.op == "linear" or (node.op == "conv2d" and attrs["groups"] == 1
+                                              and attrs["dilation"] == [1, 1])
         if enc.kind == "binary" and binary_input and geometry_ok:
             self.binary_layers.append(node.name)
             scale = enc.params["scale"].astype(np.float32)
@@ -156,11 +168,8 @@ class Engine:
             run = self._binary_run(layer, None, None)
             return _unary(lambda x: output(run(x)))
         quantize = self._quantizer(node, "input")
-        weight = self._tensor(node, "weight")
-        if node.op == "linear":
-            return _unary(lambda x: output(linear(quantize(x), weight, bias)))
-        stride, padding, dilation, groups = attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"]
-        return _unary(lambda x: output(conv2d(quantize(x), weight, bias, stride, padding, dilation, groups)))
+        weight, function = self._tensor(node, "weight"), _LAYER_FUNCTIONS[node.op]
+        return _unary(lambda x: output(function(quantize(x), weight, bias, attrs)))
 
     def _quantizer(self, node: GraphNode, slot: str, module: str | None = None) -> Activation:
         """The numpy activation quantizer in ``slot`` ("input" / "output") of ``node`` with its stored state: the
