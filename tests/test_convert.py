@@ -247,3 +247,50 @@ def test_a_functional_batch_norm_after_a_conv_folds_or_trains_as_a_module():
     before = training.get_submodule("1.batch_norm").running_mean.clone()
     training(torch.randn(8, 3, 8, 8))
     assert not torch.equal(training.get_submodule("1.batch_norm").running_mean, before)
+
+
+class KeywordSpotter(nn.Module):
+    """An audio net: Conv1d stem with batch norm, a depthwise dilated Conv1d with a residual add, a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(8, 16, 5, padding=2)
+        self.bn = nn.BatchNorm1d(16)
+        self.depthwise = nn.Conv1d(16, 16, 3, padding=2, dilation=2, groups=16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        return self.fc(F.relu(self.depthwise(x) + x).mean(-1))
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
+        self.out = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("model, shape", [(KeywordSpotter, (4, 8, 32)), (Decoder, (4, 4, 6, 6))])
+def test_conv1d_and_transposed_conv_nets_quantize_whole(model, shape, tmp_path):
+    torch.manual_seed(0)
+    float_model = model()
+    with torch.no_grad():
+        for _ in range(3):
+            float_model.train()(torch.randn(*shape))
+    report = lowbit.quantize_report(float_model.eval(), "w8a8", example_input=(1, *shape[1:]))
+    assert report.mac_fraction == 1.0 and report.unsupported == []
+    assert len(report.converted) == sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+                                        for m in float_model.modules())
+    quantized = lowbit.calibrate(report.model, [torch.randn(*shape) for _ in range(2)])
+    x = torch.randn(*shape)
+    lowbit.save(quantized, tmp_path / "m.lowbit", x[:1])
+    with torch.no_grad():
+        expected = quantized(x)
+        assert torch.equal(lowbit.load(tmp_path / "m.lowbit")(x), expected)
+    session = ort.InferenceSession(to_onnx(quantized, x[:1]).SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(out, expected.numpy(), atol=0.05)

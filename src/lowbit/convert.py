@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from .config import QuantConfig, as_config
 from .errors import UnsupportedLayerError
 from .export.graph import node_schema, propagate, trace
-from .nn import QuantAct, QuantConv2d, QuantLinear, label_quantizers
+from .nn import QUANT_LAYERS, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear, label_quantizers
 from .placement import place
 from .quantizers import Quantizer
 
@@ -59,14 +59,19 @@ QUANTIZED_WITH_ATTR = "lowbit_quantized_with"
 
 #: op -> (its float layer, its quantized layer)
 LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
-    "linear": (nn.Linear, QuantLinear), "conv2d": (nn.Conv2d, QuantConv2d)}
+    "linear": (nn.Linear, QuantLinear), "conv1d": (nn.Conv1d, QuantConv1d), "conv2d": (nn.Conv2d, QuantConv2d),
+    "conv_transpose2d": (nn.ConvTranspose2d, QuantConvTranspose2d)}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 #: functional calls that are these ops, and their argument names in order
 FUNCTIONAL: dict[Any, tuple[str, tuple[str, ...]]] = {
     F.linear: ("linear", ("input", "weight", "bias")),
-    F.conv2d: ("conv2d", ("input", "weight", "bias", "stride", "padding", "dilation", "groups")),
+    F.conv1d: ("conv1d", _CONV_ARGS),
+    F.conv2d: ("conv2d", _CONV_ARGS),
+    F.conv_transpose2d: ("conv_transpose2d",
+                         ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")),
 }
 #: layers quantized already (left as they are)
-Quantized = (QuantLinear, QuantConv2d)
+Quantized = QUANT_LAYERS
 #: layers with parameters that stay float on purpose (normalisation is folded or kept float at inference)
 KEPT_FLOAT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
 #: normalisation ops, whose parameters stay float on purpose
@@ -159,12 +164,16 @@ def _functional_layer(gm: fx.GraphModule, node: fx.Node, op: str, names: tuple[s
         return "its bias is computed in the graph, not a parameter"
     w = _attr(gm, weight.target)
     kind = {"device": w.device, "dtype": w.dtype}
+    groups = args.get("groups", 1)
     if op == "linear":
         layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias is not None, **kind)
+    elif op == "conv_transpose2d":
+        layer = nn.ConvTranspose2d(w.shape[0], w.shape[1] * groups, tuple(w.shape[2:]), args.get("stride", 1),
+                                   args.get("padding", 0), args.get("output_padding", 0), groups, bias is not None,
+                                   args.get("dilation", 1), **kind)
     else:
-        groups = args.get("groups", 1)
-        layer = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), args.get("stride", 1),
-                          args.get("padding", 0), args.get("dilation", 1), groups, bias is not None, **kind)
+        layer = LAYERS[op][0](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), args.get("stride", 1),
+                              args.get("padding", 0), args.get("dilation", 1), groups, bias is not None, **kind)
     with torch.no_grad():
         layer.weight.copy_(w)
         if bias is not None:
@@ -242,7 +251,8 @@ def _batch_norm_modules(gm: fx.GraphModule, sites: list[_Site]) -> None:
             continue
         args = {**dict(zip(_BATCH_NORM_ARGS, node.args)), **node.kwargs}
         stats = [args.get(k) for k in ("running_mean", "running_var")]
-        cls = {"conv2d": nn.BatchNorm2d, "linear": nn.BatchNorm1d}.get(produced_by.get(args["input"]))
+        cls = {"conv2d": nn.BatchNorm2d, "conv1d": nn.BatchNorm1d, "linear": nn.BatchNorm1d}.get(
+            produced_by.get(args["input"]))
         if cls is None or args.get("training") or not all(isinstance(a, fx.Node) and a.op == "get_attr"
                                                           for a in stats):
             continue  # left to capture, which names it
@@ -292,10 +302,11 @@ def _macs(gm: fx.GraphModule, sites: list[_Site], example: torch.Tensor) -> dict
     propagate(gm, "the model", example)
     macs = {}
     for site in sites:
-        meta = site.node.meta.get("tensor_meta")
-        out = math.prod(meta.shape[1:]) if meta is not None else 0
-        channels = site.layer.weight.shape[0]
-        macs[site.node] = out // channels * site.layer.weight.numel()
+        # a transposed conv: every input value takes one weight row (its own input channel's)
+        node = site.node.args[0] if site.op == "conv_transpose2d" else site.node
+        meta = node.meta.get("tensor_meta")
+        values = math.prod(meta.shape[1:]) if meta is not None else 0
+        macs[site.node] = values // site.layer.weight.shape[0] * site.layer.weight.numel()
     return macs
 
 
