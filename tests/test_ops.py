@@ -148,7 +148,8 @@ EXAMPLES = {
                                        nn.BatchNorm1d(6)),
     "relu": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
     "tanh": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh()),
-    "hardtanh": lambda: nn.Sequential(Functional(lambda y, m: F.hardtanh(y, -0.5, 0.25)), nn.ReLU6()),
+    "hardtanh": lambda: nn.Sequential(Functional(lambda y, m: F.hardtanh(y, -0.5, 0.25) * F.relu6(y + 3) / 6),
+                                      nn.ReLU6()),
     "sigmoid": lambda: Functional(lambda y, m: torch.sigmoid(y) + nn.functional.sigmoid(y) * y.sigmoid()),
     "silu": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU()),
     "hardsigmoid": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardsigmoid()),
@@ -162,12 +163,14 @@ EXAMPLES = {
     "adaptive_avgpool2d": lambda: Adaptive(F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d),
     "adaptive_maxpool2d": lambda: Adaptive(F.adaptive_max_pool2d, nn.AdaptiveMaxPool2d),
     "reshape": lambda: Functional(lambda y, m: torch.flatten(y, 1)),
-    "add": Residual,
-    "mul": Residual,
+    # a Python number on either side (the node's scalar attribute), beside adds and products of two tensors
+    "add": lambda: Functional(lambda y, m: (y + 0.5) + (3 + y) + torch.add(y, 2) + y.add(-1.25)),
+    "mul": lambda: Functional(lambda y, m: (y * 0.5) * (-3 * y) + torch.mul(y, 1e-3) * y.mul(2)),
     "concat": Residual,
     "quant_act": _quant_act,
-    "sub": lambda: Functional(lambda y, m: y - torch.relu(y)),
-    "div": lambda: Functional(lambda y, m: y / (torch.sigmoid(y) + torch.sigmoid(y))),
+    "sub": lambda: Functional(lambda y, m: (y - torch.relu(y)) - (1 - y) - (y - 0.25) - torch.sub(y, 2)),
+    "div": lambda: Functional(lambda y, m: y / (torch.sigmoid(y) + torch.sigmoid(y)) + y / 6 + y.div(0.1)
+                              + 1 / (torch.sigmoid(y) + 1) - 3 / (torch.sigmoid(y) + 0.5)),
     "transpose": lambda: Functional(_channel_shuffle),
     "mean": lambda: Functional(lambda y, m: (y * y.mean((2, 3), keepdim=True)).mean(-1)),
     "pad": lambda: Functional(lambda y, m: F.pad(y, (1, 2, 0, 1), value=0.5)),
@@ -378,6 +381,63 @@ def test_hostile_constants_are_refused_alike(tmp_path, edit, match):
     document = _document(path)
     edit(document)
     _both_refuse(_write(path, document, tmp_path / "bad.lowbit"), match)
+
+
+def _scalar_node(document: dict, op: str) -> dict:
+    return next(n for n in document["graph"]["nodes"] if n["op"] == op and n["attrs"].get("scalar") is not None)
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
+@pytest.mark.parametrize("edit, match", [
+    (lambda d, n: n["attrs"].update(scalar=1e39), "scalar must be a finite number"),
+    (lambda d, n: n["attrs"].update(scalar=-3.5e38), "scalar must be a finite number"),
+    (lambda d, n: n["attrs"].update(scalar="0.5"), "scalar must be a finite number"),
+    (lambda d, n: n["attrs"].update(scalar=True), "scalar must be a finite number"),
+    (lambda d, n: n["attrs"].update(scalar=[0.5]), "scalar must be a finite number"),
+    (lambda d, n: n["attrs"].update(scalar_first=1), "scalar_first must be true or false"),
+    (lambda d, n: n["attrs"].update(scalar=None, scalar_first=False), "takes 2 inputs \\(1 with a scalar\\), got 1"),
+    (lambda d, n: n.update(attrs={}), "takes 2 inputs \\(1 with a scalar\\), got 1"),
+    (lambda d, n: n.update(attrs={"scalar_first": True}), "scalar_first is set without a scalar"),
+    (lambda d, n: n.update(inputs=n["inputs"] * 2), "has a scalar operand and 2 inputs"),
+    (lambda d, n: n.update(inputs=[]), "takes one or more input"),
+    (lambda d, n: n["attrs"].update(extra=1), "has the attributes"),
+])
+def test_hostile_scalar_attributes_are_refused_alike(tmp_path, op, edit, match):
+    _, _, path = _saved(op, tmp_path)
+    document = _document(path)
+    node = _scalar_node(document, op)
+    edit(document, node)
+    _both_refuse(_write(path, document, tmp_path / "bad.lowbit"), f"graph node '{node['name']}' \\({op}\\).*{match}")
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
+def test_arithmetic_examples_hold_a_number_on_either_side_and_two_tensors(tmp_path, op):
+    _, _, path = _saved(op, tmp_path)
+    attrs = [n["attrs"] for n in _document(path)["graph"]["nodes"] if n["op"] == op]
+    assert {a["scalar_first"] for a in attrs if "scalar" in a} == {False, True} and {} in attrs
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_scalar_that_is_not_finite_is_refused(tmp_path, value):
+    """JSON has no NaN or Infinity (the container refuses them); the graph check refuses them too."""
+    from lowbit.ops import validate_document
+
+    _, _, path = _saved("mul", tmp_path)
+    document = _document(path)
+    node = _scalar_node(document, "mul")
+    node["attrs"]["scalar"] = value
+    with pytest.raises(FormatError, match="bad-json|NaN|Infinity"):
+        lowbit.load(_write(path, document, tmp_path / "bad.lowbit"))
+    shapes = {k: tuple(v["shape"]) for k, v in document["tensors"].items()}
+    with pytest.raises(FormatError, match=f"graph node '{node['name']}' \\(mul\\): scalar must be a finite number"):
+        validate_document(document, shapes)
+
+
+def test_a_scalar_beside_a_constant_alone_is_refused(tmp_path):
+    _, _, path = _saved("constant", tmp_path)
+    document = _document(path)
+    _node(document, "mul").update(inputs=[_constant_name(document, "scale")], attrs={"scalar": 2.0})
+    _both_refuse(_write(path, document, tmp_path / "bad.lowbit"), "computes on a constant and a scalar only")
 
 
 @pytest.mark.parametrize("edit, match", [

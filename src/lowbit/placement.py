@@ -8,8 +8,9 @@ converted. It marks the tensors to quantize, each with one activation spec:
    every quantized layer that is read by anything but linear / conv layers (whose own input specs decide), and
    the inputs and output of every op that joins tensors (``add``, ``sub``, ``mul``, ``concat``: residual adds,
    squeeze-and-excitation products, concatenations), which integer kernels (QLinearAdd, QLinearMul,
-   QLinearConcat) take quantized and requantize. Binary and other training-time activation specs quantize layer
-   inputs only (a Bi-Real shortcut stays real-valued).
+   QLinearConcat) take quantized and requantize; an op with one tensor operand (``x * 0.5``, ``1 - x``: a Python
+   number is no tensor) joins nothing. Binary and other training-time activation specs quantize layer inputs only
+   (a Bi-Real shortcut stays real-valued).
 
 A mark moves to where one quantizer serves everyone:
 

@@ -283,9 +283,13 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
     taken = {node.name for node in graph.nodes}
     state: dict[str, torch.Tensor] = {}
 
-    def ref(a: Any) -> str:
-        if not isinstance(a, fx.Node) or a.name in arithmetic or a.name in pieces:
-            raise UnsupportedLayerError(f"graph input {a!r} is not a tensor")
+    def ref(a: Any, where: str = "the graph output") -> str:
+        if isinstance(a, fx.Node) and a.name in arithmetic:
+            raise UnsupportedLayerError(f"{where}: operand {a.name!r} is a size read off a tensor's shape (or "
+                                        "arithmetic on one), which the graph IR does not compute with; use a Python "
+                                        "number")
+        if not isinstance(a, fx.Node) or a.name in pieces:
+            raise UnsupportedLayerError(f"{where}: operand {a!r} is not a tensor")
         return alias.get(a.name, a.name)
 
     def constant(key: str, name: str, where: str, fresh: bool) -> str:
@@ -325,7 +329,7 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
         if node.op == "call_method" and target in _ALIAS_METHODS or \
                 node.op == "call_module" and isinstance(modules[target], _ALIAS_MODULES) or \
                 node.op == "call_function" and _eval_identity(node, where):
-            alias[node.name] = ref(node.args[0])
+            alias[node.name] = ref(node.args[0], where)
             continue
         if (methods if node.op == "call_method" else functions).get(target, (None,))[0] is _SPLIT:
             dim = int(node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0))
@@ -355,7 +359,7 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
                                             f"IR does not support; ops: {', '.join(sorted(REGISTRY))}")
             schema, call = declared
             attrs, args = call(list(node.args), dict(node.kwargs), _shape(node), where)
-        names = [ref(a) for a in args] + stored
+        names = [ref(a, where) for a in args] + stored
         if names and all(n in constants for n in names):
             keys = sorted(k for k, n in constant_nodes.items() if n in names)
             raise UnsupportedLayerError(f"{where} computes on stored tensors only ({', '.join(keys)}); the graph IR "

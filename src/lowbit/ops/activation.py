@@ -38,7 +38,9 @@ TANH = register(OpSchema(
 HARDTANH = register(OpSchema(
     "hardtanh", _hardtanh_shape, placement="clips", attrs={"min": Number(), "max": Number()},
     capture=Capture(("torch.nn.functional.hardtanh",), _hardtanh_call, ("torch.nn.Hardtanh",),
-                    lambda m, shape, where: {"min": float(m.min_val), "max": float(m.max_val)}),
+                    lambda m, shape, where: {"min": float(m.min_val), "max": float(m.max_val)},
+                    calls={"torch.nn.functional.relu6": lambda args, kwargs, shape, where: ({"min": 0.0, "max": 6.0},
+                                                                                            args[:1])}),
     numpy=lambda xs, a: np.clip(xs[0], np.float32(a["min"]), np.float32(a["max"])),
     torch=lambda t, xs, a: t.nn.functional.hardtanh(xs[0], a["min"], a["max"]), onnx=_clip))
 QUANT_ACT = register(OpSchema("quant_act", same_shape, quant=("output",), state=("quantizer",), module=True,
