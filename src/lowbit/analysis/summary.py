@@ -1,7 +1,7 @@
 """Per-layer summary of a (quantized) model: bits, parameters, storage bytes, MACs, compression.
 
-One row per ``nn.Linear`` / ``nn.Conv2d`` (quantized or not), in module
-registration order. Byte rule (storage as the quantizers encode it):
+One row per ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d``
+(quantized or not), in module registration order. Byte rule (storage as the quantizers encode it):
 
 - weights: ``ceil(n * bits / 8)`` for the codes, where ``bits`` is the
   quantizer's ``bits`` (the ``Encoded.bits`` of ``encode(weight)`` when it has
@@ -17,9 +17,10 @@ registration order. Byte rule (storage as the quantizers encode it):
 
 Compression = float32 bytes of all parameters / total bytes. MACs come from
 forward hooks during one eval-mode pass of ``example_input``:
-``output.numel() * in_features`` for Linear and
-``output.numel() * in_channels / groups * kh * kw`` for Conv2d (bias adds
-not counted); without an example input they are None. Bit operations
+``output.numel() * in_features`` for Linear,
+``output.numel() * in_channels / groups * kernel taps`` for a conv and
+``input.numel() * out_channels / groups * kernel taps`` for a transposed conv
+(bias adds not counted); without an example input they are None. Bit operations
 (``Summary.total_bops``) are MACs x weight bits x input bits. The hardware
 cost report (MACs by precision, memory, energy) is
 :func:`lowbit.analysis.cost.cost_report`, built on :func:`measure_layers`.
@@ -194,10 +195,12 @@ def _layer_row(name: str, layer: nn.Linear | nn.Conv2d, macs: int | None, graph_
     )
 
 
-def _layer_macs(layer: nn.Module, output: torch.Tensor) -> int:
-    if isinstance(layer, nn.Conv2d):
-        kh, kw = layer.kernel_size
-        return output.numel() * (layer.in_channels // layer.groups) * kh * kw
+def _layer_macs(layer: nn.Module, inputs: torch.Tensor, output: torch.Tensor) -> int:
+    """Every output value of a linear / conv takes one weight row; every input value of a transposed conv does."""
+    if isinstance(layer, nn.ConvTranspose2d):
+        return inputs.numel() * (layer.out_channels // layer.groups) * math.prod(layer.kernel_size)
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return output.numel() * (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
     return output.numel() * layer.in_features
 
 
@@ -229,7 +232,7 @@ def measure_layers(model: nn.Module, layers: list[nn.Module], example: torch.Ten
 
     def hook(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         count = counts[id(layer)]
-        count[0] += _layer_macs(layer, output)
+        count[0] += _layer_macs(layer, inputs[0], output)
         count[1] += inputs[0].numel()
         count[2] += output.numel()
 
@@ -247,9 +250,13 @@ def measure_layers(model: nn.Module, layers: list[nn.Module], example: torch.Ten
     return {key: LayerShapes(*count) for key, count in counts.items()}
 
 
-def convertible_layers(model: nn.Module) -> list[tuple[str, nn.Linear | nn.Conv2d]]:
-    """(name, layer) of every Linear/Conv2d (quantized or not) in registration order: the summary's rows."""
-    return [(n, m) for n, m in named_modules_without_quantizers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+#: the layers that are the summary's rows (quantized or not)
+ROW_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
+
+
+def convertible_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every linear / conv layer (quantized or not) in registration order: the summary's rows."""
+    return [(n, m) for n, m in named_modules_without_quantizers(model) if isinstance(m, ROW_LAYERS)]
 
 
 def summary(model: nn.Module, example_input: torch.Tensor | Sequence[int] | None = None) -> Summary:
