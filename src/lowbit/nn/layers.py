@@ -97,7 +97,27 @@ class QuantLinear(nn.Linear):
         return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
 
 
-class QuantConv2d(nn.Conv2d):
+class _QuantConv:
+    """Forward and ``from_float`` of a (non-transposed) quantized conv, before its torch conv class in the bases."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _quantize(self.weight_quantizer, self.weight)
+        y = self._conv_forward(_quantize(self.input_quantizer, x), weight, self.bias)
+        return _quantize(self.output_quantizer, y)
+
+    @classmethod
+    def from_float(cls, layer: nn.modules.conv._ConvNd, *, weight_quantizer: QuantizerSpec = None,
+                   input_quantizer: QuantizerSpec = None, output_quantizer: QuantizerSpec = None):
+        """A quantized conv with a copy of ``layer``'s weight and bias, its geometry, device, dtype and mode."""
+        new = nn.utils.skip_init(
+            cls, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+            device=layer.weight.device, dtype=layer.weight.dtype,
+        )
+        return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
     """``nn.Conv2d`` with optional weight, input and output quantizers.
 
     ``y = Q_out(conv2d(Q_in(x), Q_w(W)) + b)``; padding (any ``padding_mode``)
@@ -131,30 +151,8 @@ class QuantConv2d(nn.Conv2d):
         )
         _attach(self, weight_quantizer, input_quantizer, output_quantizer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = _quantize(self.weight_quantizer, self.weight)
-        y = self._conv_forward(_quantize(self.input_quantizer, x), weight, self.bias)
-        return _quantize(self.output_quantizer, y)
 
-    @classmethod
-    def from_float(
-        cls,
-        layer: nn.Conv2d,
-        *,
-        weight_quantizer: QuantizerSpec = None,
-        input_quantizer: QuantizerSpec = None,
-        output_quantizer: QuantizerSpec = None,
-    ) -> QuantConv2d:
-        """A QuantConv2d with a copy of ``layer``'s weight and bias, its geometry, device, dtype and mode."""
-        new = nn.utils.skip_init(
-            cls, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-            device=layer.weight.device, dtype=layer.weight.dtype,
-        )
-        return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
-
-
-class QuantConv1d(nn.Conv1d):
+class QuantConv1d(_QuantConv, nn.Conv1d):
     """``nn.Conv1d`` with optional weight, input and output quantizers.
 
     ``y = Q_out(conv1d(Q_in(x), Q_w(W)) + b)`` on NCL input, weight ``[O, C / groups, k]``; padding (any
@@ -188,28 +186,6 @@ class QuantConv1d(nn.Conv1d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
         _attach(self, weight_quantizer, input_quantizer, output_quantizer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = _quantize(self.weight_quantizer, self.weight)
-        y = self._conv_forward(_quantize(self.input_quantizer, x), weight, self.bias)
-        return _quantize(self.output_quantizer, y)
-
-    @classmethod
-    def from_float(
-        cls,
-        layer: nn.Conv1d,
-        *,
-        weight_quantizer: QuantizerSpec = None,
-        input_quantizer: QuantizerSpec = None,
-        output_quantizer: QuantizerSpec = None,
-    ) -> QuantConv1d:
-        """A QuantConv1d with a copy of ``layer``'s weight and bias, its geometry, device, dtype and mode."""
-        new = nn.utils.skip_init(
-            cls, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-            device=layer.weight.device, dtype=layer.weight.dtype,
-        )
-        return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
 
 
 def _along_output_channels(quantizer: Quantizer) -> None:
