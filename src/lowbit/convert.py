@@ -70,8 +70,6 @@ FUNCTIONAL: dict[Any, tuple[str, tuple[str, ...]]] = {
     F.conv_transpose2d: ("conv_transpose2d",
                          ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")),
 }
-#: layers quantized already (left as they are)
-Quantized = QUANT_LAYERS
 #: layers with parameters that stay float on purpose (normalisation is folded or kept float at inference)
 KEPT_FLOAT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
 #: normalisation ops, whose parameters stay float on purpose
@@ -198,7 +196,7 @@ def _sites(gm: fx.GraphModule, report: QuantReport) -> list[_Site]:
         if node.op == "call_module":
             schema = node_schema(node, modules)
             m = modules[node.target]
-            if schema is not None and schema.name in LAYERS and not isinstance(m, Quantized):
+            if schema is not None and schema.name in LAYERS and not isinstance(m, QUANT_LAYERS):
                 sites.append(_Site(node, schema.name, m, node.target))
         elif node.op == "call_function" and node.target in FUNCTIONAL:
             op, names = FUNCTIONAL[node.target]
@@ -346,7 +344,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
         quantized_macs += site_macs
     named = [(s.path, s.layer) for s in sites] + [(n.target, gm.get_submodule(n.target)) for n in gm.graph.nodes
                                                    if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
-                                                                                           Quantized)]
+                                                                                           QUANT_LAYERS)]
     report.unmatched_rules = [r.pattern or r.layer_type for r in cfg.rules
                               if not any(r.matches(name, layer) for name, layer in named)]
     report.activations = place(gm, layers, cfg.input)
@@ -373,7 +371,7 @@ def _float_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """Called modules that own parameters and are neither quantized layers, float layers by config, nor norms;
     parameters the graph reads directly (a layer scale, a position embedding)."""
     modules = dict(gm.named_modules())
-    handled = (*KEPT_FLOAT, *Quantized, QuantAct, *(float_cls for float_cls, _ in LAYERS.values()))
+    handled = (*KEPT_FLOAT, *QUANT_LAYERS, QuantAct, *(float_cls for float_cls, _ in LAYERS.values()))
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -394,7 +392,7 @@ def _weight_fraction(gm: nn.Module) -> float:
     inside = {id(p) for q in gm.modules() if isinstance(q, Quantizer) for p in q.parameters()}
     params = [p for p in gm.parameters() if id(p) not in inside]
     quantized = sum(m.weight.numel() for m in gm.modules()
-                    if isinstance(m, Quantized) and m.weight_quantizer is not None)
+                    if isinstance(m, QUANT_LAYERS) and m.weight_quantizer is not None)
     total = sum(p.numel() for p in params)
     return quantized / total if total else 1.0
 
