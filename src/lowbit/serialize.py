@@ -68,8 +68,8 @@ from .export.graph import capture
 from .format.codecs import NumpyEncoded, values
 from .format import container
 from .format.container import LowbitFile, format_inspect, raw, read_file, write_file
-from .nn import (QUANT_LAYERS, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear,
-                 named_modules_without_quantizers)
+from .nn import (QUANT_LAYERS, STORED_ATTR, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear,
+                 freeze_weight, named_modules_without_quantizers)
 from .ops import Graph, GraphNode, validate_document, validate_file
 from .quantizers import Encoded, Quantizer, get
 
@@ -78,8 +78,6 @@ __all__ = ["GraphModel", "captured_graph", "format_inspect", "inspect_file", "lo
 
 #: model attribute read when no example input is given: the shape of one input batch
 INPUT_SHAPE_ATTR = "lowbit_input_shape"
-#: quantizer attribute holding the stored Encoded of a loaded (frozen) weight
-STORED_ATTR = "lowbit_stored"
 #: Deep Compression's relative-index widths for ``sparse=True``: conv layers 8 bits, others 5
 SPARSE_INDEX_BITS = {"conv": 8, "other": 5}
 #: quantizer state that a weight's codebook codes already hold: quantizer name -> (state name -> source)
@@ -329,20 +327,9 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise ShapeMismatchError(f"the file does not fit the architecture: {exc}") from None
 
 
-def _pass_stored_weight(quantizer: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
-    """Forward hook of a frozen weight quantizer: return the stored (already quantized) weight in eval mode;
-    the first training-mode call unfreezes it for good."""
-    if quantizer.training:
-        setattr(quantizer, STORED_ATTR, None)
-        return None
-    return args[0] if getattr(quantizer, STORED_ATTR, None) is not None else None
-
-
 def _freeze(model: nn.Module, frozen: dict[str, Encoded]) -> None:
     for name, enc in frozen.items():
-        quantizer = (model.get_submodule(name) if name else model).weight_quantizer
-        setattr(quantizer, STORED_ATTR, enc)
-        quantizer.register_forward_hook(_pass_stored_weight)
+        freeze_weight(model.get_submodule(name) if name else model, enc)
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:

@@ -3,11 +3,13 @@
 from .layers import (
     QUANT_LAYERS,
     QUANTIZER_SLOTS,
+    STORED_ATTR,
     QuantAct,
     QuantConv1d,
     QuantConv2d,
     QuantConvTranspose2d,
     QuantLinear,
+    freeze_weight,
     label_quantizers,
     named_modules_without_quantizers,
 )
@@ -15,11 +17,13 @@ from .layers import (
 __all__ = [
     "QUANT_LAYERS",
     "QUANTIZER_SLOTS",
+    "STORED_ATTR",
     "QuantAct",
     "QuantConv1d",
     "QuantConv2d",
     "QuantConvTranspose2d",
     "QuantLinear",
+    "freeze_weight",
     "label_quantizers",
     "named_modules_without_quantizers",
 ]

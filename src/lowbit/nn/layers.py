@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from ..quantizers import Quantizer, get
+from ..quantizers import Encoded, Quantizer, decode, get
 from ..quantizers.uniform import UniformQuantizer
 
 QuantizerSpec = str | dict[str, Any] | Quantizer | None
@@ -283,6 +283,35 @@ class QuantConvTranspose2d(nn.ConvTranspose2d):
 
 #: the quantized layers (a weight, an input and an output quantizer slot)
 QUANT_LAYERS = (QuantLinear, QuantConv1d, QuantConv2d, QuantConvTranspose2d)
+
+
+#: weight-quantizer attribute holding the stored Encoded of a frozen weight (loaded, or rounded by a PTQ method)
+STORED_ATTR = "lowbit_stored"
+
+
+def _pass_stored_weight(quantizer: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of a frozen weight quantizer: return the stored (already quantized) weight in eval mode;
+    the first training-mode call unfreezes it for good."""
+    if quantizer.training:
+        setattr(quantizer, STORED_ATTR, None)
+        return None
+    return args[0] if getattr(quantizer, STORED_ATTR, None) is not None else None
+
+
+def freeze_weight(layer: nn.Module, enc: Encoded) -> None:
+    """Make ``layer`` hold the weight ``decode(enc)`` and its quantizer the codes ``enc``.
+
+    In eval mode the weight quantizer then passes the weight through unchanged (it is already on the grid),
+    and save, the Engine and ONNX export store ``enc`` as it is, so codes chosen by a rounding method
+    (AdaRound, GPTQ) or read from a file survive bit for bit. Training unfreezes the layer for good.
+    """
+    quantizer = layer.weight_quantizer
+    with torch.no_grad():
+        layer.weight.copy_(decode(enc).to(layer.weight.dtype).reshape(layer.weight.shape))
+    if not getattr(quantizer, "lowbit_freeze_hook", False):
+        quantizer.register_forward_hook(_pass_stored_weight)
+        quantizer.lowbit_freeze_hook = True
+    setattr(quantizer, STORED_ATTR, enc)
 
 
 def _finish_from_float(new, layer: nn.Module, *specs: QuantizerSpec):

@@ -1,0 +1,1 @@
+"""Post-training quantization methods that keep low-bit models near float without retraining."""
