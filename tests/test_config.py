@@ -126,7 +126,7 @@ def test_unknown_version_is_rejected(version):
 
 
 def test_unknown_keys_are_rejected_and_valid_ones_listed():
-    with pytest.raises(ConfigError, match="'weights'.*valid keys: weight, input, output, first, last, rules, version"):
+    with pytest.raises(ConfigError, match="'weights'.*valid keys: weight, input, output, first, last, rules, ptq, ptq_options, version"):
         QuantConfig.from_dict({"weights": "binary"})
     with pytest.raises(ConfigError, match="'name'.*pattern, layer_type"):
         QuantConfig.from_dict({"rules": [{"pattern": "a", "name": "x"}]})

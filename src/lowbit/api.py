@@ -17,15 +17,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .analysis.summary import Summary, summary
-from .convert import QuantReport, quantize, quantize_report
+from .convert import QUANTIZED_WITH_ATTR, QuantReport, quantize, quantize_report
 from .errors import CalibrationError, LowbitError, ShapeMismatchError
+from .ptq import DATA_METHODS, PTQ_ATTR, check_methods, ordered
+from .ptq import run as run_methods
 from .quantizers import Quantizer
 from .quantizers.base import check_finite
 from .quantizers.observers import check_observer
@@ -93,8 +95,21 @@ def _run_batch(model: nn.Module, inputs: torch.Tensor, index: int) -> None:
             handle.remove()
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = None) -> nn.Module:
-    """Let every quantizer with a ``calibrating`` attribute observe ``batches``; returns ``model``.
+def _data_methods(model: nn.Module, methods: Sequence[str] | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The post-training data methods to run after the ranges, and their options: ``methods`` if given, else the
+    ones the model's config lists unless they already ran (on this model, or before it was saved)."""
+    config = (getattr(model, QUANTIZED_WITH_ATTR, None) or {}).get("config", {})
+    options = config.get("ptq_options", {})
+    if methods is None:
+        methods = [] if getattr(model, PTQ_ATTR, None) is not None else config.get("ptq", [])
+    check_methods(list(methods), {name: o for name, o in options.items() if name in methods})
+    return ordered(methods, DATA_METHODS), options
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = None, *,
+              ptq: Sequence[str] | None = None, progress: bool = False) -> nn.Module:
+    """Let every quantizer with a ``calibrating`` attribute observe ``batches``, then apply the post-training
+    data methods; returns ``model``.
 
     Sets ``calibrating = True``, runs each batch in eval mode under
     ``torch.no_grad``, then sets ``calibrating = False`` and restores each
@@ -106,7 +121,14 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
     for a batch the model cannot run, naming the layer it failed in.
     Records the input shape of one example as ``model.lowbit_input_shape``
     (batch 1), which :func:`save` uses to capture the graph.
+
+    Then the post-training data methods (:mod:`lowbit.ptq`: adaround or gptq, then bias) named by ``ptq``, or
+    by the config the model was quantized with (its ``ptq`` list, ``ptq_options``) when ``ptq`` is None and
+    they have not run on it yet, run on the same batches; their per-layer results are kept in
+    ``model.lowbit_ptq``. ``progress`` shows their progress bars.
     """
+    methods, options = _data_methods(model, ptq)
+    kept: list[torch.Tensor] = []
     calibrated = [q for q in model.modules() if isinstance(q, Quantizer) and hasattr(q, "calibrating")]
     static = [q for q in calibrated if hasattr(q, "observed") and not getattr(q, "dynamic", False)]
     if observer is not None:
@@ -126,6 +148,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
                 inputs = _batch_inputs(batch, index, dtype)
                 _run_batch(model, inputs, index)
                 count += 1
+                if methods:
+                    kept.append(inputs)
     finally:
         for q in calibrated:
             q.calibrating = False
@@ -138,4 +162,6 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
     if missed:
         listed = ", ".join(missed)
         raise CalibrationError(f"calibration never reached {listed}; feed data that runs through these layers")
+    if methods:
+        setattr(model, PTQ_ATTR, run_methods(model, kept, methods, options, progress))
     return model

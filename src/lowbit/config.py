@@ -21,6 +21,11 @@ each one a :class:`QuantConfig` gives three quantizer specs (``weight``,
    ``skip=True`` leaves it float, otherwise every spec the rule names
    replaces the one from steps 1-2 (a rule also overrides the policy).
 
+4. ``ptq``: post-training methods applied in this order whatever the list order (see :mod:`lowbit.ptq`):
+   ``"cle"`` (cross-layer equalization, data-free, run by ``quantize``), then by ``calibrate`` after the
+   activation ranges: ``"adaround"`` or ``"gptq"`` (weight rounding, at most one), ``"bias"`` (bias
+   correction); ``ptq_options`` maps a method to its keyword options, e.g. ``{"adaround": {"steps": 500}}``.
+
 Configs round-trip through :meth:`QuantConfig.to_dict` / :meth:`QuantConfig.to_json`
 with a ``version``; reading accepts only known keys and versions (an allowlist)
 and raises :class:`~lowbit.errors.ConfigError` otherwise. Presets are data:
@@ -202,6 +207,8 @@ class QuantConfig:
     first: str | dict[str, Spec] = "8bit"
     last: str | dict[str, Spec] = "8bit"
     rules: list[LayerRule] = field(default_factory=list)
+    ptq: list[str] = field(default_factory=list)
+    ptq_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -219,6 +226,9 @@ class QuantConfig:
             raise ConfigError("config rules must be a list of LayerRule")
         for rule in self.rules:
             rule.validate()
+        from .ptq import check_methods  # the methods' options are their functions' keywords
+
+        check_methods(self.ptq, self.ptq_options)
 
     def layer_specs(
         self, name: str, module: nn.Module, first: bool = False, last: bool = False
@@ -239,7 +249,8 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         specs = {slot: copy.deepcopy(getattr(self, slot)) for slot in (*SLOTS, "first", "last")}
-        return {"version": self.version, **specs, "rules": [r.to_dict() for r in self.rules]}
+        methods = {"ptq": list(self.ptq), "ptq_options": copy.deepcopy(self.ptq_options)} if self.ptq else {}
+        return {"version": self.version, **specs, "rules": [r.to_dict() for r in self.rules], **methods}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:

@@ -42,11 +42,13 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from . import ptq
 from .config import QuantConfig, as_config
-from .errors import UnsupportedLayerError
+from .errors import ConfigError, UnsupportedLayerError
 from .export.graph import node_schema, propagate, trace
 from .nn import QUANT_LAYERS, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear, label_quantizers
 from .placement import place
+from .ptq.result import LayerResult
 from .quantizers import Quantizer
 
 __all__ = ["KEPT_FLOAT", "LAYERS", "QUANTIZED_WITH_ATTR", "QuantReport", "fold_batchnorm", "quantize",
@@ -88,7 +90,7 @@ class QuantReport:
     although it holds weights; ``unmatched_rules``: config rules that match no layer. ``weight_fraction``: the
     share of the model's parameters (elements) in quantized weights; ``mac_fraction``: the share of the
     multiply-accumulates of all linear / conv calls run by quantized layers, measured on ``example_input``
-    (None without one).
+    (None without one); ``ptq``: what the data-free post-training methods (cross-layer equalization) did.
     """
 
     model: nn.Module
@@ -100,6 +102,7 @@ class QuantReport:
     unmatched_rules: list[str] = field(default_factory=list)
     weight_fraction: float = 0.0
     mac_fraction: float | None = None
+    ptq: list[LayerResult] = field(default_factory=list)
 
     def __str__(self) -> str:
         macs = "" if self.mac_fraction is None else f", {self.mac_fraction:.1%} of MACs"
@@ -360,6 +363,11 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
         report.mac_fraction = quantized_macs / total if total else 1.0
     label_quantizers(gm)
     gm.train(model.training)
+    if "cle" in cfg.ptq:
+        if not fold:
+            raise ConfigError("ptq method 'cle' equalizes layers whose batch norms are folded: quantize the model "
+                              "in eval mode (model.eval()) or with fold_bn=True")
+        report.ptq = ptq.method("cle")(gm, **cfg.ptq_options.get("cle", {}))
     setattr(gm, QUANTIZED_WITH_ATTR, {"config": cfg.to_dict(), "fold_bn": fold})
     for attr in ("lowbit_input_shape",):
         if hasattr(model, attr):

@@ -71,6 +71,7 @@ from .format.container import LowbitFile, format_inspect, raw, read_file, write_
 from .nn import (QUANT_LAYERS, STORED_ATTR, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear,
                  freeze_weight, named_modules_without_quantizers)
 from .ops import Graph, GraphNode, validate_document, validate_file
+from .ptq import PTQ_ATTR
 from .quantizers import Encoded, Quantizer, get
 
 __all__ = ["GraphModel", "captured_graph", "format_inspect", "inspect_file", "load", "load_state_dict", "save",
@@ -351,6 +352,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         built = _convert(model, lowbit_file.document["model"], layers)
     _load_into(built, state)
     _freeze(built, frozen)
+    setattr(built, PTQ_ATTR, [])  # what the file holds is final: calibrating it again does not rerun the methods
     document_model = lowbit_file.document["model"]
     if "config" in document_model:  # saved again, the model records the same
         setattr(built, QUANTIZED_WITH_ATTR, {"config": document_model["config"],
