@@ -226,6 +226,20 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset for calibration: mnist, fashion-mnist, digits, cifar10, cifar100 or "
                              "imagefolder:DIR (default: from run.json, else mnist)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
+    parser.add_argument("--ptq", default=None, metavar="METHODS",
+                        help="post-training methods, comma-separated, replacing the preset's: cle (cross-layer "
+                             "equalization), adaround or gptq (weight rounding), bias (bias correction); "
+                             "'none' for none")
+    parser.add_argument("--observer", default=None,
+                        help="minmax, percentile, mse or entropy: how static activation ranges are read off the "
+                             "calibration data (default: the preset's, min/max)")
+    parser.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                        help="accuracy budget: keep the most sensitive layers at 8 bits until the drop on a held-out "
+                             "slice of the training set is at most POINTS percentage points (top-1 agreement with "
+                             "the float model where the data has no labels)")
+    parser.add_argument("--holdout", type=int, default=1000,
+                        help="training images held out (apart from the calibration sample) to measure --max-drop "
+                             "on (default: 1000)")
     _add_entropy(parser)
     _add_data_dir(parser)
     add_model_options(parser)
@@ -273,7 +287,9 @@ def _quantize_source(args: argparse.Namespace) -> tuple[Any, str, Any, str | Non
 
 def _run_quantize(args: argparse.Namespace) -> Output:
     from . import workflow
-    from .config import as_config
+    from .analysis.budget import fit_budget
+    from .config import QuantConfig, as_config
+    from .ptq import PTQ_ATTR, summarize
 
     if args.config is not None and args.preset is not None:
         raise ConfigError("give either --preset or --config, not both")
@@ -293,13 +309,33 @@ def _run_quantize(args: argparse.Namespace) -> Output:
             f"(--preset {trained_with}) or start from a float checkpoint to use {args.preset!r}"
         )
     preset = args.preset or trained_with or "w8a8"
-    as_config(preset)  # an unknown preset fails before any data is read
+    config = as_config(preset)  # an unknown preset fails before any data is read
     label = args.config or (preset if isinstance(preset, str) else "its training config")
+    if args.ptq is not None:
+        methods = [] if args.ptq == "none" else [m.strip() for m in args.ptq.split(",")]
+        config = QuantConfig.from_dict({**config.to_dict(), "ptq": methods,
+                                        "ptq_options": {m: o for m, o in config.ptq_options.items() if m in methods}})
+        label += f" + ptq {args.ptq}"
+    if args.observer is not None:
+        label += f" ({args.observer} ranges)"
     batches = (workflow.calibration_batches(data, args.calib_batches, seed=args.seed, data_dir=args.data_dir,
                                             progress=args.progress)
                if args.calib_batches else None)
-    report = workflow.post_training_report(model, preset, batches, workflow.example_input(data, input_shape))
+    example = workflow.example_input(data, input_shape)
+    budget = None
+    if args.max_drop is not None:
+        if batches is None:
+            raise ConfigError("--max-drop needs calibration data: --data and --calib-batches >= 1")
+        images, labels = workflow.holdout_set(data, args.holdout, args.calib_batches, seed=args.seed,
+                                              data_dir=args.data_dir, progress=args.progress)
+        budget = fit_budget(model, config, batches, images, labels, args.max_drop, progress=args.progress,
+                            example_input=example, observer=args.observer)
+        report = budget.report
+    else:
+        report = workflow.post_training_report(model, config, batches, example, observer=args.observer,
+                                               progress=args.progress)
     quantized = report.model
+    results = report.ptq + (getattr(quantized, PTQ_ATTR, None) or [])
     path = workflow.save_quantized(quantized, out, data, args.entropy, input_shape=input_shape)
     data = data_label(data)
     # the float size with batch norms folded, as the quantized model (and any float deployment) has them
@@ -309,10 +345,13 @@ def _run_quantize(args: argparse.Namespace) -> Output:
                 "float_bytes": reference, "ratio": size / reference, "layers_quantized": len(report.converted),
                 "mac_fraction": report.mac_fraction, "weight_fraction": report.weight_fraction,
                 "batch_norms_folded": len(report.folded), "kept_float": report.kept_float,
-                "float": [{"name": name, "reason": reason} for name, reason in report.unsupported]}
+                "float": [{"name": name, "reason": reason} for name, reason in report.unsupported],
+                "ptq": [r.to_dict() for r in results],
+                "budget": None if budget is None else budget.to_dict()}
     text = (f"wrote {path}: {model_name} quantized with {label}, calibrated on {args.calib_batches} batch(es) of "
             f"{data} training images; {size:,} bytes = {100 * size / reference:.1f}% of the float32 parameters "
             f"({reference:,} bytes)\n{report}")
+    text += "".join(f"\n{line}" for line in summarize(results)) + ("" if budget is None else f"\n{budget}")
     return Output(text=text, data=data_out)
 
 

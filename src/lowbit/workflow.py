@@ -127,6 +127,17 @@ def calibration_batches(
     return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
 
 
+def holdout_set(data: Data, count: int, calibration_batches: int, batch_size: int = CALIB_BATCH_SIZE,
+                seed: int = 0, data_dir: str | os.PathLike | None = None,
+                progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` training images and labels apart from the :func:`calibration_batches` sample of the same seed
+    (the next ones of the same permutation), never the test split: where an accuracy budget is measured."""
+    check_positive(count, "held-out images")
+    skip = calibration_batches * batch_size
+    return load_dataset(data, "train", data_dir, select=lambda n: random_sample(n, skip + count, seed)[skip:],
+                        progress=progress)
+
+
 def random_sample(size: int, count: int, seed: int) -> torch.Tensor:
     """``count`` (at most ``size``) indices of ``range(size)`` drawn without replacement, seeded by ``seed``."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count]
@@ -395,13 +406,15 @@ def post_training_quantize(model: nn.Module, config: Config, batches: Iterable[t
 
 
 def post_training_report(model: nn.Module, config: Config, batches: Iterable[torch.Tensor] | None,
-                         example: torch.Tensor | None = None) -> api.QuantReport:
+                         example: torch.Tensor | None = None, observer: str | None = None,
+                         progress: bool = False) -> api.QuantReport:
     """:func:`post_training_quantize` with its :class:`~lowbit.QuantReport` (MAC fraction measured on
-    ``example`` when given)."""
+    ``example`` when given); ``observer`` replaces the static ranges' observer; the config's post-training
+    methods run (``progress`` shows them)."""
     report = api.quantize_report(model, config, example_input=example)
     quantized = report.model
     if batches is not None:
-        api.calibrate(quantized, batches)
+        api.calibrate(quantized, batches, observer, progress=progress)
     else:
         unobserved = [q.label or q.where() for q in quantized.modules()
                       if isinstance(q, Quantizer) and not getattr(q, "observed", True)]

@@ -19,7 +19,7 @@ If even every ranked layer at 8 bits misses the budget, a CalibrationError says 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..api import calibrate, quantize
+from ..api import QuantReport, calibrate, quantize_report
 from ..config import EIGHT_BIT, LayerRule, QuantConfig, as_config
 from ..errors import CalibrationError, ConfigError
 from .sensitivity import measure_sensitivity
@@ -43,13 +43,18 @@ class BudgetResult:
     """
 
     config: QuantConfig
-    model: nn.Module
+    report: QuantReport
     metric: str
     float_score: float
     score: float
     max_drop: float
     raised: list[tuple[str, float]] = field(default_factory=list)
     trials: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def model(self) -> nn.Module:
+        """The quantized, calibrated model that meets the budget."""
+        return self.report.model
 
     @property
     def drop(self) -> float:
@@ -93,10 +98,12 @@ def with_raised(config: QuantConfig, layers: Sequence[str]) -> QuantConfig:
 
 
 def fit_budget(model: nn.Module, config: Any, batches: Sequence[torch.Tensor], images: torch.Tensor,
-               labels: torch.Tensor | None = None, max_drop: float = 0.5, progress: bool = False) -> BudgetResult:
+               labels: torch.Tensor | None = None, max_drop: float = 0.5, progress: bool = False,
+               example_input: torch.Tensor | None = None, observer: str | None = None) -> BudgetResult:
     """Quantize the float ``model`` with ``config`` (calibrated on ``batches``) keeping the most sensitive layers
     at 8 bits until the drop on ``images`` (``labels``, or agreement with float without them) is at most
-    ``max_drop`` points; see the module docstring."""
+    ``max_drop`` points; see the module docstring. ``example_input`` lets the report measure MACs; ``observer``
+    replaces the static ranges' observer."""
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < 100:
         raise ConfigError(f"max_drop is a number of percentage points in [0, 100), got {max_drop!r}")
     config = as_config(config)
@@ -111,18 +118,21 @@ def fit_budget(model: nn.Module, config: Any, batches: Sequence[torch.Tensor], i
         with torch.no_grad():
             return float((quantized.eval()(images).argmax(1) == targets).double().mean())
 
-    def measured(raised: Sequence[str]) -> tuple[nn.Module, float, QuantConfig]:
+    def measured(raised: Sequence[str]) -> tuple[QuantReport, float, QuantConfig]:
         trial = with_raised(config, raised)
-        quantized = calibrate(quantize(model, trial), batches, progress=progress)
-        return quantized, score_of(quantized), trial
+        report = quantize_report(model, trial, example_input=example_input)
+        calibrate(report.model, batches, observer, progress=progress)
+        return report, score_of(report.model), trial
 
-    def result(raised: Sequence[str], noise: dict[str, float], run: tuple[nn.Module, float, QuantConfig],
+    def result(raised: Sequence[str], noise: dict[str, float], run: tuple[QuantReport, float, QuantConfig],
                trials: list[tuple[int, float]]) -> BudgetResult:
-        return BudgetResult(config=run[2], model=run[0], metric="accuracy" if labels is not None else "agreement",
+        return BudgetResult(config=run[2], report=run[0], metric="accuracy" if labels is not None else "agreement",
                             float_score=float_score, score=run[1], max_drop=float(max_drop),
                             raised=[(n, noise[n]) for n in raised], trials=trials)
 
-    within: Callable[[float], bool] = lambda score: 100 * (float_score - score) <= max_drop + 1e-9
+    def within(score: float) -> bool:
+        return 100 * (float_score - score) <= max_drop + 1e-9
+
     first = measured([])
     trials = [(0, 100 * (float_score - first[1]))]
     if within(first[1]):

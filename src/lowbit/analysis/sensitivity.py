@@ -225,6 +225,7 @@ def _other_bytes(model: nn.Module) -> int:
     return summary(quantize(model, QuantConfig(first="same", last="same"))).other_bytes
 
 
+@torch.no_grad()
 def measure_sensitivity(
     model: nn.Module,
     images: torch.Tensor,

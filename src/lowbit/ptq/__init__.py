@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,6 +85,22 @@ def check_methods(methods: Any, options: Any) -> None:
 def ordered(methods: Sequence[str], among: Sequence[str] = tuple(METHODS)) -> list[str]:
     """The listed methods that are in ``among``, in the order they run."""
     return [m for m in METHODS if m in methods and m in among]
+
+
+def summarize(results: Sequence[LayerResult]) -> list[str]:
+    """One line per method: layers changed, seconds, and the layer-output error before -> after (geometric mean
+    of the per-layer ratios) where the method measured it."""
+    lines = []
+    for name in dict.fromkeys(r.method for r in results):
+        rows = [r for r in results if r.method == name]
+        line = f"{name}: {len(rows)} layer(s), {sum(r.seconds for r in rows):.1f} s"
+        ratios = [r.error_after / r.error_before for r in rows
+                  if r.error_before and r.error_after is not None and r.error_before > 0]
+        if ratios:
+            mean = math.exp(sum(math.log(max(x, 1e-30)) for x in ratios) / len(ratios))
+            line += f", layer output error x{mean:.3f} of round-to-nearest (geometric mean)"
+        lines.append(line)
+    return lines
 
 
 def run(model: nn.Module, batches: Sequence[torch.Tensor], methods: Sequence[str],
