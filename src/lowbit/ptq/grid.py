@@ -1,0 +1,139 @@
+"""A weight's fixed grid: the values its quantizer can give, found once from the whole weight, then held fixed
+while a rounding method (GPTQ) moves the weights and rounds them a column at a time.
+
+The grid comes from the layer's own weight quantizer: ``enc = quantizer.encode(W)`` on the original weight gives
+its parameters, and then
+
+- ``affine`` (``uniform`` and ``linear``): q = clamp(round(w * (1/s)) + z, qmin, qmax), value (q - z) s with the
+  quantizer's own float32 arithmetic (:func:`~lowbit.quantizers.uniform.affine_codes`), s and z per tensor or per
+  output channel, so on the original weight the codes are exactly ``encode``'s;
+- ``log`` (``log2``): the values 0 and +-2^e, e in [fsr - 2^b + 1, fsr - 1] (only + when unsigned), fsr fixed;
+- ``codebook`` (``kmeans``): the codebook's entries, fitted once.
+
+A value maps to the nearest representable value (log and codebook: nearest in value, ties to the smaller one;
+log2's own rounding is in the log domain, which rounds 2^e (sqrt 2, 1.5) up, not to the nearest value), and the
+codes pack into the quantizer's ``Encoded`` (same kind, params and meta as its ``encode``), so save, the Engine and
+ONNX export take them. Values are decoded exactly as :func:`~lowbit.quantizers.decode` decodes the codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import torch
+
+from ..quantizers import Encoded, Quantizer, decode
+from ..quantizers.base import along
+from ..quantizers.log2 import log_encoded
+from ..quantizers.uniform import affine_codes, affine_encoded
+
+#: weight quantizers with a fixed grid, by registry name
+GRID_QUANTIZERS = ("uniform", "linear", "log2", "kmeans")
+
+
+class FixedGrid(Protocol):
+    """What a rounding method needs of a weight's grid."""
+
+    def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, value): each value's grid index (int64) and nearest representable value (``x``'s dtype)."""
+
+    def encoded(self, index: torch.Tensor) -> Encoded:
+        """The quantizer's Encoded for grid indices laid out as the weight."""
+
+    def by_rows(self, groups: int) -> FixedGrid:
+        """The grid for the weight viewed as ``[groups, out_channels / groups, columns]``."""
+
+
+@dataclass(frozen=True)
+class AffineGrid:
+    """q = clamp(round(w / s) + z, qmin, qmax) with s, z fixed (scalars, or 1-D along the weight's ``axis``)."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+    axis: int | None
+    #: shape the per-channel parameters take against the values given to ``nearest`` (None: along ``axis``)
+    view: tuple[int, ...] | None = None
+
+    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scale.dim() == 0 or self.view is None:
+            return along(self.scale, self.axis, x.dim()), along(self.zero_point, self.axis, x.dim())
+        return self.scale.reshape(self.view), self.zero_point.reshape(self.view)
+
+    def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero_point = self._params(x)
+        codes, _ = affine_codes(x, scale, zero_point, self.qmin, self.qmax)
+        return codes, decode(affine_encoded(codes, scale, zero_point, self.qmin, self.qmax, None)).to(x.dtype)
+
+    def encoded(self, index: torch.Tensor) -> Encoded:
+        return affine_encoded(index, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+
+    def by_rows(self, groups: int) -> AffineGrid:
+        if self.scale.dim() and self.axis != 0:
+            raise ValueError(f"per-channel parameters along axis {self.axis} do not follow the rows")
+        return replace(self, view=(groups, -1, 1))
+
+
+@dataclass(frozen=True)
+class TableGrid:
+    """A per-tensor table of representable values (sorted); index i is the i-th smallest value."""
+
+    values: torch.Tensor
+    #: grid indices (the weight's shape) -> the quantizer's Encoded
+    pack: Callable[[torch.Tensor], Encoded]
+
+    def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self.values.double()
+        index = torch.searchsorted((table[:-1] + table[1:]) / 2, x.double().contiguous(), side="left")
+        return index, self.values[index].to(x.dtype)
+
+    def encoded(self, index: torch.Tensor) -> Encoded:
+        return self.pack(index)
+
+    def by_rows(self, groups: int) -> TableGrid:
+        return self
+
+
+def _table(values: torch.Tensor, entries: torch.Tensor, pack: Callable[[torch.Tensor], Encoded]) -> TableGrid:
+    """The grid of ``values`` (float32, any order) whose i-th one is the quantizer's entry ``entries[i]``;
+    ``pack(entries)`` builds the Encoded."""
+    order = torch.sort(values, stable=True).indices
+    sorted_entries = entries[order]
+    return TableGrid(values[order], lambda index: pack(sorted_entries[index]))
+
+
+def _log_grid(enc: Encoded) -> TableGrid:
+    bits, fsr, signed = enc.bits, enc.meta["fsr"], enc.meta["signed"]
+    codes = torch.arange(2**bits, device=enc.codes.device)
+    signs = torch.ones_like(codes)
+    if signed:  # -2^e for codes 1..2^b - 1 (code 0 is zero with sign +1)
+        codes, signs = torch.cat([codes, codes[1:]]), torch.cat([signs, -signs[1:]])
+    values = decode(log_encoded(codes, signs.to(torch.int8), bits, fsr, signed))
+    entries = torch.stack([codes, signs], dim=-1)
+    return _table(values, entries,
+                  lambda e: log_encoded(e[..., 0], e[..., 1].to(torch.int8), bits, fsr, signed))
+
+
+def _codebook_grid(enc: Encoded) -> TableGrid:
+    codebook = enc.params["codebook"].detach().float()
+    return _table(codebook, torch.arange(codebook.numel()),
+                  lambda codes: Encoded("codebook", codes, enc.bits, {"codebook": codebook.clone()}))
+
+
+def fixed_grid(quantizer: Quantizer, weight: torch.Tensor) -> FixedGrid:
+    """The grid ``quantizer`` puts ``weight`` on (its ``encode`` of the whole weight fixes the parameters).
+
+    ``quantizer`` is one of :data:`GRID_QUANTIZERS` (the caller checks).
+    """
+    with torch.no_grad():
+        enc = quantizer.encode(weight.detach())
+    if enc.kind == "affine":
+        p = enc.params
+        return AffineGrid(p["scale"].float(), p["zero_point"].long(), enc.meta["qmin"], enc.meta["qmax"],
+                          enc.meta.get("axis"))
+    if enc.kind == "log":
+        return _log_grid(enc)
+    return _codebook_grid(enc)
