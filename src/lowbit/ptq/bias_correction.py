@@ -8,8 +8,9 @@ widths). Adding it to ``b`` removes it.
 - :func:`correct_bias` (empirical): ``E[y - y~]`` over calibration batches, ``y`` from the float model
   (:func:`~.capture.quantizers_off`, original biases) on its own inputs, ``y~`` from the quantized model on its
   inputs, through the layer's input quantizer and with its quantized weight, both before any output quantizer.
-  Layer by layer in run order, so each layer's ``y~`` sees the corrections of the layers before it. Covers every
-  error source (weight, input and upstream quantization).
+  Layer by layer in run order, so each layer's ``y~`` sees the corrections of the layers before it: the two
+  models run side by side through the graph, node by node, and each layer is corrected when both reach it (one
+  forward of each, not one per layer). Covers every error source (weight, input and upstream quantization).
 - :func:`correct_bias_analytic` (data-free, the paper's variant): ``E[y - y~] = -(W~ - W) E[x]`` for the weight
   error alone, with ``E[x]`` from the batch norm folded into the layer before, whose output per channel is taken
   as ``N(mu, sigma^2)`` (``mu = beta``, ``sigma = |gamma|``, recorded by the fold: :data:`.equalize.FOLDED_BATCHNORM`)
@@ -25,9 +26,9 @@ model as ``reference`` (a deep copy taken before rounding).
 from __future__ import annotations
 
 import math
+import operator
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from ..errors import CalibrationError, ConfigError
 from ..nn import STORED_ATTR
-from .capture import layer_inputs, layer_output, quantized_layers, quantizers_off
+from .capture import layer_output, quantized_layers, quantizers_off
 from .equalize import FOLDED_BATCHNORM, Link, input_shift, input_view, links
 from .result import LayerResult
 
@@ -65,49 +66,52 @@ def _quantized_weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight_quantizer(layer.weight)
 
 
-@contextmanager
-def _biases(layers: list[tuple[str, nn.Module]], values: dict[str, torch.Tensor | None]) -> Iterator[None]:
-    """Within the block each layer's bias holds ``values[name]`` (zeros for None: a bias added later)."""
-    saved = {}
-    with torch.no_grad():
-        for name, layer in layers:
-            if layer.bias is not None:
-                saved[name] = layer.bias.detach().clone()
-                layer.bias.copy_(values[name] if values[name] is not None else 0)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, layer in layers:
-                if name in saved:
-                    layer.bias.copy_(saved[name])
-
-
 def _per_channel(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(sum, sum of squares) per channel along ``axis`` in float64, and the values per channel."""
     y = y.double().movedim(axis, -1).reshape(-1, y.shape[axis])
     return y.sum(0), y.square().sum(0), y.shape[0]
 
 
-def correct_bias(model: nn.Module, batches: Sequence[torch.Tensor], *, reference: nn.Module | None = None,
+def _run(node: fx.Node, env: dict[fx.Node, list], modules: dict[str, nn.Module], owner: nn.Module, index: int,
+         batch: torch.Tensor):
+    """The value of ``node`` for batch ``index`` from the values of its inputs in ``env``."""
+    args = fx.node.map_arg(node.args, lambda n: env[n][index])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n][index])
+    if node.op == "placeholder":
+        return batch
+    if node.op == "get_attr":
+        return operator.attrgetter(node.target)(owner)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return modules[node.target](*args, **kwargs)
+
+
+def correct_bias(model: fx.GraphModule, batches: Sequence[torch.Tensor], *, reference: fx.GraphModule | None = None,
                  progress: bool = False) -> list[LayerResult]:
     """Empirical bias correction of every quantized layer of ``model`` in run order, in place (module docstring).
 
-    ``batches``: calibration inputs (activation ranges already calibrated). ``reference``: the float model with
-    the same layer paths (default: ``model`` itself with its quantizers off and its original biases), needed
-    once layers are frozen on rounded codes. Returns one result per layer: ``error_before`` / ``error_after``,
-    the mean squared error of the layer output against the float one on the batches before and after the
-    correction, and details ``mean_shift`` / ``max_shift`` (mean and largest |correction|), ``bias_added``
-    (the layer had none). CalibrationError for no batches, a frozen layer without ``reference``, or a layer the
-    batches never reach.
+    ``batches``: calibration inputs (activation ranges already calibrated). ``reference``: the float model, a copy
+    of ``model`` taken before its weights were rounded (default: ``model`` itself with its quantizers off and its
+    original biases), needed once layers are frozen on rounded codes. The float and the quantized model run side
+    by side through the graph, node by node over all batches, so each layer is corrected before the quantized
+    values go past it and the cost is about one forward of each (the live activations of all batches are held,
+    twice). Returns one result per layer: ``error_before`` / ``error_after``, the mean squared error of the layer
+    output against the float one on the batches before and after the correction, and details ``mean_shift`` /
+    ``max_shift`` (mean and largest |correction|), ``bias_added`` (the layer had none). CalibrationError for no
+    batches, a frozen layer without ``reference``, or a reference without one of the layers.
     """
+    if not isinstance(model, fx.GraphModule) or reference is not None and not isinstance(reference, fx.GraphModule):
+        raise ConfigError("correct_bias works on the fx.GraphModule lowbit.quantize returns (and a copy of it as "
+                          f"reference), got {type(model).__name__}")
     batches = list(batches)
     if not batches:
         raise CalibrationError("correct_bias needs at least one calibration batch")
-    layers = quantized_layers(model)
     float_model = model if reference is None else reference
-    float_layers = {}
-    for name, layer in layers:
+    layers = dict(quantized_layers(model))
+    float_layers, originals = {}, {}
+    for name, layer in layers.items():
         if reference is None and _frozen(layer):
             raise CalibrationError(f"correct_bias: layer {name!r} is frozen on rounded codes, so its float weight is "
                                    "gone; pass reference=<a copy of the model taken before rounding>")
@@ -115,54 +119,75 @@ def correct_bias(model: nn.Module, batches: Sequence[torch.Tensor], *, reference
             float_layers[name] = float_model.get_submodule(name)
         except AttributeError:
             raise CalibrationError(f"correct_bias: the reference model has no layer {name!r}") from None
-    originals = {name: None if layer.bias is None else layer.bias.detach().clone() for name, layer in layers}
-    training = model.training
+        bias = float_layers[name].bias
+        originals[name] = None if bias is None else bias.detach().clone()
+    nodes = list(model.graph.nodes)
+    if sum(node.op == "placeholder" for node in nodes) > 1:
+        raise CalibrationError("correct_bias: the model takes several inputs; calibration batches hold one tensor")
+    first_calls = {}
+    for node in nodes:
+        if node.op == "call_module" and node.target in layers:
+            first_calls.setdefault(node.target, node)
+    if not first_calls:
+        return []
+    last = max(nodes.index(node) for node in first_calls.values())
+    last_use = {inp: node for node in nodes for inp in node.all_input_nodes}
+    modules, float_modules = dict(model.named_modules()), dict(float_model.named_modules())
+    quantized_env: dict[fx.Node, list] = {}
+    float_env: dict[fx.Node, list] = {}
     results = []
+    modes = [(m, m.training) for m in (model, float_model)]
     try:
         model.eval()
         float_model.eval()
-        for name, layer in tqdm(layers, desc="bias correction", unit="layer", disable=not progress):
-            start = time.perf_counter()
-            shift, before = _mean_error(model, float_model, name, layer, float_layers[name], batches,
-                                        lambda: _biases(layers, originals) if float_model is model else nullcontext())
-            added = layer.bias is None
-            _ensure_bias(layer)
-            with torch.no_grad():
-                layer.bias += shift.to(layer.bias.dtype)
-            # E[(d - m)^2] = E[d^2] - m^2 per channel, every channel holding as many values
-            after = max(before - float(shift.square().mean()), 0.0)
-            results.append(LayerResult("bias", name, time.perf_counter() - start, before, after,
-                                       {"mean_shift": float(shift.abs().mean()), "max_shift": float(shift.abs().max()),
-                                        "bias_added": added}))
+        bar = tqdm(total=len(first_calls), desc="bias correction", unit="layer", disable=not progress)
+        with torch.no_grad(), bar:
+            for node in nodes[:last + 1]:
+                name = node.target if node.op == "call_module" and node.target in layers else None
+                if name is not None and first_calls[name] is node:
+                    results.append(_correct(name, layers[name], float_layers[name], float_env[node.args[0]],
+                                            quantized_env[node.args[0]]))
+                    bar.update()
+                with quantizers_off(float_model):
+                    float_env[node] = [
+                        layer_output(float_layers[name], float_env[node.args[0]][i], bias=originals[name])
+                        if name is not None else _run(node, float_env, float_modules, float_model, i, batch)
+                        for i, batch in enumerate(batches)]
+                quantized_env[node] = [_run(node, quantized_env, modules, model, i, batch)
+                                       for i, batch in enumerate(batches)]
+                for used in node.all_input_nodes:
+                    if last_use[used] is node:
+                        del float_env[used], quantized_env[used]
     finally:
-        model.train(training)
-        if float_model is not model:
-            float_model.train(training)
+        for m, training in modes:
+            m.train(training)
     return results
 
 
-def _mean_error(model: nn.Module, float_model: nn.Module, name: str, layer: nn.Module, float_layer: nn.Module,
-                batches: list[torch.Tensor], float_biases: Callable[[], AbstractContextManager]) -> \
-        tuple[torch.Tensor, float]:
-    """Per output channel ``E[y - y~]`` over the batches, and the mean squared error ``E[(y - y~)^2]``;
-    ``float_biases()`` gives the float model its original biases for a while."""
+def _correct(name: str, layer: nn.Module, float_layer: nn.Module, float_inputs: list[torch.Tensor],
+             quantized_inputs: list[torch.Tensor]) -> LayerResult:
+    """Add ``E[y - y~]`` over the batches to the layer's bias; its result."""
+    start = time.perf_counter()
     axis = _channel_axis(layer)
+    weight = _quantized_weight(layer)
     total = squares = None
     count = 0
-    with torch.no_grad():
-        weight = _quantized_weight(layer)
-        for batch in batches:
-            with quantizers_off(float_model), float_biases():
-                x_float = layer_inputs(float_model, float_layer, [batch])
-            x_quant = layer_inputs(model, layer, [batch])
-            if not x_float or not x_quant:
-                raise CalibrationError(f"correct_bias: layer {name!r} received no input from the calibration batches")
-            x = x_quant[0] if layer.input_quantizer is None else layer.input_quantizer(x_quant[0])
-            error = layer_output(float_layer, x_float[0], bias=False) - layer_output(layer, x, weight, bias=False)
-            s, q, n = _per_channel(error, axis)
-            total, squares = (s, q) if total is None else (total + s, squares + q)
-            count += n
-    return total / count, float(squares.sum()) / (count * total.numel())
+    for x_float, x in zip(float_inputs, quantized_inputs):
+        x = x if layer.input_quantizer is None else layer.input_quantizer(x)
+        error = layer_output(float_layer, x_float, bias=False) - layer_output(layer, x, weight, bias=False)
+        s, q, n = _per_channel(error, axis)
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        count += n
+    shift = total / count
+    before = float(squares.sum()) / (count * total.numel())
+    added = layer.bias is None
+    _ensure_bias(layer)
+    layer.bias += shift.to(layer.bias.dtype)
+    # E[(d - m)^2] = E[d^2] - m^2 per channel, every channel holding as many values
+    after = max(before - float(shift.square().mean()), 0.0)
+    return LayerResult("bias", name, time.perf_counter() - start, before, after,
+                       {"mean_shift": float(shift.abs().mean()), "max_shift": float(shift.abs().max()),
+                        "bias_added": added})
 
 
 # ---------------------------------------------------------------------------------------- the analytic variant
