@@ -267,8 +267,7 @@ def test_frozen_weights_are_exactly_the_codes_and_survive_save_and_load(tmp_path
 
 
 def test_nearest_is_kept_where_adaround_reconstructs_worse():
-    # lambda so large that the regulariser alone decides: every weight jumps to the nearer end of its h(V)...
-    # learned for a few steps at a huge rate, which lands far from nearest; the worse rounding is not kept
+    # no warm-up, a huge rate and a regulariser 10^4 times the default throw the rounding far from nearest
     torch.manual_seed(14)
     layer = QuantLinear(32, 16, weight_quantizer=uniform(3))
     nearest = layer.weight_quantizer.encode(layer.weight.detach())
