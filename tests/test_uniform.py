@@ -18,6 +18,7 @@ from lowbit.quantizers import decode, get
 from lowbit.quantizers.uniform import (
     UniformQuantizer,
     affine_codes,
+    affine_encoded,
     affine_qparams,
     affine_qrange,
     fake_quantize_affine,
@@ -295,18 +296,85 @@ def test_static_state_dict_round_trip_per_channel():
     assert torch.equal(decode(fresh.encode(x)), fresh(x))
 
 
-def test_static_percentile_calibration_averages_batch_percentiles():
+def test_static_percentile_calibration_reads_one_histogram_of_all_batches():
     import numpy as np
+
+    from lowbit.quantizers.observers import HISTOGRAM_BINS
 
     q = UniformQuantizer(bits=8, dynamic=False, observer="percentile", percentile=90.0).eval()
     q.calibrating = True
     data = batches(3)
     for b in data:
+        assert q(b) is b  # calibration passes the float input through
+    q.calibrating = False
+    assert not q.observed and q.histogram is not None  # the range comes when calibration finishes
+    q.finish_calibration()
+    everything = torch.cat([b.reshape(-1) for b in data]).numpy()
+    bin_width = (max(everything.max(), 0) - min(everything.min(), 0)) / HISTOGRAM_BINS
+    assert abs(q.stats.min_val.item() - np.percentile(everything, 10)) <= bin_width
+    assert abs(q.stats.max_val.item() - np.percentile(everything, 90)) <= bin_width
+    assert q.histogram is None and q.stats.batches.item() == 3
+    assert set(q.state_dict()) == {"stats.min_val", "stats.max_val", "stats.batches"}
+
+
+def test_static_per_channel_percentile_calibration_averages_batch_percentiles():
+    import numpy as np
+
+    q = UniformQuantizer(bits=8, dynamic=False, per_channel=True, observer="percentile", percentile=90.0).eval()
+    q.calibrating = True
+    data = batches(3)
+    for b in data:
         q(b)
-    lows = [np.percentile(b.numpy(), 10) for b in data]
-    highs = [np.percentile(b.numpy(), 90) for b in data]
-    assert q.stats.min_val.item() == pytest.approx(np.mean(lows), rel=1e-5)
-    assert q.stats.max_val.item() == pytest.approx(np.mean(highs), rel=1e-5)
+    lows = np.mean([np.percentile(b.numpy(), 10, axis=1) for b in data], axis=0)
+    highs = np.mean([np.percentile(b.numpy(), 90, axis=1) for b in data], axis=0)
+    np.testing.assert_allclose(q.stats.min_val.numpy(), lows, rtol=1e-5)
+    np.testing.assert_allclose(q.stats.max_val.numpy(), highs, rtol=1e-5)
+
+
+def test_a_new_calibration_replaces_a_histogram_range():
+    q = UniformQuantizer(bits=8, dynamic=False, observer="mse").eval()
+    for scale in (10.0, 1.0):
+        q.calibrating = True
+        q(random_tensor(4, 500) * scale)
+        q.calibrating = False
+        q.finish_calibration()
+        assert q.stats.max_val.item() < 3 * scale * 3.5 and q.stats.batches.item() == 1
+    assert q.stats.max_val.item() < 10.0
+
+
+def test_eval_reuses_the_weight_output_while_the_weight_is_unchanged():
+    q = UniformQuantizer(bits=4, symmetric=True, per_channel=True).eval()
+    weight = torch.nn.Parameter(random_tensor(11, 6, 5))
+    with torch.no_grad():
+        first = q(weight)
+        assert q(weight) is first
+        assert q(weight.detach().clone()) is not first  # another tensor: computed afresh
+        weight.mul_(2)  # in place: the version changes
+        again = q(weight)
+    assert again is not first and torch.equal(again, UniformQuantizer(bits=4, symmetric=True, per_channel=True)(
+        weight.detach()))
+    with torch.no_grad():
+        q.train()
+        assert q(weight) is not q(weight)  # training never reuses
+    q.eval()
+    needs_grad = q(weight)
+    assert needs_grad.requires_grad and q(weight) is not needs_grad  # a gradient to pass: computed afresh
+    assert "_last" not in str(q.state_dict().keys())
+
+
+def test_forward_keeps_positive_zero_and_saturates_huge_values_like_the_codes():
+    # small negative values round to -0.0 in float; (q - z) s gives +0.0, as torch's kernels do
+    scale, zero_point = torch.tensor([0.5, 0.25]), torch.tensor([0, 3])
+    x = torch.tensor([[-0.1, -0.0, 0.1, 1e30, -1e30, 3e12], [-0.1, -0.0, 0.1, 1e30, -1e30, -3e12]])
+    ours = fake_quantize_affine(x, scale, zero_point, -8, 7, axis=0)
+    codes, _ = affine_codes(x, scale, zero_point, -8, 7, axis=0)
+    by_codes = decode(affine_encoded(codes, scale, zero_point, -8, 7, axis=0))
+    assert torch.equal(ours.view(torch.int32), by_codes.view(torch.int32))
+    small = x[:, :3]
+    assert torch.equal(ours[:, :3].view(torch.int32), torch_fake_quant(small, scale, zero_point, -8, 7, 0).view(
+        torch.int32))
+    per_tensor = fake_quantize_affine(x[0], scale[0], zero_point[0], -8, 7)
+    assert torch.equal(per_tensor.view(torch.int32), by_codes[0].view(torch.int32))
 
 
 def test_mse_observer_clips_an_outlier_and_lowers_the_error():

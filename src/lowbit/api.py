@@ -28,6 +28,7 @@ from .convert import QUANTIZED_WITH_ATTR, QuantReport, quantize, quantize_report
 from .errors import CalibrationError, LowbitError, ShapeMismatchError
 from .ptq import DATA_METHODS, PTQ_ATTR, check_methods, ordered
 from .ptq import run as run_methods
+from .ptq.capture import quantizers_off
 from .quantizers import Quantizer
 from .quantizers.base import check_finite
 from .quantizers.observers import check_observer
@@ -64,10 +65,10 @@ def _batch_inputs(batch: Any, index: int, dtype: torch.dtype | None) -> torch.Te
     return inputs
 
 
-def _run_batch(model: nn.Module, inputs: torch.Tensor, index: int) -> None:
-    """``model(inputs)``; a torch error (wrong shape) becomes a ShapeMismatchError naming the innermost layer
-    that was running, found by hooks on every module."""
-    names = {module: name for name, module in model.named_modules()}
+def _failing_layer(model: nn.Module, inputs: torch.Tensor) -> nn.Module | None:
+    """The innermost layer (not a quantizer) running when ``model(inputs)`` raises a RuntimeError, found by running
+    the batch again, quantizers off (so no observer counts it twice), with a hook on every module; None if it
+    runs through then."""
     running: list[nn.Module] = []
 
     def enter(module: nn.Module, args: Any) -> None:
@@ -76,23 +77,35 @@ def _run_batch(model: nn.Module, inputs: torch.Tensor, index: int) -> None:
     def leave(module: nn.Module, args: Any, output: Any) -> None:
         running.pop()
 
-    hooks = [handle for module in names
+    hooks = [handle for module in model.modules() if not isinstance(module, Quantizer)
              for handle in (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))]
+    try:
+        with quantizers_off(model):
+            model(inputs)
+    except RuntimeError:
+        return running[-1] if running else model
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return None
+
+
+def _run_batch(model: nn.Module, inputs: torch.Tensor, index: int) -> None:
+    """``model(inputs)``; a torch error (wrong shape) becomes a ShapeMismatchError naming the innermost layer
+    that was running (located only then, so that calibration runs without hooks)."""
     try:
         model(inputs)
     except RuntimeError as exc:
         if isinstance(exc, (LowbitError, torch.cuda.OutOfMemoryError)):
             raise
-        layer = next((m for m in reversed(running) if not isinstance(m, Quantizer)), model)
+        layer = _failing_layer(model, inputs) or model
+        names = {module: name for name, module in model.named_modules()}
         where = f"layer {names[layer]!r}" if names[layer] else "the model"
         takes = (f" of {layer.in_features} input features" if isinstance(layer, nn.Linear) else
                  f" of {layer.in_channels} input channel(s)" if isinstance(layer, nn.modules.conv._ConvNd) else "")
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShapeMismatchError(f"calibration batch {index} of shape {list(inputs.shape)} does not fit {where} "
                                  f"({type(layer).__name__}{takes}): {reason}") from None
-    finally:
-        for handle in hooks:
-            handle.remove()
 
 
 def _data_methods(model: nn.Module, methods: Sequence[str] | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
@@ -112,13 +125,18 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
     data methods; returns ``model``.
 
     Sets ``calibrating = True``, runs each batch in eval mode under
-    ``torch.no_grad``, then sets ``calibrating = False`` and restores each
-    module's train/eval mode. ``observer`` ("minmax", "percentile", "mse")
-    replaces the observer of every static quantizer (``dynamic`` False).
+    ``torch.no_grad``, then sets ``calibrating = False``, calls each quantizer's
+    ``finish_calibration()`` where it has one (histogram observers set their range
+    there) and restores each module's train/eval mode. While calibrating, static
+    quantizers with a histogram observer pass their input through unchanged (min/max
+    ones quantize with the range seen so far). ``observer``
+    ("minmax", "percentile", "mse", "entropy") replaces the observer of every
+    static quantizer (``dynamic`` False).
     Raises CalibrationError for no batches, a batch that is not a tensor of
     the parameters' dtype or holds NaN/Inf (naming its index), or a static
     quantizer that observed nothing (naming its tensor); ShapeMismatchError
-    for a batch the model cannot run, naming the layer it failed in.
+    for a batch the model cannot run, naming the layer it failed in;
+    ConfigError for an unknown observer, or entropy on a per-channel quantizer.
     Records the input shape of one example as ``model.lowbit_input_shape``
     (batch 1), which :func:`save` uses to capture the graph.
 
@@ -153,6 +171,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
     finally:
         for q in calibrated:
             q.calibrating = False
+            if hasattr(q, "finish_calibration"):
+                q.finish_calibration()
         for module, training in modes:
             module.training = training
     if count == 0:

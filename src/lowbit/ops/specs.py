@@ -20,7 +20,7 @@ from .schema import Bool, Choice, Int, Nullable, Number
 #: straight-through estimators of the sign (lowbit.quantizers.ste.SIGN_STES)
 SIGN_STES = ("identity", "clipped", "approx_sign")
 #: range observers (lowbit.quantizers.observers.OBSERVERS)
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = ("minmax", "percentile", "mse", "entropy")
 #: k-means initialisations (lowbit.quantizers.kmeans.INITS)
 KMEANS_INITS = ("linear", "density", "random")
 ROLES = ("weight", "activation")
@@ -70,8 +70,13 @@ def _lsq(spec: dict[str, Any], where: str) -> None:
         raise FormatError("bad-spec", f"{where}: lsq per_channel steps are for role 'weight', not 'activation'")
 
 
+def _uniform(spec: dict[str, Any], where: str) -> None:
+    if spec["per_channel"] and spec["observer"] == "entropy":
+        raise FormatError("bad-spec", f"{where}: the uniform entropy observer is per tensor, not per_channel")
+
+
 #: checks across a quantizer's parameters, run after each parameter passed its own
-_JOINT: dict[str, Callable[[dict[str, Any], str], None]] = {"linear": _linear, "lsq": _lsq}
+_JOINT: dict[str, Callable[[dict[str, Any], str], None]] = {"linear": _linear, "lsq": _lsq, "uniform": _uniform}
 
 
 def check_spec(spec: object, where: str) -> dict[str, Any] | None:

@@ -1,6 +1,6 @@
 """Range observers: how a quantizer reads the range [lo, hi] it quantizes off a tensor.
 
-Three rules, per tensor (``axis=None``) or per channel (one range per index of ``axis``):
+Four rules, per tensor (``axis=None``) or, except entropy, per channel (one range per index of ``axis``):
 
 - ``minmax``: lo = min(x), hi = max(x).
 - ``percentile``: lo = P_{100-p}(x), hi = P_p(x), percentiles with linear interpolation
@@ -8,6 +8,23 @@ Three rules, per tensor (``axis=None``) or per channel (one range per index of `
 - ``mse``: the range t * [min(x), max(x)] for t in {1, (N-1)/N, ..., 1/N} (N = ``MSE_STEPS``)
   whose fake-quantized x has the smallest mean squared error; each channel picks its own t,
   ties go to the widest range. The quantizer supplies the fake-quantization it would apply.
+- ``entropy`` (TensorRT's KL calibration; per tensor): the clipping threshold T on a
+  ``HISTOGRAM_BINS``-bin histogram b_0..b_{B-1} of |x| over [0, A] whose clipped distribution
+  loses least information when quantized to L levels (Migacz, "8-bit Inference with TensorRT",
+  GTC 2017). For each i = L, ..., B: the reference P is b_0..b_{i-1} with the outliers
+  sum_{j >= i} b_j added to b_{i-1}; the candidate Q is b_0..b_{i-1} merged into L levels (bin j
+  joins level floor(j L / i)), each level's count spread evenly over its non-empty bins (empty bins
+  stay empty); with both normalised, KL(P || Q) = sum_j P_j log(P_j / Q_j), +inf where
+  Q_j = 0 < P_j. The smallest KL wins (ties: the largest i), T = i A / B and the range is
+  [max(min x, -T), min(max x, T)]. L counts the grid levels on [0, T]: all of them for an affine
+  grid on data of one sign, else half (2^(b-1) at b bits, TensorRT's 128 for int8). All
+  candidates are evaluated at once from prefix sums of b, b log b and the non-empty bins.
+
+A per-tensor static quantizer calibrating with percentile, mse or entropy accumulates one
+:class:`Histogram` over all calibration batches (as torch's HistogramObserver and TensorRT do) and
+reads its range off it when calibration finishes: the percentile from the cumulative histogram,
+mse by the expected error of each candidate range on the histogram, entropy by the KL search.
+Per-channel static quantizers keep the per-batch rules.
 
 :class:`RangeObserver` keeps the range of a static quantizer in buffers (so it lives in the
 state_dict) and merges the range of each new batch into it.
@@ -18,20 +35,36 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import CalibrationError, ConfigError, ShapeMismatchError
+from .base import check_finite
 
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = ("minmax", "percentile", "mse", "entropy")
+#: the observers a per-tensor static quantizer reads off one histogram of all calibration batches
+HISTOGRAM_OBSERVERS = ("percentile", "mse", "entropy")
 #: number of clipping ranges the mse observer tries
 MSE_STEPS = 100
+#: bins of a calibration histogram (TensorRT's 2048)
+HISTOGRAM_BINS = 2048
+#: points per histogram bin at which the mse observer measures the quantization error
+MSE_SAMPLES = 4
 #: weight of the newest batch in the moving average kept while training (torch's MovingAverageMinMaxObserver)
 MOMENTUM = 0.01
+#: torch.histc counts in float32 (exact to 2^24), so larger tensors are counted in chunks of this many values
+_HISTC_CHUNK = 2**24
+#: the mse search fake-quantizes at most this many values at once
+_MSE_CHUNK = 2**24
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: KL divergences this close count as equal (the prefix-sum form rounds differently from a direct sum)
+_KL_TIES = 1e-12
 
 Range = tuple[torch.Tensor, torch.Tensor]
-#: fake_quantize(x, lo, hi) -> x_hat: what the quantizer outputs for x when its range is [lo, hi]
-FakeQuantize = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: fake_quantize_rows(rows, lo, hi) -> rows_hat: what the quantizer outputs for each row of ``rows`` [R, N]
+#: when that row's range is [lo[r], hi[r]] (lo, hi of shape [R])
+FakeQuantizeRows = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_observer(observer: str) -> str:
@@ -56,49 +89,248 @@ def _rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 def minmax_range(x: torch.Tensor, axis: int | None = None) -> Range:
     """(min(x), max(x)), per tensor or per channel along ``axis``."""
-    rows = _rows(x, axis)
-    return rows.amin(dim=-1), rows.amax(dim=-1)
+    return torch.aminmax(_rows(x, axis), dim=-1)
 
 
-def _quantile_of_sorted(ordered: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile (0 <= q <= 1) of each row of sorted values, linear interpolation."""
-    position = q * (ordered.shape[-1] - 1)
+def _quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile (0 <= q <= 1) of each row, linear interpolation between order statistics
+    (found by selection, not sorting)."""
+    count = rows.shape[-1]
+    position = q * (count - 1)
     below = math.floor(position)
-    above = min(below + 1, ordered.shape[-1] - 1)
-    low, high = ordered[..., below], ordered[..., above]
+    above = min(below + 1, count - 1)
+    low = rows.kthvalue(below + 1, dim=-1).values
+    high = low if above == below else rows.kthvalue(above + 1, dim=-1).values
     return low + (high - low) * (position - below)
 
 
 def percentile_range(x: torch.Tensor, axis: int | None = None, percentile: float = 99.99) -> Range:
     """(P_{100-p}(x), P_p(x)) with linear interpolation, per tensor or per channel."""
-    ordered = _rows(x, axis).sort(dim=-1).values
-    return _quantile_of_sorted(ordered, 1 - percentile / 100), _quantile_of_sorted(ordered, percentile / 100)
+    rows = _rows(x, axis)
+    return _quantile(rows, 1 - percentile / 100), _quantile(rows, percentile / 100)
 
 
-def mse_range(x: torch.Tensor, axis: int | None, fake_quantize: FakeQuantize, steps: int = MSE_STEPS) -> Range:
+def _mse_fractions(steps: int) -> torch.Tensor:
+    """The mse candidates t = 1, (steps-1)/steps, ..., 1/steps as float32, widest first."""
+    return torch.tensor([k / steps for k in range(steps, 0, -1)], dtype=torch.float32)
+
+
+def mse_range(x: torch.Tensor, axis: int | None, fake_quantize_rows: FakeQuantizeRows,
+              steps: int = MSE_STEPS) -> Range:
     """The range t * [min, max] (t = 1, (steps-1)/steps, ..., 1/steps) with the least quantization MSE.
 
-    Each channel picks its own t; among equal errors the largest t (widest range) wins.
+    Each channel picks its own t; among equal errors the largest t (widest range) wins. The
+    candidates are evaluated together, as rows of one fake-quantization per chunk of candidates.
     """
-    lo, hi = minmax_range(x, axis)
     rows = _rows(x, axis)
-    fractions = [k / steps for k in range(steps, 0, -1)]
-    errors = torch.stack(
-        [(_rows(fake_quantize(x, lo * t, hi * t), axis) - rows).square().mean(dim=-1) for t in fractions]
-    )
-    best = torch.tensor(fractions, dtype=torch.float32, device=errors.device)[errors.argmin(dim=0)]
-    return lo * best, hi * best
+    table = rows.reshape(-1, rows.shape[-1])  # [C, N]
+    lo, hi = torch.aminmax(table, dim=-1)
+    fractions = _mse_fractions(steps).to(table.device)
+    per_chunk = max(1, _MSE_CHUNK // table.numel())
+    errors = []
+    for chunk in fractions.split(per_chunk):
+        lows, highs = (lo[None, :] * chunk[:, None]).reshape(-1), (hi[None, :] * chunk[:, None]).reshape(-1)
+        quantized = fake_quantize_rows(table.repeat(len(chunk), 1), lows, highs)
+        errors.append((quantized.view(len(chunk), *table.shape) - table).square_().mean(dim=-1))
+    best = fractions[torch.cat(errors).argmin(dim=0)]
+    return (lo * best).reshape(rows.shape[:-1]), (hi * best).reshape(rows.shape[:-1])
+
+
+def entropy_levels(levels: int, symmetric: bool, one_sided: bool) -> int:
+    """L, the grid levels on [0, T] of a grid of ``levels`` codes clipped to [-T, T] (or [0, T]): all of them
+    for an affine grid on data of one sign, else the upper half."""
+    return levels if one_sided and not symmetric else (levels + 1) // 2
+
+
+def _xlogx(v: np.ndarray) -> np.ndarray:
+    """v log v with 0 log 0 = 0."""
+    return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
+
+
+def entropy_divergences(counts: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(i, KL_i) for each candidate i = L, ..., B of TensorRT's KL search on the |x| histogram ``counts``
+    (see the module docstring); empty when there are no more than L bins or no counts.
+
+    With N the total count, C_i = sum_{j<i} b_j, O_i = N - C_i, level k of candidate i spanning bins
+    [ceil(k i / L), ceil((k+1) i / L)) with sum S_k over nz_k non-empty bins (Q_j = S_k / (nz_k C_i)
+    there): KL_i = sum_{j<i} P_j log P_j - sum_k P(level k) log(S_k / (nz_k C_i)), where
+    P(level k) = S_k / N, plus O_i / N for the last level.
+    """
+    b = np.asarray(counts, dtype=np.float64)
+    bins, total = len(b), float(b.sum())
+    if bins <= levels or total <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    kept = np.arange(levels, bins + 1)
+    cumulative = np.concatenate([[0.0], np.cumsum(b)])
+    nonempty = np.concatenate([[0], np.cumsum(b > 0)])
+    cumulative_xlogx = np.concatenate([[0.0], np.cumsum(_xlogx(b))])
+    k = np.arange(levels + 1)
+    edges = (k[None, :] * kept[:, None] + levels - 1) // levels  # ceil(k i / L), [candidates, L + 1]
+    sums = np.diff(cumulative[edges], axis=1)
+    filled = np.diff(nonempty[edges], axis=1)
+    kept_mass, outliers, last = cumulative[kept], total - cumulative[kept], b[kept - 1]
+    p_last = (last + outliers) / total
+    reference = (cumulative_xlogx[kept - 1] - cumulative[kept - 1] * math.log(total)) / total + _xlogx(p_last)
+    mass = sums / total
+    mass[:, -1] += outliers / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_q = np.log(sums / (filled * kept_mass[:, None]))
+    divergence = reference - np.where(sums > 0, mass * log_q, 0.0).sum(axis=1)
+    divergence[(last == 0) & (outliers > 0)] = np.inf
+    return kept, divergence
+
+
+def entropy_threshold(counts: np.ndarray, levels: int) -> int:
+    """The number of leading bins of the |x| histogram ``counts`` that TensorRT's KL search keeps: the
+    candidate of least divergence, the largest among those within ``_KL_TIES`` of it (float rounding);
+    all bins when there are no more than ``levels`` of them or no counts."""
+    kept, divergence = entropy_divergences(counts, levels)
+    if len(kept) == 0:
+        return len(counts)
+    return int(kept[np.flatnonzero(divergence <= divergence.min() + _KL_TIES)[-1]])
+
+
+class Histogram:
+    """Counts of a tensor's values over ``bins`` equal bins spanning [lo, hi] = [min(0, min x), max(0, max x)],
+    accumulated over batches; not a buffer (it lives while calibration runs, never in a state_dict).
+
+    A batch outside [lo, hi] widens it to the batch's extremes; the old counts are re-binned by
+    linear interpolation of the cumulative histogram (counts uniform within a bin). While every
+    value seen is 0, lo = hi = 0 and bin 0 holds the count.
+    """
+
+    def __init__(self, bins: int = HISTOGRAM_BINS) -> None:
+        self.counts = np.zeros(bins)
+        self.lo = self.hi = 0.0
+        self.min, self.max = math.inf, -math.inf
+        self.batches = 0
+
+    def add(self, x: torch.Tensor, where: str) -> None:
+        """Count the values of ``x``; CalibrationError naming ``where`` if it is empty or not finite."""
+        values = x.detach().reshape(-1).float()
+        if values.numel() == 0:
+            raise CalibrationError(f"{where} is empty; there is nothing to calibrate")
+        low, high = torch.stack(torch.aminmax(values)).tolist()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            check_finite(values, where)
+        if max(high, 0.0) - min(low, 0.0) > _FLOAT32_MAX:
+            raise CalibrationError(f"{where} spans a range too wide for float32 (hi - lo overflows)")
+        self.min, self.max = min(self.min, low), max(self.max, high)
+        self._widen(min(self.lo, low), max(self.hi, high))
+        if self.hi == self.lo:
+            self.counts[0] += values.numel()
+        else:
+            for chunk in values.split(_HISTC_CHUNK):
+                self.counts += torch.histc(chunk, len(self.counts), self.lo, self.hi).double().cpu().numpy()
+        self.batches += 1
+
+    @property
+    def width(self) -> float:
+        """The width of one bin."""
+        return (self.hi - self.lo) / len(self.counts)
+
+    def cdf(self, points: np.ndarray) -> np.ndarray:
+        """How many counted values lie at or below each point (values uniform within their bin)."""
+        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
+        if self.hi == self.lo:
+            return np.where(points >= self.lo, cumulative[-1], 0.0)
+        return np.interp(points, np.linspace(self.lo, self.hi, len(self.counts) + 1), cumulative)
+
+    def _widen(self, lo: float, hi: float) -> None:
+        """Span [lo, hi] (which holds the old span), re-binning the counts."""
+        if (lo, hi) == (self.lo, self.hi):
+            return
+        below = self.cdf(np.linspace(lo, hi, len(self.counts) + 1))
+        self.counts = np.diff(below)
+        self.counts[0] += below[0]
+        self.lo, self.hi = lo, hi
+
+    def _value_of_rank(self, rank: float, cumulative: np.ndarray) -> float:
+        """Where the cumulative histogram reaches ``rank`` + 1/2: the value of order statistic ``rank`` (from 0),
+        within the bin that holds it."""
+        target = rank + 0.5
+        j = int(np.clip(np.searchsorted(cumulative, target, side="left"), 1, len(self.counts)))
+        return self.lo + (j - 1 + (target - cumulative[j - 1]) / self.counts[j - 1]) * self.width
+
+    def quantile(self, q: float) -> float:
+        """numpy's q-quantile (linear interpolation between the order statistics around rank q (n - 1)), each
+        order statistic read off the cumulative histogram, so within a bin of numpy's value on the same data."""
+        if self.hi == self.lo:
+            return self.lo
+        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
+        position = q * (cumulative[-1] - 1)
+        below = math.floor(position)
+        low = self._value_of_rank(below, cumulative)
+        high = self._value_of_rank(min(below + 1, cumulative[-1] - 1), cumulative)
+        return float(np.clip(low + (high - low) * (position - below), self.min, self.max))
+
+    def percentile_range(self, percentile: float) -> Range:
+        """(P_{100-p}, P_p) read off the cumulative histogram."""
+        return _pair(self.quantile(1 - percentile / 100), self.quantile(percentile / 100))
+
+    def mse_range(self, fake_quantize_rows: FakeQuantizeRows, steps: int = MSE_STEPS) -> Range:
+        """The range t * [min x, max x] (the candidates of :func:`mse_range`) with the least expected squared
+        error, each bin's count spread over ``MSE_SAMPLES`` evenly spaced points of the bin."""
+        occupied = np.flatnonzero(self.counts)
+        offsets = (np.arange(MSE_SAMPLES) + 0.5) / MSE_SAMPLES
+        points = torch.tensor(self.lo + (occupied[:, None] + offsets[None, :]).reshape(-1) * self.width,
+                              dtype=torch.float32)
+        weights = torch.tensor(np.repeat(self.counts[occupied] / MSE_SAMPLES, MSE_SAMPLES))
+        fractions = _mse_fractions(steps)
+        low, high = _pair(self.min, self.max)
+        quantized = fake_quantize_rows(points.expand(len(fractions), -1).contiguous(), low * fractions,
+                                       high * fractions)
+        errors = (quantized.double() - points.double()).square() @ weights
+        best = fractions[errors.argmin()]
+        return low * best, high * best
+
+    def entropy_range(self, levels: int, symmetric: bool) -> Range:
+        """TensorRT's KL threshold T on the histogram of |x| (``levels`` codes on the grid), as
+        [max(min x, -T), min(max x, T)]."""
+        if self.hi == self.lo:
+            return _pair(self.lo, self.hi)
+        reach = max(-self.lo, self.hi)
+        edges = np.linspace(0.0, reach, len(self.counts) + 1)
+        magnitudes = np.diff(self.cdf(edges) - self.cdf(-edges))
+        kept_levels = entropy_levels(levels, symmetric, one_sided=self.min >= 0 or self.max <= 0)
+        threshold = entropy_threshold(magnitudes, kept_levels) * reach / len(self.counts)
+        return _pair(max(self.min, -threshold), min(self.max, threshold))
+
+    def range(self, observer: str, percentile: float, fake_quantize_rows: FakeQuantizeRows, levels: int,
+              symmetric: bool) -> Range:
+        """The range by the named histogram observer (see HISTOGRAM_OBSERVERS)."""
+        if observer == "percentile":
+            return self.percentile_range(percentile)
+        if observer == "mse":
+            return self.mse_range(fake_quantize_rows)
+        if observer == "entropy":
+            return self.entropy_range(levels, symmetric)
+        raise ConfigError(f"observer {observer!r} reads no histogram; valid: {', '.join(HISTOGRAM_OBSERVERS)}")
+
+
+def _pair(lo: float, hi: float) -> Range:
+    """(lo, hi) as float32 scalars."""
+    return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
 
 
 def batch_range(
-    x: torch.Tensor, observer: str, axis: int | None, percentile: float, fake_quantize: FakeQuantize
+    x: torch.Tensor, observer: str, axis: int | None, percentile: float, fake_quantize_rows: FakeQuantizeRows,
+    levels: int = 256, symmetric: bool = False,
 ) -> Range:
-    """The range of one tensor by the named rule (``fake_quantize`` is used by ``mse`` only)."""
+    """The range of one tensor by the named rule (``fake_quantize_rows`` is used by ``mse`` only; ``levels``,
+    the number of codes of the grid, and ``symmetric`` by ``entropy`` only, which is per tensor)."""
     if check_observer(observer) == "minmax":
         return minmax_range(x, axis)
     if observer == "percentile":
         return percentile_range(x, axis, percentile)
-    return mse_range(x, axis, fake_quantize)
+    if observer == "mse":
+        return mse_range(x, axis, fake_quantize_rows)
+    if axis is not None:
+        raise ConfigError("the entropy observer reads one range per tensor; use per_channel=False, or observer "
+                          "'minmax', 'percentile' or 'mse' per channel")
+    histogram = Histogram()
+    histogram.add(x, "tensor")
+    return histogram.entropy_range(levels, symmetric)
 
 
 class RangeObserver(nn.Module):
@@ -107,12 +339,13 @@ class RangeObserver(nn.Module):
     :meth:`update` merges a batch range in one of three ways:
 
     - ``"extremes"``: running min of lo and max of hi (torch's MinMaxObserver; min/max calibration);
-    - ``"mean"``: running mean of the batch ranges (percentile and mse calibration);
+    - ``"mean"``: running mean of the batch ranges (per-channel percentile and mse calibration);
     - ``"moving"``: lo <- lo + MOMENTUM * (lo_batch - lo), same for hi (training; torch's
       MovingAverageMinMaxObserver with averaging_constant 0.01).
 
-    The first batch sets the range whatever the way. ``min_val``/``max_val`` are empty until then,
-    0-d per tensor, [C] per channel; loading a state_dict takes the stored shapes.
+    The first batch sets the range whatever the way; :meth:`replace` sets a range read off a
+    calibration histogram. ``min_val``/``max_val`` are empty until then, 0-d per tensor, [C] per
+    channel; loading a state_dict takes the stored shapes.
     """
 
     MERGES = ("extremes", "mean", "moving")
@@ -150,6 +383,13 @@ class RangeObserver(nn.Module):
             self.min_val = self.min_val + MOMENTUM * (lo - self.min_val)
             self.max_val = self.max_val + MOMENTUM * (hi - self.max_val)
         self.batches += 1
+
+    @torch.no_grad()
+    def replace(self, lo: torch.Tensor, hi: torch.Tensor, batches: int) -> None:
+        """Keep [lo, hi], observed over ``batches`` batches, in place of any earlier range."""
+        device = self.batches.device
+        self.min_val, self.max_val = lo.float().to(device), hi.float().to(device)
+        self.batches.fill_(batches)
 
     def range(self, where: str) -> Range:
         """The kept (min_val, max_val); CalibrationError naming ``where`` if nothing was observed."""

@@ -8,7 +8,8 @@ exactly representable), codes in [qmin, qmax]:
 
 Symmetric: s = max(max(-lo, hi) / ((qmax - qmin) / 2), EPS), z = 0, signed codes.
 Rounding is half to even and ``1/s`` is a float32 reciprocal, the arithmetic of
-``torch.fake_quantize_per_tensor_affine``, so both give the same bits. Code ranges
+``torch.fake_quantize_per_tensor_affine``, so both give the same bits (the forward is that
+fused kernel for float32 per tensor; :func:`encode` gives the integer codes). Code ranges
 (b bits): affine [0, 2^b - 1] (narrow: [1, 2^b - 1]); symmetric [-2^(b-1), 2^(b-1) - 1]
 (narrow: [-(2^(b-1) - 1), 2^(b-1) - 1]). Example: [-3, 6] at 8 bits gives s = 9/255,
 z = 85; -3 -> 0, 6 -> 255, code 128 -> 43 s ~ 1.518.
@@ -27,12 +28,18 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError, ShapeMismatchError
-from .base import EPS, Encoded, Quantizer, along, check_axis, check_bits, check_finite, check_flag, decode, register
+from ..errors import CalibrationError, ConfigError, ShapeMismatchError
+from .base import EPS, Encoded, Quantizer, along, check_axis, check_bits, check_finite, check_flag, register
+from .observers import (
+    HISTOGRAM_OBSERVERS,
+    Histogram,
+    RangeObserver,
+    batch_range,
+    check_observer,
+    check_percentile,
+    minmax_range,
+)
 from .ste import straight_through_in_range
-from .observers import RangeObserver, batch_range, check_observer, check_percentile
-
-#: quantize(x) -> (x_hat, inside): the quantized values and where the gradient passes
 
 
 def affine_qrange(bits: int, symmetric: bool, narrow: bool) -> tuple[int, int]:
@@ -81,32 +88,59 @@ def affine_encoded(
     )
 
 
+def _fake_quantize_float(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_hat, inside) as clamp(round(x * (1/s)), qmin - z, qmax - z) * s in float32.
+
+    The same bits as the code path (q - z) * s: round(x * (1/s)) and z are integers, exact in float32
+    below 2^24 and clamped above it; adding +0.0 turns the -0.0 of a small negative x into the +0.0
+    of q - z.
+    """
+    ndim = x.dim()
+    rounded = torch.round(x.float() * along(torch.reciprocal(scale.float()), axis, ndim))
+    zero = along(zero_point, axis, ndim).float()
+    low, high = qmin - zero, qmax - zero
+    inside = (rounded >= low) & (rounded <= high)
+    return rounded.clamp_(low, high).add_(0.0).mul_(along(scale.float(), axis, ndim)), inside
+
+
 def fake_quantize_affine(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None = None
 ) -> torch.Tensor:
     """x_hat = (clamp(round(x * (1/s)) + z, qmin, qmax) - z) * s with the straight-through gradient.
 
     Bit for bit ``torch.fake_quantize_per_tensor_affine`` (``axis=None``) or
-    ``torch.fake_quantize_per_channel_affine`` (scale, zero_point 1-D along ``axis``).
+    ``torch.fake_quantize_per_channel_affine`` (scale, zero_point 1-D along ``axis``). A float32 ``x``
+    per tensor goes through torch's fused kernel; per channel (where torch's kernel casts round(x/s) to
+    int64 unclamped, wrong past 2^63) and other dtypes through :func:`_fake_quantize_float`, with the
+    gradient's mask only when ``x`` needs a gradient.
     """
-
-    def quantize(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes, inside = affine_codes(v, scale, zero_point, qmin, qmax, axis)
-        return decode(affine_encoded(codes, scale, zero_point, qmin, qmax, axis)), inside
-
-    return straight_through_in_range(x, quantize)
+    if axis is None and x.dtype == torch.float32:
+        return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point.int(), qmin, qmax)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return straight_through_in_range(x, lambda v: _fake_quantize_float(v, scale, zero_point, qmin, qmax, axis))
+    return _fake_quantize_float(x, scale, zero_point, qmin, qmax, axis)[0].to(x.dtype)
 
 
 @register("uniform")
 class UniformQuantizer(Quantizer):
     """Uniform k-bit quantizer (affine or symmetric, per tensor or per output channel).
 
-    ``dynamic=True`` (weights) reads the range off each input; ``dynamic=False``
-    (activations) keeps it in buffers (``stats.min_val``, ``stats.max_val``,
-    ``stats.batches``): updated while ``calibrating`` (min/max: running extremes;
-    percentile and mse: running mean of batch ranges) or, failing that, while
-    training (moving average, momentum 0.01), frozen otherwise. ``observer`` picks
-    how a tensor's range is read (see :mod:`lowbit.quantizers.observers`).
+    ``dynamic=True`` (weights) reads the range off each input; in eval mode, where no gradient is
+    needed, it keeps its last output and returns it again while the input is the same tensor,
+    unchanged (same object, ``_version``, ``data_ptr``, shape and dtype).
+
+    ``dynamic=False`` (activations) keeps the range in buffers (``stats.min_val``, ``stats.max_val``,
+    ``stats.batches``). While ``calibrating``, min/max keeps the running extremes (and quantizes
+    with the range so far); percentile, mse and entropy per tensor count every batch into one
+    :class:`~lowbit.quantizers.observers.Histogram` and pass the float input through unchanged (as
+    torch's and onnxruntime's histogram calibrators do: the range exists only once
+    :meth:`finish_calibration`, called by ``lowbit.calibrate``, reads it off the histogram; a later
+    calibration starts a new histogram and replaces the range); per channel percentile and mse keep
+    the running mean of the batch ranges. While training it keeps a moving average (momentum 0.01)
+    of the batch ranges; in eval the range is frozen. ``observer`` picks how a tensor's range is
+    read (see :mod:`lowbit.quantizers.observers`); entropy is per tensor only.
     A constant c gets the range [min(c, 0), max(c, 0)], so c takes an end code of
     the grid; it decodes to c exactly when ``(qmax - qmin) * fl(c / (qmax - qmin))``
     rounds back to c in float32, else within one float32 rounding of c. Full-range
@@ -130,13 +164,29 @@ class UniformQuantizer(Quantizer):
         self.per_channel = check_flag(per_channel, "per_channel")
         self.narrow = check_flag(narrow, "narrow")
         self.dynamic = check_flag(dynamic, "dynamic")
-        self.observer = check_observer(observer)
+        self.observer = observer
         self.percentile = check_percentile(percentile)
         self.qmin, self.qmax = affine_qrange(bits, symmetric, narrow)
         self.axis = 0 if per_channel else None
         self.calibrating = False
+        #: the calibration histogram while a per-tensor static quantizer calibrates (never in the state_dict)
+        self.histogram: Histogram | None = None
+        #: (input, its identity, output) of the last eval-mode call of a dynamic quantizer
+        self._last: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
         if not dynamic:
             self.stats = RangeObserver()
+
+    @property
+    def observer(self) -> str:
+        """The range rule (one of observers.OBSERVERS); entropy only per tensor."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: str) -> None:
+        if check_observer(observer) == "entropy" and self.per_channel:
+            raise ConfigError(f"the entropy observer reads one range per tensor, but {self.where()} is per channel; "
+                              "use per_channel=False, or observer 'minmax', 'percentile' or 'mse'")
+        self._observer = observer
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -155,30 +205,67 @@ class UniformQuantizer(Quantizer):
         """True when the quantizer has the range it needs (always, when dynamic)."""
         return self.dynamic or self.stats.observed
 
+    def _fake_quantize_rows(self, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Each row of ``rows`` fake-quantized with its own range [lo[r], hi[r]] (the mse observer's search)."""
+        scale, zero_point = affine_qparams(lo, hi, self.qmin, self.qmax, self.symmetric)
+        return fake_quantize_affine(rows, scale, zero_point, self.qmin, self.qmax, axis=0)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            raise CalibrationError(f"{self.where()} is empty; there is nothing to quantize")
+        check_axis(x, self.axis, self.where())
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range of ``x`` by the observer's per-batch rule; CalibrationError if ``x`` holds NaN/Inf
+        (seen in its min and max, without another pass)."""
+        lo, hi = minmax_range(x, self.axis)
+        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+            check_finite(x, self.where())
+        if self.observer == "minmax":
+            return lo, hi
+        return batch_range(x, self.observer, self.axis, self.percentile, self._fake_quantize_rows,
+                           self.qmax - self.qmin + 1, self.symmetric)
+
+    def _counts_histogram(self) -> bool:
+        """True while a per-tensor static quantizer calibrates with a histogram observer."""
+        return self.calibrating and not self.dynamic and self.axis is None and self.observer in HISTOGRAM_OBSERVERS
+
+    @torch.no_grad()
+    def _count(self, x: torch.Tensor) -> None:
+        """Count ``x`` into the calibration histogram."""
+        self._check_input(x)
+        if self.histogram is None:
+            self.histogram = Histogram()
+        self.histogram.add(x, self.where())
+
     def _merge(self) -> str:
         """How a batch range joins the kept one (see RangeObserver.update)."""
         if not self.calibrating:
             return "moving"
         return "extremes" if self.observer == "minmax" else "mean"
 
-    def _fake_quantize_range(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = affine_qparams(lo, hi, self.qmin, self.qmax, self.symmetric)
-        return fake_quantize_affine(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+    def finish_calibration(self) -> None:
+        """Set the range of a histogram observer from the histogram of the calibration batches, then drop the
+        histogram; nothing to do for other quantizers."""
+        if self.histogram is None:
+            return
+        histogram, self.histogram = self.histogram, None
+        lo, hi = histogram.range(self.observer, self.percentile, self._fake_quantize_rows,
+                                 self.qmax - self.qmin + 1, self.symmetric)
+        self.stats.replace(lo, hi, histogram.batches)
 
     def qparams(self, x: torch.Tensor, observe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero_point) for ``x``; with ``observe`` a static quantizer first updates its range
-        when calibrating or training."""
-        check_finite(x, self.where())
-        if x.numel() == 0:
-            raise CalibrationError(f"{self.where()} is empty; there is nothing to quantize")
-        check_axis(x, self.axis, self.where())
+        """(scale, zero_point) for ``x``; with ``observe`` a static quantizer first merges the range of ``x``
+        into its own when calibrating (without a histogram) or training."""
+        self._check_input(x)
         with torch.no_grad():
             if self.dynamic:
-                lo, hi = batch_range(x, self.observer, self.axis, self.percentile, self._fake_quantize_range)
+                lo, hi = self._batch_range(x)
             else:
                 if observe and (self.calibrating or self.training):
-                    batch = batch_range(x, self.observer, self.axis, self.percentile, self._fake_quantize_range)
-                    self.stats.update(*batch, merge=self._merge(), where=self.where())
+                    self.stats.update(*self._batch_range(x), merge=self._merge(), where=self.where())
+                elif x.is_floating_point() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+                    check_finite(x, self.where())
                 lo, hi = self.stats.range(self.where())
                 if self.axis is not None and lo.numel() != x.shape[self.axis]:
                     raise ShapeMismatchError(
@@ -190,9 +277,25 @@ class UniformQuantizer(Quantizer):
             raise CalibrationError(f"{self.where()} spans a range too wide for float32 (hi - lo overflows)")
         return scale, zero_point
 
+    def _identity(self, x: torch.Tensor) -> tuple | None:
+        """What identifies ``x`` and the rule applied to it, for reusing an eval-mode output; None when the
+        output must be computed afresh (training, a gradient to pass, an inference tensor, a static quantizer)."""
+        if self.training or not self.dynamic or x.is_inference() or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        return (x._version, x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, self.observer, self.percentile)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._counts_histogram():
+            self._count(x)
+            return x
+        identity = self._identity(x)
+        last = self._last
+        if identity is not None and last is not None and last[0] is x and last[1] == identity:
+            return last[2]
         scale, zero_point = self.qparams(x, observe=True)
-        return fake_quantize_affine(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+        y = fake_quantize_affine(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+        self._last = None if identity is None else (x, identity, y)
+        return y
 
     def encode(self, x: torch.Tensor) -> Encoded:
         scale, zero_point = self.qparams(x)
