@@ -227,10 +227,26 @@ def relu6_net(act=nn.ReLU6):
     return randomize_batchnorms(nn.Sequential(*conv_bn(3, 4, act=act), *conv_bn(4, 3, kernel=1, act=None)), g, 1.0)
 
 
-def test_relu6_is_replaced_by_relu_and_reported():
+def test_relu6_kept_exact_by_scaling_around_the_clip(tmp_path):
     model = relu6_net()
     q = lowbit.quantize(model, weights_only())
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(6)) * 4
+    assert bool((model[:2](x) > 6).any())  # the clip matters on x
     (result,) = equalize(q)
+    assert result.details["activation"] == "relu6" and "clip" in result.details["absorption"]
+    close(float_out(q, x), model(x), 1e-5, 1e-5)
+    scale = q.cle_scales.get_buffer(next(name for name, _ in q.cle_scales.named_buffers()))
+    assert scale.shape == (4, 1, 1) and not torch.allclose(scale, torch.ones_like(scale))
+    close(out_ranges(q.get_submodule("0").weight.detach()), in_ranges(q.get_submodule("3").weight.detach()), atol=0)
+    lowbit.save(q, tmp_path / "m.lowbit", x[:1])
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "m.lowbit")(x), q(x))
+
+
+def test_relu6_replaced_by_relu_is_reported():
+    model = relu6_net()
+    q = lowbit.quantize(model, weights_only())
+    (result,) = equalize(q, relu6="replace")
     assert result.details["activation"] == "relu6 -> relu"
     assert "relu" in q.code and "hardtanh" not in q.code and "relu6" not in q.code
     # the float model is now the one with ReLU in place of ReLU6: an independent copy with nn.ReLU agrees

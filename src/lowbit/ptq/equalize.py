@@ -11,12 +11,19 @@ read only by the output channels of its group (depthwise: channel i to channel i
 conv, as in MobileNet) is equalized pair by pair, the passes repeated until every scale is 1 to 1e-9 (at most
 ``iterations`` passes). A zero range (a dead channel) keeps ``s_i = 1``.
 
-**ReLU6** (``hardtanh(0, t)``) is not positively homogeneous: ``relu6(s x) != s relu6(x)``. With
-``relu6="replace"`` (the default, as the paper does for MobileNetV2 and as AIMET does) the clip of an equalized
-pair becomes a ReLU in the graph, which changes the float model wherever the pre-activation exceeded the clip; the
-pair's result says ``"activation": "relu6 -> relu"``. With ``relu6="skip"`` such pairs are left alone and listed.
-On EfficientNet-Lite1 (ImageNet weights, real photos) replacing all its clips moves the float logits by a cosine
-of about 0.99 (docs: the report of this method).
+**ReLU6** (``hardtanh(0, t)``) is not positively homogeneous: ``relu6(x / s) != relu6(x) / s``. Three policies:
+
+- ``relu6="exact"`` (the default): the clip stays where it was in the original units. The graph computes
+  ``relu6(s * h') / s`` with ``h' = h / s`` the equalized layer's output (a per-channel ``mul`` before the clip
+  and ``div`` after it, by a buffer ``cle_scales.<clip node>`` that save, the Engine and the ONNX export carry as
+  a constant), so the float model is unchanged (to rounding) while both weights and the tensor layer 2 reads are
+  equalized. Nothing is absorbed through such a clip.
+- ``relu6="replace"`` (the paper's and AIMET's practice for MobileNetV2): the clip becomes a ReLU, which changes
+  the float model wherever a pre-activation exceeded it; the result says ``"activation": "relu6 -> relu"``. On
+  EfficientNet-Lite1 (ImageNet weights, crops of real photos) this alone drops the float model's top-1 agreement
+  with itself to about 41% (logits cosine 0.69), although under 0.1% of the clipped inputs exceed 6 at the median
+  clip: never use it on a net trained with ReLU6 without checking.
+- ``relu6="skip"``: such pairs are left alone and listed.
 
 **High-bias absorption.** For a pair through ReLU whose layer 1 had its batch norm folded, the pre-activation of
 channel i is about ``N(beta_i, gamma_i^2)`` (the batch norm's shift and scale), so it stays above
@@ -38,6 +45,7 @@ weight already rounded, an activation range already calibrated) are returned as 
 from __future__ import annotations
 
 import math
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,7 +65,7 @@ __all__ = ["FOLDED_BATCHNORM", "RELU6_POLICIES", "Link", "batchnorm_statistics",
 #: standard deviation per channel (``beta``, ``|gamma|``)
 FOLDED_BATCHNORM = "lowbit_folded_batchnorm"
 #: what equalization does with a ReLU6 / hardtanh(0, t) between two layers
-RELU6_POLICIES = ("replace", "skip")
+RELU6_POLICIES = ("exact", "replace", "skip")
 #: pre-activations are taken to stay above ``beta - ABSORB_SIGMAS |gamma|`` (the paper's 3 standard deviations)
 ABSORB_SIGMAS = 3.0
 #: the passes stop once every scale of a pass is within this of 1
@@ -83,7 +91,8 @@ def batchnorm_statistics(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class Link:
     """Layer 1 -> ops -> layer 2 in the graph. ``activations``: the activations between them in order;
-    ``clips``: the ReLU6 / hardtanh(0, t) nodes and ``top`` their lowest upper bound; ``kinds``: each op's graph
+    ``clips``: the ReLU6 / hardtanh(0, t) nodes, ``top`` their lowest upper bound and ``clip_dims`` the axes after
+    the channel axis at each (-1: the channels are flattened into blocks of ``block``); ``kinds``: each op's graph
     op name ("flatten", "identity" for dropout and copies); ``block``: input features of a linear layer 2 per
     channel of layer 1 (a flattened conv output; else 1); ``padded``: zero padding between or in layer 2;
     ``skipped``: why the pair cannot be equalized (empty when it can)."""
@@ -95,6 +104,7 @@ class Link:
     ops: list[fx.Node] = field(default_factory=list)
     activations: list[str] = field(default_factory=list)
     clips: list[fx.Node] = field(default_factory=list)
+    clip_dims: list[int] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     top: float = math.inf
     block: int = 1
@@ -215,6 +225,7 @@ def _describe(link: Link, modules: dict[str, nn.Module], calls: dict[str, int], 
             top = _clip_bounds(node, modules)[1]
             link.activations.append("relu6" if top == 6 else "hardtanh(0, t)")
             link.clips.append(node)
+            link.clip_dims.append(-1 if flat else first.weight.dim() - 2 if conv_first else 0)
             link.top = min(link.top, top)
         elif name in (*_SPATIAL, "mean", "flatten"):
             if not conv_first or flat:
@@ -310,6 +321,10 @@ def _scales(out_weight: torch.Tensor, in_view: torch.Tensor) -> torch.Tensor:
     return torch.where(live, torch.sqrt(r1 / torch.where(live, r2, 1)), torch.ones_like(r1))
 
 
+#: the submodule holding the per-channel scales around the clips kept by relu6="exact"
+SCALES = "cle_scales"
+
+
 def _replace_clips(model: fx.GraphModule, nodes: list[fx.Node]) -> None:
     """Make each ReLU6 / hardtanh(0, t) node a ReLU."""
     for node in nodes:
@@ -317,23 +332,37 @@ def _replace_clips(model: fx.GraphModule, nodes: list[fx.Node]) -> None:
             relu = model.graph.call_function(F.relu, (node.args[0],))
         node.replace_all_uses_with(relu)
         model.graph.erase_node(node)
-    if nodes:
-        model.graph.lint()
-        model.recompile()
+
+
+def _keep_clips(model: fx.GraphModule, link: Link, scale: torch.Tensor) -> None:
+    """Make each clip of ``link`` compute ``clip(x * s) / s`` per channel, with ``s`` layer 1's total scale."""
+    if not hasattr(model, SCALES):
+        model.add_module(SCALES, nn.Module())
+    holder = getattr(model, SCALES)
+    for node, dims in zip(link.clips, link.clip_dims):
+        shaped = scale.repeat_interleave(link.block) if dims < 0 else scale.reshape(-1, *[1] * dims)
+        holder.register_buffer(node.name, shaped.to(model.get_submodule(link.first).weight.dtype))
+        with model.graph.inserting_before(node):
+            factor = model.graph.get_attr(f"{SCALES}.{node.name}")
+            up = model.graph.call_function(operator.mul, (node.args[0], factor))
+        node.update_arg(0, up)
+        with model.graph.inserting_after(node):
+            down = model.graph.call_function(operator.truediv, (node, factor))
+        node.replace_all_uses_with(down, delete_user_cb=lambda user: user is not down)
 
 
 def equalize(model: fx.GraphModule, *, iterations: int = 100, absorb_bias: bool = True,
-             relu6: str = "replace") -> list[LayerResult]:
+             relu6: str = "exact") -> list[LayerResult]:
     """Cross-layer equalization, then high-bias absorption, of every layer pair of ``model`` (module docstring),
     in place.
 
     ``model``: the ``fx.GraphModule`` of :func:`lowbit.quantize` (batch norms folded, activation ranges not yet
     calibrated). ``iterations``: at most this many passes over the pairs (chains need several). ``absorb_bias``:
-    move ``max(0, beta - 3 |gamma|)`` of each ReLU pair's bias into the next layer. ``relu6``: "replace" (make
-    the clip of an equalized pair a ReLU) or "skip" (leave such pairs). Returns one result per equalized pair
-    (layer 1's path; details: ``next``, ``activation``, ``scale_min`` / ``scale_max``, ``passes``,
-    ``absorbed_channels`` / ``absorbed_max`` or why nothing was absorbed, ``padded``) and one per look-alike left
-    alone (``skipped``: why). A model without pairs is left unchanged, with a warning.
+    move ``max(0, beta - 3 |gamma|)`` of each ReLU pair's bias into the next layer. ``relu6``: "exact" (scale
+    around the clip), "replace" (make it a ReLU) or "skip" (leave such pairs): see the module docstring.
+    Returns one result per equalized pair (layer 1's path; details: ``next``, ``activation``, ``scale_min`` /
+    ``scale_max``, ``passes``, ``absorbed_channels`` / ``absorbed_max`` or why nothing was absorbed, ``padded``)
+    and one per look-alike left alone (``skipped``: why). A model without pairs is left unchanged, with a warning.
     """
     if not isinstance(model, fx.GraphModule):
         raise ConfigError(f"equalize works on the fx.GraphModule lowbit.quantize returns, got {type(model).__name__}")
@@ -378,7 +407,14 @@ def equalize(model: fx.GraphModule, *, iterations: int = 100, absorb_bias: bool 
             seconds[link.first] += time.perf_counter() - start
         if worst < TOLERANCE:
             break
-    _replace_clips(model, [node for link in pairs for node in link.clips])
+    for link in pairs:
+        if relu6 == "exact":
+            _keep_clips(model, link, total[link.first])
+        else:
+            _replace_clips(model, link.clips)
+    if any(link.clips for link in pairs):
+        model.graph.lint()
+        model.recompile()
     statistics = model.meta.get(FOLDED_BATCHNORM, {})
     for link in pairs:
         if link.first in statistics:
@@ -390,13 +426,13 @@ def equalize(model: fx.GraphModule, *, iterations: int = 100, absorb_bias: bool 
             results.append(LayerResult("cle", link.first, 0.0, details={"next": link.second, "skipped": link.skipped}))
             continue
         start = time.perf_counter()
-        details = {"next": link.second,
-                   "activation": link.activation.replace("relu6", "relu6 -> relu").replace("hardtanh(0, t)",
-                                                                                           "hardtanh(0, t) -> relu"),
+        activation = link.activation if relu6 == "exact" else \
+            link.activation.replace("relu6", "relu6 -> relu").replace("hardtanh(0, t)", "hardtanh(0, t) -> relu")
+        details = {"next": link.second, "activation": activation,
                    "scale_min": float(total[link.first].min()), "scale_max": float(total[link.first].max()),
                    "passes": passes}
         if absorb_bias:
-            details.update(_absorb(link, work, statistics, modules))
+            details.update(_absorb(link, work, statistics, modules, relu6))
         seconds[link.first] += time.perf_counter() - start
         results.append(LayerResult("cle", link.first, seconds[link.first], details=details))
     with torch.no_grad():
@@ -408,10 +444,12 @@ def equalize(model: fx.GraphModule, *, iterations: int = 100, absorb_bias: bool 
     return results
 
 
-def _absorb(link: Link, work: dict[str, list[torch.Tensor | None]],
-            statistics: dict[str, tuple[torch.Tensor, torch.Tensor]], modules: dict[str, nn.Module]) -> dict:
+def _absorb(link: Link, work: dict[str, list[torch.Tensor | None]], statistics: dict[str, tuple[torch.Tensor,
+            torch.Tensor]], modules: dict[str, nn.Module], relu6: str) -> dict:
     """Move ``c = max(0, mean - 3 std)`` of layer 1's bias into layer 2's (through a ReLU); the details."""
     b1, b2 = work[link.first][1], work[link.second][1]
+    if link.clips and relu6 == "exact":
+        return {"absorption": "nothing passes the clip kept by relu6='exact'"}
     if not any(a in ("relu", "relu6", "hardtanh(0, t)") for a in link.activations):
         return {"absorption": "no ReLU between the layers"}
     if link.first not in statistics:
