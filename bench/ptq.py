@@ -92,6 +92,10 @@ LOWBIT_METHODS = ("rtn", "percentile", "mse", "entropy", "cle", "bias", "cle+bia
                   "cle+adaround+bias", "cle+gptq+bias", "cle+adaround+bias@mse", "cle+gptq+bias@mse")
 ALL_METHODS = (*(f"lowbit:{m}" for m in LOWBIT_METHODS),
                *(f"{tool}:{m}" for tool, methods in peers.METHODS.items() for m in methods))
+#: what a run does unless told (--methods all: every method above)
+DEFAULT_METHODS = (*(f"lowbit:{m}" for m in LOWBIT_METHODS if "@" not in m), "brevitas:calibrate",
+                   "brevitas:eq+bias", "brevitas:gptq", "brevitas:eq+adaround+bias", "nncf:minmax+fastbc",
+                   "torch:fakequant")
 OBSERVER_NAMES = ("minmax", "percentile", "mse", "entropy")
 SEEDS = {"training": 0, "calibration": 0, "evaluation_crops": 1, "methods": 0}
 BATCH = {"photos": 16, "digits": 64}
@@ -196,18 +200,34 @@ def setting_config(weight_bits: int, act_bits: int) -> dict:
 
 def lowbit_ptq(model: torch.nn.Module, batches: list[torch.Tensor], weight_bits: int, act_bits: int,
                method: str = "rtn", adaround_steps: int = 500) -> torch.nn.Module:
-    """lowbit's pipeline: quantize (batch norms folded, "cle"), calibrate (observer), adaround / gptq, bias."""
+    """lowbit's pipeline: quantize (batch norms folded, "cle"), calibrate (observer), adaround / gptq, bias.
+
+    AdaRound draws at most as many output rows per step as the calibration images give a linear layer. Bias
+    correction after AdaRound / GPTQ runs through :mod:`lowbit.ptq`'s functions, in the pipeline's order, with a
+    copy taken before rounding as its float reference: ``lowbit.calibrate`` does not pass one yet and stops
+    with a CalibrationError once layers are frozen on rounded codes (``bench_pipeline`` says so)."""
+    from lowbit import ptq
+
     methods, observer = parse_lowbit(method)
     missing = lowbit_missing(methods, observer)
     if missing:
         raise MissingMethod(missing)
     config = setting_config(weight_bits, act_bits)
+    options = {}
+    if "adaround" in methods:
+        options["adaround"] = {"steps": adaround_steps, "sample": min(2048, sum(len(b) for b in batches))}
     if methods:
-        config["ptq"] = methods
-        if "adaround" in methods:
-            config["ptq_options"] = {"adaround": {"steps": adaround_steps}}
+        config.update(ptq=methods, ptq_options=options)
     quantized = lowbit.quantize(copy.deepcopy(model).eval(), QuantConfig.from_dict(config))
-    return lowbit.calibrate(quantized, batches, observer=observer)
+    rounding = [m for m in methods if m in ("adaround", "gptq")]
+    if "bias" not in methods or not rounding:
+        return lowbit.calibrate(quantized, batches, observer=observer)
+    lowbit.calibrate(quantized, batches, observer=observer, ptq=[])
+    reference = copy.deepcopy(quantized)
+    ptq.run(quantized, batches, rounding, options)
+    ptq.method("bias")(quantized, batches, reference=reference)
+    quantized.bench_pipeline = "lowbit.ptq functions (calibrate cannot correct the bias of rounded layers)"
+    return quantized
 
 
 class MissingMethod(Exception):
@@ -265,6 +285,8 @@ def run_row(tool: str, method: str, model: torch.nn.Module, data: dict, setting:
         return {**row, "status": "error", "why": f"{type(e).__name__}: {str(e).strip()[:300]}"}
     seconds = time.perf_counter() - start
     row.update(status="ok", seconds=seconds, time_vs_float_forward=seconds / forward_s)
+    if getattr(quantized, "bench_pipeline", None):
+        row["pipeline"] = quantized.bench_pipeline
     start = time.perf_counter()
     try:
         logits = logits_of(quantized, data["eval"], data["eval_batch"])
@@ -278,7 +300,7 @@ def run_row(tool: str, method: str, model: torch.nn.Module, data: dict, setting:
 def selected_methods(wanted: list[str]) -> list[tuple[str, str]]:
     """``tool:method`` names and bare tool names -> (tool, method) pairs in run order."""
     out = []
-    for item in wanted:
+    for item in [m for w in wanted for m in (ALL_METHODS if w == "all" else [w])]:
         tool, _, method = item.partition(":")
         if tool not in TOOLS:
             raise SystemExit(f"unknown tool {tool!r} in {item!r}; tools: {', '.join(TOOLS)}")
@@ -418,38 +440,63 @@ def plot(doc: dict, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ main
 
 
+def merged(paths: list[str]) -> dict:
+    """One document from runs of the same settings over different models: the first run's header, every run's
+    models, commands, seconds and load averages."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    models: dict[str, dict] = {}
+    for m in (m for d in docs for m in d["results"]):
+        if m["model"] in models and "rows" in m:  # the same model run at other settings / methods
+            models[m["model"]]["rows"] += m["rows"]
+        else:
+            models[m["model"]] = m
+    settings = [s for s in SETTINGS if any(s in d["settings"]["settings"] for d in docs)]
+    doc = {**docs[0], "results": list(models.values())}
+    doc["settings"] = {**docs[0]["settings"], "settings": settings}
+    doc["runs"] = [{k: d[k] for k in ("command", "seconds", "load_average", "methods")} for d in docs]
+    doc["command"] = " & ".join(d["command"] for d in docs)
+    doc["seconds"] = max(d["seconds"] for d in docs)
+    return doc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", default=list(TOOLS),
-                        help="tool:method names or tool names (all of its methods); default: every method of "
-                        f"every tool: {', '.join(ALL_METHODS)}")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                        help=f"tool:method names, tool names (all of its methods) or all ({', '.join(ALL_METHODS)}); "
+                        f"default: {' '.join(DEFAULT_METHODS)}")
     parser.add_argument("--calib", type=int, default=512, help="calibration images, MNIST / Fashion-MNIST "
                         "(default 512)")
-    parser.add_argument("--calib-photos", type=int, default=64, help="calibration crops, pretrained models "
-                        "(default 64)")
+    parser.add_argument("--calib-photos", type=int, default=32, help="calibration crops, pretrained models "
+                        "(default 32)")
     parser.add_argument("--eval", type=int, default=10000, help="test images, MNIST / Fashion-MNIST (default all "
                         "10000)")
-    parser.add_argument("--eval-photos", type=int, default=256, help="evaluation crops (default 256)")
-    parser.add_argument("--adaround-steps", type=int, default=300, help="AdaRound steps per layer, lowbit and "
-                        "brevitas (default 300)")
+    parser.add_argument("--eval-photos", type=int, default=96, help="evaluation crops (default 96)")
+    parser.add_argument("--adaround-steps", type=int, default=200, help="AdaRound steps per layer, lowbit and "
+                        "brevitas (default 200)")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs, Fashion-MNIST models (default 1)")
     parser.add_argument("--train-images", type=int, default=20000, help="training images (the first of the "
                         "training set), Fashion-MNIST models (default 20000)")
     parser.add_argument("--epochs-lenet", type=int, default=2, help="training epochs, LeNet-5 (default 2)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all "
+                        "cores; 1 where other work shares them)")
     parser.add_argument("--quick", action="store_true", help="smoke run: LeNet-5, 128 calibration and 1000 test "
                         "images, 20 AdaRound steps")
     parser.add_argument("--out", help="results JSON (default bench/results/ptq.json; --quick: ptq-quick.json)")
     parser.add_argument("--plot", help="plot, PNG; empty for none (default docs/ptq.png; --quick: none)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot and print the tables from --out")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="join the results of runs over different models "
+                        "(e.g. run in parallel) into --out, then plot and print as --plot-only")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     args = parser.parse_args()
     if args.out is None:
         args.out = str(BENCH / "results" / ("ptq-quick.json" if args.quick else "ptq.json"))
     if args.plot is None:
         args.plot = "" if args.quick else str(BENCH.parent / "docs" / "ptq.png")
-    if args.plot_only:
+    if args.merge:
+        Path(args.out).write_text(json.dumps(merged(args.merge), indent=2) + "\n")
+    if args.plot_only or args.merge:
         doc = json.loads(Path(args.out).read_text())
         if args.plot:
             plot(doc, Path(args.plot))
@@ -460,7 +507,7 @@ def main() -> None:
         args.calib, args.eval, args.calib_photos, args.eval_photos, args.adaround_steps = 128, 1000, 16, 32, 20
     methods = selected_methods(args.methods)
     warnings.filterwarnings("ignore", module=r"(brevitas|nncf|torch\.ao)(\.|$)")  # notices printed while evaluating
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_start = list(os.getloadavg())
     results = []

@@ -38,9 +38,9 @@ from torch import nn
 
 #: tool -> its methods, in the order the bench runs them
 METHODS = {
-    "torch": ("fakequant",),
     "brevitas": ("calibrate", "eq", "eq+bias", "gptq", "adaround", "eq+gptq+bias", "eq+adaround+bias"),
     "nncf": ("minmax", "minmax+fastbc"),
+    "torch": ("fakequant",),
 }
 
 
@@ -235,7 +235,7 @@ def nncf_ptq(model: nn.Module, batches: list[torch.Tensor], weight_bits: int, ac
     return quantized.eval()
 
 
-PEERS = {"torch": torch_fakequant, "brevitas": brevitas_ptq, "nncf": nncf_ptq}
+PEERS = {"brevitas": brevitas_ptq, "nncf": nncf_ptq, "torch": torch_fakequant}
 
 
 def versions() -> dict[str, str]:
