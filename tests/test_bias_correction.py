@@ -19,7 +19,7 @@ from lowbit.errors import CalibrationError
 from lowbit.nn import freeze_weight
 from lowbit.ptq.bias_correction import clipped_normal_mean, correct_bias, correct_bias_analytic, relu_normal_mean
 from lowbit.ptq.capture import quantizers_off
-from lowbit.ptq.equalize import FOLDED_BATCHNORM
+from lowbit.ptq.equalize import FOLDED_BATCHNORM, equalize
 
 TWO_BITS = {"name": "uniform", "bits": 2, "symmetric": True, "per_channel": False, "dynamic": True}
 
@@ -193,3 +193,26 @@ def test_analytic_correction_by_hand():
     assert (result.method, result.layer, result.details["source"]) == ("bias-analytic", "2", "0")
     assert torch.equal(q.get_submodule("0").bias, first_bias)  # the first layer reads the image: no statistics
     assert not math.isclose(expected, 0.1)
+
+
+def test_analytic_correction_through_a_clip_kept_exact_by_equalization():
+    # after equalization layer 2 reads relu6(s h') / s with h' = h / s: E[x] = E[relu6(N(mu, sigma^2))] / s
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU6(), nn.Linear(2, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.1, 0.2, -0.1]]))
+        model[2].weight.copy_(torch.tensor([[0.3, 0.9]]))
+    q = lowbit.quantize(model, weights_only(TWO_BITS))
+    mu, sigma = [4.0, 0.2], [3.0, 0.1]
+    q.meta[FOLDED_BATCHNORM] = {"0": (torch.tensor(mu, dtype=torch.float64), torch.tensor(sigma, dtype=torch.float64))}
+    equalize(q)
+    scale = q.cle_scales.get_buffer(next(name for name, _ in q.cle_scales.named_buffers())).double()
+    layer = q.get_submodule("2")
+    weight, bias = layer.weight.detach().double().clone(), float(layer.bias.detach())
+    (result,) = correct_bias_analytic(q)
+    clipped = [integrate.quad(lambda v: min(max(v, 0.0), 6.0) * stats.norm(m, s).pdf(v), m - 12 * s, m + 12 * s,
+                              points=[0.0, 6.0])[0] for m, s in zip(mu, sigma)]
+    expected_x = torch.tensor(clipped, dtype=torch.float64) / scale
+    weight_error = layer.weight_quantizer(weight.float()).double() - weight
+    assert (result.layer, result.details["source"]) == ("2", "0")
+    assert float(layer.bias.detach()) == pytest.approx(bias - float(weight_error @ expected_x), abs=1e-6)

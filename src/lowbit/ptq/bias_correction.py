@@ -15,8 +15,9 @@ widths). Adding it to ``b`` removes it.
   error alone, with ``E[x]`` from the batch norm folded into the layer before, whose output per channel is taken
   as ``N(mu, sigma^2)`` (``mu = beta``, ``sigma = |gamma|``, recorded by the fold: :data:`.equalize.FOLDED_BATCHNORM`)
   and then clipped: ``E[relu(N(mu, sigma^2))] = mu Phi(mu / sigma) + sigma phi(mu / sigma)``,
-  ``E[clip(N, 0, t)] = g(mu) - g(mu - t)`` with ``g`` that ReLU mean, ``E[N] = mu`` through no activation. Averaging
-  and flattening keep the mean; zero padding is ignored, as in the paper.
+  ``E[clip(N, 0, t)] = g(mu) - g(mu - t)`` with ``g`` that ReLU mean, ``E[N] = mu`` through no activation
+  (through a clip that equalization kept exact, ``clip(s x, 0, t) / s``, in the clip's own units). Averaging and
+  flattening keep the mean; zero padding is ignored, as in the paper.
 
 A layer without a bias gets one (zeros, then the correction): ``lowbit.save`` stores it like any bias. Once a
 rounding method has frozen a layer (:func:`lowbit.nn.freeze_weight`) its float weight is gone: pass the float
@@ -215,13 +216,16 @@ _MEAN_KEEPING = ("quant_act", "identity", "flatten", "mean", "avgpool2d", "adapt
 def _expected_input(link: Link, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor | None:
     """``E[x]`` per channel at layer 2's input given layer 1's output ``N(mean, std^2)``: through at most one
     ReLU or clip(0, t) and ops that keep means; None otherwise."""
-    activations = [k for k in link.kinds if k not in _MEAN_KEEPING]
+    activations = [k for k in link.kinds if k not in _MEAN_KEEPING and k != "clip_scale"]
     if len(activations) > 1 or activations and not (activations[0] == "relu" or link.clips):
         return None
     if not activations:
         return mean
-    if link.clips:
-        return clipped_normal_mean(mean, std, link.top)
+    if link.clips:  # clip(s x, 0, t) / s where an equalization kept the clip exact
+        scale = torch.ones_like(mean) if link.clip_scale is None else link.clip_scale.to(mean.dtype)
+        if scale.shape != mean.shape:
+            return None
+        return clipped_normal_mean(mean * scale, std * scale, link.top) / scale
     return relu_normal_mean(mean, std)
 
 

@@ -70,6 +70,8 @@ RELU6_POLICIES = ("exact", "replace", "skip")
 ABSORB_SIGMAS = 3.0
 #: the passes stop once every scale of a pass is within this of 1
 TOLERANCE = 1e-9
+#: the submodule holding the per-channel scales around the clips kept by relu6="exact"
+SCALES = "cle_scales"
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: ops between the layers that commute with a positive per-channel scale and keep the channel axis of a conv
@@ -92,7 +94,8 @@ def batchnorm_statistics(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 class Link:
     """Layer 1 -> ops -> layer 2 in the graph. ``activations``: the activations between them in order;
     ``clips``: the ReLU6 / hardtanh(0, t) nodes, ``top`` their lowest upper bound and ``clip_dims`` the axes after
-    the channel axis at each (-1: the channels are flattened into blocks of ``block``); ``kinds``: each op's graph
+    the channel axis at each (-1: the channels are flattened into blocks of ``block``), ``clip_scale`` the scales
+    an earlier equalization put around them (relu6="exact"); ``kinds``: each op's graph
     op name ("flatten", "identity" for dropout and copies); ``block``: input features of a linear layer 2 per
     channel of layer 1 (a flattened conv output; else 1); ``padded``: zero padding between or in layer 2;
     ``skipped``: why the pair cannot be equalized (empty when it can)."""
@@ -107,6 +110,7 @@ class Link:
     clip_dims: list[int] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     top: float = math.inf
+    clip_scale: torch.Tensor | None = None
     block: int = 1
     padded: bool = False
     skipped: str = ""
@@ -159,6 +163,13 @@ def _flattens(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _clip_scaling(node: fx.Node) -> bool:
+    """Whether ``node`` multiplies or divides by the scales an earlier equalization put around a kept clip."""
+    factor = node.args[1] if node.op == "call_function" and len(node.args) == 2 else None
+    return node.target in (operator.mul, operator.truediv) and isinstance(factor, fx.Node) and \
+        factor.op == "get_attr" and str(factor.target).startswith(f"{SCALES}.")
+
+
 def _clip_bounds(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[float, float]:
     if node.op == "call_module":
         m = modules[node.target]
@@ -190,7 +201,7 @@ def _walk(layer2: fx.Node, modules: dict[str, nn.Module]) -> Link | None:
         elif name == "hardtanh" and _clip_bounds(node, modules)[0] != 0:
             blocked = blocked or f"hardtanh{_clip_bounds(node, modules)} between them is not positively homogeneous"
         elif not (name in ("relu", "hardtanh", "leaky_relu", "quant_act", "mean", *_SPATIAL)
-                  or _is_identity(node, modules) or _flattens(node, modules)):
+                  or _is_identity(node, modules) or _flattens(node, modules) or _clip_scaling(node)):
             return None
         ops.append(node)
         node = node.args[0] if node.args else None
@@ -217,10 +228,13 @@ def _describe(link: Link, modules: dict[str, nn.Module], calls: dict[str, int], 
     flat = False  # a conv's channels have become the last axis
     for node in link.ops:
         schema = node_schema(node, modules)
-        name = "flatten" if _flattens(node, modules) else schema.name if schema is not None else "identity"
+        name = "flatten" if _flattens(node, modules) else "clip_scale" if _clip_scaling(node) else \
+            schema.name if schema is not None else "identity"
         link.kinds.append(name)
         if name in ("relu", "leaky_relu"):
             link.activations.append(name)
+        elif name == "clip_scale" and node.target is operator.mul:
+            link.clip_scale = modules[SCALES].get_buffer(node.args[1].target.split(".", 1)[1]).reshape(-1)
         elif name == "hardtanh" and _clip_bounds(node, modules)[0] == 0:
             top = _clip_bounds(node, modules)[1]
             link.activations.append("relu6" if top == 6 else "hardtanh(0, t)")
@@ -259,6 +273,8 @@ def _obstacle(link: Link, modules: dict[str, nn.Module], calls: dict[str, int]) 
     first, second = modules[link.first], modules[link.second]
     if isinstance(first, nn.ConvTranspose2d) or isinstance(second, nn.ConvTranspose2d):
         return "transposed convolutions are not equalized"
+    if "clip_scale" in link.kinds:
+        return "already equalized: its clip is kept exact by scales around it"
     if calls[link.first] > 1 or calls[link.second] > 1:
         return "a layer of the pair is called at several sites"
     channels = first.weight.shape[0]
@@ -319,10 +335,6 @@ def _scales(out_weight: torch.Tensor, in_view: torch.Tensor) -> torch.Tensor:
     r2 = in_view.abs().amax((1, 3)).reshape(-1)
     live = (r1 > 0) & (r2 > 0)
     return torch.where(live, torch.sqrt(r1 / torch.where(live, r2, 1)), torch.ones_like(r1))
-
-
-#: the submodule holding the per-channel scales around the clips kept by relu6="exact"
-SCALES = "cle_scales"
 
 
 def _replace_clips(model: fx.GraphModule, nodes: list[fx.Node]) -> None:
