@@ -17,6 +17,7 @@ Every method returns one :class:`~.result.LayerResult` per layer it changed.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import math
@@ -41,7 +42,7 @@ DATA_METHODS = ("adaround", "gptq", "bias")
 #: model attribute holding the per-layer results of the data methods once they ran (a loaded model: empty)
 PTQ_ATTR = "lowbit_ptq"
 #: arguments every method takes from the pipeline, not from ptq_options
-_PIPELINE_ARGS = ("model", "batches", "progress")
+_PIPELINE_ARGS = ("model", "batches", "progress", "reference")
 
 
 def method(name: str) -> Callable[..., list[LayerResult]]:
@@ -88,8 +89,8 @@ def ordered(methods: Sequence[str], among: Sequence[str] = tuple(METHODS)) -> li
 
 
 def summarize(results: Sequence[LayerResult]) -> list[str]:
-    """One line per method: layers changed, seconds, and the layer-output error before -> after (geometric mean
-    of the per-layer ratios) where the method measured it."""
+    """One line per method: layers changed, seconds, and the ratio of the layer-output error after the method to
+    the error before it (round-to-nearest for rounding methods; geometric mean over layers) where measured."""
     lines = []
     for name in dict.fromkeys(r.method for r in results):
         rows = [r for r in results if r.method == name]
@@ -98,7 +99,7 @@ def summarize(results: Sequence[LayerResult]) -> list[str]:
                   if r.error_before and r.error_after is not None and r.error_before > 0]
         if ratios:
             mean = math.exp(sum(math.log(max(x, 1e-30)) for x in ratios) / len(ratios))
-            line += f", layer output error x{mean:.3f} of round-to-nearest (geometric mean)"
+            line += f", layer output error after / before x{mean:.3f} (geometric mean over layers)"
         lines.append(line)
     return lines
 
@@ -109,6 +110,10 @@ def run(model: nn.Module, batches: Sequence[torch.Tensor], methods: Sequence[str
     ``batches``; the results of all of them, in the order they ran."""
     check_methods(list(methods), dict(options or {}))
     results: list[LayerResult] = []
-    for name in ordered(methods, DATA_METHODS):
-        results += method(name)(model, list(batches), progress=progress, **(options or {}).get(name, {}))
+    steps = ordered(methods, DATA_METHODS)
+    # bias correction after rounding compares with the float weights, which rounding overwrites: keep a copy
+    reference = copy.deepcopy(model) if "bias" in steps and len(steps) > 1 else None
+    for name in steps:
+        extra = {"reference": reference} if name == "bias" and reference is not None else {}
+        results += method(name)(model, list(batches), progress=progress, **extra, **(options or {}).get(name, {}))
     return results
