@@ -194,3 +194,30 @@ def test_demo_writes_the_table_the_json_and_the_plot(tmp_path, capsys):
     assert main(argv[:-1] + ["--no-progress"]) == 0  # text mode, cached checkpoint
     out = capsys.readouterr().out
     assert "(cached checkpoint)" in out and out.count("\nlog ") == 2 and "minmax" in out
+
+
+def test_quantize_with_post_training_methods_and_a_budget(trained, tmp_path, capsys):
+    path = tmp_path / "ptq.lowbit"
+    status, done, _ = run_json(capsys, ["quantize", str(trained), "--preset", "w4a8", "--ptq", "gptq,bias",
+                                        "--observer", "entropy", "--calib-batches", "2", "--out", str(path)])
+    assert status == 0 and done["preset"] == "w4a8 + ptq gptq,bias (entropy ranges)"
+    methods = {row["method"] for row in done["ptq"]}
+    assert methods == {"gptq", "bias"}
+    gptq_rows = [row for row in done["ptq"] if row["method"] == "gptq"]
+    assert all(row["error_after"] <= row["error_before"] for row in gptq_rows)
+    # the file is the calibrated model: evaluating it gives the in-memory model's accuracy
+    model, _ = workflow.load_trained(trained / "last.safetensors")
+    from lowbit.config import QuantConfig, preset
+    config = QuantConfig.from_dict({**preset("w4a8").to_dict(), "ptq": ["gptq", "bias"]})
+    report = workflow.post_training_report(model, config, workflow.calibration_batches("digits", 2),
+                                           observer="entropy")
+    images, labels = workflow.eval_set("digits", 120)
+    accuracy = float((report.model(images).argmax(1) == labels).float().mean())
+    status, evaluated, _ = run_json(capsys, ["eval", str(path), "--data", "digits", *TINY])
+    assert evaluated["accuracy"] == pytest.approx(accuracy)
+
+    status, budgeted, _ = run_json(capsys, ["quantize", str(trained), "--preset", "w2a2", "--max-drop", "99",
+                                            "--holdout", "50", "--calib-batches", "2", "--out", str(path)])
+    assert status == 0 and budgeted["budget"]["drop"] <= 99 and budgeted["budget"]["raised"] == []
+    assert "ptq" in run_error(capsys, ["quantize", str(trained), "--ptq", "adaround,gptq", "--out", str(path)])
+    assert "observer" in run_error(capsys, ["quantize", str(trained), "--observer", "median", "--out", str(path)])
