@@ -309,7 +309,8 @@ def selected_methods(wanted: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def bench_model(name: str, args: argparse.Namespace, methods: list[tuple[str, str]], bar: tqdm) -> dict:
+def bench_model(name: str, args: argparse.Namespace, methods: list[tuple[str, str]], bar: tqdm,
+                save=lambda model: None) -> dict:
     bar.set_postfix_str(f"{name}: float model and data")
     model, data, info = load_model(name, args)
     out = {"model": name, **info}
@@ -323,6 +324,7 @@ def bench_model(name: str, args: argparse.Namespace, methods: list[tuple[str, st
             bar.set_postfix_str(f"{name} {setting} {tool}:{method}")
             row = run_row(tool, method, model, data, setting, reference, out["float_forward_calibration_s"], args)
             out["rows"].append(row)
+            save(out)
             if row["status"] == "error":
                 tqdm.write(f"{name} {setting} {tool}:{method}: {row['why']}")
             bar.update()
@@ -341,7 +343,8 @@ def cell(row: dict | None) -> str:
         return ""
     if row["status"] != "ok":
         return row["status"]
-    return f"{pct(row['score'])} ({row['time_vs_float_forward']:.0f}x)"
+    ratio = row["time_vs_float_forward"]
+    return f"{pct(row['score'])} ({ratio:.1f}x)" if ratio < 10 else f"{pct(row['score'])} ({ratio:.0f}x)"
 
 
 def best(rows: list[dict], tool: str, setting: str) -> dict | None:
@@ -358,7 +361,7 @@ def summary_table(doc: dict) -> str:
         if "rows" not in m:
             lines.append(f"| {m['model']} | error: {m.get('error')} |" + " |" * (3 + len(tools)))
             continue
-        for setting in doc["settings"]["settings"]:
+        for setting in [s for s in doc["settings"]["settings"] if any(r["setting"] == s for r in m["rows"])]:
             rtn = next((r for r in m["rows"] if r["tool"] == "lowbit" and r["method"] == "rtn"
                         and r["setting"] == setting and r["status"] == "ok"), None)
             cells = []
@@ -382,13 +385,14 @@ def full_tables(doc: dict) -> str:
     for m in doc["results"]:
         if "rows" not in m:
             continue
+        ran = [s for s in settings if any(r["setting"] == s for r in m["rows"])]
         out += [f"**{m['model']}** ({m['metric']}; float {pct(m['float']['score'])}; {m['calibration']} calibration "
                 f"/ {m['evaluation']} evaluation images; float forward of the calibration images "
                 f"{m['float_forward_calibration_s']:.2f} s)", "",
-                "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+                "| method | " + " | ".join(ran) + " |", "|---|" + "---|" * len(ran)]
         for tool, method in dict.fromkeys((r["tool"], r["method"]) for r in m["rows"]):
             rows = {r["setting"]: r for r in m["rows"] if (r["tool"], r["method"]) == (tool, method)}
-            out.append(f"| {tool}:{method} | " + " | ".join(cell(rows.get(s)) for s in settings) + " |")
+            out.append(f"| {tool}:{method} | " + " | ".join(cell(rows.get(s)) for s in ran) + " |")
         out.append("")
     why = {(r["tool"], r["method"], r["status"], r["why"]) for m in doc["results"] for r in m.get("rows", [])
            if r["status"] != "ok"}
@@ -405,7 +409,7 @@ def plot(doc: dict, path: Path) -> None:
 
     results = [m for m in doc["results"] if "rows" in m]
     settings = doc["settings"]["settings"]
-    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(max(9.0, 3.6 * len(results)), 3.9), squeeze=False)
     lines = [("lowbit", "rtn", "lowbit round-to-nearest", "tab:blue", ":"),
              ("lowbit", None, "lowbit best", "tab:blue", "-"),
              ("brevitas", None, "brevitas best", "tab:red", "-"),
@@ -429,10 +433,9 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_ylabel("top-1 agreement with float (%)" if m["pretrained"] else "test accuracy (%)")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
-    fig.suptitle("Post-training quantization: lowbit's best method vs each peer's best (same calibration and "
-                 "evaluation data)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3 if len(results) < 3 else 6), fontsize=9)
+    fig.suptitle("Post-training quantization: lowbit's best method vs each peer's best (same data)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.14 if len(results) < 3 else 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -446,8 +449,9 @@ def merged(paths: list[str]) -> dict:
     docs = [json.loads(Path(p).read_text()) for p in paths]
     models: dict[str, dict] = {}
     for m in (m for d in docs for m in d["results"]):
-        if m["model"] in models and "rows" in m:  # the same model run at other settings / methods
-            models[m["model"]]["rows"] += m["rows"]
+        if m["model"] in models and "rows" in m:  # the same model run at other settings / methods: first row wins
+            seen = {(r["setting"], r["tool"], r["method"]) for r in models[m["model"]]["rows"]}
+            models[m["model"]]["rows"] += [r for r in m["rows"] if (r["setting"], r["tool"], r["method"]) not in seen]
         else:
             models[m["model"]] = m
     settings = [s for s in SETTINGS if any(s in d["settings"]["settings"] for d in docs)]
@@ -511,11 +515,24 @@ def main() -> None:
     started = time.perf_counter()
     load_start = list(os.getloadavg())
     results = []
+    def document(models: list[dict]) -> dict:
+        return {"command": " ".join(["bench/ptq.py", *sys.argv[1:]]),
+                "settings": {k: v for k, v in vars(args).items() if k not in ("plot_only", "verbose", "merge")},
+                "seeds": SEEDS, "methods": [f"{t}:{m}" for t, m in methods],
+                "machine": {"cpu": real_models.cpu_name(), "cores": os.cpu_count(),
+                            "python": platform.python_version(), "lowbit": lowbit.__version__,
+                            "lowbit_source": real_models.lowbit_source(), **peers.versions()},
+                "load_average": {"start": load_start, "end": list(os.getloadavg())},
+                "seconds": time.perf_counter() - started, "results": models}
+
+    partial = Path(f"{args.out}.partial")  # rewritten after every row, so a cut-off run keeps what it measured
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda model: partial.write_text(json.dumps(document([*results, model]), indent=2) + "\n")  # noqa: E731
     with tqdm(total=len(args.models) * len(args.settings) * len(methods), unit="row") as bar:
         for name in args.models:
             model_start = time.perf_counter()
             try:
-                result = bench_model(name, args, methods, bar)
+                result = bench_model(name, args, methods, bar, save)
             except Exception as e:  # noqa: BLE001
                 result = {"model": name, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
                 tqdm.write(f"{name}: failed: {result['error']}")
@@ -523,14 +540,8 @@ def main() -> None:
                     traceback.print_exc()
             result["seconds"] = time.perf_counter() - model_start
             results.append(result)
-    doc = {"command": " ".join(["bench/ptq.py", *sys.argv[1:]]),
-           "settings": {k: v for k, v in vars(args).items() if k not in ("plot_only", "verbose")},
-           "seeds": SEEDS, "methods": [f"{t}:{m}" for t, m in methods],
-           "machine": {"cpu": real_models.cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                       "lowbit": lowbit.__version__, "lowbit_source": real_models.lowbit_source(),
-                       **peers.versions()},
-           "load_average": {"start": load_start, "end": list(os.getloadavg())},
-           "seconds": time.perf_counter() - started, "results": results}
+    doc = document(results)
+    partial.unlink(missing_ok=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     if args.plot:
