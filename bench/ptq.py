@@ -202,12 +202,7 @@ def lowbit_ptq(model: torch.nn.Module, batches: list[torch.Tensor], weight_bits:
                method: str = "rtn", adaround_steps: int = 500) -> torch.nn.Module:
     """lowbit's pipeline: quantize (batch norms folded, "cle"), calibrate (observer), adaround / gptq, bias.
 
-    AdaRound draws at most as many output rows per step as the calibration images give a linear layer. Bias
-    correction after AdaRound / GPTQ runs through :mod:`lowbit.ptq`'s functions, in the pipeline's order, with a
-    copy taken before rounding as its float reference: ``lowbit.calibrate`` does not pass one yet and stops
-    with a CalibrationError once layers are frozen on rounded codes (``bench_pipeline`` says so)."""
-    from lowbit import ptq
-
+    AdaRound draws at most as many output rows per step as the calibration images give a linear layer."""
     methods, observer = parse_lowbit(method)
     missing = lowbit_missing(methods, observer)
     if missing:
@@ -219,15 +214,7 @@ def lowbit_ptq(model: torch.nn.Module, batches: list[torch.Tensor], weight_bits:
     if methods:
         config.update(ptq=methods, ptq_options=options)
     quantized = lowbit.quantize(copy.deepcopy(model).eval(), QuantConfig.from_dict(config))
-    rounding = [m for m in methods if m in ("adaround", "gptq")]
-    if "bias" not in methods or not rounding:
-        return lowbit.calibrate(quantized, batches, observer=observer)
-    lowbit.calibrate(quantized, batches, observer=observer, ptq=[])
-    reference = copy.deepcopy(quantized)
-    ptq.run(quantized, batches, rounding, options)
-    ptq.method("bias")(quantized, batches, reference=reference)
-    quantized.bench_pipeline = "lowbit.ptq functions (calibrate cannot correct the bias of rounded layers)"
-    return quantized
+    return lowbit.calibrate(quantized, batches, observer=observer)
 
 
 class MissingMethod(Exception):
@@ -285,8 +272,6 @@ def run_row(tool: str, method: str, model: torch.nn.Module, data: dict, setting:
         return {**row, "status": "error", "why": f"{type(e).__name__}: {str(e).strip()[:300]}"}
     seconds = time.perf_counter() - start
     row.update(status="ok", seconds=seconds, time_vs_float_forward=seconds / forward_s)
-    if getattr(quantized, "bench_pipeline", None):
-        row["pipeline"] = quantized.bench_pipeline
     start = time.perf_counter()
     try:
         logits = logits_of(quantized, data["eval"], data["eval_batch"])
