@@ -17,7 +17,9 @@ conv, as in MobileNet) is equalized pair by pair, the passes repeated until ever
   ``relu6(s * h') / s`` with ``h' = h / s`` the equalized layer's output (a per-channel ``mul`` before the clip
   and ``div`` after it, by a buffer ``cle_scales.<clip node>`` that save, the Engine and the ONNX export carry as
   a constant), so the float model is unchanged (to rounding) while both weights and the tensor layer 2 reads are
-  equalized. Nothing is absorbed through such a clip.
+  equalized. Nothing is absorbed through such a clip. The price is in the activations: a channel scaled up by
+  ``1 / s`` widens the per-tensor range of the tensor layer 2 reads (EfficientNet-Lite1, per-tensor 8-bit weights:
+  logits cosine 0.81 -> 0.98 with float activations, 0.81 -> 0.93 with 8-bit ones).
 - ``relu6="replace"`` (the paper's and AIMET's practice for MobileNetV2): the clip becomes a ReLU, which changes
   the float model wherever a pre-activation exceeded it; the result says ``"activation": "relu6 -> relu"``. On
   EfficientNet-Lite1 (ImageNet weights, crops of real photos) this alone drops the float model's top-1 agreement
