@@ -10,15 +10,18 @@ of ``--size`` x ``--size``, fed in batches of ``--batch``; ``torch.set_num_threa
 
 Rows, each the seconds to run all the images once:
 
-- ``float forward``: the float model under ``torch.no_grad``, the best of ``--repeats`` runs after a warm-up
-  (timed again at the end, the best of both kept, so that load from other processes counts against neither);
+- ``float forward``: the float model under ``torch.no_grad``;
 - ``calibrate <observer>``: ``lowbit.calibrate(model, batches, observer=...)`` on a freshly quantized w8a8 model
-  (``lowbit.quantize`` itself is not timed); one run each;
+  (``lowbit.quantize`` itself is not timed);
 - ``fake-quant forward <preset>`` (w8a8, w4a8): the min/max-calibrated model under ``torch.no_grad`` in eval
-  mode, best of ``--repeats`` runs after a warm-up.
+  mode, after a warm-up call.
+
+The rows are timed in ``--repeats`` rounds, each row once per round, and each row's figure is its best round.
 
 Each row's ratio is its seconds over the float forward's. An observer the library does not know is recorded
-as an error row and the run goes on. Results go to ``--out`` as JSON with the command that produced them.
+as an error row and the run goes on. Results go to ``--out`` as JSON with the command that produced them and
+the machine's load average at the start and the end (other processes on the same cores slow every row; the
+best of several runs and the ratios within one run are the figures to compare).
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
+import collections
 import copy
 import importlib
 import importlib.util
 import json
+import os
 import platform
 import time
 import types
+from collections.abc import Callable
 
 import torch
 
@@ -59,19 +65,14 @@ def torchvision_model(module: str, name: str, kwargs: dict) -> torch.nn.Module:
     return getattr(importlib.import_module(f"torchvision.models.{module}"), name)(**kwargs)
 
 
-def seconds(run, repeats: int, warm_up: bool) -> float:
-    """The best wall-clock seconds of ``repeats`` calls of ``run`` (after one untimed call when ``warm_up``)."""
-    if warm_up:
-        run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(run: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call of ``run``."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
-def forward_all(model: torch.nn.Module, batches: list[torch.Tensor]):
+def forward_all(model: torch.nn.Module, batches: list[torch.Tensor]) -> Callable[[], None]:
     """A callable running every batch through ``model`` without gradients."""
 
     def run() -> None:
@@ -88,41 +89,45 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--observers", nargs="+", default=list(OBSERVERS))
     parser.add_argument("--out", type=Path, default=Path("bench/results/calibration.json"))
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images = torch.randn(args.images, 3, args.size, args.size)
     batches = list(images.split(args.batch))
     float_model = torchvision_model("mobilenetv2", "mobilenet_v2", {"weights": None}).eval()
 
-    float_run = forward_all(float_model, batches)
-    float_seconds = seconds(float_run, args.repeats, warm_up=True)
-    rows: list[dict] = []
-
     def quantized(preset: str) -> torch.nn.Module:
         return lowbit.quantize(copy.deepcopy(float_model), preset).eval()
 
-    for observer in args.observers:
-        model = quantized("w8a8")
-        try:
-            rows.append({"name": f"calibrate {observer}",
-                         "seconds": seconds(lambda: lowbit.calibrate(model, batches, observer=observer), 1, False)})
-        except LowbitError as exc:
-            rows.append({"name": f"calibrate {observer}", "error": f"{type(exc).__name__}: {exc}"})
-    for preset in PRESETS:
-        model = lowbit.calibrate(quantized(preset), batches)
-        rows.append({"name": f"fake-quant forward {preset}",
-                     "seconds": seconds(forward_all(model, batches), args.repeats, warm_up=True)})
-
-    float_seconds = min(float_seconds, seconds(float_run, args.repeats, warm_up=False))
-    rows.insert(0, {"name": "float forward", "seconds": float_seconds})
-    for row in rows:
-        if "seconds" in row:
-            row["ratio"] = row["seconds"] / float_seconds
+    forwards = {"float forward": forward_all(float_model, batches)}
+    for preset in PRESETS:  # min/max-calibrated, then warmed up (a dynamic weight quantizer keeps its output)
+        forwards[f"fake-quant forward {preset}"] = forward_all(lowbit.calibrate(quantized(preset), batches), batches)
+    for run in forwards.values():
+        run()
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    errors: dict[str, str] = {}
+    for _ in range(args.repeats):  # rounds: every row once per round, so that load from elsewhere hits all alike
+        for name, run in forwards.items():
+            times[name].append(timed(run))
+        for observer in args.observers:
+            name = f"calibrate {observer}"
+            if name in errors:
+                continue
+            model = quantized("w8a8")
+            try:
+                times[name].append(timed(lambda: lowbit.calibrate(model, batches, observer=observer)))
+            except LowbitError as exc:
+                errors[name] = f"{type(exc).__name__}: {exc}"
+    order = ["float forward", *(f"calibrate {o}" for o in args.observers), *list(forwards)[1:]]
+    float_seconds = min(times["float forward"])
+    rows = [{"name": name, "error": errors[name]} if name in errors else
+            {"name": name, "seconds": min(times[name]), "ratio": min(times[name]) / float_seconds,
+             "all_seconds": times[name]} for name in order]
 
     print(f"{'':28s} {'seconds':>9s} {'x float':>8s}")
     for row in rows:
@@ -135,7 +140,7 @@ def main() -> None:
         "model": "torchvision mobilenet_v2(weights=None), eval",
         "images": args.images, "batch": args.batch, "size": args.size, "threads": args.threads,
         "repeats": args.repeats, "torch": torch.__version__, "machine": platform.machine(),
-        "processor": platform.processor(), "rows": rows,
+        "processor": platform.processor(), "load_average": [load_before, os.getloadavg()[0]], "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -306,9 +306,8 @@ def test_static_percentile_calibration_reads_one_histogram_of_all_batches():
     data = batches(3)
     for b in data:
         assert q(b) is b  # calibration passes the float input through
-    q.calibrating = False
     assert not q.observed and q.histogram is not None  # the range comes when calibration finishes
-    q.finish_calibration()
+    q.calibrating = False
     everything = torch.cat([b.reshape(-1) for b in data]).numpy()
     bin_width = (max(everything.max(), 0) - min(everything.min(), 0)) / HISTOGRAM_BINS
     assert abs(q.stats.min_val.item() - np.percentile(everything, 10)) <= bin_width
@@ -332,14 +331,12 @@ def test_static_per_channel_percentile_calibration_averages_batch_percentiles():
 
 
 def test_a_new_calibration_replaces_a_histogram_range():
-    q = UniformQuantizer(bits=8, dynamic=False, observer="mse").eval()
-    for scale in (10.0, 1.0):
+    q = UniformQuantizer(bits=8, dynamic=False, observer="percentile", percentile=100.0).eval()
+    for data in (torch.tensor([-50.0, 7.0, 100.0]), torch.tensor([-1.0, 0.5, 2.0])):
         q.calibrating = True
-        q(random_tensor(4, 500) * scale)
+        q(data)
         q.calibrating = False
-        q.finish_calibration()
-        assert q.stats.max_val.item() < 3 * scale * 3.5 and q.stats.batches.item() == 1
-    assert q.stats.max_val.item() < 10.0
+    assert (q.stats.min_val.item(), q.stats.max_val.item(), q.stats.batches.item()) == (-1.0, 2.0, 1)
 
 
 def test_eval_reuses_the_weight_output_while_the_weight_is_unchanged():
@@ -510,3 +507,16 @@ def test_affine_codes_function_matches_formula_by_hand():
     assert inside.tolist() == [False, True, True, False]
     scale, zero = affine_qparams(torch.tensor(-1.0), torch.tensor(2.5), 0, 7)  # s = 3.5 / 7
     assert scale.item() == 0.5 and zero.item() == 2
+
+
+def test_a_histogram_range_waits_for_the_end_of_calibration():
+    q = UniformQuantizer(dynamic=False, observer="entropy").eval()
+    q.label = "head.input"
+    q.calibrating = True
+    q(random_tensor(1, 100))
+    with pytest.raises(CalibrationError, match="head.input.*finish_calibration"):
+        q.encode(random_tensor(1, 100))
+    q.finish_calibration()
+    assert q.observed and q.histogram is None and q.calibrating
+    q.calibrating = False  # nothing left to finish
+    assert q(random_tensor(1, 100)).shape == (100,)

@@ -171,10 +171,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
     finally:
         for q in calibrated:
             q.calibrating = False
-            if hasattr(q, "finish_calibration"):
-                q.finish_calibration()
         for module, training in modes:
             module.training = training
+        for q in calibrated:
+            if hasattr(q, "finish_calibration"):
+                q.finish_calibration()
     if count == 0:
         raise CalibrationError("calibration got no batches; pass a non-empty iterable of input tensors")
     model.lowbit_input_shape = (1, *inputs.shape[1:])

@@ -62,8 +62,8 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _KL_TIES = 1e-12
 
 Range = tuple[torch.Tensor, torch.Tensor]
-#: fake_quantize_rows(rows, lo, hi) -> rows_hat: what the quantizer outputs for each row of ``rows`` [R, N]
-#: when that row's range is [lo[r], hi[r]] (lo, hi of shape [R])
+#: fake_quantize_rows(rows, lo, hi) -> [K, R, N]: what the quantizer outputs for each row r of ``rows`` [R, N]
+#: under each of K candidate ranges [lo[k, r], hi[k, r]] (lo, hi of shape [K, R])
 FakeQuantizeRows = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -120,7 +120,7 @@ def mse_range(x: torch.Tensor, axis: int | None, fake_quantize_rows: FakeQuantiz
     """The range t * [min, max] (t = 1, (steps-1)/steps, ..., 1/steps) with the least quantization MSE.
 
     Each channel picks its own t; among equal errors the largest t (widest range) wins. The
-    candidates are evaluated together, as rows of one fake-quantization per chunk of candidates.
+    candidates are evaluated together, one broadcast fake-quantization per chunk of candidates.
     """
     rows = _rows(x, axis)
     table = rows.reshape(-1, rows.shape[-1])  # [C, N]
@@ -129,9 +129,8 @@ def mse_range(x: torch.Tensor, axis: int | None, fake_quantize_rows: FakeQuantiz
     per_chunk = max(1, _MSE_CHUNK // table.numel())
     errors = []
     for chunk in fractions.split(per_chunk):
-        lows, highs = (lo[None, :] * chunk[:, None]).reshape(-1), (hi[None, :] * chunk[:, None]).reshape(-1)
-        quantized = fake_quantize_rows(table.repeat(len(chunk), 1), lows, highs)
-        errors.append((quantized.view(len(chunk), *table.shape) - table).square_().mean(dim=-1))
+        quantized = fake_quantize_rows(table, lo[None, :] * chunk[:, None], hi[None, :] * chunk[:, None])
+        errors.append(quantized.sub_(table).square_().mean(dim=-1))
     best = fractions[torch.cat(errors).argmin(dim=0)]
     return (lo * best).reshape(rows.shape[:-1]), (hi * best).reshape(rows.shape[:-1])
 
@@ -247,7 +246,9 @@ class Histogram:
 
     def _value_of_rank(self, rank: float, cumulative: np.ndarray) -> float:
         """Where the cumulative histogram reaches ``rank`` + 1/2: the value of order statistic ``rank`` (from 0),
-        within the bin that holds it."""
+        within the bin that holds it; the first and the last are min x and max x."""
+        if rank <= 0 or rank >= cumulative[-1] - 1:
+            return self.min if rank <= 0 else self.max
         target = rank + 0.5
         j = int(np.clip(np.searchsorted(cumulative, target, side="left"), 1, len(self.counts)))
         return self.lo + (j - 1 + (target - cumulative[j - 1]) / self.counts[j - 1]) * self.width
@@ -275,12 +276,11 @@ class Histogram:
         offsets = (np.arange(MSE_SAMPLES) + 0.5) / MSE_SAMPLES
         points = torch.tensor(self.lo + (occupied[:, None] + offsets[None, :]).reshape(-1) * self.width,
                               dtype=torch.float32)
-        weights = torch.tensor(np.repeat(self.counts[occupied] / MSE_SAMPLES, MSE_SAMPLES))
+        weights = torch.tensor(np.repeat(self.counts[occupied] / MSE_SAMPLES, MSE_SAMPLES), dtype=torch.float32)
         fractions = _mse_fractions(steps)
         low, high = _pair(self.min, self.max)
-        quantized = fake_quantize_rows(points.expand(len(fractions), -1).contiguous(), low * fractions,
-                                       high * fractions)
-        errors = (quantized.double() - points.double()).square() @ weights
+        quantized = fake_quantize_rows(points[None, :], (low * fractions)[:, None], (high * fractions)[:, None])
+        errors = quantized[:, 0].sub_(points).square_() @ weights
         best = fractions[errors.argmin()]
         return low * best, high * best
 

@@ -89,20 +89,20 @@ def affine_encoded(
 
 
 def _fake_quantize_float(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_hat, inside) as clamp(round(x * (1/s)), qmin - z, qmax - z) * s in float32.
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x_hat, inside or None) as clamp(round(x * (1/s)), qmin - z, qmax - z) * s in float32, ``scale`` and
+    ``zero_point`` broadcasting against ``x`` (the result takes the broadcast shape).
 
     The same bits as the code path (q - z) * s: round(x * (1/s)) and z are integers, exact in float32
     below 2^24 and clamped above it; adding +0.0 turns the -0.0 of a small negative x into the +0.0
     of q - z.
     """
-    ndim = x.dim()
-    rounded = torch.round(x.float() * along(torch.reciprocal(scale.float()), axis, ndim))
-    zero = along(zero_point, axis, ndim).float()
+    rounded = torch.mul(x.float(), torch.reciprocal(scale.float())).round_()
+    zero = zero_point.float()
     low, high = qmin - zero, qmax - zero
-    inside = (rounded >= low) & (rounded <= high)
-    return rounded.clamp_(low, high).add_(0.0).mul_(along(scale.float(), axis, ndim)), inside
+    inside = (rounded >= low) & (rounded <= high) if mask else None
+    return rounded.clamp_(low, high).add_(0.0).mul_(scale.float()), inside
 
 
 def fake_quantize_affine(
@@ -118,9 +118,10 @@ def fake_quantize_affine(
     """
     if axis is None and x.dtype == torch.float32:
         return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point.int(), qmin, qmax)
+    scale, zero_point = along(scale, axis, x.dim()), along(zero_point, axis, x.dim())
     if torch.is_grad_enabled() and x.requires_grad:
-        return straight_through_in_range(x, lambda v: _fake_quantize_float(v, scale, zero_point, qmin, qmax, axis))
-    return _fake_quantize_float(x, scale, zero_point, qmin, qmax, axis)[0].to(x.dtype)
+        return straight_through_in_range(x, lambda v: _fake_quantize_float(v, scale, zero_point, qmin, qmax, True))
+    return _fake_quantize_float(x, scale, zero_point, qmin, qmax, False)[0].to(x.dtype)
 
 
 @register("uniform")
@@ -135,12 +136,13 @@ class UniformQuantizer(Quantizer):
     ``stats.batches``). While ``calibrating``, min/max keeps the running extremes (and quantizes
     with the range so far); percentile, mse and entropy per tensor count every batch into one
     :class:`~lowbit.quantizers.observers.Histogram` and pass the float input through unchanged (as
-    torch's and onnxruntime's histogram calibrators do: the range exists only once
-    :meth:`finish_calibration`, called by ``lowbit.calibrate``, reads it off the histogram; a later
-    calibration starts a new histogram and replaces the range); per channel percentile and mse keep
-    the running mean of the batch ranges. While training it keeps a moving average (momentum 0.01)
-    of the batch ranges; in eval the range is frozen. ``observer`` picks how a tensor's range is
-    read (see :mod:`lowbit.quantizers.observers`); entropy is per tensor only.
+    torch's and onnxruntime's histogram calibrators do): the range exists only once
+    :meth:`finish_calibration` (called by ``lowbit.calibrate``, and when ``calibrating`` is turned
+    off) reads it off the histogram; a later calibration starts a new histogram and replaces the
+    range. Per channel, percentile and mse keep the running mean of the batch ranges. While
+    training it keeps a moving average (momentum 0.01) of the batch ranges; in eval the range is
+    frozen. ``observer`` picks how a tensor's range is read (see
+    :mod:`lowbit.quantizers.observers`); entropy is per tensor only.
     A constant c gets the range [min(c, 0), max(c, 0)], so c takes an end code of
     the grid; it decodes to c exactly when ``(qmax - qmin) * fl(c / (qmax - qmin))``
     rounds back to c in float32, else within one float32 rounding of c. Full-range
@@ -168,13 +170,25 @@ class UniformQuantizer(Quantizer):
         self.percentile = check_percentile(percentile)
         self.qmin, self.qmax = affine_qrange(bits, symmetric, narrow)
         self.axis = 0 if per_channel else None
-        self.calibrating = False
         #: the calibration histogram while a per-tensor static quantizer calibrates (never in the state_dict)
         self.histogram: Histogram | None = None
+        self.calibrating = False
         #: (input, its identity, output) of the last eval-mode call of a dynamic quantizer
         self._last: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
         if not dynamic:
             self.stats = RangeObserver()
+
+    @property
+    def calibrating(self) -> bool:
+        """Set by ``lowbit.calibrate`` while it runs the calibration batches; setting it to False finishes the
+        calibration (:meth:`finish_calibration`)."""
+        return self._calibrating
+
+    @calibrating.setter
+    def calibrating(self, calibrating: bool) -> None:
+        self._calibrating = calibrating
+        if not calibrating:
+            self.finish_calibration()
 
     @property
     def observer(self) -> str:
@@ -206,9 +220,10 @@ class UniformQuantizer(Quantizer):
         return self.dynamic or self.stats.observed
 
     def _fake_quantize_rows(self, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """Each row of ``rows`` fake-quantized with its own range [lo[r], hi[r]] (the mse observer's search)."""
+        """[K, R, N]: the rows of ``rows`` [R, N] fake-quantized with the K candidate ranges [lo[k, r], hi[k, r]]
+        (the mse observer's search)."""
         scale, zero_point = affine_qparams(lo, hi, self.qmin, self.qmax, self.symmetric)
-        return fake_quantize_affine(rows, scale, zero_point, self.qmin, self.qmax, axis=0)
+        return _fake_quantize_float(rows, scale[..., None], zero_point[..., None], self.qmin, self.qmax, False)[0]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
@@ -266,6 +281,10 @@ class UniformQuantizer(Quantizer):
                     self.stats.update(*self._batch_range(x), merge=self._merge(), where=self.where())
                 elif x.is_floating_point() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
                     check_finite(x, self.where())
+                if self.histogram is not None and not self.stats.observed:
+                    raise CalibrationError(f"{self.where()} has counted calibration batches but has no range until "
+                                           "its calibration finishes (finish_calibration(), which lowbit.calibrate "
+                                           "calls)")
                 lo, hi = self.stats.range(self.where())
                 if self.axis is not None and lo.numel() != x.shape[self.axis]:
                     raise ShapeMismatchError(
