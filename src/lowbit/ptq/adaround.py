@@ -207,7 +207,8 @@ def _output_rows(y: torch.Tensor, linear: bool, index: torch.Tensor) -> torch.Te
 
 @dataclass
 class _Pool:
-    """Inputs [P, G, K] and float targets without bias [P, G, O / G] at P positions, per group."""
+    """Inputs [G, P, K] and float targets without bias [G, P, O / G] at P positions, per group (group-major,
+    so that a step's product is one batched matmul over the groups without a copy)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -215,8 +216,12 @@ class _Pool:
     positions: int
 
     def draw(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        pick = torch.randperm(len(self.inputs), generator=generator)[:count].to(self.inputs.device)
-        return self.inputs.index_select(0, pick), self.targets.index_select(0, pick)
+        """``count`` positions drawn without replacement; the whole pool when it holds no more (a mean over
+        positions does not depend on their order)."""
+        if count >= self.inputs.shape[1]:
+            return self.inputs, self.targets
+        pick = torch.randperm(self.inputs.shape[1], generator=generator)[:count].to(self.inputs.device)
+        return self.inputs.index_select(1, pick), self.targets.index_select(1, pick)
 
 
 def _pool(layer: nn.Module, quantized: list[torch.Tensor], floats: list[torch.Tensor], weight: torch.Tensor,
@@ -236,7 +241,8 @@ def _pool(layer: nn.Module, quantized: list[torch.Tensor], floats: list[torch.Te
             inputs.append(_input_rows(layer, xq, index))
             targets.append(_output_rows(layer_output(layer, xf, weight, bias=None), linear, index))
     x, y = torch.cat(inputs).float(), torch.cat(targets).float()
-    return _Pool(x.reshape(size, groups, -1), y.reshape(size, groups, -1), sum(counts))
+    return _Pool(x.reshape(size, groups, -1).transpose(0, 1).contiguous(),
+                 y.reshape(size, groups, -1).transpose(0, 1).contiguous(), sum(counts))
 
 
 # --- the rounding ------------------------------------------------------------------------------------------------
@@ -279,9 +285,9 @@ class _Rounding:
 
 
 def _group_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [S, G, K] times each group's weight rows: [S, G, O / G]."""
-    groups = x.shape[1]
-    return torch.einsum("sgk,gok->sgo", x, weight.reshape(groups, weight.shape[0] // groups, -1))
+    """x [G, S, K] times each group's weight rows: [G, S, O / G]."""
+    groups = x.shape[0]
+    return torch.bmm(x, weight.reshape(groups, weight.shape[0] // groups, -1).transpose(1, 2))
 
 
 def _optimize(name: str, rounding: _Rounding, weight: torch.Tensor, pool: _Pool, settings: _Settings,
@@ -289,7 +295,7 @@ def _optimize(name: str, rounding: _Rounding, weight: torch.Tensor, pool: _Pool,
     """Learn V on the pool; whether each weight rounds up (h(V) >= 0.5) at the end."""
     v = initial_v(rounding.fraction(weight)).requires_grad_()
     optimizer = torch.optim.Adam([v], lr=settings.lr)
-    count = min(settings.sample, len(pool.inputs))
+    count = min(settings.sample, pool.inputs.shape[1])
     for step in tqdm(range(settings.steps), desc=f"adaround {name}", unit="step", leave=False,
                      disable=not settings.progress):
         x, y = pool.draw(count, generator)
@@ -349,7 +355,7 @@ def _round_layer(model: nn.Module, name: str, layer: nn.Module, batches: list[to
         floats = layer_inputs(model, layer, batches)
     pool = _pool(layer, quantized, floats, weight, settings.sample, generator)
     up = _optimize(name, rounding, weight, pool, settings, generator)
-    positions, pooled = pool.positions, len(pool.inputs)
+    positions, pooled = pool.positions, pool.inputs.shape[1]
     del pool
     adaround = rounding.hard(up)
     nearest, learned = (decode(enc).to(weight.dtype) for enc in (rounding.nearest, adaround))
