@@ -32,7 +32,9 @@ state_dict) and merges the range of each new batch into it.
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -55,6 +57,8 @@ MSE_SAMPLES = 4
 MOMENTUM = 0.01
 #: torch.histc counts in float32 (exact to 2^24), so larger tensors are counted in chunks of this many values
 _HISTC_CHUNK = 2**24
+#: below this many values a tensor is counted in one piece, on one thread
+_PARALLEL_MIN = 2**16
 #: the mse search fake-quantizes at most this many values at once
 _MSE_CHUNK = 2**24
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -89,7 +93,8 @@ def _rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 def minmax_range(x: torch.Tensor, axis: int | None = None) -> Range:
     """(min(x), max(x)), per tensor or per channel along ``axis``."""
-    return torch.aminmax(_rows(x, axis), dim=-1)
+    rows = _rows(x, axis)
+    return torch.aminmax(rows) if axis is None else torch.aminmax(rows, dim=-1)  # a full reduction is faster
 
 
 def _quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
@@ -141,9 +146,46 @@ def entropy_levels(levels: int, symmetric: bool, one_sided: bool) -> int:
     return levels if one_sided and not symmetric else (levels + 1) // 2
 
 
+def _in_parallel(function: Callable, items: list) -> list:
+    """``[function(item) for item in items]`` on up to ``torch.get_num_threads()`` threads: for kernels that run on
+    one core (torch.histc, numpy) and release the GIL while they run."""
+    workers = min(torch.get_num_threads(), len(items))
+    if workers <= 1:
+        return [function(item) for item in items]
+    return list(_thread_pool(workers).map(function, items))
+
+
+@functools.lru_cache(maxsize=4)
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="lowbit-observer")
+
+
+def _histogram(values: torch.Tensor, bins: int, lo: float, hi: float) -> np.ndarray:
+    """float64 counts of ``values`` (1-D) over ``bins`` equal bins of [lo, hi] by torch.histc, in chunks of at most
+    ``_HISTC_CHUNK`` values, on several threads for a large tensor on the CPU."""
+    pieces = math.ceil(values.numel() / _HISTC_CHUNK)
+    if values.device.type == "cpu" and values.numel() >= _PARALLEL_MIN:
+        pieces = max(pieces, torch.get_num_threads())
+    chunks = values.chunk(pieces)
+    counts = _in_parallel(lambda chunk: torch.histc(chunk, bins, lo, hi).double().cpu().numpy(), list(chunks))
+    return np.sum(counts, axis=0)
+
+
 def _xlogx(v: np.ndarray) -> np.ndarray:
     """v log v with 0 log 0 = 0."""
-    return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
+    logs = np.zeros_like(v)
+    np.log(v, out=logs, where=v > 0)
+    return v * logs
+
+
+@functools.lru_cache(maxsize=8)
+def _level_edges(levels: int, bins: int) -> np.ndarray:
+    """[candidates, L + 1]: the first bin of each level of candidate i = L, ..., B, ceil(k i / L) for k = 0..L
+    (the same for every histogram, so kept)."""
+    kept = np.arange(levels, bins + 1)
+    edges = (np.arange(levels + 1)[None, :] * kept[:, None] + levels - 1) // levels
+    edges.flags.writeable = False
+    return edges
 
 
 def entropy_divergences(counts: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,31 +194,39 @@ def entropy_divergences(counts: np.ndarray, levels: int) -> tuple[np.ndarray, np
 
     With N the total count, C_i = sum_{j<i} b_j, O_i = N - C_i, level k of candidate i spanning bins
     [ceil(k i / L), ceil((k+1) i / L)) with sum S_k over nz_k non-empty bins (Q_j = S_k / (nz_k C_i)
-    there): KL_i = sum_{j<i} P_j log P_j - sum_k P(level k) log(S_k / (nz_k C_i)), where
-    P(level k) = S_k / N, plus O_i / N for the last level.
+    there, sum_k S_k = C_i), and the last level (the one with bin i - 1) also taking O_i in P:
+    KL_i = sum_{j<i} P_j log P_j - sum_k P(level k) log(S_k / (nz_k C_i))
+         = sum_{j<i} P_j log P_j - (sum_k S_k log S_k - S_k log nz_k) / N + (C_i / N) log C_i
+           - (O_i / N) log(S_last / (nz_last C_i)).
     """
     b = np.asarray(counts, dtype=np.float64)
     bins, total = len(b), float(b.sum())
     if bins <= levels or total <= 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    kept = np.arange(levels, bins + 1)
     cumulative = np.concatenate([[0.0], np.cumsum(b)])
     nonempty = np.concatenate([[0], np.cumsum(b > 0)])
     cumulative_xlogx = np.concatenate([[0.0], np.cumsum(_xlogx(b))])
-    k = np.arange(levels + 1)
-    edges = (k[None, :] * kept[:, None] + levels - 1) // levels  # ceil(k i / L), [candidates, L + 1]
-    sums = np.diff(cumulative[edges], axis=1)
-    filled = np.diff(nonempty[edges], axis=1)
-    kept_mass, outliers, last = cumulative[kept], total - cumulative[kept], b[kept - 1]
-    p_last = (last + outliers) / total
-    reference = (cumulative_xlogx[kept - 1] - cumulative[kept - 1] * math.log(total)) / total + _xlogx(p_last)
-    mass = sums / total
-    mass[:, -1] += outliers / total
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_q = np.log(sums / (filled * kept_mass[:, None]))
-    divergence = reference - np.where(sums > 0, mass * log_q, 0.0).sum(axis=1)
-    divergence[(last == 0) & (outliers > 0)] = np.inf
-    return kept, divergence
+    log_count = np.log(np.maximum(np.arange(bins + 1), 1))  # log nz by table; nz = 0 only where S = 0
+    edges = _level_edges(levels, bins)
+
+    def divergences(rows: slice) -> np.ndarray:
+        kept = np.arange(levels, bins + 1)[rows]
+        bounds, filled_bounds = cumulative[edges[rows]], nonempty[edges[rows]]
+        sums, filled = bounds[:, 1:] - bounds[:, :-1], filled_bounds[:, 1:] - filled_bounds[:, :-1]
+        groups = (_xlogx(sums) - sums * log_count[filled]).sum(axis=1)
+        kept_mass, outliers, last = cumulative[kept], total - cumulative[kept], b[kept - 1]
+        p_last = (last + outliers) / total
+        reference = (cumulative_xlogx[kept - 1] - cumulative[kept - 1] * math.log(total)) / total + _xlogx(p_last)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            last_level = np.where(outliers > 0, outliers * np.log(sums[:, -1] / (filled[:, -1] * kept_mass)), 0.0)
+        divergence = reference - (groups - _xlogx(kept_mass) + last_level) / total
+        divergence[(last == 0) & (outliers > 0)] = np.inf
+        return divergence
+
+    count = bins + 1 - levels
+    step = math.ceil(count / torch.get_num_threads())
+    parts = _in_parallel(divergences, [slice(start, start + step) for start in range(0, count, step)])
+    return np.arange(levels, bins + 1), np.concatenate(parts)
 
 
 def entropy_threshold(counts: np.ndarray, levels: int) -> int:
@@ -219,8 +269,7 @@ class Histogram:
         if self.hi == self.lo:
             self.counts[0] += values.numel()
         else:
-            for chunk in values.split(_HISTC_CHUNK):
-                self.counts += torch.histc(chunk, len(self.counts), self.lo, self.hi).double().cpu().numpy()
+            self.counts += _histogram(values, len(self.counts), self.lo, self.hi)
         self.batches += 1
 
     @property
