@@ -20,12 +20,14 @@ At the end h(V) rounds to {0, 1}: the codes are floor(W / s) + z or one more (cl
 ONNX export store them. Where AdaRound's output error on the calibration inputs ends above round-to-nearest's,
 the layer keeps round-to-nearest (its result says so).
 
-Each step is one matrix product on ``sample`` output positions drawn afresh from a pool: a linear layer's rows, or
-a conv's input patches (per group for grouped and depthwise convs) with the target outputs at the same positions.
-The pool holds a random subset of all calibration positions, at most ``POOL_FLOATS`` input and target values
-(128 MiB of float32; never fewer than ``sample`` positions), so an early high-resolution layer keeps a sample of
-its positions, not all of them. The layer's captured inputs (quantized and float) stay in memory while it is
-rounded, as :func:`~.capture.layer_inputs` returns them.
+Each step is one matrix product (batched over the groups of a grouped or depthwise conv) on ``sample`` output
+positions drawn afresh, without replacement, from a pool: a linear layer's input rows, or a conv's input patches
+(padding included, per group), with the target outputs at the same positions. The pool is a random subset of all
+calibration positions, drawn once per layer, of at most ``POOL_FLOATS`` input and target values (128 MiB of
+float32), so an early high-resolution layer keeps a sample of its positions, not all of them; it never holds fewer
+than ``sample`` positions, which a very wide layer pays above the cap (EfficientNet-Lite1's 1152-channel 5x5
+depthwise conv: 2048 x 29,952 values, 245 MB). Besides the pool, the layer's captured inputs (quantized and
+float, as :func:`~.capture.layer_inputs` returns them) stay in memory while it is rounded.
 
 Defaults: lambda 0.01, beta 20 -> 2, warm-up 20% and Adam are the paper's and AIMET's. They run 10,000 steps at
 Adam's default rate 1e-3; here 1,000 steps (ten times fewer, for CPU) at 1e-2: on three convs of EfficientNet-Lite1
