@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--observers", nargs="+", default=list(OBSERVERS))
     parser.add_argument("--out", type=Path, default=Path("bench/results/calibration.json"))
     args = parser.parse_args()

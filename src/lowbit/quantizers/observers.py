@@ -423,7 +423,8 @@ class RangeObserver(nn.Module):
         if not self.observed:
             self.min_val, self.max_val = lo.clone(), hi.clone()
         elif merge == "extremes":
-            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+            torch.minimum(self.min_val, lo, out=self.min_val)
+            torch.maximum(self.max_val, hi, out=self.max_val)
         elif merge == "mean":
             count = torch.full_like(lo, float(self.batches + 1))  # a tensor divides the same on every device
             self.min_val = self.min_val + (lo - self.min_val) / count

@@ -236,7 +236,7 @@ class UniformQuantizer(Quantizer):
         """The range of ``x`` by the observer's per-batch rule; CalibrationError if ``x`` holds NaN/Inf
         (seen in its min and max, without another pass)."""
         lo, hi = minmax_range(x, self.axis)
-        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        if not bool(torch.isfinite(torch.stack([lo, hi])).all()):
             check_finite(x, self.where())
         if self.observer == "minmax":
             return lo, hi
