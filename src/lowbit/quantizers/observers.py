@@ -204,16 +204,17 @@ def entropy_divergences(counts: np.ndarray, levels: int) -> tuple[np.ndarray, np
     if bins <= levels or total <= 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
     cumulative = np.concatenate([[0.0], np.cumsum(b)])
-    nonempty = np.concatenate([[0], np.cumsum(b > 0)])
+    nonempty = np.concatenate([[0.0], np.cumsum(b > 0, dtype=np.float64)])
     cumulative_xlogx = np.concatenate([[0.0], np.cumsum(_xlogx(b))])
-    log_count = np.log(np.maximum(np.arange(bins + 1), 1))  # log nz by table; nz = 0 only where S = 0
     edges = _level_edges(levels, bins)
 
     def divergences(rows: slice) -> np.ndarray:
         kept = np.arange(levels, bins + 1)[rows]
         bounds, filled_bounds = cumulative[edges[rows]], nonempty[edges[rows]]
         sums, filled = bounds[:, 1:] - bounds[:, :-1], filled_bounds[:, 1:] - filled_bounds[:, :-1]
-        groups = (_xlogx(sums) - sums * log_count[filled]).sum(axis=1)
+        ratio = np.ones_like(sums)
+        np.divide(sums, filled, out=ratio, where=sums > 0)
+        groups = (sums * np.log(ratio)).sum(axis=1)  # sum_k S_k log(S_k / nz_k), 0 where S_k = 0
         kept_mass, outliers, last = cumulative[kept], total - cumulative[kept], b[kept - 1]
         p_last = (last + outliers) / total
         reference = (cumulative_xlogx[kept - 1] - cumulative[kept - 1] * math.log(total)) / total + _xlogx(p_last)
