@@ -96,17 +96,20 @@ def _fake_quantize_float(
 
     The same bits as the code path (q - z) * s: round(x * (1/s)) and z are integers, exact in float32
     below 2^24 and clamped above it; adding +0.0 turns the -0.0 of a small negative x into the +0.0
-    of q - z. One new tensor, the other passes in place; a 0-d scale and zero point act as numbers.
+    of q - z. One new tensor, the other passes in place; per tensor the last pass is 0 + s * q (torch.add
+    with alpha s), which scales and drops the sign of zero at once.
     """
     scale = scale.float()
+    rounded = torch.mul(x.float(), torch.reciprocal(scale)).round_()
     if scale.dim() == 0:
         zero = int(zero_point)
-        low, high, factor = float(qmin - zero), float(qmax - zero), float(scale)
-    else:
-        low, high, factor = qmin - zero_point.float(), qmax - zero_point.float(), scale
-    rounded = torch.mul(x.float(), torch.reciprocal(scale)).round_()
+        low, high = float(qmin - zero), float(qmax - zero)
+        inside = (rounded >= low) & (rounded <= high) if mask else None
+        rounded.clamp_(low, high)
+        return torch.add(rounded.new_zeros(()), rounded, alpha=float(scale), out=rounded), inside
+    low, high = qmin - zero_point.float(), qmax - zero_point.float()
     inside = (rounded >= low) & (rounded <= high) if mask else None
-    return rounded.clamp_(low, high).add_(0.0).mul_(factor), inside
+    return rounded.clamp_(low, high).add_(0.0).mul_(scale), inside
 
 
 def fake_quantize_affine(
