@@ -129,8 +129,6 @@ def test_layers_without_bias_get_one_that_save_load_and_onnx_keep(tmp_path):
     np.testing.assert_allclose(got, expected.numpy(), atol=0.05 * float(expected.abs().max()))
 
 
-@pytest.mark.xfail(strict=True, reason="load(path, model=float_arch) needs serialize to give a layer the bias the "
-                                       "file holds where the float architecture has none")
 def test_added_bias_loads_into_the_float_architecture(tmp_path):
     batches = [torch.randn(4, 3, 8, 8)]
     model = small_net(bias=False)

@@ -102,7 +102,7 @@ def test_random_nets_equal_ranges_and_unchanged_outputs(seed, width, pool, depth
     q = lowbit.quantize(model, weights_only())
     x = torch.randn(2, 3, 8, 8, generator=g)
     before = float_out(q, x)
-    results = equalize(q)
+    results = equalize(q, absorb_bias=False)  # absorption is exact only above c: tested on its own
     close(float_out(q, x), before, 1e-4)
     pairs = [(r.layer, r.details["next"]) for r in results]
     convs = [name for name, m in q.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

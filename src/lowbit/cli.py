@@ -311,7 +311,9 @@ def _run_quantize(args: argparse.Namespace) -> Output:
     preset = args.preset or trained_with or "w8a8"
     config = as_config(preset)  # an unknown preset fails before any data is read
     label = args.config or (preset if isinstance(preset, str) else "its training config")
-    if args.ptq is not None:
+    if args.ptq is None:
+        config = preset  # errors name the preset
+    else:
         methods = [] if args.ptq == "none" else [m.strip() for m in args.ptq.split(",")]
         config = QuantConfig.from_dict({**config.to_dict(), "ptq": methods,
                                         "ptq_options": {m: o for m, o in config.ptq_options.items() if m in methods}})

@@ -48,6 +48,7 @@ from .errors import ConfigError, UnsupportedLayerError
 from .export.graph import node_schema, propagate, trace
 from .nn import QUANT_LAYERS, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear, label_quantizers
 from .placement import place
+from .ptq.equalize import FOLDED_BATCHNORM, batchnorm_statistics
 from .ptq.result import LayerResult
 from .quantizers import Quantizer
 
@@ -292,6 +293,7 @@ def _fold(gm: fx.GraphModule, sites: list[_Site], report: QuantReport) -> None:
                 or bn.num_features != site.layer.weight.shape[0]:
             continue
         site.layer = fold_batchnorm(site.layer, bn)
+        gm.meta.setdefault(FOLDED_BATCHNORM, {})[site.path] = batchnorm_statistics(bn)
         users[0].replace_all_uses_with(site.node)
         gm.graph.erase_node(users[0])
         report.folded.append(users[0].target)

@@ -350,6 +350,9 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
         built: nn.Module = GraphModel(lowbit_file.document["graph"], graph, layers, shapes)
     else:
         built = _convert(model, lowbit_file.document["model"], layers)
+        for name, layer in built.named_modules():  # bias correction gives bias-free layers a bias
+            if isinstance(layer, QUANT_LAYERS) and layer.bias is None and _key(name, "bias") in state:
+                layer.bias = nn.Parameter(torch.zeros_like(state[_key(name, "bias")]))
     _load_into(built, state)
     _freeze(built, frozen)
     setattr(built, PTQ_ATTR, [])  # what the file holds is final: calibrating it again does not rerun the methods

@@ -92,8 +92,9 @@ def summarize(results: Sequence[LayerResult]) -> list[str]:
     """One line per method: layers changed, seconds, and the ratio of the layer-output error after the method to
     the error before it (round-to-nearest for rounding methods; geometric mean over layers) where measured."""
     lines = []
-    for name in dict.fromkeys(r.method for r in results):
-        rows = [r for r in results if r.method == name]
+    changed = [r for r in results if "skipped" not in r.details]
+    for name in dict.fromkeys(r.method for r in changed):
+        rows = [r for r in changed if r.method == name]
         line = f"{name}: {len(rows)} layer(s), {sum(r.seconds for r in rows):.1f} s"
         ratios = [r.error_after / r.error_before for r in rows
                   if r.error_before and r.error_after is not None and r.error_before > 0]

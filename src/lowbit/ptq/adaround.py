@@ -372,6 +372,10 @@ def _round_layer(model: nn.Module, name: str, layer: nn.Module, batches: list[to
     return LayerResult("adaround", name, time.perf_counter() - start, before, min(before, after), details)
 
 
+#: the fewest output positions a layer must see; a step draws min(sample, positions seen)
+MIN_POSITIONS = 32
+
+
 def _check_positions(model: nn.Module, chosen: list[tuple[str, nn.Module]], batches: list[torch.Tensor],
                      sample: int) -> None:
     """CalibrationError unless every chosen layer sees at least ``sample`` output positions in ``batches``
@@ -428,7 +432,7 @@ def adaround(model: nn.Module, batches: Sequence[torch.Tensor], *, steps: int = 
     training = model.training
     model.eval()
     try:
-        _check_positions(model, chosen, batches, sample)
+        _check_positions(model, chosen, batches, min(sample, MIN_POSITIONS))
         originals: dict[nn.Module, torch.Tensor] = {}
         for index, (name, layer) in enumerate(tqdm(chosen, desc="adaround", unit="layer", disable=not progress)):
             generator = torch.Generator().manual_seed(seed + index)
