@@ -97,6 +97,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "input": {"name": "dorefa_act", "bits": 2},
         "output": {"name": "dorefa_grad", "bits": 6},
     },
+    # post-training rounding learned per layer (AdaRound): bench/ptq.py and docs/benchmarks.md
+    "w4a8-ptq": {"weight": uniform_weight(4), "input": uniform_act(8), "ptq": ["adaround"]},
+    "w4a4-ptq": {"weight": uniform_weight(4), "input": {**uniform_act(4), "observer": "mse"}, "ptq": ["adaround"]},
     **{f"kmeans{b}": {"weight": {"name": "kmeans", "bits": b}} for b in (4, 5, 8)},
     **{f"lsq-w{b}a{b}": {"weight": {"name": "lsq", "bits": b, "signed": True},
                          "input": {"name": "lsq", "bits": b, "signed": False}} for b in (2, 3, 4)},
