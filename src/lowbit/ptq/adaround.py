@@ -47,12 +47,12 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..errors import CalibrationError, ConfigError, UnsupportedLayerError
-from ..nn import QUANT_LAYERS, freeze_weight
+from ..errors import CalibrationError, ConfigError
+from ..nn import freeze_weight
 from ..quantizers import Encoded, decode
 from ..quantizers.base import along
 from ..quantizers.uniform import UniformQuantizer
-from .capture import layer_inputs, layer_output, quantized_layers, quantizers_off
+from .capture import layer_inputs, layer_output, quantizers_off, select_layers
 from .result import LayerResult
 
 ZETA, GAMMA = 1.1, -0.1
@@ -140,26 +140,7 @@ def _unsupported(layer: nn.Module) -> str | None:
 
 def _select(model: nn.Module, layers: Sequence[str] | None) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
     """The layers to round, in run order, and the skipped ones (default ``layers`` only) with the reason."""
-    ordered = quantized_layers(model)
-    if layers is None:
-        reasons = {name: _unsupported(m) for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
-        skipped = {name: f"{reason}; {_WORKS}" for name, reason in reasons.items() if reason}
-        return [(name, m) for name, m in ordered if name not in skipped], skipped
-    if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
-        raise ConfigError(f"adaround layers must be a list of layer paths, got {layers!r}")
-    modules = dict(model.named_modules())
-    for name in layers:
-        if name not in modules:
-            known = ", ".join(n for n, _ in ordered[:20]) + (", ..." if len(ordered) > 20 else "")
-            raise ConfigError(f"adaround: the model has no layer {name!r}; its quantized layers: {known}")
-        if not isinstance(modules[name], QUANT_LAYERS):
-            raise UnsupportedLayerError(f"adaround: layer {name!r} is a {type(modules[name]).__name__}, not a "
-                                        f"quantized linear or conv layer; {_WORKS}")
-        reason = _unsupported(modules[name])
-        if reason:
-            raise UnsupportedLayerError(f"adaround: layer {name!r} cannot be rounded: {reason}; {_WORKS}")
-    wanted = set(layers)
-    return [(name, m) for name, m in ordered if name in wanted], {}
+    return select_layers(model, layers, "adaround", _unsupported, _WORKS)
 
 
 # --- output positions: a linear layer's rows, a conv's input patches ------------------------------------------

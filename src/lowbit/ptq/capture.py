@@ -6,6 +6,7 @@ quantized model, and the inputs a layer sees on calibration data.
   see each layer's inputs after the layers before it are final.
 - :func:`quantizers_off` makes every quantizer of a model the identity for a while: the model then
   computes its float function (batch norm already folded), the reference the methods reconstruct.
+- :func:`select_layers` picks the layers a rounding method changes (all it can round, or the ones named).
 - :func:`layer_inputs` runs batches through the model and keeps what one layer receives (before its
   input quantizer); each forward stops right after that layer, so later layers cost nothing.
 - :func:`layer_output` is the layer's own op (linear / conv / transposed conv) with any weight and no
@@ -14,7 +15,7 @@ quantized model, and the inputs a layer sees on calibration data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from ..errors import ConfigError, UnsupportedLayerError
 from ..nn import QUANT_LAYERS
 from ..quantizers import Quantizer
 
@@ -44,6 +46,38 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         seen.add(name)
         layers.append((name, layer))
     return layers
+
+
+def select_layers(model: nn.Module, layers: Sequence[str] | None, method: str,
+                  unsupported: Callable[[nn.Module], str | None], works: str,
+                  ) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """The layers a rounding ``method`` changes, in run order, and the ones it skips with the reason.
+
+    ``layers`` None: every quantized layer ``unsupported`` (why a layer cannot be rounded, or None) lets through;
+    the others are skipped, ``works`` (what the method can round) added to their reason. A list of paths: exactly
+    those, each of which must be a quantized layer the method can round (ConfigError for an unknown path,
+    UnsupportedLayerError naming the layer otherwise).
+    """
+    ordered = quantized_layers(model)
+    if layers is None:
+        reasons = {name: unsupported(m) for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
+        skipped = {name: f"{reason}; {works}" for name, reason in reasons.items() if reason}
+        return [(name, m) for name, m in ordered if name not in skipped], skipped
+    if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
+        raise ConfigError(f"{method} layers must be a list of layer paths, got {layers!r}")
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name not in modules:
+            known = ", ".join(n for n, _ in ordered[:20]) + (", ..." if len(ordered) > 20 else "")
+            raise ConfigError(f"{method}: the model has no layer {name!r}; its quantized layers: {known}")
+        if not isinstance(modules[name], QUANT_LAYERS):
+            raise UnsupportedLayerError(f"{method}: layer {name!r} is a {type(modules[name]).__name__}, not a "
+                                        f"quantized linear or conv layer; {works}")
+        reason = unsupported(modules[name])
+        if reason:
+            raise UnsupportedLayerError(f"{method}: layer {name!r} cannot be rounded: {reason}; {works}")
+    wanted = set(layers)
+    return [(name, m) for name, m in ordered if name in wanted], {}
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..errors import CalibrationError, ConfigError, UnsupportedLayerError
-from ..nn import QUANT_LAYERS, freeze_weight
+from ..errors import CalibrationError, ConfigError
+from ..nn import freeze_weight
 from ..quantizers import decode
 from ..quantizers.kmeans import KMeansQuantizer
-from .capture import layer_inputs, layer_output, quantized_layers
+from .capture import layer_inputs, layer_output, select_layers
 from .grid import GRID_QUANTIZERS, FixedGrid, fixed_grid
 from .result import LayerResult
 
@@ -65,25 +65,7 @@ def _unsupported(layer: nn.Module) -> str | None:
 def _select(model: nn.Module, layers: Sequence[str] | None) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
     """The layers to round, in run order, and the skipped ones (default ``layers`` only) with the reason."""
     works = f"GPTQ rounds weights of quantizers {', '.join(GRID_QUANTIZERS)}"
-    ordered = quantized_layers(model)
-    if layers is None:
-        reasons = {name: _unsupported(m) for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS)}
-        skipped = {name: f"{reason}; {works}" for name, reason in reasons.items() if reason}
-        return [(name, m) for name, m in ordered if name not in skipped], skipped
-    if isinstance(layers, str) or not all(isinstance(name, str) for name in layers):
-        raise ConfigError(f"gptq layers must be a list of layer paths, got {layers!r}")
-    modules = dict(model.named_modules())
-    for name in layers:
-        if name not in modules:
-            known = ", ".join(n for n, _ in ordered[:20]) + (", ..." if len(ordered) > 20 else "")
-            raise ConfigError(f"gptq: the model has no layer {name!r}; its quantized layers: {known}")
-        if not isinstance(modules[name], QUANT_LAYERS):
-            raise UnsupportedLayerError(f"gptq: layer {name!r} is a {type(modules[name]).__name__}, not a quantized "
-                                        f"linear or conv layer; {works}")
-        reason = _unsupported(modules[name])
-        if reason:
-            raise UnsupportedLayerError(f"gptq: layer {name!r} cannot be rounded: {reason}; {works}")
-    return [(name, m) for name, m in ordered if name in set(layers)], {}
+    return select_layers(model, layers, "gptq", _unsupported, works)
 
 
 def _check_options(block_size: int, damp: float, act_order: bool) -> None:
