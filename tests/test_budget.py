@@ -64,7 +64,7 @@ def test_a_model_within_budget_is_left_as_configured(digits):
 
 def test_an_unreachable_budget_is_a_typed_error(digits):
     batches, x, y, net = digits
-    # 2-bit inputs everywhere but the listed layers: with every layer raised it meets 0 only if 8 bits is exact
+    # a zero budget: even with every ranked layer at 8 bits some held-out example changes its class
     with pytest.raises(CalibrationError, match="no allocation meets a drop of 0 points"):
         fit_budget(net, {**preset("w2a2").to_dict(), "output": {"name": "uniform", "bits": 2, "dynamic": False}},
                    batches, x, y, max_drop=0.0)
