@@ -22,6 +22,7 @@ from lowbit.quantizers.observers import (
     check_observer,
     check_percentile,
     entropy_divergences,
+    entropy_levels,
     entropy_threshold,
     minmax_range,
     mse_range,
@@ -263,6 +264,35 @@ def test_entropy_range_clips_a_long_tail():
     # every candidate below the outlier ends in an empty bin that P fills with it (KL = inf), and nothing is clipped
     assert relu[:-1].max().item() < 5.0
     assert histogram.entropy_range(levels=256, symmetric=False)[1].item() == 40.0
+
+
+def test_entropy_range_keeps_the_background_of_a_normalised_image():
+    # MNIST-style input (x - 0.1307) / 0.3081: most pixels are background at -0.4242, the strokes reach 2.82.
+    # An affine grid clips each side on its own; folding |x| would put T at the background (about 0.42) and
+    # clip the strokes to it.
+    g = torch.Generator().manual_seed(7)
+    background = torch.full((16000,), -0.1307 / 0.3081)
+    strokes = (torch.rand(4000, generator=g) - 0.1307) / 0.3081
+    x = torch.cat([background, strokes])
+    histogram = Histogram()
+    histogram.add(x, "input")
+    lo, hi = histogram.entropy_range(levels=256, symmetric=False)
+    assert lo.item() == x.min().item()  # nothing below the background to clip
+    assert hi.item() > 2.5  # the strokes keep (nearly) their whole range
+    # the grid's 256 levels are shared by the sides in proportion to their spans
+    assert entropy_levels(256, False, -1.0, 3.0) == (64, 192)
+    assert entropy_levels(256, False, 0.0, 3.0) == (0, 256) and entropy_levels(256, False, -2.0, 0.0) == (256, 0)
+    assert entropy_levels(256, False, -1e-6, 3.0) == (1, 255) and entropy_levels(256, True, -1.0, 3.0) == (128, 128)
+
+
+def test_entropy_range_clips_each_side_of_an_affine_grid():
+    # a long tail on each side: both are clipped, each inside its own side, never beyond min / max
+    g = torch.Generator().manual_seed(8)
+    x = torch.cat([torch.randn(30000, generator=g), torch.tensor([-30.0, 60.0])])
+    histogram = Histogram()
+    histogram.add(x, "t")
+    lo, hi = histogram.entropy_range(levels=16, symmetric=False)
+    assert -30.0 < lo.item() < -1.0 and 1.0 < hi.item() < 60.0
 
 
 # ---- calibration histograms ----------------------------------------------------------------

@@ -8,17 +8,22 @@ Four rules, per tensor (``axis=None``) or, except entropy, per channel (one rang
 - ``mse``: the range t * [min(x), max(x)] for t in {1, (N-1)/N, ..., 1/N} (N = ``MSE_STEPS``)
   whose fake-quantized x has the smallest mean squared error; each channel picks its own t,
   ties go to the widest range. The quantizer supplies the fake-quantization it would apply.
-- ``entropy`` (TensorRT's KL calibration; per tensor): the clipping threshold T on a
-  ``HISTOGRAM_BINS``-bin histogram b_0..b_{B-1} of |x| over [0, A] whose clipped distribution
+- ``entropy`` (TensorRT's KL calibration; per tensor): a clipping threshold T on a
+  ``HISTOGRAM_BINS``-bin histogram b_0..b_{B-1} over [0, A] whose clipped distribution
   loses least information when quantized to L levels (Migacz, "8-bit Inference with TensorRT",
   GTC 2017). For each i = L, ..., B: the reference P is b_0..b_{i-1} with the outliers
   sum_{j >= i} b_j added to b_{i-1}; the candidate Q is b_0..b_{i-1} merged into L levels (bin j
   joins level floor(j L / i)), each level's count spread evenly over its non-empty bins (empty bins
   stay empty); with both normalised, KL(P || Q) = sum_j P_j log(P_j / Q_j), +inf where
-  Q_j = 0 < P_j. The smallest KL wins (ties: the largest i), T = i A / B and the range is
-  [max(min x, -T), min(max x, T)]. L counts the grid levels on [0, T]: all of them for an affine
-  grid on data of one sign, else half (2^(b-1) at b bits, TensorRT's 128 for int8). All
-  candidates are evaluated at once from prefix sums of b, b log b and the non-empty bins.
+  Q_j = 0 < P_j. The smallest KL wins (ties: the largest i) and T = i A / B. A symmetric grid
+  searches the histogram of |x| over [0, max |x|] with half its levels (2^(b-1) at b bits,
+  TensorRT's 128 for int8) and gives [max(min x, -T), min(max x, T)]. An affine grid clips each
+  side on its own: T+ from the histogram of the positive values over [0, max x], T- from that of
+  -x for the negative ones over [0, -min x], the grid's levels shared between the sides in
+  proportion to max x and -min x (all of them on data of one sign), giving [max(min x, -T-),
+  min(max x, T+)]; folding both sides into |x| instead would clip the long side of a normalised
+  input to the short side's extreme. All candidates are evaluated at once from prefix sums of b,
+  b log b and the non-empty bins.
 
 A per-tensor static quantizer calibrating with percentile, mse or entropy accumulates one
 :class:`Histogram` over all calibration batches (as torch's HistogramObserver and TensorRT do) and
@@ -140,10 +145,19 @@ def mse_range(x: torch.Tensor, axis: int | None, fake_quantize_rows: FakeQuantiz
     return (lo * best).reshape(rows.shape[:-1]), (hi * best).reshape(rows.shape[:-1])
 
 
-def entropy_levels(levels: int, symmetric: bool, one_sided: bool) -> int:
-    """L, the grid levels on [0, T] of a grid of ``levels`` codes clipped to [-T, T] (or [0, T]): all of them
-    for an affine grid on data of one sign, else the upper half."""
-    return levels if one_sided and not symmetric else (levels + 1) // 2
+def entropy_levels(levels: int, symmetric: bool, lo: float, hi: float) -> tuple[int, int]:
+    """(L-, L+): the levels of a grid of ``levels`` codes on [lo, hi] (lo <= 0 <= hi) that the KL search gives the
+    negative and the positive side: half each for a symmetric grid, else shares in proportion to -lo and hi
+    (at least one level on a side that holds values)."""
+    if symmetric:
+        return (levels + 1) // 2, (levels + 1) // 2
+    if hi - lo <= 0:
+        return 0, levels
+    positive = min(levels, max(1 if hi > 0 else 0, round(levels * hi / (hi - lo))))
+    negative = levels - positive
+    if lo < 0 and negative == 0:
+        positive, negative = positive - 1, 1
+    return negative, positive
 
 
 def _in_parallel(function: Callable, items: list) -> list:
@@ -335,16 +349,23 @@ class Histogram:
         return low * best, high * best
 
     def entropy_range(self, levels: int, symmetric: bool) -> Range:
-        """TensorRT's KL threshold T on the histogram of |x| (``levels`` codes on the grid), as
-        [max(min x, -T), min(max x, T)]."""
+        """TensorRT's KL thresholds for a grid of ``levels`` codes: one T on the histogram of |x| for a symmetric
+        grid, T- and T+ on each side's histogram for an affine one, as [max(min x, -T-), min(max x, T+)]."""
         if self.hi == self.lo:
             return _pair(self.lo, self.hi)
-        reach = max(-self.lo, self.hi)
+        negative, positive = entropy_levels(levels, symmetric, self.lo, self.hi)
+        if symmetric:
+            threshold = self._threshold(max(-self.lo, self.hi), positive, both_sides=True)
+            return _pair(max(self.min, -threshold), min(self.max, threshold))
+        low = self._threshold(-self.lo, negative, sign=-1.0) if self.lo < 0 else 0.0
+        high = self._threshold(self.hi, positive, sign=1.0) if self.hi > 0 else 0.0
+        return _pair(max(self.min, -low), min(self.max, high))
+
+    def _threshold(self, reach: float, levels: int, sign: float = 1.0, both_sides: bool = False) -> float:
+        """The KL threshold over [0, ``reach``] on the histogram of ``sign`` x (of |x| with ``both_sides``)."""
         edges = np.linspace(0.0, reach, len(self.counts) + 1)
-        magnitudes = np.diff(self.cdf(edges) - self.cdf(-edges))
-        kept_levels = entropy_levels(levels, symmetric, one_sided=self.min >= 0 or self.max <= 0)
-        threshold = entropy_threshold(magnitudes, kept_levels) * reach / len(self.counts)
-        return _pair(max(self.min, -threshold), min(self.max, threshold))
+        below = self.cdf(edges) - self.cdf(-edges) if both_sides else sign * self.cdf(sign * edges)
+        return entropy_threshold(np.diff(below), levels) * reach / len(self.counts)
 
     def range(self, observer: str, percentile: float, fake_quantize_rows: FakeQuantizeRows, levels: int,
               symmetric: bool) -> Range:
