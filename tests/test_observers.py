@@ -2,6 +2,7 @@
 histograms, and the kept range."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -439,3 +440,49 @@ def test_calibrate_each_observer_save_and_load(observer, tmp_path):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_entropy_calibration_warns_when_it_clips_much():
+    # a thin negative side gets 1 of a 4-bit grid's 16 levels and KL clips it hard (it counts the values it
+    # clips, not how far they move); calibration says so, naming the tensor, and mse does not clip as much
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.randn(5000, generator=g).abs() * 4, -torch.empty(5000).exponential_(10.0, generator=g)])
+    histogram = Histogram()
+    histogram.add(x, "t")
+    lo, hi = histogram.entropy_range(levels=16, symmetric=False)
+    assert histogram.outside(lo.item(), hi.item()) > 0.01 and x.min().item() < lo.item()
+    assert histogram.outside(x.min().item(), x.max().item()) == 0.0
+    assert histogram.outside(0.0, x.max().item()) == pytest.approx(0.5, abs=0.01)  # within the bin at 0
+    for observer in ("entropy", "mse"):
+        quantizer = UniformQuantizer(bits=4, dynamic=False, observer=observer).eval()
+        quantizer.calibrating = True
+        quantizer(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quantizer.calibrating = False  # turning calibration off finishes it
+        said = [str(w.message) for w in caught]
+        if observer == "entropy":
+            assert len(said) == 1 and "tensor: the entropy observer clips" in said[0] and "'mse'" in said[0]
+        else:
+            assert said == []
+
+
+def test_exact_zeros_are_a_point_mass():
+    # ReLU output: half the values are exact zeros. They sit at 0 for the quantiles, carry no error for mse,
+    # and do not move the entropy range, however many there are.
+    g = torch.Generator().manual_seed(10)
+    relu = torch.randn(20000, generator=g).relu()
+    ranges = []
+    for extra_zeros in (0, 100000):
+        histogram = Histogram()
+        for piece in torch.cat([relu, torch.zeros(extra_zeros)]).chunk(3):
+            histogram.add(piece, "t")
+        assert histogram.zeros == int((relu == 0).sum()) + extra_zeros
+        assert histogram.total == relu.numel() + extra_zeros
+        ranges.append(histogram.entropy_range(levels=256, symmetric=False))
+        values = np.concatenate([relu.numpy(), np.zeros(extra_zeros, dtype=np.float32)])
+        for q in (0.3, 0.5, 0.9, 0.999):
+            assert histogram.quantile(q) == pytest.approx(float(np.quantile(values, q)), abs=histogram.width)
+        assert histogram.quantile(0.3) == 0.0  # inside the zeros
+    assert ranges[0] == ranges[1]
+    assert ranges[0][1].item() > 3.0  # the tail of a unit normal is kept

@@ -22,8 +22,8 @@ Four rules, per tensor (``axis=None``) or, except entropy, per channel (one rang
   -x for the negative ones over [0, -min x], the grid's levels shared between the sides in
   proportion to max x and -min x (all of them on data of one sign), giving [max(min x, -T-),
   min(max x, T+)]; folding both sides into |x| instead would clip the long side of a normalised
-  input to the short side's extreme. All candidates are evaluated at once from prefix sums of b,
-  b log b and the non-empty bins.
+  input to the short side's extreme. Exact zeros stay out of b (every grid holds 0 exactly). All
+  candidates are evaluated at once from prefix sums of b, b log b and the non-empty bins.
 
 A per-tensor static quantizer calibrating with percentile, mse or entropy accumulates one
 :class:`Histogram` over all calibration batches (as torch's HistogramObserver and TensorRT do) and
@@ -56,6 +56,8 @@ HISTOGRAM_OBSERVERS = ("percentile", "mse", "entropy")
 MSE_STEPS = 100
 #: bins of a calibration histogram (TensorRT's 2048)
 HISTOGRAM_BINS = 2048
+#: the fraction of calibration values past an entropy range above which calibration warns
+ENTROPY_CLIP_WARNING = 0.01
 #: points per histogram bin at which the mse observer measures the quantization error
 MSE_SAMPLES = 4
 #: weight of the newest batch in the moving average kept while training (torch's MovingAverageMinMaxObserver)
@@ -258,13 +260,16 @@ class Histogram:
     """Counts of a tensor's values over ``bins`` equal bins spanning [lo, hi] = [min(0, min x), max(0, max x)],
     accumulated over batches; not a buffer (it lives while calibration runs, never in a state_dict).
 
-    A batch outside [lo, hi] widens it to the batch's extremes; the old counts are re-binned by
-    linear interpolation of the cumulative histogram (counts uniform within a bin). While every
-    value seen is 0, lo = hi = 0 and bin 0 holds the count.
+    Exact zeros (ReLU's, padding's) are counted apart, as a point mass at 0: every grid holds 0 exactly, so they
+    carry no quantization error, and spread over a bin they would read as a dense bulk there (the KL search
+    would then clip a ReLU output to keep that bulk's bins fine). A batch outside [lo, hi] widens it to the
+    batch's extremes; the old counts are re-binned by linear interpolation of the cumulative histogram (counts
+    uniform within a bin).
     """
 
     def __init__(self, bins: int = HISTOGRAM_BINS) -> None:
         self.counts = np.zeros(bins)
+        self.zeros = 0
         self.lo = self.hi = 0.0
         self.min, self.max = math.inf, -math.inf
         self.batches = 0
@@ -281,10 +286,10 @@ class Histogram:
             raise CalibrationError(f"{where} spans a range too wide for float32 (hi - lo overflows)")
         self.min, self.max = min(self.min, low), max(self.max, high)
         self._widen(min(self.lo, low), max(self.hi, high))
-        if self.hi == self.lo:
-            self.counts[0] += values.numel()
-        else:
-            self.counts += _histogram(values, len(self.counts), self.lo, self.hi)
+        zeros = int((values == 0).sum())
+        self.zeros += zeros
+        if self.hi > self.lo and zeros < values.numel():
+            self.counts += _histogram(values[values != 0] if zeros else values, len(self.counts), self.lo, self.hi)
         self.batches += 1
 
     @property
@@ -292,28 +297,48 @@ class Histogram:
         """The width of one bin."""
         return (self.hi - self.lo) / len(self.counts)
 
-    def cdf(self, points: np.ndarray) -> np.ndarray:
-        """How many counted values lie at or below each point (values uniform within their bin)."""
-        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
+    @property
+    def total(self) -> float:
+        """How many values were counted."""
+        return float(self.counts.sum()) + self.zeros
+
+    def _nonzero_cdf(self, points: np.ndarray) -> np.ndarray:
+        """How many non-zero counted values lie at or below each point (uniform within their bin)."""
         if self.hi == self.lo:
-            return np.where(points >= self.lo, cumulative[-1], 0.0)
+            return np.zeros(len(points))
+        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
         return np.interp(points, np.linspace(self.lo, self.hi, len(self.counts) + 1), cumulative)
 
+    def cdf(self, points: np.ndarray) -> np.ndarray:
+        """How many counted values lie at or below each point."""
+        return self._nonzero_cdf(points) + np.where(points >= 0, float(self.zeros), 0.0)
+
+    def outside(self, lo: float, hi: float) -> float:
+        """The fraction of the counted values below ``lo`` or above ``hi``."""
+        below = self.cdf(np.array([lo]))[0] if lo > self.min else 0.0
+        above = self.total - self.cdf(np.array([hi]))[0] if hi < self.max else 0.0
+        return (below + above) / self.total if self.total > 0 else 0.0
+
     def _widen(self, lo: float, hi: float) -> None:
-        """Span [lo, hi] (which holds the old span), re-binning the counts."""
+        """Span [lo, hi] (which holds the old span), re-binning the non-zero counts."""
         if (lo, hi) == (self.lo, self.hi):
             return
-        below = self.cdf(np.linspace(lo, hi, len(self.counts) + 1))
+        below = self._nonzero_cdf(np.linspace(lo, hi, len(self.counts) + 1))
         self.counts = np.diff(below)
         self.counts[0] += below[0]
         self.lo, self.hi = lo, hi
 
-    def _value_of_rank(self, rank: float, cumulative: np.ndarray) -> float:
+    def _value_of_rank(self, rank: float, cumulative: np.ndarray, zeros_from: float) -> float:
         """Where the cumulative histogram reaches ``rank`` + 1/2: the value of order statistic ``rank`` (from 0),
-        within the bin that holds it; the first and the last are min x and max x."""
-        if rank <= 0 or rank >= cumulative[-1] - 1:
+        within the bin that holds it, or 0 among the zeros (ranks ``zeros_from`` on); the first and the last
+        are min x and max x."""
+        if rank <= 0 or rank >= self.total - 1:
             return self.min if rank <= 0 else self.max
         target = rank + 0.5
+        if target >= zeros_from + self.zeros:
+            target -= self.zeros
+        elif target >= zeros_from:
+            return 0.0
         j = int(np.clip(np.searchsorted(cumulative, target, side="left"), 1, len(self.counts)))
         return self.lo + (j - 1 + (target - cumulative[j - 1]) / self.counts[j - 1]) * self.width
 
@@ -323,10 +348,11 @@ class Histogram:
         if self.hi == self.lo:
             return self.lo
         cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
-        position = q * (cumulative[-1] - 1)
+        zeros_from = float(self._nonzero_cdf(np.array([0.0]))[0])
+        position = q * (self.total - 1)
         below = math.floor(position)
-        low = self._value_of_rank(below, cumulative)
-        high = self._value_of_rank(min(below + 1, cumulative[-1] - 1), cumulative)
+        low = self._value_of_rank(below, cumulative, zeros_from)
+        high = self._value_of_rank(min(below + 1, self.total - 1), cumulative, zeros_from)
         return float(np.clip(low + (high - low) * (position - below), self.min, self.max))
 
     def percentile_range(self, percentile: float) -> Range:
@@ -362,10 +388,17 @@ class Histogram:
         return _pair(max(self.min, -low), min(self.max, high))
 
     def _threshold(self, reach: float, levels: int, sign: float = 1.0, both_sides: bool = False) -> float:
-        """The KL threshold over [0, ``reach``] on the histogram of ``sign`` x (of |x| with ``both_sides``)."""
-        edges = np.linspace(0.0, reach, len(self.counts) + 1)
-        below = self.cdf(edges) - self.cdf(-edges) if both_sides else sign * self.cdf(sign * edges)
-        return entropy_threshold(np.diff(below), levels) * reach / len(self.counts)
+        """The KL threshold over [0, ``reach``] on the histogram of the non-zero |x| (``both_sides``: over as
+        many bins as this histogram has) or ``sign`` x (over this histogram's own bins, ending at ``reach``)."""
+        cdf = self._nonzero_cdf
+        if both_sides:
+            edges = np.linspace(0.0, reach, len(self.counts) + 1)
+            below = cdf(edges) - cdf(-edges)
+        else:
+            bins = max(1, math.ceil(reach / self.width - 1e-9))
+            edges = np.concatenate([[0.0], reach - self.width * np.arange(bins - 1, -1, -1)])
+            below = sign * cdf(sign * edges)
+        return float(edges[entropy_threshold(np.diff(below), levels)])
 
     def range(self, observer: str, percentile: float, fake_quantize_rows: FakeQuantizeRows, levels: int,
               symmetric: bool) -> Range:

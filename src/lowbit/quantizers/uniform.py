@@ -24,6 +24,7 @@ qmin <= round(x/s) + z <= qmax, else 0. The scale and zero point carry no gradie
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ import torch
 from ..errors import CalibrationError, ConfigError, ShapeMismatchError
 from .base import EPS, Encoded, Quantizer, along, check_axis, check_bits, check_finite, check_flag, register
 from .observers import (
+    ENTROPY_CLIP_WARNING,
     HISTOGRAM_OBSERVERS,
     Histogram,
     RangeObserver,
@@ -272,6 +274,12 @@ class UniformQuantizer(Quantizer):
         histogram, self.histogram = self.histogram, None
         lo, hi = histogram.range(self.observer, self.percentile, self._fake_quantize_rows,
                                  self.qmax - self.qmin + 1, self.symmetric)
+        clipped = histogram.outside(lo.item(), hi.item())
+        if self.observer == "entropy" and clipped > ENTROPY_CLIP_WARNING:
+            warnings.warn(f"{self.where()}: the entropy observer clips {clipped:.1%} of the calibration values to "
+                          f"[{lo.item():.4g}, {hi.item():.4g}] (seen: [{histogram.min:.4g}, {histogram.max:.4g}]); "
+                          f"KL weighs how many values are clipped, not how far they move; observer 'mse' weighs "
+                          f"both", UserWarning, stacklevel=2)
         self.stats.replace(lo, hi, histogram.batches)
 
     def qparams(self, x: torch.Tensor, observe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
