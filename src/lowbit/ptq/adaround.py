@@ -26,8 +26,8 @@ positions drawn afresh, without replacement, from a pool: a linear layer's input
 calibration positions, drawn once per layer, of at most ``POOL_FLOATS`` input and target values (128 MiB of
 float32), so an early high-resolution layer keeps a sample of its positions, not all of them; it never holds fewer
 than ``sample`` positions, which a very wide layer pays above the cap (EfficientNet-Lite1's 1152-channel 5x5
-depthwise conv: 2048 x 29,952 values, 245 MB). Besides the pool, the layer's captured inputs (quantized and
-float, as :func:`~.capture.layer_inputs` returns them) stay in memory while it is rounded.
+depthwise conv: 2048 x 29,952 values, 245 MB). Besides the pool, the live activations of the quantized and the
+float model (:func:`~.capture.walk`, one forward of each for all layers) stay in memory while a layer is rounded.
 
 Defaults: lambda 0.01, beta 20 -> 2, warm-up 20% and Adam are the paper's and AIMET's. They run 10,000 steps at
 Adam's default rate 1e-3; here 1,000 steps (ten times fewer, for CPU) at 1e-2: on three convs of EfficientNet-Lite1
@@ -38,8 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -52,7 +51,7 @@ from ..nn import freeze_weight
 from ..quantizers import Encoded, decode
 from ..quantizers.base import along
 from ..quantizers.uniform import UniformQuantizer
-from .capture import layer_inputs, layer_output, quantizers_off, select_layers
+from .capture import layer_output, select_layers, walk
 from .result import LayerResult
 
 ZETA, GAMMA = 1.1, -0.1
@@ -308,34 +307,15 @@ def _output_mse(layer: nn.Module, quantized: list[torch.Tensor], floats: list[to
     return [s / count for s in sums]
 
 
-@contextmanager
-def _float_model(model: nn.Module, originals: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
-    """Within the block the model computes its float function: no quantizer, and the layers rounded so far hold
-    their float weights again."""
-    rounded = {layer: layer.weight.detach().clone() for layer in originals}
-    with torch.no_grad():
-        for layer, weight in originals.items():
-            layer.weight.copy_(weight)
-    try:
-        with quantizers_off(model):
-            yield
-    finally:
-        with torch.no_grad():
-            for layer, weight in rounded.items():
-                layer.weight.copy_(weight)
-
-
-def _round_layer(model: nn.Module, name: str, layer: nn.Module, batches: list[torch.Tensor], settings: _Settings,
-                 originals: dict[nn.Module, torch.Tensor], generator: torch.Generator) -> LayerResult:
+def _round_layer(name: str, layer: nn.Module, inputs: list[torch.Tensor], floats: list[torch.Tensor],
+                 settings: _Settings, generator: torch.Generator) -> LayerResult:
     """AdaRound of one layer, frozen on its codes (or on round-to-nearest's where those reconstruct better)."""
     start = time.perf_counter()
     weight = layer.weight.detach().clone()
     rounding = _Rounding.of(layer.weight_quantizer, weight)
     with torch.no_grad():
         quantizer = layer.input_quantizer
-        quantized = [x if quantizer is None else quantizer(x) for x in layer_inputs(model, layer, batches)]
-    with _float_model(model, originals):
-        floats = layer_inputs(model, layer, batches)
+        quantized = [x if quantizer is None else quantizer(x) for x in inputs]
     pool = _pool(layer, quantized, floats, weight, settings.sample, generator)
     up = _optimize(name, rounding, weight, pool, settings, generator)
     positions, pooled = pool.positions, pool.inputs.shape[1]
@@ -344,7 +324,6 @@ def _round_layer(model: nn.Module, name: str, layer: nn.Module, batches: list[to
     nearest, learned = (decode(enc).to(weight.dtype) for enc in (rounding.nearest, adaround))
     before, after = _output_mse(layer, quantized, floats, weight, [nearest, learned])
     kept = "adaround" if after <= before else "nearest"
-    originals[layer] = weight
     freeze_weight(layer, adaround if kept == "adaround" else rounding.nearest)
     details = {"steps": settings.steps, "bits": adaround.bits, "positions": positions, "pool": pooled,
                "rounded_up": float(up.float().mean()),
@@ -414,10 +393,16 @@ def adaround(model: nn.Module, batches: Sequence[torch.Tensor], *, steps: int = 
     model.eval()
     try:
         _check_positions(model, chosen, batches, min(sample, MIN_POSITIONS))
-        originals: dict[nn.Module, torch.Tensor] = {}
-        for index, (name, layer) in enumerate(tqdm(chosen, desc="adaround", unit="layer", disable=not progress)):
-            generator = torch.Generator().manual_seed(seed + index)
-            results.append(_round_layer(model, name, layer, batches, settings, originals, generator))
+        bar = tqdm(total=len(chosen), desc="adaround", unit="layer", disable=not progress)
+        order = {name: index for index, (name, _) in enumerate(chosen)}
+
+        def visit(name: str, layer: nn.Module, inputs: list[torch.Tensor], floats: list[torch.Tensor]) -> None:
+            generator = torch.Generator().manual_seed(seed + order[name])
+            results.append(_round_layer(name, layer, inputs, floats, settings, generator))
+            bar.update()
+
+        with bar:
+            walk(model, batches, chosen, visit)
     finally:
         model.train(training)
     return results

@@ -27,7 +27,6 @@ model as ``reference`` (a deep copy taken before rounding).
 from __future__ import annotations
 
 import math
-import operator
 import time
 from collections.abc import Sequence
 
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from ..errors import CalibrationError, ConfigError
 from ..nn import STORED_ATTR
-from .capture import layer_output, quantized_layers, quantizers_off
+from .capture import layer_output, quantized_layers, walk
 from .equalize import FOLDED_BATCHNORM, Link, input_shift, input_view, links
 from .result import LayerResult
 
@@ -73,22 +72,6 @@ def _per_channel(y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor
     return y.sum(0), y.square().sum(0), y.shape[0]
 
 
-def _run(node: fx.Node, env: dict[fx.Node, list], modules: dict[str, nn.Module], owner: nn.Module, index: int,
-         batch: torch.Tensor):
-    """The value of ``node`` for batch ``index`` from the values of its inputs in ``env``."""
-    args = fx.node.map_arg(node.args, lambda n: env[n][index])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n][index])
-    if node.op == "placeholder":
-        return batch
-    if node.op == "get_attr":
-        return operator.attrgetter(node.target)(owner)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return modules[node.target](*args, **kwargs)
-
-
 def correct_bias(model: fx.GraphModule, batches: Sequence[torch.Tensor], *, reference: fx.GraphModule | None = None,
                  progress: bool = False) -> list[LayerResult]:
     """Empirical bias correction of every quantized layer of ``model`` in run order, in place (module docstring).
@@ -96,12 +79,12 @@ def correct_bias(model: fx.GraphModule, batches: Sequence[torch.Tensor], *, refe
     ``batches``: calibration inputs (activation ranges already calibrated). ``reference``: the float model, a copy
     of ``model`` taken before its weights were rounded (default: ``model`` itself with its quantizers off and its
     original biases), needed once layers are frozen on rounded codes. The float and the quantized model run side
-    by side through the graph, node by node over all batches, so each layer is corrected before the quantized
-    values go past it and the cost is about one forward of each (the live activations of all batches are held,
-    twice). Returns one result per layer: ``error_before`` / ``error_after``, the mean squared error of the layer
-    output against the float one on the batches before and after the correction, and details ``mean_shift`` /
-    ``max_shift`` (mean and largest |correction|), ``bias_added`` (the layer had none). CalibrationError for no
-    batches, a frozen layer without ``reference``, or a reference without one of the layers.
+    by side through the graph (:func:`~.capture.walk`), so each layer is corrected before the quantized values go
+    past it and the cost is about one forward of each. Returns one result per layer: ``error_before`` /
+    ``error_after``, the mean squared error of the layer output against the float one on the batches before and
+    after the correction, and details ``mean_shift`` / ``max_shift`` (mean and largest |correction|),
+    ``bias_added`` (the layer had none). CalibrationError for no batches, a frozen layer without ``reference``, or
+    a reference without one of the layers.
     """
     if not isinstance(model, fx.GraphModule) or reference is not None and not isinstance(reference, fx.GraphModule):
         raise ConfigError("correct_bias works on the fx.GraphModule lowbit.quantize returns (and a copy of it as "
@@ -109,60 +92,32 @@ def correct_bias(model: fx.GraphModule, batches: Sequence[torch.Tensor], *, refe
     batches = list(batches)
     if not batches:
         raise CalibrationError("correct_bias needs at least one calibration batch")
-    float_model = model if reference is None else reference
-    layers = dict(quantized_layers(model))
-    float_layers, originals = {}, {}
-    for name, layer in layers.items():
+    layers = quantized_layers(model)
+    for name, layer in layers:
         if reference is None and _frozen(layer):
             raise CalibrationError(f"correct_bias: layer {name!r} is frozen on rounded codes, so its float weight is "
                                    "gone; pass reference=<a copy of the model taken before rounding>")
-        try:
-            float_layers[name] = float_model.get_submodule(name)
-        except AttributeError:
-            raise CalibrationError(f"correct_bias: the reference model has no layer {name!r}") from None
-        bias = float_layers[name].bias
-        originals[name] = None if bias is None else bias.detach().clone()
-    nodes = list(model.graph.nodes)
-    if sum(node.op == "placeholder" for node in nodes) > 1:
-        raise CalibrationError("correct_bias: the model takes several inputs; calibration batches hold one tensor")
-    first_calls = {}
-    for node in nodes:
-        if node.op == "call_module" and node.target in layers:
-            first_calls.setdefault(node.target, node)
-    if not first_calls:
-        return []
-    last = max(nodes.index(node) for node in first_calls.values())
-    last_use = {inp: node for node in nodes for inp in node.all_input_nodes}
-    modules, float_modules = dict(model.named_modules()), dict(float_model.named_modules())
-    quantized_env: dict[fx.Node, list] = {}
-    float_env: dict[fx.Node, list] = {}
+        if reference is not None and not isinstance(_submodule(reference, name), type(layer)):
+            raise CalibrationError(f"correct_bias: the reference model has no layer {name!r}")
+    float_layers = {name: _submodule(reference or model, name) for name, _ in layers}
     results = []
-    modes = [(m, m.training) for m in (model, float_model)]
-    try:
-        model.eval()
-        float_model.eval()
-        bar = tqdm(total=len(first_calls), desc="bias correction", unit="layer", disable=not progress)
-        with torch.no_grad(), bar:
-            for node in nodes[:last + 1]:
-                name = node.target if node.op == "call_module" and node.target in layers else None
-                if name is not None and first_calls[name] is node:
-                    results.append(_correct(name, layers[name], float_layers[name], float_env[node.args[0]],
-                                            quantized_env[node.args[0]]))
-                    bar.update()
-                with quantizers_off(float_model):
-                    float_env[node] = [
-                        layer_output(float_layers[name], float_env[node.args[0]][i], bias=originals[name])
-                        if name is not None else _run(node, float_env, float_modules, float_model, i, batch)
-                        for i, batch in enumerate(batches)]
-                quantized_env[node] = [_run(node, quantized_env, modules, model, i, batch)
-                                       for i, batch in enumerate(batches)]
-                for used in node.all_input_nodes:
-                    if last_use[used] is node:
-                        del float_env[used], quantized_env[used]
-    finally:
-        for m, training in modes:
-            m.train(training)
+    bar = tqdm(total=len(layers), desc="bias correction", unit="layer", disable=not progress)
+
+    def visit(name: str, layer: nn.Module, inputs: list[torch.Tensor], float_inputs: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            results.append(_correct(name, layer, float_layers[name], float_inputs, inputs))
+        bar.update()
+
+    with bar:
+        walk(model, batches, layers, visit, reference=reference)
     return results
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _correct(name: str, layer: nn.Module, float_layer: nn.Module, float_inputs: list[torch.Tensor],

@@ -7,14 +7,17 @@ quantized model, and the inputs a layer sees on calibration data.
 - :func:`quantizers_off` makes every quantizer of a model the identity for a while: the model then
   computes its float function (batch norm already folded), the reference the methods reconstruct.
 - :func:`select_layers` picks the layers a rounding method changes (all it can round, or the ones named).
-- :func:`layer_inputs` runs batches through the model and keeps what one layer receives (before its
-  input quantizer); each forward stops right after that layer, so later layers cost nothing.
+- :func:`walk` runs batches through the model's graph node by node, the quantized and the float model side by
+  side, and hands each chosen layer what it receives in both just before it runs, so a method can change the
+  layer (round its weight, correct its bias) before later layers see its output: one forward of each model in
+  all, whatever the depth.
 - :func:`layer_output` is the layer's own op (linear / conv / transposed conv) with any weight and no
   quantizer: ``y = op(x, W) + b``.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from ..errors import ConfigError, UnsupportedLayerError
+from ..errors import CalibrationError, ConfigError, UnsupportedLayerError
 from ..nn import QUANT_LAYERS
 from ..quantizers import Quantizer
 
@@ -97,34 +100,100 @@ def quantizers_off(model: nn.Module) -> Iterator[nn.Module]:
             del q.forward
 
 
-class _Reached(Exception):
-    """Raised by the capture hook to end a forward once the layer of interest has run."""
+def _run(node: fx.Node, env: dict[fx.Node, list], modules: dict[str, nn.Module], owner: nn.Module, index: int,
+         batch: torch.Tensor) -> Any:
+    """The value of ``node`` for batch ``index`` from the values of its inputs in ``env``."""
+    args = fx.node.map_arg(node.args, lambda n: env[n][index])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n][index])
+    if node.op == "placeholder":
+        return batch
+    if node.op == "get_attr":
+        return operator.attrgetter(node.target)(owner)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return modules[node.target](*args, **kwargs)
 
 
-def layer_inputs(model: nn.Module, layer: nn.Module, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The input ``layer`` receives (its first argument, before its input quantizer) for each batch, in eval
-    mode without gradients; each forward ends once ``layer`` is reached. A layer called at several sites gives
-    the input of its first call."""
-    captured: list[torch.Tensor] = []
+def graph_of(model: nn.Module) -> fx.GraphModule:
+    """``model`` itself when it is an ``fx.GraphModule``, else its trace with the quantized layers kept whole (the
+    same layer objects, so what a method changes in them changes ``model``)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    from ..export.graph import trace
 
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        captured.append(args[0].detach())
-        raise _Reached
+    return trace(model, leaves=tuple(QUANT_LAYERS))
 
-    handle = layer.register_forward_pre_hook(hook)
-    training = model.training
+
+Visit = Callable[[str, nn.Module, list[torch.Tensor], "list[torch.Tensor] | None"], None]
+
+
+def walk(model: nn.Module, batches: Sequence[torch.Tensor], layers: Sequence[tuple[str, nn.Module]], visit: Visit,
+         *, reference: fx.GraphModule | None = None, floats: bool = True) -> None:
+    """Run ``batches`` through ``model``'s graph node by node, every batch at each node, and call
+    ``visit(name, layer, inputs, float_inputs)`` at the first call of each of ``layers`` (in run order), before
+    that call runs, so what the visit changes in the layer reaches every later layer.
+
+    ``inputs``: what the layer receives in the quantized model (before its input quantizer), one tensor per batch.
+    ``float_inputs`` (None without ``floats``): what it receives in the float model, every quantizer off and every
+    layer of ``layers`` computing ``op(x, W) + b`` with the weight and bias it had when the walk began, or with
+    ``reference``'s layer of that path (a copy of the model taken before its weights were rounded). The live values
+    of all batches are held (twice with ``floats``), so the walk costs about one forward of each model, not one per
+    layer. It ends after the last visit; the model is in eval mode meanwhile and values carry no gradient (a visit
+    may compute its own). CalibrationError for no batches, a model with several inputs, or a layer the graph never
+    calls (one inside a module kept whole).
+    """
+    batches = list(batches)
+    if not batches:
+        raise CalibrationError("post-training methods need at least one calibration batch")
+    if not layers:
+        return
+    graph_module = graph_of(model)
+    nodes = list(graph_module.graph.nodes)
+    if sum(node.op == "placeholder" for node in nodes) > 1:
+        raise CalibrationError("the model takes several inputs; calibration batches hold one tensor")
+    chosen = dict(layers)
+    first_calls: dict[str, fx.Node] = {}
+    for node in nodes:
+        if node.op == "call_module" and node.target in chosen:
+            first_calls.setdefault(node.target, node)
+    for name in chosen:
+        if name not in first_calls:
+            raise CalibrationError(f"layer {name!r} is not called by the model's graph (it runs inside a module "
+                                   "kept whole), so its inputs cannot be captured")
+    float_model = graph_module if reference is None else reference
+    float_layers = {name: float_model.get_submodule(name) for name in chosen}
+    float_params = {name: (layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
+                    for name, layer in float_layers.items()}
+    last = max(nodes.index(node) for node in first_calls.values())
+    last_use = {inp: node for node in nodes for inp in node.all_input_nodes}
+    modules, float_modules = dict(graph_module.named_modules()), dict(float_model.named_modules())
+    env: dict[fx.Node, list] = {}
+    float_env: dict[fx.Node, list] = {}
+    modes = [(m, m.training) for m in (model, graph_module, float_model)]
     try:
-        model.eval()
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(batch)
-                except _Reached:
-                    pass
+        for m in (graph_module, float_model):
+            m.eval()
+        for node in nodes[:last + 1]:
+            name = node.target if node.op == "call_module" and node.target in chosen else None
+            if name is not None and first_calls[name] is node:
+                visit(name, chosen[name], env[node.args[0]], float_env[node.args[0]] if floats else None)
+            with torch.no_grad():
+                if floats:
+                    with quantizers_off(float_model):
+                        float_env[node] = [
+                            layer_output(float_layers[name], float_env[node.args[0]][i], *float_params[name])
+                            if name is not None else _run(node, float_env, float_modules, float_model, i, batch)
+                            for i, batch in enumerate(batches)]
+                env[node] = [_run(node, env, modules, graph_module, i, batch) for i, batch in enumerate(batches)]
+            for used in node.all_input_nodes:
+                if last_use[used] is node:
+                    env.pop(used, None)
+                    float_env.pop(used, None)
     finally:
-        handle.remove()
-        model.train(training)
-    return captured
+        for m, training in reversed(modes):  # the model's own modes last (a traced graph shares its layers)
+            m.train(training)
 
 
 def layer_output(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None,

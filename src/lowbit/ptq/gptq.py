@@ -42,7 +42,7 @@ from ..errors import CalibrationError, ConfigError
 from ..nn import freeze_weight
 from ..quantizers import decode
 from ..quantizers.kmeans import KMeansQuantizer
-from .capture import layer_inputs, layer_output, select_layers
+from .capture import layer_output, select_layers, walk
 from .grid import GRID_QUANTIZERS, FixedGrid, fixed_grid
 from .result import LayerResult
 
@@ -183,7 +183,7 @@ def _output_mse(layer: nn.Module, inputs: Sequence[torch.Tensor], reference: tor
 def _round_layer(name: str, layer: nn.Module, inputs: list[torch.Tensor], block_size: int, damp: float,
                  act_order: bool, start: float) -> LayerResult:
     """GPTQ (or the fallback) of one layer on its quantized inputs, frozen on its codes; ``start``: when its
-    inputs began to be captured."""
+    inputs reached it."""
     weight = layer.weight.detach().clone()
     grid = fixed_grid(layer.weight_quantizer, weight)
     if isinstance(layer, nn.ConvTranspose2d):
@@ -229,19 +229,16 @@ def gptq(model: nn.Module, batches: Sequence[torch.Tensor], *, block_size: int =
         raise CalibrationError("gptq needs at least one calibration batch")
     chosen, skipped = _select(model, layers)
     results = [LayerResult("gptq", name, 0.0, details={"skipped": reason}) for name, reason in skipped.items()]
-    training = model.training
-    model.eval()
-    try:
-        for name, layer in tqdm(chosen, desc="gptq", unit="layer", disable=not progress):
-            start = time.perf_counter()
-            captured = layer_inputs(model, layer, batches)
-            if not captured:
-                raise CalibrationError(f"gptq: layer {name!r} received no input from the calibration batches")
-            with torch.no_grad():
-                quantizer = layer.input_quantizer
-                inputs = [x if quantizer is None else quantizer(x) for x in captured]
-                del captured
-                results.append(_round_layer(name, layer, inputs, block_size, damp, act_order, start))
-    finally:
-        model.train(training)
+    bar = tqdm(total=len(chosen), desc="gptq", unit="layer", disable=not progress)
+
+    def visit(name: str, layer: nn.Module, captured: list[torch.Tensor], _) -> None:
+        start = time.perf_counter()
+        with torch.no_grad():
+            quantizer = layer.input_quantizer
+            inputs = [x if quantizer is None else quantizer(x) for x in captured]
+            results.append(_round_layer(name, layer, inputs, block_size, damp, act_order, start))
+        bar.update()
+
+    with bar:
+        walk(model, batches, chosen, visit, floats=False)
     return results
