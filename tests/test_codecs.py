@@ -18,7 +18,7 @@ from lowbit.quantizers.base import decode as torch_decode
 
 F32 = np.finfo(np.float32)
 TINY = float(F32.smallest_subnormal)
-KINDS = ("affine", "log", "binary", "ternary", "codebook")
+KINDS = ("affine", "log", "binary", "ternary", "codebook", "group_affine")
 
 positive_scales = st.one_of(
     st.floats(min_value=TINY, max_value=float(F32.max), width=32, allow_subnormal=True),
@@ -62,6 +62,21 @@ def encodeds(draw, kind):
             "zero_point": channel_param(draw, st.integers(-(2**16), 2**16), shape, axis, np.int64),
         }
         return NumpyEncoded(kind, codes, bits, params, {"qmin": qmin, "qmax": qmax, **meta})
+    if kind == "group_affine":
+        shape = (draw(st.integers(0, 4)), *draw(st.lists(st.integers(0, 4), min_size=1, max_size=3)))
+        bits = draw(st.integers(1, 16))
+        qmin = draw(st.sampled_from([0, -(2 ** (bits - 1))]))
+        qmax = qmin + 2**bits - 1 - draw(st.integers(0, min(1, 2**bits - 1)))
+        group_size = draw(st.sampled_from([1, 2, 3, 5, 64, 2**31]))
+        groups = (shape[0], -(-math.prod(shape[1:]) // group_size))
+        codes = with_extremes(rng.integers(qmin, qmax + 1, shape), qmin, qmax)
+        scale = np.array(draw(st.lists(positive_scales, min_size=math.prod(groups), max_size=math.prod(groups))),
+                         dtype=np.float32).reshape(groups)
+        symmetric = draw(st.booleans())
+        params = {"scale": scale} if symmetric else {"scale": scale,
+                                                     "zero_point": rng.integers(qmin, qmax + 1, groups)}
+        meta = {"qmin": qmin, "qmax": qmax, "group_size": group_size, "symmetric": symmetric}
+        return NumpyEncoded(kind, codes, bits, params, meta)
     if kind == "log":
         bits = draw(st.integers(1, 16))
         codes = with_extremes(rng.integers(0, 2**bits, shape), 0, 2**bits - 1)

@@ -101,6 +101,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4a8-ptq": {"weight": uniform_weight(4), "input": uniform_act(8), "ptq": ["adaround"]},
     "w4a4-ptq": {"weight": uniform_weight(4), "input": {**uniform_act(4), "observer": "mse"}, "ptq": ["adaround"]},
     **{f"kmeans{b}": {"weight": {"name": "kmeans", "bits": b}} for b in (4, 5, 8)},
+    # weight-only group-wise uniform (GPTQ / AWQ storage): a scale and zero point per 128 / 64 inputs, every layer
+    **{f"w{b}g{g}": {"weight": {"name": "group_uniform", "bits": b, "group_size": g}, "first": "same",
+                     "last": "same"} for b, g in ((4, 128), (3, 64))},
     **{f"lsq-w{b}a{b}": {"weight": {"name": "lsq", "bits": b, "signed": True},
                          "input": {"name": "lsq", "bits": b, "signed": False}} for b in (2, 3, 4)},
     **{f"pact-w{b}a{b}": {"weight": {"name": "dorefa_weight", "bits": b}, "input": {"name": "pact", "bits": b}}

@@ -7,7 +7,8 @@ One row per ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d
   quantizer's ``bits`` (the ``Encoded.bits`` of ``encode(weight)`` when it has
   one), plus every tensor in the encoded ``params`` at its dtype size (scales
   float32, zero-points int64, codebooks float32), except a ``sign`` plane
-  (signed log codes), counted at 1 bit per value; a float weight (no
+  (signed log codes), counted at 1 bit per value, and group-wise zero points
+  (``group_affine``), at the codes' bits as stored; a float weight (no
   quantizer, or ``bits`` None) is 4 bytes per value;
 - biases: 4 bytes per value (they stay float32);
 - input/output quantizers: their state_dict tensors (observed ranges, step
@@ -150,12 +151,17 @@ def _bits(quantizer: Quantizer | None) -> int:
     return FLOAT_BITS if quantizer is None or quantizer.bits is None else quantizer.bits
 
 
+def _param_bytes(enc: Encoded, key: str, t: torch.Tensor) -> int:
+    if key == "sign":
+        return math.ceil(t.numel() / 8)
+    if enc.kind == "group_affine" and key == "zero_point":  # bit-packed at the codes' width
+        return math.ceil(t.numel() * enc.bits / 8)
+    return t.numel() * t.element_size()
+
+
 def _encoded_bytes(enc: Encoded) -> int:
     codes = math.ceil(enc.codes.numel() * enc.bits / 8)
-    params = sum(
-        math.ceil(t.numel() / 8) if key == "sign" else t.numel() * t.element_size() for key, t in enc.params.items()
-    )
-    return codes + params
+    return codes + sum(_param_bytes(enc, key, t) for key, t in enc.params.items())
 
 
 def _weight_bytes(weight: torch.Tensor, quantizer: Quantizer | None) -> int:

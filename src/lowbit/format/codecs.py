@@ -27,11 +27,19 @@ reserved there). Stored arrays per codec (all little-endian; packing as in
   ``scale`` float32; bits 2; meta ``axis``.
 - ``codebook``: ``codes`` uint8 (bits 1..16 per index); ``codebook``
   float32 [K], finite, 1 <= K <= 2**bits.
+- ``group_affine``: ``codes`` uint8 as affine (``code - qmin``, bits 1..16);
+  ``scale`` float32 [O, G]; ``zero_point`` uint8, ``ceil(O G bits / 8)``
+  bytes of ``zero_point - qmin`` (absent when ``symmetric``: 0); meta
+  ``qmin``, ``qmax``, ``group_size`` (1 .. 2**31), ``symmetric``. The
+  tensor (at least 2-D) is read as O = shape[0] rows of K = prod(shape[1:])
+  values in C order; column c belongs to group c // group_size, G =
+  ceil(K / group_size) (the last group may be shorter).
 
 Values (float32, the arithmetic of ``base.decode``): affine
 ``(codes - zero_point) * scale``; log ``sign * 2**(fsr - 2**bits + codes)``
 for codes > 0, else ``sign * 0``; binary ``(2 codes - 1) * scale``; ternary
-``codes * scale``; codebook ``codebook[codes]``.
+``codes * scale``; codebook ``codebook[codes]``; group_affine ``(codes -
+zero_point[o, c // g]) * scale[o, c // g]`` on the [O, K] rows.
 
 Every decode (and encode) validates and raises ``lowbit.errors.FormatError``
 naming the tensor, with these stable codes: ``unknown-codec``, ``bad-meta``
@@ -158,6 +166,12 @@ def _values(enc: NumpyEncoded) -> np.ndarray:
         return codes.astype(np.float32) * scale
     if enc.kind == "codebook":
         return p["codebook"].astype(np.float32)[codes.astype(np.int64)]
+    if enc.kind == "group_affine":
+        rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).astype(np.int64)
+        group = np.arange(rows.shape[1]) // enc.meta["group_size"]
+        if "zero_point" in p:
+            rows = rows - p["zero_point"].astype(np.int64)[:, group]
+        return (rows.astype(np.float32) * p["scale"].astype(np.float32)[:, group]).reshape(codes.shape)
     raise _unknown(enc.kind, "")
 
 
@@ -501,6 +515,67 @@ class CodebookCodec(Codec):
         return NumpyEncoded(self.name, codes, bits, {"codebook": arrays["codebook"]}, meta)
 
 
+class GroupAffineCodec(Codec):
+    """k-bit affine codes with a scale (and zero point) per group of ``group_size`` consecutive values of each row
+    ``[O, K]``: value ``(code - zero_point[o, c // g]) * scale[o, c // g]``; codes and zero points bit-packed."""
+
+    name = "group_affine"
+    arrays = ("codes", "scale", "zero_point")
+
+    def optional_arrays(self, meta: dict[str, Any]) -> set[str]:
+        return {"zero_point"} if meta.get("symmetric") is True else set()
+
+    @staticmethod
+    def _groups(shape: tuple[int, ...], meta: dict[str, Any], where: str) -> tuple[int, int]:
+        """(O, G) of a tensor of ``shape``: at least 2-D, G = ceil(prod(shape[1:]) / group_size)."""
+        if len(shape) < 2:
+            raise _fail("bad-shape", where, f"group_affine tensors have at least 2 dims, got shape {list(shape)}")
+        group_size = _check_meta_int(meta, "group_size", where, 1, 2**31)
+        return shape[0], -(-math.prod(shape[1:]) // group_size)
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        symmetric = enc.meta.get("symmetric")
+        if not isinstance(symmetric, bool):
+            raise _fail("bad-meta", where, f"meta 'symmetric' must be a bool, got {_short(symmetric)}")
+        self._check_params(enc, {"scale"} if symmetric else {"scale", "zero_point"}, where)
+        groups = self._groups(enc.codes.shape, enc.meta, where)
+        qmin = _check_meta_int(enc.meta, "qmin", where, -(2**31), 2**31)
+        qmax = _check_meta_int(enc.meta, "qmax", where, qmin, qmin + 2**enc.bits - 1)
+        _check_codes_range(enc.codes, qmin, qmax, where)
+        scale = _check_array(enc.params["scale"], np.float32, where, "scale")
+        if scale.shape != groups:
+            raise _fail("bad-shape", where, f"scale of shape {list(scale.shape)} does not fit {list(groups)} "
+                                            f"(output channels, groups)")
+        bad = ~(np.isfinite(scale) & (scale > 0))
+        if bad.any():
+            raise _fail("bad-scale", where, f"scale must be finite and > 0, got {scale[bad].reshape(-1)[:4].tolist()}")
+        if not symmetric:
+            zero = _check_array(enc.params["zero_point"], np.int64, where, "zero_point")
+            if zero.shape != groups:
+                raise _fail("bad-shape", where, f"zero_point of shape {list(zero.shape)} does not fit "
+                                                f"{list(groups)} (output channels, groups)")
+            _check_codes_range(zero, qmin, qmax, where, code="bad-param")
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        qmin = enc.meta["qmin"]
+        arrays = {"codes": pack_codes(enc.codes - qmin, enc.bits), "scale": enc.params["scale"]}
+        if not enc.meta["symmetric"]:
+            arrays["zero_point"] = pack_codes(enc.params["zero_point"] - qmin, enc.bits)
+        return arrays
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        qmin = _check_meta_int(meta, "qmin", where, -(2**31), 2**31)
+        codes = self._unpack_codes(arrays, n, bits, where)
+        codes += qmin
+        params = {"scale": arrays["scale"]}
+        if meta.get("symmetric") is not True:
+            groups = self._groups(shape, meta, where)
+            packed = _check_array(arrays["zero_point"], np.uint8, where, "zero_point")
+            zero = unpack_codes(packed, groups[0] * groups[1], bits, where)
+            params["zero_point"] = (zero + qmin).reshape(groups)
+        return NumpyEncoded(self.name, codes.reshape(shape), bits, params, meta)
+
+
 _CODECS: dict[str, Codec] = {
     codec.name: codec
     for codec in (
@@ -511,6 +586,7 @@ _CODECS: dict[str, Codec] = {
         BinaryCodec(),
         TernaryCodec(),
         CodebookCodec(),
+        GroupAffineCodec(),
     )
 }
 

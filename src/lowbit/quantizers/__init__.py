@@ -4,7 +4,7 @@
 Quantizer or None; ``names()`` lists the registered names.
 """
 
-from . import abc, binary, dorefa, kmeans, linear, log2, lsq, pact, ternary, uniform  # noqa: F401  (register)
+from . import abc, binary, dorefa, group, kmeans, linear, log2, lsq, pact, ternary, uniform  # noqa: F401  (register)
 from .base import ENCODED_KINDS, Encoded, Quantizer, decode, get, names, register
 
 __all__ = ["ENCODED_KINDS", "Encoded", "Quantizer", "decode", "get", "names", "register"]

@@ -10,6 +10,7 @@ equal quantizer. Quantizers whose values map to integer codes implement
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..errors import CalibrationError, ConfigError
 
-ENCODED_KINDS = ("affine", "log", "binary", "ternary", "codebook")
+ENCODED_KINDS = ("affine", "log", "binary", "ternary", "codebook", "group_affine")
 
 
 @dataclass
@@ -37,6 +38,9 @@ class Encoded:
       ``params["scale"]`` float32, scalar or 1-D along ``meta["axis"]``.
     - ``ternary``: ``codes * scale``, codes in {-1, 0, +1}.
     - ``codebook``: ``params["codebook"][codes]``, codes in ``[0, len(codebook))``.
+    - ``group_affine``: ``(codes - zero_point) * scale`` per group: the codes read as ``[O, K]`` rows (C order),
+      column ``c`` in group ``c // meta["group_size"]``; ``scale`` float32 and ``zero_point`` int64 ``[O, G]``
+      (no ``zero_point`` when ``meta["symmetric"]``: 0); codes in ``[meta["qmin"], meta["qmax"]]``.
     """
 
     kind: str
@@ -74,6 +78,12 @@ def decode(enc: Encoded) -> torch.Tensor:
         return codes.float() * scale
     if enc.kind == "codebook":
         return p["codebook"].float()[codes.long()]
+    if enc.kind == "group_affine":
+        rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).long()
+        group = torch.arange(rows.shape[1], device=rows.device) // enc.meta["group_size"]
+        if "zero_point" in p:
+            rows = rows - p["zero_point"].long()[:, group]
+        return (rows.float() * p["scale"].float()[:, group]).reshape(codes.shape)
     raise ConfigError(f"unknown encoded kind {enc.kind!r}; valid kinds: {', '.join(ENCODED_KINDS)}")
 
 

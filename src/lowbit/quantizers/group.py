@@ -1,0 +1,154 @@
+"""Group-wise uniform weight quantization (weight-only, as GPTQ / AWQ store LLM weights: Frantar et al. 2022,
+arXiv:2210.17323; Lin et al. 2023, arXiv:2306.00978).
+
+The weight ``W`` of shape ``[O, ...]`` is read as ``O`` rows of ``K = prod(shape[1:])`` values in C order (a
+linear layer's input features; a conv's ``(c_in, kernel position)`` pairs, kernel positions fastest), and
+each row is cut into ``G = ceil(K / g)`` groups of ``g`` consecutive values. Group ``j`` of row ``o`` has its
+own scale ``s[o, j]`` and zero point ``z[o, j]``, from its range ``[lo, hi]`` widened to include 0 (the rule
+of :mod:`lowbit.quantizers.uniform`, so 0 is exact):
+
+    affine:     qmin, qmax = 0, 2^b - 1                    s = max((hi - lo) / (2^b - 1), EPS)
+                z = clamp(qmin - round(lo / s), qmin, qmax)
+    symmetric:  qmin, qmax = -(2^(b-1) - 1), 2^(b-1) - 1   s = max(max(-lo, hi) / (2^(b-1) - 1), EPS), z = 0
+    q = clamp(round(w * (1/s)) + z, qmin, qmax)            w_hat = (q - z) * s       (float32, 1/s a float32)
+
+Symmetric uses the narrow grid, so the largest |w| of a group is a code (at 2 bits: {-1, 0, +1} s).
+A group size ``g >= K`` gives one group per row (per-channel scales).
+
+A ``g`` that does not divide ``K``: the row is padded to ``G g`` values with zeros and the last group of each
+row is shorter (``K - (G - 1) g`` values). Since every range already includes 0, this is the same as quantizing
+the short group on its own; the padding is never stored (codes keep the weight's shape).
+
+Example (b = 4, affine, one group): [-1, 0.5, 2] -> s = 3/15 = 0.2, z = clamp(0 - round(-5)) = 5,
+codes [0, 7, 15] (0.5 / 0.2 = 2.5 rounds half to even to 2), values [-1, 0.4, 2].
+
+Gradient: straight-through within the grid, g_w = g_y where qmin <= round(w/s) + z <= qmax (as torch's
+fake_quantize); scales and zero points carry no gradient. Stored as the ``group_affine`` codec: codes and (affine)
+zero points bit-packed at b bits, scales float32 ``[O, G]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CalibrationError, ConfigError
+from .base import Encoded, Quantizer, check_bits, check_finite, check_flag, register
+from .ste import straight_through_in_range
+from .uniform import affine_qparams
+
+#: largest group size (the element cap of a stored tensor)
+MAX_GROUP_SIZE = 2**31
+
+
+def check_group_size(group_size: int) -> int:
+    """Return ``group_size`` if it is an int from 1 to MAX_GROUP_SIZE, else raise ConfigError."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE:
+        raise ConfigError(f"group_size must be an integer from 1 to {MAX_GROUP_SIZE}, got {group_size!r}")
+    return group_size
+
+
+def group_qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax): unsigned [0, 2^b - 1] when affine, narrow signed [-(2^(b-1) - 1), 2^(b-1) - 1] when symmetric."""
+    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def group_count(k: int, group_size: int) -> int:
+    """Groups per row: ceil(K / g)."""
+    return -(-k // group_size)
+
+
+def expand_groups(p: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """A per-group parameter ``[O, G]`` repeated over each group's columns: ``[O, K]``."""
+    return p[:, torch.arange(k, device=p.device) // group_size]
+
+
+def group_qparams(
+    x: torch.Tensor, group_size: int, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32 [O, G], zero_point int64 [O, G]) of each group's range (widened to include 0)."""
+    rows = x.reshape(x.shape[0], math.prod(x.shape[1:])).detach().float()
+    k = rows.shape[1]
+    groups = group_count(k, group_size)
+    padded = F.pad(rows, (0, groups * group_size - k))  # zeros: inside every (0-including) range
+    lo, hi = torch.aminmax(padded.view(rows.shape[0], groups, group_size), dim=-1)
+    return affine_qparams(lo, hi, qmin, qmax, symmetric)
+
+
+def group_codes(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int64 [x's shape], inside): q = clamp(round(w * (1/s)) + z, qmin, qmax) with each value's group's s, z."""
+    rows = x.reshape(x.shape[0], math.prod(x.shape[1:])).float()
+    k = rows.shape[1]
+    inverse = expand_groups(torch.reciprocal(scale.float()), k, group_size)
+    unclamped = torch.round(rows * inverse) + expand_groups(zero_point.long(), k, group_size)
+    inside = (unclamped >= qmin) & (unclamped <= qmax)
+    return unclamped.clamp(qmin, qmax).long().reshape(x.shape), inside.reshape(x.shape)
+
+
+def group_values(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 group_size: int) -> torch.Tensor:
+    """(q - z) * s in float32, each value with its group's s and z (z = 0 when None): the codec's decode."""
+    rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).long()
+    k = rows.shape[1]
+    if zero_point is not None:
+        rows = rows - expand_groups(zero_point.long(), k, group_size)
+    return (rows.float() * expand_groups(scale.float(), k, group_size)).reshape(codes.shape)
+
+
+@register("group_uniform")
+class GroupUniformQuantizer(Quantizer):
+    """Uniform b-bit weights with a scale (and zero point, when affine) per group of ``group_size`` consecutive
+    inputs of each output channel (see the module docstring). The range comes from each weight (dynamic); a
+    weight needs at least 2 dimensions (output channels first), finite values and at least one element."""
+
+    def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = False) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, 2, 8)
+        self.group_size = check_group_size(group_size)
+        self.symmetric = check_flag(symmetric, "symmetric")
+        self.qmin, self.qmax = group_qrange(bits, symmetric)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def groups(self, shape: tuple[int, ...] | torch.Size) -> int:
+        """Groups per output channel of a weight of ``shape``."""
+        return group_count(math.prod(shape[1:]), self.group_size)
+
+    def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale [O, G], zero_point [O, G]) of weight ``x``; ConfigError / CalibrationError for a weight that
+        cannot be grouped (fewer than 2 dims, empty, NaN/Inf)."""
+        if x.dim() < 2:
+            raise ConfigError(f"{self.where()} of shape {tuple(x.shape)}: group-wise quantization needs a weight "
+                              "of at least 2 dimensions (output channels first); use it for linear / conv weights")
+        if x.numel() == 0:
+            raise CalibrationError(f"{self.where()} is empty; there is nothing to quantize")
+        check_finite(x, self.where())
+        with torch.no_grad():
+            scale, zero_point = group_qparams(x, self.group_size, self.qmin, self.qmax, self.symmetric)
+        if not bool(torch.isfinite(scale).all()):
+            raise CalibrationError(f"{self.where()} spans a range too wide for float32 (hi - lo overflows)")
+        return scale, zero_point
+
+    def _quantize(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, inside = group_codes(x, scale, zero_point, self.qmin, self.qmax, self.group_size)
+        return group_values(codes, scale, None if self.symmetric else zero_point, self.group_size), inside
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self.qparams(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return straight_through_in_range(x, lambda v: self._quantize(v, scale, zero_point))
+        return self._quantize(x, scale, zero_point)[0].to(x.dtype)
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        scale, zero_point = self.qparams(x)
+        codes, _ = group_codes(x, scale, zero_point, self.qmin, self.qmax, self.group_size)
+        params = {"scale": scale.float()} if self.symmetric else {"scale": scale.float(), "zero_point": zero_point}
+        meta = {"qmin": self.qmin, "qmax": self.qmax, "group_size": self.group_size, "symmetric": self.symmetric}
+        return Encoded("group_affine", codes, self.bits, params, meta)
