@@ -329,3 +329,14 @@ def test_sparse_and_entropy_coding_keep_the_codes(tmp_path):
         lowbit.save(q, tmp_path / "m.lowbit", x[:1], **kwargs)
         with torch.no_grad():
             assert torch.equal(lowbit.load(tmp_path / "m.lowbit")(x), ref)
+
+
+def test_lowbit_inspect_prints_bits_per_weight_with_the_group_scales(tmp_path, capsys):
+    from lowbit.cli import main
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(1, 3, 8)
+    lowbit.save(lowbit.quantize(model, "w4g128"), tmp_path / "m.lowbit", x)
+    assert main(["inspect", str(tmp_path / "m.lowbit")]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("fc1.weight"))
+    assert line.split()[1:4] == ["group_affine", "100x96", "4.38"]  # 8 * 5250 / 9600 = 4.375
