@@ -340,3 +340,82 @@ def test_lowbit_inspect_prints_bits_per_weight_with_the_group_scales(tmp_path, c
     assert main(["inspect", str(tmp_path / "m.lowbit")]) == 0
     line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("fc1.weight"))
     assert line.split()[1:4] == ["group_affine", "100x96", "4.38"]  # 8 * 5250 / 9600 = 4.375
+
+
+# ---------------------------------------------------------------- binary and ternary groups
+
+
+def scaled_reference(w: np.ndarray, g: int, ternary: bool, threshold: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, values) of BWN / TWN per group, one group at a time (float64 statistics, alpha rounded once)."""
+    rows = w.reshape(w.shape[0], -1)
+    codes = np.zeros(rows.shape, np.int64)
+    out = np.zeros(rows.shape, F32)
+    for o in range(rows.shape[0]):
+        for start in range(0, rows.shape[1], g):
+            v = rows[o, start:start + g]
+            a = np.abs(v.astype(np.float64))
+            if ternary:
+                keep = a > threshold * a.mean()
+                alpha = max(F32(a[keep].sum() / max(keep.sum(), 1)), F32(EPS))
+                q = np.sign(v).astype(np.int64) * keep
+            else:
+                alpha = max(F32(a.mean()), F32(EPS))
+                q = (v >= 0).astype(np.int64)
+            codes[o, start:start + g] = q
+            out[o, start:start + g] = (q if ternary else 2 * q - 1).astype(F32) * alpha
+    return codes.reshape(w.shape), out.reshape(w.shape)
+
+
+@settings(max_examples=150, deadline=None)
+@given(weights(), st.sampled_from([1, 2, 3, 7, 8, 32, 128]), st.booleans(), st.sampled_from([0.0, 0.5, 0.7, 1.0]))
+def test_binary_and_ternary_groups_equal_the_numpy_reference(w, g, ternary, threshold):
+    spec = {"name": "group_ternary", "group_size": g, "threshold": threshold} if ternary else \
+        {"name": "group_binary", "group_size": g}
+    q = get(spec)
+    x = torch.from_numpy(w)
+    enc = q.encode(x)
+    codes, want = scaled_reference(w, g, ternary, threshold)
+    assert np.array_equal(enc.codes.numpy(), codes)
+    assert np.array_equal(q(x).numpy().view(np.uint32), (want + F32(0)).view(np.uint32))
+    assert torch.equal(torch_decode(enc), q(x))
+
+
+def test_binary_and_ternary_groups_by_hand():
+    x = torch.tensor([[1.0, -3.0, 0.0, 0.5, -0.5]])  # g = 2: [1, -3], [0, 0.5], [-0.5]
+    binary = get({"name": "group_binary", "group_size": 2})
+    assert binary.encode(x).codes.tolist() == [[1, 0, 1, 1, 0]]
+    assert binary(x).tolist() == [[2.0, -2.0, 0.25, 0.25, -0.5]]
+    ternary = get({"name": "group_ternary", "group_size": 2})
+    # deltas 1.4, 0.175, 0.35: [0, -1], [0, 1], [-1]; alphas 3, 0.5, 0.5
+    assert ternary.encode(x).codes.tolist() == [[0, -1, 0, 1, -1]]
+    assert ternary(x).tolist() == [[0.0, -3.0, 0.0, 0.5, -0.5]]
+    constant = torch.full((2, 6), -0.3)
+    for q in (binary, ternary):
+        assert torch.equal(q(constant), constant)  # alpha = |c| exactly
+        with pytest.raises(CalibrationError):
+            q(torch.tensor([[1.0, float("nan")]]))
+        with pytest.raises(ConfigError):
+            q(torch.ones(4))
+    assert torch.equal(ternary(torch.zeros(2, 3)), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("spec, codes_bytes", [({"name": "group_binary", "group_size": 32}, 1200),
+                                                ({"name": "group_ternary", "group_size": 32}, 2400)])
+def test_binary_and_ternary_groups_through_file_engine_and_onnx(spec, codes_bytes, tmp_path):
+    """fc1 [100, 96], g = 32: 3 groups per row, 300 float32 scales (1200 bytes) besides the codes
+    (9600 x 1 bit = 1200 bytes, x 2 bits = 2400): 1 + 32/32 = 2 and 2 + 1 = 3 bits per weight."""
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(3, 3, 8)
+    q = lowbit.quantize(model, {"weight": spec, "first": "same", "last": "same"})
+    with torch.no_grad():
+        ref = q(x)
+    lowbit.save(q, tmp_path / "m.lowbit", x[:1])
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "m.lowbit")(x), ref)
+    rows = {r["name"]: r for r in inspect_file(tmp_path / "m.lowbit")["tensors"]}
+    assert rows["fc1.weight"]["bytes"] == codes_bytes + 1200 and rows["fc1.weight"]["codec"] == spec["name"]
+    assert rows["fc1.weight"]["bits_per_weight"] == (codes_bytes + 1200) * 8 / 9600
+    np.testing.assert_allclose(Engine(tmp_path / "m.lowbit").run(x.numpy()), ref.numpy(), rtol=1e-5, atol=1e-5)
+    session = ort.InferenceSession(to_onnx(q, x[:1]).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], ref.numpy(),
+                               rtol=1e-5, atol=1e-5)

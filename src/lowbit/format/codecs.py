@@ -34,12 +34,16 @@ reserved there). Stored arrays per codec (all little-endian; packing as in
   tensor (at least 2-D) is read as O = shape[0] rows of K = prod(shape[1:])
   values in C order; column c belongs to group c // group_size, G =
   ceil(K / group_size) (the last group may be shorter).
+- ``group_binary`` / ``group_ternary``: ``codes`` uint8, the code in 1 bit
+  (1 = +1) / ``code + 1`` in 2 bits (3 is invalid); ``scale`` float32
+  [O, G]; meta ``group_size``; rows and groups as ``group_affine``.
 
 Values (float32, the arithmetic of ``base.decode``): affine
 ``(codes - zero_point) * scale``; log ``sign * 2**(fsr - 2**bits + codes)``
 for codes > 0, else ``sign * 0``; binary ``(2 codes - 1) * scale``; ternary
 ``codes * scale``; codebook ``codebook[codes]``; group_affine ``(codes -
-zero_point[o, c // g]) * scale[o, c // g]`` on the [O, K] rows.
+zero_point[o, c // g]) * scale[o, c // g]`` on the [O, K] rows; group_binary
+``(2 codes - 1) * scale[o, c // g]``; group_ternary ``codes * scale[o, c // g]``.
 
 Every decode (and encode) validates and raises ``lowbit.errors.FormatError``
 naming the tensor, with these stable codes: ``unknown-codec``, ``bad-meta``
@@ -172,6 +176,11 @@ def _values(enc: NumpyEncoded) -> np.ndarray:
         if "zero_point" in p:
             rows = rows - p["zero_point"].astype(np.int64)[:, group]
         return (rows.astype(np.float32) * p["scale"].astype(np.float32)[:, group]).reshape(codes.shape)
+    if enc.kind in ("group_binary", "group_ternary"):
+        rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).astype(np.int64)
+        group = np.arange(rows.shape[1]) // enc.meta["group_size"]
+        level = 2 * rows - 1 if enc.kind == "group_binary" else rows
+        return (level.astype(np.float32) * p["scale"].astype(np.float32)[:, group]).reshape(codes.shape)
     raise _unknown(enc.kind, "")
 
 
@@ -515,6 +524,25 @@ class CodebookCodec(Codec):
         return NumpyEncoded(self.name, codes, bits, {"codebook": arrays["codebook"]}, meta)
 
 
+def _groups(shape: tuple[int, ...], meta: dict[str, Any], where: str, codec: str) -> tuple[int, int]:
+    """(O, G) of a group-wise tensor of ``shape``: at least 2-D, G = ceil(prod(shape[1:]) / group_size)."""
+    if len(shape) < 2:
+        raise _fail("bad-shape", where, f"{codec} tensors have at least 2 dims, got shape {list(shape)}")
+    group_size = _check_meta_int(meta, "group_size", where, 1, 2**31)
+    return shape[0], -(-math.prod(shape[1:]) // group_size)
+
+
+def _check_group_scale(scale: np.ndarray, groups: tuple[int, int], where: str) -> None:
+    """A float32 [O, G] scale, finite and > 0."""
+    _check_array(scale, np.float32, where, "scale")
+    if scale.shape != groups:
+        raise _fail("bad-shape", where, f"scale of shape {list(scale.shape)} does not fit {list(groups)} "
+                                        f"(output channels, groups)")
+    bad = ~(np.isfinite(scale) & (scale > 0))
+    if bad.any():
+        raise _fail("bad-scale", where, f"scale must be finite and > 0, got {scale[bad].reshape(-1)[:4].tolist()}")
+
+
 class GroupAffineCodec(Codec):
     """k-bit affine codes with a scale (and zero point) per group of ``group_size`` consecutive values of each row
     ``[O, K]``: value ``(code - zero_point[o, c // g]) * scale[o, c // g]``; codes and zero points bit-packed."""
@@ -525,30 +553,16 @@ class GroupAffineCodec(Codec):
     def optional_arrays(self, meta: dict[str, Any]) -> set[str]:
         return {"zero_point"} if meta.get("symmetric") is True else set()
 
-    @staticmethod
-    def _groups(shape: tuple[int, ...], meta: dict[str, Any], where: str) -> tuple[int, int]:
-        """(O, G) of a tensor of ``shape``: at least 2-D, G = ceil(prod(shape[1:]) / group_size)."""
-        if len(shape) < 2:
-            raise _fail("bad-shape", where, f"group_affine tensors have at least 2 dims, got shape {list(shape)}")
-        group_size = _check_meta_int(meta, "group_size", where, 1, 2**31)
-        return shape[0], -(-math.prod(shape[1:]) // group_size)
-
     def check(self, enc: NumpyEncoded, where: str) -> None:
         symmetric = enc.meta.get("symmetric")
         if not isinstance(symmetric, bool):
             raise _fail("bad-meta", where, f"meta 'symmetric' must be a bool, got {_short(symmetric)}")
         self._check_params(enc, {"scale"} if symmetric else {"scale", "zero_point"}, where)
-        groups = self._groups(enc.codes.shape, enc.meta, where)
+        groups = _groups(enc.codes.shape, enc.meta, where, self.name)
         qmin = _check_meta_int(enc.meta, "qmin", where, -(2**31), 2**31)
         qmax = _check_meta_int(enc.meta, "qmax", where, qmin, qmin + 2**enc.bits - 1)
         _check_codes_range(enc.codes, qmin, qmax, where)
-        scale = _check_array(enc.params["scale"], np.float32, where, "scale")
-        if scale.shape != groups:
-            raise _fail("bad-shape", where, f"scale of shape {list(scale.shape)} does not fit {list(groups)} "
-                                            f"(output channels, groups)")
-        bad = ~(np.isfinite(scale) & (scale > 0))
-        if bad.any():
-            raise _fail("bad-scale", where, f"scale must be finite and > 0, got {scale[bad].reshape(-1)[:4].tolist()}")
+        _check_group_scale(enc.params["scale"], groups, where)
         if not symmetric:
             zero = _check_array(enc.params["zero_point"], np.int64, where, "zero_point")
             if zero.shape != groups:
@@ -569,11 +583,50 @@ class GroupAffineCodec(Codec):
         codes += qmin
         params = {"scale": arrays["scale"]}
         if meta.get("symmetric") is not True:
-            groups = self._groups(shape, meta, where)
+            groups = _groups(shape, meta, where, self.name)
             packed = _check_array(arrays["zero_point"], np.uint8, where, "zero_point")
             zero = unpack_codes(packed, groups[0] * groups[1], bits, where)
             params["zero_point"] = (zero + qmin).reshape(groups)
         return NumpyEncoded(self.name, codes.reshape(shape), bits, params, meta)
+
+
+class GroupScaledCodec(Codec):
+    """Codes in ``[low, high]`` (stored as ``code - low``) times a float32 scale per group of ``group_size``
+    consecutive values of each row ``[O, K]``, as :class:`GroupAffineCodec`."""
+
+    arrays = ("codes", "scale")
+    low: ClassVar[int]
+    high: ClassVar[int]
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        self._check_params(enc, {"scale"}, where)
+        groups = _groups(enc.codes.shape, enc.meta, where, self.name)
+        _check_codes_range(enc.codes, self.low, self.high, where)
+        _check_group_scale(enc.params["scale"], groups, where)
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        return {"codes": pack_codes(enc.codes - self.low, self.min_bits), "scale": enc.params["scale"]}
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        codes = self._unpack_codes(arrays, n, self.min_bits, where)
+        codes += self.low
+        return NumpyEncoded(self.name, codes.reshape(shape), bits, {"scale": arrays["scale"]}, meta)
+
+
+class GroupBinaryCodec(GroupScaledCodec):
+    """Codes {0, 1} (1 = +1) in 1 bit, value ``(2 code - 1) * scale[o, c // g]``."""
+
+    name = "group_binary"
+    min_bits = max_bits = 1
+    low, high = 0, 1
+
+
+class GroupTernaryCodec(GroupScaledCodec):
+    """Codes {-1, 0, 1} as ``code + 1`` in 2 bits (3 is invalid), value ``code * scale[o, c // g]``."""
+
+    name = "group_ternary"
+    min_bits = max_bits = 2
+    low, high = -1, 1
 
 
 _CODECS: dict[str, Codec] = {
@@ -587,6 +640,8 @@ _CODECS: dict[str, Codec] = {
         TernaryCodec(),
         CodebookCodec(),
         GroupAffineCodec(),
+        GroupBinaryCodec(),
+        GroupTernaryCodec(),
     )
 }
 

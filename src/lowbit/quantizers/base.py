@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import CalibrationError, ConfigError
 
-ENCODED_KINDS = ("affine", "log", "binary", "ternary", "codebook", "group_affine")
+ENCODED_KINDS = ("affine", "log", "binary", "ternary", "codebook", "group_affine", "group_binary", "group_ternary")
 
 
 @dataclass
@@ -41,6 +41,8 @@ class Encoded:
     - ``group_affine``: ``(codes - zero_point) * scale`` per group: the codes read as ``[O, K]`` rows (C order),
       column ``c`` in group ``c // meta["group_size"]``; ``scale`` float32 and ``zero_point`` int64 ``[O, G]``
       (no ``zero_point`` when ``meta["symmetric"]``: 0); codes in ``[meta["qmin"], meta["qmax"]]``.
+    - ``group_binary`` / ``group_ternary``: ``(2 codes - 1) * scale`` / ``codes * scale`` per group (codes in
+      {0, 1} / {-1, 0, 1}), the groups and ``scale`` [O, G] as ``group_affine``.
     """
 
     kind: str
@@ -84,6 +86,11 @@ def decode(enc: Encoded) -> torch.Tensor:
         if "zero_point" in p:
             rows = rows - p["zero_point"].long()[:, group]
         return (rows.float() * p["scale"].float()[:, group]).reshape(codes.shape)
+    if enc.kind in ("group_binary", "group_ternary"):
+        rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).long()
+        group = torch.arange(rows.shape[1], device=rows.device) // enc.meta["group_size"]
+        level = 2 * rows - 1 if enc.kind == "group_binary" else rows
+        return (level.float() * p["scale"].float()[:, group]).reshape(codes.shape)
     raise ConfigError(f"unknown encoded kind {enc.kind!r}; valid kinds: {', '.join(ENCODED_KINDS)}")
 
 

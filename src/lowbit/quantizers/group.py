@@ -25,6 +25,18 @@ codes [0, 7, 15] (0.5 / 0.2 = 2.5 rounds half to even to 2), values [-1, 0.4, 2]
 Gradient: straight-through within the grid, g_w = g_y where qmin <= round(w/s) + z <= qmax (as torch's
 fake_quantize); scales and zero points carry no gradient. Stored as the ``group_affine`` codec: codes and (affine)
 zero points bit-packed at b bits, scales float32 ``[O, G]``.
+
+Binary and ternary groups, the same groups with one scale each (no zero point):
+
+- ``group_binary`` (BWN, Rastegari et al. 2016, per group): alpha = mean |w| over the group, codes 1 where
+  w >= 0 (sign(0) = +1), value (2 code - 1) alpha; an all-zero group gets alpha = EPS (as ``xnor``).
+- ``group_ternary`` (TWN, Li & Liu 2016, per group): delta = threshold mean |w|, codes sign(w) where
+  |w| > delta else 0, alpha = mean |w| over the kept values (EPS when none), value code alpha.
+
+Means are over the group's own values (the short last group counts only its own), summed in float64 and rounded
+once to float32, so a constant group c (|c| >= EPS) gives back c exactly. Their gradient is the identity
+(straight-through, as TWN trains). Stored as the ``group_binary`` (1 bit) / ``group_ternary`` (code + 1 in 2 bits)
+codecs with float32 scales ``[O, G]``: 1 + 32 / g and 2 + 32 / g bits per weight.
 """
 
 from __future__ import annotations
@@ -36,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CalibrationError, ConfigError
-from .base import Encoded, Quantizer, check_bits, check_finite, check_flag, register
-from .ste import straight_through_in_range
+from .base import EPS, Encoded, Quantizer, check_bits, check_finite, check_flag, register
+from .ste import straight_through, straight_through_in_range
 from .uniform import affine_qparams
 
 #: largest group size (the element cap of a stored tensor)
@@ -152,3 +164,111 @@ class GroupUniformQuantizer(Quantizer):
         params = {"scale": scale.float()} if self.symmetric else {"scale": scale.float(), "zero_point": zero_point}
         meta = {"qmin": self.qmin, "qmax": self.qmax, "group_size": self.group_size, "symmetric": self.symmetric}
         return Encoded("group_affine", codes, self.bits, params, meta)
+
+
+def group_abs(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|w| as float64 [O, G, g], zero-padded; the number of real values in each group, [G])."""
+    rows = x.detach().reshape(x.shape[0], math.prod(x.shape[1:])).double().abs()
+    k = rows.shape[1]
+    groups = group_count(k, group_size)
+    padded = F.pad(rows, (0, groups * group_size - k)).view(rows.shape[0], groups, group_size)
+    counts = torch.full((groups,), group_size, dtype=torch.float64, device=x.device)
+    if groups:
+        counts[-1] = k - (groups - 1) * group_size
+    return padded, counts
+
+
+def group_binary_codes_and_scale(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int64, 1 where w >= 0) and alpha [O, G] = mean |w| per group (float32, at least EPS)."""
+    magnitude, counts = group_abs(x, group_size)
+    alpha = (magnitude.sum(dim=-1) / counts).float().clamp_min(EPS)
+    return (x.detach() >= 0).long(), alpha
+
+
+def group_ternary_codes_and_scale(x: torch.Tensor, group_size: int,
+                                  threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """TWN per group: codes (int64 in {-1, 0, 1}) and alpha [O, G] (float32, at least EPS)."""
+    magnitude, counts = group_abs(x, group_size)
+    delta = threshold * magnitude.sum(dim=-1, keepdim=True) / counts[:, None]
+    kept = magnitude > delta  # padding (0) is never kept: delta >= 0
+    alpha = ((magnitude * kept).sum(dim=-1) / kept.sum(dim=-1).clamp_min(1)).float().clamp_min(EPS)
+    k = math.prod(x.shape[1:])
+    kept = kept.reshape(x.shape[0], -1)[:, :k].reshape(x.shape)
+    return torch.sign(x.detach()).long() * kept, alpha
+
+
+def group_scaled_values(codes: torch.Tensor, scale: torch.Tensor, group_size: int, binary: bool) -> torch.Tensor:
+    """level * alpha[o, c // g] in float32, level 2 code - 1 (binary) or code (ternary): the codecs' decode."""
+    rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).long()
+    level = 2 * rows - 1 if binary else rows
+    return (level.float() * expand_groups(scale.float(), rows.shape[1], group_size)).reshape(codes.shape)
+
+
+class _GroupScaled(Quantizer):
+    """A scale per group times a fixed level set (binary or ternary)."""
+
+    kind = ""
+
+    def __init__(self, group_size: int) -> None:
+        super().__init__()
+        self.group_size = check_group_size(group_size)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ConfigError(f"{self.where()} of shape {tuple(x.shape)}: group-wise quantization needs a weight "
+                              "of at least 2 dimensions (output channels first); use it for linear / conv weights")
+        if x.numel() == 0:
+            raise CalibrationError(f"{self.where()} is empty; there is nothing to quantize")
+        check_finite(x, self.where())
+
+    def _codes_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encode(x)
+        value = group_scaled_values(enc.codes, enc.params["scale"], self.group_size, self.kind == "group_binary")
+        return straight_through(x, value.to(x.dtype))
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        self._check(x)
+        codes, scale = self._codes_and_scale(x)
+        return Encoded(self.kind, codes, self.bits, {"scale": scale}, {"group_size": self.group_size})
+
+
+@register("group_binary")
+class GroupBinaryQuantizer(_GroupScaled):
+    """Binary weights alpha * {-1, +1}, alpha = mean |w| per group of ``group_size`` inputs (module docstring)."""
+
+    bits = 1
+    kind = "group_binary"
+
+    def __init__(self, group_size: int = 128) -> None:
+        super().__init__(group_size)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "group_size": self.group_size}
+
+    def _codes_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return group_binary_codes_and_scale(x, self.group_size)
+
+
+@register("group_ternary")
+class GroupTernaryQuantizer(_GroupScaled):
+    """TWN ternary weights alpha * {-1, 0, +1} per group of ``group_size`` inputs (module docstring)."""
+
+    bits = 2
+    kind = "group_ternary"
+
+    def __init__(self, group_size: int = 128, threshold: float = 0.7) -> None:
+        super().__init__(group_size)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not math.isfinite(threshold) or threshold < 0:
+            raise ConfigError(f"group_ternary threshold must be a finite number >= 0 (TWN uses 0.7), "
+                              f"got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "group_size": self.group_size, "threshold": self.threshold}
+
+    def _codes_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return group_ternary_codes_and_scale(x, self.group_size, self.threshold)
