@@ -183,7 +183,10 @@ EXAMPLES = {
         nn.UpsamplingBilinear2d(size=(13, 7)), nn.Upsample(scale_factor=(0.7, 2), mode="bilinear")),
     "constant": Scaled,
     "layer_norm": Norms,
+    "embedding": lambda: nn.Sequential(nn.Embedding(50, 6), nn.Flatten(), nn.Linear(48, 5)),
 }
+#: the examples that take other inputs than a float [3, 3, 8, 8] batch
+INPUTS = {"embedding": lambda: torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(2))}
 
 
 def test_every_declared_op_has_an_example_and_every_example_op_is_declared():
@@ -193,7 +196,7 @@ def test_every_declared_op_has_an_example_and_every_example_op_is_declared():
 def _saved(op: str, tmp_path: Path) -> tuple[nn.Module, torch.Tensor, Path]:
     torch.manual_seed(0)
     model = EXAMPLES[op]().eval()
-    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    x = INPUTS[op]() if op in INPUTS else torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     path = tmp_path / f"{op}.lowbit"
     lowbit.save(model, path, x[:1])
     return model, x, path
@@ -218,7 +221,7 @@ def test_op_runs_alike_in_torch_the_loaded_model_the_engine_and_onnxruntime(op, 
 def test_every_op_declares_its_capture_and_parameter_free_ops_all_three_implementations():
     module_ops = {op for op, schema in REGISTRY.items() if schema.module}
     # run by their modules, the Engine, ONNX
-    assert module_ops == {"linear", "conv1d", "conv2d", "conv_transpose2d", "batchnorm", "quant_act"}
+    assert module_ops == {"linear", "conv1d", "conv2d", "conv_transpose2d", "embedding", "batchnorm", "quant_act"}
     for op, schema in REGISTRY.items():
         assert schema.capture.functions or schema.capture.modules or schema.capture.get_attr, op
         assert (schema.capture.call is not None) == bool(schema.capture.functions), op

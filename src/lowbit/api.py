@@ -46,19 +46,24 @@ __all__ = [
     "summary",
 ]
 
-def _batch_inputs(batch: Any, index: int, dtype: torch.dtype | None) -> torch.Tensor:
+def _batch_inputs(batch: Any, index: int, dtype: torch.dtype | None, tokens: bool = False) -> torch.Tensor:
     """A batch is a tensor, or a (inputs, targets, ...) tuple/list whose first item is fed to the model;
-    its values must be of ``dtype`` (the model's parameters') when given, else floating point."""
+    its values must be of ``dtype`` (the model's parameters') when given, else floating point; int64 token
+    indices where the model reads them (``tokens``: it has an embedding)."""
     inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     if not isinstance(inputs, torch.Tensor):
         raise CalibrationError(
             f"calibration batch {index} is a {type(batch).__name__}; expected a tensor or an (inputs, targets) pair"
         )
+    if tokens and inputs.dtype == torch.int64:
+        return inputs
     if not (inputs.dtype == dtype if dtype is not None else inputs.is_floating_point()):
         def name(dtype: torch.dtype) -> str:
             return str(dtype).removeprefix("torch.")
 
         wanted, convert = ("floating-point", ".float()") if dtype is None else (name(dtype), f".to({dtype})")
+        if tokens:
+            wanted, convert = f"int64 token indices or {wanted}", ".long() for tokens"
         raise CalibrationError(f"calibration batch {index} holds {name(inputs.dtype)} values; the model takes "
                                f"{wanted} inputs (convert them with {convert})")
     check_finite(inputs, f"calibration batch {index}")
@@ -156,6 +161,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
                 q.observer = observer
     modes = [(m, m.training) for m in model.modules()]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    tokens = any(isinstance(m, nn.Embedding) for m in model.modules())
     count = 0
     try:
         model.eval()
@@ -163,7 +169,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], observer: str | None = N
             q.calibrating = True
         with torch.no_grad():
             for index, batch in enumerate(batches):
-                inputs = _batch_inputs(batch, index, dtype)
+                inputs = _batch_inputs(batch, index, dtype, tokens)
                 _run_batch(model, inputs, index)
                 count += 1
                 if methods:

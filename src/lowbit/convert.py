@@ -46,7 +46,8 @@ from . import ptq
 from .config import QuantConfig, as_config
 from .errors import ConfigError, UnsupportedLayerError
 from .export.graph import node_schema, propagate, trace
-from .nn import QUANT_LAYERS, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear, label_quantizers
+from .nn import (QUANT_LAYERS, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantEmbedding, QuantLinear,
+                 label_quantizers)
 from .placement import place
 from .ptq.equalize import FOLDED_BATCHNORM, batchnorm_statistics
 from .ptq.result import LayerResult
@@ -63,7 +64,9 @@ QUANTIZED_WITH_ATTR = "lowbit_quantized_with"
 #: op -> (its float layer, its quantized layer)
 LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "linear": (nn.Linear, QuantLinear), "conv1d": (nn.Conv1d, QuantConv1d), "conv2d": (nn.Conv2d, QuantConv2d),
-    "conv_transpose2d": (nn.ConvTranspose2d, QuantConvTranspose2d)}
+    "conv_transpose2d": (nn.ConvTranspose2d, QuantConvTranspose2d), "embedding": (nn.Embedding, QuantEmbedding)}
+#: layer ops whose input is integer token indices: no input quantizer, no multiply-accumulates (a gather)
+_LOOKUPS = ("embedding",)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 #: functional calls that are these ops, and their argument names in order
 FUNCTIONAL: dict[Any, tuple[str, tuple[str, ...]]] = {
@@ -309,7 +312,7 @@ def _macs(gm: fx.GraphModule, sites: list[_Site], example: torch.Tensor) -> dict
         node = site.node.args[0] if site.op == "conv_transpose2d" else site.node
         meta = node.meta.get("tensor_meta")
         values = math.prod(meta.shape[1:]) if meta is not None else 0
-        macs[site.node] = values // site.layer.weight.shape[0] * site.layer.weight.numel()
+        macs[site.node] = 0 if site.op in _LOOKUPS else values // site.layer.weight.shape[0] * site.layer.weight.numel()
     return macs
 
 
@@ -336,6 +339,8 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
         _explicit_padding(site.layer)
         site_macs = macs[site.node] if macs else 0
         specs = cfg.layer_specs(site.path, site.layer, first=index == 0, last=index == len(sites) - 1)
+        if specs is not None and site.op in _LOOKUPS:
+            specs["input"] = None  # token indices
         if specs is None:
             _install(gm, site, site.layer)
             layers[site.node] = None

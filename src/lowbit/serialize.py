@@ -68,8 +68,8 @@ from .export.graph import capture
 from .format.codecs import NumpyEncoded, values
 from .format import container
 from .format.container import LowbitFile, format_inspect, raw, read_file, write_file
-from .nn import (QUANT_LAYERS, STORED_ATTR, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear,
-                 freeze_weight, named_modules_without_quantizers)
+from .nn import (QUANT_LAYERS, STORED_ATTR, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantEmbedding,
+                 QuantLinear, freeze_weight, named_modules_without_quantizers)
 from .ops import Graph, GraphNode, validate_document, validate_file
 from .ptq import PTQ_ATTR
 from .quantizers import Encoded, Quantizer, get
@@ -166,7 +166,9 @@ def _example(model: nn.Module, example_input: torch.Tensor | None) -> tuple[torc
     if not isinstance(shape, (tuple, list, torch.Size)) or not all(isinstance(d, int) and d > 0 for d in shape):
         raise ConfigError(f"model.{INPUT_SHAPE_ATTR} must be a tuple of positive ints (batch first), got {shape!r}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return torch.zeros((1, *shape[1:]), device=device), [int(d) for d in shape]
+    # a model reading token indices (an embedding) takes int64 ones; index 0 is always in its table
+    dtype = torch.int64 if any(isinstance(m, nn.Embedding) for m in model.modules()) else torch.float32
+    return torch.zeros((1, *shape[1:]), device=device, dtype=dtype), [int(d) for d in shape]
 
 
 def save(
@@ -351,7 +353,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     else:
         built = _convert(model, lowbit_file.document["model"], layers)
         for name, layer in built.named_modules():  # bias correction gives bias-free layers a bias
-            if isinstance(layer, QUANT_LAYERS) and layer.bias is None and _key(name, "bias") in state:
+            if isinstance(layer, QUANT_LAYERS) and getattr(layer, "bias", 0) is None and _key(name, "bias") in state:
                 layer.bias = nn.Parameter(torch.zeros_like(state[_key(name, "bias")]))
     _load_into(built, state)
     _freeze(built, frozen)
@@ -459,7 +461,7 @@ def _register(model: nn.Module, key: str, shape: tuple[int, ...], parameter: boo
 #: layer op -> (its float torch layer, its quantized layer)
 _LAYER_CLASSES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "linear": (nn.Linear, QuantLinear), "conv1d": (nn.Conv1d, QuantConv1d), "conv2d": (nn.Conv2d, QuantConv2d),
-    "conv_transpose2d": (nn.ConvTranspose2d, QuantConvTranspose2d)}
+    "conv_transpose2d": (nn.ConvTranspose2d, QuantConvTranspose2d), "embedding": (nn.Embedding, QuantEmbedding)}
 
 
 def _module(node: GraphNode, entry: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
@@ -480,6 +482,8 @@ def _module(node: GraphNode, entry: dict[str, Any] | None, shapes: dict[str, tup
     a = node.attrs
     if node.op == "linear":
         return cls(weight[1], weight[0], bias, **specs)
+    if node.op == "embedding":
+        return cls(weight[0], weight[1], **specs)
     geometry = {"stride": a["stride"], "padding": a["padding"], "dilation": a["dilation"], "groups": a["groups"]}
     if node.op == "conv_transpose2d":
         return cls(weight[0], weight[1] * a["groups"], tuple(weight[2:]), bias=bias,

@@ -233,6 +233,13 @@ def _shape(node: fx.Node) -> list[int] | None:
     return [-1, *[int(d) for d in meta.shape[1:]]]
 
 
+def _input_dtype(node: fx.Node) -> dict[str, str]:
+    """``{"dtype": "int64"}`` for an input of token indices (an embedding's), else nothing (float32)."""
+    meta = node.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", torch.float32)
+    return {"dtype": "int64"} if dtype == torch.int64 else {}
+
+
 def _user_line(exc: BaseException) -> str:
     """Where in the model's own code tracing failed (the last frame outside torch), for the error message."""
     torch_dir = os.path.dirname(torch.__file__)
@@ -313,7 +320,7 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
 
     for node in graph.nodes:
         if node.op == "placeholder":
-            inputs.append({"name": node.name, "shape": _shape(node)})
+            inputs.append({"name": node.name, "shape": _shape(node), **_input_dtype(node)})
             continue
         if node.op == "output":
             outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]

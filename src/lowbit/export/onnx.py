@@ -418,7 +418,8 @@ class _Exporter:
     def run(self) -> onnx.GraphProto:
         inputs = []
         for name, shape in self.ir.inputs.items():
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape]))
+            dtype = TensorProto.INT64 if self.ir.dtypes.get(name) == "int64" else TensorProto.FLOAT
+            inputs.append(helper.make_tensor_value_info(name, dtype, ["batch", *shape]))
             self.values[name] = _Value(self.b.fresh(name))
             self.b.shapes[self.values[name].name] = shape
         for node in self.ir.nodes:
@@ -436,6 +437,8 @@ class _Exporter:
         op, name, attrs = node.op, node.name, node.attrs
         args = [self.values[a] for a in node.inputs]
         b = self.b
+        if op == "embedding":
+            return self.embedding(node, args[0])
         if op in LAYER_OPS:
             return self.layer(node, args[0])
         if op == "quant_act":
@@ -538,6 +541,21 @@ class _Exporter:
             if has_bias:
                 y = b.node("Add", [y, inputs[2]], name)
         return b.activation(_Value(y), output_quantizer, f"{node.module}.output")
+
+    def embedding(self, node: GraphNode, x: _Value) -> _Value:
+        """``Gather`` of the indices from the table: a per-row ``DequantizeLinear`` of the codes where they are
+        affine (onnxruntime folds it into an int8 gather), else the float (decoded) table."""
+        module, b, where = self.modules[node.module], self.b, f"layer {node.module!r}"
+        affine, weight = _weight(module, f"{where} weight", 0)
+        if affine is not None:
+            if affine.per_channel and b.opset < PER_CHANNEL_OPSET:
+                raise ConfigError(f"{where}: per-row embedding scales need opset >= {PER_CHANNEL_OPSET} "
+                                  f"(DequantizeLinear axis); got opset {b.opset}")
+            table = b.dequantize(f"{node.module}.weight", affine, b.container(affine, f"{where} weight"))
+        else:
+            table = b.const(f"{node.module}.weight", weight.astype(np.float32))
+        y = b.node("Gather", [table, x.name], node.name, axis=0)
+        return b.activation(_Value(y), getattr(module, "output_quantizer", None), f"{node.module}.output")
 
     def binary_layer(self, node: GraphNode, x: str, weight: np.ndarray, bias: np.ndarray | None,
                      where: str) -> str:

@@ -281,8 +281,49 @@ class QuantConvTranspose2d(nn.ConvTranspose2d):
         return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
 
 
+class QuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` with optional weight and output quantizers: ``y = Q_out(Q_w(W)[x])``.
+
+    The input is integer token indices, so ``input_quantizer`` is always None (a slot kept so that every quantized
+    layer has the same three). Per-channel weight scales are per row (axis 0, one embedding vector). ``max_norm``
+    (which renormalizes the weight in place on every call) is refused with a ConfigError.
+    """
+
+    weight_quantizer: Quantizer | None
+    input_quantizer: None
+    output_quantizer: Quantizer | None
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = False, _weight: torch.Tensor | None = None, _freeze: bool = False, device=None,
+                 dtype=None, *, weight_quantizer: QuantizerSpec = None, input_quantizer: QuantizerSpec = None,
+                 output_quantizer: QuantizerSpec = None) -> None:
+        if max_norm is not None:
+            raise ConfigError("QuantEmbedding: max_norm renormalizes the weight in place on every call, which a "
+                              "quantized weight cannot follow; leave it None")
+        if input_quantizer is not None:
+            raise ConfigError("QuantEmbedding: the input is integer token indices, which take no input quantizer")
+        super().__init__(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse,
+                         _weight, _freeze, device, dtype)
+        _attach(self, weight_quantizer, None, output_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _quantize(self.weight_quantizer, self.weight)
+        y = F.embedding(x, weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return _quantize(self.output_quantizer, y)
+
+    @classmethod
+    def from_float(cls, layer: nn.Embedding, *, weight_quantizer: QuantizerSpec = None,
+                   input_quantizer: QuantizerSpec = None, output_quantizer: QuantizerSpec = None) -> QuantEmbedding:
+        """A QuantEmbedding with a copy of ``layer``'s weight, its padding index, device, dtype and mode."""
+        new = nn.utils.skip_init(cls, layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
+                                 layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse,
+                                 device=layer.weight.device, dtype=layer.weight.dtype)
+        return _finish_from_float(new, layer, weight_quantizer, input_quantizer, output_quantizer)
+
+
 #: the quantized layers (a weight, an input and an output quantizer slot)
-QUANT_LAYERS = (QuantLinear, QuantConv1d, QuantConv2d, QuantConvTranspose2d)
+QUANT_LAYERS = (QuantLinear, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantEmbedding)
 
 
 #: weight-quantizer attribute holding the stored Encoded of a frozen weight (loaded, or rounded by a PTQ method)
@@ -318,7 +359,7 @@ def _finish_from_float(new, layer: nn.Module, *specs: QuantizerSpec):
     """Copy weight and bias (values and requires_grad) into ``new``, attach the quantizers, copy the mode."""
     with torch.no_grad():
         for name in ("weight", "bias"):
-            source = getattr(layer, name)
+            source = getattr(layer, name, None)
             if source is not None:
                 target = getattr(new, name)
                 target.copy_(source)

@@ -286,7 +286,8 @@ class OpSchema:
     builder's ``shapes`` maps an ONNX input's name to its example shape.
     ``batchless``: its output has no batch axis (``constant``);
     ``constants``: it takes such inputs (its shape rule reads
-    ``node.constant``); other ops refuse them.
+    ``node.constant``); other ops refuse them. ``indices``: its input is an
+    int64 graph input (token indices), which only such ops read.
     """
 
     name: str
@@ -300,6 +301,8 @@ class OpSchema:
     defaults: dict[str, Any] = field(default_factory=dict)
     batchless: bool = False
     constants: bool = False
+    #: its input holds integer token indices (an int64 graph input, which no other op reads: ``embedding``)
+    indices: bool = False
     module: bool = False
     capture: Capture = Capture()
     #: how whole-graph quantization treats it (:mod:`lowbit.placement`): "moves" (selects or moves values without

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError
@@ -56,7 +56,9 @@ RESERVED_PARTS = frozenset({
     "training", "type", "xpu", "zero_grad"})
 #: the document's layer types of the quantized layers -> their ops
 LAYER_TYPES = {"QuantLinear": "linear", "QuantConv1d": "conv1d", "QuantConv2d": "conv2d",
-               "QuantConvTranspose2d": "conv_transpose2d"}
+               "QuantConvTranspose2d": "conv_transpose2d", "QuantEmbedding": "embedding"}
+#: the element types of a graph input (an optional ``dtype`` key; float32 where it has none)
+INPUT_DTYPES = ("float32", "int64")
 #: the ops of the quantized layers (a weight, quantized input and output), which readers build, run and emit alike
 LAYER_OPS = tuple(LAYER_TYPES.values())
 LAYER_SLOTS = ("weight", "input", "output")
@@ -87,6 +89,8 @@ class Graph:
     inputs: dict[str, Shape]
     nodes: list[GraphNode]
     outputs: list[str]
+    #: each input's element type: "float32", or "int64" for token indices (read by ``indices`` ops only)
+    dtypes: dict[str, str] = field(default_factory=dict)
 
 
 def _document_error(message: str) -> FormatError:
@@ -247,11 +251,18 @@ def validate_graph(graph: object, layers: dict[str, dict], shapes: dict[str, Sha
     inputs, outputs, nodes = graph.get("inputs"), graph.get("outputs"), graph.get("nodes")
     if not isinstance(nodes, list) or len(nodes) > MAX_NODES:
         raise FormatError("bad-graph", f"graph nodes must be a list of at most {MAX_NODES} nodes")
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, dict) and set(i) == {"name", "shape"}
-                                                             and isinstance(i["name"], str) for i in inputs):
-        raise FormatError("bad-graph", "graph inputs must be a non-empty list of objects with a name and a shape")
+    if not isinstance(inputs, list) or not inputs or not all(
+            isinstance(i, dict) and {"name", "shape"} <= set(i) <= {"name", "shape", "dtype"}
+            and isinstance(i["name"], str) for i in inputs):
+        raise FormatError("bad-graph", "graph inputs must be a non-empty list of objects with a name, a shape and "
+                                       "optionally a dtype")
     known: dict[str, Shape] = {}
+    dtypes: dict[str, str] = {}
     for entry in inputs:
+        dtypes[entry["name"]] = entry.get("dtype", "float32")
+        if dtypes[entry["name"]] not in INPUT_DTYPES:
+            raise FormatError("bad-graph", f"graph input {entry['name'][:80]!r} dtype must be one of "
+                                           f"{', '.join(INPUT_DTYPES)}, got {str(entry['dtype'])[:40]}")
         shape = ExampleShape().check(entry["shape"], "its shape", f"graph input {entry['name'][:80]!r}")
         if math.prod(shape[1:]) > MAX_ELEMENTS:
             raise FormatError("bad-graph", f"graph input {entry['name'][:80]!r} exceeds {MAX_ELEMENTS} elements")
@@ -280,6 +291,11 @@ def validate_graph(graph: object, layers: dict[str, dict], shapes: dict[str, Sha
         if (len(args) != schema.inputs) if schema.inputs is not None else not args:
             raise fail(where, f"takes {'one or more' if schema.inputs is None else schema.inputs} input(s), "
                               f"got {len(args)}")
+        if schema.indices != any(dtypes.get(a) == "int64" for a in args) or \
+                schema.indices and not all(dtypes.get(a) == "int64" for a in args):
+            raise fail(where, "reads token indices from an int64 graph input" if schema.indices else
+                       f"reads int64 token indices ({[a for a in args if dtypes.get(a) == 'int64'][0][:80]!r}), "
+                       "which only an embedding reads")
         module = _module(node, schema, where)
         attrs = _attrs(node, schema, where)
         tensors = _params(node, schema, module, shapes, where)
@@ -306,7 +322,9 @@ def validate_graph(graph: object, layers: dict[str, dict], shapes: dict[str, Sha
     if constants & set(outputs):
         raise FormatError("bad-graph", f"graph output {sorted(constants & set(outputs))[0][:80]!r} is a constant; "
                                        "outputs carry the batch axis")
-    return Graph(graph_inputs, validated, list(outputs))
+    if any(dtypes[o] == "int64" for o in outputs if o in dtypes):
+        raise FormatError("bad-graph", "a graph output is an int64 input; outputs are float32")
+    return Graph(graph_inputs, validated, list(outputs), dtypes)
 
 
 def _check_output(shape: Shape, recorded: object, op: str, where: str, batchless: bool = False) -> None:

@@ -54,6 +54,7 @@ from ..format.codecs import values
 from ..format.container import read_file
 from ..ops import LAYER_OPS, GraphNode, validate_file
 from ..ops.conv import conv1d, conv2d, conv_transpose2d
+from ..ops.embedding import embedding
 from ..ops.linear import linear
 from ..ops.norm import batchnorm
 from .activations import Activation, activation_quantizer
@@ -72,6 +73,7 @@ _LAYER_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray | None,
     "conv2d": lambda x, w, b, a: conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"]),
     "conv_transpose2d": lambda x, w, b, a: conv_transpose2d(x, w, b, a["stride"], a["padding"], a["output_padding"],
                                                             a["dilation"], a["groups"]),
+    "embedding": lambda x, w, b, a: embedding(x, w, a["where"]),
 }
 
 
@@ -90,6 +92,8 @@ class Engine:
                                         f"{list(graph.inputs)} and outputs {graph.outputs}")
         self._encoded = lowbit_file.tensors
         (self.input_name, shape), = graph.inputs.items()
+        #: the input's element type: float32, or int64 for token indices
+        self.input_dtype: str = graph.dtypes.get(self.input_name, "float32")
         #: the input's shape, -1 for the batch axis
         self.input_shape: list[int] = [-1, *shape]
         self.binary_layers: list[str] = []
@@ -169,6 +173,7 @@ class Engine:
             return _unary(lambda x: output(run(x)))
         quantize = self._quantizer(node, "input")
         weight, function = self._tensor(node, "weight"), _LAYER_FUNCTIONS[node.op]
+        attrs = {**attrs, "where": f"layer {node.module!r}"}
         return _unary(lambda x: output(function(quantize(x), weight, bias, attrs)))
 
     def _quantizer(self, node: GraphNode, slot: str, module: str | None = None) -> Activation:
@@ -281,9 +286,10 @@ class Engine:
     # ------------------------------------------------------------------ running
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """The model's output for the float32 batch ``x`` (shape: the graph input's, any batch size)."""
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
-            raise ConfigError(f"engine input must be a float32 numpy array, got "
+        """The model's output for the float32 batch ``x`` (int64 token indices for a model whose graph input is
+        int64; shape: the graph input's, any batch size)."""
+        if not isinstance(x, np.ndarray) or x.dtype != np.dtype(self.input_dtype):
+            raise ConfigError(f"engine input must be a {self.input_dtype} numpy array, got "
                               f"{getattr(x, 'dtype', type(x).__name__)}")
         expected = self.input_shape
         if expected is not None and (x.ndim != len(expected) or list(x.shape[1:]) != list(expected[1:])):
