@@ -399,11 +399,13 @@ def test_binary_and_ternary_groups_by_hand():
     assert torch.equal(ternary(torch.zeros(2, 3)), torch.zeros(2, 3))
 
 
-@pytest.mark.parametrize("spec, codes_bytes", [({"name": "group_binary", "group_size": 32}, 1200),
-                                                ({"name": "group_ternary", "group_size": 32}, 2400)])
-def test_binary_and_ternary_groups_through_file_engine_and_onnx(spec, codes_bytes, tmp_path):
-    """fc1 [100, 96], g = 32: 3 groups per row, 300 float32 scales (1200 bytes) besides the codes
-    (9600 x 1 bit = 1200 bytes, x 2 bits = 2400): 1 + 32/32 = 2 and 2 + 1 = 3 bits per weight."""
+@pytest.mark.parametrize("spec, total", [({"name": "group_binary", "group_size": 32}, 1200 + 1200),
+                                         ({"name": "group_ternary", "group_size": 32}, 2400 + 1200),
+                                         ({"name": "group_kmeans", "bits": 2, "group_size": 32}, 2400 + 4800)])
+def test_binary_ternary_and_codebook_groups_through_file_engine_and_onnx(spec, total, tmp_path):
+    """fc1 [100, 96], g = 32: 3 groups per row; binary / ternary: 300 float32 scales (1200 bytes) besides the codes
+    (9600 x 1 bit = 1200 bytes, x 2 bits = 2400): 1 + 32/32 = 2 and 2 + 1 = 3 bits per weight; 2-bit k-means:
+    codes 2400 bytes, 300 codebooks of 4 float32 levels 4800 bytes: 2 + 4 * 32 / 32 = 6 bits per weight."""
     torch.manual_seed(0)
     model, x = Net().eval(), torch.randn(3, 3, 8)
     q = lowbit.quantize(model, {"weight": spec, "first": "same", "last": "same"})
@@ -413,9 +415,53 @@ def test_binary_and_ternary_groups_through_file_engine_and_onnx(spec, codes_byte
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "m.lowbit")(x), ref)
     rows = {r["name"]: r for r in inspect_file(tmp_path / "m.lowbit")["tensors"]}
-    assert rows["fc1.weight"]["bytes"] == codes_bytes + 1200 and rows["fc1.weight"]["codec"] == spec["name"]
-    assert rows["fc1.weight"]["bits_per_weight"] == (codes_bytes + 1200) * 8 / 9600
+    codec = "group_codebook" if spec["name"] == "group_kmeans" else spec["name"]
+    assert rows["fc1.weight"]["bytes"] == total and rows["fc1.weight"]["codec"] == codec
+    assert rows["fc1.weight"]["bits_per_weight"] == total * 8 / 9600
+    assert next(r for r in lowbit.summary(q).layers if r.name == "fc1").bytes == total + 400  # + float32 bias
     np.testing.assert_allclose(Engine(tmp_path / "m.lowbit").run(x.numpy()), ref.numpy(), rtol=1e-5, atol=1e-5)
     session = ort.InferenceSession(to_onnx(q, x[:1]).SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], ref.numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- a k-means codebook per group
+
+
+@settings(max_examples=80, deadline=None)
+@given(weights(), st.integers(1, 4), st.sampled_from([1, 3, 8, 32, 128]))
+def test_kmeans_groups_take_their_nearest_level_and_follow_lloyd(w, bits, g):
+    from lowbit.quantizers.kmeans import kmeans_1d
+
+    q = get({"name": "group_kmeans", "bits": bits, "group_size": g})
+    x = torch.from_numpy(w)
+    enc = q.encode(x)
+    book = enc.params["codebook"].numpy()
+    assert book.shape == (w.shape[0], math.ceil(w.shape[1] / g), 2**bits)
+    y = q(x).numpy()
+    assert torch.equal(torch_decode(enc), q(x))
+    for o in range(w.shape[0]):
+        for j, start in enumerate(range(0, w.shape[1], g)):
+            v, levels = w[o, start:start + g], book[o, j]
+            codes = enc.codes[o, start:start + g].numpy()
+            nearest = np.abs(v[:, None].astype(np.float64) - levels[None, :]).argmin(axis=1)
+            assert np.array_equal(codes, nearest)  # nearest float32 level, the lower one on ties
+            assert np.array_equal(y[o, start:start + g], levels[codes])
+            want, _ = kmeans_1d(v.astype(np.float64), 2**bits)  # the same Lloyd rounds, another implementation
+            np.testing.assert_allclose(np.sort(levels), want.astype(F32), rtol=1e-5, atol=1e-30)
+
+
+def test_kmeans_groups_by_hand():
+    q = get({"name": "group_kmeans", "bits": 1, "group_size": 4})
+    x = torch.tensor([[0.0, 0.0, 10.0, 10.0, 1.0, 2.0, 3.0]])  # groups [0, 0, 10, 10] and [1, 2, 3]
+    enc = q.encode(x)
+    assert enc.codes.tolist() == [[0, 0, 1, 1, 0, 0, 1]]
+    # [1, 2, 3] from levels [1, 3]: 2 ties and goes to 1 -> {1, 2} mean 1.5, {3}; then stable
+    assert enc.params["codebook"].tolist() == [[[0.0, 10.0], [1.5, 3.0]]]
+    assert q(x).tolist() == [[0.0, 0.0, 10.0, 10.0, 1.5, 1.5, 3.0]]
+    assert torch.equal(q(torch.full((2, 5), -0.3)), torch.full((2, 5), -0.3))
+    with pytest.raises(CalibrationError):
+        q(torch.tensor([[1.0, float("inf")]]))
+    for bad in ({"bits": 0}, {"bits": 9}, {"iters": -1}, {"group_size": 0}):
+        with pytest.raises(ConfigError):
+            get({"name": "group_kmeans", **bad})

@@ -37,13 +37,16 @@ reserved there). Stored arrays per codec (all little-endian; packing as in
 - ``group_binary`` / ``group_ternary``: ``codes`` uint8, the code in 1 bit
   (1 = +1) / ``code + 1`` in 2 bits (3 is invalid); ``scale`` float32
   [O, G]; meta ``group_size``; rows and groups as ``group_affine``.
+- ``group_codebook``: ``codes`` uint8 (bits 1..8 per index); ``codebook``
+  float32 [O, G, K], finite, 1 <= K <= 2**bits; meta ``group_size``.
 
 Values (float32, the arithmetic of ``base.decode``): affine
 ``(codes - zero_point) * scale``; log ``sign * 2**(fsr - 2**bits + codes)``
 for codes > 0, else ``sign * 0``; binary ``(2 codes - 1) * scale``; ternary
 ``codes * scale``; codebook ``codebook[codes]``; group_affine ``(codes -
 zero_point[o, c // g]) * scale[o, c // g]`` on the [O, K] rows; group_binary
-``(2 codes - 1) * scale[o, c // g]``; group_ternary ``codes * scale[o, c // g]``.
+``(2 codes - 1) * scale[o, c // g]``; group_ternary ``codes * scale[o, c // g]``; group_codebook
+``codebook[o, c // g, codes]``.
 
 Every decode (and encode) validates and raises ``lowbit.errors.FormatError``
 naming the tensor, with these stable codes: ``unknown-codec``, ``bad-meta``
@@ -181,6 +184,11 @@ def _values(enc: NumpyEncoded) -> np.ndarray:
         group = np.arange(rows.shape[1]) // enc.meta["group_size"]
         level = 2 * rows - 1 if enc.kind == "group_binary" else rows
         return (level.astype(np.float32) * p["scale"].astype(np.float32)[:, group]).reshape(codes.shape)
+    if enc.kind == "group_codebook":
+        rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).astype(np.int64)
+        group = np.arange(rows.shape[1]) // enc.meta["group_size"]
+        row = np.arange(rows.shape[0])[:, None]
+        return p["codebook"].astype(np.float32)[row, group[None, :], rows].reshape(codes.shape)
     raise _unknown(enc.kind, "")
 
 
@@ -629,6 +637,33 @@ class GroupTernaryCodec(GroupScaledCodec):
     low, high = -1, 1
 
 
+class GroupCodebookCodec(Codec):
+    """k-bit indices into a float32 codebook per group, ``codebook`` [O, G, K] (1 <= K <= 2**bits, finite),
+    value ``codebook[o, c // g, code]``; rows and groups as :class:`GroupAffineCodec`."""
+
+    name = "group_codebook"
+    arrays = ("codes", "codebook")
+    max_bits = 8
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        self._check_params(enc, {"codebook"}, where)
+        groups = _groups(enc.codes.shape, enc.meta, where, self.name)
+        book = _check_array(enc.params["codebook"], np.float32, where, "codebook")
+        if book.ndim != 3 or book.shape[:2] != groups or not 1 <= book.shape[2] <= 2**enc.bits:
+            raise _fail("bad-shape", where, f"codebook of shape {list(book.shape)} does not fit {list(groups)} "
+                                            f"(output channels, groups) x 1..{2**enc.bits} entries")
+        if not np.isfinite(book).all():
+            raise _fail("bad-value", where, "codebook holds NaN or Inf")
+        _check_codes_range(enc.codes, 0, book.shape[2] - 1, where, code="bad-index")
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        return {"codes": pack_codes(enc.codes, enc.bits), "codebook": enc.params["codebook"]}
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        codes = self._unpack_codes(arrays, n, bits, where).reshape(shape)
+        return NumpyEncoded(self.name, codes, bits, {"codebook": arrays["codebook"]}, meta)
+
+
 _CODECS: dict[str, Codec] = {
     codec.name: codec
     for codec in (
@@ -642,6 +677,7 @@ _CODECS: dict[str, Codec] = {
         GroupAffineCodec(),
         GroupBinaryCodec(),
         GroupTernaryCodec(),
+        GroupCodebookCodec(),
     )
 }
 

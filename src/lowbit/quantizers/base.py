@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import CalibrationError, ConfigError
 
-ENCODED_KINDS = ("affine", "log", "binary", "ternary", "codebook", "group_affine", "group_binary", "group_ternary")
+ENCODED_KINDS = ("affine", "log", "binary", "ternary", "codebook", "group_affine", "group_binary", "group_ternary",
+                 "group_codebook")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Encoded:
       (no ``zero_point`` when ``meta["symmetric"]``: 0); codes in ``[meta["qmin"], meta["qmax"]]``.
     - ``group_binary`` / ``group_ternary``: ``(2 codes - 1) * scale`` / ``codes * scale`` per group (codes in
       {0, 1} / {-1, 0, 1}), the groups and ``scale`` [O, G] as ``group_affine``.
+    - ``group_codebook``: ``codebook[o, c // g, codes]``, ``codebook`` float32 [O, G, K], codes in [0, K).
     """
 
     kind: str
@@ -91,6 +93,11 @@ def decode(enc: Encoded) -> torch.Tensor:
         group = torch.arange(rows.shape[1], device=rows.device) // enc.meta["group_size"]
         level = 2 * rows - 1 if enc.kind == "group_binary" else rows
         return (level.float() * p["scale"].float()[:, group]).reshape(codes.shape)
+    if enc.kind == "group_codebook":
+        rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).long()
+        group = torch.arange(rows.shape[1], device=rows.device) // enc.meta["group_size"]
+        row = torch.arange(rows.shape[0], device=rows.device)[:, None]
+        return p["codebook"].float()[row, group[None, :], rows].reshape(codes.shape)
     raise ConfigError(f"unknown encoded kind {enc.kind!r}; valid kinds: {', '.join(ENCODED_KINDS)}")
 
 

@@ -37,6 +37,15 @@ Means are over the group's own values (the short last group counts only its own)
 once to float32, so a constant group c (|c| >= EPS) gives back c exactly. Their gradient is the identity
 (straight-through, as TWN trains). Stored as the ``group_binary`` (1 bit) / ``group_ternary`` (code + 1 in 2 bits)
 codecs with float32 scales ``[O, G]``: 1 + 32 / g and 2 + 32 / g bits per weight.
+
+A codebook per group, ``group_kmeans`` (non-uniform levels, the idea of SqueezeLLM, Kim et al. 2023,
+arXiv:2306.07629, which fits one per output channel: g >= K): the K = 2^b levels of each group are fitted by 1-D
+k-means (Lloyd, ``iters`` rounds from centroids spaced evenly over the group's [min, max], an empty cluster keeping
+its centroid; unweighted, where SqueezeLLM weighs by sensitivity), in float64 over all groups at once, then
+rounded to float32; each value takes the index of its nearest float32 level (ties to the lower index). A group
+of at most K distinct values whose levels land on them (a constant group always) is exact. Stored as the
+``group_codebook`` codec: b-bit indices and float32 levels ``[O, G, K]``: b + 32 2^b / g bits per weight (3-bit,
+g = 128: 3.75), so the codebook pays off for large groups or per channel. Gradient: the identity.
 """
 
 from __future__ import annotations
@@ -272,3 +281,81 @@ class GroupTernaryQuantizer(_GroupScaled):
 
     def _codes_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return group_ternary_codes_and_scale(x, self.group_size, self.threshold)
+
+
+#: distances computed at once by the k-means assignment (bounds its memory)
+_CHUNK = 2**22
+
+
+def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """For [N, g] values and [N, K] levels, the index of each value's nearest level (the lower one on ties)."""
+    step = max(1, _CHUNK // max(1, values.shape[1] * levels.shape[1]))
+    return torch.cat([(values[i:i + step, :, None] - levels[i:i + step, None, :]).abs().argmin(dim=2)
+                      for i in range(0, values.shape[0], step)]) if values.shape[0] else \
+        torch.zeros(values.shape, dtype=torch.int64, device=values.device)
+
+
+def group_kmeans_codebook(x: torch.Tensor, group_size: int, levels: int, iters: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int64 [x's shape], codebook float32 [O, G, levels]): 1-D k-means in each group (module docstring)."""
+    rows = x.detach().reshape(x.shape[0], math.prod(x.shape[1:])).double()
+    o, k = rows.shape
+    groups = group_count(k, group_size)
+    padded = F.pad(rows, (0, groups * group_size - k)).view(o * groups, group_size)
+    real = (torch.arange(groups * group_size, device=x.device) < k).view(groups, group_size)
+    real = real.expand(o, groups, group_size).reshape(o * groups, group_size)
+    inf = torch.tensor(math.inf, dtype=torch.float64, device=x.device)
+    lo = torch.where(real, padded, inf).amin(dim=1, keepdim=True)
+    hi = torch.where(real, padded, -inf).amax(dim=1, keepdim=True)
+    steps = torch.linspace(0, 1, levels, dtype=torch.float64, device=x.device)
+    centroids = lo + (hi - lo) * steps  # [N, levels], sorted
+    weight = real.double()
+    for _ in range(iters):
+        labels = _nearest(padded, centroids)
+        sums = torch.zeros_like(centroids).scatter_add_(1, labels, padded * weight)
+        counts = torch.zeros_like(centroids).scatter_add_(1, labels, weight)
+        moved = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+        if torch.equal(moved, centroids):
+            break
+        centroids = moved
+    book = centroids.float()
+    values = F.pad(rows.float(), (0, groups * group_size - k)).view(o * groups, group_size)
+    codes = _nearest(values, book)
+    codes = codes.view(o, groups * group_size)[:, :k].reshape(x.shape)
+    return codes, book.view(o, groups, levels)
+
+
+def group_codebook_values(codes: torch.Tensor, codebook: torch.Tensor, group_size: int) -> torch.Tensor:
+    """codebook[o, c // g, code] in float32: the codec's decode."""
+    rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).long()
+    group = torch.arange(rows.shape[1], device=rows.device) // group_size
+    row = torch.arange(rows.shape[0], device=rows.device)[:, None]
+    return codebook.float()[row, group[None, :], rows].reshape(codes.shape)
+
+
+@register("group_kmeans")
+class GroupKMeansQuantizer(_GroupScaled):
+    """Non-uniform weights: a k-means codebook of 2^bits levels per group of ``group_size`` inputs (module
+    docstring); fitted afresh from each weight."""
+
+    kind = "group_codebook"
+
+    def __init__(self, bits: int = 3, group_size: int = 128, iters: int = 30) -> None:
+        super().__init__(group_size)
+        self.bits = check_bits(bits, 1, 8)
+        if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= 10_000:
+            raise ConfigError(f"group_kmeans iters must be an integer from 0 to 10000, got {iters!r}")
+        self.iters = iters
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": self.bits, "group_size": self.group_size, "iters": self.iters}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encode(x)
+        return straight_through(x, group_codebook_values(enc.codes, enc.params["codebook"], self.group_size
+                                                         ).to(x.dtype))
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        self._check(x)
+        codes, book = group_kmeans_codebook(x, self.group_size, 2**self.bits, self.iters)
+        return Encoded(self.kind, codes, self.bits, {"codebook": book}, {"group_size": self.group_size})
