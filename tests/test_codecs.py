@@ -19,7 +19,7 @@ from lowbit.quantizers.base import decode as torch_decode
 F32 = np.finfo(np.float32)
 TINY = float(F32.smallest_subnormal)
 KINDS = ("affine", "log", "binary", "ternary", "codebook", "group_affine", "group_binary", "group_ternary",
-         "group_codebook")
+         "group_codebook", "group_log")
 
 positive_scales = st.one_of(
     st.floats(min_value=TINY, max_value=float(F32.max), width=32, allow_subnormal=True),
@@ -63,6 +63,16 @@ def encodeds(draw, kind):
             "zero_point": channel_param(draw, st.integers(-(2**16), 2**16), shape, axis, np.int64),
         }
         return NumpyEncoded(kind, codes, bits, params, {"qmin": qmin, "qmax": qmax, **meta})
+    if kind == "group_log":
+        shape = (draw(st.integers(0, 4)), *draw(st.lists(st.integers(0, 4), min_size=1, max_size=3)))
+        group_size = draw(st.sampled_from([1, 2, 3, 5, 64, 2**31]))
+        groups = (shape[0], -(-math.prod(shape[1:]) // group_size))
+        bits = draw(st.integers(2, 8))
+        levels = 2 ** (bits - 1) - 1
+        scale = np.array(draw(st.lists(positive_scales, min_size=math.prod(groups), max_size=math.prod(groups))),
+                         dtype=np.float32).reshape(groups)
+        codes = with_extremes(rng.integers(-levels, levels + 1, shape), -levels, levels)
+        return NumpyEncoded(kind, codes, bits, {"scale": scale}, {"group_size": group_size})
     if kind == "group_codebook":
         shape = (draw(st.integers(0, 4)), *draw(st.lists(st.integers(0, 4), min_size=1, max_size=3)))
         group_size = draw(st.sampled_from([1, 2, 3, 5, 64, 2**31]))

@@ -401,11 +401,13 @@ def test_binary_and_ternary_groups_by_hand():
 
 @pytest.mark.parametrize("spec, total", [({"name": "group_binary", "group_size": 32}, 1200 + 1200),
                                          ({"name": "group_ternary", "group_size": 32}, 2400 + 1200),
-                                         ({"name": "group_kmeans", "bits": 2, "group_size": 32}, 2400 + 4800)])
+                                         ({"name": "group_kmeans", "bits": 2, "group_size": 32}, 2400 + 4800),
+                                         ({"name": "group_log2", "bits": 3, "group_size": 32}, 3600 + 1200)])
 def test_binary_ternary_and_codebook_groups_through_file_engine_and_onnx(spec, total, tmp_path):
     """fc1 [100, 96], g = 32: 3 groups per row; binary / ternary: 300 float32 scales (1200 bytes) besides the codes
     (9600 x 1 bit = 1200 bytes, x 2 bits = 2400): 1 + 32/32 = 2 and 2 + 1 = 3 bits per weight; 2-bit k-means:
-    codes 2400 bytes, 300 codebooks of 4 float32 levels 4800 bytes: 2 + 4 * 32 / 32 = 6 bits per weight."""
+    codes 2400 bytes, 300 codebooks of 4 float32 levels 4800 bytes: 2 + 4 * 32 / 32 = 6 bits per weight; 3-bit
+    powers of two: codes 3600 bytes and 300 scales: 3 + 1 = 4 bits per weight."""
     torch.manual_seed(0)
     model, x = Net().eval(), torch.randn(3, 3, 8)
     q = lowbit.quantize(model, {"weight": spec, "first": "same", "last": "same"})
@@ -415,7 +417,7 @@ def test_binary_ternary_and_codebook_groups_through_file_engine_and_onnx(spec, t
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "m.lowbit")(x), ref)
     rows = {r["name"]: r for r in inspect_file(tmp_path / "m.lowbit")["tensors"]}
-    codec = "group_codebook" if spec["name"] == "group_kmeans" else spec["name"]
+    codec = {"group_kmeans": "group_codebook", "group_log2": "group_log"}.get(spec["name"], spec["name"])
     assert rows["fc1.weight"]["bytes"] == total and rows["fc1.weight"]["codec"] == codec
     assert rows["fc1.weight"]["bits_per_weight"] == total * 8 / 9600
     assert next(r for r in lowbit.summary(q).layers if r.name == "fc1").bytes == total + 400  # + float32 bias
@@ -465,3 +467,56 @@ def test_kmeans_groups_by_hand():
     for bad in ({"bits": 0}, {"bits": 9}, {"iters": -1}, {"group_size": 0}):
         with pytest.raises(ConfigError):
             get({"name": "group_kmeans", **bad})
+
+
+# ---------------------------------------------------------------- powers of two per group
+
+
+def log_reference(w: np.ndarray, bits: int, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, values): s = max |w| per group, |w| -> s 2^-k with k = round(log2(s / |w|)) (math.log2), 0 past
+    the E = 2^(b-1) - 1 levels."""
+    levels = 2 ** (bits - 1) - 1
+    rows = w.reshape(w.shape[0], -1)
+    codes = np.zeros(rows.shape, np.int64)
+    out = np.zeros(rows.shape, F32)
+    for o in range(rows.shape[0]):
+        for start in range(0, rows.shape[1], g):
+            v = rows[o, start:start + g]
+            s = max(F32(np.abs(v).max()), F32(EPS))
+            for i, value in enumerate(v):
+                if value == 0:
+                    continue
+                k = round(math.log2(float(s) / abs(float(value))))
+                if k < levels:
+                    codes[o, start + i] = int(np.sign(value)) * (levels - k)
+                    out[o, start + i] = F32(np.sign(value)) * F32(float(s) * 2.0**-k)
+    return codes.reshape(w.shape), out.reshape(w.shape)
+
+
+@settings(max_examples=150, deadline=None)
+@given(weights(), st.integers(2, 6), st.sampled_from([1, 2, 3, 8, 32, 128]))
+def test_log_groups_equal_the_numpy_reference(w, bits, g):
+    q = get({"name": "group_log2", "bits": bits, "group_size": g})
+    x = torch.from_numpy(w)
+    enc = q.encode(x)
+    codes, want = log_reference(w, bits, g)
+    assert np.array_equal(enc.codes.numpy(), codes)
+    assert np.array_equal(q(x).numpy().view(np.uint32), (want + F32(0)).view(np.uint32))
+    assert torch.equal(torch_decode(enc), q(x))
+
+
+def test_log_groups_by_hand():
+    q = get({"name": "group_log2", "bits": 3, "group_size": 4})  # E = 3 levels: s, s/2, s/4, and 0
+    x = torch.tensor([[8.0, 4.0, 6.0, -5.0, 1.0, 0.0, 2.0, 2.9]])
+    enc = q.encode(x)
+    # s = 8: 6/8 = 0.75 -> 2^0 (log2 -0.415), 5/8 -> 2^-1; s = 2.9: 1/2.9 -> 2^-2 (log2 -1.54), 2/2.9 -> 2^-1
+    assert enc.codes.tolist() == [[3, 2, 3, -2, 1, 0, 2, 3]]
+    assert torch.allclose(q(x), torch.tensor([[8.0, 4.0, 8.0, -4.0, 0.725, 0.0, 1.45, 2.9]]))
+    assert q.encode(torch.tensor([[1.0, 0.1]])).codes.tolist() == [[3, 0]]  # 0.1 = 2^-3.3: past the last level
+    assert torch.equal(q(torch.full((2, 5), -0.3)), torch.full((2, 5), -0.3))
+    assert torch.equal(q(torch.zeros(2, 5)), torch.zeros(2, 5))
+    with pytest.raises(CalibrationError):
+        q(torch.tensor([[1.0, float("nan")]]))
+    for bad in ({"bits": 1}, {"bits": 7}, {"group_size": -1}):
+        with pytest.raises(ConfigError):
+            get({"name": "group_log2", **bad})

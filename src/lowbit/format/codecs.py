@@ -37,6 +37,8 @@ reserved there). Stored arrays per codec (all little-endian; packing as in
 - ``group_binary`` / ``group_ternary``: ``codes`` uint8, the code in 1 bit
   (1 = +1) / ``code + 1`` in 2 bits (3 is invalid); ``scale`` float32
   [O, G]; meta ``group_size``; rows and groups as ``group_affine``.
+- ``group_log``: ``codes`` uint8, ``code + E`` in bits 2..8 (E = 2**(bits-1)
+  - 1, codes in [-E, E]); ``scale`` float32 [O, G]; meta ``group_size``.
 - ``group_codebook``: ``codes`` uint8 (bits 1..8 per index); ``codebook``
   float32 [O, G, K], finite, 1 <= K <= 2**bits; meta ``group_size``.
 
@@ -46,7 +48,8 @@ for codes > 0, else ``sign * 0``; binary ``(2 codes - 1) * scale``; ternary
 ``codes * scale``; codebook ``codebook[codes]``; group_affine ``(codes -
 zero_point[o, c // g]) * scale[o, c // g]`` on the [O, K] rows; group_binary
 ``(2 codes - 1) * scale[o, c // g]``; group_ternary ``codes * scale[o, c // g]``; group_codebook
-``codebook[o, c // g, codes]``.
+``codebook[o, c // g, codes]``; group_log ``sign(codes) * scale[o, c // g] *
+2**(|codes| - E)``.
 
 Every decode (and encode) validates and raises ``lowbit.errors.FormatError``
 naming the tensor, with these stable codes: ``unknown-codec``, ``bad-meta``
@@ -184,6 +187,11 @@ def _values(enc: NumpyEncoded) -> np.ndarray:
         group = np.arange(rows.shape[1]) // enc.meta["group_size"]
         level = 2 * rows - 1 if enc.kind == "group_binary" else rows
         return (level.astype(np.float32) * p["scale"].astype(np.float32)[:, group]).reshape(codes.shape)
+    if enc.kind == "group_log":
+        rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).astype(np.int64)
+        full = p["scale"].astype(np.float32)[:, np.arange(rows.shape[1]) // enc.meta["group_size"]]
+        magnitude = np.ldexp(full, np.abs(rows) - (2 ** (enc.bits - 1) - 1)).astype(np.float32)
+        return (np.sign(rows).astype(np.float32) * magnitude).reshape(codes.shape)
     if enc.kind == "group_codebook":
         rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).astype(np.int64)
         group = np.arange(rows.shape[1]) // enc.meta["group_size"]
@@ -637,6 +645,31 @@ class GroupTernaryCodec(GroupScaledCodec):
     low, high = -1, 1
 
 
+class GroupLogCodec(Codec):
+    """Signed power-of-two codes in ``[-E, E]``, E = 2**(bits-1) - 1, stored as ``code + E``; value
+    ``sign(code) * scale[o, c // g] * 2**(|code| - E)`` (code 0 is 0); rows and groups as
+    :class:`GroupAffineCodec`."""
+
+    name = "group_log"
+    arrays = ("codes", "scale")
+    min_bits, max_bits = 2, 8
+
+    def check(self, enc: NumpyEncoded, where: str) -> None:
+        self._check_params(enc, {"scale"}, where)
+        groups = _groups(enc.codes.shape, enc.meta, where, self.name)
+        levels = 2 ** (enc.bits - 1) - 1
+        _check_codes_range(enc.codes, -levels, levels, where)
+        _check_group_scale(enc.params["scale"], groups, where)
+
+    def pack(self, enc: NumpyEncoded) -> dict[str, np.ndarray]:
+        return {"codes": pack_codes(enc.codes + 2 ** (enc.bits - 1) - 1, enc.bits), "scale": enc.params["scale"]}
+
+    def unpack(self, arrays, shape, n, bits, meta, where):  # type: ignore[no-untyped-def]
+        codes = self._unpack_codes(arrays, n, bits, where)
+        codes -= 2 ** (bits - 1) - 1
+        return NumpyEncoded(self.name, codes.reshape(shape), bits, {"scale": arrays["scale"]}, meta)
+
+
 class GroupCodebookCodec(Codec):
     """k-bit indices into a float32 codebook per group, ``codebook`` [O, G, K] (1 <= K <= 2**bits, finite),
     value ``codebook[o, c // g, code]``; rows and groups as :class:`GroupAffineCodec`."""
@@ -678,6 +711,7 @@ _CODECS: dict[str, Codec] = {
         GroupBinaryCodec(),
         GroupTernaryCodec(),
         GroupCodebookCodec(),
+        GroupLogCodec(),
     )
 }
 

@@ -40,6 +40,7 @@ SPECS: dict[str, dict[str, tuple[Any, Any]]] = {
     "dorefa_grad": {"bits": (Int(1, 16), 6), "seed": (Nullable(Int()), None)},
     "dorefa_weight": {"bits": (Int(1, 8), 2)},
     "group_binary": {"group_size": (Int(1, 2**31), 128)},
+    "group_log2": {"bits": (Int(2, 6), 4), "group_size": (Int(1, 2**31), 128)},
     "group_kmeans": {"bits": (Int(1, 8), 3), "group_size": (Int(1, 2**31), 128), "iters": (Int(0, 10_000), 30)},
     "group_ternary": {"group_size": (Int(1, 2**31), 128), "threshold": (Number(0, math.inf), 0.7)},
     "group_uniform": {"bits": (Int(2, 8), 4), "group_size": (Int(1, 2**31), 128), "symmetric": (Bool(), False)},

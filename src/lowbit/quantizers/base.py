@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import CalibrationError, ConfigError
 
 ENCODED_KINDS = ("affine", "log", "binary", "ternary", "codebook", "group_affine", "group_binary", "group_ternary",
-                 "group_codebook")
+                 "group_codebook", "group_log")
 
 
 @dataclass
@@ -45,6 +45,8 @@ class Encoded:
     - ``group_binary`` / ``group_ternary``: ``(2 codes - 1) * scale`` / ``codes * scale`` per group (codes in
       {0, 1} / {-1, 0, 1}), the groups and ``scale`` [O, G] as ``group_affine``.
     - ``group_codebook``: ``codebook[o, c // g, codes]``, ``codebook`` float32 [O, G, K], codes in [0, K).
+    - ``group_log``: ``sign(codes) * scale[o, c // g] * 2 ** (|codes| - E)``, E = 2^(bits-1) - 1, codes in
+      [-E, E] (0 is 0); groups and ``scale`` as ``group_affine``.
     """
 
     kind: str
@@ -93,6 +95,11 @@ def decode(enc: Encoded) -> torch.Tensor:
         group = torch.arange(rows.shape[1], device=rows.device) // enc.meta["group_size"]
         level = 2 * rows - 1 if enc.kind == "group_binary" else rows
         return (level.float() * p["scale"].float()[:, group]).reshape(codes.shape)
+    if enc.kind == "group_log":
+        rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).long()
+        full = p["scale"].float()[:, torch.arange(rows.shape[1], device=rows.device) // enc.meta["group_size"]]
+        magnitude = torch.ldexp(full, rows.abs() - (2 ** (enc.bits - 1) - 1))
+        return (torch.sign(rows).float() * magnitude).reshape(codes.shape)
     if enc.kind == "group_codebook":
         rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).long()
         group = torch.arange(rows.shape[1], device=rows.device) // enc.meta["group_size"]

@@ -46,6 +46,14 @@ rounded to float32; each value takes the index of its nearest float32 level (tie
 of at most K distinct values whose levels land on them (a constant group always) is exact. Stored as the
 ``group_codebook`` codec: b-bit indices and float32 levels ``[O, G, K]``: b + 32 2^b / g bits per weight (3-bit:
 5 at g = 128, 3.06 per channel of 4096 inputs), so the codebook pays off for large groups. Gradient: the identity.
+
+Power-of-two levels per group, ``group_log2`` (Miyashita et al. 2016, arXiv:1603.01025, with one full-scale
+value per group): s = max |w| of the group (float32, at least EPS), b bits hold the sign and E = 2^(b-1) - 1
+levels s, s/2, ..., s 2^-(E-1) besides 0. |w| / s = m 2^e (float64, m in [1/2, 1)) rounds to 2^-k in the log
+domain, k = -e if m >= sqrt(1/2) else 1 - e, exactly as a comparison (no log); k >= E (and w = 0) gives 0.
+Codes are signed, code = sign(w) (E - k) in [-E, E], value sign(code) s 2^(|code| - E); a constant group is
+exact. Stored as the ``group_log`` codec (``code + E`` in b bits, scales float32 [O, G]): b + 32 / g bits per
+weight. Gradient: the identity.
 """
 
 from __future__ import annotations
@@ -359,3 +367,51 @@ class GroupKMeansQuantizer(_GroupScaled):
         self._check(x)
         codes, book = group_kmeans_codebook(x, self.group_size, 2**self.bits, self.iters)
         return Encoded(self.kind, codes, self.bits, {"codebook": book}, {"group_size": self.group_size})
+
+
+#: the log-domain rounding boundary of a mantissa in [1/2, 1): 2^-1/2, correctly rounded
+SQRT_HALF = math.sqrt(0.5)
+
+
+def group_log_codes_and_scale(x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed codes (int64 in [-E, E], E = 2^(bits-1) - 1) and s [O, G] = max |w| per group (float32, >= EPS)."""
+    levels = 2 ** (bits - 1) - 1
+    magnitude, _ = group_abs(x, group_size)
+    scale = magnitude.amax(dim=-1).float().clamp_min(EPS)
+    rows = x.detach().reshape(x.shape[0], math.prod(x.shape[1:]))
+    ratio = rows.abs().double() / expand_groups(scale, rows.shape[1], group_size).double()
+    mantissa, exponent = torch.frexp(ratio)
+    k = torch.where(mantissa >= SQRT_HALF, -exponent, 1 - exponent).long()
+    code = torch.where((ratio > 0) & (k < levels), levels - k, 0)
+    return (code * torch.sign(rows).long()).reshape(x.shape), scale
+
+
+def group_log_values(codes: torch.Tensor, scale: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """sign(code) s 2^(|code| - E) in float32: the codec's decode."""
+    rows = codes.reshape(codes.shape[0], math.prod(codes.shape[1:])).long()
+    full = expand_groups(scale.float(), rows.shape[1], group_size)
+    return (torch.sign(rows).float() * torch.ldexp(full, rows.abs() - (2 ** (bits - 1) - 1))).reshape(codes.shape)
+
+
+@register("group_log2")
+class GroupLog2Quantizer(_GroupScaled):
+    """Power-of-two weights s 2^-k per group of ``group_size`` inputs, s = max |w| of the group (module docstring)."""
+
+    kind = "group_log"
+
+    def __init__(self, bits: int = 4, group_size: int = 128) -> None:
+        super().__init__(group_size)
+        self.bits = check_bits(bits, 2, 6)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": self.bits, "group_size": self.group_size}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encode(x)
+        return straight_through(x, group_log_values(enc.codes, enc.params["scale"], self.group_size, self.bits
+                                                    ).to(x.dtype))
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        self._check(x)
+        codes, scale = group_log_codes_and_scale(x, self.group_size, self.bits)
+        return Encoded(self.kind, codes, self.bits, {"scale": scale}, {"group_size": self.group_size})
