@@ -319,16 +319,23 @@ def test_presets_are_weight_only_in_every_layer():
         assert config.first == config.last == "same"
 
 
-def test_sparse_and_entropy_coding_keep_the_codes(tmp_path):
+@pytest.mark.parametrize("spec", [group_spec(4, 32), {"name": "group_ternary", "group_size": 32},
+                                  {"name": "group_binary", "group_size": 32},
+                                  {"name": "group_kmeans", "bits": 2, "group_size": 32},
+                                  {"name": "group_log2", "bits": 3, "group_size": 32}])
+def test_sparse_and_entropy_coding_keep_the_codes(spec, tmp_path):
     torch.manual_seed(0)
     model, x = Net().eval(), torch.randn(2, 3, 8)
-    q = lowbit.quantize(model, "w4g128")
+    q = lowbit.quantize(model, {"weight": spec, "first": "same", "last": "same"})
     with torch.no_grad():
         ref = q(x)
-    for kwargs in ({"entropy": "huffman"}, {"sparse": True}):
+    for kwargs, chain in (({"entropy": "huffman"}, "+huffman"), ({"sparse": True}, "+sparse5"),
+                          ({"sparse": 3, "entropy": "ans"}, "+sparse3+ans")):
         lowbit.save(q, tmp_path / "m.lowbit", x[:1], **kwargs)
         with torch.no_grad():
             assert torch.equal(lowbit.load(tmp_path / "m.lowbit")(x), ref)
+        rows = {r["name"]: r for r in inspect_file(tmp_path / "m.lowbit")["tensors"]}
+        assert rows["fc1.weight"]["chain"].endswith(chain)
 
 
 def test_lowbit_inspect_prints_bits_per_weight_with_the_group_scales(tmp_path, capsys):
@@ -432,9 +439,7 @@ def test_binary_ternary_and_codebook_groups_through_file_engine_and_onnx(spec, t
 
 @settings(max_examples=80, deadline=None)
 @given(weights(), st.integers(1, 4), st.sampled_from([1, 3, 8, 32, 128]))
-def test_kmeans_groups_take_their_nearest_level_and_follow_lloyd(w, bits, g):
-    from lowbit.quantizers.kmeans import kmeans_1d
-
+def test_kmeans_groups_take_their_nearest_level(w, bits, g):
     q = get({"name": "group_kmeans", "bits": bits, "group_size": g})
     x = torch.from_numpy(w)
     enc = q.encode(x)
@@ -449,8 +454,20 @@ def test_kmeans_groups_take_their_nearest_level_and_follow_lloyd(w, bits, g):
             nearest = np.abs(v[:, None].astype(np.float64) - levels[None, :]).argmin(axis=1)
             assert np.array_equal(codes, nearest)  # nearest float32 level, the lower one on ties
             assert np.array_equal(y[o, start:start + g], levels[codes])
-            want, _ = kmeans_1d(v.astype(np.float64), 2**bits)  # the same Lloyd rounds, another implementation
-            np.testing.assert_allclose(np.sort(levels), want.astype(F32), rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("bits, g", [(1, 8), (2, 16), (3, 32), (4, 128), (3, 7)])
+def test_kmeans_groups_follow_lloyd_as_kmeans_1d_does(bits, g):
+    """The same Lloyd rounds as the per-tensor k-means (another implementation: midpoints, bincount), group by
+    group, on continuous values (where no value lies exactly between two levels)."""
+    from lowbit.quantizers.kmeans import kmeans_1d
+
+    w = np.random.default_rng(bits * 100 + g).standard_normal((6, 100)).astype(F32)
+    book = get({"name": "group_kmeans", "bits": bits, "group_size": g}).encode(torch.from_numpy(w)).params["codebook"]
+    for o in range(w.shape[0]):
+        for j, start in enumerate(range(0, w.shape[1], g)):
+            want, _ = kmeans_1d(w[o, start:start + g].astype(np.float64), 2**bits)
+            np.testing.assert_allclose(np.sort(book[o, j].numpy()), want.astype(F32), rtol=1e-6, atol=1e-30)
 
 
 def test_kmeans_groups_by_hand():

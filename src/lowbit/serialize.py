@@ -83,6 +83,9 @@ INPUT_SHAPE_ATTR = "lowbit_input_shape"
 SPARSE_INDEX_BITS = {"conv": 8, "other": 5}
 #: quantizer state that a weight's codebook codes already hold: quantizer name -> (state name -> source)
 DERIVED_STATE = {"kmeans": ("codebook", "indices", "fitted")}
+#: codecs whose codes the relative index may store sparse (those with a ``codes`` array)
+_SPARSE_KINDS = ("affine", "log", "ternary", "codebook", "group_affine", "group_binary", "group_ternary",
+                 "group_codebook", "group_log")
 _RAW_KINDS = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
@@ -142,7 +145,7 @@ def _raw(name: str, t: torch.Tensor) -> NumpyEncoded:
 
 def _index_bits(sparse: bool | int | dict[str, int], tensors: dict[str, NumpyEncoded]) -> dict[str, int]:
     """Per coded weight, its relative-index width, from ``sparse`` (False, True, an int or a dict)."""
-    coded = [n for n, e in tensors.items() if e.kind in ("affine", "log", "ternary", "codebook")]
+    coded = [n for n, e in tensors.items() if e.kind in _SPARSE_KINDS]
     if sparse is False:
         return {}
     if sparse is True:

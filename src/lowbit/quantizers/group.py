@@ -315,8 +315,10 @@ def group_kmeans_codebook(x: torch.Tensor, group_size: int, levels: int, iters: 
     inf = torch.tensor(math.inf, dtype=torch.float64, device=x.device)
     lo = torch.where(real, padded, inf).amin(dim=1, keepdim=True)
     hi = torch.where(real, padded, -inf).amax(dim=1, keepdim=True)
-    steps = torch.linspace(0, 1, levels, dtype=torch.float64, device=x.device)
-    centroids = lo + (hi - lo) * steps  # [N, levels], sorted
+    # evenly spaced as numpy's linspace computes them (lo + i step, the last one hi), sorted
+    centroids = lo + (hi - lo) / max(levels - 1, 1) * torch.arange(levels, dtype=torch.float64, device=x.device)
+    if levels > 1:
+        centroids[:, -1:] = hi
     weight = real.double()
     for _ in range(iters):
         labels = _nearest(padded, centroids)
