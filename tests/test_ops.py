@@ -184,6 +184,9 @@ EXAMPLES = {
     "constant": Scaled,
     "layer_norm": Norms,
     "embedding": lambda: nn.Sequential(nn.Embedding(50, 6), nn.Flatten(), nn.Linear(48, 5)),
+    # y y^T per channel ([N, 4, 8, 8]), then a batched product of its rows with the map's
+    "matmul": lambda: Functional(lambda y, m: torch.bmm(torch.matmul(y, y.transpose(2, 3)).flatten(1, 2),
+                                                        (y @ y).flatten(1, 2).transpose(1, 2))),
 }
 #: the examples that take other inputs than a float [3, 3, 8, 8] batch
 INPUTS = {"embedding": lambda: torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(2))}

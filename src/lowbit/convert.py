@@ -31,7 +31,6 @@ MACs) quantized, and ``strict=True`` raises UnsupportedLayerError. Re-exported b
 from __future__ import annotations
 
 import copy
-import math
 import operator
 import warnings
 from collections.abc import Sequence
@@ -93,8 +92,8 @@ class QuantReport:
     quantizers placed on graph edges (QuantAct paths); ``unsupported``: (name, reason) of what runs in float
     although it holds weights; ``unmatched_rules``: config rules that match no layer. ``weight_fraction``: the
     share of the model's parameters (elements) in quantized weights; ``mac_fraction``: the share of the
-    multiply-accumulates of all linear / conv calls run by quantized layers, measured on ``example_input``
-    (None without one); ``ptq``: what the data-free post-training methods (cross-layer equalization) did.
+    multiply-accumulates of all linear / conv / matmul calls (inside modules left float too) run by quantized
+    layers or by matmuls of two quantized operands, measured on ``example_input`` (None without one); ``ptq``: what the data-free post-training methods (cross-layer equalization) did.
     """
 
     model: nn.Module
@@ -302,18 +301,84 @@ def _fold(gm: fx.GraphModule, sites: list[_Site], report: QuantReport) -> None:
         report.folded.append(users[0].target)
 
 
-def _macs(gm: fx.GraphModule, sites: list[_Site], example: torch.Tensor) -> dict[fx.Node, int]:
-    """Multiply-accumulates of each site's call on ``example`` (``out.numel() / out_channels * weight.numel()``
-    per batch element: every output value takes one weight row / filter)."""
+def _call_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """Multiply-accumulates of one linear / conv / matmul call (``out.numel() / out_channels * weight.numel()``:
+    every output value takes one weight row or filter; a transposed conv: every input value; a product: the
+    shared axis per output value); 0 for any other call."""
+    if func in _WEIGHTED_CALLS and isinstance(out, torch.Tensor):
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        values = (args[0] if args else kwargs["input"]).numel() if func is F.conv_transpose2d else out.numel()
+        return values // weight.shape[0] * weight.numel()
+    if func in _PRODUCT_CALLS and isinstance(out, torch.Tensor):
+        return out.numel() * args[0].shape[-1]
+    if func is F.multi_head_attention_forward:  # inside a float nn.MultiheadAttention: [L, N, E] (or [L, E])
+        query, key = args[0], args[1]
+        lq, lk, e = query.shape[0], key.shape[0], query.shape[-1]
+        batch = query.shape[1] if query.dim() == 3 else 1
+        return batch * e * ((2 * lq + 2 * lk) * e + 2 * lq * lk)  # projections of q, k, v and out; two products
+    return 0
+
+
+#: calls whose multiply-accumulates come from their weight, and products of two tensors
+_WEIGHTED_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv_transpose2d)
+_PRODUCT_CALLS = (torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm)
+
+
+class _CountMacs(torch.overrides.TorchFunctionMode):
+    """Adds up the multiply-accumulates of the linear, conv and matmul calls made while it is active (wherever they
+    run: inside modules kept whole or left float too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.macs += _call_macs(func, args, kwargs, out)
+        return out
+
+
+class _MacInterpreter(fx.Interpreter):
+    """Runs the graph node by node, recording each node's multiply-accumulates."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.macs: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        with _CountMacs() as count:
+            result = super().run_node(n)
+        if count.macs:
+            self.macs[n] = count.macs
+        return result
+
+
+def _macs(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, int]:
+    """Multiply-accumulates of each node on one example of ``example``'s batch: every linear / conv / matmul call
+    in the graph or inside a module it calls (so float parts count too)."""
     propagate(gm, "the model", example)
-    macs = {}
-    for site in sites:
-        # a transposed conv: every input value takes one weight row (its own input channel's)
-        node = site.node.args[0] if site.op == "conv_transpose2d" else site.node
-        meta = node.meta.get("tensor_meta")
-        values = math.prod(meta.shape[1:]) if meta is not None else 0
-        macs[site.node] = 0 if site.op in _LOOKUPS else values // site.layer.weight.shape[0] * site.layer.weight.numel()
-    return macs
+    interpreter = _MacInterpreter(gm)
+    with torch.no_grad():
+        interpreter.run(example)
+    batch = max(int(example.shape[0]), 1) if example.dim() else 1
+    return {node: count // batch for node, count in interpreter.macs.items()}
+
+
+def _quantized_tensor(gm: fx.GraphModule, node: Any) -> bool:
+    """Whether the tensor ``node`` is an activation quantizer's output (a QuantAct, a layer's output quantizer),
+    directly or through ops that only move values."""
+    modules = dict(gm.named_modules())
+    while isinstance(node, fx.Node):
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, QuantAct) and module.quantizer is not None or \
+                getattr(module, "output_quantizer", None) is not None:
+            return True
+        schema = node_schema(node, modules)
+        if schema is None or schema.placement != "moves" or not node.args:
+            return False
+        node = node.args[0]
+    return False
 
 
 def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, strict: bool,
@@ -328,7 +393,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
     if example_input is not None:
         from .analysis.summary import example_tensor
 
-        macs = _macs(gm, sites, example_tensor(model, example_input))
+        macs = _macs(gm, example_tensor(model, example_input))
     _batch_norm_modules(gm, sites)
     if fold:
         _fold(gm, sites, report)
@@ -337,7 +402,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
     built: dict[int, nn.Module] = {}  # a layer called at several sites stays one layer
     for index, site in enumerate(sites):
         _explicit_padding(site.layer)
-        site_macs = macs[site.node] if macs else 0
+        site_macs = macs.get(site.node, 0) if macs else 0
         specs = cfg.layer_specs(site.path, site.layer, first=index == 0, last=index == len(sites) - 1)
         if specs is not None and site.op in _LOOKUPS:
             specs["input"] = None  # token indices
@@ -365,7 +430,11 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
     if report.unsupported and strict:
         raise UnsupportedLayerError(f"cannot quantize {_listing(report)}")
     report.weight_fraction = _weight_fraction(gm)
-    if macs:
+    if macs is not None:
+        modules = dict(gm.named_modules())
+        products = [node for node in macs if node.op in ("call_function", "call_method")
+                    and getattr(node_schema(node, modules), "name", None) == "matmul"]
+        quantized_macs += sum(macs[node] for node in products if all(_quantized_tensor(gm, a) for a in node.args[:2]))
         total = sum(macs.values())
         report.mac_fraction = quantized_macs / total if total else 1.0
     label_quantizers(gm)

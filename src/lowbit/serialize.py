@@ -65,6 +65,7 @@ from .config import QuantConfig
 from .convert import QUANTIZED_WITH_ATTR, quantize
 from .errors import CalibrationError, ConfigError, FormatError, ShapeMismatchError, UnsupportedLayerError
 from .export.graph import capture
+from .export.transformer import decompose
 from .format.codecs import NumpyEncoded, values
 from .format import container
 from .format.container import LowbitFile, format_inspect, raw, read_file, write_file
@@ -195,6 +196,7 @@ def save(
     if unobserved:
         raise CalibrationError(f"the static quantizers of {', '.join(unobserved)} observed no range: run "
                                "lowbit.calibrate(model, batches) or train before saving")
+    model = decompose(model)  # a float model's multi-head attention is stored as the linears its graph reads
     layers = _layers(model)
     tensors: dict[str, NumpyEncoded] = {}
     derived: set[str] = set()

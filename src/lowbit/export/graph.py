@@ -65,6 +65,7 @@ from torch.fx.proxy import TraceError
 from ..errors import LowbitError, ShapeMismatchError, UnsupportedLayerError
 from ..ops import REGISTRY, OpSchema
 from ..ops.shape import SPLITS, slices
+from .transformer import attention_mask, decompose, traced_forward
 
 GRAPH_VERSION = 1
 
@@ -178,8 +179,19 @@ class _Tracer(fx.Tracer):
         self.leaf_types = tuple(leaf for leaf in leaves if isinstance(leaf, type))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (_declared_module(m) is not None or isinstance(m, (*_ALIAS_MODULES, *self.leaf_types))
-                or qualname in self.leaf_paths or super().is_leaf_module(m, qualname))
+        if qualname in self.leaf_paths or isinstance(m, self.leaf_types):
+            return True
+        if traced_forward(m) is not None:  # torch's Transformer modules: traced through (their reference path)
+            return False
+        return (_declared_module(m) is not None or isinstance(m, _ALIAS_MODULES)
+                or super().is_leaf_module(m, qualname))
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: dict) -> Any:
+        """Transformer encoders and their layers run their reference path, never the fused eval-mode one."""
+        function = traced_forward(m)
+        if function is not None:
+            forward = functools.partial(function, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def trace(model: nn.Module, leaves: tuple[str | type, ...] = ()) -> fx.GraphModule:
@@ -189,6 +201,7 @@ def trace(model: nn.Module, leaves: tuple[str | type, ...] = ()) -> fx.GraphModu
     everything else is traced through. A model that cannot be traced raises UnsupportedLayerError naming the line
     of its own code and saying how to make the module at fault a leaf.
     """
+    model = decompose(model, tuple(leaves))  # multi-head attention as linears and matmuls (in a copy of the model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -332,6 +345,9 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
         target, where = node.target, f"node {node.name!r}"
         if node.op in ("call_function", "call_method") and "tensor_meta" not in node.meta:
             arithmetic.add(node.name)  # sizes and their arithmetic: they only feed arguments recorded as shapes
+            continue
+        if node.op == "call_function" and target is attention_mask:  # a check that returns the mask
+            alias[node.name] = ref(node.args[0], where)
             continue
         if node.op == "call_method" and target in _ALIAS_METHODS or \
                 node.op == "call_module" and isinstance(modules[target], _ALIAS_MODULES) or \

@@ -68,6 +68,7 @@ from ..quantizers import Encoded, Quantizer, decode
 from ..quantizers.base import EPS
 from ..ops import LAYER_OPS, Graph, GraphNode
 from .binary_ops import DOMAIN, VERSION, pack_signs
+from .transformer import decompose
 
 __all__ = ["BINARY_OPS", "DEFAULT_CHANNEL_MULTIPLE", "DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "UINT8_WEIGHTS_PROP",
            "WEIGHT_TYPES", "export_onnx", "to_onnx", "uint8_weight_layers", "write_onnx"]
@@ -675,6 +676,8 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, *, opset: int = DEFAU
     from ..serialize import GraphModel, captured_graph
 
     # a model loaded from a .lowbit file runs its stored graph IR, which is the graph to export
+    if not isinstance(model, GraphModel):
+        model = decompose(model)  # a float model's multi-head attention: the linears its graph reads
     ir = model.graph if isinstance(model, GraphModel) else captured_graph(model, example_input)[1]
     exporter = _Exporter(model, ir, opset, int4, channel_multiple, binary_ops, weight_type)
     graph = exporter.run()

@@ -2,7 +2,9 @@
 float32 numpy implementation; :func:`validate_document` checks a stored document against them. Imports no torch.
 """
 
-from . import activation, arithmetic, constant, conv, embedding, linear, norm, pool, shape  # noqa: F401  (the ops)
+# noqa: F401 below: imported to register the ops
+from . import (activation, arithmetic, attention, constant, conv, embedding, linear, norm, pool,  # noqa: F401
+               shape)
 from .schema import MAX_ELEMENTS, MAX_NODES, MAX_RANK, MAX_SPATIAL, REGISTRY, OpSchema
 from .specs import check_spec
 from .validate import LAYER_OPS, Graph, GraphNode, validate_document, validate_file, validate_graph, validate_layers

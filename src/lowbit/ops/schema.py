@@ -279,7 +279,7 @@ class OpSchema:
     in) and ``onnx(builder, name, inputs, attrs)`` (the ONNX exporter's
     builder, whose ``node`` and ``const`` add nodes and initializers; returns
     the output's name). Module ops (linear, conv1d, conv2d, conv_transpose2d,
-    batchnorm, quant_act) run their modules in torch, and in :mod:`lowbit.runtime.engine` and
+    embedding, batchnorm, quant_act) run their modules in torch, and in :mod:`lowbit.runtime.engine` and
     :mod:`lowbit.export.onnx`, which quantize around them. Any other op
     that reads tensors (``constant``) gets their values after its inputs in
     ``xs``: numpy arrays, the model's tensors, ONNX initializers. The
