@@ -124,3 +124,11 @@ def test_max_norm_is_refused_by_name():
     model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 2)).eval()
     with pytest.raises(lowbit.errors.UnsupportedLayerError, match="max_norm"):
         lowbit.save(model, "/tmp/unused.lowbit", torch.zeros(1, 3, dtype=torch.int64))
+
+
+def test_the_cost_report_of_a_token_model_runs_on_token_indices(saved):
+    from lowbit.analysis.cost import file_cost_report
+
+    _, _, _, path = saved
+    report = file_cost_report(path)
+    assert "fc" in str(report)

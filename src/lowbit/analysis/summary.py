@@ -211,12 +211,14 @@ def _layer_macs(layer: nn.Module, inputs: torch.Tensor, output: torch.Tensor) ->
 
 
 def example_tensor(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """``example_input`` itself, or zeros of that shape on the model's device (ConfigError otherwise)."""
+    """``example_input`` itself, or zeros of that shape on the model's device (int64 token indices for a model
+    holding an embedding; ConfigError otherwise)."""
     if isinstance(example_input, torch.Tensor):
         return example_input
     if isinstance(example_input, Sequence) and all(isinstance(d, int) and d > 0 for d in example_input):
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        return torch.zeros(tuple(example_input), device=device)
+        dtype = torch.int64 if any(isinstance(m, nn.Embedding) for m in model.modules()) else torch.float32
+        return torch.zeros(tuple(example_input), device=device, dtype=dtype)
     raise ConfigError(f"example_input must be a tensor or an input shape of positive ints, got {example_input!r}")
 
 
