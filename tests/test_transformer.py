@@ -10,12 +10,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
 from lowbit.errors import FormatError, ShapeMismatchError, UnsupportedLayerError
 from lowbit.export.graph import trace
 from lowbit.export.onnx import to_onnx
+from lowbit.export.transformer import Attention
 from lowbit.format.container import pack_safetensors, parse_safetensors
 from lowbit.nn import QuantEmbedding, QuantLinear
 from lowbit.ops import REGISTRY
@@ -194,3 +197,44 @@ def test_a_stored_product_of_mismatched_operands_is_refused(tmp_path):
     for reader in (lowbit.load, Engine):
         with pytest.raises(FormatError, match="multiplies"):
             reader(path)
+
+
+@settings(max_examples=25, deadline=None)
+@given(heads=st.integers(1, 4), head_dim=st.integers(1, 6), lq=st.integers(1, 7), lk=st.integers(1, 7),
+       bias=st.booleans(), kdim=st.sampled_from([None, 3]), masked=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_decomposed_attention_equals_torchs_multi_head_attention(heads, head_dim, lq, lk, bias, kdim, masked,
+                                                                      seed):
+    """Against nn.MultiheadAttention itself (eval mode, which may take its fused path): any heads, head sizes,
+    query and key lengths, with and without biases, separate key/value sizes and an additive mask (zeros among
+    its values, and -inf-like entries that never mask a whole row)."""
+    torch.manual_seed(seed)
+    e = heads * head_dim
+    mha = nn.MultiheadAttention(e, heads, bias=bias, kdim=kdim, vdim=kdim, batch_first=True).eval()
+    attention = Attention(mha, "attn").eval()
+    query, key = torch.randn(2, lq, e), torch.randn(2, lk, kdim or e)
+    mask = None
+    if masked:
+        mask = torch.where(torch.rand(lq, lk) < 0.3, -1e4, 0.0)
+        mask[:, 0] = 0.0
+    with torch.no_grad():
+        expected, _ = mha(query, key, key, attn_mask=mask, need_weights=False)
+        got, weights = attention(query, key, key, attn_mask=mask)
+    assert weights is None
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_classifier_of_the_issue_quantizes_whole_graph():
+    class Classifier(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.emb = nn.Embedding(100, 32)
+            s.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+            s.fc = nn.Linear(32, 5)
+
+        def forward(s, x):
+            return s.fc(s.enc(s.emb(x)).mean(1))
+
+    torch.manual_seed(0)
+    report = lowbit.quantize_report(Classifier().eval(), "w8a8", example_input=torch.randint(0, 100, (1, 12)))
+    assert str(report).startswith("quantized 14 layer(s) (96.5% of weights, 100.0% of MACs)")
+    lowbit.calibrate(report.model, [torch.randint(0, 100, (4, 12))])  # int64 batches, eval mode: all reached
