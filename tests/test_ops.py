@@ -187,6 +187,9 @@ EXAMPLES = {
     # y y^T per channel ([N, 4, 8, 8]), then a batched product of its rows with the map's
     "matmul": lambda: Functional(lambda y, m: torch.bmm(torch.matmul(y, y.transpose(2, 3)).flatten(1, 2),
                                                         (y @ y).flatten(1, 2).transpose(1, 2))),
+    # each channel's 8 rows attend over its rows: default scale 1 / sqrt(8), and a given one
+    "attention": lambda: Functional(lambda y, m: F.scaled_dot_product_attention(y, y, y)
+                                    + F.scaled_dot_product_attention(y, y * 0.5, torch.relu(y), scale=0.3)),
 }
 #: the examples that take other inputs than a float [3, 3, 8, 8] batch
 INPUTS = {"embedding": lambda: torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(2))}

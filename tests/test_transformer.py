@@ -238,3 +238,53 @@ def test_the_classifier_of_the_issue_quantizes_whole_graph():
     report = lowbit.quantize_report(Classifier().eval(), "w8a8", example_input=torch.randint(0, 100, (1, 12)))
     assert str(report).startswith("quantized 14 layer(s) (96.5% of weights, 100.0% of MACs)")
     lowbit.calibrate(report.model, [torch.randint(0, 100, (4, 12))])  # int64 batches, eval mode: all reached
+
+
+class SelfAttention(nn.Module):
+    """Custom attention as models write it: one packed qkv linear, its pieces split into heads,
+    F.scaled_dot_product_attention (``mode``: its call, or a form it cannot capture)."""
+
+    def __init__(self, mode: str = "plain", e: int = 16, heads: int = 2):
+        super().__init__()
+        self.mode, self.heads = mode, heads
+        self.emb, self.qkv = nn.Embedding(50, e), nn.Linear(e, 3 * e)
+        self.out, self.fc = nn.Linear(e, e), nn.Linear(e, 3)
+
+    def forward(self, tokens):
+        x = self.emb(tokens)
+        n, length, e = x.shape
+        qkv = self.qkv(x).chunk(3, -1)
+        q, k, v = (qkv[i].reshape(n, length, self.heads, e // self.heads).transpose(1, 2) for i in range(3))
+        options = {"plain": {}, "causal": {"is_causal": True}, "dropout": {"dropout_p": 0.1}}[self.mode]
+        y = nn.functional.scaled_dot_product_attention(q, k, v, **options)
+        return self.fc(self.out(y.transpose(1, 2).reshape(n, length, e)).mean(1))
+
+
+def test_scaled_dot_product_attention_is_one_op_quantized_at_its_three_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = SelfAttention().eval()
+    report = lowbit.quantize_report(model, "w8a8", example_input=_tokens(1, 0, 10) % 50)
+    assert report.mac_fraction == 1.0 and report.weight_fraction >= 0.95
+    q = lowbit.calibrate(report.model, [_tokens(16, 1, 10) % 50])
+    path = tmp_path / "sdpa.lowbit"
+    lowbit.save(q, path)
+    loaded = lowbit.load(path)
+    assert "attention" in [n["op"] for n in loaded.ir["nodes"]]
+    x = _tokens(40, 2, 10) % 50
+    with torch.no_grad():
+        expected = q(x)
+        assert torch.equal(loaded(x), expected)
+    np.testing.assert_allclose(Engine(path).run(x.numpy()), expected.numpy(), rtol=1e-4, atol=1e-4)
+    session = ort.InferenceSession(to_onnx(loaded, x[:1]).SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, expected.numpy(), atol=0.02)
+    binary = lowbit.quantize_report(model, "bnn", example_input=_tokens(1, 0, 10) % 50)
+    products = 2 * 2 * 10 * 10 * 8  # two heads: q k^T and weights v, 10 x 10 x 8 each
+    assert binary.mac_fraction == pytest.approx(1 - products / (10 * (16 * 48 + 16 * 16) + 16 * 3 + products))
+
+
+@pytest.mark.parametrize("mode", ["causal", "dropout"])
+def test_attention_forms_it_cannot_capture_are_refused_by_name(mode, tmp_path):
+    model = SelfAttention(mode).eval()
+    with pytest.raises(UnsupportedLayerError, match="node 'scaled_dot_product_attention'.*is_causal"):
+        lowbit.save(model, tmp_path / "refused.lowbit", _tokens(1, 0, 10) % 50)

@@ -92,8 +92,9 @@ class QuantReport:
     quantizers placed on graph edges (QuantAct paths); ``unsupported``: (name, reason) of what runs in float
     although it holds weights; ``unmatched_rules``: config rules that match no layer. ``weight_fraction``: the
     share of the model's parameters (elements) in quantized weights; ``mac_fraction``: the share of the
-    multiply-accumulates of all linear / conv / matmul calls (inside modules left float too) run by quantized
-    layers or by matmuls of two quantized operands, measured on ``example_input`` (None without one); ``ptq``: what the data-free post-training methods (cross-layer equalization) did.
+    multiply-accumulates of all linear / conv / matmul / attention calls (inside modules left float too) run by
+    quantized layers or by products of quantized operands, measured on ``example_input`` (None without one);
+    ``ptq``: what the data-free post-training methods (cross-layer equalization) did.
     """
 
     model: nn.Module
@@ -311,6 +312,10 @@ def _call_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
         return values // weight.shape[0] * weight.numel()
     if func in _PRODUCT_CALLS and isinstance(out, torch.Tensor):
         return out.numel() * args[0].shape[-1]
+    if func is F.scaled_dot_product_attention and isinstance(out, torch.Tensor):  # q k^T, then weights v
+        query = args[0] if args else kwargs["query"]
+        key = args[1] if len(args) > 1 else kwargs["key"]
+        return (query.numel() + out.numel()) * key.shape[-2]
     if func is F.multi_head_attention_forward:  # inside a float nn.MultiheadAttention: [L, N, E] (or [L, E])
         query, key = args[0], args[1]
         lq, lk, e = query.shape[0], key.shape[0], query.shape[-1]
@@ -319,6 +324,8 @@ def _call_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
     return 0
 
 
+#: ops multiplying activations (no weight) -> how many activation operands they take
+_PRODUCT_OPS = {"matmul": 2, "attention": 3}
 #: calls whose multiply-accumulates come from their weight, and products of two tensors
 _WEIGHTED_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv_transpose2d)
 _PRODUCT_CALLS = (torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm)
@@ -433,8 +440,9 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
     if macs is not None:
         modules = dict(gm.named_modules())
         products = [node for node in macs if node.op in ("call_function", "call_method")
-                    and getattr(node_schema(node, modules), "name", None) == "matmul"]
-        quantized_macs += sum(macs[node] for node in products if all(_quantized_tensor(gm, a) for a in node.args[:2]))
+                    and getattr(node_schema(node, modules), "name", None) in _PRODUCT_OPS]
+        operands = {node: node.args[:_PRODUCT_OPS[node_schema(node, modules).name]] for node in products}
+        quantized_macs += sum(macs[node] for node in products if all(_quantized_tensor(gm, a) for a in operands[node]))
         total = sum(macs.values())
         report.mac_fraction = quantized_macs / total if total else 1.0
     label_quantizers(gm)

@@ -5,13 +5,19 @@ onnxruntime's QLinearMatMul takes and gives them). The operands have the same ra
 axes; ``a``'s last axis is ``b``'s second to last. ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` are
 captured as their decomposition into linears, reshapes, transposes, matmuls and a softmax
 (:mod:`lowbit.export.transformer`).
+
+attention: ``softmax(q k^T scale + 0) v`` over the last two axes, ``F.scaled_dot_product_attention`` as a custom
+attention module calls it (queries, keys, values [..., L, E]; ``scale`` defaults to ``1 / sqrt(E)``, recorded; no
+mask, dropout, causal or grouped-query form), a join of its three inputs; ONNX writes it as Transpose, MatMul, Mul,
+Softmax, MatMul.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .schema import Capture, Node, OpSchema, Shape, register
+from ..errors import UnsupportedLayerError
+from .schema import Capture, Node, Number, OpSchema, Shape, register
 
 
 def _shape(node: Node) -> Shape:
@@ -32,3 +38,53 @@ MATMUL = register(OpSchema(
     capture=Capture(("torch.matmul", "torch.bmm", "operator.matmul", "Tensor.matmul", "Tensor.bmm"), _call),
     numpy=lambda xs, a: np.matmul(xs[0], xs[1]), torch=lambda t, xs, a: t.matmul(xs[0], xs[1]),
     onnx=lambda b, name, xs, a: b.node("MatMul", xs, name)))
+
+
+# ---------------------------------------------------------------- scaled dot-product attention
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    """``softmax(q k^T scale) v`` over the last two axes, in float32 (torch's scaled_dot_product_attention)."""
+    from .activation import softmax
+
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(scale)
+    return np.matmul(softmax(scores, -1), v)
+
+
+def _attention_shape(node: Node) -> Shape:
+    q, k, v = node.inputs
+    if len(q) < 2 or not len(q) == len(k) == len(v) or not q[:-2] == k[:-2] == v[:-2] or q[-1] != k[-1] \
+            or k[-2] != v[-2]:
+        raise node.fail(f"attends with queries {[-1, *q]}, keys {[-1, *k]} and values {[-1, *v]}: all need the same "
+                        "rank (at least 3, batch included) and leading axes, queries and keys the same last axis, keys "
+                        "and values the same length")
+    return (*q[:-1], v[-1])
+
+
+def _attention_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    given = {**dict(zip(names, args)), **kwargs}
+    if given.get("attn_mask") is not None or given.get("dropout_p", 0.0) or given.get("is_causal") \
+            or given.get("enable_gqa"):
+        raise UnsupportedLayerError(f"{where}: scaled_dot_product_attention is captured without a mask, dropout, "
+                                    "is_causal or enable_gqa (add a mask to the scores of a decomposed attention)")
+    head = given["query"].meta["tensor_meta"].shape[-1]
+    scale = given.get("scale")
+    return {"scale": float(scale) if scale is not None else 1.0 / float(np.sqrt(head))}, \
+        [given["query"], given["key"], given["value"]]
+
+
+def _attention_onnx(b, name: str, xs: list[str], a: dict) -> str:
+    rank = len(b.shapes[xs[1]]) + 1
+    keys = b.node("Transpose", [xs[1]], f"{name}.keys_t", perm=[*range(rank - 2), rank - 1, rank - 2])
+    scores = b.node("MatMul", [xs[0], keys], f"{name}.scores")
+    scaled = b.node("Mul", [scores, b.const(f"{name}.scale", np.array(a["scale"], np.float32))], f"{name}.scaled")
+    return b.node("MatMul", [b.node("Softmax", [scaled], f"{name}.weights", axis=-1), xs[2]], name)
+
+
+ATTENTION = register(OpSchema(
+    "attention", _attention_shape, inputs=3, placement="joins", attrs={"scale": Number(0, open_low=True)},
+    capture=Capture(("torch.nn.functional.scaled_dot_product_attention",), _attention_call),
+    numpy=lambda xs, a: attention(xs[0], xs[1], xs[2], a["scale"]),
+    torch=lambda t, xs, a: t.nn.functional.scaled_dot_product_attention(xs[0], xs[1], xs[2], scale=a["scale"]),
+    onnx=_attention_onnx))
