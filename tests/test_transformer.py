@@ -288,3 +288,49 @@ def test_attention_forms_it_cannot_capture_are_refused_by_name(mode, tmp_path):
     model = SelfAttention(mode).eval()
     with pytest.raises(UnsupportedLayerError, match="node 'scaled_dot_product_attention'.*is_causal"):
         lowbit.save(model, tmp_path / "refused.lowbit", _tokens(1, 0, 10) % 50)
+
+
+@pytest.mark.parametrize("kdim", [None, 8])
+def test_load_state_dict_gives_the_float_architecture_its_packed_projections(kdim, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(32, 4, kdim=kdim, vdim=kdim, batch_first=True)).eval()
+
+    class Self(nn.Module):  # self-attention over the embedded tokens, its keys and values read from 8 features
+        def __init__(self):
+            super().__init__()
+            self.emb, self.attn, self.fc = nn.Embedding(100, 32), model[0], nn.Linear(32, 5)
+            self.kv = nn.Linear(32, kdim or 32)
+
+        def forward(self, x):
+            e = self.emb(x)
+            kv = self.kv(e)
+            return self.fc(self.attn(e, kv, kv, need_weights=False)[0].mean(1))
+
+    float_model = Self().eval()
+    for source in (float_model, lowbit.calibrate(lowbit.quantize(float_model, "w8a8"), [_tokens(8, 1)])):
+        path = tmp_path / "attn.lowbit"
+        lowbit.save(source, path, _tokens(1, 0))
+        state = lowbit.load_state_dict(path)
+        fresh = Self()
+        fresh.load_state_dict(state, strict=True)  # the keys of nn.MultiheadAttention: in_proj_weight, ...
+        if source is float_model:
+            for key, value in float_model.state_dict().items():
+                assert torch.equal(state[key], value), key
+        again = tmp_path / "again.lowbit"
+        lowbit.save(lowbit.load(path), again)  # a loaded model records the attention paths again
+        assert set(lowbit.load_state_dict(again)) == set(state)
+
+
+@pytest.mark.parametrize("attention, match", [("enc", "list of module paths"), ([3], "list of module paths"),
+                                              (["enc.__class__"], "list of module paths"),
+                                              (["emb"], "emb.q_proj.weight is not stored")])
+def test_a_hostile_attention_record_is_a_format_error(attention, match, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "tc.lowbit"
+    lowbit.save(TC().eval(), path, _tokens(1, 0))
+    arrays, metadata, _ = parse_safetensors(path.read_bytes())
+    doc = json.loads(metadata["lowbit"])
+    doc["model"]["attention"] = attention
+    path.write_bytes(pack_safetensors(dict(arrays), {"lowbit": json.dumps(doc)}))
+    with pytest.raises(FormatError, match=match):
+        lowbit.load_state_dict(path)

@@ -65,7 +65,7 @@ from .config import QuantConfig
 from .convert import QUANTIZED_WITH_ATTR, quantize
 from .errors import CalibrationError, ConfigError, FormatError, ShapeMismatchError, UnsupportedLayerError
 from .export.graph import capture
-from .export.transformer import decompose
+from .export.transformer import ATTENTION_ATTR, decompose, packed_state
 from .format.codecs import NumpyEncoded, values
 from .format import container
 from .format.container import LowbitFile, format_inspect, raw, read_file, write_file
@@ -212,6 +212,8 @@ def save(
     example, shape = _example(model, example_input)
     quantized_with = getattr(model, QUANTIZED_WITH_ATTR, None) or {"config": _config(layers), "fold_bn": False}
     document_model = {"layers": layers, **quantized_with, "input_shape": shape}
+    if getattr(model, ATTENTION_ATTR, None):  # decomposed multi-head attention, packed again by load_state_dict
+        document_model["attention"] = list(getattr(model, ATTENTION_ATTR))
     graph = copy.deepcopy(model.ir) if isinstance(model, GraphModel) else None
     if example is not None and graph is None:
         try:
@@ -313,7 +315,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             continue
         t = _tensor(enc)
         state[name] = t.float() if t.is_floating_point() else t
-    return state
+    return packed_state(state, lowbit_file.document["model"].get("attention", []))
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -370,6 +372,8 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     shape = document_model.get("input_shape")  # validated by validate_file
     if shape is not None:
         setattr(built, INPUT_SHAPE_ATTR, tuple(shape))
+    if document_model.get("attention") and model is None:  # saved again, the file records the same
+        setattr(built, ATTENTION_ATTR, list(document_model["attention"]))
     return built.eval()
 
 

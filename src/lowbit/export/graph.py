@@ -65,7 +65,7 @@ from torch.fx.proxy import TraceError
 from ..errors import LowbitError, ShapeMismatchError, UnsupportedLayerError
 from ..ops import REGISTRY, OpSchema
 from ..ops.shape import SPLITS, slices
-from .transformer import attention_mask, decompose, traced_forward
+from .transformer import ATTENTION_ATTR, attention_mask, decompose, traced_forward
 
 GRAPH_VERSION = 1
 
@@ -205,7 +205,10 @@ def trace(model: nn.Module, leaves: tuple[str | type, ...] = ()) -> fx.GraphModu
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        return fx.GraphModule(model, _Tracer(tuple(leaves)).trace(model))
+        traced = fx.GraphModule(model, _Tracer(tuple(leaves)).trace(model))
+        if hasattr(model, ATTENTION_ATTR):
+            setattr(traced, ATTENTION_ATTR, getattr(model, ATTENTION_ATTR))
+        return traced
     except (TraceError, TypeError) as exc:
         raise UnsupportedLayerError(
             f"model {type(model).__name__} cannot be traced with torch.fx: {str(exc).splitlines()[0]}"

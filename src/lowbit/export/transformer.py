@@ -16,7 +16,8 @@ An attention mask is additive and float, of shape ``[L_query, L_key]``, a parame
 constant of the graph); a mask of another shape or dtype is a typed error naming the attention layer
 (:func:`attention_mask`, which the traced graph calls and capture drops). Key-padding masks, causal masks
 (``is_causal``), ``add_zero_attn``, ``bias_k`` / ``bias_v`` and sequence-first layouts are refused by name. The
-returned attention weights are None.
+returned attention weights are None. The decomposed paths are recorded (:data:`ATTENTION_ATTR`; ``save`` stores
+them) so that :func:`packed_state` can give ``lowbit.load_state_dict`` the float architecture's own keys again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from ..errors import ShapeMismatchError, UnsupportedLayerError
+from ..errors import FormatError, ShapeMismatchError, UnsupportedLayerError
+
+#: model attribute listing the paths of the nn.MultiheadAttention modules decomposed into Attention
+ATTENTION_ATTR = "lowbit_attention"
 
 
 @fx.wrap
@@ -114,7 +118,30 @@ def decompose(model: nn.Module, leaves: tuple[str | type, ...] = ()) -> nn.Modul
         owner, _, name = path.rpartition(".")
         holder = model.get_submodule(owner) if owner else model
         setattr(holder, name, Attention(holder.get_submodule(name), path))
+    setattr(model, ATTENTION_ATTR, sorted({*getattr(model, ATTENTION_ATTR, []), *paths}))
     return model
+
+
+def packed_state(state: dict[str, Any], paths: list[str]) -> dict[str, Any]:
+    """``state`` with each decomposed attention's projections packed back as ``nn.MultiheadAttention`` holds them:
+    ``<path>.in_proj_weight`` / ``in_proj_bias`` (rows q, k, v), or ``q_proj_weight`` / ``k_proj_weight`` /
+    ``v_proj_weight`` where keys and values have their own sizes; FormatError where a projection is missing."""
+    state = dict(state)
+    for path in paths:
+        parts = {}
+        for p in ("q", "k", "v"):
+            prefix = f"{path}.{p}_proj."
+            if f"{prefix}weight" not in state:
+                raise FormatError("bad-document", f"attention {path!r} is recorded, but {prefix}weight is not stored")
+            parts[p] = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        weights = [parts[p]["weight"] for p in ("q", "k", "v")]
+        if all(w.shape == weights[0].shape for w in weights):
+            state[f"{path}.in_proj_weight"] = torch.cat(weights)
+        else:
+            state.update({f"{path}.{p}_proj_weight": w for p, w in zip("qkv", weights)})
+        if "bias" in parts["q"]:
+            state[f"{path}.in_proj_bias"] = torch.cat([parts[p]["bias"] for p in ("q", "k", "v")])
+    return state
 
 
 def _encoder_layer(m: nn.TransformerEncoderLayer, src: torch.Tensor, src_mask: torch.Tensor | None = None,

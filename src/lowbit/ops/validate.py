@@ -99,8 +99,12 @@ def _document_error(message: str) -> FormatError:
 
 def validate_layers(model: object) -> dict[str, dict[str, Any]]:
     """The document's ``model.layers`` with complete specs (module path -> type and specs); checks ``model``."""
-    if not isinstance(model, dict) or set(model) - {"layers", "config", "fold_bn", "input_shape"}:
-        raise _document_error("document 'model' is an object holding layers, config, fold_bn and input_shape only")
+    if not isinstance(model, dict) or set(model) - {"layers", "config", "fold_bn", "input_shape", "attention"}:
+        raise _document_error("document 'model' is an object holding layers, config, fold_bn, input_shape and "
+                              "attention only")
+    attention = model.get("attention", [])
+    if not isinstance(attention, list) or len(attention) > MAX_NODES or not all(_is_path(p) for p in attention):
+        raise _document_error(f"document 'model' attention must be a list of module paths, got {str(attention)[:80]}")
     if not isinstance(model.get("fold_bn", False), bool):
         raise _document_error(f"document 'model' fold_bn must be true or false, got {str(model['fold_bn'])[:80]}")
     layers = model.get("layers", {})
