@@ -25,7 +25,8 @@ def uniform(bits: int, per_channel: bool = True) -> dict:
     return {"name": "uniform", "bits": bits, "symmetric": True, "per_channel": per_channel}
 
 
-WEIGHT_SPECS = {"uniform": uniform(4), "log2": {"name": "log2", "bits": 3}, "kmeans": {"name": "kmeans", "bits": 3}}
+WEIGHT_SPECS = {"uniform": uniform(4), "log2": {"name": "log2", "bits": 3}, "kmeans": {"name": "kmeans", "bits": 3},
+                "group_uniform": {"name": "group_uniform", "bits": 3, "group_size": 8}}
 
 
 def correlated(rows: int, features: int, seed: int) -> torch.Tensor:
@@ -284,6 +285,31 @@ def test_act_order_codes_are_representable_and_close():
     assert torch.equal(grid.encoded(grid.nearest(layers[1].weight.detach())[0]).codes, frozen_codes(layers[1]))
     assert torch.equal(decode(getattr(layers[1].weight_quantizer, STORED_ATTR)), layers[1].weight)
     assert ordered.error_after < ordered.error_before and ordered.error_after < 1.5 * plain.error_after
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_group_grid_keeps_each_column_on_its_own_group(symmetric):
+    # 3-bit groups of 8 columns (the last one short: 44 = 5 x 8 + 4), act-order permuting the columns: every frozen
+    # value is a code of its own column's group, taken from the original weight (static groups), and GPTQ
+    # reconstructs better than round-to-nearest on the same grid
+    torch.manual_seed(12)
+    spec = {"name": "group_uniform", "bits": 3, "group_size": 8, "symmetric": symmetric}
+    layer = QuantLinear(44, 12, bias=False, weight_quantizer=spec)
+    original = layer.weight.detach().clone()
+    own = layer.weight_quantizer.encode(original)
+    grid = fixed_grid(layer.weight_quantizer, original)
+    assert torch.equal(grid.nearest(original)[0], own.codes)  # the quantizer's own codes on the original weight
+    x = correlated(800, 44, seed=13) * torch.logspace(-1, 1, 44)[torch.randperm(44)]
+    [result] = gptq(nn.Sequential(layer), list(x.split(400)), block_size=16, act_order=True)
+    enc = getattr(layer.weight_quantizer, STORED_ATTR)
+    assert enc.kind == "group_affine" and enc.params.keys() == own.params.keys()
+    assert all(torch.equal(enc.params[k], own.params[k]) for k in own.params)
+    # each value decodes with its group's scale and zero point: numpy's reference of the group-wise decode
+    codes, scale = enc.codes.numpy(), own.params["scale"].numpy()
+    zero = own.params["zero_point"].numpy() if "zero_point" in own.params else np.zeros_like(codes[:, ::8])
+    expected = np.stack([(codes[:, j] - zero[:, j // 8]).astype(np.float32) * scale[:, j // 8] for j in range(44)], 1)
+    np.testing.assert_array_equal(layer.weight.detach().numpy(), expected)
+    assert result.error_after < 0.8 * result.error_before
 
 
 def test_transposed_conv_falls_back_to_round_to_nearest():

@@ -17,8 +17,10 @@ are applied at once, the block's errors reach the later columns in one matrix pr
 ``act_order`` rounds the columns in decreasing diag(H) and undoes the permutation at the end; an input that is
 always zero (H_qq = 0) gets H_qq = 1 and its weight column 0, as the paper's implementation does.
 
-The grid (scale and zero point, log2's fsr, or the k-means codebook) is fixed once from the original weight by
-the layer's own weight quantizer (:mod:`.grid`), so each column rounds to its nearest representable value. All
+The grid (scale and zero point, per tensor, channel or group of columns, log2's fsr, or the k-means codebook) is
+fixed once from the original weight by the layer's own weight quantizer (:mod:`.grid`; ``group_uniform``'s groups
+are static, their parameters those of the original weight), so each column rounds to its nearest representable
+value, with act-order too. All
 of GPTQ's arithmetic (H, its inverse Cholesky factor, the weight being updated) is float64; the rounding is the
 grid's own (uniform: the quantizer's float32 ``w * (1/s)``) and the values are its exactly decoded float32 ones.
 Each layer ends frozen on its codes (:func:`lowbit.nn.freeze_weight`).
@@ -128,9 +130,10 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float, name: str) -> tuple[to
         damp = min(max(10 * damp, 1e-6), _MAX_DAMP)
 
 
-def _round_columns(weight: torch.Tensor, upper: torch.Tensor, grid: FixedGrid, block_size: int) -> torch.Tensor:
-    """The paper's Algorithm 1 on ``weight`` [G, R, K] (float64, updated in place) with U [G, K, K]: the grid
-    index of every rounded entry."""
+def _round_columns(weight: torch.Tensor, upper: torch.Tensor, grid: FixedGrid, block_size: int,
+                   order: torch.Tensor) -> torch.Tensor:
+    """The paper's Algorithm 1 on ``weight`` [G, R, K] (float64, updated in place) with U [G, K, K], whose column
+    j is the weight's column ``order[:, j]``: the grid index of every rounded entry."""
     groups, rows, columns = weight.shape
     index = torch.empty(weight.shape, dtype=torch.long, device=weight.device)
     for start in range(0, columns, block_size):
@@ -139,7 +142,7 @@ def _round_columns(weight: torch.Tensor, upper: torch.Tensor, grid: FixedGrid, b
         errors = torch.empty_like(block)
         for j in range(end - start):
             column = block[:, :, j:j + 1]
-            index[:, :, start + j:start + j + 1], rounded = grid.nearest(column)
+            index[:, :, start + j:start + j + 1], rounded = grid.nearest(column, order[:, start + j:start + j + 1])
             error = (column - rounded) / block_upper[:, j, j].reshape(groups, 1, 1)
             block[:, :, j:] -= error * block_upper[:, j:j + 1, j:]
             errors[:, :, j:j + 1] = error
@@ -156,13 +159,14 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: FixedGrid, *, b
     dead = diagonal == 0
     diagonal[dead] = 1.0
     weight.masked_fill_(dead[:, None, :], 0.0)
+    order = torch.arange(weight.shape[-1], device=weight.device).expand(weight.shape[0], -1)
     if act_order:
         order = torch.argsort(diagonal, dim=-1, descending=True, stable=True)
         weight = weight.gather(2, order[:, None, :].expand_as(weight))
         rows = order[:, :, None].expand_as(hessian)
         hessian = hessian.gather(1, rows).gather(2, rows.transpose(1, 2))
     upper, damp_used = _inverse_cholesky(hessian, damp, name)
-    index = _round_columns(weight, upper, grid, block_size)
+    index = _round_columns(weight, upper, grid, block_size, order)
     if act_order:
         index = index.gather(2, torch.argsort(order, dim=-1)[:, None, :].expand_as(index))
     return index, {"damp": damp_used, "dead_columns": int(dead.sum())}

@@ -8,7 +8,11 @@ its parameters, and then
   quantizer's own float32 arithmetic (:func:`~lowbit.quantizers.uniform.affine_codes`), s and z per tensor or per
   output channel, so on the original weight the codes are exactly ``encode``'s;
 - ``log`` (``log2``): the values 0 and +-2^e, e in [fsr - 2^b + 1, fsr - 1] (only + when unsigned), fsr fixed;
-- ``codebook`` (``kmeans``): the codebook's entries, fitted once.
+- ``codebook`` (``kmeans``): the codebook's entries, fitted once;
+- ``group_affine`` (``group_uniform``): q = clamp(round(w * (1/s)) + z, qmin, qmax) with the s, z of the value's
+  group of consecutive columns in its row, fixed from the original weight (GPTQ's static groups, so a column's
+  grid does not depend on the updates GPTQ made to the columns before it); the columns a rounding method passes
+  say which group's parameters apply, also when act-order permutes them.
 
 A value maps to the nearest representable value (log and codebook: nearest in value, ties to the smaller one;
 log2's own rounding is in the log domain, which rounds 2^e (sqrt 2, 1.5) up, not to the nearest value), and the
@@ -30,14 +34,16 @@ from ..quantizers.log2 import log_encoded
 from ..quantizers.uniform import affine_codes, affine_encoded
 
 #: weight quantizers with a fixed grid, by registry name
-GRID_QUANTIZERS = ("uniform", "linear", "log2", "kmeans")
+GRID_QUANTIZERS = ("uniform", "linear", "log2", "kmeans", "group_uniform")
 
 
 class FixedGrid(Protocol):
     """What a rounding method needs of a weight's grid."""
 
-    def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index, value): each value's grid index (int64) and nearest representable value (``x``'s dtype)."""
+    def nearest(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, value): each value's grid index (int64) and nearest representable value (``x``'s dtype).
+        ``x``: the weight, or (after ``by_rows``) ``[groups, rows, c]`` whose last axis holds the weight's
+        columns ``columns`` (``[groups, c]`` int64; None: all of them in order)."""
 
     def encoded(self, index: torch.Tensor) -> Encoded:
         """The quantizer's Encoded for grid indices laid out as the weight."""
@@ -63,7 +69,7 @@ class AffineGrid:
             return along(self.scale, self.axis, x.dim()), along(self.zero_point, self.axis, x.dim())
         return self.scale.reshape(self.view), self.zero_point.reshape(self.view)
 
-    def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero_point = self._params(x)
         codes, _ = affine_codes(x, scale, zero_point, self.qmin, self.qmax)
         return codes, decode(affine_encoded(codes, scale, zero_point, self.qmin, self.qmax, None)).to(x.dtype)
@@ -85,7 +91,7 @@ class TableGrid:
     #: grid indices (the weight's shape) -> the quantizer's Encoded
     pack: Callable[[torch.Tensor], Encoded]
 
-    def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         table = self.values.double()
         index = torch.searchsorted((table[:-1] + table[1:]) / 2, x.double().contiguous(), side="left")
         return index, self.values[index].to(x.dtype)
@@ -95,6 +101,33 @@ class TableGrid:
 
     def by_rows(self, groups: int) -> TableGrid:
         return self
+
+
+@dataclass(frozen=True)
+class GroupAffineGrid:
+    """The ``group_affine`` grid of ``enc`` (scale, zero point ``[O, G]`` per group of ``group_size`` columns of
+    each row), with the rows split into ``groups`` (a grouped conv's) for ``nearest``."""
+
+    enc: Encoded
+    groups: int = 1
+
+    def nearest(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        meta = self.enc.meta
+        params = {k: v.reshape(self.groups, -1, v.shape[-1]) for k, v in self.enc.params.items()}  # [G, R, groups]
+        rows = x.reshape(self.groups, params["scale"].shape[1], -1)
+        if columns is None:
+            columns = torch.arange(rows.shape[-1], device=x.device).expand(self.groups, -1)
+        group = (columns // meta["group_size"])[:, None, :].expand(rows.shape)
+        scale = params["scale"].float().gather(2, group)
+        zero = params["zero_point"].long().gather(2, group) if "zero_point" in params else 0
+        codes = (torch.round(rows.float() * torch.reciprocal(scale)) + zero).clamp(meta["qmin"], meta["qmax"]).long()
+        return codes.reshape(x.shape), ((codes - zero).float() * scale).to(x.dtype).reshape(x.shape)
+
+    def encoded(self, index: torch.Tensor) -> Encoded:
+        return replace(self.enc, codes=index)
+
+    def by_rows(self, groups: int) -> GroupAffineGrid:
+        return replace(self, groups=groups)
 
 
 def _table(values: torch.Tensor, entries: torch.Tensor, pack: Callable[[torch.Tensor], Encoded]) -> TableGrid:
@@ -136,4 +169,6 @@ def fixed_grid(quantizer: Quantizer, weight: torch.Tensor) -> FixedGrid:
                           enc.meta.get("axis"))
     if enc.kind == "log":
         return _log_grid(enc)
+    if enc.kind == "group_affine":
+        return GroupAffineGrid(enc)
     return _codebook_grid(enc)
