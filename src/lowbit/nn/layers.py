@@ -1,4 +1,5 @@
-"""Quantized drop-in layers: QuantLinear, QuantConv1d, QuantConv2d, QuantConvTranspose2d and QuantAct.
+"""Quantized drop-in layers: QuantLinear, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantEmbedding and
+QuantAct.
 
 ``QuantLinear``, ``QuantConv1d``, ``QuantConv2d`` and ``QuantConvTranspose2d``
 subclass the torch layers and keep their constructor signatures; the quantizers come as keyword-only arguments (each a

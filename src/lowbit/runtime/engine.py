@@ -289,7 +289,7 @@ class Engine:
         """The model's output for the float32 batch ``x`` (int64 token indices for a model whose graph input is
         int64; shape: the graph input's, any batch size)."""
         if not isinstance(x, np.ndarray) or x.dtype != np.dtype(self.input_dtype):
-            raise ConfigError(f"engine input must be a {self.input_dtype} numpy array, got "
+            raise ConfigError(f"engine input must be a numpy array of {self.input_dtype}, got "
                               f"{getattr(x, 'dtype', type(x).__name__)}")
         expected = self.input_shape
         if expected is not None and (x.ndim != len(expected) or list(x.shape[1:]) != list(expected[1:])):
