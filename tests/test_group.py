@@ -266,8 +266,9 @@ class Net(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.relu(self.conv2(a)).flatten(1))))
 
 
-@pytest.mark.parametrize("name", ["w4g128", "w3g64"])
-def test_preset_saves_loads_runs_and_exports(name, tmp_path):
+@pytest.mark.parametrize("name,kind", [("w4g128", "group_affine"), ("w3g64", "group_affine"),
+                                       ("w3-kmeans-g64", "group_codebook"), ("w2-log-g64", "group_log")])
+def test_preset_saves_loads_runs_and_exports(name, kind, tmp_path):
     torch.manual_seed(0)
     model = Net().eval()
     x = torch.randn(3, 3, 8)
@@ -281,7 +282,7 @@ def test_preset_saves_loads_runs_and_exports(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), ref)
     stored = lowbit.format.container.read_file(path).tensors["fc1.weight"]
-    assert stored.kind == "group_affine"
+    assert stored.kind == kind
     assert torch.equal(torch_decode(q.get_submodule("fc1").weight_quantizer.encode(q.get_submodule("fc1").weight)),
                        torch.from_numpy(values(stored)))
     lowbit.save(loaded, tmp_path / "again.lowbit", x[:1])

@@ -104,6 +104,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # weight-only group-wise uniform (GPTQ / AWQ storage): a scale and zero point per 128 / 64 inputs, every layer
     **{f"w{b}g{g}": {"weight": {"name": "group_uniform", "bits": b, "group_size": g}, "first": "same",
                      "last": "same"} for b, g in ((4, 128), (3, 64))},
+    # weight-only codebooks per group of 64 inputs: k-means levels (SqueezeLLM) and powers of two (Miyashita)
+    "w3-kmeans-g64": {"weight": {"name": "group_kmeans", "bits": 3, "group_size": 64}, "first": "same", "last": "same"},
+    "w2-log-g64": {"weight": {"name": "group_log2", "bits": 2, "group_size": 64}, "first": "same", "last": "same"},
     **{f"lsq-w{b}a{b}": {"weight": {"name": "lsq", "bits": b, "signed": True},
                          "input": {"name": "lsq", "bits": b, "signed": False}} for b in (2, 3, 4)},
     **{f"pact-w{b}a{b}": {"weight": {"name": "dorefa_weight", "bits": b}, "input": {"name": "pact", "bits": b}}
