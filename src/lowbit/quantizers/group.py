@@ -80,6 +80,17 @@ def check_group_size(group_size: int) -> int:
     return group_size
 
 
+def check_group_weight(x: torch.Tensor, where: str) -> None:
+    """ConfigError / CalibrationError naming ``where`` unless ``x`` can be grouped: at least 2 dimensions (output
+    channels first), at least one element, finite."""
+    if x.dim() < 2:
+        raise ConfigError(f"{where} of shape {tuple(x.shape)}: group-wise quantization needs a weight of at least 2 "
+                          "dimensions (output channels first); use it for linear / conv weights")
+    if x.numel() == 0:
+        raise CalibrationError(f"{where} is empty; there is nothing to quantize")
+    check_finite(x, where)
+
+
 def group_qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     """(qmin, qmax): unsigned [0, 2^b - 1] when affine, narrow signed [-(2^(b-1) - 1), 2^(b-1) - 1] when symmetric."""
     return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
@@ -152,12 +163,7 @@ class GroupUniformQuantizer(Quantizer):
     def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale [O, G], zero_point [O, G]) of weight ``x``; ConfigError / CalibrationError for a weight that
         cannot be grouped (fewer than 2 dims, empty, NaN/Inf)."""
-        if x.dim() < 2:
-            raise ConfigError(f"{self.where()} of shape {tuple(x.shape)}: group-wise quantization needs a weight "
-                              "of at least 2 dimensions (output channels first); use it for linear / conv weights")
-        if x.numel() == 0:
-            raise CalibrationError(f"{self.where()} is empty; there is nothing to quantize")
-        check_finite(x, self.where())
+        check_group_weight(x, self.where())
         with torch.no_grad():
             scale, zero_point = group_qparams(x, self.group_size, self.qmin, self.qmax, self.symmetric)
         if not bool(torch.isfinite(scale).all()):
@@ -231,12 +237,7 @@ class _GroupScaled(Quantizer):
         self.group_size = check_group_size(group_size)
 
     def _check(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ConfigError(f"{self.where()} of shape {tuple(x.shape)}: group-wise quantization needs a weight "
-                              "of at least 2 dimensions (output channels first); use it for linear / conv weights")
-        if x.numel() == 0:
-            raise CalibrationError(f"{self.where()} is empty; there is nothing to quantize")
-        check_finite(x, self.where())
+        check_group_weight(x, self.where())
 
     def _codes_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
