@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from .export.graph import node_schema
+from .export.graph import is_stored, node_schema
 from .export.transformer import attention_mask
 from .nn import QuantAct
 from .quantizers import Quantizer, get
@@ -59,7 +59,7 @@ def _is_tensor(a: Any) -> bool:
     """Whether ``a`` is a batched tensor of the graph (not a stored one, nor an attention mask checked on its
     way to the scores it is added to)."""
     checked_mask = a.op == "call_function" and a.target is attention_mask if isinstance(a, fx.Node) else False
-    return isinstance(a, fx.Node) and a.op != "get_attr" and not checked_mask
+    return isinstance(a, fx.Node) and not is_stored(a) and not checked_mask
 
 
 class _Graph:

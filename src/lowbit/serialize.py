@@ -357,6 +357,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
             raise ConfigError(f"{os.fspath(path)!r} stores no graph; load it with load(path, model=float_arch)")
         shapes = {name: tuple(t.shape) for name, t in state.items()}
         built: nn.Module = GraphModel(lowbit_file.document["graph"], graph, layers, shapes)
+        _keep_unread(built, state)
     else:
         built = _convert(model, lowbit_file.document["model"], layers)
         for name, layer in built.named_modules():  # bias correction gives bias-free layers a bias
@@ -448,6 +449,20 @@ class GraphModel(nn.Module):
         """The parameter or buffer at state_dict key ``key``."""
         owner, _, local = key.rpartition(".")
         return getattr(self.get_submodule(owner) if owner else self, local)
+
+
+def _keep_unread(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Stored float tensors the graph does not read (a causal mask the attention never adds, as it runs causal
+    itself) become buffers of the rebuilt ``model`` at their keys, outside its layers, so that it holds and saves
+    again what the file holds."""
+    own = model.state_dict()
+    modules = dict(model.named_modules())
+    for key in sorted(set(state) - set(own)):
+        parts = key.split(".")
+        owners = [modules.get(".".join(parts[:i])) for i in range(1, len(parts))]
+        if state[key].is_floating_point() and all(m is None or type(m) is nn.Module for m in owners):
+            _register(model, key, tuple(state[key].shape), parameter=False)
+            modules = dict(model.named_modules())
 
 
 def _register(model: nn.Module, key: str, shape: tuple[int, ...], parameter: bool) -> None:

@@ -33,8 +33,14 @@ become ``constant`` nodes, one per tensor::
 there again); ``shape`` is the tensor's own, *without* a batch axis, and
 only ops declared to take constants (``OpSchema.constants``: arithmetic,
 which broadcasts it against the batch as numpy does, and layer_norm) read
-it. A tensor that is no parameter or persistent buffer, or an op computing
-on constants alone, is refused. The ops and how each
+it. A slice of such a tensor from its start (``self.pos[:, :x.shape[1]]``,
+``self.mask[:L, :L]``: float buffers are traced as proxies, as parameters
+are) is a constant reading its leading corner (attribute ``crop``), or the
+constant itself where it takes all; a slice past the tensor's end (a
+sequence longer than the table) is a ShapeMismatchError naming the node and
+the tensor. Nodes nothing reads are dropped after tracing (a causal mask
+that ``is_causal`` leaves unread). A tensor that is no parameter or
+persistent buffer, or an op computing on constants alone, is refused. The ops and how each
 is recognised (functions, tensor methods, module classes and their
 subclasses; ``Capture.when`` where several ops share a function, as the
 modes of ``interpolate`` do) are declared in :mod:`lowbit.ops` (``OpSchema.capture``).
@@ -186,6 +192,18 @@ class _Tracer(fx.Tracer):
         return (_declared_module(m) is not None or isinstance(m, _ALIAS_MODULES)
                 or super().is_leaf_module(m, qualname))
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """Float buffers the model reads itself are proxies too (as parameters are), so that it may slice them by
+        the input's size (``self.mask[:L, :L]``); integer buffers (index tables) stay tensors."""
+        if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter) and \
+                attr_val.is_floating_point():
+            self.proxy_buffer_attributes = True
+            try:
+                return super().getattr(attr, attr_val, parameter_proxy_cache)
+            finally:
+                self.proxy_buffer_attributes = False
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: dict) -> Any:
         """Transformer encoders and their layers run their reference path, never the fused eval-mode one."""
         function = traced_forward(m)
@@ -206,6 +224,8 @@ def trace(model: nn.Module, leaves: tuple[str | type, ...] = ()) -> fx.GraphModu
     model.eval()
     try:
         traced = fx.GraphModule(model, _Tracer(tuple(leaves)).trace(model))
+        if traced.graph.eliminate_dead_code():  # e.g. a causal mask sliced by the model that is_causal leaves unread
+            traced.recompile()
         if hasattr(model, ATTENTION_ATTR):
             setattr(traced, ATTENTION_ATTR, getattr(model, ATTENTION_ATTR))
         return traced
@@ -217,6 +237,14 @@ def trace(model: nn.Module, leaves: tuple[str | type, ...] = ()) -> fx.GraphModu
     finally:
         for module, training in modes:
             module.training = training
+
+
+def is_stored(node: Any) -> bool:
+    """Whether fx ``node`` is a stored tensor read as a constant: a parameter or buffer (``get_attr``), or a slice
+    of one (``self.pos[:, :L]``, captured as a cropped constant)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem and node.args:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
 def node_schema(node: fx.Node, modules: dict[str, nn.Module]) -> OpSchema | None:
@@ -267,11 +295,30 @@ def _user_line(exc: BaseException) -> str:
             "tensor values cannot be captured: compute the condition outside the model, or save without a graph")
 
 
+class _ShapeProp(ShapeProp):
+    """ShapeProp that refuses a slice of a stored tensor reaching past its end (``pos[:, :L]`` with ``L`` above the
+    table's length: a sequence longer than the model's recorded maximum), naming the node and the tensor."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        source = n.args[0] if n.op == "call_function" and n.target is operator.getitem and n.args else None
+        if isinstance(source, fx.Node) and source.op == "get_attr":
+            table, index = self.fetch_args_kwargs_from_env(n)[0]
+            index = index if isinstance(index, tuple) else (index,)
+            for axis, (cut, size) in enumerate(zip(index, getattr(table, "shape", ()))):
+                stop = cut.stop if isinstance(cut, slice) else None
+                if isinstance(stop, int) and stop > size:
+                    raise ShapeMismatchError(
+                        f"node {n.name!r} slices {source.target!r} to {stop} along axis {axis}, but it holds "
+                        f"{size}: the input (e.g. a sequence of {stop} tokens) is longer than the recorded maximum "
+                        f"{size} of {source.target!r}")
+        return super().run_node(n)
+
+
 def propagate(gm: fx.GraphModule, name: str, example_input: torch.Tensor) -> None:
     """Record every node's output shape (ShapeProp); the model's own LowbitError, else ShapeMismatchError."""
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints what it raises
-            ShapeProp(gm).propagate(example_input)
+            _ShapeProp(gm).propagate(example_input)
     except RuntimeError as exc:  # ShapeProp names the node and keeps the model's own error as the cause
         cause = exc.__cause__ or exc
         if isinstance(cause, LowbitError):
@@ -334,6 +381,25 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
             constants.add(name)
         return constant_nodes[key]
 
+    def cropped(node: fx.Node, where: str) -> str:
+        """A slice of a stored tensor from its start (``pos[:, :L]``, ``mask[:L, :L]``): a constant node reading
+        its leading corner (``crop``), or the constant itself where the slice takes it whole."""
+        key, index = node.args[0].target, node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        stored, shape = list(state[key].shape), [int(d) for d in node.meta["tensor_meta"].shape]
+        if len(index) > len(stored) or len(shape) != len(stored) or not all(
+                isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1) for i in index):
+            raise UnsupportedLayerError(f"{where} indexes stored tensor {key!r} with {index!r}; the graph IR reads a "
+                                        "stored tensor whole or a leading corner of it (x[:a, :b], from 0, step 1)")
+        if shape == stored:
+            return constant_nodes[key]
+        name = node.name  # the fx node's own name, unique in the graph
+        nodes.append({"name": name, "op": "constant", "inputs": [], "attrs": {
+            **_get_attr_schema().capture.get_attr(state[key], key, where), "crop": shape},
+            "params": {"value": key}, "quant": {}, "shape": shape})
+        constants.add(name)
+        return name
+
     for node in graph.nodes:
         if node.op == "placeholder":
             inputs.append({"name": node.name, "shape": _shape(node), **_input_dtype(node)})
@@ -348,6 +414,10 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
         target, where = node.target, f"node {node.name!r}"
         if node.op in ("call_function", "call_method") and "tensor_meta" not in node.meta:
             arithmetic.add(node.name)  # sizes and their arithmetic: they only feed arguments recorded as shapes
+            continue
+        if node.op == "call_function" and target is operator.getitem and \
+                alias.get(getattr(node.args[0], "name", ""), "") in constants:
+            alias[node.name] = cropped(node, where)
             continue
         if node.op == "call_function" and target is attention_mask:  # a check that returns the mask
             alias[node.name] = ref(node.args[0], where)
@@ -395,4 +465,6 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
         if node.op == "call_module":
             entry["module"] = target
         nodes.append(entry)
+    read = {a for n in nodes for a in n["inputs"]} | set(outputs)
+    nodes = [n for n in nodes if n["op"] != "constant" or n["name"] in read]  # a table read only in part
     return {"version": GRAPH_VERSION, "inputs": inputs, "outputs": outputs, "nodes": nodes}

@@ -14,10 +14,13 @@ packed in one ``in_proj_weight`` that ``F.multi_head_attention_forward`` slices.
 
 An attention mask is additive and float, of shape ``[L_query, L_key]``, a parameter or buffer of the model (a
 constant of the graph); a mask of another shape or dtype is a typed error naming the attention layer
-(:func:`attention_mask`, which the traced graph calls and capture drops). Key-padding masks, causal masks
-(``is_causal``), ``add_zero_attn``, ``bias_k`` / ``bias_v`` and sequence-first layouts are refused by name. The
-returned attention weights are None. The decomposed paths are recorded (:data:`ATTENTION_ATTR`; ``save`` stores
-them) so that :func:`packed_state` can give ``lowbit.load_state_dict`` the float architecture's own keys again.
+(:func:`attention_mask`, which the traced graph calls and capture drops). A causal attention (``is_causal=True``,
+as a decoder-only language model passes it with its causal mask) ignores the mask's values as torch's own path does
+and calls :func:`causal_softmax`, captured as the softmax op with ``causal`` set (key ``j`` after query ``i`` gets
+weight 0, never a NaN: key 0 is never masked). Key-padding masks, ``add_zero_attn``, ``bias_k`` / ``bias_v`` and
+sequence-first layouts are refused by name. The returned attention weights are None. The decomposed paths are
+recorded (:data:`ATTENTION_ATTR`; ``save`` stores them) so that :func:`packed_state` can give
+``lowbit.load_state_dict`` the float architecture's own keys again.
 """
 
 from __future__ import annotations
@@ -46,6 +49,20 @@ def attention_mask(mask: torch.Tensor, scores: torch.Tensor, where: str) -> torc
         raise ShapeMismatchError(f"{where}: the attention mask must have shape [L_query, L_key] = "
                                  f"{list(scores.shape[-2:])}, got {list(mask.shape)}")
     return mask
+
+
+@fx.wrap
+def causal_softmax(scores: torch.Tensor, dim: int, causal: bool = True) -> torch.Tensor:
+    """``softmax(scores, dim)`` over keys ``[..., L_query, L_key]`` with each later key (``j > i``) filled with
+    -inf first: the softmax op with ``causal`` set (:func:`lowbit.ops.activation.torch_softmax`)."""
+    from ..ops.activation import torch_softmax
+
+    return torch_softmax(torch, scores, dim, causal)
+
+
+#: :func:`causal_softmax` itself, as fx records it in a node: the name the softmax op's capture resolves (while a
+#: trace runs, fx replaces the module's global ``causal_softmax`` by a wrapper)
+CAUSAL_SOFTMAX = causal_softmax
 
 
 class Attention(nn.Module):
@@ -85,18 +102,24 @@ class Attention(nn.Module):
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, None]:
-        if key_padding_mask is not None or is_causal:
-            raise UnsupportedLayerError(f"{self.where}: key-padding and causal masks cannot be captured; pass an "
-                                        "additive float attn_mask of shape [L_query, L_key]")
+        if key_padding_mask is not None:
+            raise UnsupportedLayerError(f"{self.where}: key-padding masks cannot be captured; pass an additive float "
+                                        "attn_mask of shape [L_query, L_key], or is_causal=True")
+        if not isinstance(is_causal, bool):
+            raise UnsupportedLayerError(f"{self.where}: is_causal must be a Python bool, not computed from tensors")
         n, lq, lk = query.size(0), query.size(1), key.size(1)
         heads, d = self.num_heads, self.head_dim
         q = self.q_proj(query).reshape(n, lq, heads, d).transpose(1, 2)
         k = self.k_proj(key).reshape(n, lk, heads, d).permute(0, 2, 3, 1)
         v = self.v_proj(value).reshape(n, lk, heads, d).transpose(1, 2)
         scores = torch.matmul(q, k) * self.scale
-        if attn_mask is not None:
-            scores = scores + attention_mask(attn_mask, scores, self.where)
-        weights = nn.functional.dropout(torch.softmax(scores, -1), self.dropout, self.training)
+        if is_causal:  # the mask's values are not read (torch's own path hands is_causal alone to its kernel)
+            weights = causal_softmax(scores, -1, causal=True)
+        else:
+            if attn_mask is not None:
+                scores = scores + attention_mask(attn_mask, scores, self.where)
+            weights = torch.softmax(scores, -1)
+        weights = nn.functional.dropout(weights, self.dropout, self.training)
         y = torch.matmul(weights, v).transpose(1, 2).reshape(n, lq, heads * d)
         return self.out_proj(y), None
 

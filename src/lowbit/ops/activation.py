@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UnsupportedLayerError
-from .schema import MAX_RANK, Capture, Choice, Int, Node, Number, OpSchema, Shape, argument, register, same_shape, unary
+from .schema import (MAX_RANK, Bool, Capture, Choice, Int, Node, Number, OpSchema, Shape, argument, register,
+                     same_shape, unary)
 
 
 def _hardtanh_shape(node: Node) -> Shape:
@@ -73,8 +74,18 @@ def gelu(x: np.ndarray, approximate: str) -> np.ndarray:
     return half * (np.float32(1) + erf(x * np.float32(1 / np.sqrt(2))).astype(np.float32))
 
 
-def softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    """``exp(x - max) / sum(exp(x - max))`` along ``axis``."""
+def causal_mask(queries: int, keys: int) -> np.ndarray:
+    """The positions a causal softmax drops: True where key ``j`` comes after query ``i`` (``j > i``; top-left
+    aligned, as torch's ``is_causal``). Row ``i`` keeps key 0 at least, so no row is ever fully masked."""
+    return np.triu(np.ones((queries, keys), bool), 1)
+
+
+def softmax(x: np.ndarray, axis: int, causal: bool = False) -> np.ndarray:
+    """``exp(x - max) / sum(exp(x - max))`` along ``axis``; ``causal``: over the last axis (keys) of scores
+    ``[..., L_query, L_key]``, the keys after each query set to -inf first (weight exactly 0; no row is all -inf,
+    so the max stays finite and nothing is NaN)."""
+    if causal:
+        x = np.where(causal_mask(*x.shape[-2:]), np.float32(-np.inf), x)
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 
@@ -104,6 +115,8 @@ def _softmax_shape(node: Node) -> Shape:
     if not -len(node.inputs[0]) <= node.attrs["axis"] <= -1:
         raise node.fail(f"softmax axis {node.attrs['axis']} must name a non-batch axis of {[-1, *node.inputs[0]]} "
                         "(counted from the end: -1 is the last)")
+    if node.attrs["causal"] and (node.attrs["axis"] != -1 or len(node.inputs[0]) < 2):
+        raise node.fail("a causal softmax runs over the last axis (keys) of scores [..., L_query, L_key]")
     return node.inputs[0]
 
 
@@ -111,17 +124,34 @@ def _softmax_call(args: list, kwargs: dict, shape: list[int], where: str) -> tup
     dim = argument(args, kwargs, 1, "dim", None)
     if dim is None or argument(args, kwargs, 3, "dtype", None) is not None:
         raise UnsupportedLayerError(f"{where}: softmax is captured with an explicit dim and no dtype")
-    return {"axis": int(dim) - len(shape) if dim >= 0 else int(dim)}, args[:1]
+    attrs = {"axis": int(dim) - len(shape) if dim >= 0 else int(dim)}
+    return ({**attrs, "causal": True} if kwargs.get("causal") else attrs), args[:1]
 
 
 def _softmax_module(m, shape: list[int], where: str) -> dict:
     return _softmax_call([None], {"dim": m.dim}, shape, where)[0]
 
 
+def causal_scores(b, name: str, x: str) -> str:
+    """ONNX: scores ``x`` [..., L_query, L_key] plus an additive constant, 0 where a query attends and -inf where
+    the key comes later (exp gives exactly 0 there, as the numpy and torch forms)."""
+    queries, keys = b.shapes[x][-2:]
+    mask = np.where(causal_mask(queries, keys), np.float32(-np.inf), np.float32(0))
+    return b.node("Add", [x, b.const(f"{name}.causal_mask", mask)], f"{name}.masked")
+
+
 def _softmax_onnx(b, name: str, xs: list[str], a: dict) -> str:
     if b.opset < 13 and a["axis"] != -1:
         raise UnsupportedLayerError(f"node {name!r}: softmax over axis {a['axis']} needs opset >= 13")
-    return b.node("Softmax", xs, name, axis=a["axis"])
+    return b.node("Softmax", [causal_scores(b, name, xs[0]) if a["causal"] else xs[0]], name, axis=a["axis"])
+
+
+def torch_softmax(t, x, axis: int, causal: bool):
+    """The torch form of the softmax op (``t``: the torch module): later keys filled with -inf where causal."""
+    if causal:
+        later = t.ones(x.shape[-2:], dtype=t.bool, device=x.device).triu(1)
+        x = x.masked_fill(later, float("-inf"))
+    return t.softmax(x, axis)
 
 
 SIGMOID = register(OpSchema(
@@ -159,8 +189,10 @@ LEAKY_RELU = register(OpSchema(
     torch=lambda t, xs, a: t.nn.functional.leaky_relu(xs[0], a["slope"]),
     onnx=lambda b, name, xs, a: b.node("LeakyRelu", xs, name, alpha=a["slope"])))
 SOFTMAX = register(OpSchema(
-    "softmax", _softmax_shape, attrs={"axis": Int(-MAX_RANK, -1)},
-    capture=Capture(("torch.softmax", "torch.nn.functional.softmax", "Tensor.softmax"), _softmax_call,
-                    ("torch.nn.Softmax",), _softmax_module),
-    numpy=lambda xs, a: softmax(xs[0], a["axis"]), torch=lambda t, xs, a: t.softmax(xs[0], a["axis"]),
+    "softmax", _softmax_shape, attrs={"axis": Int(-MAX_RANK, -1), "causal": Bool()}, defaults={"causal": False},
+    capture=Capture(("torch.softmax", "torch.nn.functional.softmax", "Tensor.softmax",
+                     "lowbit.export.transformer.CAUSAL_SOFTMAX"), _softmax_call, ("torch.nn.Softmax",),
+                    _softmax_module),
+    numpy=lambda xs, a: softmax(xs[0], a["axis"], a["causal"]),
+    torch=lambda t, xs, a: torch_softmax(t, xs[0], a["axis"], a["causal"]),
     onnx=_softmax_onnx))

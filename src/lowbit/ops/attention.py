@@ -7,9 +7,10 @@ captured as their decomposition into linears, reshapes, transposes, matmuls and 
 (:mod:`lowbit.export.transformer`).
 
 attention: ``softmax(q k^T scale + 0) v`` over the last two axes, ``F.scaled_dot_product_attention`` as a custom
-attention module calls it (queries, keys, values [..., L, E]; ``scale`` defaults to ``1 / sqrt(E)``, recorded; no
-mask, dropout, causal or grouped-query form), a join of its three inputs; ONNX writes it as Transpose, MatMul, Mul,
-Softmax, MatMul.
+attention module calls it (queries, keys, values [..., L, E]; ``scale`` defaults to ``1 / sqrt(E)``, recorded;
+``causal`` from ``is_causal``: key ``j`` after query ``i`` gets weight 0, the softmax op's causal form; no mask,
+dropout or grouped-query form), a join of its three inputs; ONNX writes it as Transpose, MatMul, Mul, (Add of a
+0 / -inf constant where causal), Softmax, MatMul.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UnsupportedLayerError
-from .schema import Capture, Node, Number, OpSchema, Shape, register
+from .activation import causal_scores
+from .schema import Bool, Capture, Node, Number, OpSchema, Shape, register
 
 
 def _shape(node: Node) -> Shape:
@@ -43,12 +45,13 @@ MATMUL = register(OpSchema(
 # ---------------------------------------------------------------- scaled dot-product attention
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
-    """``softmax(q k^T scale) v`` over the last two axes, in float32 (torch's scaled_dot_product_attention)."""
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool = False) -> np.ndarray:
+    """``softmax(q k^T scale) v`` over the last two axes, in float32 (torch's scaled_dot_product_attention);
+    ``causal``: each query attends to keys at or before its own position only."""
     from .activation import softmax
 
     scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(scale)
-    return np.matmul(softmax(scores, -1), v)
+    return np.matmul(softmax(scores, -1, causal), v)
 
 
 def _attention_shape(node: Node) -> Shape:
@@ -64,14 +67,18 @@ def _attention_shape(node: Node) -> Shape:
 def _attention_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     given = {**dict(zip(names, args)), **kwargs}
-    if given.get("attn_mask") is not None or given.get("dropout_p", 0.0) or given.get("is_causal") \
-            or given.get("enable_gqa"):
-        raise UnsupportedLayerError(f"{where}: scaled_dot_product_attention is captured without a mask, dropout, "
-                                    "is_causal or enable_gqa (add a mask to the scores of a decomposed attention)")
+    if given.get("attn_mask") is not None or given.get("dropout_p", 0.0) or given.get("enable_gqa"):
+        raise UnsupportedLayerError(f"{where}: scaled_dot_product_attention is captured without a mask, dropout or "
+                                    "enable_gqa (is_causal is taken; add a mask to the scores of a decomposed "
+                                    "attention)")
+    if not isinstance(given.get("is_causal", False), bool):
+        raise UnsupportedLayerError(f"{where}: is_causal must be a Python bool, not computed from tensors")
     head = given["query"].meta["tensor_meta"].shape[-1]
     scale = given.get("scale")
-    return {"scale": float(scale) if scale is not None else 1.0 / float(np.sqrt(head))}, \
-        [given["query"], given["key"], given["value"]]
+    attrs = {"scale": float(scale) if scale is not None else 1.0 / float(np.sqrt(head))}
+    if given.get("is_causal"):
+        attrs["causal"] = True
+    return attrs, [given["query"], given["key"], given["value"]]
 
 
 def _attention_onnx(b, name: str, xs: list[str], a: dict) -> str:
@@ -79,12 +86,17 @@ def _attention_onnx(b, name: str, xs: list[str], a: dict) -> str:
     keys = b.node("Transpose", [xs[1]], f"{name}.keys_t", perm=[*range(rank - 2), rank - 1, rank - 2])
     scores = b.node("MatMul", [xs[0], keys], f"{name}.scores")
     scaled = b.node("Mul", [scores, b.const(f"{name}.scale", np.array(a["scale"], np.float32))], f"{name}.scaled")
+    if a["causal"]:
+        b.shapes.setdefault(scaled, (*b.shapes[xs[0]][:-1], b.shapes[xs[1]][-2]))
+        scaled = causal_scores(b, name, scaled)
     return b.node("MatMul", [b.node("Softmax", [scaled], f"{name}.weights", axis=-1), xs[2]], name)
 
 
 ATTENTION = register(OpSchema(
-    "attention", _attention_shape, inputs=3, placement="joins", attrs={"scale": Number(0, open_low=True)},
+    "attention", _attention_shape, inputs=3, placement="joins",
+    attrs={"scale": Number(0, open_low=True), "causal": Bool()}, defaults={"causal": False},
     capture=Capture(("torch.nn.functional.scaled_dot_product_attention",), _attention_call),
-    numpy=lambda xs, a: attention(xs[0], xs[1], xs[2], a["scale"]),
-    torch=lambda t, xs, a: t.nn.functional.scaled_dot_product_attention(xs[0], xs[1], xs[2], scale=a["scale"]),
+    numpy=lambda xs, a: attention(xs[0], xs[1], xs[2], a["scale"], a["causal"]),
+    torch=lambda t, xs, a: t.nn.functional.scaled_dot_product_attention(xs[0], xs[1], xs[2], is_causal=a["causal"],
+                                                                         scale=a["scale"]),
     onnx=_attention_onnx))
