@@ -4,6 +4,8 @@ by the Engine and by onnxruntime; causality checked in each; the positional tabl
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -13,8 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
-from lowbit.errors import ConfigError, ShapeMismatchError
+from lowbit.errors import ConfigError, FormatError, ShapeMismatchError
 from lowbit.export.onnx import to_onnx
+from lowbit.format.container import pack_safetensors, parse_safetensors
 from lowbit.ops import REGISTRY
 from lowbit.ops.activation import softmax
 from lowbit.runtime import Engine
@@ -226,3 +229,34 @@ def test_causal_attention_equals_torchs_and_is_never_nan(lq, lk, head, seed, spe
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
     assert np.array_equal(REGISTRY["attention"].torch(torch, list(map(torch.from_numpy, (q, k, v))), attrs),
                           expected)
+
+
+def _edited(path, tmp_path, edit) -> object:
+    arrays, metadata, _ = parse_safetensors(path.read_bytes())
+    doc = json.loads(metadata["lowbit"])
+    edit(doc["graph"]["nodes"])
+    bad = tmp_path / "bad.lowbit"
+    bad.write_bytes(pack_safetensors(dict(arrays), {"lowbit": json.dumps(doc)}))
+    return bad
+
+
+def _first(nodes: list, op: str, **attrs) -> dict:
+    return next(n for n in nodes if n["op"] == op and all(n["attrs"].get(k) == v for k, v in attrs.items()))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda ns: _first(ns, "constant", crop=[1, 10, 32])["attrs"].update(crop=[1, 20, 32]), "crop .* from 1 to"),
+    (lambda ns: _first(ns, "constant", crop=[1, 10, 32])["attrs"].update(crop=[10, 32]), "crop .* 3 axes"),
+    (lambda ns: _first(ns, "constant", crop=[1, 10, 32])["attrs"].update(crop=[1, 0, 32]), "crop must be a list"),
+    (lambda ns: _first(ns, "constant", crop=[1, 10, 32])["attrs"].update(crop=[1, 9, 32]), "records the output"),
+    (lambda ns: _first(ns, "softmax", causal=True)["attrs"].update(causal=1), "causal must be true or false"),
+    (lambda ns: _first(ns, "softmax", causal=True)["attrs"].update(axis=-2), "causal softmax runs over the last"),
+])
+def test_hostile_causal_and_crop_attributes_are_refused_alike(edit, match, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "gpt.lowbit"
+    lowbit.save(GPT().eval(), path, _random(1, 0, 10))
+    bad = _edited(path, tmp_path, edit)
+    for reader in (lowbit.load, Engine):
+        with pytest.raises(FormatError, match=match):
+            reader(bad)
