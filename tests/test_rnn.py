@@ -103,3 +103,89 @@ def test_refused_recurrent_layers_name_the_layer(make, message):
     with pytest.raises(UnsupportedLayerError, match=f"encoder.rnn.*{message}"):
         check_module(make(), "layer 'encoder.rnn'")
     check_module(nn.LSTM(4, 4, num_layers=2, dropout=0.5).eval(), "layer 'ok'")  # eval mode: no dropout
+
+
+# ------------------------------------------------------------------ quantized layers and quantize
+
+W8 = {"name": "uniform", "bits": 8, "symmetric": True, "per_channel": True, "dynamic": True, "narrow": True}
+
+
+def _per_row_int8(w: torch.Tensor) -> torch.Tensor:
+    """The narrow symmetric 8-bit per-row grid, computed here independently of the quantizer."""
+    scale = w.abs().amax(1, keepdim=True) / 127
+    return torch.round(w / scale).clamp(-127, 127) * scale
+
+
+@pytest.mark.parametrize("cls", ["QuantLSTM", "QuantGRU"])
+def test_quant_rnn_is_torch_rnn_on_per_row_8bit_weights(cls):
+    from lowbit.nn import recurrent
+
+    torch.manual_seed(0)
+    float_cls = nn.LSTM if cls == "QuantLSTM" else nn.GRU
+    m = float_cls(16, 32, num_layers=2, batch_first=False).eval()
+    q = getattr(recurrent, cls).from_float(m, weight_quantizer=W8).eval()
+    assert sorted(q.weight_quantizers) == ["weight_hh_l0", "weight_hh_l1", "weight_ih_l0", "weight_ih_l1"]
+    reference = float_cls(16, 32, num_layers=2).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            getattr(reference, name).copy_(_per_row_int8(p) if name.startswith("weight") else p)
+    x = torch.randn(10, 3, 16)
+    with torch.no_grad():
+        got, want = q(x), reference(x)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+    assert not torch.equal(got[0], m(x)[0])  # the weights are really quantized
+    assert q.weight_ih_l0 is not None and torch.equal(q.weight_ih_l0, m.weight_ih_l0)  # stored float, as the layer's
+
+
+def test_quant_rnn_refuses_activation_quantizers_and_unsupported_layers():
+    from lowbit.errors import ConfigError
+    from lowbit.nn.recurrent import QuantGRU, QuantLSTM
+
+    with pytest.raises(ConfigError, match="activations float"):
+        QuantLSTM(4, 4, weight_quantizer=W8, input_quantizer=W8)
+    with pytest.raises(UnsupportedLayerError, match="bidirectional"):
+        QuantGRU.from_float(nn.GRU(4, 4, bidirectional=True), weight_quantizer=W8)
+
+
+class Classifier(nn.Module):
+    """16 features, hidden 32, a Linear head on the last step; ``indexed``: ``rnn(x)[0][:, -1]``, else
+    ``out, _ = rnn(x)``."""
+
+    def __init__(self, kind: str = "lstm", indexed: bool = False, **kwargs) -> None:
+        super().__init__()
+        self.indexed = indexed
+        self.rnn = KINDS[kind](16, 32, batch_first=True, **kwargs)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.indexed:
+            return self.head(self.rnn(x)[0][:, -1])
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("kind,indexed", [("lstm", False), ("gru", True), ("lstm", True)])
+def test_classifier_quantizes_at_least_95_percent_of_weights(kind, indexed):
+    import lowbit
+
+    torch.manual_seed(0)
+    model = Classifier(kind, indexed).eval()
+    report = lowbit.quantize_report(model, "w8a8", example_input=(1, 10, 16))
+    assert report.weight_fraction >= 0.95 and "rnn" in report.converted and not report.unsupported
+    x = torch.randn(8, 10, 16)
+    lowbit.calibrate(report.model, [x])
+    with torch.no_grad():
+        got, want = report.model(x), model(x)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), 0) > 0.999
+
+
+def test_unsupported_recurrent_layer_is_left_float_and_named_or_refused_with_strict():
+    import lowbit
+
+    model = Classifier("lstm", bidirectional=False, proj_size=4)
+    model.head = nn.Linear(4, 5)
+    with pytest.warns(UserWarning, match="proj_size"):
+        report = lowbit.quantize_report(model.eval(), "w8a8")
+    assert report.unsupported and report.unsupported[0][0] == "rnn" and "proj_size" in report.unsupported[0][1]
+    with pytest.raises(UnsupportedLayerError, match="'rnn'.*proj_size"):
+        lowbit.quantize(model.eval(), "w8a8", strict=True)

@@ -47,6 +47,8 @@ from .errors import ConfigError, UnsupportedLayerError
 from .export.graph import node_schema, propagate, trace
 from .nn import (QUANT_LAYERS, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantEmbedding, QuantLinear,
                  label_quantizers)
+from .nn.recurrent import QUANT_RNNS, QuantGRU, QuantLSTM
+from .ops.rnn import check_module
 from .placement import place
 from .ptq.equalize import FOLDED_BATCHNORM, batchnorm_statistics
 from .ptq.result import LayerResult
@@ -64,6 +66,9 @@ QUANTIZED_WITH_ATTR = "lowbit_quantized_with"
 LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "linear": (nn.Linear, QuantLinear), "conv1d": (nn.Conv1d, QuantConv1d), "conv2d": (nn.Conv2d, QuantConv2d),
     "conv_transpose2d": (nn.ConvTranspose2d, QuantConvTranspose2d), "embedding": (nn.Embedding, QuantEmbedding)}
+#: recurrent layers -> (their float layer, their quantized layer): weights quantized, activations float (no
+#: quantizers placed around them, see :mod:`lowbit.nn.recurrent`)
+RNNS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {"lstm": (nn.LSTM, QuantLSTM), "gru": (nn.GRU, QuantGRU)}
 #: layer ops whose input is integer token indices: no input quantizer, no multiply-accumulates (a gather)
 _LOOKUPS = ("embedding",)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -205,6 +210,13 @@ def _sites(gm: fx.GraphModule, report: QuantReport) -> list[_Site]:
             m = modules[node.target]
             if schema is not None and schema.name in LAYERS and not isinstance(m, QUANT_LAYERS):
                 sites.append(_Site(node, schema.name, m, node.target))
+            elif type(m) in (float_cls for float_cls, _ in RNNS.values()):
+                try:
+                    check_module(m, f"layer {node.target!r}")
+                except UnsupportedLayerError as e:  # left float; quantize(strict=True) raises it
+                    report.unsupported.append((node.target, str(e)))
+                    continue
+                sites.append(_Site(node, "lstm" if isinstance(m, nn.LSTM) else "gru", m, node.target))
         elif node.op == "call_function" and node.target in FUNCTIONAL:
             op, names = FUNCTIONAL[node.target]
             layer = _functional_layer(gm, node, op, names)
@@ -418,6 +430,12 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
             layers[site.node] = None
             report.kept_float.append(site.path)
             continue
+        if site.op in RNNS:  # weights only: no quantizers around it
+            if id(site.layer) not in built:
+                built[id(site.layer)] = RNNS[site.op][1].from_float(site.layer, weight_quantizer=specs["weight"])
+                report.converted.append(site.path)
+            gm.add_submodule(site.path, built[id(site.layer)])
+            continue
         if id(site.layer) not in built:
             built[id(site.layer)] = LAYERS[site.op][1].from_float(site.layer, weight_quantizer=specs["weight"])
             report.converted.append(site.path)
@@ -463,7 +481,8 @@ def _float_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """Called modules that own parameters and are neither quantized layers, float layers by config, nor norms;
     parameters the graph reads directly (a layer scale, a position embedding)."""
     modules = dict(gm.named_modules())
-    handled = (*KEPT_FLOAT, *QUANT_LAYERS, QuantAct, *(float_cls for float_cls, _ in LAYERS.values()))
+    handled = (*KEPT_FLOAT, *QUANT_LAYERS, *QUANT_RNNS, QuantAct,
+               *(float_cls for float_cls, _ in (*LAYERS.values(), *RNNS.values())))
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -485,6 +504,8 @@ def _weight_fraction(gm: nn.Module) -> float:
     params = [p for p in gm.parameters() if id(p) not in inside]
     quantized = sum(m.weight.numel() for m in gm.modules()
                     if isinstance(m, QUANT_LAYERS) and m.weight_quantizer is not None)
+    quantized += sum(getattr(m, name).numel() for m in gm.modules() if isinstance(m, QUANT_RNNS)
+                     for name in m.weight_quantizers)
     total = sum(p.numel() for p in params)
     return quantized / total if total else 1.0
 
