@@ -164,7 +164,7 @@ class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(10, 4)
-        self.rnn = nn.LSTM(4, 4, batch_first=True)
+        self.rnn = nn.RNN(4, 4, batch_first=True)  # an Elman RNN: no quantized form
         self.pair = nn.Bilinear(4, 4, 4)
         self.norm = nn.LayerNorm(4)
         self.fc = nn.Linear(4, 2)
@@ -176,25 +176,25 @@ class Mixed(nn.Module):
         return self.fc(self.norm(self.pair(x, y)) * self.scale)
 
 
-UNSUPPORTED = [("rnn", "LSTM runs in float"), ("pair", "Bilinear runs in float"),
+UNSUPPORTED = [("rnn", "RNN runs in float"), ("pair", "Bilinear runs in float"),
                ("scale", "parameter read in float by mul")]
 
 
 def test_unsupported_layers_are_warned_and_reported():
-    with pytest.warns(UserWarning, match=r"cannot quantize: rnn \(LSTM runs in float\), pair"):
+    with pytest.warns(UserWarning, match=r"cannot quantize: rnn \(RNN runs in float\), pair"):
         report = quantize_report(Mixed(), "w8a8", example_input=torch.zeros(1, 3, dtype=torch.long))
     assert report.unsupported == UNSUPPORTED
     assert isinstance(report.model.fc, QuantLinear) and report.converted == ["embed", "fc"]
     params = sum(p.numel() for p in Mixed().parameters()) - 8  # the layer norm's are not weights of the graph
     assert report.weight_fraction == pytest.approx((40 + 8) / (params + 8)) and report.mac_fraction == 1.0
-    with pytest.warns(UserWarning, match="LSTM") as record:
+    with pytest.warns(UserWarning, match="RNN") as record:
         quantize(Mixed(), "w8a8")
     assert record[0].filename == __file__  # the warning points at the caller
 
 
 def test_strict_raises_and_leaves_the_model_as_it_was():
     model = Mixed()
-    with pytest.raises(UnsupportedLayerError, match="rnn \\(LSTM runs in float\\)"):
+    with pytest.raises(UnsupportedLayerError, match="rnn \\(RNN runs in float\\)"):
         quantize(model, "w8a8", strict=True)
     assert type(model.fc) is nn.Linear
 

@@ -44,6 +44,18 @@ class Functional(nn.Module):
         return self.body(self.stem(x), self)
 
 
+class Recurrent(nn.Module):
+    """A recurrent layer on [N, L, features]: its output sequence, or (``last``) its last step."""
+
+    def __init__(self, rnn: nn.Module, last: bool):
+        super().__init__()
+        self.rnn, self.last = rnn, last
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return out[:, -1] if self.last else out
+
+
 class Residual(nn.Module):
     def __init__(self):
         super().__init__()
@@ -184,6 +196,9 @@ EXAMPLES = {
     "constant": Scaled,
     "layer_norm": Norms,
     "embedding": lambda: nn.Sequential(nn.Embedding(50, 6), nn.Flatten(), nn.Linear(48, 5)),
+    # the whole output sequence of a 2-layer LSTM, the last step of a bias-free GRU ([N, 7, 6] inputs)
+    "lstm": lambda: Recurrent(nn.LSTM(6, 5, 2, batch_first=True), last=False),
+    "gru": lambda: Recurrent(nn.GRU(6, 5, batch_first=True, bias=False), last=True),
     # y y^T per channel ([N, 4, 8, 8]), then a batched product of its rows with the map's
     "matmul": lambda: Functional(lambda y, m: torch.bmm(torch.matmul(y, y.transpose(2, 3)).flatten(1, 2),
                                                         (y @ y).flatten(1, 2).transpose(1, 2))),
@@ -192,7 +207,9 @@ EXAMPLES = {
                                     + F.scaled_dot_product_attention(y, y * 0.5, torch.relu(y), scale=0.3)),
 }
 #: the examples that take other inputs than a float [3, 3, 8, 8] batch
-INPUTS = {"embedding": lambda: torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(2))}
+INPUTS = {"embedding": lambda: torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(2)),
+          "lstm": lambda: torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(2)),
+          "gru": lambda: torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(2))}
 
 
 def test_every_declared_op_has_an_example_and_every_example_op_is_declared():
@@ -227,7 +244,8 @@ def test_op_runs_alike_in_torch_the_loaded_model_the_engine_and_onnxruntime(op, 
 def test_every_op_declares_its_capture_and_parameter_free_ops_all_three_implementations():
     module_ops = {op for op, schema in REGISTRY.items() if schema.module}
     # run by their modules, the Engine, ONNX
-    assert module_ops == {"linear", "conv1d", "conv2d", "conv_transpose2d", "embedding", "batchnorm", "quant_act"}
+    assert module_ops == {"linear", "conv1d", "conv2d", "conv_transpose2d", "embedding", "lstm", "gru", "batchnorm",
+                          "quant_act"}
     for op, schema in REGISTRY.items():
         assert schema.capture.functions or schema.capture.modules or schema.capture.get_attr, op
         assert (schema.capture.call is not None) == bool(schema.capture.functions), op

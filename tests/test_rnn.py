@@ -189,3 +189,89 @@ def test_unsupported_recurrent_layer_is_left_float_and_named_or_refused_with_str
     assert report.unsupported and report.unsupported[0][0] == "rnn" and "proj_size" in report.unsupported[0][1]
     with pytest.raises(UnsupportedLayerError, match="'rnn'.*proj_size"):
         lowbit.quantize(model.eval(), "w8a8", strict=True)
+
+
+# ------------------------------------------------------------------ end to end: save, load, Engine, onnxruntime
+
+
+def _sequences(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 10, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _trained(kind: str, indexed: bool, num_layers: int = 1) -> Classifier:
+    """Trained briefly to tell which fifth of the features has the largest mean, so that its logits are
+    decisive on random sequences."""
+    torch.manual_seed(0)
+    model = Classifier(kind, indexed, num_layers=num_layers)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for step in range(60):
+        x = _sequences(64, 100 + step)
+        target = x[..., :15].mean(1).reshape(64, 5, 3).mean(2).argmax(1)
+        loss = nn.functional.cross_entropy(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,indexed,num_layers", [("lstm", False, 1), ("gru", True, 1), ("lstm", True, 2)])
+def test_classifier_saves_loads_and_runs_alike_in_the_engine_and_onnxruntime(kind, indexed, num_layers, tmp_path):
+    import lowbit
+    from lowbit.export.onnx import to_onnx
+    from lowbit.nn.recurrent import QUANT_RNNS
+    from lowbit.runtime import Engine
+
+    model = _trained(kind, indexed, num_layers)
+    report = lowbit.quantize_report(model, "w8a8", example_input=(1, 10, 16))
+    assert report.weight_fraction >= 0.95 and not report.unsupported
+    q = report.model
+    lowbit.calibrate(q, [_sequences(32, 10 + i) for i in range(4)])
+    path = tmp_path / f"{kind}.lowbit"
+    lowbit.save(q, path, _sequences(1, 0))
+    x = _sequences(200, 7)
+    loaded = lowbit.load(path)
+    assert any(isinstance(m, QUANT_RNNS) for m in loaded.modules())
+    with torch.no_grad():
+        expected = q(x)
+        assert torch.equal(loaded(x), expected)
+        assert (expected.argmax(1) == model(x).argmax(1)).float().mean() >= 0.95
+    got = Engine(path).run(x.numpy())
+    ref = expected.numpy()
+    assert np.array_equal(got.argmax(1), ref.argmax(1))
+    assert float(np.dot(got.ravel(), ref.ravel()) / np.linalg.norm(got) / np.linalg.norm(ref)) >= 0.999
+    proto = to_onnx(loaded, x[:1])
+    assert [n.op_type for n in proto.graph.node].count(kind.upper()) == num_layers
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert (onnx_out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    # the stored weights are 8-bit codes, one scale per gate row
+    from lowbit.format.container import read_file
+
+    enc = read_file(path).tensors["rnn.weight_hh_l0"]
+    assert enc.kind != "float32" and enc.bits == 8
+
+
+class LastState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(16, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[1][0]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: _time_major(), "'rnn'.*batch_first=True"),
+    (LastState, "item 1 .*final state.*'rnn'"),
+])
+def test_capture_refuses_time_major_layers_and_the_final_state_by_name(make, message, tmp_path):
+    import lowbit
+
+    with pytest.raises(UnsupportedLayerError, match=message):
+        lowbit.save(make().eval(), tmp_path / "m.lowbit", _sequences(1, 0))
+
+
+def _time_major() -> nn.Module:
+    model = Classifier("lstm")
+    model.rnn = nn.LSTM(16, 32)  # [L, N, features]: the IR keeps the batch on axis 0
+    return model

@@ -320,7 +320,7 @@ def test_architecture_mismatch_names_each_tensor(tmp_path):
     [
         (lambda d: d["model"]["layers"]["conv2"]["weight"].update(name="nope"), "unknown-quantizer"),
         (lambda d: d["model"]["layers"]["conv2"]["weight"].update(bits=99), "bad-spec"),
-        (lambda d: d["model"]["layers"]["conv2"].update(type="QuantLSTM"), "bad-document"),
+        (lambda d: d["model"]["layers"]["conv2"].update(type="QuantRNN"), "bad-document"),
         (lambda d: d["graph"]["nodes"][0].update(op="softmax"), "bad-graph"),
         (lambda d: d["graph"]["nodes"][1].update(inputs=["later"]), "bad-graph"),
         (lambda d: d["graph"]["nodes"][0]["quant"].update(output={"name": "binary", "ste": "clipped"}), "bad-graph"),

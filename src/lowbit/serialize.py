@@ -71,7 +71,9 @@ from .format import container
 from .format.container import LowbitFile, format_inspect, raw, read_file, write_file
 from .nn import (QUANT_LAYERS, STORED_ATTR, QuantAct, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantEmbedding,
                  QuantLinear, freeze_weight, named_modules_without_quantizers)
+from .nn.recurrent import QUANT_RNNS, QuantGRU, QuantLSTM
 from .ops import Graph, GraphNode, validate_document, validate_file
+from .ops.rnn import layer_names
 from .ptq import PTQ_ATTR
 from .quantizers import Encoded, Quantizer, get
 
@@ -100,6 +102,9 @@ def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(m, QUANT_LAYERS):
             specs = {slot: _spec(getattr(m, f"{slot}_quantizer")) for slot in ("weight", "input", "output")}
             layers[name] = {"type": next(cls.__name__ for cls in QUANT_LAYERS if isinstance(m, cls)), **specs}
+        elif isinstance(m, QUANT_RNNS):  # weights only
+            layers[name] = {"type": type(m).__name__, "weight": _spec(m.weight_quantizer), "input": None,
+                            "output": None}
         elif isinstance(m, QuantAct):
             layers[name] = {"type": "QuantAct", "quantizer": _spec(m.quantizer)}
     return layers
@@ -202,6 +207,10 @@ def save(
     derived: set[str] = set()
     for name, entry in layers.items():
         layer = model.get_submodule(name) if name else model
+        if isinstance(layer, QUANT_RNNS):  # each weight matrix as its codes
+            if _has_codes(layer.weight_quantizer):
+                tensors.update({_key(name, w): _numpy(enc) for w, enc in layer.encodings().items()})
+            continue
         if entry["type"] == "QuantAct" or not _has_codes(layer.weight_quantizer):
             continue
         tensors[_key(name, "weight")] = _numpy(weight_encoding(layer))
@@ -365,6 +374,14 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
                 layer.bias = nn.Parameter(torch.zeros_like(state[_key(name, "bias")]))
     _load_into(built, state)
     _freeze(built, frozen)
+    for name, m in built.named_modules():  # recurrent layers: each coded weight matrix
+        if isinstance(m, QUANT_RNNS):
+            for w in m.weight_quantizers:
+                enc = lowbit_file.tensors.get(_key(name, w))
+                if enc is not None and enc.kind not in _RAW_KINDS:
+                    m.freeze(w, Encoded(enc.kind, torch.from_numpy(np.array(enc.codes, copy=True)), enc.bits,
+                                        {k: torch.from_numpy(np.array(v, copy=True)) for k, v in enc.params.items()},
+                                        dict(enc.meta)))
     setattr(built, PTQ_ATTR, [])  # what the file holds is final: calibrating it again does not rerun the methods
     document_model = lowbit_file.document["model"]
     if "config" in document_model:  # saved again, the model records the same
@@ -442,6 +459,8 @@ class GraphModel(nn.Module):
         for name, function, args, attrs, path in self._steps:
             xs = [env[a] for a in args] + [self._tensor_at(key) for key in self._reads.get(name, ())]
             env[name] = self.get_submodule(path)(xs[0]) if path is not None else function(torch, xs, attrs)
+            if isinstance(env[name], tuple):  # a recurrent layer's (output, state)
+                env[name] = env[name][0]
         outs = tuple(env[o] for o in self._outputs)
         return outs[0] if len(outs) == 1 else outs
 
@@ -495,6 +514,15 @@ def _module(node: GraphNode, entry: dict[str, Any] | None, shapes: dict[str, tup
     where = f"layer {path!r}"
     if node.op == "quant_act":
         return QuantAct(_quantizer(entry["quantizer"], f"{where} quantizer"))
+    if node.op in ("lstm", "gru"):
+        cls = {"lstm": (nn.LSTM, QuantLSTM), "gru": (nn.GRU, QuantGRU)}[node.op][entry is not None]
+        specs = {} if entry is None else {"weight_quantizer": _quantizer(entry["weight"], f"{where} weight quantizer")}
+        layers, bias = node.attrs["num_layers"], "bias_ih_l0" in node.params
+        if set(node.params) != {n for names in layer_names(layers, bias) for n in names}:
+            raise FormatError("bad-graph", f"{where}: a {node.op} of {layers} layer(s) stores "
+                                           f"{sorted(n for names in layer_names(layers, bias) for n in names)}")
+        return cls(shapes[f"{path}.weight_ih_l0"][1], node.attrs["hidden_size"], layers, bias=bias,
+                   batch_first=True, **specs)
     if node.op == "batchnorm":
         cls = nn.BatchNorm1d if len(node.shape) in (1, 2) else nn.BatchNorm2d
         return cls(shapes[f"{path}.running_mean"][0], eps=node.attrs["eps"], affine="weight" in node.params)

@@ -262,12 +262,19 @@ def _module_state(m: nn.Module, target: str) -> tuple[dict[str, str], dict[str, 
     """(params, quant) of a leaf module: its state that a runtime needs (not the weight quantizer's, which the stored
     codes carry, nor num_batches_tracked) and its quantizer specs."""
     params = {k: f"{target}.{k}" for k in m.state_dict(keep_vars=True)
-              if not k.startswith("weight_quantizer.") and k.rsplit(".", 1)[-1] != "num_batches_tracked"}
+              if not k.startswith(("weight_quantizer.", "weight_quantizers."))
+              and k.rsplit(".", 1)[-1] != "num_batches_tracked"}
     slots = {"weight": "weight_quantizer", "input": "input_quantizer", "output": "output_quantizer"}
     if not hasattr(m, "weight_quantizer"):
         slots = {"output": "quantizer"}
     quant = {slot: getattr(m, name).spec() for slot, name in slots.items() if getattr(m, name, None) is not None}
     return params, quant
+
+
+def _recurrent(node: Any, modules: dict[str, nn.Module]) -> bool:
+    """Whether fx ``node`` calls a recurrent layer (an LSTM / GRU, whose value is ``(output, state)``)."""
+    return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target),
+                                                                               (nn.LSTM, nn.GRU))
 
 
 def _shape(node: fx.Node) -> list[int] | None:
@@ -419,6 +426,13 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
                 alias.get(getattr(node.args[0], "name", ""), "") in constants:
             alias[node.name] = cropped(node, where)
             continue
+        if node.op == "call_function" and target is operator.getitem and _recurrent(node.args[0], modules):
+            if node.args[1] != 0:  # (output, final state): the state is no graph value
+                raise UnsupportedLayerError(f"{where} reads item {node.args[1]!r} (the final state) of recurrent "
+                                            f"layer {node.args[0].target!r}; the graph IR keeps its output "
+                                            "(item 0): use output[:, -1] for the last step")
+            alias[node.name] = ref(node.args[0], where)
+            continue
         if node.op == "call_function" and target is attention_mask:  # a check that returns the mask
             alias[node.name] = ref(node.args[0], where)
             continue
@@ -464,6 +478,8 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
                  "params": params, "quant": quant, "shape": _shape(node)}
         if node.op == "call_module":
             entry["module"] = target
+            if _recurrent(node, modules):  # (output, state): the node's value is the output
+                entry["shape"] = [-1, *[int(d) for d in node.meta["tensor_meta"][0].shape[1:]]]
         nodes.append(entry)
     read = {a for n in nodes for a in n["inputs"]} | set(outputs)
     nodes = [n for n in nodes if n["op"] != "constant" or n["name"] in read]  # a table read only in part

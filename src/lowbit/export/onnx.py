@@ -67,6 +67,7 @@ from ..format.atomic import write_atomic
 from ..quantizers import Encoded, Quantizer, decode
 from ..quantizers.base import EPS
 from ..ops import LAYER_OPS, Graph, GraphNode
+from ..ops.rnn import onnx_rnn
 from .binary_ops import DOMAIN, VERSION, pack_signs
 from .transformer import decompose
 
@@ -440,6 +441,16 @@ class _Exporter:
         b = self.b
         if op == "embedding":
             return self.embedding(node, args[0])
+        if op in ("lstm", "gru"):  # ONNX's LSTM / GRU on the dequantized weights (its ops take float weights)
+            module = self.modules[node.module]
+            with torch.no_grad():
+                weights = module.quantized_weights() if hasattr(module, "quantized_weights") else \
+                    {n: getattr(module, n) for n in module._flat_weights_names}
+            layers = [tuple(None if weights.get(f"{n}_l{k}") is None else
+                            weights[f"{n}_l{k}"].detach().float().cpu().numpy()
+                            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                      for k in range(attrs["num_layers"])]
+            return _Value(onnx_rnn(b, name, args[0].name, op, layers, batch_first=True))
         if op in LAYER_OPS:
             return self.layer(node, args[0])
         if op == "quant_act":

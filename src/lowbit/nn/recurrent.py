@@ -16,12 +16,13 @@ Bidirectional layers, ``proj_size`` and dropout between layers in train mode are
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..ops.rnn import check_module
-from ..quantizers import Quantizer, get
-from .layers import QuantizerSpec
+from ..quantizers import Encoded, Quantizer, decode, get
+from .layers import STORED_ATTR, QuantizerSpec, _pass_stored_weight
 
 
 class _QuantRNN:
@@ -53,6 +54,28 @@ class _QuantRNN:
         """Parameter name -> the weight the recurrence uses (quantized where it has a quantizer)."""
         return {name: self.weight_quantizers[name](getattr(self, name)) if name in self.weight_quantizers
                 else getattr(self, name) for name in self._flat_weights_names}
+
+    def encodings(self) -> dict[str, Encoded]:
+        """Parameter name -> the codes of each quantized weight matrix (the stored ones where frozen)."""
+        out = {}
+        for name, q in self.weight_quantizers.items():
+            stored = getattr(q, STORED_ATTR, None)
+            if stored is None:
+                with torch.no_grad():
+                    stored = q.encode(getattr(self, name).detach())
+            out[name] = stored
+        return out
+
+    def freeze(self, name: str, enc: Encoded) -> None:
+        """Hold ``decode(enc)`` in weight ``name`` and pass it through its quantizer unchanged in eval mode (as
+        :func:`lowbit.nn.freeze_weight` does for one-weight layers): a loaded layer computes what was saved."""
+        q, weight = self.weight_quantizers[name], getattr(self, name)
+        with torch.no_grad():
+            weight.copy_(decode(enc).to(weight.dtype).reshape(weight.shape))
+        if not getattr(q, "lowbit_freeze_hook", False):
+            q.register_forward_hook(_pass_stored_weight)
+            q.lowbit_freeze_hook = True
+        setattr(q, STORED_ATTR, enc)
 
     def forward(self, input, hx=None):
         check_module(self, type(self).__name__)

@@ -18,6 +18,12 @@ float weights only.
 
 Bidirectional layers, ``proj_size`` and dropout between layers in train mode are refused by name
 (:func:`check_module`).
+
+As graph ops (module ops, like linear) a node reads the module's ``weight_ih_l{k}`` / ``weight_hh_l{k}`` (and
+biases) for ``k < num_layers`` (at most :data:`MAX_LAYERS`), has the one quantizer slot ``weight`` (every weight
+matrix quantized per gate row with that spec) and outputs torch's ``output`` ``[N, L, H]`` (batch first: the IR
+keeps the batch on axis 0, so ``batch_first=False`` is refused at capture); an fx ``getitem`` of item 0 is that
+output, reading the final state (item 1) is refused by name.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import UnsupportedLayerError
+from .schema import Capture, Int, Node, OpSchema, Shape, register
 
 #: number of gate blocks per kind
 GATES = {"lstm": 4, "gru": 3}
@@ -155,3 +162,53 @@ def onnx_rnn(b: Any, name: str, x: str, kind: str, layers: Sequence[LayerWeights
         y = b.node(kind.upper(), [seq, *names], f"{name}.l{k}", hidden_size=hidden, **attrs)
         seq = b.node("Squeeze", [y, axes], f"{name}.y{k}")
     return b.node("Transpose", [seq], name, perm=[1, 0, 2]) if batch_first else seq
+
+
+#: the most stacked layers a stored lstm / gru node may have
+MAX_LAYERS = 8
+
+
+def layer_names(num_layers: int, bias: bool = True) -> list[tuple[str, ...]]:
+    """The parameter names of each layer, ``(weight_ih_lk, weight_hh_lk[, bias_ih_lk, bias_hh_lk])``."""
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if bias else ("weight_ih", "weight_hh")
+    return [tuple(f"{n}_l{k}" for n in names) for k in range(num_layers)]
+
+
+def _shape_of(kind: str):
+    def shape(node: Node) -> Shape:
+        x = node.rank(2)
+        layers, hidden, gates = node.attrs["num_layers"], node.attrs["hidden_size"], GATES[kind]
+        bias = "bias_ih_l0" in node.tensors
+        expected = {}
+        for k, names in enumerate(layer_names(layers, bias)):
+            expected[names[0]] = (gates * hidden, x[1] if k == 0 else hidden)
+            expected[names[1]] = (gates * hidden, hidden)
+            expected.update({n: (gates * hidden,) for n in names[2:]})
+        got = {k: tuple(v) for k, v in node.tensors.items()}
+        if got != expected:
+            raise node.fail(f"its tensors {got} do not fit a {kind} of {layers} layer(s), hidden size {hidden} on "
+                            f"{x[1]} features; expected {expected}")
+        return (x[0], hidden)
+    return shape
+
+
+def _module(m: Any, shape: list[int], where: str) -> dict:
+    check_module(m, where)
+    if not m.batch_first:
+        raise UnsupportedLayerError(f"{where}: the graph IR keeps the batch on axis 0; build the "
+                                    f"{type(m).__name__} with batch_first=True (and feed it [N, L, features])")
+    if m.num_layers > MAX_LAYERS:
+        raise UnsupportedLayerError(f"{where}: at most {MAX_LAYERS} stacked layers, got {m.num_layers}")
+    return {"hidden_size": m.hidden_size, "num_layers": m.num_layers}
+
+
+def _schema(kind: str, module: str) -> OpSchema:
+    names = [n for layer in layer_names(MAX_LAYERS) for n in layer]
+    return OpSchema(kind, _shape_of(kind), tensors=("weight_ih_l0", "weight_hh_l0"),
+                    optional=tuple(n for n in names if n not in ("weight_ih_l0", "weight_hh_l0")),
+                    quant=("weight",), attrs={"hidden_size": Int(1, 1 << 16), "num_layers": Int(1, MAX_LAYERS)},
+                    module=True, capture=Capture(modules=(module,), module=_module))
+
+
+LSTM = register(_schema("lstm", "torch.nn.LSTM"))
+GRU = register(_schema("gru", "torch.nn.GRU"))

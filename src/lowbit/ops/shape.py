@@ -213,12 +213,26 @@ def _slice_shape(node: Node) -> Shape:
                         "(a non-batch axis, counted from the end)")
     shape = list(x)
     shape[a["axis"]] = a["end"] - a["start"]
+    if a["squeeze"]:  # an integer index (x[:, -1]): the axis goes
+        if a["end"] - a["start"] != 1:
+            raise node.fail("a squeezed slice takes one element of its axis")
+        del shape[a["axis"]]
     return tuple(shape)
 
 
 def _slice_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
-    """tensor[index] where index slices one non-batch axis with step 1 and a start >= 0 (the others whole)."""
+    """tensor[index] where index slices one non-batch axis with step 1 and a start >= 0 (the others whole), or
+    takes one integer position of it (``x[:, -1]``: the last step of a sequence; a slice of one, squeezed)."""
     index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    meta = getattr(args[0], "meta", {}).get("tensor_meta")
+    integers = [axis for axis, s in enumerate(index) if isinstance(s, int) and not isinstance(s, bool)]
+    if len(integers) == 1 and integers[0] > 0 and hasattr(meta, "shape") and \
+            all(s == slice(None) for axis, s in enumerate(index) if axis != integers[0]):
+        axis, rank = integers[0], len(meta.shape)
+        size = int(meta.shape[axis])
+        if -size <= index[axis] < size:
+            start = index[axis] % size
+            return {"axis": axis - rank, "start": start, "end": start + 1, "squeeze": True}, args[:1]
     cut = [(axis, s) for axis, s in enumerate(index) if s != slice(None)]
     ok = len(cut) == 1 and isinstance(cut[0][1], slice) and cut[0][0] > 0 and cut[0][1].step in (None, 1)
     ok = ok and all(isinstance(s, slice) for s in index) and (cut[0][1].start or 0) >= 0
@@ -242,12 +256,24 @@ def slices(sizes: list[int], axis: int, rank: int) -> list[dict]:
 
 def _slice_onnx(b, name: str, xs: list[str], a: dict) -> str:
     inputs = [xs[0], *(b.const(f"{name}.{k}", np.array([a[k]], np.int64)) for k in ("start", "end", "axis"))]
+    if a["squeeze"]:
+        cut = b.node("Slice", inputs, f"{name}.slice")
+        return b.node("Squeeze", [cut, b.const(f"{name}.axes", np.array([a["axis"]], np.int64))], name)
     return b.node("Slice", inputs, name)
+
+
+def _slice_numpy(xs: list, a: dict) -> np.ndarray:
+    y = xs[0][(Ellipsis, slice(a["start"], a["end"])) + (slice(None),) * (-1 - a["axis"])]
+    return np.squeeze(y, a["axis"]) if a["squeeze"] else y
+
+
+def _slice_torch(t, xs: list, a: dict):
+    y = xs[0].narrow(a["axis"], a["start"], a["end"] - a["start"])
+    return y.squeeze(a["axis"]) if a["squeeze"] else y
 
 
 SLICE = register(OpSchema(
     "slice", _slice_shape, placement="moves",
-    attrs={"axis": Int(-MAX_RANK, -1), "start": Int(0, 2**31), "end": Int(1, 2**31)},
-    capture=Capture(("operator.getitem",), _slice_call),
-    numpy=lambda xs, a: xs[0][(Ellipsis, slice(a["start"], a["end"])) + (slice(None),) * (-1 - a["axis"])],
-    torch=lambda t, xs, a: xs[0].narrow(a["axis"], a["start"], a["end"] - a["start"]), onnx=_slice_onnx))
+    attrs={"axis": Int(-MAX_RANK, -1), "start": Int(0, 2**31), "end": Int(1, 2**31), "squeeze": Bool()},
+    defaults={"squeeze": False}, capture=Capture(("operator.getitem",), _slice_call),
+    numpy=_slice_numpy, torch=_slice_torch, onnx=_slice_onnx))

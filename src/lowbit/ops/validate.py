@@ -57,6 +57,9 @@ RESERVED_PARTS = frozenset({
 #: the document's layer types of the quantized layers -> their ops
 LAYER_TYPES = {"QuantLinear": "linear", "QuantConv1d": "conv1d", "QuantConv2d": "conv2d",
                "QuantConvTranspose2d": "conv_transpose2d", "QuantEmbedding": "embedding"}
+#: the document's layer types of the quantized recurrent layers -> their ops (a weight slot only: every weight
+#: matrix quantized with its spec; input and output stay null)
+RNN_TYPES = {"QuantLSTM": "lstm", "QuantGRU": "gru"}
 #: the element types of a graph input (an optional ``dtype`` key; float32 where it has none)
 INPUT_DTYPES = ("float32", "int64")
 #: the ops of the quantized layers (a weight, quantized input and output), which readers build, run and emit alike
@@ -118,12 +121,14 @@ def validate_layers(model: object) -> dict[str, dict[str, Any]]:
     full = {}
     for name, entry in layers.items():
         where = f"layer {name[:80]!r}"
-        if not isinstance(entry, dict) or entry.get("type") not in (*LAYER_TYPES, "QuantAct"):
-            raise _document_error(f"{where}: type must be {', '.join(LAYER_TYPES)} or QuantAct")
+        if not isinstance(entry, dict) or entry.get("type") not in (*LAYER_TYPES, *RNN_TYPES, "QuantAct"):
+            raise _document_error(f"{where}: type must be {', '.join((*LAYER_TYPES, *RNN_TYPES))} or QuantAct")
         slots = ("quantizer",) if entry["type"] == "QuantAct" else LAYER_SLOTS
         if set(entry) != {"type", *slots}:
             raise _document_error(f"{where}: a {entry['type']} entry holds type and {', '.join(slots)}")
         full[name] = {"type": entry["type"], **{s: check_spec(entry[s], f"{where} {s} quantizer") for s in slots}}
+        if entry["type"] in RNN_TYPES and (full[name]["input"] or full[name]["output"]):
+            raise _document_error(f"{where}: a {entry['type']} quantizes its weights only (input and output null)")
         refusal = transposed_weight_refusal(full[name]["weight"]) if entry["type"] == "QuantConvTranspose2d" else None
         if refusal is not None:
             raise FormatError("bad-spec", f"{where}: {refusal}")
@@ -227,8 +232,8 @@ def _quant(node: dict[str, Any], schema: OpSchema, module: str | None, layers: d
     if None in specs.values():
         raise fail(where, "a quantizer slot left empty is left out, not null")
     entry = layers.get(module) if module is not None else None
-    if schema.name in LAYER_OPS:
-        if entry is not None and LAYER_TYPES.get(entry["type"]) != schema.name:
+    if schema.name in (*LAYER_OPS, *RNN_TYPES.values()):
+        if entry is not None and {**LAYER_TYPES, **RNN_TYPES}.get(entry["type"]) != schema.name:
             raise fail(where, f"module {module!r} is a {entry['type']} in the document's layers, not a {schema.name}")
         stored = {} if entry is None else {s: entry[s] for s in LAYER_SLOTS if entry[s] is not None}
     elif schema.name == "quant_act":

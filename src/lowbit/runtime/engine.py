@@ -57,6 +57,7 @@ from ..ops.conv import conv1d, conv2d, conv_transpose2d
 from ..ops.embedding import embedding
 from ..ops.linear import linear
 from ..ops.norm import batchnorm
+from ..ops.rnn import gru, layer_names, lstm
 from .activations import Activation, activation_quantizer
 from .binary import BinaryConv2d, BinaryLinear
 from .kernels import check_array, check_threads, max_pool_packed, pack_nchw, pack_signs, select_kernel
@@ -137,6 +138,8 @@ class Engine:
         op, attrs = node.op, node.attrs
         if op in LAYER_OPS:
             return self._layer(node)
+        if op in ("lstm", "gru"):
+            return _unary(self._recurrent(node))
         if op == "batchnorm":
             return _unary(self._batchnorm(node))
         if op == "quant_act":
@@ -147,6 +150,13 @@ class Engine:
         if stored:
             return lambda xs: function([*xs, *stored], attrs)
         return lambda xs: function(xs, attrs)
+
+    def _recurrent(self, node: GraphNode) -> ChannelOp:
+        """An lstm / gru node: the numpy recurrence on the decoded (quantized) weights; float activations."""
+        names = layer_names(node.attrs["num_layers"], "bias_ih_l0" in node.params)
+        layers = [(*(self._tensor(node, n) for n in layer), *[None] * (4 - len(layer))) for layer in names]
+        run, where = (lstm if node.op == "lstm" else gru), f"layer {node.module!r}"
+        return lambda x: run(x, layers, True, where)[0]
 
     def _batchnorm(self, node: GraphNode) -> ChannelOp:
         mean, var = self._tensor(node, "running_mean"), self._tensor(node, "running_var")
