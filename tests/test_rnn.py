@@ -275,3 +275,27 @@ def _time_major() -> nn.Module:
     model = Classifier("lstm")
     model.rnn = nn.LSTM(16, 32)  # [L, N, features]: the IR keeps the batch on axis 0
     return model
+
+
+def test_loaded_again_with_the_architecture_and_as_float_tensors(tmp_path):
+    import lowbit
+    from lowbit.quantizers import get
+
+    model = Classifier("gru", num_layers=2).eval()
+    q = lowbit.quantize(model, "w8a8")
+    lowbit.calibrate(q, [_sequences(16, 1)])
+    path, again = tmp_path / "g.lowbit", tmp_path / "again.lowbit"
+    lowbit.save(q, path, _sequences(1, 0))
+    x = _sequences(20, 3)
+    with torch.no_grad():
+        expected = q(x)
+        assert torch.equal(lowbit.load(path, model=Classifier("gru", num_layers=2).eval())(x), expected)
+        lowbit.save(lowbit.load(path), again)  # the loaded (frozen) codes written again
+        assert torch.equal(lowbit.load(again)(x), expected)
+    float_model = Classifier("gru", num_layers=2)
+    float_model.load_state_dict(lowbit.load_state_dict(path), strict=True)
+    # a Quantizer instance given is copied per weight matrix, so each holds its own codes
+    from lowbit.nn.recurrent import QuantLSTM
+
+    layer = QuantLSTM(4, 4, weight_quantizer=get(W8))
+    assert len({id(m) for m in layer.weight_quantizers.values()}) == 2

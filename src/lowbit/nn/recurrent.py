@@ -16,6 +16,8 @@ Bidirectional layers, ``proj_size`` and dropout between layers in train mode are
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -41,8 +43,8 @@ class _QuantRNN:
         for name in self._flat_weights_names:
             if name.startswith("weight_"):
                 q = get(weight_quantizer)
-                if q is not None:
-                    quantizers[name] = q.to(device)
+                if q is not None:  # one quantizer per matrix: a Quantizer given is copied, never shared
+                    quantizers[name] = copy.deepcopy(q).to(device)
         self.weight_quantizers = nn.ModuleDict(quantizers)
 
     @property
