@@ -289,7 +289,10 @@ class Histogram:
         zeros = int((values == 0).sum())
         self.zeros += zeros
         if self.hi > self.lo and zeros < values.numel():
-            self.counts += _histogram(values[values != 0] if zeros else values, len(self.counts), self.lo, self.hi)
+            counts = _histogram(values, len(self.counts), self.lo, self.hi)
+            if zeros:  # out of the bin torch.histc put them in (a copy without them would cost more)
+                counts -= zeros * _histogram(torch.zeros(1, device=values.device), len(self.counts), self.lo, self.hi)
+            self.counts += counts
         self.batches += 1
 
     @property
