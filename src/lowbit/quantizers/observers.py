@@ -260,15 +260,18 @@ class Histogram:
     """Counts of a tensor's values over ``bins`` equal bins spanning [lo, hi] = [min(0, min x), max(0, max x)],
     accumulated over batches; not a buffer (it lives while calibration runs, never in a state_dict).
 
-    Exact zeros (ReLU's, padding's) are counted apart, as a point mass at 0: every grid holds 0 exactly, so they
-    carry no quantization error, and spread over a bin they would read as a dense bulk there (the KL search
-    would then clip a ReLU output to keep that bulk's bins fine). A batch outside [lo, hi] widens it to the
-    batch's extremes; the old counts are re-binned by linear interpolation of the cumulative histogram (counts
-    uniform within a bin).
+    With ``exact_zeros`` (the entropy observer's), exact zeros (ReLU's, padding's) are counted apart, as a point
+    mass at 0: every grid holds 0 exactly, so they carry no quantization error, and spread over a bin they would
+    read as a dense bulk there (the KL search would then clip a ReLU output to keep that bulk's bins fine).
+    Counting them costs a pass over the values (about as long as the histogram's own), which the percentile
+    and mse observers, within a bin either way, do not pay. While every value seen is 0, lo = hi = 0 and they
+    are the zeros. A batch outside [lo, hi] widens it to the batch's extremes; the old counts are re-binned by
+    linear interpolation of the cumulative histogram (counts uniform within a bin).
     """
 
-    def __init__(self, bins: int = HISTOGRAM_BINS) -> None:
+    def __init__(self, bins: int = HISTOGRAM_BINS, exact_zeros: bool = False) -> None:
         self.counts = np.zeros(bins)
+        self.exact_zeros = exact_zeros
         self.zeros = 0
         self.lo = self.hi = 0.0
         self.min, self.max = math.inf, -math.inf
@@ -286,7 +289,10 @@ class Histogram:
             raise CalibrationError(f"{where} spans a range too wide for float32 (hi - lo overflows)")
         self.min, self.max = min(self.min, low), max(self.max, high)
         self._widen(min(self.lo, low), max(self.hi, high))
-        zeros = int((values == 0).sum())
+        if self.hi == self.lo:
+            zeros = values.numel()
+        else:
+            zeros = values.numel() - int(torch.count_nonzero(values)) if self.exact_zeros else 0
         self.zeros += zeros
         if self.hi > self.lo and zeros < values.numel():
             counts = _histogram(values, len(self.counts), self.lo, self.hi)
@@ -435,7 +441,7 @@ def batch_range(
     if axis is not None:
         raise ConfigError("the entropy observer reads one range per tensor; use per_channel=False, or observer "
                           "'minmax', 'percentile' or 'mse' per channel")
-    histogram = Histogram()
+    histogram = Histogram(exact_zeros=True)
     histogram.add(x, "tensor")
     return histogram.entropy_range(levels, symmetric)
 

@@ -257,7 +257,7 @@ class UniformQuantizer(Quantizer):
         """Count ``x`` into the calibration histogram."""
         self._check_input(x)
         if self.histogram is None:
-            self.histogram = Histogram()
+            self.histogram = Histogram(exact_zeros=self.observer == "entropy")
         self.histogram.add(x, self.where())
 
     def _merge(self) -> str:
@@ -274,8 +274,8 @@ class UniformQuantizer(Quantizer):
         histogram, self.histogram = self.histogram, None
         lo, hi = histogram.range(self.observer, self.percentile, self._fake_quantize_rows,
                                  self.qmax - self.qmin + 1, self.symmetric)
-        clipped = histogram.outside(lo.item(), hi.item())
-        if self.observer == "entropy" and clipped > ENTROPY_CLIP_WARNING:
+        clipped = histogram.outside(lo.item(), hi.item()) if self.observer == "entropy" else 0.0
+        if clipped > ENTROPY_CLIP_WARNING:
             warnings.warn(f"{self.where()}: the entropy observer clips {clipped:.1%} of the calibration values to "
                           f"[{lo.item():.4g}, {hi.item():.4g}] (seen: [{histogram.min:.4g}, {histogram.max:.4g}]); "
                           f"KL weighs how many values are clipped, not how far they move; observer 'mse' weighs "
