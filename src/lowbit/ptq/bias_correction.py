@@ -99,7 +99,7 @@ def correct_bias(model: fx.GraphModule, batches: Sequence[torch.Tensor], *, refe
                                    "gone; pass reference=<a copy of the model taken before rounding>")
         if reference is not None and not isinstance(_submodule(reference, name), type(layer)):
             raise CalibrationError(f"correct_bias: the reference model has no layer {name!r}")
-    float_layers = {name: _submodule(reference or model, name) for name, _ in layers}
+    float_layers = {name: _submodule(model if reference is None else reference, name) for name, _ in layers}
     results = []
     bar = tqdm(total=len(layers), desc="bias correction", unit="layer", disable=not progress)
 
