@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
-from lowbit.analysis.allocate import (Allocation, allocate_bits, allocate_for_loss, allocate_like_uniform, combine,
-                                     smallest_bytes)
+from lowbit.analysis.allocate import (TIE_RTOL, Allocation, allocate_bits, allocate_for_loss, allocate_like_uniform,
+                                     combine, smallest_bytes)
 from lowbit.analysis.sensitivity import Sensitivity, SensitivityTable, layer_config, measure_sensitivity
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
@@ -134,15 +134,17 @@ def test_budget_allocation_is_the_brute_force_optimum_and_fits_exactly(drawn, bu
 
 @settings(max_examples=60, deadline=None)
 @given(tables, st.floats(0, 100))
+@example(([0] * 9, [0.0, 0.0, 2.220446049250313e-16, 0.0, 0.0, 0.0, 0.0, 0.0, 1.5], 0), 0.5)  # a float-sum tie
 def test_loss_budget_gives_the_smallest_size(drawn, max_loss):
     table = table_of(drawn)
-    feasible = brute_force(table, lambda loss, size: loss <= max_loss)
+    # the budget holds within the relative TIE_RTOL the allocator grants float sums (max_loss 0.5 met by 0.5 + 2e-16)
+    feasible = brute_force(table, lambda loss, size: loss <= max_loss * (1 + TIE_RTOL))
     if not feasible:
         with pytest.raises(ConfigError, match="least possible"):
             allocate_for_loss(table, max_loss, objective="logit_mse")
         return
     allocation = allocate_for_loss(table, max_loss, objective="logit_mse")
-    assert allocation.predicted_loss <= max_loss + 1e-9
+    assert allocation.predicted_loss <= max_loss * (1 + TIE_RTOL)
     assert allocation.predicted_bytes == min(size for _, size, _ in feasible)
 
 
