@@ -328,13 +328,20 @@ def test_unsupported_layer_raises_named_error():
         to_onnx(_Elu(), torch.zeros(1, 4))
 
 
-def test_log_activation_and_dynamic_range_raise_named_error():
+def test_log_activation_and_dynamic_linear_range_raise_named_error():
     log = nn.Sequential(QuantAct({"name": "log2", "bits": 4}))
     with pytest.raises(UnsupportedLayerError, match="log2.*'0'"):
         to_onnx(log.eval(), torch.zeros(1, 4))
-    dynamic = nn.Sequential(QuantAct({"name": "uniform", "bits": 8, "dynamic": True}))
+    dynamic = nn.Sequential(QuantAct({"name": "linear", "bits": 8, "dynamic": True}))
     with pytest.raises(UnsupportedLayerError, match="dynamic"):
         to_onnx(dynamic.eval(), torch.zeros(1, 4))
+
+
+def test_a_dynamic_per_tensor_range_exports_bit_for_bit():
+    model = nn.Sequential(QuantAct({"name": "uniform", "bits": 8, "dynamic": True})).eval()
+    x = torch.randn(3, 4, 5) * 7
+    session = ort.InferenceSession(to_onnx(model, x[:1]).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], model(x).numpy())
 
 
 def test_old_opsets_raise_config_error():

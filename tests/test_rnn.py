@@ -214,17 +214,25 @@ def _trained(kind: str, indexed: bool, num_layers: int = 1) -> Classifier:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind,indexed,num_layers", [("lstm", False, 1), ("gru", True, 1), ("lstm", True, 2)])
-def test_classifier_saves_loads_and_runs_alike_in_the_engine_and_onnxruntime(kind, indexed, num_layers, tmp_path):
+@pytest.mark.parametrize("kind,indexed,num_layers,preset", [
+    ("lstm", False, 1, "w8a8"), ("gru", True, 1, "w8a8"), ("lstm", True, 2, "w8a8"),
+    ("lstm", False, 1, "w8a8-dynamic"), ("gru", True, 2, "w8a8-dynamic")])
+def test_classifier_saves_loads_and_runs_alike_in_the_engine_and_onnxruntime(kind, indexed, num_layers, preset,
+                                                                              tmp_path):
     import lowbit
     from lowbit.export.onnx import to_onnx
     from lowbit.nn.recurrent import QUANT_RNNS
     from lowbit.runtime import Engine
 
     model = _trained(kind, indexed, num_layers)
-    report = lowbit.quantize_report(model, "w8a8", example_input=(1, 10, 16))
+    report = lowbit.quantize_report(model, preset, example_input=(1, 10, 16))
     assert report.weight_fraction >= 0.95 and not report.unsupported
     q = report.model
+    # dynamic: the input sequence is quantized per step (per token) before the recurrence, and so is the head's
+    rnn_input = next(n for n in q.graph.nodes if n.target == "rnn").args[0]
+    assert (rnn_input.op == "call_module") == (preset == "w8a8-dynamic")
+    if preset == "w8a8-dynamic":
+        assert q.get_submodule(rnn_input.target).quantizer.spec()["per_token"]
     lowbit.calibrate(q, [_sequences(32, 10 + i) for i in range(4)])
     path = tmp_path / f"{kind}.lowbit"
     lowbit.save(q, path, _sequences(1, 0))

@@ -71,6 +71,11 @@ def uniform_act(bits: int) -> dict[str, Any]:
     return {"name": "uniform", "bits": bits, "symmetric": False, "dynamic": False}
 
 
+def token_act(bits: int) -> dict[str, Any]:
+    """Uniform affine activations with one range per token (each vector along the last axis), read at run time."""
+    return {"name": "uniform", "bits": bits, "symmetric": False, "dynamic": True, "per_token": True}
+
+
 #: the specs of the "8bit" first/last layer policy
 EIGHT_BIT: dict[str, Spec] = {"weight": uniform_weight(8), "input": uniform_act(8), "output": None}
 POLICIES = ("8bit", "same", "float")
@@ -104,6 +109,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # weight-only group-wise uniform (GPTQ / AWQ storage): a scale and zero point per 128 / 64 inputs, every layer
     **{f"w{b}g{g}": {"weight": {"name": "group_uniform", "bits": b, "group_size": g}, "first": "same",
                      "last": "same"} for b, g in ((4, 128), (3, 64))},
+    # 8-bit activations with one range per token read at run time (LLM.int8, SmoothQuant): Transformers and RNNs
+    "w8a8-dynamic": {"weight": uniform_weight(8), "input": token_act(8), "first": "same", "last": "same"},
+    "w4g128-a8-dynamic": {"weight": {"name": "group_uniform", "bits": 4, "group_size": 128}, "input": token_act(8),
+                          "first": "same", "last": "same"},
     # weight-only codebooks per group of 64 inputs: k-means levels (SqueezeLLM) and powers of two (Miyashita)
     "w3-kmeans-g64": {"weight": {"name": "group_kmeans", "bits": 3, "group_size": 64}, "first": "same", "last": "same"},
     "w2-log-g64": {"weight": {"name": "group_log2", "bits": 2, "group_size": 64}, "first": "same", "last": "same"},

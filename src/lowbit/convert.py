@@ -41,7 +41,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from . import ptq
+from . import ptq, quantizers
 from .config import QuantConfig, as_config
 from .errors import ConfigError, UnsupportedLayerError
 from .export.graph import node_schema, propagate, trace
@@ -49,7 +49,7 @@ from .nn import (QUANT_LAYERS, QuantAct, QuantConv1d, QuantConv2d, QuantConvTran
                  label_quantizers)
 from .nn.recurrent import QUANT_RNNS, QuantGRU, QuantLSTM
 from .ops.rnn import check_module
-from .placement import place
+from .placement import PRODUCTS, place, reads_range_at_run_time
 from .ptq.equalize import FOLDED_BATCHNORM, batchnorm_statistics
 from .ptq.result import LayerResult
 from .quantizers import Quantizer
@@ -66,11 +66,13 @@ QUANTIZED_WITH_ATTR = "lowbit_quantized_with"
 LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "linear": (nn.Linear, QuantLinear), "conv1d": (nn.Conv1d, QuantConv1d), "conv2d": (nn.Conv2d, QuantConv2d),
     "conv_transpose2d": (nn.ConvTranspose2d, QuantConvTranspose2d), "embedding": (nn.Embedding, QuantEmbedding)}
-#: recurrent layers -> (their float layer, their quantized layer): weights quantized, activations float (no
-#: quantizers placed around them, see :mod:`lowbit.nn.recurrent`)
+#: recurrent layers -> (their float layer, their quantized layer): weights quantized, the recurrence float (see
+#: :mod:`lowbit.nn.recurrent`); only a dynamic input spec quantizes the input sequence before them
 RNNS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {"lstm": (nn.LSTM, QuantLSTM), "gru": (nn.GRU, QuantGRU)}
 #: layer ops whose input is integer token indices: no input quantizer, no multiply-accumulates (a gather)
 _LOOKUPS = ("embedding",)
+#: layers whose input's features are not its last axis
+_CONVS = ("conv1d", "conv2d", "conv_transpose2d")
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 #: functional calls that are these ops, and their argument names in order
 FUNCTIONAL: dict[Any, tuple[str, tuple[str, ...]]] = {
@@ -336,8 +338,6 @@ def _call_macs(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
     return 0
 
 
-#: ops multiplying activations (no weight) -> how many activation operands they take
-_PRODUCT_OPS = {"matmul": 2, "attention": 3}
 #: calls whose multiply-accumulates come from their weight, and products of two tensors
 _WEIGHTED_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv_transpose2d)
 _PRODUCT_CALLS = (torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm)
@@ -400,6 +400,10 @@ def _quantized_tensor(gm: fx.GraphModule, node: Any) -> bool:
     return False
 
 
+def _per_token(spec: Any) -> bool:
+    return reads_range_at_run_time(spec) and quantizers.get(spec).spec()["per_token"]
+
+
 def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, strict: bool,
              fold_bn: bool | None, example_input: torch.Tensor | Sequence[int] | None,
              leaves: Sequence[str | type]) -> QuantReport:
@@ -417,6 +421,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
     if fold:
         _fold(gm, sites, report)
     layers: dict[fx.Node, dict[str, Any] | None] = {}
+    rnn_inputs: dict[fx.Node, Any] = {}
     quantized_macs = 0
     built: dict[int, nn.Module] = {}  # a layer called at several sites stays one layer
     for index, site in enumerate(sites):
@@ -430,12 +435,18 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
             layers[site.node] = None
             report.kept_float.append(site.path)
             continue
-        if site.op in RNNS:  # weights only: no quantizers around it
+        if site.op in RNNS:  # weights, and its input where the config reads ranges at run time
+            if reads_range_at_run_time(specs["input"]):  # each step's input with its own range (torch's dynamic LSTM)
+                rnn_inputs[site.node] = specs["input"]
             if id(site.layer) not in built:
                 built[id(site.layer)] = RNNS[site.op][1].from_float(site.layer, weight_quantizer=specs["weight"])
                 report.converted.append(site.path)
             gm.add_submodule(site.path, built[id(site.layer)])
             continue
+        if site.op in _CONVS and _per_token(specs["input"]):
+            raise ConfigError(f"layer {site.path!r} is a {site.op}: per-token input ranges are for linear and matmul "
+                              "inputs (features last); give convs a per-tensor input spec (a LayerRule by "
+                              "layer_type, e.g. {'layer_type': 'Conv1d', 'input': 'uniform'})")
         if id(site.layer) not in built:
             built[id(site.layer)] = LAYERS[site.op][1].from_float(site.layer, weight_quantizer=specs["weight"])
             report.converted.append(site.path)
@@ -447,7 +458,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
                                                                                            QUANT_LAYERS)]
     report.unmatched_rules = [r.pattern or r.layer_type for r in cfg.rules
                               if not any(r.matches(name, layer) for name, layer in named)]
-    report.activations = place(gm, layers, cfg.input)
+    report.activations = place(gm, layers, cfg.input, rnn_inputs)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -458,8 +469,8 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
     if macs is not None:
         modules = dict(gm.named_modules())
         products = [node for node in macs if node.op in ("call_function", "call_method")
-                    and getattr(node_schema(node, modules), "name", None) in _PRODUCT_OPS]
-        operands = {node: node.args[:_PRODUCT_OPS[node_schema(node, modules).name]] for node in products}
+                    and getattr(node_schema(node, modules), "name", None) in PRODUCTS]
+        operands = {node: node.args[:PRODUCTS[node_schema(node, modules).name]] for node in products}
         quantized_macs += sum(macs[node] for node in products if all(_quantized_tensor(gm, a) for a in operands[node]))
         total = sum(macs.values())
         report.mac_fraction = quantized_macs / total if total else 1.0

@@ -11,6 +11,9 @@ converted. It marks the tensors to quantize, each with one activation spec:
    QLinearConcat) take quantized and requantize; an op with one tensor operand (``x * 0.5``, ``1 - x``: a Python
    number is no tensor) joins nothing. Binary and other training-time activation specs quantize layer inputs only
    (a Bi-Real shortcut stays real-valued).
+3. when the activation spec is dynamic uniform (per tensor or per token, ranges read at run time: nothing to
+   requantize), also the operands of every product of two activations (matmul, attention), each right
+   operand per column; a dynamic mark stays where it is asked for (a row moved by a reshape is another row).
 
 A mark moves to where one quantizer serves everyone:
 
@@ -43,6 +46,8 @@ from .quantizers import Quantizer, get
 ACTS = "quant_acts"
 #: activation quantizers whose tensors integer kernels requantize at joins and layer outputs
 AFFINE_INTEGER = ("uniform",)
+#: ops multiplying activations -> how many activation operands they take (the last one is the right operand)
+PRODUCTS = {"matmul": 2, "attention": 3}
 
 
 @dataclass
@@ -124,11 +129,13 @@ class _Graph:
         return node
 
 
-def place(gm: fx.GraphModule, layers: dict[fx.Node, dict[str, Any]], edge_spec: Any) -> list[str]:
+def place(gm: fx.GraphModule, layers: dict[fx.Node, dict[str, Any]], edge_spec: Any,
+          inputs: dict[fx.Node, Any] | None = None) -> list[str]:
     """Quantize the activations of traced, weight-converted ``gm`` in place; returns the QuantAct paths added.
 
     ``layers``: each linear / conv call node -> its ``input`` / ``output`` specs (None: the layer stays float).
     ``edge_spec``: the activation spec of the config, used at layer outputs and joins when it is affine integer.
+    ``inputs``: other call nodes (recurrent layers) -> the spec of their first input.
     """
     g = _Graph(gm)
     marks: dict[fx.Node, _Mark] = {}
@@ -136,18 +143,25 @@ def place(gm: fx.GraphModule, layers: dict[fx.Node, dict[str, Any]], edge_spec: 
     def mark(node: fx.Node, spec: Any, from_layer: bool) -> None:
         if spec is None:
             return
-        if _name(spec) in AFFINE_INTEGER:  # a sign or a learned quantizer stays where its layer reads it
-            node = g.settle(node)
+        if _name(spec) in AFFINE_INTEGER and not reads_range_at_run_time(spec):
+            node = g.settle(node)  # a sign, a learned or a dynamic quantizer stays where its layer reads it
         new = _Mark(spec, from_layer)
         if node not in marks or new.rank() > marks[node].rank():
             marks[node] = new
 
     quantized = {node: specs for node, specs in layers.items() if specs is not None}
+    for node, spec in (inputs or {}).items():
+        mark(node.args[0], spec, True)
     for node, specs in quantized.items():
         mark(node.args[0], specs.get("input"), True)
         if specs.get("output") is not None:
             mark(node, specs["output"], True)
-    if _name(edge_spec) in AFFINE_INTEGER:
+    if reads_range_at_run_time(edge_spec):
+        for node in gm.graph.nodes:
+            count = PRODUCTS.get(getattr(node_schema(node, g.modules), "name", None), 0)
+            for i, a in enumerate(node.args[:count]):
+                mark(a, _operand_spec(edge_spec, right=i == count - 1), False)
+    elif _name(edge_spec) in AFFINE_INTEGER:
         for node in quantized:
             output = g.clamped(node)
             if not g.only_layers_read(output, layers):  # else the reading layers' input specs decide
@@ -162,6 +176,19 @@ def place(gm: fx.GraphModule, layers: dict[fx.Node, dict[str, Any]], edge_spec: 
         if node in g.outputs and not marks[node].from_layer:
             del marks[node]
     return _assign(gm, g, marks, quantized)
+
+
+def reads_range_at_run_time(spec: Any) -> bool:
+    """Whether activation spec ``spec`` is dynamic uniform (per tensor or per token), read off each input."""
+    q = None if spec is None else get(spec)
+    return q is not None and q.name == "uniform" and q.spec()["dynamic"]
+
+
+def _operand_spec(spec: Any, right: bool) -> dict[str, Any]:
+    """The dynamic spec of a product's operand: per token, the right operand (``b`` of ``a @ b``, the values of
+    an attention) takes a range per column, so that its scales, like the rows' of ``a``, factor out of the sums."""
+    full = get(spec).spec()
+    return {**full, "token_axis": -2} if right and full["per_token"] else full
 
 
 def _name(spec: Any) -> str | None:

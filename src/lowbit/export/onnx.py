@@ -9,6 +9,8 @@
   zero point (per channel: ``axis=0``, ``axis=1`` for a transposed conv's
   ``[C_in, C_out / groups, kh, kw]`` weight; opset >= 13). Conv1d is ``Conv`` with 1-D attributes, a transposed
   conv ``ConvTranspose`` (strides, pads, output_padding, dilations, group).
+- Dynamic uniform activations (per tensor, or per token) are their float32 arithmetic (ReduceMin / ReduceMax,
+  Round, Clip; no standard op quantizes per token), bit for bit as torch.
 - Static affine activations (calibrated uniform, LSQ, PACT, DoReFa) become a
   ``QuantizeLinear -> DequantizeLinear`` pair with a per-tensor scale; a code range
   narrower than the container (for example 4 bits in uint8) adds a ``Clip`` to
@@ -66,6 +68,7 @@ from ..errors import ConfigError, UnsupportedLayerError
 from ..format.atomic import write_atomic
 from ..quantizers import Encoded, Quantizer, decode
 from ..quantizers.base import EPS
+from ..quantizers.uniform import affine_qrange
 from ..ops import LAYER_OPS, Graph, GraphNode
 from ..ops.rnn import onnx_rnn
 from .binary_ops import DOMAIN, VERSION, pack_signs
@@ -210,7 +213,7 @@ class _Builder:
 
     def eight_bit(self, q: Quantizer | None, base: str) -> bool:
         """Whether activation quantizer ``q`` becomes an int8 / uint8 QuantizeLinear -> DequantizeLinear pair."""
-        if q is None or q.name in _IDENTITY or q.name in _SIGN:
+        if q is None or q.name in _IDENTITY or q.name in _SIGN or _dynamic_uniform(q):
             return False
         affine = _static_affine(q, f"activation quantizer {q.name!r} of {base!r}")
         return self.container(affine, base).onnx_type in _EIGHT_BIT
@@ -249,6 +252,46 @@ class _Builder:
             return _Value(out)
         return _Value(out, float(scale), affine)
 
+    def reduce(self, op: str, x: str, axes: list[int] | None, base: str) -> str:
+        """ReduceMin / ReduceMax / ReduceMean over ``axes`` (None: all), dimensions kept."""
+        if axes is None:
+            return self.node(op, [x], base, keepdims=1)
+        if self.opset >= 18:
+            return self.node(op, [x, self.const(f"{base}.axes", np.array(axes, np.int64))], base, keepdims=1)
+        return self.node(op, [x], base, axes=axes, keepdims=1)
+
+    def dynamic_affine(self, x: str, spec: dict[str, Any], base: str) -> _Value:
+        """A dynamic uniform quantizer (per tensor, or per token: along ``token_axis``) in float32 arithmetic, step for
+        step as torch's: lo = min(min x, 0), hi = max(max x, 0), s = max((hi - lo) / (qmax - qmin), EPS) (symmetric:
+        max(-lo, hi) / ((qmax - qmin) / 2)), z = clip(qmin - round(lo / s)), then
+        (clip(round(x * (1 / s)) + z, qmin, qmax) - z) * s. No standard op quantizes per token (DynamicQuantizeLinear
+        is per tensor and uint8 only), so the codes stay float values here."""
+        qmin, qmax = affine_qrange(spec["bits"], spec["symmetric"], spec["narrow"])
+        f32 = np.float32
+        axes = [spec["token_axis"]] if spec["per_token"] else None
+        lo = self.node("Min", [self.reduce("ReduceMin", x, axes, f"{base}.min"), self.const(f"{base}.zero", f32(0))],
+                       f"{base}.lo")
+        hi = self.node("Max", [self.reduce("ReduceMax", x, axes, f"{base}.max"), self.const(f"{base}.zero", f32(0))],
+                       f"{base}.hi")
+        if spec["symmetric"]:
+            span = self.node("Max", [self.node("Neg", [lo], f"{base}.neg_lo"), hi], f"{base}.span")
+            levels = f32((qmax - qmin) / 2)
+        else:
+            span, levels = self.node("Sub", [hi, lo], f"{base}.span"), f32(qmax - qmin)
+        scale = self.node("Max", [self.node("Div", [span, self.const(f"{base}.levels", levels)], f"{base}.step"),
+                                  self.const(f"{base}.eps", f32(EPS))], f"{base}.scale")
+        low, high = self.const(f"{base}.qmin", f32(qmin)), self.const(f"{base}.qmax", f32(qmax))
+        if spec["symmetric"]:
+            zero = self.const(f"{base}.zero_point", f32(0))
+        else:
+            shift = self.node("Round", [self.node("Div", [lo, scale], f"{base}.lo_steps")], f"{base}.lo_codes")
+            zero = self.node("Clip", [self.node("Sub", [low, shift], f"{base}.z"), low, high], f"{base}.zero_point")
+        inverse = self.node("Reciprocal", [scale], f"{base}.inverse")
+        rounded = self.node("Round", [self.node("Mul", [x, inverse], f"{base}.steps")], f"{base}.rounded")
+        codes = self.node("Clip", [self.node("Add", [rounded, zero], f"{base}.shifted"), low, high], f"{base}.codes")
+        return _Value(self.node("Mul", [self.node("Sub", [codes, zero], f"{base}.centered"), scale],
+                                f"{base}.dequantized"))
+
     def sign(self, x: str, base: str) -> str:
         """sign(x) with sign(0) = +1: Where(x < 0, -1, 1)."""
         negative = self.node("Less", [x, self.const(f"{base}.zero", np.array(0.0, np.float32))], f"{base}.negative")
@@ -262,17 +305,21 @@ class _Builder:
         where = f"activation quantizer {q.name!r} of {base!r}"
         if q.name == "binary":
             return _Value(self.sign(x.name, base))
+        if _dynamic_uniform(q):
+            return self.dynamic_affine(x.name, q.spec(), base)
         if x.affine is not None and q.name not in _SIGN and _same_grid(x.affine, _static_affine(q, where)):
             return x  # quantized with exactly these parameters already
         if q.name == "xnor" and q.spec()["role"] == "activation":
             magnitude = self.node("Abs", [x.name], f"{base}.abs")
-            if self.opset >= 18:
-                mean = self.node("ReduceMean", [magnitude, self.const(f"{base}.axes", np.array([1]))], f"{base}.mean")
-            else:
-                mean = self.node("ReduceMean", [magnitude], f"{base}.mean", axes=[1])
+            mean = self.reduce("ReduceMean", magnitude, [1], f"{base}.mean")
             floor = self.node("Max", [mean, self.const(f"{base}.eps", np.array(EPS, np.float32))], f"{base}.a")
             return _Value(self.node("Mul", [self.sign(x.name, base), floor], f"{base}.xnor"))
         return self.qdq(x.name, _static_affine(q, where), base)
+
+
+def _dynamic_uniform(q: Quantizer) -> bool:
+    """Whether ``q`` is a uniform quantizer reading its range off each input (per tensor or per token)."""
+    return q.name == "uniform" and q.spec()["dynamic"] and not q.spec()["per_channel"]
 
 
 def _moves(node: GraphNode) -> bool:
@@ -306,8 +353,8 @@ def _static_affine(q: Quantizer, where: str) -> _Affine:
     if not (q.name in _STATIC_AFFINE or q.name in _RANGE_AFFINE and spec.get("dynamic") is False):
         raise UnsupportedLayerError(
             f"{where} has no ONNX form: activations export as static affine QDQ (calibrated uniform / linear, "
-            f"lsq, pact, dorefa_act), binary or xnor; dynamic (per-batch) ranges and log / codebook activations "
-            f"cannot be exported")
+            f"lsq, pact, dorefa_act), dynamic uniform (float arithmetic), binary or xnor; dynamic linear ranges "
+            f"and log / codebook activations cannot be exported")
     if spec.get("per_channel"):
         raise UnsupportedLayerError(f"{where}: per-channel activation scales cannot be exported; use per-tensor")
     training = q.training

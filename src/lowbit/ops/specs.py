@@ -56,7 +56,8 @@ SPECS: dict[str, dict[str, tuple[Any, Any]]] = {
     "ternary": {"threshold": (Number(0, math.inf), 0.7), "per_channel": (Bool(), False)},
     "uniform": {"bits": (Int(2, 16), 8), "symmetric": (Bool(), False), "per_channel": (Bool(), False),
                 "narrow": (Bool(), False), "dynamic": (Bool(), True), "observer": (Choice(OBSERVERS), "minmax"),
-                "percentile": (Number(50, 100), 99.99)},
+                "percentile": (Number(50, 100), 99.99), "per_token": (Bool(), False),
+                "token_axis": (Int(-2, -1), -1)},
     "xnor": {"ste": (_STE, "clipped"), "role": (Choice(ROLES), "weight")},
 }
 
@@ -78,6 +79,9 @@ def _lsq(spec: dict[str, Any], where: str) -> None:
 def _uniform(spec: dict[str, Any], where: str) -> None:
     if spec["per_channel"] and spec["observer"] == "entropy":
         raise FormatError("bad-spec", f"{where}: the uniform entropy observer is per tensor, not per_channel")
+    if spec["per_token"] and (spec["per_channel"] or not spec["dynamic"] or spec["observer"] != "minmax"):
+        raise FormatError("bad-spec", f"{where}: per_token uniform ranges are read at run time: dynamic true, "
+                                      "per_channel false and observer 'minmax'")
 
 
 #: checks across a quantizer's parameters, run after each parameter passed its own

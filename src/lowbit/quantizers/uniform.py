@@ -7,6 +7,13 @@ exactly representable), codes in [qmin, qmax]:
     q = clamp(round(x * (1/s)) + z, qmin, qmax)   x_hat = (q - z) * s
 
 Symmetric: s = max(max(-lo, hi) / ((qmax - qmin) / 2), EPS), z = 0, signed codes.
+
+Per token (``per_token=True``, dynamic activations of Transformers, whose ranges vary from token to token, as
+in LLM.int8 and SmoothQuant): every vector along the last axis (a token's features) gets its own s and z from
+its own min and max at run time (``token_axis=-2``: every vector along axis -2, a matmul's right operand), so
+one token's outlier does not coarsen the grid of the others and no sample's result depends on the rest of its
+batch.
+
 Rounding is half to even and ``1/s`` is a float32 reciprocal, the arithmetic of
 ``torch.fake_quantize_per_tensor_affine``, so both give the same bits (the forward computes it
 in float32, fewer passes than the integer codes that :func:`encode` gives). Code ranges
@@ -139,6 +146,10 @@ class UniformQuantizer(Quantizer):
     needed, it keeps its last output and returns it again while the input is the same tensor,
     unchanged (same object, ``_version``, ``data_ptr``, shape and dtype).
 
+    ``per_token=True`` (dynamic only, not per channel) reads one range per vector along ``token_axis``: -1, each
+    row (a token's features; the left operand of a product), or -2, each column (the right operand of ``a @ b``,
+    whose scales then factor out of every dot product as the rows' do).
+
     ``dynamic=False`` (activations) keeps the range in buffers (``stats.min_val``, ``stats.max_val``,
     ``stats.batches``). While ``calibrating``, min/max keeps the running extremes (and quantizes
     with the range so far); percentile, mse and entropy per tensor count every batch into one
@@ -166,8 +177,17 @@ class UniformQuantizer(Quantizer):
         dynamic: bool = True,
         observer: str = "minmax",
         percentile: float = 99.99,
+        per_token: bool = False,
+        token_axis: int = -1,
     ) -> None:
         super().__init__()
+        self.per_token = check_flag(per_token, "per_token")
+        if token_axis not in (-1, -2) or isinstance(token_axis, bool):
+            raise ConfigError(f"token_axis is -1 (a range per row) or -2 (per column), got {token_axis!r}")
+        self.token_axis = token_axis
+        if per_token and (per_channel or not dynamic):
+            raise ConfigError("per_token uniform quantization reads each token's min and max at run time: it needs "
+                              f"dynamic=True and per_channel=False (got dynamic={dynamic}, per_channel={per_channel})")
         self.bits = check_bits(bits, 2, 16)
         self.symmetric = check_flag(symmetric, "symmetric")
         self.per_channel = check_flag(per_channel, "per_channel")
@@ -204,7 +224,10 @@ class UniformQuantizer(Quantizer):
 
     @observer.setter
     def observer(self, observer: str) -> None:
-        if check_observer(observer) == "entropy" and self.per_channel:
+        if check_observer(observer) != "minmax" and self.per_token:
+            raise ConfigError(f"{self.where()} reads each token's range at run time: its observer is 'minmax', "
+                              f"not {observer!r}")
+        if observer == "entropy" and self.per_channel:
             raise ConfigError(f"the entropy observer reads one range per tensor, but {self.where()} is per channel; "
                               "use per_channel=False, or observer 'minmax', 'percentile' or 'mse'")
         self._observer = observer
@@ -219,6 +242,8 @@ class UniformQuantizer(Quantizer):
             "dynamic": self.dynamic,
             "observer": self.observer,
             "percentile": self.percentile,
+            "per_token": self.per_token,
+            "token_axis": self.token_axis,
         }
 
     @property
@@ -240,7 +265,7 @@ class UniformQuantizer(Quantizer):
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The range of ``x`` by the observer's per-batch rule; CalibrationError if ``x`` holds NaN/Inf
         (seen in its min and max, without another pass)."""
-        lo, hi = minmax_range(x, self.axis)
+        lo, hi = torch.aminmax(x, dim=self.token_axis, keepdim=True) if self.per_token else minmax_range(x, self.axis)
         if not bool(torch.isfinite(torch.stack([lo, hi])).all()):
             check_finite(x, self.where())
         if self.observer == "minmax":

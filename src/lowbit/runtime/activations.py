@@ -7,7 +7,7 @@ input it gives the same bits:
 - ``binary``: sign(x), sign(0) = +1;  ``xnor`` (activation): sign(x) * A,
   A = max(mean over channels of |x|, EPS) (Rastegari et al. 2016);
 - ``uniform`` (per tensor; static: range from ``stats.min_val`` /
-  ``stats.max_val``, dynamic: min/max of the input):
+  ``stats.max_val``, dynamic: min/max of the input; ``per_token``: of each vector along ``token_axis``):
   ``s = max((hi - lo) / (qmax - qmin), EPS)``, ``z = clamp(qmin - round(lo / s), qmin, qmax)``
   with lo <- min(lo, 0), hi <- max(hi, 0); symmetric ``s = max(max(-lo, hi) / ((qmax - qmin) / 2), EPS)``,
   ``z = 0``; then ``(clamp(round(x * (1 / s)) + z, qmin, qmax) - z) * s`` (torch's fake_quantize);
@@ -43,7 +43,7 @@ State = dict[str, np.ndarray]
 EPS = np.finfo(np.float32).eps
 
 SUPPORTED = ("binary", "dorefa_act", "dorefa_grad", "linear", "log2", "lsq", "pact",
-             "uniform (per tensor, minmax when dynamic)", "xnor (activation)")
+             "uniform (per tensor or per token, minmax when dynamic)", "xnor (activation)")
 
 
 def sign(x: np.ndarray) -> np.ndarray:
@@ -67,19 +67,20 @@ def affine_qrange(bits: int, symmetric: bool, narrow: bool) -> tuple[int, int]:
 
 
 def affine_qparams(lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int, symmetric: bool,
-                   where: str = "activation") -> tuple[np.float32, int]:
-    """(scale float32, zero point) of the range [lo, hi] widened to include 0 (torch's observer rule);
-    CalibrationError naming ``where`` when hi - lo overflows float32."""
+                   where: str = "activation") -> tuple[np.ndarray, np.ndarray | int]:
+    """(scale float32, zero point) of the range [lo, hi] widened to include 0 (torch's observer rule), scalars or
+    arrays of ranges alike; CalibrationError naming ``where`` when hi - lo overflows float32."""
     lo = np.minimum(np.float32(lo), np.float32(0))
     hi = np.maximum(np.float32(hi), np.float32(0))
     with np.errstate(over="ignore"):
         if symmetric:
-            return np.maximum(np.maximum(-lo, hi) / np.float32((qmax - qmin) / 2), EPS), 0
+            scale = np.maximum(np.maximum(-lo, hi) / np.float32((qmax - qmin) / 2), EPS)
+            return scale, np.zeros(scale.shape, np.float32) if scale.ndim else 0
         scale = np.maximum((hi - lo) / np.float32(qmax - qmin), EPS)
-    if not np.isfinite(scale):
-        raise CalibrationError(f"{where}: the range [{lo}, {hi}] is too wide for float32 (hi - lo overflows)")
-    zero_point = int(np.clip(qmin - int(np.rint(lo / scale)), qmin, qmax))
-    return scale, zero_point
+    if not np.isfinite(scale).all():
+        raise CalibrationError(f"{where}: a range is too wide for float32 (hi - lo overflows)")
+    zero_point = np.clip(np.float32(qmin) - np.rint(lo / scale), qmin, qmax)
+    return scale, zero_point if zero_point.ndim else int(zero_point)
 
 
 def fake_quantize_affine(x: np.ndarray, scale: np.float32, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
@@ -96,6 +97,9 @@ def uniform(spec: dict[str, Any], state: State, where: str) -> Activation:
         raise _unsupported(spec, where, "per-channel activation ranges")
     qmin, qmax = affine_qrange(spec["bits"], spec["symmetric"], spec["narrow"])
     symmetric = spec["symmetric"]
+    if spec["per_token"]:
+        axis = spec["token_axis"]
+        return lambda x: fake_quantize_affine(x, *_token_qparams(x, axis, qmin, qmax, symmetric, where), qmin, qmax)
     if spec["dynamic"]:
         if spec["observer"] != "minmax":
             raise _unsupported(spec, where, f"a dynamic {spec['observer']!r} observer")
@@ -103,6 +107,15 @@ def uniform(spec: dict[str, Any], state: State, where: str) -> Activation:
                                               qmin, qmax)
     scale, zero_point = affine_qparams(*_observed(state, where), qmin, qmax, symmetric, where)
     return lambda x: fake_quantize_affine(x, scale, zero_point, qmin, qmax)
+
+
+def _token_qparams(x: np.ndarray, axis: int, qmin: int, qmax: int, symmetric: bool,
+                   where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token (scale, zero point), kept dimensions: the range of each vector along ``axis``."""
+    lo, hi = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise CalibrationError(f"{where} holds NaN/Inf value(s); quantization needs finite values")
+    return affine_qparams(lo, hi, qmin, qmax, symmetric, where)
 
 
 def _observed(state: State, where: str) -> tuple[np.ndarray, np.ndarray]:
