@@ -17,11 +17,11 @@ are applied at once, the block's errors reach the later columns in one matrix pr
 ``act_order`` rounds the columns in decreasing diag(H) and undoes the permutation at the end; an input that is
 always zero (H_qq = 0) gets H_qq = 1 and its weight column 0, as the paper's implementation does.
 
-The grid (scale and zero point, per tensor, channel or group of columns, log2's fsr, or the k-means codebook) is
-fixed once from the original weight by the layer's own weight quantizer (:mod:`.grid`; ``group_uniform``'s groups
-are static, their parameters those of the original weight), so each column rounds to its nearest representable
-value, with act-order too. All
-of GPTQ's arithmetic (H, its inverse Cholesky factor, the weight being updated) is float64; the rounding is the
+The grid (scale and zero point, per tensor, channel or group of columns, log2's fsr, the k-means codebook, or each
+group's binary, ternary, power-of-two or k-means levels) is fixed once from the original weight by the layer's own
+weight quantizer (:mod:`.grid`; the groups of the group-wise quantizers are static, their parameters those of the
+original weight), so each column rounds to its nearest representable value in its own group, with act-order too.
+All of GPTQ's arithmetic (H, its inverse Cholesky factor, the weight being updated) is float64; the rounding is the
 grid's own (uniform: the quantizer's float32 ``w * (1/s)``) and the values are its exactly decoded float32 ones.
 Each layer ends frozen on its codes (:func:`lowbit.nn.freeze_weight`).
 
