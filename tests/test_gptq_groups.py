@@ -155,7 +155,8 @@ def test_zero_updates_give_the_quantizers_own_codes_where_it_rounds_to_the_neare
     q = get(SPECS[codec])
     w = weight(16, 44, seed=3)
     own = q.encode(w)
-    hessian = torch.diag(torch.linspace(0.5, 3.0, 44, dtype=torch.float64)[torch.randperm(44)])[None]
+    order = torch.randperm(44, generator=torch.Generator().manual_seed(4))
+    hessian = torch.diag(torch.linspace(0.5, 3.0, 44, dtype=torch.float64)[order])[None]
     index, _ = gptq_rows(w[None], hessian, fixed_grid(q, w), block_size=16, act_order=act_order)
     codes = index[0]
     if codec in ("group_kmeans", "group_binary"):  # their encode rounds to the nearest level: exactly its codes
@@ -199,7 +200,8 @@ def matches_the_reference(layer: nn.Module, original: torch.Tensor, own, batches
 def test_act_order_rounds_each_column_on_its_own_group_and_ignoring_columns_fails(codec, monkeypatch):
     # 44 columns in groups of 8 (the last one short), act-order permuting them: GPTQ's codes are those of the
     # unblocked reference rounding each column on its own group, with the quantizer's own parameters
-    batches = list((correlated(600, 44, seed=5) * torch.logspace(-1, 1, 44)[torch.randperm(44)]).split(300))
+    order = torch.randperm(44, generator=torch.Generator().manual_seed(5))
+    batches = list((correlated(600, 44, seed=5) * torch.logspace(-1, 1, 44)[order]).split(300))
 
     def run():
         torch.manual_seed(4)
@@ -253,9 +255,9 @@ def test_orthogonal_inputs_give_round_to_nearest(codec):
     assert torch.equal(frozen(layer).codes, expected) and result.error_after == result.error_before
 
 
-# error_after / error_before measured on seeds 9 / 10 (and 0.73-0.78, 0.58-0.61, 0.84-0.88, 0.77-0.81 on seeds
-# 10-13 / 11-14): group_kmeans 3-bit g64 0.744, group_log2 3-bit g16 0.607, group_binary g16 0.879, group_ternary
-# g16 0.810
+# error_after / error_before measured with torch seed 9 and input seed 10: group_kmeans 3-bit g64 0.744, group_log2
+# 3-bit g16 0.607, group_binary g16 0.879, group_ternary g16 0.810 (over torch seeds 9-13 with input seeds 10-14:
+# 0.73-0.78, 0.58-0.61, 0.84-0.88, 0.77-0.81)
 @pytest.mark.parametrize("spec, bound", [
     ({"name": "group_kmeans", "bits": 3, "group_size": 64}, 0.85),
     ({"name": "group_log2", "bits": 3, "group_size": 16}, 0.7),
