@@ -43,7 +43,7 @@ import torch
 
 from ..quantizers import Encoded, Quantizer, decode
 from ..quantizers.base import along
-from ..quantizers.group import _nearest, group_count
+from ..quantizers.group import group_count, nearest_level
 from ..quantizers.log2 import log_encoded
 from ..quantizers.uniform import affine_codes, affine_encoded
 
@@ -193,7 +193,7 @@ class GroupTableGrid:
 
 def _float32_nearest(levels: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """group_kmeans' own assignment: the least float32 |w - level|, ties to the lower index."""
-    return _nearest(values.float(), levels.float())
+    return nearest_level(values.float(), levels.float())
 
 
 def _group_table_grid(enc: Encoded) -> GroupTableGrid:

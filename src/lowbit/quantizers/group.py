@@ -296,7 +296,7 @@ class GroupTernaryQuantizer(_GroupScaled):
 _CHUNK = 2**22
 
 
-def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+def nearest_level(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """For [N, g] values and [N, K] levels, the index of each value's nearest level (the lower one on ties)."""
     step = max(1, _CHUNK // max(1, values.shape[1] * levels.shape[1]))
     return torch.cat([(values[i:i + step, :, None] - levels[i:i + step, None, :]).abs().argmin(dim=2)
@@ -322,7 +322,7 @@ def group_kmeans_codebook(x: torch.Tensor, group_size: int, levels: int, iters: 
         centroids[:, -1:] = hi
     weight = real.double()
     for _ in range(iters):
-        labels = _nearest(padded, centroids)
+        labels = nearest_level(padded, centroids)
         sums = torch.zeros_like(centroids).scatter_add_(1, labels, padded * weight)
         counts = torch.zeros_like(centroids).scatter_add_(1, labels, weight)
         moved = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
@@ -331,7 +331,7 @@ def group_kmeans_codebook(x: torch.Tensor, group_size: int, levels: int, iters: 
         centroids = moved
     book = centroids.float()
     values = F.pad(rows.float(), (0, groups * group_size - k)).view(o * groups, group_size)
-    codes = _nearest(values, book)
+    codes = nearest_level(values, book)
     codes = codes.view(o, groups * group_size)[:, :k].reshape(x.shape)
     return codes, book.view(o, groups, levels)
 
