@@ -94,15 +94,22 @@ def test_root_layer_and_shared_layers():
 def test_each_preset_converts_calibrates_and_runs(name):
     model = quantize(net(), name)
     preset = PRESETS[name]
+
+    def expected(specs: dict, path: str, slot: str):
+        q = get(specs.get(slot))
+        if slot == "input" and q is not None and q.spec().get("per_token") and path.endswith("conv"):
+            return get({**q.spec(), "token_axis": 0})  # a conv's per-token input: one range per sample
+        return q
+
     for mid in ("body.a.conv", "head.1"):
         for slot in ("weight", "input", "output"):
             q = getattr(layer(model, mid), f"{slot}_quantizer")
-            assert q == get(preset.get(slot)), (mid, slot)
+            assert q == expected(preset, mid, slot), (mid, slot)
             assert q is None or q.label == f"{mid}.{slot}"
     edges = EIGHT_BIT if preset.get("first", "8bit") == "8bit" else preset  # w7a8: first and last like the rest
     for edge in ("stem.conv", "head.3"):
         for slot in ("weight", "input", "output"):
-            assert getattr(layer(model, edge), f"{slot}_quantizer") == get(edges.get(slot)), (edge, slot)
+            assert getattr(layer(model, edge), f"{slot}_quantizer") == expected(edges, edge, slot), (edge, slot)
     # AdaRound (the -ptq presets) needs 32 output positions per layer: 32 images for the linear head
     lowbit.calibrate(model, batches() if not preset.get("ptq") else [torch.rand(32, 1, 8, 8)])
     model.eval()

@@ -35,7 +35,10 @@ def _token(bits: int = 8, symmetric: bool = False, axis: int = -1):
 
 
 def _oracle(x: torch.Tensor, bits: int, symmetric: bool, axis: int) -> torch.Tensor:
-    """Each vector along ``axis`` through torch's own per-channel fake quantization, its range widened to 0."""
+    """Each vector along ``axis`` (0: each sample whole) through torch's own per-channel fake quantization, its
+    range widened to 0."""
+    if axis == 0:
+        return _oracle(x.reshape(len(x), -1), bits, symmetric, -1).reshape(x.shape)
     rows = x.transpose(axis, -1).reshape(-1, x.shape[axis])
     lo, hi = rows.amin(1).clamp(max=0), rows.amax(1).clamp(min=0)
     if symmetric:
@@ -55,7 +58,7 @@ _finite = st.floats(-1e4, 1e4, width=32)
 
 @settings(max_examples=60, deadline=None)
 @given(arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 9)), elements=_finite),
-       st.sampled_from([2, 4, 8]), st.booleans(), st.sampled_from([-1, -2]))
+       st.sampled_from([2, 4, 8]), st.booleans(), st.sampled_from([-1, -2, 0]))
 @example(np.zeros((2, 3, 4), np.float32), 8, False, -1)
 @example(np.full((2, 3, 4), 2.5, np.float32), 4, True, -2)
 def test_each_token_is_torch_fake_quantize_with_its_own_range(x, bits, symmetric, axis):
@@ -76,7 +79,8 @@ def _onnx_quantize(spec: dict, x: np.ndarray, opset: int = 21) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bits,symmetric,axis,opset", [(8, False, -1, 21), (8, True, -1, 21), (8, False, -2, 17),
-                                                       (4, True, -2, 13), (3, False, -1, 18)])
+                                                       (4, True, -2, 13), (3, False, -1, 18), (8, False, 0, 21),
+                                                       (8, True, 0, 13)])
 def test_onnx_form_gives_the_same_bits(bits, symmetric, axis, opset):
     torch.manual_seed(bits + opset)
     x = torch.randn(4, 6, 33) * torch.rand(4, 6, 1) * 10
@@ -122,7 +126,7 @@ def test_invalid_settings_are_typed_errors():
     with pytest.raises(ConfigError, match="per_channel=False"):
         get({"name": "uniform", "per_channel": True, "per_token": True})
     with pytest.raises(ConfigError, match="token_axis"):
-        get({"name": "uniform", "per_token": True, "token_axis": 0})
+        get({"name": "uniform", "per_token": True, "token_axis": 1})
     with pytest.raises(ConfigError, match="'minmax'"):
         _token().observer = "mse"
     with pytest.raises(FormatError, match="per_token"):
@@ -132,13 +136,28 @@ def test_invalid_settings_are_typed_errors():
     assert check_spec({"name": "uniform"}, "old file")["per_token"] is False  # files written before read alike
 
 
-def test_a_conv_refuses_per_token_inputs_by_name():
-    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 6, 2)).eval()
-    with pytest.raises(ConfigError, match="'0'.*conv1d.*per-token"):
-        lowbit.quantize(model, "w8a8-dynamic")
-    rule = {"layer_type": "Conv1d", "input": "uniform"}
-    q = lowbit.quantize(model, {**lowbit.config.PRESETS["w8a8-dynamic"], "rules": [rule]})
-    assert q.get_submodule("0").input_quantizer.spec()["per_token"] is False
+def test_a_conv_reads_one_range_per_sample_through_file_engine_and_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 4, 1),
+                          nn.Flatten(), nn.Linear(4 * 6, 3)).eval()
+    q = lowbit.quantize(model, "w8a8-dynamic")
+    specs = [q.get_submodule(p).input_quantizer.spec() for p in ("0", "2", "4")]
+    assert [s["token_axis"] for s in specs] == [0, 0, -1] and all(s["per_token"] for s in specs)
+    x = torch.randn(16, 4, 8)
+    outlier = x.clone()
+    outlier[3] *= 100  # an outlier sample changes no other sample's result
+    with torch.no_grad():
+        y = q(x)
+        others = torch.arange(16) != 3
+        assert torch.equal(q(outlier)[others], y[others])
+    path = tmp_path / "conv.lowbit"
+    lowbit.save(q, path, x[:1])
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(path)(x), y)
+    assert np.allclose(Engine(path).run(x.numpy()), y.numpy(), rtol=1e-4, atol=1e-4)
+    session = ort.InferenceSession(to_onnx(q, x[:1]).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], y.numpy(), rtol=1e-4,
+                       atol=1e-4)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -443,10 +443,8 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
                 report.converted.append(site.path)
             gm.add_submodule(site.path, built[id(site.layer)])
             continue
-        if site.op in _CONVS and _per_token(specs["input"]):
-            raise ConfigError(f"layer {site.path!r} is a {site.op}: per-token input ranges are for linear and matmul "
-                              "inputs (features last); give convs a per-tensor input spec (a LayerRule by "
-                              "layer_type, e.g. {'layer_type': 'Conv1d', 'input': 'uniform'})")
+        if site.op in _CONVS and _per_token(specs["input"]):  # features on axis 1: one range per sample
+            specs["input"] = {**quantizers.get(specs["input"]).spec(), "token_axis": 0}
         if id(site.layer) not in built:
             built[id(site.layer)] = LAYERS[site.op][1].from_float(site.layer, weight_quantizer=specs["weight"])
             report.converted.append(site.path)

@@ -268,7 +268,10 @@ class _Builder:
         is per tensor and uint8 only), so the codes stay float values here."""
         qmin, qmax = affine_qrange(spec["bits"], spec["symmetric"], spec["narrow"])
         f32 = np.float32
-        axes = [spec["token_axis"]] if spec["per_token"] else None
+        whole = spec["per_token"] and spec["token_axis"] == 0
+        if whole:  # each sample whole: quantize its rows after Flatten, then take the input's shape back
+            shape, x = self.node("Shape", [x], f"{base}.shape"), self.node("Flatten", [x], f"{base}.rows", axis=1)
+        axes = [-1 if whole else spec["token_axis"]] if spec["per_token"] else None
         lo = self.node("Min", [self.reduce("ReduceMin", x, axes, f"{base}.min"), self.const(f"{base}.zero", f32(0))],
                        f"{base}.lo")
         hi = self.node("Max", [self.reduce("ReduceMax", x, axes, f"{base}.max"), self.const(f"{base}.zero", f32(0))],
@@ -289,8 +292,8 @@ class _Builder:
         inverse = self.node("Reciprocal", [scale], f"{base}.inverse")
         rounded = self.node("Round", [self.node("Mul", [x, inverse], f"{base}.steps")], f"{base}.rounded")
         codes = self.node("Clip", [self.node("Add", [rounded, zero], f"{base}.shifted"), low, high], f"{base}.codes")
-        return _Value(self.node("Mul", [self.node("Sub", [codes, zero], f"{base}.centered"), scale],
-                                f"{base}.dequantized"))
+        y = self.node("Mul", [self.node("Sub", [codes, zero], f"{base}.centered"), scale], f"{base}.dequantized")
+        return _Value(self.node("Reshape", [y, shape], f"{base}.reshaped") if whole else y)
 
     def sign(self, x: str, base: str) -> str:
         """sign(x) with sign(0) = +1: Where(x < 0, -1, 1)."""

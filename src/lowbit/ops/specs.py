@@ -57,7 +57,7 @@ SPECS: dict[str, dict[str, tuple[Any, Any]]] = {
     "uniform": {"bits": (Int(2, 16), 8), "symmetric": (Bool(), False), "per_channel": (Bool(), False),
                 "narrow": (Bool(), False), "dynamic": (Bool(), True), "observer": (Choice(OBSERVERS), "minmax"),
                 "percentile": (Number(50, 100), 99.99), "per_token": (Bool(), False),
-                "token_axis": (Int(-2, -1), -1)},
+                "token_axis": (Int(-2, 0), -1)},
     "xnor": {"ste": (_STE, "clipped"), "role": (Choice(ROLES), "weight")},
 }
 

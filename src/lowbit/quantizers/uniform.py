@@ -51,6 +51,19 @@ from .observers import (
 from .ste import straight_through_in_range
 
 
+#: the axes a per-token range reads along: -1 rows, -2 columns, 0 each sample whole (all axes but the batch)
+TOKEN_AXES = (-1, -2, 0)
+
+
+def token_range(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of each vector along ``axis`` (-1, -2), or of each sample (0), dimensions kept for broadcasting."""
+    if axis == 0:
+        lo, hi = torch.aminmax(x.reshape(len(x), -1), dim=1)
+        shape = (len(x),) + (1,) * (x.dim() - 1)
+        return lo.reshape(shape), hi.reshape(shape)
+    return torch.aminmax(x, dim=axis, keepdim=True)
+
+
 def affine_qrange(bits: int, symmetric: bool, narrow: bool) -> tuple[int, int]:
     """(qmin, qmax) for ``bits``: unsigned codes when affine, signed when symmetric."""
     if symmetric:
@@ -147,8 +160,9 @@ class UniformQuantizer(Quantizer):
     unchanged (same object, ``_version``, ``data_ptr``, shape and dtype).
 
     ``per_token=True`` (dynamic only, not per channel) reads one range per vector along ``token_axis``: -1, each
-    row (a token's features; the left operand of a product), or -2, each column (the right operand of ``a @ b``,
-    whose scales then factor out of every dot product as the rows' do).
+    row (a token's features; the left operand of a product), -2, each column (the right operand of ``a @ b``,
+    whose scales then factor out of every dot product as the rows' do), or 0, each sample whole (a conv's input,
+    whose features are not its last axis).
 
     ``dynamic=False`` (activations) keeps the range in buffers (``stats.min_val``, ``stats.max_val``,
     ``stats.batches``). While ``calibrating``, min/max keeps the running extremes (and quantizes
@@ -182,8 +196,9 @@ class UniformQuantizer(Quantizer):
     ) -> None:
         super().__init__()
         self.per_token = check_flag(per_token, "per_token")
-        if token_axis not in (-1, -2) or isinstance(token_axis, bool):
-            raise ConfigError(f"token_axis is -1 (a range per row) or -2 (per column), got {token_axis!r}")
+        if token_axis not in TOKEN_AXES or isinstance(token_axis, bool):
+            raise ConfigError(f"token_axis is -1 (a range per row), -2 (per column) or 0 (per sample), got "
+                              f"{token_axis!r}")
         self.token_axis = token_axis
         if per_token and (per_channel or not dynamic):
             raise ConfigError("per_token uniform quantization reads each token's min and max at run time: it needs "
@@ -265,7 +280,7 @@ class UniformQuantizer(Quantizer):
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The range of ``x`` by the observer's per-batch rule; CalibrationError if ``x`` holds NaN/Inf
         (seen in its min and max, without another pass)."""
-        lo, hi = torch.aminmax(x, dim=self.token_axis, keepdim=True) if self.per_token else minmax_range(x, self.axis)
+        lo, hi = token_range(x, self.token_axis) if self.per_token else minmax_range(x, self.axis)
         if not bool(torch.isfinite(torch.stack([lo, hi])).all()):
             check_finite(x, self.where())
         if self.observer == "minmax":

@@ -112,7 +112,12 @@ def uniform(spec: dict[str, Any], state: State, where: str) -> Activation:
 def _token_qparams(x: np.ndarray, axis: int, qmin: int, qmax: int, symmetric: bool,
                    where: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-token (scale, zero point), kept dimensions: the range of each vector along ``axis``."""
-    lo, hi = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
+    if axis == 0:  # each sample whole
+        rows = x.reshape(len(x), -1)
+        shape = (len(x),) + (1,) * (x.ndim - 1)
+        lo, hi = rows.min(axis=1).reshape(shape), rows.max(axis=1).reshape(shape)
+    else:
+        lo, hi = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise CalibrationError(f"{where} holds NaN/Inf value(s); quantization needs finite values")
     return affine_qparams(lo, hi, qmin, qmax, symmetric, where)
