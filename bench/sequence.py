@@ -1,5 +1,6 @@
 """Sequence models: a character-level GPT-style language model quantized post-training by lowbit (task ``lm``), and
-keyword spotting (task ``kws``, bench/sequence_kws.py), in one results file.
+keyword spotting (task ``kws``, bench/sequence_kws.py, its ``run`` called with ``--threads`` and its own defaults
+otherwise), in one results file.
 
     .venv/bin/python bench/sequence.py                              # both tasks (bench/results/sequence.json,
                                                                     # docs/sequence.png)
@@ -529,7 +530,7 @@ def print_tables(doc: dict) -> None:
         print("## lm\n\n" + (lm_table(doc["lm"]) if "rows" in doc["lm"] else f"error: {doc['lm'].get('error')}"))
     if "kws" in doc:
         kws = doc["kws"]
-        print("\n## kws\n\n" + str(kws.get("markdown") or kws.get("error") or json.dumps(kws, indent=1)[:3000]))
+        print("\n## kws\n\n" + str(kws.get("table") or kws.get("error") or json.dumps(kws, indent=1)[:3000]))
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -587,7 +588,8 @@ def main() -> None:
                     print("kws: bench/sequence_kws.py is missing in this checkout; task kws not run")
                     doc["kws"] = previous.get("kws") or {"status": "missing", "why": "bench/sequence_kws.py absent"}
                     continue
-                doc["kws"] = kws.run(args)
+                # only the options that mean the same there: --settings / --calib / --rounds are this task's
+                doc["kws"] = kws.run(argparse.Namespace(threads=args.threads, verbose=args.verbose))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             doc[task] = {**previous.get(task, {}), "error": f"{type(e).__name__}: {str(e).strip()[:400]}"}
