@@ -8,7 +8,9 @@ Stages, each followed by a test-set evaluation:
 2. ``share``: per-layer k-means on the survivors, ``bits`` per index, zeros on code 0;
 3. ``finetune``: ``finetune_epochs`` training the centroids (summed gradients; indices fixed);
 4. storage: relative-index entries (``index_bits`` per gap: 8 conv, 5 fc) with Huffman- and
-   ANS-coded streams; :func:`save_compressed` writes the .lowbit file.
+   ANS-coded streams; :func:`save_compressed` writes the .lowbit file with the model's graph IR
+   (captured on a zero batch shaped as the test inputs), so that ``lowbit.load(path)``, the Engine
+   and ONNX export run it from the file alone.
 
 ``deep_compress(model, train_loader, test_loader, config)`` returns a :class:`CompressionResult`.
 """
@@ -111,7 +113,8 @@ class DeepCompressionConfig:
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if isinstance(self.index_bits, str) and self.index_bits != "auto":
-            raise ConfigError(f"index_bits must be an int, a dict of layer -> int, 'auto' or None; got {self.index_bits!r}")
+            raise ConfigError("index_bits must be an int, a dict of layer -> int, 'auto' or None; "
+                              f"got {self.index_bits!r}")
         for name in ("retrain_epochs", "finetune_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -148,6 +151,7 @@ class CompressionResult:
     kept: dict[str, float]
     rounds: list[dict[str, float]]  # kept fraction per layer after each prune round
     before: dict[str, torch.Tensor] = field(repr=False)  # float weights before pruning, by layer
+    example_input: torch.Tensor = field(repr=False)  # zeros shaped as one test input, batch 1: the graph's example
 
     def float_bytes(self) -> int:
         return sum(s.float_bytes for s in self.layers)
@@ -217,6 +221,8 @@ def deep_compress(
     before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     acc = {"float": accuracy(model, test_loader)}
     log(f"float: test accuracy {acc['float']:.4f}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example = torch.zeros_like(next(iter(test_loader))[0][:1], device=device)
 
     if config.quality is None:
         final = paper_sparsity(model) if config.sparsity is None else config.sparsity
@@ -257,15 +263,17 @@ def deep_compress(
     else:
         index_bits = _per_layer_int(config.index_bits, paper_index_bits(model), "index_bits")
     stats = [layer_stats(name, layer, index_bits[name]) for name, layer in layers.items()]
-    return CompressionResult(shared, acc, stats, kept, history, before)
+    return CompressionResult(shared, acc, stats, kept, history, before, example)
 
 
 def save_compressed(result: CompressionResult, path: str | Path, entropy: str = "huffman") -> Path:
-    """Write the shared model as a .lowbit file with sparse relative-index storage and ``entropy`` coding."""
+    """Write the shared model as a .lowbit file with sparse relative-index storage and ``entropy`` coding,
+    and its graph IR captured on ``result.example_input`` (the graph goes into the header only; a model
+    whose graph cannot be captured raises UnsupportedLayerError), so that ``lowbit.load(path)`` rebuilds it."""
     if entropy not in ENTROPY:
         raise ConfigError(f"entropy must be one of {', '.join(ENTROPY)}, got {entropy!r}")
     sparse = {f"{s.name}.weight": s.index_bits for s in result.layers}
-    serialize.save(result.model, path, entropy=entropy, sparse=sparse)
+    serialize.save(result.model, path, result.example_input, entropy=entropy, sparse=sparse)
     return Path(path)
 
 
@@ -365,7 +373,8 @@ RECIPES = ("deep-compression",)
 
 def _add_arguments(parser: Any) -> None:
     parser.add_argument("checkpoint", help="trained float model: a Trainer checkpoint (.safetensors) or a .lowbit file")
-    parser.add_argument("--data", required=True, help="dataset to retrain and evaluate on (mnist, fashion-mnist, digits)")
+    parser.add_argument("--data", required=True,
+                        help="dataset to retrain and evaluate on (mnist, fashion-mnist, digits)")
     parser.add_argument("--recipe", default="deep-compression", choices=RECIPES, help="compression recipe")
     parser.add_argument("--model", default=None, help="architecture name (default: the one whose tensors match)")
     parser.add_argument("--out", required=True, help="the .lowbit file to write")
@@ -374,7 +383,8 @@ def _add_arguments(parser: Any) -> None:
     parser.add_argument("--quality", type=float, default=None, help="prune at quality * std instead of --sparsity")
     parser.add_argument("--bits", default=None, help="k-means index bits: one number or NAME=B,... "
                         "(default: 8 conv, 5 fc; 6 for a net without conv)")
-    parser.add_argument("--index-bits", default=None, help="relative-index bits: one, NAME=B,... or auto (smallest coded size; default 8 conv, 5 fc)")
+    parser.add_argument("--index-bits", default=None,
+                        help="relative-index bits: one, NAME=B,... or auto (smallest coded size; default 8 conv, 5 fc)")
     parser.add_argument("--init", default="linear", choices=["linear", "density", "random"], help="k-means init")
     parser.add_argument("--rounds", type=int, default=3, help="prune-retrain rounds (default 3)")
     parser.add_argument("--retrain-epochs", type=int, default=1, help="epochs of retraining per round (default 1)")
@@ -431,6 +441,7 @@ def _float_model(checkpoint: str, data: str, model_name: str | None) -> nn.Modul
 
 def _run(args: Any) -> tuple[str, dict[str, Any]]:
     from ..data import loaders
+    from ..workflow import EVAL_BATCH_SIZE, eval_set, outcomes
     from .prune import parse_layer_values
     from .report import format_table
 
@@ -444,7 +455,8 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
         lr=args.lr, seed=args.seed,
     )
     model = _float_model(args.checkpoint, args.data, args.model)
-    train_loader, test_loader = loaders(args.data, args.batch_size, seed=args.seed, limit=args.limit)
+    train_loader, test_loader = loaders(args.data, args.batch_size, seed=args.seed, limit=args.limit,
+                                        test_batch_size=EVAL_BATCH_SIZE)
     log: list[str] = []
 
     def say(message: str) -> None:
@@ -453,8 +465,8 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
 
     result = deep_compress(model, train_loader, test_loader, config, progress=True, log=say)
     out = save_compressed(result, out, args.entropy)
-    model.load_state_dict(serialize.load_state_dict(out))
-    result.accuracy["loaded"] = accuracy(model, test_loader)
+    correct, _ = outcomes(serialize.load(out), *eval_set(args.data, args.limit))  # as `lowbit eval` computes it
+    result.accuracy["loaded"] = float(correct.double().mean())
     per_layer, header = file_layer_bytes(out, [s.name for s in result.layers])
     plots = write_plots(result, plots_dir, prefix=out.stem + "-")
     floats, layer_bytes, file_bytes = result.float_bytes(), sum(per_layer.values()), out.stat().st_size
