@@ -156,6 +156,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    parser.add_argument("--teacher", default=None,
+                        help="distil this float checkpoint (a `lowbit train` run directory or .safetensors file, or "
+                             "a .lowbit file; any architecture with the same classes) into the model (with "
+                             "--recipe: into every quantized stage)")
+    parser.add_argument("--distill-temperature", type=float, default=None,
+                        help="with --teacher: softmax temperature T > 0 (default: 1)")
+    parser.add_argument("--distill-weight", type=float, default=None,
+                        help="with --teacher: weight w in [0, 1] of the teacher's term, (1 - w) CE + w T^2 KL "
+                             "(default: 1, the teacher's softmax only)")
     _add_data_dir(parser)
     _add_progress(parser)
 
@@ -180,9 +189,12 @@ def _run_train(args: argparse.Namespace) -> Output:
     result = workflow.train(
         args.model, args.data, epochs=args.epochs, out_dir=args.out, quant=quant, seed=args.seed,
         limit=args.limit, resume=args.resume, data_dir=args.data_dir, progress=args.progress,
+        teacher=args.teacher, distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
         **_given(lr=args.lr, batch_size=args.batch_size),
     )
     kind = f"quantization-aware ({args.config or args.quant})" if quant is not None else "float"
+    if args.teacher is not None:
+        kind += f", distilled from {args.teacher}"
     text = (f"trained {args.model} on {args.data}, {kind}, {len(result.history)} epoch(s): "
             f"test accuracy {_percent(result.final_acc)}\ncheckpoint {result.checkpoint}")
     data = {"checkpoint": str(result.checkpoint), "final_acc": result.final_acc,
@@ -200,7 +212,8 @@ def _run_recipe(args: argparse.Namespace) -> Output:
     result = recipes.train_recipe(
         args.recipe, args.data, model=args.model, epochs=args.epochs, out=args.out, seed=args.seed,
         limit=args.limit, progress=args.progress, batch_size=args.batch_size, lr=args.lr,
-        data_dir=args.data_dir, ddp_processes=args.ddp,
+        data_dir=args.data_dir, ddp_processes=args.ddp, teacher=args.teacher,
+        distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
     )
     text = (f"trained recipe {result['recipe']} ({result['model']}) on {args.data}, {result['epochs']} epoch(s): "
             f"test accuracy {_percent(result['final_acc'])}\ncheckpoint {result['checkpoint']}")

@@ -6,7 +6,8 @@ they hold the logic so the command stays thin.
 - :func:`train` trains a reference model (float, or quantization-aware after
   ``lowbit.quantize(model, preset)``) with :class:`~lowbit.train.Trainer` and
   writes ``run.json`` beside the checkpoints so that later steps know the
-  architecture, the dataset and the training preset.
+  architecture, the dataset and the training preset. ``teacher=`` distils a
+  teacher checkpoint into it (:func:`load_distillation`).
 - :func:`cached_train` does the same in the lowbit cache directory, keyed by
   model, dataset, epochs, seed (and limit / model arguments), and resumes or
   reuses what is there.
@@ -55,7 +56,7 @@ from .format.container import ENTROPY_CODERS
 from .models import get_model
 from .quantizers import Quantizer
 from .serialize import INPUT_SHAPE_ATTR
-from .train import Trainer, checkpoint_file, load_checkpoint, load_weights, seed_everything
+from .train import Distillation, Trainer, checkpoint_file, load_checkpoint, load_weights, seed_everything
 from .train.checkpoint import with_prefix
 from .train.trainer import JSONL_LOG, LAST
 
@@ -243,11 +244,16 @@ def train(
     model_kwargs: dict[str, Any] | None = None,
     data_dir: str | os.PathLike | None = None,
     progress: bool | None = None,
+    teacher: str | os.PathLike | None = None,
+    distill_temperature: float | None = None,
+    distill_weight: float | None = None,
 ) -> TrainResult:
     """Train reference model ``model`` on dataset ``data`` with SGD (momentum 0.9, cosine schedule).
 
     ``quant`` (a preset name or config) makes it quantization-aware:
-    ``lowbit.quantize(model, quant)`` before training. ``limit`` keeps the
+    ``lowbit.quantize(model, quant)`` before training. ``teacher`` (a checkpoint, see
+    :func:`load_distillation`) trains it on the distillation loss with ``distill_temperature`` and
+    ``distill_weight`` (:mod:`lowbit.train.distill`); run.json records them. ``limit`` keeps the
     first ``limit`` images of each split. Checkpoints and logs go to
     ``out_dir`` (see :class:`~lowbit.train.Trainer`) with ``run.json``. An
     ``out_dir`` that already holds ``last.safetensors`` needs ``resume=True``
@@ -262,20 +268,24 @@ def train(
     if last.exists() and not resume:
         raise ConfigError(f"{out} already holds {LAST}; pass resume (--resume) to continue it, or another out dir")
     quant_name = _config_label(quant)
+    distill, teacher_run = load_distillation(teacher, distill_temperature, distill_weight)  # before the seed
     run = {"model": model, "data": data, "quant": quant_name, "seed": seed, "epochs": epochs, "lr": lr,
-           "batch_size": batch_size, "limit": limit, "model_kwargs": model_kwargs or {}}
+           "batch_size": batch_size, "limit": limit, "model_kwargs": model_kwargs or {}, "teacher": teacher_run}
     seed_everything(seed)
     net = build_model(model, data, model_kwargs)
     if quant is not None:
         net = api.quantize(net, quant)
     train_x, train_y = load_dataset(data, "train", data_dir)
     test_x, test_y = eval_set(data, limit, data_dir)
+    if distill is not None:
+        distill.check(train_x[:2], dataset_info(data).num_classes)
     train_loader = make_loader(train_x[:limit], train_y[:limit], batch_size, shuffle=True, seed=seed)
     test_loader = make_loader(test_x, test_y, EVAL_BATCH_SIZE)
     if resume and last.exists():
         size_quantizer_state(net, last)
     trainer = Trainer(net, train_loader, test_loader, epochs=epochs, optimizer="sgd", lr=lr, momentum=0.9,
-                      seed=seed, out_dir=out, resume=resume, progress=progress)  # checks its options first
+                      distill=distill, seed=seed, out_dir=out, resume=resume,
+                      progress=progress)  # checks its options first
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / RUN_FILE, (json.dumps(run, indent=2) + "\n").encode())
     try:
@@ -289,6 +299,41 @@ def train(
     if fit.last_checkpoint is None:
         raise ConfigError(f"training wrote no checkpoint to {out}")
     return TrainResult(net, fit.last_checkpoint, fit.final_acc, fit.history, run, fit.wall_time)
+
+
+def load_distillation(
+    teacher: str | os.PathLike | None, temperature: float | None = None, weight: float | None = None
+) -> tuple[Distillation | None, dict[str, Any] | None]:
+    """The :class:`~lowbit.train.Distillation` of a teacher checkpoint and its run.json record (``path``,
+    ``sha256`` of the file, ``temperature``, ``weight``); (None, None) without a teacher.
+
+    ``teacher``: a training checkpoint with its run.json (a ``.safetensors`` file or its run directory,
+    :func:`load_trained`) or a ``.lowbit`` file (:func:`load_quantized`). ``temperature`` and ``weight``
+    default to :mod:`lowbit.train.distill`'s and are refused without a teacher. Loading a teacher
+    builds a network, which draws from the RNGs: call this before seeding the student's initialisation.
+    """
+    from .train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, check_distill_options
+
+    if teacher is None:
+        if temperature is not None or weight is not None:
+            raise ConfigError("the distillation temperature and weight go with a teacher (--teacher CKPT)")
+        return None, None
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+    weight = DEFAULT_WEIGHT if weight is None else weight
+    check_distill_options(temperature, weight)
+    path = checkpoint_file(teacher)
+    if not path.is_file():
+        raise ConfigError(f"teacher checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".lowbit":
+        network = load_quantized(path)
+    else:
+        if read_run(path.parent) is None:
+            raise ConfigError(f"teacher checkpoint {str(path)!r} has no {RUN_FILE} beside it to say its model; pass "
+                              "a run directory of `lowbit train` (or its .safetensors file) or a .lowbit file")
+        network, _ = load_trained(path)
+    record = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+              "temperature": temperature, "weight": weight}
+    return Distillation(network, temperature, weight), record
 
 
 def _config_label(config: Config | None) -> str | dict[str, Any] | None:

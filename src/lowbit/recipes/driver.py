@@ -14,6 +14,10 @@ and carry the trained weights into the float network for the next stage. The tri
 - batch-norm running statistics re-estimated after every epoch, before the test accuracy is
   taken (``bn_refresh``, :class:`RefreshBatchNorm`).
 
+``teacher=`` (a float checkpoint) trains every quantized stage (a float stage trains on its own)
+on the distillation loss ``(1 - w) loss + w T^2 KL(teacher || student)`` instead of the recipe's
+loss alone (:mod:`lowbit.train.distill`).
+
 Weight decay applies to the weights of Linear/Conv2d layers only (not to biases, batch norm or
 quantizer parameters). Under DDP (``ddp=N`` or torchrun) each process trains on its share of
 every global batch; see :mod:`lowbit.train.ddp`.
@@ -34,16 +38,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import api
-from ..data import load_dataset, make_loader
+from ..data import dataset_info, load_dataset, make_loader
 from ..data.loaders import _check_positive as check_positive
 from ..errors import ConfigError
 from ..format.atomic import write_atomic
 from ..models import binary_nets  # noqa: F401  (registers small-cnn)
 from ..nn import QuantConv2d, QuantLinear
 from ..quantizers.pact import PACTQuantizer
-from ..train import Trainer, ddp, seed_everything
+from ..train import Distillation, Trainer, ddp, seed_everything
 from ..train.trainer import check_lr
-from ..workflow import EVAL_BATCH_SIZE, RUN_FILE, build_model
+from ..workflow import EVAL_BATCH_SIZE, RUN_FILE, build_model, load_distillation
 from .table import SIGN_WEIGHTS, Recipe, Stage, get_recipe
 
 #: training time of a DDP run before its processes are stopped
@@ -216,8 +220,9 @@ def carry_weights(trained: nn.Module, net: nn.Module) -> None:
 
 
 def trainer_for(model: nn.Module, recipe: Recipe, loaders: tuple[Any, Any], epochs: int, lr: float, seed: int,
-                out_dir: Path | None, progress: bool) -> Trainer:
-    """A Trainer with the recipe's optimizer, schedule, loss and callbacks (DDP-wrapped in a process group)."""
+                out_dir: Path | None, progress: bool, distill: Distillation | None = None) -> Trainer:
+    """A Trainer with the recipe's optimizer, schedule, loss and callbacks (DDP-wrapped in a process group),
+    distilling ``distill``'s teacher when given."""
     callbacks: list[object] = [TrainTime()]
     if recipe.latent_clip is not None:
         callbacks.append(ClipLatentWeights(recipe.latent_clip))
@@ -233,8 +238,8 @@ def trainer_for(model: nn.Module, recipe: Recipe, loaders: tuple[Any, Any], epoc
         schedule = {"schedule": "step", "step_size": 1, "gamma": (recipe.final_lr / recipe.lr) ** (1 / epochs)}
     optimizer = make_optimizer(ddp.unwrap(model), recipe, lr)
     return Trainer(model, loaders[0], loaders[1], epochs=epochs, loss_fn=LOSS_FUNCTIONS[recipe.loss],
-                   optimizer=optimizer, seed=seed, callbacks=callbacks, out_dir=out_dir, progress=progress,
-                   **schedule)
+                   distill=distill, optimizer=optimizer, seed=seed, callbacks=callbacks, out_dir=out_dir,
+                   progress=progress, **schedule)
 
 
 def _loaders(splits: tuple[tuple[torch.Tensor, torch.Tensor], ...], batch_size: int, seed: int) -> tuple[Any, Any]:
@@ -251,9 +256,11 @@ def _loaders(splits: tuple[tuple[torch.Tensor, torch.Tensor], ...], batch_size: 
 
 def _run(recipe: Recipe, data: str, model: str | None, epochs: int | None, out: str | os.PathLike | None,
          seed: int, limit: int | None, progress: bool, batch_size: int | None, lr: float | None,
-         data_dir: str | os.PathLike | None) -> dict[str, Any]:
+         data_dir: str | os.PathLike | None, teacher: str | os.PathLike | None = None,
+         distill_temperature: float | None = None, distill_weight: float | None = None) -> dict[str, Any]:
     """Train every stage of ``recipe`` in this process (one rank under DDP); the result dict."""
     start = time.perf_counter()
+    distill, teacher_run = load_distillation(teacher, distill_temperature, distill_weight)  # before the seed
     epochs = recipe.epochs if epochs is None else epochs
     batch_size = recipe.batch_size if batch_size is None else batch_size
     lr = recipe.lr if lr is None else lr
@@ -264,6 +271,8 @@ def _run(recipe: Recipe, data: str, model: str | None, epochs: int | None, out: 
     net = build_model(model_name, data, model_kwargs)
     out_dir = Path(out) if out is not None else None
     splits = tuple((x[:limit], y[:limit]) for x, y in (load_dataset(data, part, data_dir) for part in ("train", "test")))
+    if distill is not None:
+        distill.check(splits[0][0][:2], dataset_info(data).num_classes)
     stages, trained = [], net
     for index, (stage, stage_length) in enumerate(zip(recipe.stages, epochs_per_stage)):
         last = index == len(recipe.stages) - 1
@@ -272,14 +281,15 @@ def _run(recipe: Recipe, data: str, model: str | None, epochs: int | None, out: 
         trained = stage_model(net, stage, recipe)
         if stage.config is not None:  # quantizer state made from the first batch_size images, on every rank
             ddp.prepare_quantizers(trained, splits[0][0][:batch_size])
-        trainer = trainer_for(trained, recipe, loaders, stage_length, lr, seed + index, stage_dir, progress)
+        trainer = trainer_for(trained, recipe, loaders, stage_length, lr, seed + index, stage_dir, progress,
+                              distill if stage.config is not None else None)
         fit = trainer.fit()
         if not last:
             carry_weights(trained, net)
         times = [row["train_time"] for row in fit.history]
         stages.append({"name": stage.name, "epochs": stage_length, "final_acc": fit.final_acc,
                        "best_acc": fit.best_acc, "train_time_per_epoch": sum(times) / len(times),
-                       "history": fit.history})
+                       "distilled": distill is not None and stage.config is not None, "history": fit.history})
     result = {
         "recipe": recipe.name, "paper": recipe.paper, "data": data, "model": model_name,
         "model_kwargs": model_kwargs, "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -287,11 +297,12 @@ def _run(recipe: Recipe, data: str, model: str | None, epochs: int | None, out: 
         "final_acc": stages[-1]["final_acc"], "best_acc": stages[-1]["best_acc"],
         "train_time_per_epoch": stages[-1]["train_time_per_epoch"], "stages": stages,
         "world_size": ddp.world_size(), "wall_time": time.perf_counter() - start,
-        "checkpoint": None if out_dir is None else str(out_dir / "last.safetensors"),
+        "checkpoint": None if out_dir is None else str(out_dir / "last.safetensors"), "teacher": teacher_run,
     }
     if out_dir is not None and ddp.is_main():
         run = {"model": model_name, "data": data, "quant": recipe.config, "seed": seed, "epochs": epochs, "lr": lr,
-               "batch_size": batch_size, "limit": limit, "model_kwargs": model_kwargs, "recipe": recipe.name}
+               "batch_size": batch_size, "limit": limit, "model_kwargs": model_kwargs, "recipe": recipe.name,
+               "teacher": teacher_run}
         write_atomic(out_dir / RUN_FILE, (json.dumps(run, indent=2) + "\n").encode())
     return result
 
@@ -321,6 +332,9 @@ def train_recipe(
     lr: float | None = None,
     data_dir: str | os.PathLike | None = None,
     ddp_processes: int | None = None,
+    teacher: str | os.PathLike | None = None,
+    distill_temperature: float | None = None,
+    distill_weight: float | None = None,
 ) -> dict[str, Any]:
     """Train recipe ``name`` (or a Recipe) on dataset ``data``; returns a JSON-able result dict.
 
@@ -330,12 +344,17 @@ def train_recipe(
     ``limit`` images of each split. ``out``: checkpoints and logs of the last stage (earlier
     stages in ``out/stage-<name>``) and ``run.json`` (readable by ``lowbit quantize`` / ``eval``).
     ``ddp_processes`` > 1 trains in that many spawned processes (gloo on CPU); inside a process
-    group (torchrun) every process trains its share and gets the same result.
+    group (torchrun) every process trains its share and gets the same result. ``teacher`` (a float
+    checkpoint: a ``lowbit train`` run directory or .safetensors file, or a .lowbit file; any
+    architecture with the data's number of classes) distils into every quantized stage with
+    ``distill_temperature`` T and ``distill_weight`` w (defaults T = 1, w = 1: ReActNet's loss);
+    see :func:`lowbit.workflow.load_distillation`.
 
     Result keys: recipe, paper, data, model, model_kwargs, seed, epochs, batch_size, lr, limit,
     weight_bits, act_bits, final_acc, best_acc (fractions), train_time_per_epoch (seconds of
     training steps per epoch, last stage), stages (name, epochs, final_acc, best_acc,
-    train_time_per_epoch, history), world_size, wall_time, checkpoint.
+    train_time_per_epoch, distilled, history), world_size, wall_time, checkpoint, teacher (None, or
+    path, sha256, temperature, weight).
     """
     recipe = name if isinstance(name, Recipe) else get_recipe(name)
     # bad arguments fail here, before any data is read or directory made (and not in N workers)
@@ -343,8 +362,12 @@ def train_recipe(
     check_positive(recipe.batch_size if batch_size is None else batch_size, "batch_size")
     check_positive(limit, "limit", allow_none=True)
     check_lr(recipe.lr if lr is None else lr)
+    load_distillation(teacher, distill_temperature, distill_weight)  # options, file and network checked
+    if teacher is not None and all(stage.config is None for stage in recipe.stages):
+        raise ConfigError(f"recipe {recipe.name!r} has only float stages; the teacher distils into quantized stages")
     kwargs = {"recipe": recipe, "data": data, "model": model, "epochs": epochs, "out": out, "seed": seed,
-              "limit": limit, "progress": progress, "batch_size": batch_size, "lr": lr, "data_dir": data_dir}
+              "limit": limit, "progress": progress, "batch_size": batch_size, "lr": lr, "data_dir": data_dir,
+              "teacher": teacher, "distill_temperature": distill_temperature, "distill_weight": distill_weight}
     if ddp_processes is None or ddp_processes == 1:
         return _run(**kwargs)
     with tempfile.TemporaryDirectory() as tmp:

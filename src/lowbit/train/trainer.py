@@ -3,6 +3,7 @@
 One training step on a batch ``(x, y)``::
 
     loss = loss_fn(model(x), y) + sum(callback.extra_loss(model))   # TrainingError if not finite
+    (with a teacher, distill.loss(model(x), x, y, loss_fn) replaces loss_fn(model(x), y))
     loss.backward(); clip_grad_norm_ (optional); optimizer.step()
     callback.on_step_end(trainer); scheduler.step()
 
@@ -44,6 +45,7 @@ from ..errors import ConfigError, TrainingError
 from ..format.atomic import write_atomic
 from . import checkpoint as ckpt
 from .ddp import all_reduce_sums, is_main, unwrap
+from .distill import Distillation
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
@@ -174,6 +176,9 @@ class Trainer:
     - ``epochs``: epochs in total (a resumed run continues up to it).
     - ``loss_fn``: ``loss_fn(outputs, labels) -> scalar``, mean over the batch;
       default ``nn.CrossEntropyLoss()``. Accuracy is top-1: ``outputs.argmax(1) == labels``.
+    - ``distill``: a :class:`~lowbit.train.distill.Distillation` (teacher, temperature, weight): the
+      training loss becomes ``(1 - w) loss_fn + w T^2 KL(teacher || student)`` on each batch, the
+      teacher moved to the model's device and never updated; evaluation keeps ``loss_fn``.
     - ``optimizer``: ``"sgd"`` (``momentum``, ``nesterov``, ``weight_decay``),
       ``"adam"`` (L2 ``weight_decay``), ``"adamw"`` (decoupled ``weight_decay``)
       with ``betas``, or an Optimizer over the model's parameters. ``lr``
@@ -193,7 +198,7 @@ class Trainer:
 
     Each epoch's metrics (``trainer.metrics``, appended to ``history`` and the
     logs): ``epoch`` (1-based), ``step``, ``lr`` (for the next step),
-    ``train_loss`` (data loss, without extra_loss terms), ``train_acc``,
+    ``train_loss`` (data loss, distillation included, without extra_loss terms), ``train_acc``,
     ``test_loss``, ``test_acc`` (with a test loader), ``epoch_time`` (seconds).
     """
 
@@ -205,6 +210,7 @@ class Trainer:
         *,
         epochs: int = 10,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        distill: Distillation | None = None,
         optimizer: str | torch.optim.Optimizer = "sgd",
         lr: float | None = None,
         momentum: float = 0.9,
@@ -233,6 +239,10 @@ class Trainer:
             raise ConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
         if schedule == "step" and (not isinstance(step_size, int) or step_size < 1):
             raise ConfigError(f"step_size must be an integer >= 1 (epochs), got {step_size!r}")
+        if distill is not None and not isinstance(distill, Distillation):
+            raise ConfigError(f"distill must be a lowbit.train.Distillation or None, got {type(distill).__name__}")
+        if distill is not None and distill.teacher is unwrap(model):
+            raise ConfigError("the teacher is the model being trained; pass a separate (float) network")
 
         self.model = model.to(device) if device is not None else model
         self.device = _model_device(self.model)
@@ -240,6 +250,7 @@ class Trainer:
         self.test_loader = test_loader
         self.epochs = epochs
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.distill = distill.to(self.device) if distill is not None else None
         self.optimizer = self._build_optimizer(optimizer, lr, momentum, nesterov, weight_decay, betas)
         self.scheduler = self._build_scheduler(schedule, warmup_epochs, step_size, gamma)
         self.clip_grad_norm = clip_grad_norm
@@ -353,7 +364,10 @@ class Trainer:
         for batch_index, batch in enumerate(bar, start=1):
             inputs, labels = self._batch(batch)
             outputs = model(inputs)
-            data_loss = self.loss_fn(outputs, labels)
+            if self.distill is None:
+                data_loss = self.loss_fn(outputs, labels)
+            else:
+                data_loss = self.distill.loss(outputs, inputs, labels, self.loss_fn)
             loss = data_loss
             for callback in self.callbacks:
                 extra = getattr(callback, "extra_loss", None)
