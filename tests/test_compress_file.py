@@ -44,9 +44,9 @@ def test_readme_sequence_runs_from_the_compressed_file_alone(net, images, tmp_pa
     run, w8a8, dc = tmp_path / "run", tmp_path / f"{net}-w8a8.lowbit", tmp_path / f"{net}-dc.lowbit"
     run_json(capsys, ["train", "--model", net, "--data", "mnist", "--epochs", "1", "--batch-size", "32",
                       "--out", str(run), *TINY])
-    run_json(capsys, ["quantize", str(run / "last.safetensors"), "--model", net, "--preset", "w8a8",
+    run_json(capsys, ["quantize", str(run / "best.safetensors"), "--model", net, "--preset", "w8a8",
                       "--calib-batches", "1", "--out", str(w8a8), "--no-progress"])
-    compressed = run_json(capsys, ["compress", str(run / "last.safetensors"), "--data", "mnist", "--recipe",
+    compressed = run_json(capsys, ["compress", str(run / "best.safetensors"), "--data", "mnist", "--recipe",
                                    "deep-compression", "--out", str(dc), "--limit", str(LIMIT), "--rounds", "1",
                                    "--batch-size", "32"])
 
