@@ -619,10 +619,15 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             doc[task] = {**previous.get(task, {}), "error": f"{type(e).__name__}: {str(e).strip()[:400]}"}
-        doc[task]["seconds"] = time.perf_counter() - task_start
+        # a rerun of some lm rows keeps the full run's seconds
+        rerun = task == "lm" and args.settings and "seconds" in previous.get("lm", {})
+        if rerun:
+            doc[task]["seconds"] = previous["lm"]["seconds"]
+        doc[task]["rerun_seconds" if rerun else "seconds"] = time.perf_counter() - task_start
     if "rows" in doc.get("lm", {}):
         doc["lm"]["goals"] = goals(doc["lm"])
     doc.update(seconds=time.perf_counter() - started, load_average={"start": load_start, "end": list(os.getloadavg())})
+    doc["runs"] = [*previous.get("runs", []), {k: doc[k] for k in ("command", "seconds", "load_average")}]
     out.write_text(json.dumps(doc, indent=2) + "\n")
     partial.unlink(missing_ok=True)
     if args.plot:
