@@ -58,6 +58,7 @@ from .quantizers import Quantizer
 from .serialize import INPUT_SHAPE_ATTR
 from .train import Distillation, Trainer, checkpoint_file, load_checkpoint, load_weights, seed_everything
 from .train.checkpoint import with_prefix
+from .train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, check_distill_options
 from .train.trainer import JSONL_LOG, LAST
 
 RUN_FILE = "run.json"
@@ -312,8 +313,6 @@ def load_distillation(
     default to :mod:`lowbit.train.distill`'s and are refused without a teacher. Loading a teacher
     builds a network, which draws from the RNGs: call this before seeding the student's initialisation.
     """
-    from .train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, check_distill_options
-
     if teacher is None:
         if temperature is not None or weight is not None:
             raise ConfigError("the distillation temperature and weight go with a teacher (--teacher CKPT)")
