@@ -83,6 +83,14 @@ def test_logits_of_other_classes_are_refused_naming_both_shapes():
         distillation_loss(torch.zeros(4, 10), torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
 
 
+def test_teacher_check_before_training_names_both_shapes():
+    with pytest.raises(ConfigError, match=r"teacher's logits have shape \(2, 5\) and the student's \(2, 10\)"):
+        Distillation(nn.Linear(3, 5)).check(torch.zeros(2, 3), 10)
+    with pytest.raises(ConfigError, match=r"does not take the student's inputs of shape \(2, 4\)"):
+        Distillation(nn.Linear(3, 10)).check(torch.zeros(2, 4), 10)
+    Distillation(nn.Linear(3, 10)).check(torch.zeros(2, 3), 10)
+
+
 @pytest.mark.parametrize("temperature, weight, match", [
     (0.0, 0.5, "temperature"), (-1.0, 0.5, "temperature"), (math.inf, 0.5, "temperature"), (True, 0.5, "temperature"),
     (1.0, -0.1, "weight"), (1.0, 1.5, "weight"), (1.0, math.nan, "weight"),
