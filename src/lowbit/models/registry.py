@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from .binary_nets import SmallCNN
 from .bnn_mlp import BNNMLP
 from .lenet import LeNet5, LeNet300
+from .reactnet import ReActNetSmall
 from .resnet import ResNetSmall
 from .vgg import VGGSmall
 
@@ -20,6 +21,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "bnn-mlp": BNNMLP,
     "vgg-small": VGGSmall,
     "resnet-small": ResNetSmall,
+    "reactnet": ReActNetSmall,
     "small-cnn": SmallCNN,
 }
 

@@ -4,7 +4,7 @@ float32 numpy implementation; :func:`validate_document` checks a stored document
 
 # noqa: F401 below: imported to register the ops
 from . import (activation, arithmetic, attention, constant, conv, embedding, linear, norm, pool,  # noqa: F401
-               rnn, shape)
+               react, rnn, shape)
 from .schema import MAX_ELEMENTS, MAX_NODES, MAX_RANK, MAX_SPATIAL, REGISTRY, OpSchema
 from .specs import check_spec
 from .validate import LAYER_OPS, Graph, GraphNode, validate_document, validate_file, validate_graph, validate_layers

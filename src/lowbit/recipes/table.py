@@ -7,7 +7,7 @@ Fixed names are in :data:`RECIPES`; the bit-width families are parsed by :func:`
 said in each recipe's ``notes``.
 
 Shared choices (lowbit's): the default network is ``small-cnn`` (LeNet-5 sizes in XNOR-Net's
-block order, :mod:`lowbit.models.binary_nets`), except the BNN MLP and the Bi-Real ResNet; the
+block order, :mod:`lowbit.models.binary_nets`), except the BNN MLP, the Bi-Real ResNet and ReActNet; the
 default epochs are short (the papers train for hundreds); latent weights of sign-based
 quantizers are clipped to [-1, 1] after every step.
 """
@@ -141,6 +141,8 @@ LSQ_PAPER = "Esser, McKinstry, Bablani, Appuswamy, Modha 2020, 'Learned Step Siz
 PACT_PAPER = "Choi, Wang, Venkataramani, Chuang, Srinivasan, Gopalakrishnan 2018, 'PACT', arXiv:1805.06085"
 TWN_PAPER = "Li, Zhang, Liu 2016, 'Ternary Weight Networks', arXiv:1605.04711"
 LOG_PAPER = "Miyashita, Lee, Murmann 2016, 'CNNs using logarithmic data representation', arXiv:1603.01025"
+REACTNET_PAPER = ("Liu, Shen, Savvides, Cheng 2020, 'ReActNet: Towards Precise Binary Neural Network with Generalized "
+                  "Activation Functions', ECCV 2020, arXiv:2003.03488")
 
 BNN_PAPER_NOTES = (
     "paper: sign weights and activations (sign(0) = +1) with the clipped STE 1{|x| <= 1}; first layer's input "
@@ -209,6 +211,27 @@ RECIPES: dict[str, Recipe] = {
                 {"pattern": "*shortcut*", "skip": True}]), 0.5),
         ),
         weight_bits=1, act_bits=1, epochs=8, batch_size=128, latent_clip=1.0, bn_refresh=True,
+    ),
+    "reactnet": Recipe(
+        name="reactnet", paper=REACTNET_PAPER,
+        notes="paper: ReActNet-A blocks (RSign -> binary 3x3 conv -> BN -> + shortcut -> RPReLU, then the same "
+              "with a 1x1 conv; the 1x1 block duplicated where the width doubles), RSign x_b = +1 if x > alpha_c "
+              "else -1 and RPReLU with learnable channel-wise alpha, gamma, beta, zeta; ApproxSign gradient for "
+              "activations; weights mean|W_c| sign(W) with a clipped straight-through gradient; first and last "
+              "layers real; two steps: binary activations with real weights, then binary weights and activations "
+              "from step 1's net; Adam lr 5e-4 decayed linearly to 0, batch 256, weight decay 1e-5 in step 1 and "
+              "0 in step 2; trained with a distributional loss, the KL divergence to a real-valued ResNet-34 "
+              "teacher's outputs (lowbit: pass a teacher where recipe training takes one). lowbit: widths "
+              "16/32/64, one block per stage, each binary conv with its own RSign; xnor weights (the gradient "
+              "also through mean|W_c|, as in Bi-Real); ties x == alpha give +1 "
+              "(lowbit's sign(0) = +1); steps of half the epochs each, cosine per step, no weight decay; "
+              "batch-norm statistics re-estimated over 100 training batches after every epoch.",
+        model="reactnet", model_kwargs={"widths": (16, 32, 64), "blocks": (1, 1, 1)},
+        stages=(
+            Stage("binary-activations", _quantized(None, sign("approx_sign")), 0.5),
+            Stage("binary", _quantized(xnor("weight"), sign("approx_sign")), 0.5),
+        ),
+        weight_bits=1, act_bits=1, lr=5e-4, epochs=8, batch_size=128, bn_refresh=True,
     ),
     "ternary": Recipe(
         name="ternary", paper=TWN_PAPER,
