@@ -236,3 +236,41 @@ def test_recipe_smoke_run_learns(mnist_available):
     assert [s["epochs"] for s in result["stages"]] == [1, 1]
     losses = [row["train_loss"] for stage in result["stages"] for row in stage["history"]]
     assert losses[-1] < losses[0] and result["final_acc"] > 0.15
+
+
+# ------------------------------------------------------------------ Engine: folded into the integer thresholds
+
+
+class Chain(nn.Module):
+    """Two binary convs with RSign and RPReLU between them and no shortcut, so the Engine may fold them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn1, self.rsign2 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), RSignThreshold(8)
+        self.conv2, self.bn2, self.rprelu2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), RPReLU(16)
+        self.rsign3, self.conv3, self.bn3 = RSignThreshold(16), nn.Conv2d(16, 16, 3, stride=2), nn.BatchNorm2d(16)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.conv2(self.rsign2(self.bn1(self.stem(x))))
+        y = self.bn3(self.conv3(self.rsign3(self.rprelu2(self.bn2(y)))))
+        return self.fc(self.pool(y).flatten(1))
+
+
+@pytest.mark.parametrize("slope", [0.25, -0.5])
+def test_thresholds_and_monotone_rprelu_fold_into_the_binary_layer(slope, tmp_path):
+    torch.manual_seed(4)
+    model = _trained_statistics(lowbit.quantize(Chain().train(), BINARY, strict=True), 5)
+    with torch.no_grad():
+        model.rprelu2.beta[3] = slope  # a negative slope makes the channel's sign non-monotone in the dot product
+    path = tmp_path / "chain.lowbit"
+    x = torch.randn(128, 1, 12, 12, generator=torch.Generator().manual_seed(6))
+    lowbit.save(model, path, x[:1])
+    engine = Engine(path)
+    folded = [engine._nodes[name].op for names in engine.folded.values() for name in names]
+    assert folded == (["batchnorm", "rprelu", "rsign_threshold"] if slope > 0 else [])
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = engine.run(x.numpy())
+    assert np.array_equal(got.argmax(1), ref.argmax(1))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -23,8 +23,9 @@ in order:
   op's declaration in :mod:`lowbit.ops`; a constant is its stored tensor as
   float32, broadcast against the batch by the ops that read it.
 
-Between two binary layers, batch norm, hardtanh, relu and max pooling are
-folded (:mod:`lowbit.runtime.threshold`) into an integer comparison in the
+Between two binary layers, batch norm, hardtanh, relu, ReActNet's RSign
+threshold and RPReLU (where monotone) and max pooling are folded
+(:mod:`lowbit.runtime.threshold`) into an integer comparison in the
 first layer's GEMM epilogue, so activations stay packed sign bits (pixel
 words ``[N, H, W, ceil(C / 64)]``, max pooling as OR / AND of words, a
 flatten into a binary linear as a relaid weight); the folded signs equal the
@@ -102,6 +103,7 @@ class Engine:
         #: binary layers whose output stays packed: name -> the node names folded into their epilogue
         self.folded: dict[str, list[str]] = {}
         nodes = graph.nodes
+        self._nodes = {node.name: node for node in nodes}
         self.output_name: str = graph.outputs[0]
         steps = [self._build(node) for node in nodes]
         self._steps: list[tuple[str, list[str], Step]] = []
@@ -235,7 +237,7 @@ class Engine:
         return run
 
     def _fold_chain(self, nodes: list[GraphNode], index: int) -> tuple[Step, list[str], str] | None:
-        """For the binary layer ``nodes[index]``: if it feeds only per-channel ops (batchnorm, hardtanh, relu), at
+        """For the binary layer ``nodes[index]``: if it feeds only per-channel ops (:meth:`_channel_op`), at
         most one max pool and (for a conv) a flatten that end in another binary layer, the step that emits the
         next layer's packed signs, the folded node names and the next layer's name; else None."""
         node = nodes[index]
@@ -285,12 +287,16 @@ class Engine:
         return _unary(self._binary_run(layer, threshold, pool)), folded, nxt.name
 
     def _channel_op(self, node: GraphNode) -> ChannelOp | None:
-        """The per-channel float32 op of a batchnorm / hardtanh / relu node, or None for any other node."""
+        """The per-channel float32 op of a batchnorm / hardtanh / relu node, or of ReActNet's rsign_threshold /
+        rprelu with their stored vectors; None for any other node."""
         if node.op == "batchnorm":
             return self._batchnorm(node)
+        function, attrs = node.schema.numpy, node.attrs
         if node.op in ("hardtanh", "relu"):
-            function, attrs = node.schema.numpy, node.attrs
             return lambda x: function([x], attrs)
+        if node.op in ("rsign_threshold", "rprelu"):  # inputs after the first: constant nodes (validated)
+            vectors = [self._build(self._nodes[name])([]) for name in node.inputs[1:]]
+            return lambda x: function([x, *vectors], attrs)
         return None
 
     # ------------------------------------------------------------------ running
