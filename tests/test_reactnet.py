@@ -142,19 +142,20 @@ def _trained_statistics(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-def _models():
+def _model(name: str) -> tuple[nn.Module, int]:
+    """A tiny quantized ReActNet or Bi-Real net and its count of binary convs."""
     torch.manual_seed(0)
-    reactnet = lowbit.quantize(get_model("reactnet", widths=(8, 16), blocks=(1, 1)).train(), BINARY, strict=True)
+    if name == "reactnet":
+        return lowbit.quantize(get_model("reactnet", widths=(8, 16), blocks=(1, 1)).train(), BINARY, strict=True), 5
     # one stage: a downsampling Bi-Real shortcut pools with ceil_mode, which the graph IR does not capture
     bireal_net = get_model("resnet-small", block="bireal", activation="hardtanh", widths=(8,), blocks=(2,)).train()
     with pytest.warns(UserWarning, match=r"\*shortcut\*"):  # no downsampling shortcut conv to keep real
-        bireal = lowbit.quantize(bireal_net, get_recipe("bireal").config, strict=True)
-    return {"reactnet": (reactnet, 5), "bireal": (bireal, 4)}
+        return lowbit.quantize(bireal_net, get_recipe("bireal").config, strict=True), 4
 
 
 @pytest.mark.parametrize("name", ["reactnet", "bireal"])
 def test_saved_model_loads_bit_identical_and_runs_alike_in_the_engine_and_onnxruntime(name, tmp_path):
-    model, binary_layers = _models()[name]
+    model, binary_layers = _model(name)
     model = _trained_statistics(model, 1)
     path = tmp_path / f"{name}.lowbit"
     x = torch.randn(128, 1, 28, 28, generator=torch.Generator().manual_seed(2))
@@ -180,7 +181,7 @@ def test_saved_model_loads_bit_identical_and_runs_alike_in_the_engine_and_onnxru
 
 
 def test_stored_graph_holds_the_thresholds_and_rprelu_as_constants(tmp_path):
-    model = _trained_statistics(_models()["reactnet"][0], 3)
+    model = _trained_statistics(_model("reactnet")[0], 3)
     path = tmp_path / "reactnet.lowbit"
     lowbit.save(model, path, torch.zeros(1, 1, 28, 28))
     graph = lowbit.ops.validate_file(lowbit.format.container.read_file(path))[1]
