@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.errors import ConfigError, DataError, ShapeMismatchError
+from lowbit.errors import ConfigError, DataError, FormatError, ShapeMismatchError
 from lowbit.export.onnx import to_onnx
 from lowbit.models import get_model
 from lowbit.nn.react import RPReLU, RSignThreshold
+from lowbit.ops import REGISTRY
 from lowbit.ops.react import rprelu
+from lowbit.ops.schema import Node
 from lowbit.quantizers import get
 from lowbit.recipes import get_recipe, train_recipe
 from lowbit.recipes.driver import carry_weights, stage_model
@@ -275,3 +277,18 @@ def test_thresholds_and_monotone_rprelu_fold_into_the_binary_layer(slope, tmp_pa
     got = engine.run(x.numpy())
     assert np.array_equal(got.argmax(1), ref.argmax(1))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stored_vectors_of_the_wrong_shape_or_a_constant_input_are_refused():
+    def node(inputs, constant):
+        return Node("act", "rprelu", {}, inputs, {}, constant)
+
+    assert REGISTRY["rprelu"].shape(node([(4, 8, 8), (4,), (4,), (4,)], [False, True, True, True])) == (4, 8, 8)
+    with pytest.raises(FormatError, match=r"its beta must be a constant of shape \[4\]"):
+        REGISTRY["rprelu"].shape(node([(4, 8, 8), (4,), (3,), (4,)], [False, True, True, True]))
+    with pytest.raises(FormatError, match="its zeta must be a constant"):
+        REGISTRY["rprelu"].shape(node([(4, 8, 8), (4,), (4,), (4, 8, 8)], [False, True, True, False]))
+    with pytest.raises(FormatError, match="batched input"):
+        REGISTRY["rprelu"].shape(node([(4,), (4,), (4,), (4,)], [True, True, True, True]))
+    with pytest.raises(FormatError, match="2 inputs"):
+        REGISTRY["rsign_threshold"].shape(node([(4, 8, 8)], [False]))
