@@ -401,7 +401,7 @@ def _quantized_tensor(gm: fx.GraphModule, node: Any) -> bool:
 
 
 def _per_token(spec: Any) -> bool:
-    return reads_range_at_run_time(spec) and quantizers.get(spec).spec()["per_token"]
+    return reads_range_at_run_time(spec) and quantizers.get(spec).spec().get("per_token", False)
 
 
 def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, strict: bool,

@@ -188,7 +188,7 @@ def _operand_spec(spec: Any, right: bool) -> dict[str, Any]:
     """The dynamic spec of a product's operand: per token, the right operand (``b`` of ``a @ b``, the values of
     an attention) takes a range per column, so that its scales, like the rows' of ``a``, factor out of the sums."""
     full = get(spec).spec()
-    return {**full, "token_axis": -2} if right and full["per_token"] else full
+    return {**full, "token_axis": -2} if right and full.get("per_token") else full
 
 
 def _name(spec: Any) -> str | None:

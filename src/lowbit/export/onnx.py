@@ -268,10 +268,10 @@ class _Builder:
         is per tensor and uint8 only), so the codes stay float values here."""
         qmin, qmax = affine_qrange(spec["bits"], spec["symmetric"], spec["narrow"])
         f32 = np.float32
-        whole = spec["per_token"] and spec["token_axis"] == 0
+        whole = spec.get("per_token", False) and spec["token_axis"] == 0
         if whole:  # each sample whole: quantize its rows after Flatten, then take the input's shape back
             shape, x = self.node("Shape", [x], f"{base}.shape"), self.node("Flatten", [x], f"{base}.rows", axis=1)
-        axes = [-1 if whole else spec["token_axis"]] if spec["per_token"] else None
+        axes = [-1 if whole else spec["token_axis"]] if spec.get("per_token") else None
         lo = self.node("Min", [self.reduce("ReduceMin", x, axes, f"{base}.min"), self.const(f"{base}.zero", f32(0))],
                        f"{base}.lo")
         hi = self.node("Max", [self.reduce("ReduceMax", x, axes, f"{base}.max"), self.const(f"{base}.zero", f32(0))],

@@ -82,6 +82,10 @@ def _uniform(spec: dict[str, Any], where: str) -> None:
     if spec["per_token"] and (spec["per_channel"] or not spec["dynamic"] or spec["observer"] != "minmax"):
         raise FormatError("bad-spec", f"{where}: per_token uniform ranges are read at run time: dynamic true, "
                                       "per_channel false and observer 'minmax'")
+    if not spec["per_token"]:  # written only when set, as UniformQuantizer.spec() does
+        if spec["token_axis"] != -1:
+            raise FormatError("bad-spec", f"{where}: uniform token_axis is for per_token ranges")
+        del spec["per_token"], spec["token_axis"]
 
 
 #: checks across a quantizer's parameters, run after each parameter passed its own

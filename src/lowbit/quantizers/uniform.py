@@ -257,8 +257,8 @@ class UniformQuantizer(Quantizer):
             "dynamic": self.dynamic,
             "observer": self.observer,
             "percentile": self.percentile,
-            "per_token": self.per_token,
-            "token_axis": self.token_axis,
+            # only when set: the spec (and so every file) of a per-tensor / per-channel quantizer is as before
+            **({"per_token": True, "token_axis": self.token_axis} if self.per_token else {}),
         }
 
     @property

@@ -97,7 +97,7 @@ def uniform(spec: dict[str, Any], state: State, where: str) -> Activation:
         raise _unsupported(spec, where, "per-channel activation ranges")
     qmin, qmax = affine_qrange(spec["bits"], spec["symmetric"], spec["narrow"])
     symmetric = spec["symmetric"]
-    if spec["per_token"]:
+    if spec.get("per_token"):
         axis = spec["token_axis"]
         return lambda x: fake_quantize_affine(x, *_token_qparams(x, axis, qmin, qmax, symmetric, where), qmin, qmax)
     if spec["dynamic"]:
