@@ -355,3 +355,19 @@ def test_a_named_layer_gptq_cannot_round_is_an_error_naming_it(name, error, word
 def test_bad_options_are_config_errors(options):
     with pytest.raises(ConfigError):
         gptq(mixed_model(), [torch.randn(16, 8)], **options)
+
+
+def test_an_embedding_is_skipped_with_its_reason_and_the_linears_are_rounded():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_causal import GPT, _random
+
+    torch.manual_seed(0)
+    q = lowbit.quantize(GPT().eval(), {"weight": {"name": "uniform", "bits": 4, "symmetric": True,
+                                                  "per_channel": True}, "ptq": ["gptq"]})
+    lowbit.calibrate(q, [_random(8, 1)])
+    results = {r.layer: r for r in q.lowbit_ptq}
+    assert "lookup table" in results["tok"].details["skipped"]
+    assert results["head"].error_after < results["head"].error_before

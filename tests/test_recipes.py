@@ -346,3 +346,15 @@ def test_bireal_refreshes_batch_norm_after_every_epoch():
     trainer = trainer_for(model, recipe, (batch, batch), 1, recipe.lr, 0, None, False)
     assert any(isinstance(c, RefreshBatchNorm) for c in trainer.callbacks)
     assert not get_recipe("xnor").bn_refresh
+
+
+def test_latent_weights_of_binary_conv1d_layers_are_clipped_and_grouped():
+    from torch import nn
+
+    import lowbit
+    from lowbit.recipes import get_recipe
+    from lowbit.recipes.driver import sign_layers
+
+    net = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.ReLU(), nn.Conv1d(8, 2, 3)).train()
+    q = lowbit.quantize(net, get_recipe("bwn").stages[-1].config)
+    assert [type(m).__name__ for m in sign_layers(q)] == ["QuantConv1d"]  # first and last layers stay real

@@ -56,6 +56,8 @@ _MAX_DAMP = 1.0
 
 def _unsupported(layer: nn.Module) -> str | None:
     """Why GPTQ cannot round ``layer``'s weight, or None when it can."""
+    if isinstance(layer, nn.Embedding):
+        return "it is a lookup table: its inputs are token indices, with no products to reconstruct"
     quantizer = layer.weight_quantizer
     if quantizer is None:
         return "it has no weight quantizer"

@@ -43,7 +43,7 @@ from ..data.loaders import _check_positive as check_positive
 from ..errors import ConfigError
 from ..format.atomic import write_atomic
 from ..models import binary_nets  # noqa: F401  (registers small-cnn)
-from ..nn import QuantConv2d, QuantLinear
+from ..nn import QuantConv1d, QuantConv2d, QuantLinear
 from ..quantizers.pact import PACTQuantizer
 from ..train import Distillation, Trainer, ddp, seed_everything
 from ..train.trainer import check_lr
@@ -64,8 +64,9 @@ LOSS_FUNCTIONS = {"cross_entropy": F.cross_entropy, "square_hinge": square_hinge
 
 
 def sign_layers(model: nn.Module) -> list[nn.Module]:
-    """The QuantLinear/QuantConv2d layers of ``model`` whose weight quantizer is a sign (:data:`SIGN_WEIGHTS`)."""
-    return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))
+    """The QuantLinear/QuantConv1d/QuantConv2d layers of ``model`` whose weight quantizer is a sign
+    (:data:`SIGN_WEIGHTS`)."""
+    return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv1d, QuantConv2d))
             and m.weight_quantizer is not None and m.weight_quantizer.name in SIGN_WEIGHTS]
 
 
@@ -164,7 +165,7 @@ def parameter_groups(model: nn.Module, recipe: Recipe, lr: float) -> list[dict[s
     """Optimizer groups: Linear/Conv2d weights with weight decay (each sign layer at ``lr`` times its
     Glorot scale when ``recipe.glorot_lr``), everything else without."""
     scaled = {id(m.weight): glorot_lr_scale(m) for m in sign_layers(model)} if recipe.glorot_lr else {}
-    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
     groups: list[dict[str, Any]] = [
         {"params": [weights[key]], "lr": lr * scale, "weight_decay": recipe.weight_decay}
         for key, scale in scaled.items()
