@@ -3,6 +3,7 @@ against a scripted recipe, the settings file, and a real search on scikit-learn'
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -150,3 +151,34 @@ def test_the_validation_slice_is_held_out_of_the_training_images():
     assert tx.tolist() == list(range(7)) and vx.tolist() == [7, 8, 9]
     with pytest.raises(ConfigError, match="from 1 to 9"):
         split_validation(x, y, 10)
+
+
+def test_the_command_searches_writes_reusable_settings_and_refuses_mixed_choices(tmp_path, capsys):
+    from lowbit.cli import main
+
+    def run(argv):
+        status = main([*argv, "--json"])
+        captured = capsys.readouterr()
+        return status, captured
+
+    status, out = run(["train", "--model", "lenet300", "--data", "mnist", "--epochs", "1", "--limit", "600",
+                       "--no-progress", "--out", str(tmp_path / "run")])
+    assert status == 0, out.err
+    base = ["compress", str(tmp_path / "run" / "best.safetensors"), "--data", "mnist", "--limit", "600",
+            "--rounds", "1", "--finetune-epochs", "0"]
+    status, out = run([*base, "--out", str(tmp_path / "s.lowbit"), "--max-error-increase", "100",
+                       "--search-epochs", "2", "--val-size", "100"])
+    assert status == 0, out.err
+    found = json.loads(out.out)
+    settings_file = tmp_path / "s.settings.json"
+    assert found["search"]["settings_file"] == str(settings_file) and found["search"]["epochs"] <= 2
+    settings = json.loads(settings_file.read_text())
+    assert settings == found["search"]["best"]["settings"] and set(settings["sparsity"]) == {"ip1", "ip2", "ip3"}
+    status, out = run([*base, "--out", str(tmp_path / "again.lowbit"), "--settings", str(settings_file)])
+    assert status == 0, out.err
+    kept = {layer["name"]: layer["kept"] for layer in json.loads(out.out)["layers"]}
+    assert all(abs(kept[n] - (1 - s)) < 0.01 for n, s in settings["sparsity"].items())
+    status, out = run([*base, "--out", str(tmp_path / "x.lowbit"), "--settings", str(settings_file),
+                       "--sparsity", "0.5"])
+    assert status == 2 and "cannot be combined with --sparsity" in out.err
+    assert not (tmp_path / "x.lowbit").exists()

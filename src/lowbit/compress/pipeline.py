@@ -23,7 +23,7 @@ import math
 import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -395,6 +395,15 @@ def _add_arguments(parser: Any) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plots", default=None, help="directory for the two PNG plots (default: beside --out)")
+    parser.add_argument("--max-error-increase", type=float, default=None, metavar="POINTS",
+                        help="search per-layer sparsity and bits for the smallest file whose error on a validation "
+                             "slice of the training images exceeds the float model's by at most POINTS")
+    parser.add_argument("--search-epochs", type=int, default=40,
+                        help="training epochs the search may spend on its probes (default 40)")
+    parser.add_argument("--val-size", type=int, default=None,
+                        help="training images held out for the search (default: 10%%, at most 5000)")
+    parser.add_argument("--settings", default=None,
+                        help="a settings JSON written by a search (OUT.settings.json): use its per-layer choices")
 
 
 def _int_values(text: str | None, what: str) -> int | dict[str, int] | None:
@@ -454,7 +463,16 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
         index_bits="auto" if args.index_bits == "auto" else _int_values(args.index_bits, "--index-bits"),
         lr=args.lr, seed=args.seed,
     )
+    chosen = [f"--{n.replace('_', '-')}" for n in ("sparsity", "quality", "bits", "index_bits")
+               if getattr(args, n) is not None]
+    searched = [o for o, v in (("--max-error-increase", args.max_error_increase), ("--settings", args.settings))
+                if v is not None]
+    if searched and (chosen or len(searched) > 1):
+        raise ConfigError(f"{searched[0]} chooses the per-layer settings; it cannot be combined with "
+                          f"{', '.join(chosen + searched[1:])}")
     model = _float_model(args.checkpoint, args.data, args.model)
+    if args.settings is not None:
+        config = replace(config, **_read_settings(args.settings, model).config())
     train_loader, test_loader = loaders(args.data, args.batch_size, seed=args.seed, limit=args.limit,
                                         test_batch_size=EVAL_BATCH_SIZE)
     log: list[str] = []
@@ -463,7 +481,11 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
         log.append(message)
         print(message, file=sys.stderr)
 
-    result = deep_compress(model, train_loader, test_loader, config, progress=True, log=say)
+    search_data: dict[str, Any] = {}
+    if args.max_error_increase is not None:
+        result, search_data = _search(args, model, config, say, out)
+    else:
+        result = deep_compress(model, train_loader, test_loader, config, progress=True, log=say)
     out = save_compressed(result, out, args.entropy)
     correct, _ = outcomes(serialize.load(out), *eval_set(args.data, args.limit))  # as `lowbit eval` computes it
     result.accuracy["loaded"] = float(correct.double().mean())
@@ -473,15 +495,51 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
     stages = ", ".join(f"{stage} {100 * (1 - a):.2f}%" for stage, a in result.accuracy.items())
     text = "\n".join([
         *log, "", format_table(result.layers, per_layer), "",
-        f"test error by stage: {stages}",
+        f"{'validation' if search_data else 'test'} error by stage (loaded: the file on the test images): {stages}",
         f"{out}: {file_bytes} bytes ({header} header, {layer_bytes} in the compressed layers); float32 {floats} bytes",
         f"compression: {floats / layer_bytes:.1f}x (layer arrays), {floats / file_bytes:.1f}x (whole file)",
         f"plots: {', '.join(map(str, plots))}",
     ])
     data = {**result.to_dict(), "out": str(out), "entropy": args.entropy, "file_bytes": file_bytes,
             "header_bytes": header, "file_layer_bytes": per_layer, "ratio_layers": floats / layer_bytes,
-            "ratio_file": floats / file_bytes, "plots": [str(p) for p in plots]}
+            "ratio_file": floats / file_bytes, "plots": [str(p) for p in plots], **search_data}
     return text, data
+
+
+def _read_settings(path: str, model: nn.Module):
+    from .search import Settings
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--settings {path!r} is not a readable JSON file: {exc}") from None
+    return Settings.from_dict(data, prunable_layers(model))
+
+
+def _search(args: Any, model: nn.Module, config: DeepCompressionConfig, say, out: Path):
+    """Run the settings search on the training images minus a validation slice; write OUT.settings.json."""
+    from ..data import load_dataset
+    from ..data.loaders import make_loader
+    from ..format.atomic import write_atomic
+    from .search import search, split_validation
+
+    images, labels = load_dataset(args.data, "train")
+    images, labels = images[:args.limit], labels[:args.limit]
+    size = args.val_size if args.val_size is not None else max(1, min(5000, len(images) // 10))
+    (train_x, train_y), (val_x, val_y) = split_validation(images, labels, size)
+    options = {k: getattr(config, k) for k in ("rounds", "retrain_epochs", "finetune_epochs", "init", "lr",
+                                               "weight_decay", "finetune_lr", "seed")}
+    found = search(model, make_loader(train_x, train_y, args.batch_size, shuffle=True, seed=args.seed),
+                   make_loader(val_x, val_y, 1000), args.max_error_increase, options, args.search_epochs, say)
+    if found.best is None:
+        raise ConfigError(f"no candidate kept the validation error within +{args.max_error_increase:g} points in "
+                          f"{found.epochs} epochs; raise --search-epochs or --max-error-increase")
+    settings_path = out.with_name(out.stem + ".settings.json")
+    write_atomic(settings_path, (json.dumps(found.best.settings.to_dict(), indent=2) + "\n").encode())
+    per_layer = ", ".join(f"{n} {100 * (1 - s):.1f}% kept {found.best.settings.bits[n]}-bit"
+                          for n, s in found.best.settings.sparsity.items())
+    say(f"settings ({settings_path}, reusable with --settings): {per_layer}; search cost {found.epochs} epochs")
+    return found.best.result, {"search": {**found.to_dict(), "settings_file": str(settings_path)}}
 
 
 @dataclass(frozen=True)

@@ -236,8 +236,9 @@ def search(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[A
         best = probe if probe.error - curves.error <= budget else None
     epochs = sum(p.epochs for p in probes)
     if best is None:
-        log(f"no candidate met the budget within {epochs} epochs (the most cautious one probed: "
-            f"{probes[0].error - curves.error:+.2f} points)")
+        cautious = min(probes, key=lambda p: p.tolerance)
+        log(f"no candidate met the budget within {epochs} epochs (the most cautious one probed, tolerance "
+            f"{cautious.tolerance:.2f}: {cautious.error - curves.error:+.2f} points)")
     else:
         log(f"chosen: tolerance {best.tolerance:.2f}, validation error {best.error:.2f}% "
             f"({best.error - curves.error:+.2f}), {best.layer_bytes} B; {epochs} epochs in {len(probes)} probes")
