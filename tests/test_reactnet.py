@@ -3,6 +3,8 @@ gradients, the ReActNet and Bi-Real models saved, loaded, run in the Engine and 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -227,15 +229,16 @@ def test_thresholds_and_rprelu_learned_in_step_one_start_step_two():
     carry_weights(step1, net)
     step2 = dict(stage_model(net, recipe.stages[1], recipe).named_parameters())
     learned = {n: p for n, p in step1.named_parameters() if n.endswith(("alpha", "gamma", "beta", "zeta"))}
-    # RSigns: 2 in the first block, 3 in each doubling one; two RPReLUs of 3 tensors per block
-    assert len(learned) == (2 + 3 + 3) + 3 * 2 * 3
+    assert set(learned) == {n for n in net.state_dict() if n.endswith(("alpha", "gamma", "beta", "zeta"))} != set()
     for name, p in learned.items():
         assert torch.equal(step2[name], p), name
 
 
 def test_recipe_smoke_run_learns(mnist_available):
-    # one epoch per step on 800 images (a binary-activation net from scratch learns slowly: ~25% after 40 steps)
-    result = train_recipe("reactnet", "mnist", epochs=2, limit=800, batch_size=40, lr=2e-3, progress=False)
+    # one epoch per step on 800 images, one block per stage (a binary-activation net from scratch learns slowly:
+    # ~25% after 40 steps)
+    recipe = replace(get_recipe("reactnet"), model_kwargs={"widths": (16, 32, 64), "blocks": (1, 1, 1)})
+    result = train_recipe(recipe, "mnist", epochs=2, limit=800, batch_size=40, lr=2e-3, progress=False)
     assert [s["epochs"] for s in result["stages"]] == [1, 1]
     losses = [row["train_loss"] for stage in result["stages"] for row in stage["history"]]
     assert losses[-1] < losses[0] and result["final_acc"] > 0.15

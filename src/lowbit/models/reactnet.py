@@ -68,7 +68,7 @@ class ReActNetSmall(nn.Module):
         num_classes: int = 10,
         input_size: int = 28,
         widths: Sequence[int] = (16, 32, 64),
-        blocks: Sequence[int] = (1, 1, 1),
+        blocks: Sequence[int] = (2, 2, 2),
     ):
         super().__init__()
         size = check_int(input_size, "reactnet input_size")

@@ -222,11 +222,12 @@ RECIPES: dict[str, Recipe] = {
               "from step 1's net; Adam lr 5e-4 decayed linearly to 0, batch 256, weight decay 1e-5 in step 1 and "
               "0 in step 2; trained with a distributional loss, the KL divergence to a real-valued ResNet-34 "
               "teacher's outputs (lowbit: pass a teacher where recipe training takes one). lowbit: widths "
-              "16/32/64, one block per stage, each binary conv with its own RSign; xnor weights (the gradient "
+              "16/32/64, two blocks per stage (one: 62% against 87% for the float net after an epoch on "
+              "10,000 MNIST images), each binary conv with its own RSign; xnor weights (the gradient "
               "also through mean|W_c|, as in Bi-Real); ties x == alpha give +1 "
               "(lowbit's sign(0) = +1); steps of half the epochs each, cosine per step, no weight decay; "
               "batch-norm statistics re-estimated over 100 training batches after every epoch.",
-        model="reactnet", model_kwargs={"widths": (16, 32, 64), "blocks": (1, 1, 1)},
+        model="reactnet", model_kwargs={"widths": (16, 32, 64), "blocks": (2, 2, 2)},
         stages=(
             Stage("binary-activations", _quantized(None, sign("approx_sign")), 0.5),
             Stage("binary", _quantized(xnor("weight"), sign("approx_sign")), 0.5),
