@@ -10,11 +10,16 @@ sensitive layers (the first conv, the last layers) less. :func:`search` automate
 2. **One dial** (:func:`settings_at`): for a tolerance t, each layer takes the highest sparsity and
    the fewest bits whose own increase is at most t (a higher t never gives a larger file); each
    distinct setting of the dial is one candidate, ordered from the most cautious.
-3. **Probes**: retraining recovers most of what pruning alone loses, so the increases of step 1
+3. **Reference**: the float model has usually been trained on the whole training split, the slice
+   included, so its error there is a training error, lower than any model retrained without the
+   slice can reach. The baseline is therefore a reference probe: the recipe run with nothing pruned
+   and 8-bit codebooks, retrained as every probe is, without the slice.
+4. **Probes**: retraining recovers most of what pruning alone loses, so the increases of step 1
    only order the candidates; :func:`search` bisects them with the full recipe (prune in rounds and
    retrain, share, fine-tune) on the training images minus the validation slice, measuring the
    validation error of each probe, and keeps the smallest (highest t) whose error exceeds the
-   float model's by at most the budget. Each probe's epochs are counted against ``max_epochs``.
+   reference's by at most the budget. Each probe's epochs, the reference's included, are counted
+   against ``max_epochs``.
 
 The relative-index width is chosen per layer afterwards (``index_bits="auto"``, the width with the
 fewest coded bytes). The result's :class:`Settings` are plain JSON (``to_dict`` / ``from_dict``) and
@@ -169,18 +174,20 @@ class Probe:
 @dataclass
 class SearchResult:
     """The chosen probe (None when even the most cautious candidate missed the budget), every probe, the
-    curves, the float model's validation error and the training epochs spent."""
+    reference probe the budget is measured from, the curves, the float model's validation error and the training
+    epochs spent (the reference's included)."""
 
     best: Probe | None
     probes: list[Probe]
+    reference: Probe
     curves: Curves
     float_error: float
     epochs: int
 
     def to_dict(self) -> dict[str, Any]:
         return {"best": None if self.best is None else self.best.to_dict(),
-                "probes": [p.to_dict() for p in self.probes], "float_error": self.float_error,
-                "epochs": self.epochs}
+                "probes": [p.to_dict() for p in self.probes], "reference": self.reference.to_dict(),
+                "float_error": self.float_error, "epochs": self.epochs}
 
 
 def probe_epochs(options: Mapping[str, Any]) -> int:
@@ -193,56 +200,67 @@ def search(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[A
            log: Callable[[str], None] | None = None) -> SearchResult:
     """Bisect the candidates of :func:`candidates` with full recipe runs (``options``: the other
     :class:`~lowbit.compress.pipeline.DeepCompressionConfig` fields) for the smallest compressed model whose
-    validation error exceeds the float model's by at most ``budget`` points, within ``max_epochs``."""
+    validation error exceeds the reference probe's by at most ``budget`` points, within ``max_epochs``."""
     check_number(budget, "max error increase (points)", 0)
     options = dict(options or {})
     for fixed in ("sparsity", "quality", "bits", "index_bits"):
         if fixed in options:
             raise ConfigError(f"the search chooses {fixed}; do not pass it with a budget")
     cost = probe_epochs(options)
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < cost:
-        raise ConfigError(f"the search needs at least {cost} epochs (one probe), got max_epochs={max_epochs!r}")
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 2 * cost:
+        raise ConfigError(f"the search needs at least {2 * cost} epochs (the reference and one probe), got "
+                          f"max_epochs={max_epochs!r}")
     log = log or (lambda message: None)
     curves = sensitivity(model, val_loader, progress=log)
     found = candidates(curves)
     log(f"float validation error {curves.error:.2f}%; {len(found)} candidate settings, budget +{budget:g} points, "
-        f"{cost} epochs per probe, at most {max_epochs // cost} probes")
+        f"{cost} epochs per probe, at most {max_epochs // cost - 1} probes after the reference")
     probes: list[Probe] = []
 
-    def run(index: int) -> Probe:
-        tolerance, settings = found[index]
+    def run(tolerance: float, settings: Settings) -> Probe:
         config = DeepCompressionConfig(**{**options, **settings.config()})
         result = deep_compress(copy.deepcopy(model), train_loader, val_loader, config)
         error = 100.0 * (1 - result.accuracy["finetune" if "finetune" in result.accuracy else "share"])
-        probe = Probe(tolerance, settings, error, sum(s.bytes_huffman for s in result.layers), cost, result)
+        return Probe(tolerance, settings, error, sum(s.bytes_huffman for s in result.layers), cost, result)
+
+    names = list(curves.sparsity)
+    reference = run(-1.0, Settings({n: 0.0 for n in names}, {n: MAX_BITS for n in names}))
+    log(f"reference (nothing pruned, {MAX_BITS}-bit codebooks, retrained without the slice): validation error "
+        f"{reference.error:.2f}%")
+
+    def probe_at(index: int) -> Probe:
+        probe = run(*found[index])
         probes.append(probe)
-        log(f"probe {len(probes)}: tolerance {tolerance:.2f} -> validation error {error:.2f}% "
-            f"({error - curves.error:+.2f}), {probe.layer_bytes} B")
+        log(f"probe {len(probes)}: tolerance {probe.tolerance:.2f} -> validation error {probe.error:.2f}% "
+            f"({probe.error - reference.error:+.2f}), {probe.layer_bytes} B")
         return probe
 
     def affordable() -> bool:
-        return (len(probes) + 1) * cost <= max_epochs
+        return (len(probes) + 2) * cost <= max_epochs
+
+    def within(probe: Probe) -> bool:
+        return probe.error - reference.error <= budget
 
     low, high, best = 0, len(found) - 1, None  # bisect for the last candidate within budget
     while low < high and affordable():
         middle = (low + high + 1) // 2
-        probe = run(middle)
-        if probe.error - curves.error <= budget:
+        probe = probe_at(middle)
+        if within(probe):
             best, low = probe, middle
         else:
             high = middle - 1
     if best is None and affordable():  # every probe so far missed: the most cautious candidate left
-        probe = run(low)
-        best = probe if probe.error - curves.error <= budget else None
-    epochs = sum(p.epochs for p in probes)
+        probe = probe_at(low)
+        best = probe if within(probe) else None
+    epochs = cost + sum(p.epochs for p in probes)
     if best is None:
-        cautious = min(probes, key=lambda p: p.tolerance)
+        cautious = min(probes, key=lambda p: p.tolerance) if probes else reference
         log(f"no candidate met the budget within {epochs} epochs (the most cautious one probed, tolerance "
-            f"{cautious.tolerance:.2f}: {cautious.error - curves.error:+.2f} points)")
+            f"{cautious.tolerance:.2f}: {cautious.error - reference.error:+.2f} points)")
     else:
         log(f"chosen: tolerance {best.tolerance:.2f}, validation error {best.error:.2f}% "
-            f"({best.error - curves.error:+.2f}), {best.layer_bytes} B; {epochs} epochs in {len(probes)} probes")
-    return SearchResult(best, probes, curves, curves.error, epochs)
+            f"({best.error - reference.error:+.2f}), {best.layer_bytes} B; {epochs} epochs in {len(probes) + 1} runs")
+    return SearchResult(best, probes, reference, curves, curves.error, epochs)
 
 
 def split_validation(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[tuple, tuple]:
