@@ -9,7 +9,7 @@ from torch import nn
 from lowbit.errors import ConfigError
 from lowbit.models import BasicBlock, get_model, model_names
 
-ALL = ["bnn-mlp", "lenet300", "lenet5", "resnet-small", "small-cnn", "vgg-small"]
+ALL = ["bnn-mlp", "lenet300", "lenet5", "reactnet", "resnet-small", "small-cnn", "vgg-small"]
 
 
 def n_params(model: nn.Module) -> int:
@@ -162,7 +162,7 @@ def test_odd_sizes_keep_shortcut_and_conv_shapes_equal():
 
 
 def test_unknown_name_and_bad_arguments():
-    with pytest.raises(ConfigError, match="known models: bnn-mlp, lenet300, lenet5, resnet-small, small-cnn, vgg-small"):
+    with pytest.raises(ConfigError, match="known models: bnn-mlp, lenet300, lenet5, reactnet, resnet-small, small-cnn, vgg-small"):
         get_model("alexnet")
     with pytest.raises(ConfigError, match="bad arguments for model 'lenet300'.*valid: in_channels"):
         get_model("lenet300", width=10)

@@ -146,6 +146,17 @@ def _quant_act() -> nn.Module:
     return model
 
 
+def _react() -> nn.Module:
+    """ReActNet's RSign threshold and RPReLU, their per-channel values away from their inits."""
+    from lowbit.nn.react import RPReLU, RSignThreshold
+
+    model = nn.Sequential(RSignThreshold(3), RPReLU(3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
+    return model
+
+
 #: op -> a model whose graph holds it; every declared op needs one (the registry walk below)
 EXAMPLES = {
     "linear": lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 5)),
@@ -195,6 +206,8 @@ EXAMPLES = {
         nn.UpsamplingBilinear2d(size=(13, 7)), nn.Upsample(scale_factor=(0.7, 2), mode="bilinear")),
     "constant": Scaled,
     "layer_norm": Norms,
+    "rsign_threshold": _react,
+    "rprelu": _react,
     "embedding": lambda: nn.Sequential(nn.Embedding(50, 6), nn.Flatten(), nn.Linear(48, 5)),
     # the whole output sequence of a 2-layer LSTM, the last step of a bias-free GRU ([N, 7, 6] inputs)
     "lstm": lambda: Recurrent(nn.LSTM(6, 5, 2, batch_first=True), last=False),
@@ -564,8 +577,14 @@ def test_spec_tables_list_every_quantizer_and_its_parameters():
     assert set(SPECS) == set(names())
     for name in names():
         spec = get(name).spec()
-        assert set(spec) - {"name"} == set(SPECS[name])
+        assert set(spec) - {"name"} == set(SPECS[name]) - OPTIONAL.get(name, set())
         assert check_spec(spec, "here") == spec
+    token = get({"name": "uniform", "per_token": True, "token_axis": -2}).spec()  # written only when set
+    assert set(token) - {"name"} == set(SPECS["uniform"]) and check_spec(token, "here") == token
+
+
+#: spec parameters a quantizer writes only when they are set
+OPTIONAL = {"uniform": {"per_token", "token_axis"}}
 
 
 def test_spec_choices_match_the_quantizers():

@@ -496,6 +496,8 @@ def _float_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             m = modules[node.target]
+            if _stored_as_constants(node, modules):
+                continue
             if not isinstance(m, handled) and any(True for _ in m.parameters()) and node.target not in \
                     [name for name, _ in found]:
                 found.append((node.target, f"{type(m).__name__} runs in float"))
@@ -506,6 +508,15 @@ def _float_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
             names = ", ".join(str(getattr(u.target, "__name__", u.target)) for u in node.users)
             found.append((node.target, f"parameter read in float by {names}"))
     return found
+
+
+def _stored_as_constants(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a called module is a parameter-free op whose every parameter the graph IR stores as a constant
+    (``Capture.module_tensors``: ReActNet's RSign threshold and RPReLU): float on purpose, saved and run by every
+    reader, as a norm's."""
+    schema = node_schema(node, modules)
+    return schema is not None and not schema.module and \
+        {name for name, _ in modules[node.target].named_parameters()} <= set(schema.capture.module_tensors)
 
 
 def _weight_fraction(gm: nn.Module) -> float:
