@@ -511,7 +511,7 @@ def _float_modules(gm: fx.GraphModule) -> list[tuple[str, str]]:
 
 
 def _stored_as_constants(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether a called module is a parameter-free op whose every parameter the graph IR stores as a constant
+    """Whether a called module is an op other than a layer whose every parameter the graph IR stores as a constant
     (``Capture.module_tensors``: ReActNet's RSign threshold and RPReLU): float on purpose, saved and run by every
     reader, as a norm's."""
     schema = node_schema(node, modules)

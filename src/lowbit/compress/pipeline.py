@@ -397,7 +397,8 @@ def _add_arguments(parser: Any) -> None:
     parser.add_argument("--plots", default=None, help="directory for the two PNG plots (default: beside --out)")
     parser.add_argument("--max-error-increase", type=float, default=None, metavar="POINTS",
                         help="search per-layer sparsity and bits for the smallest file whose error on a validation "
-                             "slice of the training images exceeds the float model's by at most POINTS")
+                             "slice of the training images exceeds a reference run's (nothing pruned, retrained "
+                             "without the slice) by at most POINTS")
     parser.add_argument("--search-epochs", type=int, default=40,
                         help="training epochs the search may spend on its probes (default 40)")
     parser.add_argument("--val-size", type=int, default=None,
@@ -473,8 +474,6 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
     model = _float_model(args.checkpoint, args.data, args.model)
     if args.settings is not None:
         config = replace(config, **_read_settings(args.settings, model).config())
-    train_loader, test_loader = loaders(args.data, args.batch_size, seed=args.seed, limit=args.limit,
-                                        test_batch_size=EVAL_BATCH_SIZE)
     log: list[str] = []
 
     def say(message: str) -> None:
@@ -484,7 +483,9 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
     search_data: dict[str, Any] = {}
     if args.max_error_increase is not None:
         result, search_data = _search(args, model, config, say, out)
-    else:
+    else:  # the search reads its own split of the training images, and never the test images
+        train_loader, test_loader = loaders(args.data, args.batch_size, seed=args.seed, limit=args.limit,
+                                            test_batch_size=EVAL_BATCH_SIZE)
         result = deep_compress(model, train_loader, test_loader, config, progress=True, log=say)
     out = save_compressed(result, out, args.entropy)
     correct, _ = outcomes(serialize.load(out), *eval_set(args.data, args.limit))  # as `lowbit eval` computes it

@@ -174,20 +174,19 @@ class Probe:
 @dataclass
 class SearchResult:
     """The chosen probe (None when even the most cautious candidate missed the budget), every probe, the
-    reference probe the budget is measured from, the curves, the float model's validation error and the training
-    epochs spent (the reference's included)."""
+    reference probe the budget is measured from, the curves (with the float model's validation error) and the
+    training epochs spent (the reference's included)."""
 
     best: Probe | None
     probes: list[Probe]
     reference: Probe
     curves: Curves
-    float_error: float
     epochs: int
 
     def to_dict(self) -> dict[str, Any]:
         return {"best": None if self.best is None else self.best.to_dict(),
                 "probes": [p.to_dict() for p in self.probes], "reference": self.reference.to_dict(),
-                "float_error": self.float_error, "epochs": self.epochs}
+                "float_error": self.curves.error, "epochs": self.epochs}
 
 
 def probe_epochs(options: Mapping[str, Any]) -> int:
@@ -260,7 +259,7 @@ def search(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[A
     else:
         log(f"chosen: tolerance {best.tolerance:.2f}, validation error {best.error:.2f}% "
             f"({best.error - reference.error:+.2f}), {best.layer_bytes} B; {epochs} epochs in {len(probes) + 1} runs")
-    return SearchResult(best, probes, reference, curves, curves.error, epochs)
+    return SearchResult(best, probes, reference, curves, epochs)
 
 
 def split_validation(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[tuple, tuple]:
