@@ -272,10 +272,9 @@ class _Builder:
         if whole:  # each sample whole: quantize its rows after Flatten, then take the input's shape back
             shape, x = self.node("Shape", [x], f"{base}.shape"), self.node("Flatten", [x], f"{base}.rows", axis=1)
         axes = [-1 if whole else spec["token_axis"]] if spec.get("per_token") else None
-        lo = self.node("Min", [self.reduce("ReduceMin", x, axes, f"{base}.min"), self.const(f"{base}.zero", f32(0))],
-                       f"{base}.lo")
-        hi = self.node("Max", [self.reduce("ReduceMax", x, axes, f"{base}.max"), self.const(f"{base}.zero", f32(0))],
-                       f"{base}.hi")
+        zero_value = self.const(f"{base}.zero", f32(0))
+        lo = self.node("Min", [self.reduce("ReduceMin", x, axes, f"{base}.min"), zero_value], f"{base}.lo")
+        hi = self.node("Max", [self.reduce("ReduceMax", x, axes, f"{base}.max"), zero_value], f"{base}.hi")
         if spec["symmetric"]:
             span = self.node("Max", [self.node("Neg", [lo], f"{base}.neg_lo"), hi], f"{base}.span")
             levels = f32((qmax - qmin) / 2)
@@ -285,7 +284,7 @@ class _Builder:
                                   self.const(f"{base}.eps", f32(EPS))], f"{base}.scale")
         low, high = self.const(f"{base}.qmin", f32(qmin)), self.const(f"{base}.qmax", f32(qmax))
         if spec["symmetric"]:
-            zero = self.const(f"{base}.zero_point", f32(0))
+            zero = zero_value
         else:
             shift = self.node("Round", [self.node("Div", [lo, scale], f"{base}.lo_steps")], f"{base}.lo_codes")
             zero = self.node("Clip", [self.node("Sub", [low, shift], f"{base}.z"), low, high], f"{base}.zero_point")
