@@ -182,7 +182,10 @@ EXAMPLES = {
     "softmax": lambda: nn.Sequential(Functional(lambda y, m: y.softmax(1) + F.softmax(y, dim=-1)), nn.Softmax(2)),
     "maxpool2d": lambda: nn.Sequential(Functional(lambda y, m: F.max_pool2d(y, 3, 2, ceil_mode=True)),
                                        nn.MaxPool2d(2, 2, padding=1), nn.MaxPool2d(2, 2, ceil_mode=True)),
-    "avgpool2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(3, 2, padding=1, count_include_pad=False)),
+    "avgpool2d": lambda: nn.Sequential(
+        Functional(lambda y, m: F.avg_pool2d(y, 3, 2, 1, ceil_mode=True)), nn.Conv2d(4, 4, 1),
+        nn.AvgPool2d(3, 2, padding=1, count_include_pad=False),
+        nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)),
     "adaptive_avgpool2d": lambda: Adaptive(F.adaptive_avg_pool2d, nn.AdaptiveAvgPool2d),
     "adaptive_maxpool2d": lambda: Adaptive(F.adaptive_max_pool2d, nn.AdaptiveMaxPool2d),
     "reshape": lambda: Functional(lambda y, m: torch.flatten(y, 1)),
@@ -675,23 +678,32 @@ def test_hostile_attributes_of_shape_ops_are_refused_alike(tmp_path, op, key, va
     _both_refuse(_write(path, document, tmp_path / "bad.lowbit"), match)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 12), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2), st.booleans())
-def test_pool_output_sizes_follow_torch(size, kernel, stride, padding, ceil_mode):
-    """Floor and ceil mode, against torch's max_pool2d (which refuses what the shape rule refuses)."""
-    from lowbit.ops.pool import maxpool2d, pool_size
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2), st.booleans(),
+       st.sampled_from(["max", "avg", "avg-no-pad-count"]))
+def test_pools_follow_torch(size, kernel, stride, padding, ceil_mode, kind):
+    """Output sizes, values and divisors in floor and ceil mode, against torch's max_pool2d / avg_pool2d (which
+    refuse what the shape rule refuses)."""
+    from lowbit.ops.pool import avgpool2d, maxpool2d, pool_size
 
     x = torch.randn(1, 2, size, size + 1, generator=torch.Generator().manual_seed(size))
     expected_fits = padding <= kernel // 2 and all(pool_size(n, kernel, stride, padding, ceil_mode) >= 1
                                                    for n in (size, size + 1))
+    window = [kernel] * 2, [stride] * 2, [padding] * 2
     try:
-        want = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
+        if kind == "max":
+            want = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
+        else:
+            want = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=kind == "avg")
     except RuntimeError:
         assert not expected_fits
         return
     assert expected_fits
-    got = maxpool2d(x.numpy(), [kernel] * 2, [stride] * 2, [padding] * 2, ceil_mode)
-    np.testing.assert_array_equal(got, want.numpy())
+    if kind == "max":
+        np.testing.assert_array_equal(maxpool2d(x.numpy(), *window, ceil_mode), want.numpy())
+    else:
+        got = avgpool2d(x.numpy(), *window, count_include_pad=kind == "avg", ceil_mode=ceil_mode)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Pooling and resampling (NCHW): maxpool2d (padding with -inf; floor or ceil mode), avgpool2d (floor mode,
-``count_include_pad`` as torch), adaptive_avgpool2d and adaptive_maxpool2d, whose bin i spans
+"""Pooling and resampling (NCHW): maxpool2d (padding with -inf; floor or ceil mode), avgpool2d (floor or ceil
+mode, ``count_include_pad`` as torch: a window's divisor counts the padding, never the part of a ceil-mode window
+past it), adaptive_avgpool2d and adaptive_maxpool2d, whose bin i spans
 ``[floor(i H / oh), ceil((i + 1) H / oh))`` (bins overlap where they do not divide the input, and an output larger
 than the input repeats values), upsample (nearest, by whole factors) and upsample_bilinear (torch's bilinear
 interpolation, ``align_corners`` either way, by a size or by scale factors).
@@ -24,7 +25,7 @@ import math
 import numpy as np
 
 from ..errors import UnsupportedLayerError
-from .conv import pad, windows
+from .conv import windows
 from .schema import (MAX_SPATIAL, Bool, Capture, Ints, Node, Nullable, Numbers, OpSchema, Shape, argument, pair,
                      register)
 
@@ -41,26 +42,42 @@ def pool_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool
     return out - 1 if (out - 1) * stride >= size + padding else out
 
 
+def _ceil_widths(shape: tuple[int, ...], kernel: list[int], stride: list[int], padding: list[int],
+                 ceil_mode: bool) -> tuple[list[int], tuple]:
+    """Output sizes and the np.pad widths of an NCHW map: the padding, plus on the right what the last ceil-mode
+    windows need beyond it."""
+    out = [pool_size(size, k, s, p, ceil_mode) for size, k, s, p in zip(shape[2:], kernel, stride, padding)]
+    extra = [max(0, (o - 1) * s + k - (size + 2 * p)) for o, size, k, s, p in zip(out, shape[2:], kernel, stride,
+                                                                                  padding)]
+    return out, ((0, 0), (0, 0), (padding[0], padding[0] + extra[0]), (padding[1], padding[1] + extra[1]))
+
+
 def maxpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list[int],
               ceil_mode: bool = False) -> np.ndarray:
     """torch.nn.functional.max_pool2d (padding with -inf); in ceil mode the last windows run past the right
     padding, which pads with -inf too."""
-    out = [pool_size(size, k, s, p, ceil_mode) for size, k, s, p in zip(x.shape[2:], kernel, stride, padding)]
-    extra = [max(0, (o - 1) * s + k - (size + 2 * p)) for o, size, k, s, p in zip(out, x.shape[2:], kernel, stride,
-                                                                                  padding)]
-    widths = ((0, 0), (0, 0), (padding[0], padding[0] + extra[0]), (padding[1], padding[1] + extra[1]))
+    out, widths = _ceil_widths(x.shape, kernel, stride, padding, ceil_mode)
     padded = np.pad(x, widths, constant_values=-np.inf) if any(map(any, widths)) else x
     return windows(padded, tuple(kernel), stride).max(axis=(4, 5))[:, :, : out[0], : out[1]]
 
 
 def avgpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list[int],
-              count_include_pad: bool = True) -> np.ndarray:
-    """torch.nn.functional.avg_pool2d (floor mode)."""
-    sums = windows(pad(x, padding), tuple(kernel), stride).sum(axis=(4, 5), dtype=np.float32)
-    if count_include_pad or padding == [0, 0]:
+              count_include_pad: bool = True, ceil_mode: bool = False) -> np.ndarray:
+    """torch.nn.functional.avg_pool2d: window sums over the zero-padded map divided by the window's size, or, where
+    the window overlaps the padding (``count_include_pad=False``) or runs past it (ceil mode), by the number of
+    positions it covers in the input (plus the padding with ``count_include_pad``)."""
+    out, widths = _ceil_widths(x.shape, kernel, stride, padding, ceil_mode)
+    sums = windows(np.pad(x, widths), tuple(kernel), stride).sum(axis=(4, 5), dtype=np.float32)
+    sums = sums[:, :, : out[0], : out[1]]
+    if widths[2][1] == widths[2][0] and widths[3][1] == widths[3][0] and (count_include_pad or padding == [0, 0]):
         return sums / np.float32(kernel[0] * kernel[1])
-    ones = pad(np.ones((1, 1) + x.shape[2:], dtype=np.float32), padding)
-    counts = windows(ones, tuple(kernel), stride).sum(axis=(4, 5))
+    masks = []
+    for size, p, (left, right) in zip(x.shape[2:], padding, widths[2:]):
+        mask = np.zeros(left + size + right, np.float32)
+        mask[slice(0, size + 2 * p) if count_include_pad else slice(p, p + size)] = 1
+        masks.append(mask)
+    counted = np.outer(*masks)[None, None]
+    counts = windows(counted, tuple(kernel), stride).sum(axis=(4, 5))[:, :, : out[0], : out[1]]
     return (sums / counts).astype(np.float32)
 
 
@@ -130,9 +147,10 @@ def _max_module(m, shape: list[int], where: str) -> dict:
 
 
 def _average(kernel, stride, padding, ceil_mode, count_include_pad, divisor, where: str) -> dict:
-    if divisor is not None or ceil_mode:
-        raise UnsupportedLayerError(f"{where}: average pooling with divisor_override or ceil_mode cannot be captured")
-    return {**_window(kernel, stride, padding, 1, where), "count_include_pad": bool(count_include_pad)}
+    if divisor is not None:
+        raise UnsupportedLayerError(f"{where}: average pooling with divisor_override cannot be captured")
+    return {**_window(kernel, stride, padding, 1, where), "count_include_pad": bool(count_include_pad),
+            "ceil_mode": bool(ceil_mode)}
 
 
 def _average_call(args: list, kwargs: dict, shape: list[int], where: str) -> tuple[dict, list]:
@@ -144,8 +162,9 @@ def _average_call(args: list, kwargs: dict, shape: list[int], where: str) -> tup
 
 def _pool_onnx(op: str):
     def emit(b, name: str, xs: list[str], a: dict) -> str:
-        flag = "count_include_pad" if op == "AveragePool" else "ceil_mode"
-        extra = {flag: int(a[flag])}
+        extra = {"ceil_mode": int(a["ceil_mode"])}
+        if op == "AveragePool":
+            extra["count_include_pad"] = int(a["count_include_pad"])
         return b.node(op, xs, name, kernel_shape=a["kernel"], strides=a["stride"], pads=a["padding"] * 2, **extra)
     return emit
 
@@ -218,13 +237,15 @@ MAXPOOL2D = register(OpSchema(
                                                       ceil_mode=a["ceil_mode"]),
     onnx=_pool_onnx("MaxPool")))
 AVGPOOL2D = register(OpSchema(
-    "avgpool2d", _pool_shape, attrs={**_WINDOW, "count_include_pad": Bool()}, defaults={"count_include_pad": True},
+    "avgpool2d", _pool_shape, attrs={**_WINDOW, "count_include_pad": Bool(), "ceil_mode": Bool()},
+    defaults={"count_include_pad": True, "ceil_mode": False},
     capture=Capture(("torch.nn.functional.avg_pool2d",), _average_call, ("torch.nn.AvgPool2d",),
                     lambda m, shape, where: _average(m.kernel_size, m.stride, m.padding, m.ceil_mode,
                                                      m.count_include_pad, m.divisor_override, where)),
-    numpy=lambda xs, a: avgpool2d(xs[0], a["kernel"], a["stride"], a["padding"], a["count_include_pad"]),
-    torch=lambda t, xs, a: t.nn.functional.avg_pool2d(xs[0], a["kernel"], a["stride"], a["padding"],
-                                                      count_include_pad=a["count_include_pad"]),
+    numpy=lambda xs, a: avgpool2d(xs[0], a["kernel"], a["stride"], a["padding"], a["count_include_pad"],
+                                  a["ceil_mode"]),
+    torch=lambda t, xs, a: t.nn.functional.avg_pool2d(xs[0], a["kernel"], a["stride"], a["padding"], a["ceil_mode"],
+                                                      a["count_include_pad"]),
     onnx=_pool_onnx("AveragePool")))
 ADAPTIVE_AVGPOOL2D = register(OpSchema(
     "adaptive_avgpool2d", _adaptive_shape, attrs={"output_size": Ints(2, 1, MAX_SPATIAL)}, capture=_ADAPTIVE,
