@@ -58,7 +58,13 @@ def maxpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list
     padding, which pads with -inf too."""
     out, widths = _ceil_widths(x.shape, kernel, stride, padding, ceil_mode)
     padded = np.pad(x, widths, constant_values=-np.inf) if any(map(any, widths)) else x
-    return windows(padded, tuple(kernel), stride).max(axis=(4, 5))[:, :, : out[0], : out[1]]
+    result = None
+    for i in range(kernel[0]):  # the max of the kernel's strided views: one pass over the map per position
+        for j in range(kernel[1]):
+            view = padded[:, :, i: i + stride[0] * (out[0] - 1) + 1: stride[0],
+                          j: j + stride[1] * (out[1] - 1) + 1: stride[1]]
+            result = np.array(view) if result is None else np.maximum(result, view, out=result)
+    return result
 
 
 def avgpool2d(x: np.ndarray, kernel: list[int], stride: list[int], padding: list[int],
