@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.compress.pipeline import DeepCompressionConfig, deep_compress, store_and_verify
+from lowbit.compress.pipeline import DeepCompressionConfig, deep_compress, paper_settings, store_and_verify
 from lowbit.compress.report import best_index_bits, format_table, layer_stats
 from lowbit.compress.share import shared_layers
 from lowbit.data import loaders
@@ -44,10 +44,10 @@ SETUPS = {
         "model": LeNet5,
         "float": {"epochs": 8, "lr": 0.05},
         "runs": {
-            "paper": {"rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05},
+            "paper": {"rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05, "weight_decay": 1e-4},
             "goal": {"sparsity": {"conv1": 0.4, "conv2": 0.92, "ip1": 0.96, "ip2": 0.85},
                      "bits": {"conv1": 6, "conv2": 5, "ip1": 4, "ip2": 5}, "index_bits": "auto",
-                     "rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05},
+                     "rounds": 3, "retrain_epochs": 2, "finetune_epochs": 1, "lr": 0.05, "weight_decay": 1e-4},
         },
     },
 }
@@ -83,6 +83,8 @@ def run_net(name: str, setup: dict, out: Path, seed: int, quick: bool, reuse: bo
     for run, options in setup["runs"].items():
         if runs and run not in runs:
             continue
+        if run == "paper":  # the paper's kept fractions, bits and relative-index widths
+            options = {**paper_settings(model), **options}
         if quick:
             options = {**options, "rounds": 1, "retrain_epochs": 1, "finetune_epochs": 1}
         print(f"  [{name}/{run}] options {options}", flush=True)
@@ -99,7 +101,7 @@ def run_net(name: str, setup: dict, out: Path, seed: int, quick: bool, reuse: bo
             **result.to_dict(),
             **stored,
         }
-        if options.get("index_bits") != "auto":  # the same model with the widths chosen per layer
+        if run == "paper":  # the same model with the widths chosen per layer
             auto = [layer_stats(n, m, best_index_bits(m.weight_quantizer.indices.numpy()))
                     for n, m in shared_layers(result.model).items()]
             results["runs"][run]["auto_index"] = {

@@ -1,5 +1,5 @@
-"""The Deep Compression settings search: sensitivity curves, the one-dial candidates, the bisection's choice
-against a scripted recipe, the settings file, and a real search on scikit-learn's digits within its budget."""
+"""The Deep Compression settings search: the dial around the default rule, the bisection's choice against a
+scripted recipe, the settings file, and a real search on scikit-learn's digits within its budget."""
 
 from __future__ import annotations
 
@@ -8,67 +8,49 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from lowbit.compress import search as search_module
+from lowbit.compress.rule import rule_bits, rule_kept
 from lowbit.compress.search import (
-    Curves,
     Settings,
-    candidates,
-    error_points,
+    ladder,
     probe_epochs,
+    scaled,
     search,
-    sensitivity,
-    settings_at,
     split_validation,
 )
 from lowbit.data import load_dataset
 from lowbit.data.loaders import make_loader
 from lowbit.errors import ConfigError
+from lowbit.models import LeNet300
 from lowbit.train import Trainer
 
-_increase = st.floats(-2, 30, allow_nan=False)
+
+def test_the_dial_scales_the_rule_by_hand():
+    model = LeNet300()
+    assert scaled(model, 1.0) == Settings({n: 1 - k for n, k in rule_kept(model).items()}, rule_bits(model))
+    # kept 0.0521 / 0.1035 / 0.3216 and bits 4 / 5 / 6 at f = 1
+    assert scaled(model, 2.0).sparsity == pytest.approx({"ip1": 1 - 0.10421, "ip2": 1 - 0.20703, "ip3": 1 - 0.64328},
+                                                        abs=1e-5)
+    assert scaled(model, 2.0).bits == {"ip1": 5, "ip2": 6, "ip3": 7}  # log2 2 = 1 more bit
+    assert scaled(model, 3.0).sparsity["ip3"] == pytest.approx(1 - 3 * 0.32164, abs=1e-5)
+    assert scaled(model, 4.0).sparsity["ip3"] == 0.0  # 4 x 32% is over 1: kept whole
+    assert scaled(model, 3.0).bits == {"ip1": 6, "ip2": 7, "ip3": 8}  # round(log2 3) = 2
+    assert scaled(model, 0.5).bits == {"ip1": 3, "ip2": 4, "ip3": 5}
+    assert scaled(nn.Linear(1000, 2), 0.01).bits == {"": 2}  # 4 - 7 bits: clamped at 2
 
 
-@st.composite
-def _curves(draw):
-    layers = draw(st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=4, unique=True))
-    sparsity = {n: {s: draw(_increase) for s in (0.5, 0.8, 0.9, 0.95)} for n in layers}
-    bits = {n: {b: draw(_increase) for b in (2, 4, 6, 8)} for n in layers}
-    return Curves(1.0, sparsity, bits)
-
-
-@settings(max_examples=80, deadline=None)
-@given(_curves(), st.floats(0, 30), st.floats(0, 30))
-def test_a_higher_tolerance_never_gives_a_larger_setting(curves, t1, t2):
-    low, high = sorted((t1, t2))
-    a, b = settings_at(curves, low), settings_at(curves, high)
-    for name in curves.sparsity:
-        assert b.sparsity[name] >= a.sparsity[name] and b.bits[name] <= a.bits[name]
-        # each choice is the extreme one within the tolerance
-        within = [s for s, e in curves.sparsity[name].items() if e <= high]
-        assert b.sparsity[name] == max(within, default=0.0)
-
-
-@settings(max_examples=50, deadline=None)
-@given(_curves())
-def test_candidates_are_distinct_and_ordered_from_the_most_cautious(curves):
-    found = candidates(curves)
-    assert found[0][0] == 0.0
-    tolerances = [t for t, _ in found]
-    assert tolerances == sorted(tolerances) and len(set(tolerances)) == len(tolerances)
-    assert all(found[i][1] != found[i + 1][1] for i in range(len(found) - 1))
-    assert found[-1][1] == settings_at(curves, 1e9)  # the last one: every layer at its extreme
-
-
-def test_hand_worked_settings():
-    curves = Curves(1.0, {"fc1": {0.5: 0.0, 0.9: 0.3, 0.95: 2.0}, "fc2": {0.5: 0.1, 0.9: 5.0, 0.95: 9.0}},
-                    {"fc1": {2: 4.0, 4: 0.2, 8: 0.0}, "fc2": {2: 1.0, 4: 0.5, 8: -0.1}})
-    assert settings_at(curves, 0.0) == Settings({"fc1": 0.5, "fc2": 0.0}, {"fc1": 8, "fc2": 8})
-    assert settings_at(curves, 0.3) == Settings({"fc1": 0.9, "fc2": 0.5}, {"fc1": 4, "fc2": 8})
-    assert [t for t, _ in candidates(curves)] == [0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 5.0, 9.0]
+def test_the_ladder_runs_from_the_most_cautious_and_drops_repeats():
+    found = ladder(LeNet300())
+    factors = [f for f, _ in found]
+    assert factors == sorted(factors, reverse=True) and 1.0 in factors
+    for (_, a), (_, b) in zip(found, found[1:]):
+        assert a != b
+        assert all(b.sparsity[n] >= a.sparsity[n] and b.bits[n] <= a.bits[n] for n in a.sparsity)
+    # a 4-input layer keeps every weight whatever the factor (16 inputs per output asked): one setting per bit width
+    tiny = ladder(nn.Linear(4, 2), (1.0, 1.1, 1.2))
+    assert [f for f, _ in tiny] == [1.2] and tiny[0][1].sparsity == {"": 0.0}
 
 
 def test_settings_round_trip_and_refuse_bad_files():
@@ -95,50 +77,48 @@ def _digits():
     return model, train, make_loader(vx, vy, 300)
 
 
-def test_sensitivity_restores_every_weight_and_measures_each_layer_alone():
-    model, _, val = _digits()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    curves = sensitivity(model, val, sparsities=(0.0, 0.5, 0.99), bits=(1, 8))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert curves.error == error_points(model, val)
-    assert set(curves.sparsity) == {"1", "3"} and all(c[0.0] == 0.0 for c in curves.sparsity.values())
-    assert curves.sparsity["1"][0.99] > 10  # 99% of the first layer gone: far worse
-    assert curves.bits["1"][1] > curves.bits["1"][8]
-
-
-def test_the_bisection_finds_the_last_candidate_within_budget(monkeypatch):
-    """A scripted recipe whose error grows with the candidate's tolerance: the search must pick the last
-    candidate within budget, spend the epochs it says and never probe past ``max_epochs``."""
-    curves = Curves(2.0, {"fc": {s: 10 * s for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)}}, {"fc": {8: 0.0}})
-    monkeypatch.setattr(search_module, "sensitivity", lambda *a, **k: curves)
+def test_the_bisection_starts_at_the_default_and_finds_the_last_candidate_within_budget(monkeypatch):
+    """A scripted recipe whose error grows as the dial prunes harder: the search must probe the default first,
+    pick the last candidate within budget, spend the epochs it says and never probe past ``max_epochs``."""
+    model = nn.Linear(1000, 10)  # fan-in 1000: kept = 5% x factor for every factor of the dial
     probed = []
 
     def fake(model, train, val, config):
-        probed.append(config.sparsity["fc"])
-        error = 2.0 + (1.0 if config.sparsity["fc"] > 0.55 else 0.1)  # within +0.5 up to 0.5 sparsity
-        stats = [SimpleNamespace(bytes_huffman=int(1000 * (1 - config.sparsity["fc"])))]
+        kept = 1 - config.sparsity[""]
+        probed.append(round(kept, 4))
+        error = 2.0 + 0.005 / kept  # the reference 2.005; kept 5% (f = 1) 2.1, 3.5% (f = 0.7) 2.143, 3% 2.167
+        stats = [SimpleNamespace(bytes_huffman=int(1000 * kept))]
         return SimpleNamespace(accuracy={"finetune": 1 - error / 100}, layers=stats)
 
     monkeypatch.setattr(search_module, "deep_compress", fake)
+    monkeypatch.setattr(search_module, "error_points", lambda model, loader: 1.0)
     options = {"rounds": 2, "retrain_epochs": 1, "finetune_epochs": 1}
-    result = search(nn.Linear(2, 2), [], [], 0.5, options, max_epochs=30)
-    # the reference (nothing pruned: 2.1%), then candidates 0.0, 0.1, ..., 0.8: probes 0.4 (in), 0.6 (out), 0.5 (in)
-    assert probed == [0.0, 0.4, 0.6, 0.5] and result.best.settings.sparsity == {"fc": 0.5} and result.epochs == 12
-    assert result.reference.error == pytest.approx(2.1)
-    assert probe_epochs(options) == 3
-    limited = search(nn.Linear(2, 2), [], [], 0.5, options, max_epochs=8)
-    assert limited.epochs <= 8 and len(limited.probes) == 1
+    result = search(model, [], [], 0.15, options, max_epochs=30)
+    # the reference (nothing pruned), the default (f = 1, kept 5%: +0.095, in), f = 0.6 (3%: +0.162, out),
+    # f = 0.7 (3.5%: +0.138, in)
+    assert probed == [1.0, 0.05, 0.03, 0.035] and result.best.factor == 0.7 and result.epochs == 12
+    assert result.reference.error == pytest.approx(2.005) and result.float_error == 1.0
+    assert probe_epochs(options, {"": 0.9}) == 3 and probe_epochs({}, {"": 0.95}) == 5 * 2 + 1  # the rule's rounds
+    probed.clear()
+    limited = search(model, [], [], 0.15, options, max_epochs=8)  # the reference and the default only
+    assert limited.epochs <= 8 and len(limited.probes) == 1 and probed == [1.0, 0.05]
+    probed.clear()
+    cautious = search(model, [], [], 0.05, options, max_epochs=30)  # the default misses: the cautious half
+    assert probed[1:] == [0.05, 0.075, 0.1] and cautious.best.factor == 2.0  # f = 1.5 +0.062 out, f = 2 +0.045 in
+    probed.clear()
+    missed = search(model, [], [], 0.01, options, max_epochs=30)
+    assert missed.best is None and probed[1:] == [0.05, 0.075, 0.1, 0.15]
     with pytest.raises(ConfigError, match="at least 6 epochs"):
-        search(nn.Linear(2, 2), [], [], 0.5, options, max_epochs=5)
+        search(model, [], [], 0.5, options, max_epochs=5)
     with pytest.raises(ConfigError, match="chooses sparsity"):
-        search(nn.Linear(2, 2), [], [], 0.5, {"sparsity": 0.9}, max_epochs=30)
+        search(model, [], [], 0.5, {"sparsity": 0.9}, max_epochs=30)
 
 
 def test_a_real_search_meets_its_budget_on_the_validation_slice():
     model, train, val = _digits()
     options = {"rounds": 1, "retrain_epochs": 1, "finetune_epochs": 1, "lr": 0.01}
     result = search(model, train, val, 5.0, options, max_epochs=20)
-    assert result.best is not None and result.epochs <= 20
+    assert result.best is not None and result.epochs <= 20 and result.probes[0].factor == 1.0
     assert result.best.error - result.reference.error <= 5.0
     layers = {s.name: s for s in result.best.result.layers}
     assert all(abs(layers[n].kept - (1 - s)) < 0.01 for n, s in result.best.settings.sparsity.items())
@@ -168,11 +148,11 @@ def test_the_command_searches_writes_reusable_settings_and_refuses_mixed_choices
     base = ["compress", str(tmp_path / "run" / "best.safetensors"), "--data", "mnist", "--limit", "600",
             "--rounds", "1", "--finetune-epochs", "0"]
     status, out = run([*base, "--out", str(tmp_path / "s.lowbit"), "--max-error-increase", "100",
-                       "--search-epochs", "2", "--val-size", "100"])  # the reference and one probe
+                       "--search-epochs", "4", "--val-size", "100"])  # the reference and the default: 2 epochs each
     assert status == 0, out.err
     found = json.loads(out.out)
     settings_file = tmp_path / "s.settings.json"
-    assert found["search"]["settings_file"] == str(settings_file) and found["search"]["epochs"] == 2
+    assert found["search"]["settings_file"] == str(settings_file) and found["search"]["epochs"] == 4
     settings = json.loads(settings_file.read_text())
     assert settings == found["search"]["best"]["settings"] and set(settings["sparsity"]) == {"ip1", "ip2", "ip3"}
     status, out = run([*base, "--out", str(tmp_path / "again.lowbit"), "--settings", str(settings_file)])

@@ -30,6 +30,7 @@ from lowbit.compress import (
 from lowbit.compress import pipeline, report
 from lowbit.compress.pipeline import accuracy, file_layer_bytes, store_and_verify
 from lowbit.compress.report import best_index_bits, coded_bytes, format_table
+from lowbit.compress.rule import rule_bits, rule_kept, rule_rounds, rule_sparsity
 from lowbit.data import load_dataset, make_loader
 from lowbit.errors import ConfigError
 from lowbit.models import LeNet5, LeNet300
@@ -190,3 +191,56 @@ def test_auto_index_bits_and_no_ans_package(trained, digits, monkeypatch):
     assert result.to_dict()["bytes_ans"] is None
     assert "+ANS" not in [p["stage"] for p in pipeline.tradeoff_points(result)]
     assert "-" in format_table(result.layers)
+
+
+def test_the_default_rule_by_hand():
+    # weights: conv 72 (share 0.009, fan-in 9), fc 1000 (share 1/8, fan-in 125), fc 6928 (share 0.866, fan-in 433)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Linear(125, 8), nn.Linear(433, 16))
+    kept = rule_kept(model)
+    assert kept["0"] == 1.0  # 16 inputs per output asked of a 9-input conv: kept whole
+    assert kept["1"] == pytest.approx(16 / 125)  # the fan-in floor beats 0.05 * 8^(1/3) = 0.1
+    assert kept["2"] == pytest.approx(0.05 * (8000 / 6928) ** (1 / 3))  # 5.25%
+    assert rule_sparsity(model) == pytest.approx({name: 1 - k for name, k in kept.items()})
+    # 4 + round(log10(1 / share)) + 1 for a conv: log10 111.1 = 2.05, log10 8 = 0.90, log10 1.155 = 0.06
+    assert rule_bits(model) == {"0": 7, "1": 5, "2": 4}
+    assert rule_rounds(rule_sparsity(model)) == 5  # 1 / 0.0525 = 19.1 -> 2^5 = 32 >= 19.1 > 2^4
+    assert rule_rounds({"a": 0.5}) == 1 and rule_rounds({"a": 0.0}) == 1 and rule_rounds({"a": 0.75}) == 2
+    assert rule_rounds({"a": 1.0}) == 10  # pruned to nothing: counted as 1/1000 kept
+
+
+def test_the_rule_on_the_lenets_prunes_the_big_fc_layers_hardest():
+    lenet300 = rule_kept(LeNet300())  # 0.05 * (266200 / n)^(1/3) for n = 235200, 30000, 1000
+    assert lenet300 == pytest.approx({"ip1": 0.05211, "ip2": 0.10351, "ip3": 0.32164}, abs=1e-5)
+    assert rule_bits(LeNet300()) == {"ip1": 4, "ip2": 5, "ip3": 6}
+    lenet5 = rule_kept(LeNet5())
+    assert lenet5 == pytest.approx({"conv1": 0.64, "conv2": 0.1291, "ip1": 0.05124, "ip2": 0.22077}, abs=1e-4)
+    assert rule_bits(LeNet5()) == {"conv1": 8, "conv2": 6, "ip1": 4, "ip2": 6}
+
+
+def test_the_default_config_follows_the_rule(trained, digits):
+    config = DeepCompressionConfig(retrain_epochs=0, finetune_epochs=0)
+    result = deep_compress(trained, *digits, config)
+    assert len(result.rounds) == rule_rounds(rule_sparsity(trained))
+    # LeNet300(input_size=8): ip1 64x300, ip2 300x100, ip3 100x10 -> ip1's share is 0.38, ip2's fan-in 300
+    assert result.kept == pytest.approx(rule_kept(trained), abs=1e-3)
+    bits = rule_bits(trained)
+    for s in result.layers:
+        assert s.weight_bits == bits[s.name]
+        codes = shared_layers(result.model)[s.name].weight_quantizer.indices.numpy()
+        assert s.index_bits == best_index_bits(codes)  # index widths chosen per layer by default
+
+
+def test_the_paper_recipe_keeps_the_papers_choices(trained, digits, tmp_path):
+    checkpoint = Trainer(trained, digits[0], epochs=1, progress=False).save_checkpoint(tmp_path / "float.safetensors")
+    parser = argparse.ArgumentParser()
+    cli_command.add_arguments(parser)
+    base = [str(checkpoint), "--data", "digits", "--out", str(tmp_path / "p.lowbit"), "--rounds", "1",
+            "--retrain-epochs", "0", "--finetune-epochs", "0", "--limit", "300", "--recipe", "deep-compression-paper"]
+    _, data = cli_command.run(parser.parse_args(base))
+    assert data["kept"] == pytest.approx({"ip1": 0.08, "ip2": 0.09, "ip3": 0.26}, abs=1e-3)
+    assert {s["name"]: (s["weight_bits"], s["index_bits"]) for s in data["layers"]} == {
+        "ip1": (6, 5), "ip2": (6, 5), "ip3": (6, 5)}
+    _, data = cli_command.run(parser.parse_args([*base, "--bits", "3"]))  # an explicit option wins
+    assert {s["weight_bits"] for s in data["layers"]} == {3}
+    with pytest.raises(ConfigError, match="fixes the per-layer settings"):
+        cli_command.run(parser.parse_args([*base, "--max-error-increase", "1"]))

@@ -7,10 +7,10 @@ Stages, each followed by a test-set evaluation:
    by ``retrain_epochs`` of retraining with the masks held (:class:`~lowbit.compress.prune.Pruner`);
 2. ``share``: per-layer k-means on the survivors, ``bits`` per index, zeros on code 0;
 3. ``finetune``: ``finetune_epochs`` training the centroids (summed gradients; indices fixed);
-4. storage: relative-index entries (``index_bits`` per gap: 8 conv, 5 fc) with Huffman- and
-   ANS-coded streams; :func:`save_compressed` writes the .lowbit file with the model's graph IR
-   (captured on a zero batch shaped as the test inputs), so that ``lowbit.load(path)``, the Engine
-   and ONNX export run it from the file alone.
+4. storage: relative-index entries (``index_bits`` per gap, by default per layer the width with the
+   fewest coded bytes) with Huffman- and ANS-coded streams; :func:`save_compressed` writes the .lowbit
+   file with the model's graph IR (captured on a zero batch shaped as the test inputs), so that
+   ``lowbit.load(path)``, the Engine and ONNX export run it from the file alone.
 
 ``deep_compress(model, train_loader, test_loader, config)`` returns a :class:`CompressionResult`.
 """
@@ -38,6 +38,7 @@ from ..quantizers.base import check_bits
 from ..quantizers.kmeans import INITS, MAX_ITERS
 from ..train import Trainer, checkpoint_file
 from .prune import Pruner, check_number, layer_table, prunable_layers, sparsity_schedule
+from .rule import rule_bits, rule_rounds, rule_sparsity
 from .report import (
     FLOAT_BYTES,
     LayerStats,
@@ -56,6 +57,10 @@ PAPER_KEPT: dict[str, dict[str, float]] = {
 }
 #: the paper's relative-index widths: conv layers, fully connected layers
 CONV_INDEX_BITS, FC_INDEX_BITS = 8, 5
+#: retraining epochs per prune round and codebook fine-tuning epochs of the default recipe
+DEFAULT_RETRAIN_EPOCHS, DEFAULT_FINETUNE_EPOCHS = 2, 1
+#: prune rounds with ``quality`` thresholds when none are given
+QUALITY_ROUNDS = 3
 ENTROPY = ("huffman", "ans")
 
 
@@ -81,28 +86,30 @@ def paper_index_bits(model: nn.Module) -> dict[str, int]:
 
 @dataclass
 class DeepCompressionConfig:
-    """Options of :func:`deep_compress`; None picks the paper's choice for lowbit's LeNets.
+    """Options of :func:`deep_compress`; None picks the general rule of :mod:`lowbit.compress.rule`.
 
-    ``sparsity``: final fraction of zeros, one number or per layer (None: :func:`paper_sparsity`,
-    unless ``quality`` is given); ``quality``: prune at ``quality * std`` every round instead;
-    ``bits``: k-means index bits, one or per layer (None: 8 conv / 5 fc, 6 for an all-fc net);
-    ``index_bits``: relative-index bits, one or per layer (None: 8 conv / 5 fc; ``"auto"``: per layer
-    the width with the smallest Huffman-coded streams, :func:`~lowbit.compress.report.best_index_bits`).
-    Training uses SGD with momentum 0.9, cosine schedule, ``lr`` for retraining and ``finetune_lr``
-    (Adam) for the centroids.
+    ``sparsity``: final fraction of zeros, one number or per layer (None: :func:`~lowbit.compress.rule.rule_sparsity`,
+    unless ``quality`` is given; the paper's LeNet choices: :func:`paper_sparsity`); ``quality``: prune at
+    ``quality * std`` every round instead; ``rounds``: prune rounds (None: :func:`~lowbit.compress.rule.rule_rounds`,
+    3 with ``quality``); ``bits``: k-means index bits, one or per layer (None: :func:`~lowbit.compress.rule.rule_bits`;
+    the paper's: :func:`~lowbit.compress.share.paper_bits`); ``index_bits``: relative-index bits, one or per layer
+    (None or ``"auto"``: per layer the width with the smallest Huffman-coded streams,
+    :func:`~lowbit.compress.report.best_index_bits`; the paper's: :func:`paper_index_bits`).
+    Training uses SGD with momentum 0.9, cosine schedule, ``lr`` and ``weight_decay`` for retraining and
+    ``finetune_lr`` (Adam) for the centroids.
     """
 
     sparsity: float | dict[str, float] | None = None
     quality: float | dict[str, float] | None = None
-    rounds: int = 3
-    retrain_epochs: int = 1
+    rounds: int | None = None
+    retrain_epochs: int = DEFAULT_RETRAIN_EPOCHS
     bits: int | dict[str, int] | None = None
     init: str = "linear"
     kmeans_iters: int = 30
-    finetune_epochs: int = 1
+    finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS
     index_bits: int | dict[str, int] | str | None = None
-    lr: float = 0.01
-    weight_decay: float = 1e-4
+    lr: float = 0.05
+    weight_decay: float = 5e-4
     finetune_lr: float = 1e-4
     seed: int = 0
 
@@ -110,7 +117,8 @@ class DeepCompressionConfig:
         """Every option is checked here, so that a bad one fails before any pruning or training."""
         if self.sparsity is not None and self.quality is not None:
             raise ConfigError("give either sparsity targets or a quality, not both")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+        if self.rounds is not None and (isinstance(self.rounds, bool) or not isinstance(self.rounds, int)
+                                        or self.rounds < 1):
             raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if isinstance(self.index_bits, str) and self.index_bits != "auto":
             raise ConfigError("index_bits must be an int, a dict of layer -> int, 'auto' or None; "
@@ -225,12 +233,13 @@ def deep_compress(
     example = torch.zeros_like(next(iter(test_loader))[0][:1], device=device)
 
     if config.quality is None:
-        final = paper_sparsity(model) if config.sparsity is None else config.sparsity
+        final = rule_sparsity(model) if config.sparsity is None else config.sparsity
         finals = final if isinstance(final, Mapping) else {name: final for name in layers}
-        steps = {name: sparsity_schedule(s, config.rounds) for name, s in finals.items()}
-        rounds = [{name: s[r] for name, s in steps.items()} for r in range(config.rounds)]
+        count = rule_rounds(finals) if config.rounds is None else config.rounds
+        steps = {name: sparsity_schedule(s, count) for name, s in finals.items()}
+        rounds = [{name: s[r] for name, s in steps.items()} for r in range(count)]
     else:
-        rounds = [None] * config.rounds
+        rounds = [None] * (QUALITY_ROUNDS if config.rounds is None else config.rounds)
     pruner = Pruner(model, list(layers))
     history = []
     retrain = dict(optimizer="sgd", lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, schedule="cosine")
@@ -243,12 +252,13 @@ def deep_compress(
                    callbacks=[pruner], **retrain)
             acc[f"retrain{r}"] = accuracy(model, test_loader)
         kept_text = ", ".join(f"{name} {100 * k:.1f}%" for name, k in kept.items())
-        log(f"prune round {r}/{config.rounds}: kept {kept_text}; test accuracy {acc[f'prune{r}']:.4f} "
+        log(f"prune round {r}/{len(rounds)}: kept {kept_text}; test accuracy {acc[f'prune{r}']:.4f} "
             f"-> {acc.get(f'retrain{r}', acc[f'prune{r}']):.4f} after retraining")
     kept = pruner.kept()
     pruner.remove()
 
-    shared = share_weights(model, config.bits, config.init, config.kmeans_iters, config.seed)
+    bits = rule_bits(model) if config.bits is None else config.bits
+    shared = share_weights(model, bits, config.init, config.kmeans_iters, config.seed)
     acc["share"] = accuracy(shared, test_loader)
     log(f"weight sharing: test accuracy {acc['share']:.4f}")
     if config.finetune_epochs:
@@ -258,7 +268,7 @@ def deep_compress(
         log(f"codebook fine-tuning: test accuracy {acc['finetune']:.4f}")
 
     layers = shared_layers(shared)
-    if config.index_bits == "auto":
+    if config.index_bits in ("auto", None):
         index_bits = {name: best_index_bits(m.weight_quantizer.indices.cpu().numpy()) for name, m in layers.items()}
     else:
         index_bits = _per_layer_int(config.index_bits, paper_index_bits(model), "index_bits")
@@ -368,39 +378,63 @@ def store_and_verify(
 
 # ------------------------------------------------------------------------------------ command line
 
-RECIPES = ("deep-compression",)
+#: ``deep-compression``: per-layer settings from :mod:`lowbit.compress.rule`; ``deep-compression-paper``: the
+#: paper's kept fractions (lowbit's LeNets only), 8-bit conv / 5-bit fc weights (6 bits for LeNet-300-100) and
+#: 8 / 5 relative-index bits; both with the same retraining schedule
+RECIPES = ("deep-compression", "deep-compression-paper")
+
+
+def paper_settings(model: nn.Module) -> dict[str, Any]:
+    """The ``deep-compression-paper`` recipe's per-layer options: :func:`paper_sparsity`, the paper's bits and
+    relative-index widths."""
+    from .share import paper_bits
+
+    return {"sparsity": paper_sparsity(model), "bits": paper_bits(model), "index_bits": paper_index_bits(model)}
 
 
 def _add_arguments(parser: Any) -> None:
     parser.add_argument("checkpoint", help="trained float model: a Trainer checkpoint (.safetensors) or a .lowbit file")
     parser.add_argument("--data", required=True,
                         help="dataset to retrain and evaluate on (mnist, fashion-mnist, digits)")
-    parser.add_argument("--recipe", default="deep-compression", choices=RECIPES, help="compression recipe")
+    parser.add_argument("--recipe", default="deep-compression", choices=RECIPES,
+                        help="deep-compression (default): per-layer kept fraction and k-means bits from each layer's "
+                             "share of the weights and its fan-in (big fc layers pruned hardest, with the fewest "
+                             "bits), relative-index widths chosen per layer; deep-compression-paper: the paper's "
+                             "kept fractions and bits (LeNet-300-100 and LeNet-5 only)")
     parser.add_argument("--model", default=None, help="architecture name (default: the one whose tensors match)")
     parser.add_argument("--out", required=True, help="the .lowbit file to write")
     parser.add_argument("--sparsity", default=None,
-                        help="final fraction of zeros: one number or NAME=S,... (default: the paper's per layer)")
+                        help="final fraction of zeros: one number or NAME=S,... (default: the recipe's per layer)")
     parser.add_argument("--quality", type=float, default=None, help="prune at quality * std instead of --sparsity")
     parser.add_argument("--bits", default=None, help="k-means index bits: one number or NAME=B,... "
-                        "(default: 8 conv, 5 fc; 6 for a net without conv)")
+                        "(default: the recipe's per layer)")
     parser.add_argument("--index-bits", default=None,
-                        help="relative-index bits: one, NAME=B,... or auto (smallest coded size; default 8 conv, 5 fc)")
+                        help="relative-index bits: one, NAME=B,... or auto (default: auto, the smallest coded size "
+                             "per layer; the paper recipe: 8 conv, 5 fc)")
     parser.add_argument("--init", default="linear", choices=["linear", "density", "random"], help="k-means init")
-    parser.add_argument("--rounds", type=int, default=3, help="prune-retrain rounds (default 3)")
-    parser.add_argument("--retrain-epochs", type=int, default=1, help="epochs of retraining per round (default 1)")
-    parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of codebook fine-tuning (default 1)")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the retraining (default 0.01)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="prune-retrain rounds (default: enough that no round removes more than half of a "
+                             "layer's survivors, 5 for the LeNets; 3 with --quality)")
+    parser.add_argument("--retrain-epochs", type=int, default=None,
+                        help=f"epochs of retraining per round (default {DEFAULT_RETRAIN_EPOCHS})")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help=f"epochs of codebook fine-tuning (default {DEFAULT_FINETUNE_EPOCHS})")
+    parser.add_argument("--lr", type=float, default=None, help="SGD learning rate of the retraining (default 0.05)")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="weight decay of the retraining (default 5e-4)")
     parser.add_argument("--entropy", default="huffman", choices=list(ENTROPY), help="entropy coder of the file")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plots", default=None, help="directory for the two PNG plots (default: beside --out)")
     parser.add_argument("--max-error-increase", type=float, default=None, metavar="POINTS",
-                        help="search per-layer sparsity and bits for the smallest file whose error on a validation "
-                             "slice of the training images exceeds a reference run's (nothing pruned, retrained "
-                             "without the slice) by at most POINTS")
-    parser.add_argument("--search-epochs", type=int, default=40,
-                        help="training epochs the search may spend on its probes (default 40)")
+                        help="search for the smallest file whose error on a validation slice of the training "
+                             "images exceeds a reference run's (nothing pruned, retrained without the slice) by at "
+                             "most POINTS: the default recipe's kept fractions scaled by one factor (0.5-3, bits "
+                             "shifted by log2 of it), bisected from the default")
+    parser.add_argument("--search-epochs", type=int, default=60,
+                        help="training epochs the search may spend on its probes, the reference's included "
+                             "(default 60)")
     parser.add_argument("--val-size", type=int, default=None,
                         help="training images held out for the search (default: 10%%, at most 5000)")
     parser.add_argument("--settings", default=None,
@@ -457,12 +491,13 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
 
     out = output_path(args.out, "--out")
     plots_dir = output_path(args.plots, "--plots", directory=True) if args.plots is not None else out.parent
+    schedule = {name: getattr(args, name) for name in ("rounds", "retrain_epochs", "finetune_epochs", "lr",
+                                                        "weight_decay") if getattr(args, name) is not None}
     config = DeepCompressionConfig(
         sparsity=parse_layer_values(args.sparsity, "--sparsity") if args.sparsity else None,
-        quality=args.quality, rounds=args.rounds, retrain_epochs=args.retrain_epochs,
-        bits=_int_values(args.bits, "--bits"), init=args.init, finetune_epochs=args.finetune_epochs,
+        quality=args.quality, bits=_int_values(args.bits, "--bits"), init=args.init,
         index_bits="auto" if args.index_bits == "auto" else _int_values(args.index_bits, "--index-bits"),
-        lr=args.lr, seed=args.seed,
+        seed=args.seed, **schedule,
     )
     chosen = [f"--{n.replace('_', '-')}" for n in ("sparsity", "quality", "bits", "index_bits")
                if getattr(args, n) is not None]
@@ -472,6 +507,11 @@ def _run(args: Any) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{searched[0]} chooses the per-layer settings; it cannot be combined with "
                           f"{', '.join(chosen + searched[1:])}")
     model = _float_model(args.checkpoint, args.data, args.model)
+    if args.recipe == "deep-compression-paper":
+        if searched:
+            raise ConfigError(f"--recipe deep-compression-paper fixes the per-layer settings; drop {searched[0]}")
+        paper = {k: v for k, v in paper_settings(model).items() if getattr(config, k) is None}
+        config = replace(config, **{k: v for k, v in paper.items() if k != "sparsity" or config.quality is None})
     if args.settings is not None:
         config = replace(config, **_read_settings(args.settings, model).config())
     log: list[str] = []

@@ -1,34 +1,35 @@
-"""Deep Compression settings found from an error budget: per-layer sparsity and k-means bits.
+"""Deep Compression settings found from an error budget: per-layer sparsity and k-means bits around the default rule.
 
 Han, Mao & Dally (ICLR 2016, Fig. 6, after Han et al. NIPS 2015, Fig. 5) choose each layer's pruning
-threshold from a sensitivity analysis: prune one layer at a time, watch the accuracy, and prune the
-sensitive layers (the first conv, the last layers) less. :func:`search` automates the choice:
+threshold from a sensitivity analysis: the big fully connected layers are pruned hardest, the first conv
+and the last layers less. The default rule (:mod:`lowbit.compress.rule`) states those findings for any
+model; :func:`search` adapts its overall strength to a model and an error budget:
 
-1. **Sensitivity** (:func:`sensitivity`, forward passes only): on a validation slice, for every
-   layer alone, the error increase e_l(s) after pruning a fraction s of its smallest weights (no
-   retraining) and e_l(b) after sharing its weights through a b-bit k-means codebook.
-2. **One dial** (:func:`settings_at`): for a tolerance t, each layer takes the highest sparsity and
-   the fewest bits whose own increase is at most t (a higher t never gives a larger file); each
-   distinct setting of the dial is one candidate, ordered from the most cautious.
-3. **Reference**: the float model has usually been trained on the whole training split, the slice
+1. **One dial** (:func:`ladder`): for a factor f in :data:`FACTORS` (from the most cautious), each layer
+   keeps ``min(1, f * rule_kept)`` of its weights with ``rule_bits + round(log2 f)`` k-means bits (from 2
+   to 8); f = 1 is the default recipe. Pruning without retraining says little of what retraining recovers
+   (ip1 of LeNet-300-100 loses points at 85% sparsity alone yet ends at 95% within 0.1 point after
+   retraining), so every candidate is judged by a full recipe run.
+2. **Reference**: the float model has usually been trained on the whole training split, the slice
    included, so its error there is a training error, lower than any model retrained without the
    slice can reach. The baseline is therefore a reference probe: the recipe run with nothing pruned
-   and 8-bit codebooks, retrained as every probe is, without the slice.
-4. **Probes**: retraining recovers most of what pruning alone loses, so the increases of step 1
-   only order the candidates; :func:`search` bisects them with the full recipe (prune in rounds and
-   retrain, share, fine-tune) on the training images minus the validation slice, measuring the
-   validation error of each probe, and keeps the smallest (highest t) whose error exceeds the
-   reference's by at most the budget. Each probe's epochs, the reference's included, are counted
-   against ``max_epochs``.
+   and 8-bit codebooks, retrained as long as the default candidate, without the slice.
+3. **Probes**: the full recipe (prune in rounds and retrain, share, fine-tune) on the training images
+   minus the validation slice; the first probe is the default (f = 1), then a bisection towards the
+   aggressive end while probes meet the budget, towards the cautious end when they miss it. The
+   smallest probe whose validation error exceeds the reference's by at most the budget is chosen.
+   Each probe's epochs (its rounds x retraining epochs + fine-tuning epochs), the reference's included,
+   are counted against ``max_epochs``.
 
-The relative-index width is chosen per layer afterwards (``index_bits="auto"``, the width with the
-fewest coded bytes). The result's :class:`Settings` are plain JSON (``to_dict`` / ``from_dict``) and
-reusable: ``DeepCompressionConfig(**settings.config())``.
+The relative-index width is chosen per layer (``index_bits="auto"``, the width with the fewest coded
+bytes). The result's :class:`Settings` are plain JSON (``to_dict`` / ``from_dict``) and reusable:
+``DeepCompressionConfig(**settings.config())``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,14 +38,14 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..quantizers.kmeans import assign, kmeans_1d
-from .pipeline import DeepCompressionConfig, accuracy, deep_compress
-from .prune import check_number, prunable_layers, sparsity_threshold
+from .pipeline import DEFAULT_FINETUNE_EPOCHS, DEFAULT_RETRAIN_EPOCHS, DeepCompressionConfig, accuracy, deep_compress
+from .prune import check_number
+from .rule import rule_bits, rule_kept, rule_rounds
 from .share import MAX_BITS
 
-#: the sparsities and k-means bit widths the sensitivity analysis tries per layer
-SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98)
-BITS = tuple(range(2, MAX_BITS + 1))
+#: the dial's factors on the rule's kept fractions, from the most cautious; 1 is the default recipe
+FACTORS = (3.0, 2.0, 1.5, 1.25, 1.0, 0.85, 0.7, 0.6, 0.5)
+MIN_BITS = 2
 SETTINGS_VERSION = 1
 
 
@@ -86,80 +87,33 @@ class Settings:
         return cls({k: float(v) for k, v in sparsity.items()}, dict(bits))
 
 
-@dataclass
-class Curves:
-    """Validation error increases (points) of each layer alone: by sparsity and by k-means bits."""
-
-    error: float  # the float model's validation error (points)
-    sparsity: dict[str, dict[float, float]]
-    bits: dict[str, dict[int, float]]
-
-
 def error_points(model: nn.Module, loader: Iterable[Any]) -> float:
     """Top-1 error in points (100 - accuracy in %)."""
     return 100.0 * (1 - accuracy(model, loader))
 
 
-def _shared(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """``weight`` with its values replaced by their nearest of 2^bits k-means centroids (linear init)."""
-    values = weight.detach().double().cpu().numpy().ravel()
-    centroids, _ = kmeans_1d(values, 2**bits)
-    return torch.from_numpy(centroids[assign(values, centroids)]).to(weight.dtype).reshape(weight.shape)
+def scaled(model: nn.Module, factor: float) -> Settings:
+    """The rule's settings at strength ``factor``: kept ``min(1, factor * rule_kept)``, bits
+    ``rule_bits + round(log2 factor)`` clamped to 2..8."""
+    check_number(factor, "factor", 1e-6)
+    shift = round(math.log2(factor))
+    return Settings({name: 1 - min(1.0, factor * k) for name, k in rule_kept(model).items()},
+                    {name: min(MAX_BITS, max(MIN_BITS, b + shift)) for name, b in rule_bits(model).items()})
 
 
-@torch.no_grad()
-def sensitivity(model: nn.Module, loader: Iterable[Any], sparsities: Iterable[float] = SPARSITIES,
-                bits: Iterable[int] = BITS, progress: Callable[[str], None] | None = None) -> Curves:
-    """The error increase of pruning, or of sharing, each prunable layer alone (no retraining)."""
-    base = error_points(model, loader)
-    layers = prunable_layers(model)
-    curves = Curves(base, {}, {})
-    for name, layer in layers.items():
-        original = layer.weight.detach().clone()
-        try:
-            curves.sparsity[name] = {}
-            for s in sparsities:
-                layer.weight.masked_fill_(original.abs() <= sparsity_threshold(original, s), 0.0)
-                curves.sparsity[name][s] = error_points(model, loader) - base
-                layer.weight.copy_(original)
-            curves.bits[name] = {}
-            for b in bits:
-                layer.weight.copy_(_shared(original, b))
-                curves.bits[name][b] = error_points(model, loader) - base
-                layer.weight.copy_(original)
-        finally:
-            layer.weight.copy_(original)
-        if progress:
-            progress(f"sensitivity of {name}: " + ", ".join(f"{100 * s:g}% {e:+.2f}" for s, e in
-                                                             curves.sparsity[name].items()))
-    return curves
-
-
-def settings_at(curves: Curves, tolerance: float) -> Settings:
-    """Each layer's highest sparsity and fewest bits whose own error increase is at most ``tolerance``
-    (none: sparsity 0, or the widest bits)."""
-    sparsity = {name: max((s for s, e in by.items() if e <= tolerance), default=0.0)
-                for name, by in curves.sparsity.items()}
-    bits = {name: min((b for b, e in by.items() if e <= tolerance), default=max(by))
-            for name, by in curves.bits.items()}
-    return Settings(sparsity, bits)
-
-
-def candidates(curves: Curves) -> list[tuple[float, Settings]]:
-    """(tolerance, settings) for every distinct setting of the dial, from the most cautious."""
-    tolerances = sorted({0.0, *(max(e, 0.0) for by in (*curves.sparsity.values(), *curves.bits.values())
-                                for e in by.values())})
+def ladder(model: nn.Module, factors: Iterable[float] = FACTORS) -> list[tuple[float, Settings]]:
+    """(factor, settings) for each distinct setting of the dial, from the most cautious (factors descending)."""
     found: list[tuple[float, Settings]] = []
-    for t in tolerances:
-        settings = settings_at(curves, t)
+    for factor in sorted(set(factors), reverse=True):
+        settings = scaled(model, factor)
         if not found or settings != found[-1][1]:
-            found.append((t, settings))
+            found.append((factor, settings))
     return found
 
 
 @dataclass
 class Probe:
-    tolerance: float
+    factor: float  # the dial's factor on the rule's kept fractions (0 for the reference)
     settings: Settings
     error: float  # validation error of the compressed model (points)
     layer_bytes: int  # Huffman-coded bytes of the compressed layers
@@ -167,99 +121,111 @@ class Probe:
     result: Any = field(repr=False, default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tolerance": self.tolerance, "settings": self.settings.to_dict(), "error": self.error,
+        return {"factor": self.factor, "settings": self.settings.to_dict(), "error": self.error,
                 "layer_bytes": self.layer_bytes, "epochs": self.epochs}
 
 
 @dataclass
 class SearchResult:
-    """The chosen probe (None when even the most cautious candidate missed the budget), every probe, the
-    reference probe the budget is measured from, the curves (with the float model's validation error) and the
-    training epochs spent (the reference's included)."""
+    """The chosen probe (None when every probe missed the budget), every probe, the reference probe the
+    budget is measured from, the float model's validation error and the training epochs spent (the
+    reference's included)."""
 
     best: Probe | None
     probes: list[Probe]
     reference: Probe
-    curves: Curves
+    float_error: float
     epochs: int
 
     def to_dict(self) -> dict[str, Any]:
         return {"best": None if self.best is None else self.best.to_dict(),
                 "probes": [p.to_dict() for p in self.probes], "reference": self.reference.to_dict(),
-                "float_error": self.curves.error, "epochs": self.epochs}
+                "float_error": self.float_error, "epochs": self.epochs}
 
 
-def probe_epochs(options: Mapping[str, Any]) -> int:
-    """Training epochs one run of the recipe spends: rounds x retraining epochs + fine-tuning epochs."""
-    return options.get("rounds", 3) * options.get("retrain_epochs", 1) + options.get("finetune_epochs", 1)
+def probe_epochs(options: Mapping[str, Any], sparsity: Mapping[str, float]) -> int:
+    """Training epochs one run of the recipe spends on ``sparsity``: rounds (given, or
+    :func:`~lowbit.compress.rule.rule_rounds`) x retraining epochs + fine-tuning epochs."""
+    rounds = options.get("rounds") or rule_rounds(dict(sparsity))
+    return (rounds * options.get("retrain_epochs", DEFAULT_RETRAIN_EPOCHS)
+            + options.get("finetune_epochs", DEFAULT_FINETUNE_EPOCHS))
 
 
 def search(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[Any], budget: float,
-           options: Mapping[str, Any] | None = None, max_epochs: int = 40,
-           log: Callable[[str], None] | None = None) -> SearchResult:
-    """Bisect the candidates of :func:`candidates` with full recipe runs (``options``: the other
+           options: Mapping[str, Any] | None = None, max_epochs: int = 60,
+           log: Callable[[str], None] | None = None, factors: Iterable[float] = FACTORS) -> SearchResult:
+    """Bisect the dial of :func:`ladder` from the default (f = 1) with full recipe runs (``options``: the other
     :class:`~lowbit.compress.pipeline.DeepCompressionConfig` fields) for the smallest compressed model whose
     validation error exceeds the reference probe's by at most ``budget`` points, within ``max_epochs``."""
     check_number(budget, "max error increase (points)", 0)
-    options = dict(options or {})
+    options = {k: v for k, v in (options or {}).items() if v is not None}
     for fixed in ("sparsity", "quality", "bits", "index_bits"):
         if fixed in options:
             raise ConfigError(f"the search chooses {fixed}; do not pass it with a budget")
-    cost = probe_epochs(options)
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 2 * cost:
-        raise ConfigError(f"the search needs at least {2 * cost} epochs (the reference and one probe), got "
-                          f"max_epochs={max_epochs!r}")
     log = log or (lambda message: None)
-    curves = sensitivity(model, val_loader, progress=log)
-    found = candidates(curves)
-    log(f"float validation error {curves.error:.2f}%; {len(found)} candidate settings, budget +{budget:g} points, "
-        f"{cost} epochs per probe, at most {max_epochs // cost - 1} probes after the reference")
+    found = ladder(model, factors)
+    start = min(range(len(found)), key=lambda i: abs(math.log(found[i][0])))  # the default, or the nearest
+    default = found[start][1]
+    # the reference retrains as long as the default candidate: its rounds, nothing pruned, 8-bit codebooks
+    reference_options = {**options, "rounds": options.get("rounds") or rule_rounds(default.sparsity)}
+    names = list(default.sparsity)
+    nothing = Settings({n: 0.0 for n in names}, {n: MAX_BITS for n in names})
+    needed = probe_epochs(reference_options, nothing.sparsity) + probe_epochs(options, default.sparsity)
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < needed:
+        raise ConfigError(f"the search needs at least {needed} epochs (the reference and the default candidate), "
+                          f"got max_epochs={max_epochs!r}")
+    float_error = error_points(model, val_loader)
+    log(f"float validation error {float_error:.2f}%; {len(found)} candidate settings (factors "
+        f"{', '.join(f'{f:g}' for f, _ in found)} on the default rule's kept fractions), budget +{budget:g} points, "
+        f"at most {max_epochs} epochs")
     probes: list[Probe] = []
 
-    def run(tolerance: float, settings: Settings) -> Probe:
-        config = DeepCompressionConfig(**{**options, **settings.config()})
+    def run(factor: float, settings: Settings, run_options: Mapping[str, Any]) -> Probe:
+        config = DeepCompressionConfig(**{**run_options, **settings.config()})
         result = deep_compress(copy.deepcopy(model), train_loader, val_loader, config)
         error = 100.0 * (1 - result.accuracy["finetune" if "finetune" in result.accuracy else "share"])
-        return Probe(tolerance, settings, error, sum(s.bytes_huffman for s in result.layers), cost, result)
+        return Probe(factor, settings, error, sum(s.bytes_huffman for s in result.layers),
+                     probe_epochs(run_options, settings.sparsity), result)
 
-    names = list(curves.sparsity)
-    reference = run(-1.0, Settings({n: 0.0 for n in names}, {n: MAX_BITS for n in names}))
+    reference = run(0.0, nothing, reference_options)
     log(f"reference (nothing pruned, {MAX_BITS}-bit codebooks, retrained without the slice): validation error "
         f"{reference.error:.2f}%")
 
-    def probe_at(index: int) -> Probe:
-        probe = run(*found[index])
+    def spent() -> int:
+        return reference.epochs + sum(p.epochs for p in probes)
+
+    def probe_at(index: int) -> Probe | None:
+        factor, settings = found[index]
+        if spent() + probe_epochs(options, settings.sparsity) > max_epochs:
+            return None
+        probe = run(factor, settings, options)
         probes.append(probe)
-        log(f"probe {len(probes)}: tolerance {probe.tolerance:.2f} -> validation error {probe.error:.2f}% "
+        log(f"probe {len(probes)}: factor {factor:g} -> validation error {probe.error:.2f}% "
             f"({probe.error - reference.error:+.2f}), {probe.layer_bytes} B")
         return probe
-
-    def affordable() -> bool:
-        return (len(probes) + 2) * cost <= max_epochs
 
     def within(probe: Probe) -> bool:
         return probe.error - reference.error <= budget
 
-    low, high, best = 0, len(found) - 1, None  # bisect for the last candidate within budget
-    while low < high and affordable():
-        middle = (low + high + 1) // 2
+    low, high, best = 0, len(found) - 1, None  # bisect for the last candidate within budget, from the default
+    middle = start
+    while low <= high:
         probe = probe_at(middle)
+        if probe is None:
+            break
         if within(probe):
-            best, low = probe, middle
+            best, low = probe, middle + 1
         else:
             high = middle - 1
-    if best is None and affordable():  # every probe so far missed: the most cautious candidate left
-        probe = probe_at(low)
-        best = probe if within(probe) else None
-    epochs = cost + sum(p.epochs for p in probes)
+        middle = (low + high + 1) // 2
     if best is None:
-        cautious = min(probes, key=lambda p: p.tolerance) if probes else reference
-        log(f"no candidate met the budget within {epochs} epochs (the most cautious one probed, tolerance "
-            f"{cautious.tolerance:.2f}: {cautious.error - reference.error:+.2f} points)")
+        cautious = min(probes, key=lambda p: -p.factor) if probes else reference
+        log(f"no candidate met the budget within {spent()} epochs (the most cautious one probed, factor "
+            f"{cautious.factor:g}: {cautious.error - reference.error:+.2f} points)")
     else:
-        log(f"chosen: tolerance {best.tolerance:.2f}, validation error {best.error:.2f}% "
-            f"({best.error - reference.error:+.2f}), {best.layer_bytes} B; {epochs} epochs in {len(probes) + 1} runs")
-    return SearchResult(best, probes, reference, curves, epochs)
+        log(f"chosen: factor {best.factor:g}, validation error {best.error:.2f}% "
+            f"({best.error - reference.error:+.2f}), {best.layer_bytes} B; {spent()} epochs in {len(probes) + 1} runs")
+    return SearchResult(best, probes, reference, float_error, spent())
 
 
 def split_validation(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[tuple, tuple]:
@@ -270,5 +236,5 @@ def split_validation(images: torch.Tensor, labels: torch.Tensor, size: int) -> t
     return (images[:-size], labels[:-size]), (images[-size:], labels[-size:])
 
 
-__all__ = ["BITS", "SPARSITIES", "Curves", "Probe", "SearchResult", "Settings", "candidates", "error_points",
-           "probe_epochs", "search", "sensitivity", "settings_at", "split_validation"]
+__all__ = ["FACTORS", "Probe", "SearchResult", "Settings", "error_points", "ladder", "probe_epochs", "scaled", "search",
+           "split_validation"]
