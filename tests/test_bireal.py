@@ -1,0 +1,48 @@
+"""Bi-Real Net (Liu et al., ECCV 2018) as lowbit trains it: a multi-stage net (downsampling shortcuts with
+ceil-mode average pooling) saved to .lowbit, loaded bit-identical and run by the Engine on its XNOR kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.models import get_model
+from lowbit.recipes import get_recipe
+from lowbit.runtime import Engine
+
+
+def _bireal(input_size: int) -> torch.nn.Module:
+    """A tiny four-stage Bi-Real net with the recipe's last-stage quantizers, batch-norm statistics and affine
+    parameters away from their inits, in eval mode."""
+    torch.manual_seed(0)
+    net = get_model("resnet-small", input_size=input_size, block="bireal", activation="hardtanh",
+                    widths=(8, 16, 32, 32), blocks=(1, 1, 1, 1))
+    model = lowbit.quantize(net.train(), get_recipe("bireal").config, strict=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".bn" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        for _ in range(3):
+            model(torch.randn(32, 1, input_size, input_size, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("size", [28, 9])  # 28 -> 14 -> 7 -> 4 and 9 -> 5 -> 3 -> 2: odd maps pool in ceil mode
+def test_multi_stage_bireal_saves_and_runs_alike_in_the_engine(size, tmp_path):
+    model = _bireal(size)
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.AvgPool2d)]
+    assert len(pools) == 3 and all(p.ceil_mode for p in pools)
+    path = tmp_path / "bireal.lowbit"
+    x = torch.randn(64, 1, size, size, generator=torch.Generator().manual_seed(2))
+    lowbit.save(model, path, x[:1])
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(lowbit.load(path)(x), expected)
+    engine = Engine(path)
+    assert len(engine.binary_layers) == 8  # two binary 3x3 convs per block, on the XNOR-popcount kernels
+    got = engine.run(x.numpy())
+    assert np.array_equal(got.argmax(1), expected.numpy().argmax(1))
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
