@@ -201,8 +201,13 @@ def test_the_default_rule_by_hand():
     assert kept["1"] == pytest.approx(16 / 125)  # the fan-in floor beats 0.05 * 8^(1/3) = 0.1
     assert kept["2"] == pytest.approx(0.05 * (8000 / 6928) ** (1 / 3))  # 5.25%
     assert rule_sparsity(model) == pytest.approx({name: 1 - k for name, k in kept.items()})
-    # 4 + round(log10(1 / share)) + 1 for a conv: log10 111.1 = 2.05, log10 8 = 0.90, log10 1.155 = 0.06
-    assert rule_bits(model) == {"0": 7, "1": 5, "2": 4}
+    # 4 + round(log10(1 / share)) + 1 for a conv: log10 111.1 = 2.05, log10 8 = 0.90, log10 1.155 = 0.06; the conv
+    # keeps 72 weights: 7 bits capped at floor(log2(72 / 4)) = 4 (a centroid per 4 kept weights at least)
+    assert rule_bits(model) == {"0": 4, "1": 5, "2": 4}
+    # strength 2: kept doubled (the conv stays whole), one more bit; 0.5: one bit fewer, never below 2
+    assert rule_kept(model, 2.0) == pytest.approx({"0": 1.0, "1": 2 * 16 / 125, "2": 2 * kept["2"]})
+    assert rule_bits(model, 2.0) == {"0": 4, "1": 6, "2": 5} and rule_bits(model, 0.5) == {"0": 4, "1": 4, "2": 3}
+    assert rule_bits(nn.Linear(1000, 2), 0.01) == {"": 2}
     assert rule_rounds(rule_sparsity(model)) == 5  # 1 / 0.0525 = 19.1 -> 2^5 = 32 >= 19.1 > 2^4
     assert rule_rounds({"a": 0.5}) == 1 and rule_rounds({"a": 0.0}) == 1 and rule_rounds({"a": 0.75}) == 2
     assert rule_rounds({"a": 1.0}) == 10  # pruned to nothing: counted as 1/1000 kept
@@ -214,7 +219,7 @@ def test_the_rule_on_the_lenets_prunes_the_big_fc_layers_hardest():
     assert rule_bits(LeNet300()) == {"ip1": 4, "ip2": 5, "ip3": 6}
     lenet5 = rule_kept(LeNet5())
     assert lenet5 == pytest.approx({"conv1": 0.64, "conv2": 0.1291, "ip1": 0.05124, "ip2": 0.22077}, abs=1e-4)
-    assert rule_bits(LeNet5()) == {"conv1": 8, "conv2": 6, "ip1": 4, "ip2": 6}
+    assert rule_bits(LeNet5()) == {"conv1": 6, "conv2": 6, "ip1": 4, "ip2": 6}  # conv1: 8 capped, 320 kept
 
 
 def test_the_default_config_follows_the_rule(trained, digits):
