@@ -14,11 +14,14 @@ real-valued shortcut around every 3x3 conv, the activation before the conv
 Both layouts have the same modules and state_dict keys. ``shortcut`` is the
 identity, or where the shape changes 2x2 average pooling (ceil mode) then a
 1x1 conv and BatchNorm, as in Bi-Real Net. The stem is a 3x3 conv and
-BatchNorm (plus the activation in the basic layout); the head is global
-average pooling and ``fc``. Stage ``i`` has ``widths[i]`` channels and
-``blocks[i]`` blocks; every stage after the first halves the image.
-``activation`` is "relu" or "hardtanh" (Bi-Real Net starts from a real
-network trained with clip(-1, 1) instead of ReLU).
+BatchNorm (plus the activation in the basic layout), then with ``stem_pool``
+k > 1 a k x k max pool of stride k (ceil mode; ResNet's and Bi-Real Net's
+ImageNet stems pool too; here it lets twice the widths cost about the same,
+a conv's work being H W C^2); the head is global average pooling and
+``fc``. Stage ``i`` has ``widths[i]`` channels and ``blocks[i]`` blocks;
+every stage after the first halves the image. ``activation`` is "relu" or
+"hardtanh" (Bi-Real Net starts from a real network trained with clip(-1, 1)
+instead of ReLU).
 """
 
 from __future__ import annotations
@@ -85,18 +88,22 @@ class ResNetSmall(nn.Module):
         blocks: Sequence[int] = (2, 2, 2),
         block: str = "basic",
         activation: str = "relu",
+        stem_pool: int = 1,
     ):
         super().__init__()
         check_int(input_size, "resnet-small input_size")  # any size works: convs are padded, pools ceil
         check_choice(block, "resnet-small block", BLOCKS)
         if len(widths) == 0 or len(widths) != len(blocks):
-            raise ConfigError(f"resnet-small widths {tuple(widths)} and blocks {tuple(blocks)} need one entry per stage")
+            raise ConfigError(f"resnet-small widths {tuple(widths)} and blocks {tuple(blocks)} need one entry "
+                              "per stage")
         channels = check_int(widths[0], "resnet-small widths[0]")
         stem: OrderedDict[str, nn.Module] = OrderedDict(
             conv=conv3x3(check_int(in_channels, "resnet-small in_channels"), channels), bn=nn.BatchNorm2d(channels)
         )
         if block == "basic":
             stem["act"] = ACTIVATIONS[check_choice(activation, "resnet-small activation", tuple(ACTIVATIONS))]()
+        if check_int(stem_pool, "resnet-small stem_pool") > 1:
+            stem["pool"] = nn.MaxPool2d(stem_pool, ceil_mode=True)
         self.stem = nn.Sequential(stem)
         for stage, (width, count) in enumerate(zip(widths, blocks)):
             width = check_int(width, f"resnet-small widths[{stage}]")
