@@ -39,6 +39,12 @@ def lowbit(*argv: str, threads: int = 1) -> tuple[dict, float]:
     return json.loads(done.stdout), time.perf_counter() - start
 
 
+def _probes(search: dict) -> dict:
+    """The search's reference and probes: factor, validation error and layer bytes (Huffman)."""
+    return {"float_validation_error": search["float_error"], "reference_error": search["reference"]["error"],
+            "probes": [{k: p[k] for k in ("factor", "error", "layer_bytes", "epochs")} for p in search["probes"]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-out/compress-search")
@@ -73,7 +79,8 @@ def main() -> None:
                          "file_bytes": result["file_bytes"],
                          "ratio_layers": result["ratio_layers"], "float_error": float_error,
                          "test_error": 100 * (1 - evaluated["accuracy"]), "layers": layers, "seconds": seconds,
-                         "search_epochs": result.get("search", {}).get("epochs")})
+                         "search_epochs": result.get("search", {}).get("epochs"),
+                         "search": _probes(result["search"]) if "search" in result else None})
             print(json.dumps(rows[-1]), flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     new = {(r["net"], r["run"]) for r in rows}
