@@ -97,7 +97,7 @@ def test_the_bisection_starts_at_the_default_and_finds_the_last_candidate_within
     # f = 0.7 (3.5%: +0.138, in)
     assert probed == [1.0, 0.05, 0.03, 0.035] and result.best.factor == 0.7 and result.epochs == 12
     assert result.reference.error == pytest.approx(2.005) and result.float_error == 1.0
-    assert probe_epochs(options, {"": 0.9}) == 3 and probe_epochs({}, {"": 0.95}) == 5 * 2 + 1  # the rule's rounds
+    assert probe_epochs(options, {"": 0.9}) == 3 and probe_epochs({}, {"": 0.95}) == 5 * 3 + 1  # the rule's rounds
     probed.clear()
     limited = search(model, [], [], 0.15, options, max_epochs=8)  # the reference and the default only
     assert limited.epochs <= 8 and len(limited.probes) == 1 and probed == [1.0, 0.05]
@@ -147,11 +147,11 @@ def test_the_command_searches_writes_reusable_settings_and_refuses_mixed_choices
     base = ["compress", str(tmp_path / "run" / "best.safetensors"), "--data", "mnist", "--limit", "600",
             "--rounds", "1", "--finetune-epochs", "0"]
     status, out = run([*base, "--out", str(tmp_path / "s.lowbit"), "--max-error-increase", "100",
-                       "--search-epochs", "4", "--val-size", "100"])  # the reference and the default: 2 epochs each
+                       "--search-epochs", "6", "--val-size", "100"])  # the reference and the default: 3 epochs each
     assert status == 0, out.err
     found = json.loads(out.out)
     settings_file = tmp_path / "s.settings.json"
-    assert found["search"]["settings_file"] == str(settings_file) and found["search"]["epochs"] == 4
+    assert found["search"]["settings_file"] == str(settings_file) and found["search"]["epochs"] == 6
     settings = json.loads(settings_file.read_text())
     assert settings == found["search"]["best"]["settings"] and set(settings["sparsity"]) == {"ip1", "ip2", "ip3"}
     status, out = run([*base, "--out", str(tmp_path / "again.lowbit"), "--settings", str(settings_file)])

@@ -92,7 +92,8 @@ def test_file_layer_bytes_account_for_every_byte(compressed, tmp_path):
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         arrays = json.loads(f.read(n))
-    everything = sum(end - begin for k, v in arrays.items() if k != "__metadata__" for begin, end in [v["data_offsets"]])
+    everything = sum(end - begin for k, v in arrays.items() if k != "__metadata__"
+                     for begin, end in [v["data_offsets"]])
     assert header == 8 + n
     assert sum(per_layer.values()) == everything  # LeNet-300 has nothing besides its three layers
     assert header + everything == path.stat().st_size
@@ -104,7 +105,8 @@ def test_store_and_verify_writes_both_files_and_plots(compressed, digits, tmp_pa
     stored = store_and_verify(compressed, LeNet300(input_size=8), tmp_path, digits[1])
     for entropy in ("huffman", "ans"):
         assert stored[entropy]["loaded_accuracy"] == compressed.accuracy["finetune"]
-        assert stored[entropy]["ratio_layers"] == pytest.approx(compressed.float_bytes() / stored[entropy]["layer_bytes"])
+        layer_bytes = stored[entropy]["layer_bytes"]
+        assert stored[entropy]["ratio_layers"] == pytest.approx(compressed.float_bytes() / layer_bytes)
     for plot in stored["plots"]:
         assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

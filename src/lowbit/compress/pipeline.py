@@ -58,7 +58,7 @@ PAPER_KEPT: dict[str, dict[str, float]] = {
 #: the paper's relative-index widths: conv layers, fully connected layers
 CONV_INDEX_BITS, FC_INDEX_BITS = 8, 5
 #: retraining epochs per prune round and codebook fine-tuning epochs of the default recipe
-DEFAULT_RETRAIN_EPOCHS, DEFAULT_FINETUNE_EPOCHS = 2, 1
+DEFAULT_RETRAIN_EPOCHS, DEFAULT_FINETUNE_EPOCHS = 3, 1
 #: prune rounds with ``quality`` thresholds when none are given
 QUALITY_ROUNDS = 3
 ENTROPY = ("huffman", "ans")
