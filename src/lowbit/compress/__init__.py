@@ -4,7 +4,9 @@
 - :mod:`.share`: per-layer k-means weight sharing, zeros kept on code 0 (:func:`share_weights`);
 - :mod:`.pipeline`: the driver :func:`deep_compress`, :func:`save_compressed` and the
   ``lowbit compress`` command (:data:`cli_command`);
-- :mod:`.report`: the per-layer storage table (the paper's Tables 2 and 3) and the plots.
+- :mod:`.report`: the per-layer storage table (the paper's Tables 2 and 3) and the plots;
+- :mod:`.rule`: the default per-layer kept fractions, bits and prune rounds, one rule for any model;
+- :mod:`.search`: settings found from an error budget, around the rule.
 """
 
 from .pipeline import (
