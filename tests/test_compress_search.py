@@ -142,13 +142,19 @@ def test_the_command_searches_writes_reusable_settings_and_refuses_mixed_choices
         return status, captured
 
     status, out = run(["train", "--model", "lenet300", "--data", "mnist", "--epochs", "1", "--limit", "600",
-                       "--no-progress", "--out", str(tmp_path / "run")])
+                       "--val-size", "100", "--batch-size", "50", "--no-progress", "--out", str(tmp_path / "run")])
     assert status == 0, out.err
+    trained = json.loads(out.out)
+    assert trained["run"]["val_size"] == 100 and trained["history"][-1]["step"] == 500 // 50  # 100 images held out
+    status, out = run(["train", "--model", "lenet300", "--data", "mnist", "--epochs", "1", "--limit", "600",
+                       "--val-size", "600", "--no-progress", "--out", str(tmp_path / "none")])
+    assert status == 2 and "val_size 600 must leave training images" in out.err
     base = ["compress", str(tmp_path / "run" / "best.safetensors"), "--data", "mnist", "--limit", "600",
             "--rounds", "1", "--finetune-epochs", "0"]
     status, out = run([*base, "--out", str(tmp_path / "s.lowbit"), "--max-error-increase", "100",
-                       "--search-epochs", "6", "--val-size", "100"])  # the reference and the default: 3 epochs each
+                       "--search-epochs", "6"])  # the reference and the default: 3 epochs each
     assert status == 0, out.err
+    assert "the last 100 training images, held out of the float model's training" in out.err
     found = json.loads(out.out)
     settings_file = tmp_path / "s.settings.json"
     assert found["search"]["settings_file"] == str(settings_file) and found["search"]["epochs"] == 6

@@ -155,6 +155,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.05 SGD, or the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
+    parser.add_argument("--val-size", type=int, default=None,
+                        help="hold the last N training images out of training (recorded in run.json), so that "
+                             "`lowbit compress --max-error-increase` measures its budget on images the model "
+                             "never saw")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     parser.add_argument("--teacher", default=None,
                         help="distil this float checkpoint (a `lowbit train` run directory or .safetensors file, or "
@@ -190,7 +194,7 @@ def _run_train(args: argparse.Namespace) -> Output:
         args.model, args.data, epochs=args.epochs, out_dir=args.out, quant=quant, seed=args.seed,
         limit=args.limit, resume=args.resume, data_dir=args.data_dir, progress=args.progress,
         teacher=args.teacher, distill_temperature=args.distill_temperature, distill_weight=args.distill_weight,
-        **_given(lr=args.lr, batch_size=args.batch_size),
+        val_size=args.val_size, **_given(lr=args.lr, batch_size=args.batch_size),
     )
     kind = f"quantization-aware ({args.config or args.quant})" if quant is not None else "float"
     if args.teacher is not None:
@@ -203,8 +207,9 @@ def _run_train(args: argparse.Namespace) -> Output:
 
 
 def _run_recipe(args: argparse.Namespace) -> Output:
-    if args.quant is not None or args.config is not None or args.resume:
-        raise ConfigError("--recipe fixes the quantizers and the schedule; drop --quant, --config and --resume")
+    if args.quant is not None or args.config is not None or args.resume or args.val_size is not None:
+        raise ConfigError("--recipe fixes the quantizers and the schedule; drop --quant, --config, --resume and "
+                          "--val-size")
     from . import recipes
     from .train import ddp
 

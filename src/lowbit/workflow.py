@@ -248,6 +248,7 @@ def train(
     teacher: str | os.PathLike | None = None,
     distill_temperature: float | None = None,
     distill_weight: float | None = None,
+    val_size: int | None = None,
 ) -> TrainResult:
     """Train reference model ``model`` on dataset ``data`` with SGD (momentum 0.9, cosine schedule).
 
@@ -255,7 +256,8 @@ def train(
     ``lowbit.quantize(model, quant)`` before training. ``teacher`` (a checkpoint, see
     :func:`load_distillation`) trains it on the distillation loss with ``distill_temperature`` and
     ``distill_weight`` (:mod:`lowbit.train.distill`); run.json records them. ``limit`` keeps the
-    first ``limit`` images of each split. Checkpoints and logs go to
+    first ``limit`` images of each split; ``val_size`` holds the last ``val_size`` of those training images
+    out (the slice ``lowbit compress --max-error-increase`` then measures on). Checkpoints and logs go to
     ``out_dir`` (see :class:`~lowbit.train.Trainer`) with ``run.json``. An
     ``out_dir`` that already holds ``last.safetensors`` needs ``resume=True``
     (training then continues up to ``epochs``). The test accuracy is measured
@@ -264,6 +266,7 @@ def train(
     check_positive(epochs, "epochs")
     check_positive(batch_size, "batch_size")
     check_positive(limit, "limit", allow_none=True)
+    check_positive(val_size, "val_size", allow_none=True)
     out = Path(out_dir)
     last = out / LAST
     if last.exists() and not resume:
@@ -272,6 +275,8 @@ def train(
     distill, teacher_run = load_distillation(teacher, distill_temperature, distill_weight)  # before the seed
     run = {"model": model, "data": data, "quant": quant_name, "seed": seed, "epochs": epochs, "lr": lr,
            "batch_size": batch_size, "limit": limit, "model_kwargs": model_kwargs or {}, "teacher": teacher_run}
+    if val_size is not None:
+        run["val_size"] = val_size
     seed_everything(seed)
     net = build_model(model, data, model_kwargs)
     if quant is not None:
@@ -280,7 +285,13 @@ def train(
     test_x, test_y = eval_set(data, limit, data_dir)
     if distill is not None:
         distill.check(train_x[:2], dataset_info(data).num_classes)
-    train_loader = make_loader(train_x[:limit], train_y[:limit], batch_size, shuffle=True, seed=seed)
+    train_x, train_y = train_x[:limit], train_y[:limit]
+    if val_size is not None:
+        if val_size >= len(train_x):
+            raise ConfigError(f"val_size {val_size} must leave training images: {data} has {len(train_x)} "
+                              f"{'in its first ' + str(limit) if limit else 'training images'}")
+        train_x, train_y = train_x[:-val_size], train_y[:-val_size]
+    train_loader = make_loader(train_x, train_y, batch_size, shuffle=True, seed=seed)
     test_loader = make_loader(test_x, test_y, EVAL_BATCH_SIZE)
     if resume and last.exists():
         size_quantizer_state(net, last)

@@ -436,7 +436,8 @@ def _add_arguments(parser: Any) -> None:
                         help="training epochs the search may spend on its probes, the reference's included "
                              "(default 60)")
     parser.add_argument("--val-size", type=int, default=None,
-                        help="training images held out for the search (default: 10%%, at most 5000)")
+                        help="training images held out for the search (default: those `lowbit train --val-size` "
+                             "held out, else 10%%, at most 5000)")
     parser.add_argument("--settings", default=None,
                         help="a settings JSON written by a search (OUT.settings.json): use its per-layer choices")
 
@@ -566,7 +567,7 @@ def _search(args: Any, model: nn.Module, config: DeepCompressionConfig, say, out
 
     images, labels = load_dataset(args.data, "train")
     images, labels = images[:args.limit], labels[:args.limit]
-    size = args.val_size if args.val_size is not None else max(1, min(5000, len(images) // 10))
+    size = _validation_size(args, len(images), say)
     (train_x, train_y), (val_x, val_y) = split_validation(images, labels, size)
     options = {k: getattr(config, k) for k in ("rounds", "retrain_epochs", "finetune_epochs", "init", "lr",
                                                "weight_decay", "finetune_lr", "seed")}
@@ -581,6 +582,24 @@ def _search(args: Any, model: nn.Module, config: DeepCompressionConfig, say, out
                           for n, s in found.best.settings.sparsity.items())
     say(f"settings ({settings_path}, reusable with --settings): {per_layer}; search cost {found.epochs} epochs")
     return found.best.result, {"search": {**found.to_dict(), "settings_file": str(settings_path)}}
+
+
+def _validation_size(args: Any, count: int, say) -> int:
+    """``--val-size``, else the slice the float training held out (its run.json's ``val_size``, same data and
+    ``--limit``), else 10% of the training images (at most 5000), which the float model has seen (said)."""
+    from ..workflow import read_run
+
+    run = read_run(checkpoint_file(args.checkpoint).parent) or {}
+    held = run.get("val_size") if run.get("data") == args.data and run.get("limit") == args.limit else None
+    if args.val_size is not None:
+        return args.val_size
+    if held is not None:
+        say(f"validation slice: the last {held} training images, held out of the float model's training")
+        return held
+    size = max(1, min(5000, count // 10))
+    say(f"validation slice: the last {size} training images, which the float model trained on; the budget is "
+        "measured from a reference run retrained without them (train with --val-size to hold them out)")
+    return size
 
 
 @dataclass(frozen=True)
