@@ -151,7 +151,7 @@ def _model(name: str) -> tuple[nn.Module, int]:
     torch.manual_seed(0)
     if name == "reactnet":
         return lowbit.quantize(get_model("reactnet", widths=(8, 16), blocks=(1, 1)).train(), BINARY, strict=True), 5
-    # one stage: a downsampling Bi-Real shortcut pools with ceil_mode, which the graph IR does not capture
+    # one stage, no downsampling shortcut (tests/test_bireal.py saves multi-stage nets with ceil-mode pools)
     bireal_net = get_model("resnet-small", block="bireal", activation="hardtanh", widths=(8,), blocks=(2,)).train()
     with pytest.warns(UserWarning, match=r"\*shortcut\*"):  # no downsampling shortcut conv to keep real
         return lowbit.quantize(bireal_net, get_recipe("bireal").config, strict=True), 4
