@@ -195,16 +195,28 @@ def dyadic(*shape, seed):
 
 
 def golden_float() -> nn.Module:
-    """A small float-exact model: dyadic weights and inputs, so every platform computes the same bits."""
+    """A float-exact model: every value the file stores is computed without rounding or by one rounded op.
+
+    fc1's rows reach 127/64, so its 8-bit narrow grid is 1/64 and holds its dyadic weights exactly; the batch
+    norm has zero mean, unit weight and zero bias, so its output is one product x * invstd (the same bits with or
+    without a fused multiply-add). Sums of dyadic products are exact, so no summation order changes a bit.
+    """
     model = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 5), bn=nn.BatchNorm1d(5), relu=nn.ReLU(),
                                       fc2=nn.Linear(5, 8), fc3=nn.Linear(8, 3)))
     with torch.no_grad():
         for i, layer in enumerate((model.fc1, model.fc2, model.fc3)):
             layer.weight.copy_(dyadic(*layer.weight.shape, seed=i))
             layer.bias.copy_(dyadic(layer.out_features, seed=10 + i))
-        model.bn.running_mean.copy_(dyadic(5, seed=20))
+        model.fc1.weight[:, 0] = 127 / 64
         model.bn.running_var.copy_(dyadic(5, seed=21).abs() + 0.5)
     return model
+
+
+def golden_input() -> torch.Tensor:
+    """Dyadic inputs spanning [-128/64, 127/64]: the asymmetric 8-bit input grid is exactly 1/64."""
+    x = dyadic(4, 6, seed=3)
+    x[0, :2] = torch.tensor([-128 / 64, 127 / 64])
+    return x
 
 
 def golden_model() -> tuple[nn.Module, torch.Tensor]:
@@ -213,7 +225,7 @@ def golden_model() -> tuple[nn.Module, torch.Tensor]:
     config = {"weight": {"name": "kmeans", "bits": 2}, "input": uniform_act(8),
               "last": {"weight": {"name": "xnor"}, "input": None}}
     quantized = lowbit.quantize(model, config)
-    x = dyadic(4, 6, seed=3)
+    x = golden_input()
     lowbit.calibrate(quantized, [x])
     return quantized.eval(), x
 
@@ -239,6 +251,9 @@ def test_golden_file_is_reproduced_exactly(tmp_path):
     assert (tmp_path / "golden.lowbit").read_bytes() == GOLDEN.read_bytes()
     model, x = golden_model()
     assert same_bits(outputs(load(GOLDEN), x), outputs(model, x))
+    # the file is the same on every platform only while the golden model stays float-exact
+    fc1 = model.get_submodule("fc1")
+    assert torch.equal(fc1.weight_quantizer(fc1.weight), fc1.weight) and torch.equal(fc1.input_quantizer(x), x)
 
 
 # ---------------------------------------------------------------------------- graph, example input, freezing
