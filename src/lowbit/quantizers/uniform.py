@@ -199,6 +199,8 @@ class UniformQuantizer(Quantizer):
         if token_axis not in TOKEN_AXES or isinstance(token_axis, bool):
             raise ConfigError(f"token_axis is -1 (a range per row), -2 (per column) or 0 (per sample), got "
                               f"{token_axis!r}")
+        if token_axis != -1 and not per_token:
+            raise ConfigError(f"token_axis={token_axis} is for per_token ranges: set per_token=True or leave it out")
         self.token_axis = token_axis
         if per_token and (per_channel or not dynamic):
             raise ConfigError("per_token uniform quantization reads each token's min and max at run time: it needs "
