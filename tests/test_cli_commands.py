@@ -66,7 +66,9 @@ def test_recipe_refuses_quant_and_train_needs_model_or_recipe(tmp_path, capsys):
     assert main(["train", "--recipe", "bnn", "--quant", "w8a8", "--data", "digits", "--out", out]) == 2
     assert "drop --quant" in capsys.readouterr().err
     assert main(["train", "--data", "digits", "--out", out]) == 2
-    assert "--model and --epochs" in capsys.readouterr().err
+    assert "train needs --model" in capsys.readouterr().err
+    assert main(["train", "--model", "vgg-small", "--data", "digits", "--out", out]) == 2
+    assert "'vgg-small' has no default epochs" in capsys.readouterr().err
 
 
 def test_compress_runs_deep_compression_end_to_end(tmp_path, capsys):

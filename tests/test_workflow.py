@@ -12,6 +12,7 @@ from lowbit.analysis.plots import plot_accuracy_vs_bits
 from lowbit.data import load_dataset
 from lowbit.errors import ConfigError, ShapeMismatchError
 from lowbit.models import get_model
+from lowbit.models.registry import TRAINING_DEFAULTS
 from lowbit.nn import QuantLinear
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -94,6 +95,17 @@ def test_cache_key_names_every_setting():
 def _train(tmp_path, name, epochs, **kwargs):
     return workflow.train("lenet300", "digits", epochs=epochs, out_dir=tmp_path / name, limit=120, progress=False,
                           **kwargs)
+
+
+def test_train_takes_the_models_default_epochs_and_lr_and_asks_for_epochs_where_it_has_none(tmp_path):
+    run = workflow.train("lenet300", "digits", out_dir=tmp_path / "lenet300", limit=40, progress=False).run
+    assert (run["epochs"], run["lr"]) == TRAINING_DEFAULTS["lenet300"]
+    assert workflow.train("lenet300", "digits", epochs=1, lr=0.01, out_dir=tmp_path / "given", limit=40,
+                          progress=False).run["lr"] == 0.01
+    assert "vgg-small" not in TRAINING_DEFAULTS
+    with pytest.raises(ConfigError, match="'vgg-small' has no default epochs.*--epochs"):
+        workflow.train("vgg-small", "digits", out_dir=tmp_path / "vgg", limit=40, progress=False)
+    assert not (tmp_path / "vgg").exists()
 
 
 def test_train_records_the_run_and_resumes_from_the_last_checkpoint(tmp_path):

@@ -53,7 +53,7 @@ from .data.sources import cache_dir
 from .errors import CalibrationError, ConfigError, DataError, TrainingError
 from .format.atomic import write_atomic
 from .format.container import ENTROPY_CODERS
-from .models import get_model
+from .models import get_model, training_defaults
 from .quantizers import Quantizer
 from .serialize import INPUT_SHAPE_ATTR
 from .train import Distillation, Trainer, checkpoint_file, load_checkpoint, load_weights, seed_everything
@@ -62,7 +62,6 @@ from .train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, check_distill_op
 from .train.trainer import JSONL_LOG, LAST
 
 RUN_FILE = "run.json"
-DEFAULT_LR = 0.05  # SGD, momentum 0.9, cosine schedule: LeNet-5 reaches ~99% on MNIST in one epoch
 DEFAULT_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 1000
 CALIB_BATCH_SIZE = 64
@@ -234,11 +233,11 @@ def train(
     model: str,
     data: str,
     *,
-    epochs: int,
+    epochs: int | None = None,
     out_dir: str | os.PathLike,
     quant: Config | None = None,
     seed: int = 0,
-    lr: float = DEFAULT_LR,
+    lr: float | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     limit: int | None = None,
     resume: bool = False,
@@ -252,6 +251,8 @@ def train(
 ) -> TrainResult:
     """Train reference model ``model`` on dataset ``data`` with SGD (momentum 0.9, cosine schedule).
 
+    ``epochs`` and ``lr`` default to the model's :func:`~lowbit.models.training_defaults` (a model without
+    default epochs needs them).
     ``quant`` (a preset name or config) makes it quantization-aware:
     ``lowbit.quantize(model, quant)`` before training. ``teacher`` (a checkpoint, see
     :func:`load_distillation`) trains it on the distillation loss with ``distill_temperature`` and
@@ -263,6 +264,7 @@ def train(
     (training then continues up to ``epochs``). The test accuracy is measured
     with batches of :data:`EVAL_BATCH_SIZE`.
     """
+    epochs, lr = training_defaults(model, epochs, lr)
     check_positive(epochs, "epochs")
     check_positive(batch_size, "batch_size")
     check_positive(limit, "limit", allow_none=True)
