@@ -18,6 +18,8 @@ import lowbit
 from lowbit.cli import main
 from lowbit.compress import DeepCompressionConfig, deep_compress, save_compressed
 from lowbit.compress.pipeline import file_layer_bytes
+from lowbit.compress.share import fold_batch_norms, shared_layers
+from lowbit.format.container import read_file
 from lowbit.data import load_dataset, make_loader
 from lowbit.models import LeNet300, get_model
 from lowbit.runtime import Engine
@@ -121,3 +123,36 @@ def test_the_graph_goes_into_the_header_and_the_layer_arrays_keep_their_bytes(tm
     shared = result.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(lowbit.load(with_graph)(tx[:50]), shared(tx[:50]), rtol=0, atol=0)
+
+
+def test_a_residual_net_with_batch_norms_is_compressed_with_them_folded(tmp_path):
+    """Batch norms fold into the layers before sharing: the file holds no batchnorm node, the codebooks hold the
+    folded weights, pruned zeros stay zero, and the file alone (or with its float architecture) predicts as the
+    Engine does."""
+    x, y = load_dataset("digits", "train")
+    tx, _ = load_dataset("digits", "test")
+    torch.manual_seed(0)
+    float_net = get_model("resnet-small", in_channels=1, input_size=8, widths=(8, 16, 16), blocks=(1, 1, 1))
+    with torch.no_grad():  # batch norms with statistics far from identity, so folding changes the weights
+        for m in float_net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    folded = fold_batch_norms(float_net.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(tx[:20]), float_net(tx[:20]), rtol=1e-4, atol=1e-5)
+    config = DeepCompressionConfig(sparsity=0.7, bits=4, rounds=1, retrain_epochs=0, finetune_epochs=0)
+    result = deep_compress(float_net.train(), make_loader(x[:64], y[:64], 32), make_loader(tx[:50], y[:50], 25),
+                           config)
+    path = save_compressed(result, tmp_path / "resnet.lowbit")
+    document = read_file(path).document
+    assert "batchnorm" not in {n["op"] for n in document["graph"]["nodes"]} and document["model"]["fold_bn"]
+    for name, layer in shared_layers(result.model).items():
+        zero = layer.weight == 0
+        assert zero.float().mean() > 0.5 and (layer.weight_quantizer(layer.weight)[zero] == 0).all(), name
+    loaded, engine = lowbit.load(path), Engine(path, threads=1)
+    arch = get_model("resnet-small", in_channels=1, input_size=8, widths=(8, 16, 16), blocks=(1, 1, 1))
+    with torch.no_grad():
+        logits = loaded(tx[:50])
+        torch.testing.assert_close(lowbit.load(path, model=arch)(tx[:50]), logits, rtol=0, atol=0)
+    np.testing.assert_allclose(engine.run(tx[:50].numpy()), logits.numpy(), rtol=1e-4, atol=1e-4)

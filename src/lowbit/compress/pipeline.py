@@ -48,7 +48,7 @@ from .report import (
     plot_tradeoff,
     plot_weight_distribution,
 )
-from .share import MAX_BITS as MAX_SHARE_BITS, share_weights, shared_layers
+from .share import MAX_BITS as MAX_SHARE_BITS, fold_batch_norms, share_weights, shared_layers
 
 #: the paper's kept fractions (Tables 1 and 2), by the layer names of lowbit's LeNets
 PAPER_KEPT: dict[str, dict[str, float]] = {
@@ -158,7 +158,7 @@ class CompressionResult:
     layers: list[LayerStats]
     kept: dict[str, float]
     rounds: list[dict[str, float]]  # kept fraction per layer after each prune round
-    before: dict[str, torch.Tensor] = field(repr=False)  # float weights before pruning, by layer
+    before: dict[str, torch.Tensor] = field(repr=False)  # float weights before pruning (batch norms folded), by layer
     example_input: torch.Tensor = field(repr=False)  # zeros shaped as one test input, batch 1: the graph's example
 
     def float_bytes(self) -> int:
@@ -226,7 +226,7 @@ def deep_compress(
     layers = prunable_layers(model)
     for what in ("sparsity", "quality", "bits", "index_bits"):  # unknown layer names fail before any work
         layer_table(getattr(config, what), list(layers), what)
-    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    before = {name: layer.weight.detach().clone() for name, layer in prunable_layers(fold_batch_norms(model)).items()}
     acc = {"float": accuracy(model, test_loader)}
     log(f"float: test accuracy {acc['float']:.4f}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

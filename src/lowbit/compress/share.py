@@ -48,7 +48,9 @@ def share_weights(
     """A copy of ``model`` whose layers named in ``bits`` (an int: every Linear/Conv2d; None:
     :func:`paper_bits`) share their weights through k-means codebooks, fitted now.
 
-    Zeros keep the reserved code 0. The latent float weights are frozen (``requires_grad``
+    A batch norm right after a layer is folded into it first (its running statistics, as in eval mode), so
+    the codebook holds the weights the deployed layer multiplies by and the file stores no batch norm; the
+    scale is per output channel, so pruned zeros stay zero. Zeros keep the reserved code 0. The latent float weights are frozen (``requires_grad``
     False): training the copy updates only the centroids (and the biases, which stay float).
     """
     if init not in INITS:
@@ -62,12 +64,22 @@ def share_weights(
         )
         for name, b in table.items()
     ]
-    config = QuantConfig(first="same", last="same", rules=[*rules, LayerRule(pattern="*", skip=True)])
-    shared = quantize(model, config)
+    shared = quantize(model, _only(rules), fold_bn=True)
     for layer in shared_layers(shared).values():
         layer.weight_quantizer.fit(layer.weight)
         layer.weight.requires_grad_(False)
     return shared
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """A float copy of ``model`` with each batch norm right after a layer folded into it, as
+    :func:`share_weights` folds them: the weights the shared layers start from."""
+    return quantize(model, _only([]), fold_bn=True)
+
+
+def _only(rules: list[LayerRule]) -> QuantConfig:
+    """A config that quantizes the layers of ``rules`` and keeps every other layer float."""
+    return QuantConfig(first="same", last="same", rules=[*rules, LayerRule(pattern="*", skip=True)])
 
 
 def shared_layers(model: nn.Module) -> dict[str, QuantLinear | QuantConv2d]:
