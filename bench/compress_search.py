@@ -1,6 +1,7 @@
 """Deep Compression with settings found from an error budget, against the default command and the paper.
 
-For each net: ``lowbit train`` (cached in OUT/<net>/run), then through the command line exactly as a user runs
+For each net: ``lowbit train --val-size 5000`` (cached in OUT/<net>/run; the searches measure their budget on
+those held-out training images), then through the command line exactly as a user runs
 it: ``lowbit compress CKPT --data D --out F`` (the defaults) and ``lowbit compress ... --max-error-increase B``
 for each budget B. Each row: whole-file and layer-array ratios (float32 parameter bytes over bytes stored), the
 per-layer ratios (float32 bytes of a layer over its arrays in the file), test error of the float model and of
@@ -24,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-#: net -> data, float training epochs and learning rate (LeNet-5 diverges at lowbit train's 0.05 with seed 0)
-NETS = {"lenet300": ("mnist", 15, 0.05), "lenet5": ("mnist", 8, 0.02), "vgg-small": ("fashion-mnist", 8, 0.05)}
+#: net -> data and float training epochs (None: the model's default, ``lowbit.models.training_defaults``)
+NETS = {"lenet300": ("mnist", None), "lenet5": ("mnist", None), "vgg-small": ("fashion-mnist", 8)}
+#: training images held out of float training (``lowbit train --val-size``): the searches' validation slice
+VAL_SIZE = 5000
 LOWBIT = [sys.executable, "-m", "lowbit"]
 RESULTS = Path("bench/results/compress_search.json")
 
@@ -57,13 +60,14 @@ def main() -> None:
     out = Path(args.out)
     rows = []
     for net in args.nets:
-        data, epochs, lr = NETS[net]
+        data, epochs = NETS[net]
         run = out / net / "run"
-        if not (run / "best.safetensors").exists():
-            _, seconds = lowbit("train", "--model", net, "--data", data, "--epochs", str(args.train_epochs or epochs),
-                                "--lr", str(lr), "--out", str(run), "--no-progress", threads=args.threads)
+        if not (run / "last.safetensors").exists():
+            epochs = args.train_epochs or epochs
+            _, seconds = lowbit("train", "--model", net, "--data", data, *(["--epochs", str(epochs)] if epochs else []),
+                                "--val-size", str(VAL_SIZE), "--out", str(run), "--no-progress", threads=args.threads)
             print(f"{net}: float training {seconds:.0f} s", flush=True)
-        ckpt = str(run / "best.safetensors")
+        ckpt = str(run)  # the last epoch, as `lowbit compress RUN_DIR` reads it (no epoch picked on the test set)
         for budget in [None, *args.budgets]:
             name = "default" if budget is None else f"budget {budget:g}"
             path = out / net / f"{name.replace(' ', '-')}.lowbit"
