@@ -4,6 +4,7 @@ scripted recipe, the settings file, and a real search on scikit-learn's digits w
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ from lowbit.compress.rule import rule_bits, rule_kept
 from lowbit.compress.search import (
     Settings,
     ladder,
+    noise_points,
     probe_epochs,
     scaled,
     search,
@@ -168,3 +170,11 @@ def test_the_command_searches_writes_reusable_settings_and_refuses_mixed_choices
                        "--sparsity", "0.5"])
     assert status == 2 and "cannot be combined with --sparsity" in out.err
     assert not (tmp_path / "x.lowbit").exists()
+
+
+def test_noise_points_by_hand():
+    # 1.96 sqrt(2 * 0.5 * 0.5 / 100) = 0.1386 -> 13.86 points; a perfect or hopeless model has no sampling spread
+    assert noise_points(50.0, 100) == pytest.approx(13.859, abs=1e-3)
+    assert noise_points(1.4, 5000) == pytest.approx(100 * 1.96 * (2 * 0.014 * 0.986 / 5000) ** 0.5)
+    assert noise_points(0.0, 5000) == noise_points(100.0, 5000) == 0.0 and noise_points(1.0, 0) == math.inf
+
