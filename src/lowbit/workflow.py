@@ -253,6 +253,7 @@ def train(
 
     ``epochs`` and ``lr`` default to the model's :func:`~lowbit.models.training_defaults` (a model without
     default epochs needs them).
+
     ``quant`` (a preset name or config) makes it quantization-aware:
     ``lowbit.quantize(model, quant)`` before training. ``teacher`` (a checkpoint, see
     :func:`load_distillation`) trains it on the distillation loss with ``distill_temperature`` and
