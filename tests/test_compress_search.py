@@ -150,7 +150,7 @@ def test_the_command_searches_writes_reusable_settings_and_refuses_mixed_choices
     assert trained["run"]["val_size"] == 100 and trained["history"][-1]["step"] == 500 // 50  # 100 images held out
     status, out = run(["train", "--model", "lenet300", "--data", "mnist", "--epochs", "1", "--limit", "600",
                        "--val-size", "600", "--no-progress", "--out", str(tmp_path / "none")])
-    assert status == 2 and "val_size 600 must leave training images" in out.err
+    assert status == 2 and "validation slice must hold from 1 to 599 training examples, got 600" in out.err
     base = ["compress", str(tmp_path / "run" / "best.safetensors"), "--data", "mnist", "--limit", "600",
             "--rounds", "1", "--finetune-epochs", "0"]
     status, out = run([*base, "--out", str(tmp_path / "s.lowbit"), "--max-error-increase", "100",

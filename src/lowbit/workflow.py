@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from . import api
 from .config import QuantConfig, as_config
 from .analysis.plots import plot_accuracy_vs_bits
-from .data import dataset_info, load_dataset, make_loader
+from .data import dataset_info, load_dataset, make_loader, split_validation
 from .data.datasets import Data
 from .data.loaders import _check_positive as check_positive
 from .data.sources import cache_dir
@@ -289,11 +289,8 @@ def train(
     if distill is not None:
         distill.check(train_x[:2], dataset_info(data).num_classes)
     train_x, train_y = train_x[:limit], train_y[:limit]
-    if val_size is not None:
-        if val_size >= len(train_x):
-            raise ConfigError(f"val_size {val_size} must leave training images: {data} has {len(train_x)} "
-                              f"{'in its first ' + str(limit) if limit else 'training images'}")
-        train_x, train_y = train_x[:-val_size], train_y[:-val_size]
+    if val_size is not None:  # the slice `lowbit compress --max-error-increase` measures on
+        (train_x, train_y), _ = split_validation(train_x, train_y, val_size)
     train_loader = make_loader(train_x, train_y, batch_size, shuffle=True, seed=seed)
     test_loader = make_loader(test_x, test_y, EVAL_BATCH_SIZE)
     if resume and last.exists():

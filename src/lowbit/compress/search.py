@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.loaders import split_validation
 from ..errors import ConfigError
 from .pipeline import DEFAULT_FINETUNE_EPOCHS, DEFAULT_RETRAIN_EPOCHS, DeepCompressionConfig, accuracy, deep_compress
 from .prune import check_number
@@ -241,14 +242,6 @@ def search(model: nn.Module, train_loader: Iterable[Any], val_loader: Iterable[A
         log(f"chosen: factor {best.factor:g}, validation error {best.error:.2f}% "
             f"({best.error - reference.error:+.2f}), {best.layer_bytes} B; {spent()} epochs in {len(probes) + 1} runs")
     return SearchResult(best, probes, reference, float_error, spent(), noise)
-
-
-def split_validation(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[tuple, tuple]:
-    """((train images, labels), (validation images, labels)): the last ``size`` examples held out."""
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size < len(images):
-        raise ConfigError(f"the validation slice must hold from 1 to {len(images) - 1} training examples, "
-                          f"got {size!r}")
-    return (images[:-size], labels[:-size]), (images[-size:], labels[-size:])
 
 
 __all__ = ["FACTORS", "Probe", "SearchResult", "Settings", "error_points", "ladder", "noise_points", "probe_epochs",

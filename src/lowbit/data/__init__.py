@@ -11,7 +11,7 @@ from .cifar import read_batch
 from .datasets import DatasetInfo, dataset_info, dataset_names, load_dataset
 from .idx import read_idx
 from .imagefolder import ImageFolder
-from .loaders import loaders, make_loader
+from .loaders import loaders, make_loader, split_validation
 
 __all__ = ["DatasetInfo", "ImageFolder", "dataset_info", "dataset_names", "load_dataset", "loaders", "make_loader",
-           "read_batch", "read_idx"]
+           "read_batch", "read_idx", "split_validation"]

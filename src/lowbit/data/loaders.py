@@ -18,6 +18,14 @@ def _check_positive(value: int | None, what: str, allow_none: bool = False) -> N
         raise ConfigError(f"{what} must be a positive integer, got {value!r}")
 
 
+def split_validation(images: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[tuple, tuple]:
+    """((train images, labels), (validation images, labels)): the last ``size`` examples held out."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size < len(images):
+        raise ConfigError(f"the validation slice must hold from 1 to {len(images) - 1} training examples, "
+                          f"got {size!r}")
+    return (images[:-size], labels[:-size]), (images[-size:], labels[-size:])
+
+
 def make_loader(
     images: torch.Tensor,
     labels: torch.Tensor,
