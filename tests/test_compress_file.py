@@ -130,7 +130,7 @@ def test_a_residual_net_with_batch_norms_is_compressed_with_them_folded(tmp_path
     folded weights, pruned zeros stay zero, and the file alone (or with its float architecture) predicts as the
     Engine does."""
     x, y = load_dataset("digits", "train")
-    tx, _ = load_dataset("digits", "test")
+    tx, ty = load_dataset("digits", "test")
     torch.manual_seed(0)
     float_net = get_model("resnet-small", in_channels=1, input_size=8, widths=(8, 16, 16), blocks=(1, 1, 1))
     with torch.no_grad():  # batch norms with statistics far from identity, so folding changes the weights
@@ -142,7 +142,7 @@ def test_a_residual_net_with_batch_norms_is_compressed_with_them_folded(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(folded(tx[:20]), float_net(tx[:20]), rtol=1e-4, atol=1e-5)
     config = DeepCompressionConfig(sparsity=0.7, bits=4, rounds=1, retrain_epochs=0, finetune_epochs=0)
-    result = deep_compress(float_net.train(), make_loader(x[:64], y[:64], 32), make_loader(tx[:50], y[:50], 25),
+    result = deep_compress(float_net.train(), make_loader(x[:64], y[:64], 32), make_loader(tx[:50], ty[:50], 25),
                            config)
     path = save_compressed(result, tmp_path / "resnet.lowbit")
     document = read_file(path).document

@@ -143,7 +143,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference model (lenet300, lenet5, bnn-mlp, vgg-small, ...; default: the recipe's)")
     parser.add_argument("--data", required=True, help="dataset (mnist, fashion-mnist, digits)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs in total (default: the recipe's, or the model's: lenet300 15, lenet5 8)")
+                        help="epochs in total (default: the recipe's, or the model's where it has one: "
+                             "lowbit.models.training_defaults)")
     parser.add_argument("--out", required=True, help="directory for checkpoints, logs and run.json")
     parser.add_argument("--quant", default=None, help="train quantization-aware with this preset (default: float)")
     parser.add_argument("--config", default=None,
@@ -154,7 +155,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ddp", type=int, default=None, help="with --recipe: data-parallel over N processes (gloo)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate (default: the recipe's, or SGD at 0.05; lenet5 0.02)")
+                        help="learning rate (default: the recipe's, or the model's SGD rate)")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
     parser.add_argument("--val-size", type=int, default=None,

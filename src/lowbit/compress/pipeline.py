@@ -589,10 +589,10 @@ def _validation_size(args: Any, count: int, say) -> int:
     ``--limit``), else 10% of the training images (at most 5000), which the float model has seen (said)."""
     from ..workflow import read_run
 
-    run = read_run(checkpoint_file(args.checkpoint).parent) or {}
-    held = run.get("val_size") if run.get("data") == args.data and run.get("limit") == args.limit else None
     if args.val_size is not None:
         return args.val_size
+    run = read_run(checkpoint_file(args.checkpoint).parent) or {}
+    held = run.get("val_size") if run.get("data") == args.data and run.get("limit") == args.limit else None
     if held is not None:
         say(f"validation slice: the last {held} training images, held out of the float model's training")
         return held

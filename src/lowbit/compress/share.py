@@ -50,8 +50,9 @@ def share_weights(
 
     A batch norm right after a layer is folded into it first (its running statistics, as in eval mode), so
     the codebook holds the weights the deployed layer multiplies by and the file stores no batch norm; the
-    scale is per output channel, so pruned zeros stay zero. Zeros keep the reserved code 0. The latent float weights are frozen (``requires_grad``
-    False): training the copy updates only the centroids (and the biases, which stay float).
+    scale is per output channel, so pruned zeros stay zero. Zeros keep the reserved code 0. The latent float
+    weights are frozen (``requires_grad`` False): training the copy updates only the centroids (and the
+    biases, which stay float).
     """
     if init not in INITS:
         raise ConfigError(f"unknown k-means init {init!r}; valid: {', '.join(INITS)}")

@@ -13,5 +13,4 @@ from .resnet import BasicBlock, ResNetSmall
 from .vgg import VGGSmall
 
 __all__ = ["BNNMLP", "BasicBlock", "LeNet300", "LeNet5", "ReActBlock", "ReActNetSmall", "ResNetSmall", "SmallCNN",
-           "VGGSmall", "get_model", "model_names",
-           "training_defaults"]
+           "VGGSmall", "get_model", "model_names", "training_defaults"]

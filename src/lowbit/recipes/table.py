@@ -205,8 +205,9 @@ RECIPES: dict[str, Recipe] = {
               "48/96/192, one block each (binary stage on 10,000 MNIST images, one epoch per stage: 81% at "
               "16/32/64 without the pool, 96% at 48/96/192 with it); 5 epochs: 1 float (the clip(-1, 1) net), "
               "1 real activations with binary weights, 3 binary (all of MNIST: 99.00%, 4 epochs 98.95%); Adam lr "
-              "2e-3, cosine per stage, no weight decay, batch 128; batch-norm statistics re-estimated over 100 training batches after every "
-              "epoch (the moving averages lag the sign network's weights and cost up to 40 points).",
+              "2e-3, cosine per stage, no weight decay, batch 128; batch-norm statistics re-estimated over 100 "
+              "training batches after every epoch (the moving averages lag the sign network's weights and cost up "
+              "to 40 points).",
         model="resnet-small",
         model_kwargs={"block": "bireal", "activation": "hardtanh", "widths": (48, 96, 192), "blocks": (1, 1, 1),
                       "stem_pool": 2},
