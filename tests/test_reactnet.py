@@ -116,8 +116,9 @@ def test_rprelu_on_zeros_and_constants_and_its_numpy_form():
 
 
 def test_reactnet_model_checks_its_sizes():
-    with pytest.raises(ConfigError, match="even size"):
-        get_model("reactnet", input_size=28, widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1))  # 7x7 halved
+    odd = get_model("reactnet", widths=(8, 16, 32), blocks=(1, 1, 1), stem_pool=2)  # 28 -> 14 -> 7 -> 4
+    assert odd(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert odd.blocks[2].pool(torch.ones(1, 1, 7, 7)).shape == (1, 1, 4, 4)
     with pytest.raises(ConfigError, match="keeps or doubles"):
         get_model("reactnet", widths=(8, 32), blocks=(1, 1))
     assert get_model("reactnet", in_channels=3, input_size=32)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -149,8 +150,9 @@ def _trained_statistics(model: nn.Module, seed: int) -> nn.Module:
 def _model(name: str) -> tuple[nn.Module, int]:
     """A tiny quantized ReActNet or Bi-Real net and its count of binary convs."""
     torch.manual_seed(0)
-    if name == "reactnet":
-        return lowbit.quantize(get_model("reactnet", widths=(8, 16), blocks=(1, 1)).train(), BINARY, strict=True), 5
+    if name == "reactnet":  # stem pool, then 14 -> 7 -> 4: ceil-mode shortcut pools on an odd map
+        net = get_model("reactnet", widths=(8, 16, 16), blocks=(1, 1, 1), stem_pool=2)
+        return lowbit.quantize(net.train(), BINARY, strict=True), 7
     # one stage, no downsampling shortcut (tests/test_bireal.py saves multi-stage nets with ceil-mode pools)
     bireal_net = get_model("resnet-small", block="bireal", activation="hardtanh", widths=(8,), blocks=(2,)).train()
     with pytest.warns(UserWarning, match=r"\*shortcut\*"):  # no downsampling shortcut conv to keep real
@@ -177,7 +179,7 @@ def test_saved_model_loads_bit_identical_and_runs_alike_in_the_engine_and_onnxru
     proto = to_onnx(loaded, x[:1])
     if name == "reactnet":
         ops = [n.op_type for n in proto.graph.node]
-        assert ops.count("PRelu") == 4 and ops.count("Where") == 5
+        assert ops.count("PRelu") == 6 and ops.count("Where") == 7
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert np.array_equal(onnx_out.argmax(1), ref.argmax(1))
@@ -190,7 +192,7 @@ def test_stored_graph_holds_the_thresholds_and_rprelu_as_constants(tmp_path):
     lowbit.save(model, path, torch.zeros(1, 1, 28, 28))
     graph = lowbit.ops.validate_file(lowbit.format.container.read_file(path))[1]
     ops = [n.op for n in graph.nodes]
-    assert ops.count("rsign_threshold") == 5 and ops.count("rprelu") == 4
+    assert ops.count("rsign_threshold") == 7 and ops.count("rprelu") == 6
     node = next(n for n in graph.nodes if n.op == "rprelu")
     assert len(node.inputs) == 4 and node.inputs[1].endswith("gamma")
 

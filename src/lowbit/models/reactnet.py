@@ -11,10 +11,11 @@ every binary conv and RPReLU after every shortcut (:mod:`lowbit.nn.react`)::
 The network is float: RSign's module holds only the thresholds (``x - alpha``), and a recipe's ``binary`` input
 quantizer on the convs takes the sign (and its weight quantizer binarizes them). Each 1x1 conv of a doubling block
 reads its own RSign (the authors' code shares one), so each binary conv has its own sign input, which the Engine's
-XNOR kernels take. Stem: a real 3x3 conv and BatchNorm (first layer); head: global average pooling and ``fc``
+XNOR kernels take. Stem: a real 3x3 conv and BatchNorm (first layer), then with ``stem_pool`` k > 1 a k x k max
+pool of stride k, as Bi-Real Net's stem in :mod:`lowbit.models.resnet`; head: global average pooling and ``fc``
 (last layer). ``widths[i]`` is stage i's width (each the same as or twice the one before; ``widths[0]`` is the
 stem's), ``blocks[i]`` its block count; every stage after the first halves the image in its first block (its
-shortcut a 2x2 average pool, so the map it halves must have an even size: 28x28 takes three stages, 32x32 four).
+shortcut a 2x2 average pool; pools in ceil mode, so odd sizes halve too: 28 -> 14 -> 7 -> 4).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ReActBlock(nn.Module):
         self.rsign1 = RSignThreshold(in_channels)
         self.conv1 = nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(in_channels)
-        self.pool = nn.AvgPool2d(2) if stride > 1 else nn.Identity()
+        self.pool = nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
         self.rprelu1 = RPReLU(in_channels)
         self.rsign2 = RSignThreshold(in_channels)
         self.conv2 = nn.Conv2d(in_channels, in_channels, 1, bias=False)
@@ -69,26 +70,24 @@ class ReActNetSmall(nn.Module):
         input_size: int = 28,
         widths: Sequence[int] = (16, 32, 64),
         blocks: Sequence[int] = (2, 2, 2),
+        stem_pool: int = 1,
     ):
         super().__init__()
-        size = check_int(input_size, "reactnet input_size")
+        check_int(input_size, "reactnet input_size")  # any size works: convs are padded, pools ceil
         if len(widths) == 0 or len(widths) != len(blocks):
             raise ConfigError(f"reactnet widths {tuple(widths)} and blocks {tuple(blocks)} need one entry per stage")
         channels = check_int(widths[0], "reactnet widths[0]")
-        self.stem = nn.Sequential(
-            nn.Conv2d(check_int(in_channels, "reactnet in_channels"), channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels))
+        stem = [nn.Conv2d(check_int(in_channels, "reactnet in_channels"), channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels)]
+        if check_int(stem_pool, "reactnet stem_pool") > 1:
+            stem.append(nn.MaxPool2d(stem_pool, ceil_mode=True))
+        self.stem = nn.Sequential(*stem)
         layers = []
         for stage, (width, count) in enumerate(zip(widths, blocks)):
             width = check_int(width, f"reactnet widths[{stage}]")
             for index in range(check_int(count, f"reactnet blocks[{stage}]")):
-                stride = 2 if stage > 0 and index == 0 else 1
-                if stride == 2 and size % 2:
-                    raise ConfigError(f"reactnet stage {stage} halves a {size}x{size} map; the 2x2 average pool of "
-                                      f"its shortcut needs an even size (input_size {input_size}, "
-                                      f"{len(widths)} stages)")
-                layers.append(ReActBlock(channels, width, stride))
-                channels, size = width, size // stride
+                layers.append(ReActBlock(channels, width, 2 if stage > 0 and index == 0 else 1))
+                channels = width
         self.blocks = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, check_int(num_classes, "reactnet num_classes"))

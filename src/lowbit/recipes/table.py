@@ -229,15 +229,17 @@ RECIPES: dict[str, Recipe] = {
               "layers real; two steps: binary activations with real weights, then binary weights and activations "
               "from step 1's net; Adam lr 5e-4 decayed linearly to 0, batch 256, weight decay 1e-5 in step 1 and "
               "0 in step 2; trained with a distributional loss, the KL divergence to a real-valued ResNet-34 "
-              "teacher's outputs (lowbit: pass a teacher where recipe training takes one). lowbit: widths "
-              "16/32/64, two blocks per stage (one: 62% against 87% for the float net after an epoch on "
-              "10,000 MNIST images), each binary conv with its own RSign; xnor weights (the gradient "
+              "teacher's outputs (lowbit: pass a teacher where recipe training takes one). lowbit: Bi-Real's "
+              "shape (stem 3x3 conv, BN, 2x2 max pool; widths 48/96/192, one block per stage; one epoch per "
+              "step on 10,000 Fashion-MNIST images: 76.6% in 72 s, against 65.5% in 107 s at 16/32/64 with "
+              "two blocks per stage and no pool, 78.6% in 141 s at 48/96/192 with two), each binary conv with "
+              "its own RSign; xnor weights (the gradient "
               "also through mean|W_c|, as in Bi-Real); ties x == alpha give +1 "
               "(lowbit's sign(0) = +1); steps of half the epochs each, Adam lr 1e-3 (short runs learn faster "
               "above the paper's 5e-4: one block per stage, one epoch per step on 10,000 images, 33% at 5e-4, 51% "
               "at 2e-3), cosine per step, no weight decay; "
               "batch-norm statistics re-estimated over 100 training batches after every epoch.",
-        model="reactnet", model_kwargs={"widths": (16, 32, 64), "blocks": (2, 2, 2)},
+        model="reactnet", model_kwargs={"widths": (48, 96, 192), "blocks": (1, 1, 1), "stem_pool": 2},
         stages=(
             Stage("binary-activations", _quantized(None, sign("approx_sign")), 0.5),
             Stage("binary", _quantized(xnor("weight"), sign("approx_sign")), 0.5),
