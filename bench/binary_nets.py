@@ -11,7 +11,8 @@ the paper's distributional loss). Each trained model is saved to ``.lowbit`` and
 from the file by the Engine, with the agreement of the Engine's predictions with the torch model's. Speed: the
 trained float network in torch float32 (eval, no grad) against the Engine on the binary file, batch 1 and 64,
 ``--threads`` threads, best of ``--repeats`` after a warm-up, measured in the same run. A run directory that
-already holds ``result.json`` is reused (delete it to train again); ``--epochs`` / ``--limit`` cut runs down.
+already holds ``result.json`` is reused (delete it to train again); ``--epochs`` / ``--limit`` cut runs down;
+``--model-kwargs`` changes the networks' options (give such runs their own ``--out``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,9 @@ def train(name: str, data: str, directory: Path, args: argparse.Namespace, teach
     done = directory / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    recipe = float_recipe(get_recipe(name[6:])) if name.startswith("float:") else get_recipe(name)
+    recipe = get_recipe(name.removeprefix("float:"))
+    recipe = replace(recipe, model_kwargs={**recipe.model_kwargs, **args.model_kwargs})
+    recipe = float_recipe(recipe) if name.startswith("float:") else recipe
     start = time.perf_counter()
     result = train_recipe(recipe, data, epochs=args.epochs, seed=args.seed, limit=args.limit, out=directory,
                           progress=args.progress, teacher=teacher)
@@ -77,6 +81,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: each recipe's)")
     parser.add_argument("--limit", type=int, default=None, help="first N images of each split")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='JSON object over each recipe\'s network options, e.g. \'{"blocks": [2, 2, 2]}\'')
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True, help="run directories")
