@@ -12,7 +12,9 @@ from the file by the Engine, with the agreement of the Engine's predictions with
 trained float network in torch float32 (eval, no grad) against the Engine on the binary file, batch 1 and 64,
 ``--threads`` threads, best of ``--repeats`` after a warm-up, measured in the same run. A run directory that
 already holds ``result.json`` is reused (delete it to train again); ``--epochs`` / ``--limit`` cut runs down;
-``--model-kwargs`` changes the networks' options (give such runs their own ``--out``).
+``--model-kwargs`` changes the networks' options (give such runs their own ``--out``); ``--refresh-bn``
+re-estimates the batch norms of a reused run by the current :func:`~lowbit.recipes.driver.refresh_batch_norm`
+before saving it (``torch_file_acc``: the torch model's accuracy as saved; ``torch_acc``: as trained).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.recipes import float_recipe, get_recipe, train_recipe
+from lowbit.data import loaders
+from lowbit.recipes import RefreshBatchNorm, float_recipe, get_recipe, train_recipe
+from lowbit.recipes.driver import refresh_batch_norm
 from lowbit.runtime import Engine
 from lowbit.workflow import eval_set, load_trained, save_quantized
 from timing import best  # bench/timing.py
@@ -54,15 +58,22 @@ def train(name: str, data: str, directory: Path, args: argparse.Namespace, teach
 def engine_row(directory: Path, float_directory: Path, data: str, args: argparse.Namespace) -> dict:
     """Accuracy and agreement of the saved file in the Engine; Engine vs torch float32 speed."""
     model, run = load_trained(directory)
+    row = {}
+    if args.refresh_bn and get_recipe(run["recipe"]).bn_refresh:
+        train_loader = loaders(data, run["batch_size"], seed=args.seed, limit=args.limit)[0]
+        refresh_batch_norm(model, train_loader, RefreshBatchNorm().max_batches)
+        row["bn_refreshed"] = True
     path = save_quantized(model, directory / "model.lowbit", run["data"])
     images, labels = eval_set(data, args.limit)
     engine = Engine(path, threads=args.threads)
     torch.set_num_threads(args.threads)
+    model.eval()
     with torch.no_grad():
         torch_pred = torch.cat([model(images[i:i + 500]) for i in range(0, len(images), 500)]).argmax(1).numpy()
     engine_pred = np.concatenate([engine.run(images[i:i + 500].numpy()) for i in range(0, len(images), 500)]).argmax(1)
-    row = {"file_bytes": path.stat().st_size, "engine_acc": float((engine_pred == labels.numpy()).mean()),
-           "engine_torch_agreement": float((engine_pred == torch_pred).mean())}
+    row.update({"file_bytes": path.stat().st_size, "torch_file_acc": float((torch_pred == labels.numpy()).mean()),
+                "engine_acc": float((engine_pred == labels.numpy()).mean()),
+                "engine_torch_agreement": float((engine_pred == torch_pred).mean())})
     float_model = load_trained(float_directory)[0]
     for batch in (1, 64):
         x = images[:batch].contiguous()
@@ -88,6 +99,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="run directories")
     parser.add_argument("--results", type=Path, default=None, help="JSON file of the rows")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--refresh-bn", action="store_true",
+                        help="re-estimate the batch norms of recipes with bn_refresh by the current "
+                             "refresh_batch_norm before saving (runs trained before it changed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []

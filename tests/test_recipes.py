@@ -322,6 +322,38 @@ def test_refresh_batch_norm_takes_the_plain_average_of_batch_statistics():
     assert net[1].momentum == 0.1 and net.training
 
 
+class _Reversed(torch.nn.Module):
+    """Two batch norms around a sign, registered in the reverse of the order the forward pass runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.second = torch.nn.BatchNorm1d(3)
+        self.first = torch.nn.BatchNorm1d(3)
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.linear(torch.sign(self.first(x))))
+
+
+def test_refresh_batch_norm_measures_each_norm_as_the_eval_mode_network_feeds_it():
+    torch.manual_seed(0)
+    net = _Reversed()
+    for norm in (net.first, net.second):
+        norm.running_mean.fill_(5.0)
+        norm.running_var.fill_(9.0)
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 3, generator=generator) + 0.3 * i, torch.zeros(16, dtype=torch.long)) for i in range(3)]
+    refresh_batch_norm(net, batches, max_batches=3)
+    inputs = torch.cat([x for x, _ in batches]).view(3, 16, 3)
+    torch.testing.assert_close(net.first.running_mean, inputs.mean(1).mean(0))
+    torch.testing.assert_close(net.first.running_var, inputs.var(1).mean(0))
+    with torch.no_grad():  # oracle: the second norm's input with the first norm in eval mode on its new statistics
+        net.eval()
+        hidden = torch.stack([net.linear(torch.sign(net.first(x))) for x, _ in batches])
+    torch.testing.assert_close(net.second.running_mean, hidden.mean(1).mean(0))
+    torch.testing.assert_close(net.second.running_var, hidden.var(1).mean(0))
+
+
 def test_refresh_callback_replaces_the_test_accuracy_of_stale_statistics():
     net = _bn_net()
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(2))

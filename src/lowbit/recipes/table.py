@@ -205,9 +205,9 @@ RECIPES: dict[str, Recipe] = {
               "48/96/192, one block each (binary stage on 10,000 MNIST images, one epoch per stage: 81% at "
               "16/32/64 without the pool, 96% at 48/96/192 with it); 5 epochs: 1 float (the clip(-1, 1) net), "
               "1 real activations with binary weights, 3 binary (all of MNIST: 99.00%, 4 epochs 98.95%); Adam lr "
-              "2e-3, cosine per stage, no weight decay, batch 128; batch-norm statistics re-estimated over 100 "
-              "training batches after every epoch (the moving averages lag the sign network's weights and cost up "
-              "to 40 points).",
+              "2e-3, cosine per stage, no weight decay, batch 128; batch-norm statistics re-estimated after every epoch, in eval mode, one norm at a time over 25 "
+              "training batches each (the moving averages lag the sign network's weights and cost up to 40 "
+              "points).",
         model="resnet-small",
         model_kwargs={"block": "bireal", "activation": "hardtanh", "widths": (48, 96, 192), "blocks": (1, 1, 1),
                       "stem_pool": 2},
@@ -238,7 +238,8 @@ RECIPES: dict[str, Recipe] = {
               "(lowbit's sign(0) = +1); steps of half the epochs each, Adam lr 1e-3 (short runs learn faster "
               "above the paper's 5e-4: one block per stage, one epoch per step on 10,000 images, 33% at 5e-4, 51% "
               "at 2e-3), cosine per step, no weight decay; "
-              "batch-norm statistics re-estimated over 100 training batches after every epoch.",
+              "batch-norm statistics re-estimated after every epoch, in eval mode, one norm at a time over 25 "
+              "training batches each.",
         model="reactnet", model_kwargs={"widths": (48, 96, 192), "blocks": (1, 1, 1), "stem_pool": 2},
         stages=(
             Stage("binary-activations", _quantized(None, sign("approx_sign")), 0.5),
