@@ -159,7 +159,7 @@ def refresh_batch_norm(model: nn.Module, loader: Any, max_batches: int) -> None:
     for norm in order:
         sums: list[torch.Tensor] = []
 
-        def measure(module: nn.Module, inputs: tuple) -> None:
+        def measure(module: nn.Module, inputs: tuple, sums: list[torch.Tensor] = sums) -> None:
             x = inputs[0].transpose(0, 1).flatten(1)
             sums.append(torch.stack([x.mean(1), x.var(1)]))
             raise _Reached
