@@ -10,6 +10,7 @@ the file (``lowbit eval``'s count), the per-layer settings and wall time. Every 
 
     .venv/bin/python bench/compress_search.py --out bench-out/compress-search            # LeNet-300-100, LeNet-5
     .venv/bin/python bench/compress_search.py --nets lenet5 --budgets                    # LeNet-5, default only
+    .venv/bin/python bench/compress_search.py --nets lenet5 --no-default --search-epochs 30  # searches only
 
 Results: OUT/results.json and bench/results/compress_search.json (rows of the same net and run replaced, the
 others kept); a markdown table of this run's rows on stdout.
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=None, help="float training epochs (default per net)")
     parser.add_argument("--search-epochs", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-default", action="store_true",
+                        help="searches only (the float model's test error from its training, OUT/<net>/run/train.json)")
     args = parser.parse_args()
     out = Path(args.out)
     rows = []
@@ -64,11 +67,14 @@ def main() -> None:
         run = out / net / "run"
         if not (run / "last.safetensors").exists():
             epochs = args.train_epochs or epochs
-            _, seconds = lowbit("train", "--model", net, "--data", data, *(["--epochs", str(epochs)] if epochs else []),
+            trained, seconds = lowbit("train", "--model", net, "--data", data, *(["--epochs", str(epochs)] if epochs else []),
                                 "--val-size", str(VAL_SIZE), "--out", str(run), "--no-progress", threads=args.threads)
+            (run / "train.json").write_text(json.dumps(trained))
             print(f"{net}: float training {seconds:.0f} s", flush=True)
+        if args.no_default:
+            float_error = 100 * (1 - json.loads((run / "train.json").read_text())["final_acc"])
         ckpt = str(run)  # the last epoch, as `lowbit compress RUN_DIR` reads it (no epoch picked on the test set)
-        for budget in [None, *args.budgets]:
+        for budget in [*([] if args.no_default else [None]), *args.budgets]:
             name = "default" if budget is None else f"budget {budget:g}"
             path = out / net / f"{name.replace(' ', '-')}.lowbit"
             extra = [] if budget is None else ["--max-error-increase", str(budget),
