@@ -195,6 +195,18 @@ def test_mac_and_weight_fractions_by_hand():
     assert report.kept_float == ["3"] and "kept float by the config: 3" in str(report)
 
 
+def test_layers_that_arrive_quantized_count_in_the_fractions():
+    """A quantization-aware checkpoint quantized again: its quantized layers stay and count as quantized MACs."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    config = {"weight": "binary", "first": "same", "last": "float"}
+    once = lowbit.quantize_report(model, config, example_input=(1, 3, 8, 8))
+    again = lowbit.quantize_report(once.model, config, example_input=(1, 3, 8, 8))
+    assert again.converted == [] and again.already_quantized == ["0"] and once.already_quantized == []
+    assert again.mac_fraction == pytest.approx(once.mac_fraction) and 0 < once.mac_fraction < 1
+    assert again.weight_fraction == pytest.approx(once.weight_fraction)
+    assert str(again).startswith("quantized 0 layer(s), 1 already quantized (")
+
+
 def test_leaves_stay_whole_and_are_reported():
     class Branchy(nn.Module):
         def __init__(self):

@@ -101,7 +101,9 @@ class QuantReport:
     share of the model's parameters (elements) in quantized weights; ``mac_fraction``: the share of the
     multiply-accumulates of all linear / conv / matmul / attention calls (inside modules left float too) run by
     quantized layers or by products of quantized operands, measured on ``example_input`` (None without one);
-    ``ptq``: what the data-free post-training methods (cross-layer equalization) did.
+    ``ptq``: what the data-free post-training methods (cross-layer equalization) did; ``already_quantized``:
+    layers that arrived with quantized weights (a quantization-aware checkpoint), kept as they are and counted in
+    both fractions.
     """
 
     model: nn.Module
@@ -114,10 +116,12 @@ class QuantReport:
     weight_fraction: float = 0.0
     mac_fraction: float | None = None
     ptq: list[LayerResult] = field(default_factory=list)
+    already_quantized: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         macs = "" if self.mac_fraction is None else f", {self.mac_fraction:.1%} of MACs"
-        lines = [f"quantized {len(self.converted)} layer(s) ({self.weight_fraction:.1%} of weights{macs}), "
+        kept = f", {len(self.already_quantized)} already quantized" if self.already_quantized else ""
+        lines = [f"quantized {len(self.converted)} layer(s){kept} ({self.weight_fraction:.1%} of weights{macs}), "
                  f"{len(self.activations)} activation quantizer(s) on graph edges, "
                  f"{len(self.folded)} batch norm(s) folded"]
         lines += [f"  kept float by the config: {name}" for name in self.kept_float]
@@ -210,7 +214,10 @@ def _sites(gm: fx.GraphModule, report: QuantReport) -> list[_Site]:
         if node.op == "call_module":
             schema = node_schema(node, modules)
             m = modules[node.target]
-            if schema is not None and schema.name in LAYERS and not isinstance(m, QUANT_LAYERS):
+            if schema is not None and schema.name in LAYERS and isinstance(m, QUANT_LAYERS):
+                if m.weight_quantizer is not None:
+                    report.already_quantized.append(node.target)
+            elif schema is not None and schema.name in LAYERS:
                 sites.append(_Site(node, schema.name, m, node.target))
             elif type(m) in (float_cls for float_cls, _ in RNNS.values()):
                 try:
@@ -233,6 +240,18 @@ def _sites(gm: fx.GraphModule, report: QuantReport) -> list[_Site]:
             taken.add(path)
             sites.append(_Site(node, op, layer, path))
     return sites
+
+
+def _ends(gm: fx.GraphModule, sites: list[_Site], arrived: list[str]) -> tuple[int | None, int | None]:
+    """Indices of the sites that are the model's first and last layers (None where a layer that arrived
+    quantized comes before the first site or after the last), for the config's first / last policies."""
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    taken = [position[n] for n in gm.graph.nodes if n.op == "call_module" and n.target in arrived]
+    if not sites:
+        return None, None
+    first = None if any(p < position[sites[0].node] for p in taken) else 0
+    last = None if any(p > position[sites[-1].node] for p in taken) else len(sites) - 1
+    return first, last
 
 
 def _install(gm: fx.GraphModule, site: _Site, layer: nn.Module) -> None:
@@ -412,6 +431,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
     gm = trace(copy.deepcopy(model), tuple(leaves))
     report = QuantReport(model=gm)
     sites = _sites(gm, report)
+    first, last = _ends(gm, sites, report.already_quantized)
     macs = None
     if example_input is not None:
         from .analysis.summary import example_tensor
@@ -427,7 +447,7 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
     for index, site in enumerate(sites):
         _explicit_padding(site.layer)
         site_macs = macs.get(site.node, 0) if macs else 0
-        specs = cfg.layer_specs(site.path, site.layer, first=index == 0, last=index == len(sites) - 1)
+        specs = cfg.layer_specs(site.path, site.layer, first=index == first, last=index == last)
         if specs is not None and site.op in _LOOKUPS:
             specs["input"] = None  # token indices
         if specs is None:
@@ -470,6 +490,8 @@ def _convert(model: nn.Module, config: str | dict[str, Any] | QuantConfig, stric
                     and getattr(node_schema(node, modules), "name", None) in PRODUCTS]
         operands = {node: node.args[:PRODUCTS[node_schema(node, modules).name]] for node in products}
         quantized_macs += sum(macs[node] for node in products if all(_quantized_tensor(gm, a) for a in operands[node]))
+        quantized_macs += sum(count for node, count in macs.items()
+                              if node.op == "call_module" and node.target in report.already_quantized)
         total = sum(macs.values())
         report.mac_fraction = quantized_macs / total if total else 1.0
     label_quantizers(gm)
