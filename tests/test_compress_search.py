@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowbit.compress import save_compressed
 from lowbit.compress import search as search_module
 from lowbit.compress.rule import rule_bits, rule_kept
 from lowbit.compress.search import (
@@ -25,7 +26,8 @@ from lowbit.compress.search import (
 from lowbit.data import load_dataset
 from lowbit.data.loaders import make_loader
 from lowbit.errors import ConfigError
-from lowbit.models import LeNet300
+from lowbit.format.container import read_file
+from lowbit.models import LeNet300, get_model
 from lowbit.train import Trainer
 
 
@@ -125,6 +127,27 @@ def test_a_real_search_meets_its_budget_on_the_validation_slice():
     assert all(abs(layers[n].kept - (1 - s)) < 0.01 for n, s in result.best.settings.sparsity.items())
     assert all(p.layer_bytes >= result.best.layer_bytes for p in result.probes
                if p.error - result.reference.error <= 5.0)
+
+
+def test_a_conv_net_with_batch_norms_is_searched_with_them_folded(tmp_path):
+    """The search on a residual conv net: its settings name the convs and linears (the batch norms fold into
+    them), each probe keeps what its settings say, and the chosen model's file holds no batch norm."""
+    x, y = load_dataset("digits", "train")
+    (tx, ty), (vx, vy) = split_validation(x, y, 300)
+    torch.manual_seed(0)
+    model = get_model("resnet-small", in_channels=1, input_size=8, widths=(8, 16, 16), blocks=(1, 1, 1))
+    train = make_loader(tx, ty, 64, shuffle=True)
+    Trainer(model, train, None, epochs=3, progress=False, optimizer="adam", lr=3e-3).fit()
+    options = {"rounds": 1, "retrain_epochs": 1, "finetune_epochs": 0, "lr": 0.01}
+    result = search(model, train, make_loader(vx, vy, 300), 100.0, options, max_epochs=3)
+    convs = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert result.best is not None and set(result.best.settings.sparsity) == convs and result.epochs == 3
+    for probe in result.probes:
+        kept = {s.name: s.kept for s in probe.result.layers}
+        assert all(abs(kept[n] - (1 - s)) < 0.02 for n, s in probe.settings.sparsity.items())
+    path = save_compressed(result.best.result, tmp_path / "searched.lowbit")
+    document = read_file(path).document
+    assert "batchnorm" not in {n["op"] for n in document["graph"]["nodes"]} and document["model"]["fold_bn"]
 
 
 def test_the_validation_slice_is_held_out_of_the_training_images():
