@@ -197,7 +197,8 @@ def test_train_takes_a_config_file_from_allocate(tmp_path, capsys):
     assert out["run"]["quant"] == lowbit.QuantConfig.from_json(config.read_text()).to_dict()
     # the checkpoint is rebuilt with the config, and quantize reuses it
     assert main(["quantize", str(tmp_path / "qat"), "--calib-batches", "0", "--out", str(tmp_path / "m.lowbit")]) == 0
-    assert "its training config" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "its training config" in out and f"quantized 0 layer(s), {len(bits)} already quantized (" in out
     assert {r.name: r.weight_bits for r in lowbit.summary(lowbit.load(tmp_path / "m.lowbit")).layers} == bits
     assert main(["train", "--model", "lenet300", "--data", "digits", "--epochs", "1", "--config", str(config),
                  "--quant", "w8a8", "--out", str(tmp_path / "both")]) == 2

@@ -366,6 +366,7 @@ def _run_quantize(args: argparse.Namespace) -> Output:
     data_out = {"path": str(path), "model": model_name, "data": data, "preset": label,
                 "calibration_batches": args.calib_batches, "entropy": args.entropy, "file_bytes": size,
                 "float_bytes": reference, "ratio": size / reference, "layers_quantized": len(report.converted),
+                "layers_already_quantized": len(report.already_quantized),
                 "mac_fraction": report.mac_fraction, "weight_fraction": report.weight_fraction,
                 "batch_norms_folded": len(report.folded), "kept_float": report.kept_float,
                 "float": [{"name": name, "reason": reason} for name, reason in report.unsupported],
