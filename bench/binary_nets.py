@@ -12,7 +12,9 @@ from the file by the Engine, with the agreement of the Engine's predictions with
 trained float network in torch float32 (eval, no grad) against the Engine on the binary file, batch 1 and 64,
 ``--threads`` threads, best of ``--repeats`` after a warm-up, measured in the same run. A run directory that
 already holds ``result.json`` is reused (delete it to train again); ``--epochs`` / ``--limit`` cut runs down;
-``--model-kwargs`` changes the networks' options (give such runs their own ``--out``); ``--refresh-bn``
+``--model-kwargs`` changes the networks' options (give such runs their own ``--out``); ``--teacher RUN_DIR``
+distils the ``+kd`` recipes from another float network (any architecture with the same classes) instead of
+their own float reference, whose accuracy and speed the row still reports; ``--refresh-bn``
 re-estimates the batch norms of a reused run by the current :func:`~lowbit.recipes.driver.refresh_batch_norm`
 before saving it (``torch_file_acc``: the torch model's accuracy as saved; ``torch_acc``: as trained).
 """
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="run directories")
     parser.add_argument("--results", type=Path, default=None, help="JSON file of the rows")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="float run directory the +kd recipes distil from (default: their own float network)")
     parser.add_argument("--refresh-bn", action="store_true",
                         help="re-estimate the batch norms of recipes with bn_refresh by the current "
                              "refresh_batch_norm before saving (runs trained before it changed)")
@@ -110,11 +114,12 @@ def main() -> None:
             base = name.removesuffix(DISTILLED)
             float_directory = args.out / data / f"float-{base}"
             reference = train("float:" + base, data, float_directory, args)
-            teacher = float_directory if name.endswith(DISTILLED) else None
+            teacher = (args.teacher or float_directory) if name.endswith(DISTILLED) else None
             result = train(base, data, args.out / data / name, args, teacher)
             row = {"data": data, "recipe": name, "model": result["model"], "model_kwargs": result["model_kwargs"],
                    "epochs": result["epochs"], "limit": args.limit, "seed": args.seed,
                    "float_acc": reference["final_acc"], "float_wall_s": reference["row_wall_time"],
+                   "teacher": None if teacher is None else str(teacher),
                    "torch_acc": result["final_acc"], "stages": [(s["name"], s["epochs"], s["final_acc"])
                                                                 for s in result["stages"]],
                    "wall_s": result["row_wall_time"], "threads": args.threads,
