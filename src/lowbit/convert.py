@@ -214,11 +214,11 @@ def _sites(gm: fx.GraphModule, report: QuantReport) -> list[_Site]:
         if node.op == "call_module":
             schema = node_schema(node, modules)
             m = modules[node.target]
-            if schema is not None and schema.name in LAYERS and isinstance(m, QUANT_LAYERS):
-                if m.weight_quantizer is not None:
+            if schema is not None and schema.name in LAYERS:
+                if not isinstance(m, QUANT_LAYERS):
+                    sites.append(_Site(node, schema.name, m, node.target))
+                elif m.weight_quantizer is not None:
                     report.already_quantized.append(node.target)
-            elif schema is not None and schema.name in LAYERS:
-                sites.append(_Site(node, schema.name, m, node.target))
             elif type(m) in (float_cls for float_cls, _ in RNNS.values()):
                 try:
                     check_module(m, f"layer {node.target!r}")
